@@ -267,14 +267,18 @@ def route(
     return reference.route(*args)
 
 
+def _attention_reason(mod, arch, q, k, v, routing: Routing):
+    if not getattr(mod, "HAS_BACKWARD", False) and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v)
+    ):
+        return "the CuTe MoBA backward is not available yet (inputs require grad)"
+    return mod.attention_unsupported_reason(q.dtype, q.shape[-1], routing.chunk_size, routing.topk, arch)
+
+
 def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend):
     mod = _attention_kernel_module()
     if _use_kernel(
-        "attention",
-        mod,
-        backend,
-        q.device,
-        lambda m, arch: m.attention_unsupported_reason(q.dtype, q.shape[-1], routing.chunk_size, routing.topk, arch),
+        "attention", mod, backend, q.device, lambda m, arch: _attention_reason(m, arch, q, k, v, routing)
     ):
         return mod.attention_cute(q, k, v, routing, softmax_scale, deterministic)
     return reference.attention(q, k, v, routing, softmax_scale)

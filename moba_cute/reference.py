@@ -205,17 +205,20 @@ def _attend_block(qb, kb, vb, sel, pos, sk, chunk_size, group, scale, causal):
         r_sorted = row_ids[valid][order]
         counts = torch.bincount(chunks, minlength=nc).tolist()
         kvh = h // group
+        # split() rather than slicing in the loop: its backward is one concatenation, where a
+        # slice's backward would materialize a zero tensor of the whole input per chunk
+        q_parts = torch.split(qb[:, h][r_sorted], counts)
+        r_parts = torch.split(r_sorted, counts)
+        k_chunks = torch.split(kb[:, kvh], chunk_size)
+        v_chunks = torch.split(vb[:, kvh], chunk_size)
         part_rows, part_lse, part_out = [], [], []
-        start = 0
         for j, n in enumerate(counts):
             if n == 0:
                 continue
-            r = r_sorted[start : start + n]
-            start += n
-            t0, t1 = j * chunk_size, min((j + 1) * chunk_size, sk)
-            s = (qb[r, h] @ kb[t0:t1, kvh].T) * scale  # (n, c)
+            r = r_parts[j]
+            s = (q_parts[j] @ k_chunks[j].T) * scale  # (n, c)
             if causal:
-                t = torch.arange(t0, t1, device=dev)
+                t = torch.arange(j * chunk_size, j * chunk_size + k_chunks[j].shape[0], device=dev)
                 s = s.masked_fill(t.view(1, -1) > pos[r].view(-1, 1), -math.inf)
             # detached stabilizer; every selected chunk holds >= 1 visible key (own chunk:
             # its first key; past chunks: all), so the partial sums are positive
@@ -224,7 +227,7 @@ def _attend_block(qb, kb, vb, sel, pos, sk, chunk_size, group, scale, causal):
             den = e.sum(-1, keepdim=True)
             part_rows.append(r)
             part_lse.append((m + torch.log(den)).squeeze(-1))
-            part_out.append((e @ vb[t0:t1, kvh]) / den)
+            part_out.append((e @ v_chunks[j]) / den)
         if part_rows:
             r = torch.cat(part_rows)
             plse = torch.cat(part_lse)
