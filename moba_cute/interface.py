@@ -263,7 +263,11 @@ def route(
         q.device,
         lambda m, arch: m.route_unsupported_reason(q.dtype, q.shape[-1], chunk_size, topk, arch),
     ):
-        return mod.route_cute(*args)
+        from .ops import route_op
+
+        selection, offsets, query_rows, cu_chunks = route_op(*args)
+        return Routing(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                       int(max_seqlen_k), int(chunk_size), int(topk), causal, k.shape[1])
     return reference.route(*args)
 
 

@@ -1,0 +1,30 @@
+"""The custom ops' fake implementations give the documented shapes without touching data."""
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from moba_cute.ops import route_op
+from moba_cute.routing import num_chunks_bound
+
+
+def test_route_op_fake_shapes():
+    with FakeTensorMode():
+        q = torch.empty(1000, 8, 128, dtype=torch.bfloat16)
+        k = torch.empty(1200, 2, 128, dtype=torch.bfloat16)
+        cu_q = torch.empty(4, dtype=torch.int32)
+        cu_k = torch.empty(4, dtype=torch.int32)
+        sel, offs, rows, cuc = route_op(q, k, cu_q, cu_k, 600, 700, 64, 5, True)
+    nb = num_chunks_bound(1200, 3, 64)
+    assert nb == (1200 + 3 * 63) // 64
+    assert sel.shape == (1000, 8, 5) and sel.dtype == torch.int32
+    assert offs.shape == (nb * 8 + 1,) and rows.shape == (1000 * 8 * 5,) and cuc.shape == (4,)
+
+
+def test_num_chunks_bound_is_an_upper_bound():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        b = int(torch.randint(1, 6, (1,), generator=g))
+        lens = torch.randint(0, 300, (b,), generator=g)
+        c = int(torch.randint(1, 80, (1,), generator=g))
+        real = int(((lens + c - 1) // c).sum())
+        assert real <= num_chunks_bound(int(lens.sum()), b, c)
