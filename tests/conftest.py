@@ -1,5 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The DSL writes kept PTX/cubin files into its dump directory (the working directory by
+# default); send them to a scratch folder so tests leave the checkout clean.
+os.environ.setdefault("CUTE_DSL_DUMP_DIR", tempfile.mkdtemp(prefix="moba-cute-dump-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,277 @@
+"""Chunk bookkeeping and chunk centroids (CuTe DSL).
+
+Two kernels:
+
+* :class:`ChunkPrepKernel` (one CTA): from ``cu_seqlens_q/k`` (clamped, so any values are
+  memory safe) computes ``cu_chunks`` (global chunk numbering of :mod:`moba_cute.routing`) and
+  ``cu_mtiles`` (the flattened query-tile numbering used by the top-k kernel). Both are
+  clamped to the host-known bounds, so no later kernel can index past its buffers.
+* :class:`CentroidsKernel`: one CTA per (global chunk, KV head). Sums the chunk's real keys in
+  fp32 (fixed order, deterministic), divides by the real length, writes the fp32 centroid
+  ``(num_chunks_bound, Hk, D)`` and its hi/lo split in the input dtype, laid out
+  ``(Hk, num_chunks_bound, D)`` for the top-k kernel (``c ~= hi + lo`` to ~2^-16 relative).
+  It also zeroes the key-major segment counters of its chunk (saves a memset launch).
+  Chunks past ``cu_chunks[B]`` get zeros.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+from cutlass import Int32, Int64, Float32
+
+PREP_THREADS = 256
+
+
+@cute.jit
+def clamp_seq(cu: cute.Pointer, b: Int32, total: Int32):
+    """(start, end) of sequence ``b`` from a cu_seqlens pointer, clamped to ``[0, total]``."""
+    t = cute.make_tensor(cu, cute.make_layout(1 << 30))
+    s = t[b]
+    e = t[b + 1]
+    s = cutlass.min(cutlass.max(s, Int32(0)), total)
+    e = cutlass.min(cutlass.max(e, s), total)
+    return s, e
+
+
+@cute.jit
+def find_segment(cu: cute.Pointer, n: Int32, x: Int32):
+    """Largest ``b`` in ``[0, n)`` with ``cu[b] <= x`` (0 if none); binary search."""
+    t = cute.make_tensor(cu, cute.make_layout(1 << 30))
+    lo = Int32(0)
+    hi = n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if t[mid] <= x:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@cute.jit
+def block_exclusive_scan(val: Int32, s_warp: cute.Tensor, tid: Int32, nwarps: cutlass.Constexpr):
+    """Exclusive prefix sum of ``val`` over the CTA (1-D, ``32 * nwarps`` threads) and the total.
+
+    ``s_warp`` is an Int32 shared tensor with at least ``nwarps + 1`` entries. Contains barriers.
+    """
+    lane = tid % 32
+    warp = tid // 32
+    x = val
+    for i in cutlass.range_constexpr(5):
+        off = 1 << i
+        y = cute.arch.shuffle_sync_up(x, off)
+        if lane >= off:
+            x = x + y
+    if lane == 31:
+        s_warp[warp] = x
+    cute.arch.sync_threads()
+    if tid == 0:
+        acc = Int32(0)
+        for w in cutlass.range_constexpr(nwarps):
+            v = s_warp[w]
+            s_warp[w] = acc
+            acc = acc + v
+        s_warp[nwarps] = acc
+    cute.arch.sync_threads()
+    res = s_warp[warp] + x - val
+    total = s_warp[nwarps]
+    cute.arch.sync_threads()
+    return res, total
+
+
+class ChunkPrepKernel:
+    """cu_chunks (B+1) and cu_mtiles (B+1) in one CTA. Compile key: ("prep", arch)."""
+
+    def __init__(self):
+        self.nthr = PREP_THREADS
+
+    @cute.jit
+    def __call__(
+        self,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        cu_mtiles: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        chunk_size: Int32,
+        group: Int32,
+        rows_per_tile: Int32,
+        chunk_bound: Int32,
+        mtile_bound: Int32,
+        stream: cuda.CUstream,
+    ):
+        self.kernel(
+            cu_q, cu_k, cu_chunks, cu_mtiles, B, total_q, total_k, chunk_size, group,
+            rows_per_tile, chunk_bound, mtile_bound,
+        ).launch(grid=(1, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(
+        self,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        cu_mtiles: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        chunk_size: Int32,
+        group: Int32,
+        rows_per_tile: Int32,
+        chunk_bound: Int32,
+        mtile_bound: Int32,
+    ):
+        tid, _, _ = cute.arch.thread_idx()
+        nthr = self.nthr
+        smem = cutlass.utils.SmemAllocator()
+        s_a = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
+        s_b = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
+        oc = cute.make_tensor(cu_chunks, cute.make_layout(1 << 30))
+        om = cute.make_tensor(cu_mtiles, cute.make_layout(1 << 30))
+        per = (B + nthr - 1) // nthr
+        b0 = tid * per
+        b1 = cutlass.min(b0 + per, B)
+        sc = Int32(0)
+        sm = Int32(0)
+        for b in cutlass.range(b0, b1, 1):
+            ks, ke = clamp_seq(cu_k, b, total_k)
+            qs, qe = clamp_seq(cu_q, b, total_q)
+            sc = sc + (ke - ks + chunk_size - 1) // chunk_size
+            rows = Int64(qe - qs) * Int64(group)
+            sm = sm + Int32((rows + Int64(rows_per_tile - 1)) // Int64(rows_per_tile))
+        pc, _tc = block_exclusive_scan(sc, s_a, tid, nthr // 32)
+        pm, _tm = block_exclusive_scan(sm, s_b, tid, nthr // 32)
+        for b in cutlass.range(b0, b1, 1):
+            oc[b] = cutlass.min(pc, chunk_bound)
+            om[b] = cutlass.min(pm, mtile_bound)
+            ks, ke = clamp_seq(cu_k, b, total_k)
+            qs, qe = clamp_seq(cu_q, b, total_q)
+            pc = pc + (ke - ks + chunk_size - 1) // chunk_size
+            rows = Int64(qe - qs) * Int64(group)
+            pm = pm + Int32((rows + Int64(rows_per_tile - 1)) // Int64(rows_per_tile))
+        if tid == nthr - 1:
+            oc[B] = cutlass.min(pc, chunk_bound)
+            om[B] = cutlass.min(pm, mtile_bound)
+        if B == 0:
+            if tid == 0:
+                oc[0] = Int32(0)
+                om[0] = Int32(0)
+
+
+class CentroidsKernel:
+    """Per-(chunk, KV head) key mean. Compile key: ("centroids", dtype, head_dim, arch)."""
+
+    def __init__(self, dtype, head_dim: int):
+        self.dtype = dtype
+        self.D = head_dim
+        assert head_dim % 8 == 0
+        self.cv = head_dim // 8  # 16-byte column vectors per row
+        self.rows = max(1, 128 // self.cv)  # row lanes
+        self.nthr = self.cv * self.rows
+
+    @cute.jit
+    def __call__(
+        self,
+        k: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        cent: cute.Pointer,
+        c_hi: cute.Pointer,
+        c_lo: cute.Pointer,
+        counts: cute.Pointer,
+        B: Int32,
+        total_k: Int32,
+        Hk: Int32,
+        H: Int32,
+        chunk_size: Int32,
+        chunk_bound: Int32,
+        stream: cuda.CUstream,
+    ):
+        self.kernel(
+            k, cu_k, cu_chunks, cent, c_hi, c_lo, counts, B, total_k, Hk, H, chunk_size,
+            chunk_bound,
+        ).launch(grid=(chunk_bound, Hk, 1), block=(self.nthr, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(
+        self,
+        k: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        cent: cute.Pointer,
+        c_hi: cute.Pointer,
+        c_lo: cute.Pointer,
+        counts: cute.Pointer,
+        B: Int32,
+        total_k: Int32,
+        Hk: Int32,
+        H: Int32,
+        chunk_size: Int32,
+        chunk_bound: Int32,
+    ):
+        tid, _, _ = cute.arch.thread_idx()
+        g, hk, _ = cute.arch.block_idx()
+        D = self.D
+        CV = self.cv
+        R = self.rows
+        smem = cutlass.utils.SmemAllocator()
+        sred = smem.allocate_tensor(Float32, cute.make_layout(R * D), 16)
+
+        # zero the key-major counters of this chunk (segments g*H .. g*H+H-1)
+        if hk == 0:
+            cnt = cute.make_tensor(counts + Int64(g) * Int64(H), cute.make_layout(1 << 30))
+            for i in cutlass.range(tid, H, self.nthr):
+                cnt[i] = Int32(0)
+
+        tcc = cute.make_tensor(cu_chunks, cute.make_layout(1 << 30))
+        length = Int32(0)
+        start = Int64(0)
+        if B > 0:
+            if g < tcc[B]:
+                b = find_segment(cu_chunks, B, g)
+                j = g - tcc[b]
+                ks, ke = clamp_seq(cu_k, b, total_k)
+                st = Int64(ks) + Int64(j) * Int64(chunk_size)
+                rem = Int64(ke) - st
+                rem = cutlass.max(rem, Int64(0))
+                length = Int32(cutlass.min(rem, Int64(chunk_size)))
+                start = st
+
+        ty = tid // CV
+        cv = tid % CV
+        acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+        acc.fill(0.0)
+        row_stride = Int64(Hk) * Int64(D)
+        base = k + (start * row_stride + Int64(hk) * Int64(D) + Int64(cv * 8))
+        for t in cutlass.range(ty, length, R, unroll=4):
+            src = cute.make_tensor((base + Int64(t) * row_stride).align(16), cute.make_layout(8))
+            v = src.load().to(Float32)
+            acc.store(acc.load() + v)
+        for e in cutlass.range_constexpr(8):
+            sred[ty * D + cv * 8 + e] = acc[e]
+        cute.arch.sync_threads()
+        inv = Float32(0.0)
+        if length > 0:
+            inv = Float32(1.0) / Float32(length)
+        for d in cutlass.range(tid, D, self.nthr):
+            s = Float32(0.0)
+            for r in cutlass.range_constexpr(R):
+                s = s + sred[r * D + d]
+            mean = Float32(0.0)
+            if length > 0:
+                mean = s / Float32(length)
+            oc = cute.make_tensor(cent, cute.make_layout(1 << 30))
+            ob = Int64(g) * row_stride + Int64(hk) * Int64(D) + Int64(d)
+            ocent = cute.make_tensor(cent + ob, cute.make_layout(1))
+            ocent[0] = mean
+            hi = mean.to(self.dtype)
+            lo = (mean - hi.to(Float32)).to(self.dtype)
+            oh = Int64(hk) * Int64(chunk_bound) * Int64(D) + Int64(g) * Int64(D) + Int64(d)
+            thi = cute.make_tensor(c_hi + oh, cute.make_layout(1))
+            tlo = cute.make_tensor(c_lo + oh, cute.make_layout(1))
+            thi[0] = hi
+            tlo[0] = lo

@@ -1,0 +1,183 @@
+"""Shared helpers of the CuTe DSL kernels.
+
+* a compile cache keyed by one static compile key per kernel (the key holds everything that
+  changes the generated code; all sizes are runtime arguments);
+* torch -> CuTe conversion: kernels take raw global pointers plus 32/64-bit scalar sizes, so
+  calling a compiled kernel costs no DLPack round trip and dynamic shapes never recompile;
+* arch detection, and :func:`compile_for_arch` that compiles a kernel against fake
+  arguments for a given target (no GPU needed) and returns the PTX and the ptxas report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+
+_CACHE: Dict[Hashable, Any] = {}
+_LOCK = threading.Lock()
+
+
+def _cute():
+    import cutlass  # noqa: F401
+    import cutlass.cute as cute
+
+    return cute
+
+
+def cutlass_dtype(torch_dtype):
+    """The cutlass numeric type of a torch dtype."""
+    import cutlass
+    import torch
+
+    table = {
+        torch.float16: cutlass.Float16,
+        torch.bfloat16: cutlass.BFloat16,
+        torch.float32: cutlass.Float32,
+        torch.int32: cutlass.Int32,
+        torch.int64: cutlass.Int64,
+    }
+    return table[torch_dtype]
+
+
+def gptr(t, dtype=None, align: int = 16):
+    """A CuTe global-memory pointer to the first element of torch tensor ``t``."""
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    if dtype is None:
+        dtype = cutlass_dtype(t.dtype)
+    return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
+
+
+def fake_gptr(dtype, align: int = 16):
+    """A placeholder global pointer for compilation without a GPU."""
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    return make_ptr(dtype, 16 * 1024, cute.AddressSpace.gmem, assumed_align=align)
+
+
+def current_stream():
+    import cuda.bindings.driver as cuda
+    import torch
+
+    return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def device_arch(device=None) -> str:
+    """``"sm_90a"`` / ``"sm_80"`` / ... for a CUDA device (``sm_XYa`` for 9.0)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"sm_{major}{minor}"
+    if (major, minor) == (9, 0):
+        arch += "a"
+    return arch
+
+
+def arch_family(arch: str) -> str:
+    """``"sm90"`` for Hopper targets, ``"sm80"`` for everything from Ampere up to Ada."""
+    m = re.match(r"sm_?(\d+)", arch)
+    n = int(m.group(1)) if m else 0
+    return "sm90" if n >= 90 else "sm80"
+
+
+def compile_options(arch: str, keep_ptx: bool = False, ptxas_report: bool = False) -> str:
+    opts = [f"--gpu-arch={arch}"]
+    if keep_ptx:
+        opts.append("--keep-ptx")
+    if ptxas_report:
+        opts.append("remarks{ptx}")
+    return " ".join(opts)
+
+
+def cached_compile(key: Hashable, build: Callable[[], Any]) -> Any:
+    """Return the compiled object for ``key``, building it once (thread safe)."""
+    fn = _CACHE.get(key)
+    if fn is None:
+        with _LOCK:
+            fn = _CACHE.get(key)
+            if fn is None:
+                fn = build()
+                _CACHE[key] = fn
+    return fn
+
+
+@dataclass
+class CompileReport:
+    """What :func:`compile_for_arch` found out about one compiled kernel."""
+
+    arch: str
+    ptx: str
+    ptxas: str  # ptxas -v output ("" if unavailable)
+    registers: Dict[str, int]
+    spill_stores: int
+    spill_loads: int
+    stack_frame: int
+
+
+def _parse_ptxas(text: str) -> Tuple[Dict[str, int], int, int, int]:
+    regs: Dict[str, int] = {}
+    spill_st = spill_ld = stack = 0
+    cur = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            cur = m.group(1)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            stack = max(stack, int(m.group(1)))
+            spill_st = max(spill_st, int(m.group(2)))
+            spill_ld = max(spill_ld, int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur is not None:
+            regs[cur] = int(m.group(1))
+    return regs, spill_st, spill_ld, stack
+
+
+def compile_for_arch(jit_fn, args, arch: str) -> CompileReport:
+    """Compile ``jit_fn(*args)`` (fake pointers / scalars / fake stream) for ``arch``.
+
+    Works without a GPU. Returns the PTX and the ptxas report (``remarks{ptx}``), parsed. The
+    DSL prints that report on the process's stdout/stderr, which are captured here.
+    """
+    cute = _cute()
+    import tempfile
+
+    import contextlib
+    import io
+    import sys
+
+    buf = io.StringIO()
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = (os.dup(1), os.dup(2))
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+                compiled = cute.compile(
+                    jit_fn, *args, options=compile_options(arch, keep_ptx=True, ptxas_report=True)
+                )
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        tmp.seek(0)
+        report = tmp.read().decode(errors="replace") + buf.getvalue()
+    ptx = compiled.artifacts.PTX or ""
+    regs, sst, sld, stack = _parse_ptxas(report)
+    return CompileReport(arch, ptx, report, regs, sst, sld, stack)
+
+
+def fake_stream():
+    from cutlass.cute.runtime import make_fake_stream
+
+    return make_fake_stream()
