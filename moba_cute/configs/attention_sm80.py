@@ -1,0 +1,26 @@
+"""Tile configurations of the sm80 (mma.sync) MoBA forward, per head dim.
+
+``bm``: query rows per CTA tile (gathered rows of one (pass, chunk, head) segment, or
+contiguous rows of the dense causal diagonal); ``bn``: keys per n-block (a chunk is walked in
+n-blocks of ``bn`` with online softmax); ``threads``: 32 per 16 query rows (one mma.sync m16
+row strip per warp). Shared memory: ``(bm + 2 * bn) * (head_dim + 8) * 2 + bm * 8`` bytes
+(Q tile, one K and one V n-block, padded rows for conflict-free ldmatrix, row table).
+"""
+
+from __future__ import annotations
+
+# head_dim -> (bm, bn, threads, stages)
+FWD_TILES = {
+    64: (64, 128, 128, 1),
+    96: (64, 64, 128, 1),
+    128: (64, 64, 128, 1),
+}
+
+SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
+
+# shared memory a CTA may use on sm80-class parts (bytes; sm86/89 have less, 99 KiB)
+SMEM_LIMIT = 99 * 1024
+
+
+def fwd_smem_bytes(head_dim: int, bm: int, bn: int, stages: int = 1) -> int:
+    return (bm + 2 * bn * stages) * (head_dim + 8) * 2 + 3 * bm * 4 + 512

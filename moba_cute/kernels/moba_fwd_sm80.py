@@ -1,0 +1,516 @@
+"""MoBA attention forward for sm80-class GPUs (cp.async, ldmatrix, mma.sync m16n8k16).
+
+Schedule (docs/design.md): *slot passes*. Pass 0 of a causal call is the dense causal
+diagonal (every row's own chunk): query-major tiles of ``BM`` contiguous rows of one sequence
+and one head against the keys from the own chunk of the first row to the position of the last
+row, masked to ``own_chunk_start(p) <= t <= p``. Every other pass ``s`` handles routing slot
+``s`` only: tiles of up to ``BM`` gathered rows that all chose the same (global chunk, head)
+in that slot (from :mod:`moba_cute.kernels.slot_index`). Within one pass a (row, head) occurs
+at most once, so a tile owns its rows' running state -- the unnormalized fp32 output
+``O_acc (total_q, H, D)`` and the row max/sum ``m, l (total_q * H)`` -- and read-modify-writes
+it without atomics; passes run in stream order. The state is read at the start of a tile
+(``first=False``), the online softmax continues over the chunk's ``BN``-key n-blocks, and at
+the end a row either stores the state again or, when this was its last used slot
+(``slot + 1 >= nused[row, head]``), writes ``out`` (input dtype) and ``lse`` (fp32, natural
+log, layout ``(H, total_q)``) directly. A row's arithmetic does not depend on its position
+in the tile, so results are bitwise deterministic whatever order the index lists rows in.
+
+One kernel class; the static configuration (its compile key) is ``(dtype, head_dim, diag,
+first, bm, bn, threads, stages)``; all sizes are runtime scalars and all tensors raw global pointers.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+from cutlass import Float32, Int32, Int64
+from cutlass.cute.nvgpu import cpasync, warp
+
+from .centroids import clamp_seq, find_segment
+
+LOG2_E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _flat(ptr):
+    return cute.make_tensor(ptr, cute.make_layout(1 << 30))
+
+
+@cute.jit
+def _quad_max(x: Float32) -> Float32:
+    x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=2))
+    x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1))
+    return x
+
+
+@cute.jit
+def _quad_sum(x: Float32) -> Float32:
+    x = x + cute.arch.shuffle_sync_bfly(x, offset=2)
+    x = x + cute.arch.shuffle_sync_bfly(x, offset=1)
+    return x
+
+
+def _mn_view(t: cute.Tensor) -> cute.Tensor:
+    """View an mma.sync m16n8 accumulator partition ((2,2), MMA_M, MMA_N) as (rows, cols)."""
+    lay = cute.make_layout(t.layout.shape)
+    mn = cute.make_layout(
+        ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[2])),
+        stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
+    )
+    return cute.make_tensor(t.iterator, cute.composition(t.layout, mn))
+
+
+class MobaFwdSm80:
+    """One pass of the MoBA forward. See the module docstring."""
+
+    def __init__(self, dtype, head_dim: int, diag: bool, first: bool, bm: int = 64, bn: int = 64,
+                 threads: int = 128, stages: int = 1):
+        assert head_dim % 16 == 0
+        assert bm == 16 * (threads // 32), "one 16-row mma strip per warp"
+        assert (bm * head_dim // 8) % threads == 0 and (bn * head_dim // 8) % threads == 0
+        assert bn % 16 == 0
+        assert stages in (1, 2)
+        self.NS = stages  # 1: one K and one V buffer (FA2 order); 2: ring of two (K, V) n-blocks
+        self.dtype = dtype
+        self.D = head_dim
+        self.diag = bool(diag)
+        self.first = bool(first)
+        self.BM = bm
+        self.BN = bn
+        self.NT = threads
+        self.NW = threads // 32
+        self.DP = head_dim + 8  # padded smem rows: conflict-free ldmatrix without swizzle
+
+    @staticmethod
+    def compile_key(dtype_name: str, head_dim: int, diag: bool, first: bool, bm: int, bn: int, threads: int,
+                    stages: int = 1):
+        return ("moba_fwd_sm80", dtype_name, int(head_dim), bool(diag), bool(first), int(bm), int(bn), int(threads),
+                int(stages))
+
+    @cute.jit
+    def __call__(
+        self,
+        q: cute.Pointer,
+        k: cute.Pointer,
+        v: cute.Pointer,
+        out: cute.Pointer,
+        lse: cute.Pointer,
+        oacc: cute.Pointer,
+        mst: cute.Pointer,
+        lst: cute.Pointer,
+        nused: cute.Pointer,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        tiles: cute.Pointer,  # diag: cu_mtiles (B+1); gather: this pass's [tile_lo, tile_hi)
+        rows_list: cute.Pointer,
+        tile_seg: cute.Pointer,
+        seg_off: cute.Pointer,
+        tile_off: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        nseg: Int32,
+        slot: Int32,
+        pass_rel: Int32,
+        grid_x: Int32,
+        scale_log2: Float32,
+        stream: cuda.CUstream,
+    ):
+        tiled_mma = cute.make_tiled_mma(
+            warp.MmaF16BF16Op(self.dtype, Float32, (16, 8, 16)),
+            (self.NW, 1, 1),
+            permutation_mnk=(self.NW * 16, 16, 16),
+        )
+        grid_y = Int32(1)
+        if cutlass.const_expr(self.diag):
+            grid_y = H
+        self.kernel(
+            q, k, v, out, lse, oacc, mst, lst, nused, cu_q, cu_k, cu_chunks, tiles, rows_list, tile_seg,
+            seg_off, tile_off, B, total_q, total_k, H, Hk, chunk_size, nseg, slot, pass_rel, scale_log2,
+            tiled_mma,
+        ).launch(grid=(grid_x, grid_y, 1), block=(self.NT, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(
+        self,
+        q: cute.Pointer,
+        k: cute.Pointer,
+        v: cute.Pointer,
+        out: cute.Pointer,
+        lse: cute.Pointer,
+        oacc: cute.Pointer,
+        mst: cute.Pointer,
+        lst: cute.Pointer,
+        nused: cute.Pointer,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        tiles: cute.Pointer,
+        rows_list: cute.Pointer,
+        tile_seg: cute.Pointer,
+        seg_off: cute.Pointer,
+        tile_off: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        nseg: Int32,
+        slot: Int32,
+        pass_rel: Int32,
+        scale_log2: Float32,
+        tiled_mma: cute.TiledMma,
+    ):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, by, _ = cute.arch.block_idx()
+        BM = self.BM
+        BN = self.BN
+        D = self.D
+        DP = self.DP
+        NT = self.NT
+        CV = D // 8
+        dt = self.dtype
+        lane = tid % 32
+
+        smem = cutlass.utils.SmemAllocator()
+        sQ = smem.allocate_tensor(dt, cute.make_layout((BM, D), stride=(DP, 1)), 128)
+        NS = self.NS
+        kv_layout = cute.make_layout((BN, D), stride=(DP, 1))
+        sKbuf = smem.allocate_tensor(dt, cute.make_layout(NS * BN * DP), 128)
+        sVbuf = smem.allocate_tensor(dt, cute.make_layout(NS * BN * DP), 128)
+        sK = cute.make_tensor(sKbuf.iterator, kv_layout)
+        sV = cute.make_tensor(sVbuf.iterator, kv_layout)
+        sRow = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # loadable global row
+        sLo = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # first visible key (local)
+        sHi = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # last visible key; < lo: no row
+
+        tq = _flat(tiles)
+        tcc = _flat(cu_chunks)
+        valid = Int32(0)
+        h = Int32(0)
+        ks = Int32(0)
+        kbeg = Int32(0)
+        kend = Int32(0)
+
+        # ------------------------------------------------------------------ tile -> rows, keys
+        if cutlass.const_expr(self.diag):
+            h = by
+            ntot = Int32(0)
+            if B > 0:
+                ntot = tq[B]
+            if bid < ntot:
+                b = find_segment(tiles, B, bid)
+                qs, qe = clamp_seq(cu_q, b, total_q)
+                ks, ke = clamp_seq(cu_k, b, total_k)
+                sq = qe - qs
+                shift = (ke - ks) - sq
+                m0 = (bid - tq[b]) * BM
+                i_hi = cutlass.min(m0 + BM, sq)
+                i_lo = cutlass.min(cutlass.max(m0, -shift), i_hi)
+                # rows with no key position (p < 0): out = 0, lse = -inf
+                n_empty = i_lo - m0
+                if n_empty > 0:
+                    tl = _flat(lse)
+                    for idx in cutlass.range(tid, n_empty * CV, NT):
+                        r = idx // CV
+                        cv = idx % CV
+                        zrow = qs + m0 + r
+                        zoff = (Int64(zrow) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
+                        zdst = cute.make_tensor(out + zoff, cute.make_layout(8))
+                        for e in cutlass.range_constexpr(8):
+                            zdst[e] = dt(0.0)
+                        if cv == 0:
+                            tl[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
+                if i_lo < i_hi:
+                    valid = Int32(1)
+                    kbeg = ((i_lo + shift) // chunk_size) * chunk_size
+                    kend = i_hi + shift
+                    if tid < BM:
+                        i = m0 + tid
+                        if (i >= i_lo) & (i < i_hi):
+                            p = i + shift
+                            sRow[tid] = qs + i
+                            sLo[tid] = (p // chunk_size) * chunk_size
+                            sHi[tid] = p
+                        else:
+                            sRow[tid] = qs + i_lo
+                            sLo[tid] = Int32(1)
+                            sHi[tid] = Int32(0)
+        else:
+            t_lo = tq[0]
+            t_hi = tq[1]
+            T = t_lo + bid
+            if T < t_hi:
+                sp = _flat(tile_seg)[T]
+                tso = _flat(seg_off)
+                o = tso[sp]
+                n = tso[sp + 1] - o
+                r0 = o + (T - _flat(tile_off)[sp]) * BM
+                nrows = cutlass.min(Int32(BM), o + n - r0)
+                seg = sp - pass_rel * nseg
+                g = seg // H
+                h = seg - g * H
+                b = find_segment(cu_chunks, B, g)
+                ks, ke = clamp_seq(cu_k, b, total_k)
+                j = g - tcc[b]
+                kbeg = j * chunk_size
+                kend = cutlass.min(kbeg + chunk_size, ke - ks)
+                if (nrows > 0) & (kbeg < kend):
+                    valid = Int32(1)
+                    if tid < BM:
+                        trl = _flat(rows_list)
+                        if tid < nrows:
+                            sRow[tid] = trl[r0 + tid]
+                            sLo[tid] = kbeg
+                            sHi[tid] = kend - 1
+                        else:
+                            sRow[tid] = trl[r0]
+                            sLo[tid] = Int32(1)
+                            sHi[tid] = Int32(0)
+        cute.arch.sync_threads()
+
+        if valid != 0:
+            kvh = h // (H // Hk)
+            nblk = (kend - kbeg + BN - 1) // BN
+            atom_g2s = cute.make_copy_atom(
+                cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt, num_bits_per_copy=128
+            )
+            # ---- Q tile (gathered rows) -> smem
+            for it in cutlass.range_constexpr(BM * CV // NT):
+                idx = tid + it * NT
+                r = idx // CV
+                cv = idx % CV
+                off = (Int64(sRow[r]) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
+                qsrc = cute.make_tensor((q + off).align(16), cute.make_layout(8))
+                qdst = cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
+                cute.copy(atom_g2s, qsrc, qdst)
+            if cutlass.const_expr(NS == 1):
+                cute.arch.cp_async_commit_group()
+                self.load_kv(atom_g2s, k, sK, ks, kbeg, kend, Int32(0), Hk, kvh, tid)
+                cute.arch.cp_async_commit_group()
+            else:
+                self.load_kv(atom_g2s, k, sK, ks, kbeg, kend, Int32(0), Hk, kvh, tid)
+                self.load_kv(atom_g2s, v, sV, ks, kbeg, kend, Int32(0), Hk, kvh, tid)
+                cute.arch.cp_async_commit_group()
+                if nblk > 1:
+                    sK1 = cute.make_tensor((sKbuf.iterator + BN * DP).align(16), kv_layout)
+                    sV1 = cute.make_tensor((sVbuf.iterator + BN * DP).align(16), kv_layout)
+                    self.load_kv(atom_g2s, k, sK1, ks, kbeg, kend, Int32(BN), Hk, kvh, tid)
+                    self.load_kv(atom_g2s, v, sV1, ks, kbeg, kend, Int32(BN), Hk, kvh, tid)
+                cute.arch.cp_async_commit_group()
+
+            # ---- MMA partitions
+            thr_mma = tiled_mma.get_slice(tid)
+            tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
+            tSrK = thr_mma.make_fragment_B(thr_mma.partition_B(sK))
+            sVt = cute.composition(sV, cute.make_layout((D, BN), stride=(BN, 1)))
+            tOrVt = thr_mma.make_fragment_B(thr_mma.partition_B(sVt))
+            acc_O = cute.make_rmem_tensor(thr_mma.partition_shape_C((BM, D)), Float32)
+            acc_S = cute.make_rmem_tensor(thr_mma.partition_shape_C((BM, BN)), Float32)
+
+            ld = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
+            ldt = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=True, num_matrices=4), dt)
+            s2r_Q = cute.make_tiled_copy_A(ld, tiled_mma).get_slice(tid)
+            s2r_K = cute.make_tiled_copy_B(ld, tiled_mma).get_slice(tid)
+            s2r_V = cute.make_tiled_copy_B(ldt, tiled_mma).get_slice(tid)
+            tSsQ = s2r_Q.partition_S(sQ)
+            tSrQ_v = s2r_Q.retile(tSrQ)
+            tSrK_v = s2r_K.retile(tSrK)
+            tOrVt_v = s2r_V.retile(tOrVt)
+
+            acc_O_mn = _mn_view(acc_O)
+            acc_S_mn = _mn_view(acc_S)
+            tOcO_mn = _mn_view(thr_mma.partition_C(cute.make_identity_tensor((BM, D))))
+            tScS_mn = _mn_view(thr_mma.partition_C(cute.make_identity_tensor((BM, BN))))
+            NR = cute.size(acc_O_mn, mode=[0])  # rows per thread (2)
+            NCO = cute.size(acc_O_mn, mode=[1])
+            NCS = cute.size(acc_S_mn, mode=[1])
+
+            # ---- per-thread rows
+            r_lo = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+            r_hi = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+            r_row = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+            row_max = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+            row_sum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+            mine = False
+            for r in cutlass.range_constexpr(NR):
+                m = tOcO_mn[r, 0][0]
+                r_lo[r] = sLo[m]
+                r_hi[r] = sHi[m]
+                r_row[r] = sRow[m]
+                mine = mine | (r_lo[r] <= r_hi[r])
+            active = cute.arch.vote_any_sync(mine)
+
+            # ---- running state: fresh, or read back from the previous pass
+            acc_O.fill(0.0)
+            for r in cutlass.range_constexpr(NR):
+                row_max[r] = -Float32.inf
+                row_sum[r] = Float32(0.0)
+            if cutlass.const_expr(not self.first):
+                tm = _flat(mst)
+                tlst = _flat(lst)
+                for r in cutlass.range_constexpr(NR):
+                    if r_lo[r] <= r_hi[r]:
+                        sridx = Int64(r_row[r]) * Int64(H) + Int64(h)
+                        sbase = oacc + sridx * Int64(D)
+                        for c in cutlass.range_constexpr(NCO // 2):
+                            scol = tOcO_mn[r, (0, c)][1]
+                            osrc = cute.make_tensor((sbase + scol).align(8), cute.make_layout(2))
+                            cute.autovec_copy(osrc, acc_O_mn[r, (None, c)])
+                        row_max[r] = tm[sridx]
+                        if lane % 4 == 0:
+                            row_sum[r] = tlst[sridx]
+
+            cute.arch.cp_async_wait_group(1)
+            cute.arch.sync_threads()
+            if active:
+                for kb in cutlass.range_constexpr(cute.size(tSsQ.shape[2])):
+                    cute.copy(s2r_Q, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
+
+            for nb in cutlass.range(nblk):
+                n0 = kbeg + nb * BN
+                stage = Int32(0)
+                if cutlass.const_expr(NS == 1):
+                    cute.arch.cp_async_wait_group(0)
+                    cute.arch.sync_threads()
+                    self.load_kv(atom_g2s, v, sV, ks, kbeg, kend, nb * BN, Hk, kvh, tid)
+                    cute.arch.cp_async_commit_group()
+                else:
+                    stage = nb % 2
+                    cute.arch.cp_async_wait_group(1)
+                    cute.arch.sync_threads()
+                sKc = cute.make_tensor((sKbuf.iterator + stage * (BN * DP)).align(16), kv_layout)
+                sVc = cute.make_tensor((sVbuf.iterator + stage * (BN * DP)).align(16), kv_layout)
+                tSsK = s2r_K.partition_S(sKc)
+                tOsVt = s2r_V.partition_S(cute.composition(sVc, cute.make_layout((D, BN), stride=(BN, 1))))
+                if active:
+                    acc_S.fill(0.0)
+                    nk = cute.size(tSsK.shape[2])
+                    cute.copy(s2r_K, tSsK[None, None, 0], tSrK_v[None, None, 0])
+                    for kb in cutlass.range_constexpr(nk):
+                        if cutlass.const_expr(kb + 1 < nk):
+                            cute.copy(s2r_K, tSsK[None, None, kb + 1], tSrK_v[None, None, kb + 1])
+                        cute.gemm(tiled_mma, acc_S, tSrQ[None, None, kb], tSrK[None, None, kb], acc_S)
+                if cutlass.const_expr(NS == 1):
+                    cute.arch.cp_async_wait_group(0)
+                    cute.arch.sync_threads()
+                    if nb + 1 < nblk:
+                        self.load_kv(atom_g2s, k, sK, ks, kbeg, kend, (nb + 1) * BN, Hk, kvh, tid)
+                        cute.arch.cp_async_commit_group()
+                if active:
+                    # ---- mask (only where an n-block crosses a row's visible range)
+                    need = False
+                    for r in cutlass.range_constexpr(NR):
+                        need = need | (r_lo[r] > n0) | (r_hi[r] < n0 + BN - 1)
+                    if need:
+                        for r in cutlass.range_constexpr(NR):
+                            lo = r_lo[r] - n0
+                            hi = r_hi[r] - n0
+                            for c in cutlass.range_constexpr(NCS):
+                                col = tScS_mn[0, c][1]
+                                if (col < lo) | (col > hi):
+                                    acc_S_mn[r, c] = -Float32.inf
+                    # ---- online softmax
+                    for r in cutlass.range_constexpr(NR):
+                        srow = acc_S_mn[r, None].load()
+                        cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
+                        m_old = row_max[r]
+                        m_new = cute.arch.fmax(m_old, cur)
+                        m_use = m_new
+                        if m_new == -Float32.inf:
+                            m_use = Float32(0.0)
+                        m_scaled = m_use * scale_log2
+                        e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
+                        corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
+                        row_sum[r] = row_sum[r] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                        acc_O_mn[r, None] = acc_O_mn[r, None].load() * corr
+                        row_max[r] = m_new
+                        acc_S_mn[r, None] = e
+                    # ---- O += P V
+                    rP = cute.make_fragment_like(acc_S, dt)
+                    rP.store(acc_S.load().to(dt))
+                    pl = cute.logical_divide(rP.layout, (None, None, 2))
+                    tOrP = cute.make_tensor(
+                        rP.iterator,
+                        cute.make_layout(
+                            ((pl.shape[0], pl.shape[2][0]), pl.shape[1], pl.shape[2][1]),
+                            stride=((pl.stride[0], pl.stride[2][0]), pl.stride[1], pl.stride[2][1]),
+                        ),
+                    )
+                    nkv = cute.size(tOrP.shape[2])
+                    cute.copy(s2r_V, tOsVt[None, None, 0], tOrVt_v[None, None, 0])
+                    for kb in cutlass.range_constexpr(nkv):
+                        if cutlass.const_expr(kb + 1 < nkv):
+                            cute.copy(s2r_V, tOsVt[None, None, kb + 1], tOrVt_v[None, None, kb + 1])
+                        cute.gemm(tiled_mma, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb], acc_O)
+                if cutlass.const_expr(NS == 2):
+                    # everyone is done with this stage: refill it with n-block nb + 2
+                    cute.arch.sync_threads()
+                    if nb + 2 < nblk:
+                        self.load_kv(atom_g2s, k, sKc, ks, kbeg, kend, (nb + 2) * BN, Hk, kvh, tid)
+                        self.load_kv(atom_g2s, v, sVc, ks, kbeg, kend, (nb + 2) * BN, Hk, kvh, tid)
+                    cute.arch.cp_async_commit_group()
+
+            # ---- epilogue: store the state, or finish the row
+            for r in cutlass.range_constexpr(NR):
+                row_sum[r] = _quad_sum(row_sum[r])
+            tnu = _flat(nused)
+            tm = _flat(mst)
+            tlst = _flat(lst)
+            tl = _flat(lse)
+            for r in cutlass.range_constexpr(NR):
+                if r_lo[r] <= r_hi[r]:
+                    grow = r_row[r]
+                    ridx = Int64(grow) * Int64(H) + Int64(h)
+                    last = slot + 1 >= tnu[ridx]
+                    l = row_sum[r]
+                    if last:
+                        inv = Float32(0.0)
+                        if l > Float32(0.0):
+                            inv = cute.arch.rcp_approx(l)
+                        obase = out + ridx * Int64(D)
+                        for c in cutlass.range_constexpr(NCO // 2):
+                            col = tOcO_mn[r, (0, c)][1]
+                            pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                            pair[0] = acc_O_mn[r, (0, c)] * inv
+                            pair[1] = acc_O_mn[r, (1, c)] * inv
+                            po = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                            po.store(pair.load().to(dt))
+                            odst = cute.make_tensor((obase + col).align(4), cute.make_layout(2))
+                            cute.autovec_copy(po, odst)
+                        if lane % 4 == 0:
+                            val = -Float32.inf
+                            if l > Float32(0.0):
+                                val = (row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)) * LN2
+                            tl[Int64(h) * Int64(total_q) + Int64(grow)] = val
+                    else:
+                        abase = oacc + ridx * Int64(D)
+                        for c in cutlass.range_constexpr(NCO // 2):
+                            acol = tOcO_mn[r, (0, c)][1]
+                            adst = cute.make_tensor((abase + acol).align(8), cute.make_layout(2))
+                            cute.autovec_copy(acc_O_mn[r, (None, c)], adst)
+                        if lane % 4 == 0:
+                            tm[ridx] = row_max[r]
+                            tlst[ridx] = l
+
+    @cute.jit
+    def load_kv(self, atom, src_ptr: cute.Pointer, dst: cute.Tensor, ks: Int32, kbeg: Int32, kend: Int32,
+                n0: Int32, Hk: Int32, kvh: Int32, tid: Int32):
+        """cp.async one ``BN x D`` n-block of K or V; keys past ``kend`` repeat the last key
+        (memory safe; the mask gives them probability 0)."""
+        CV = self.D // 8
+        for it in cutlass.range_constexpr(self.BN * CV // self.NT):
+            idx = tid + it * self.NT
+            r = idx // CV
+            cv = idx % CV
+            t = cutlass.min(kbeg + n0 + r, kend - 1)
+            off = ((Int64(ks) + Int64(t)) * Int64(Hk) + Int64(kvh)) * Int64(self.D) + Int64(cv * 8)
+            s = cute.make_tensor((src_ptr + off).align(16), cute.make_layout(8))
+            d = cute.make_tensor((dst.iterator + (r * self.DP + cv * 8)).align(16), cute.make_layout(8))
+            cute.copy(atom, s, d)

@@ -1,0 +1,50 @@
+"""CPU/CI: every shipped configuration of the sm80 MoBA forward compiles for sm_80 with fake
+arguments, uses mma.sync, cp.async and ldmatrix, and does not spill (ptxas report)."""
+
+import pytest
+
+pytest.importorskip("cutlass")
+
+from moba_cute.configs import attention_sm80 as cfg  # noqa: E402
+from moba_cute.kernels import common  # noqa: E402
+
+from moba_cute.kernels import attention_launch as launch  # noqa: E402
+
+
+def _specs():
+    seen = {}
+    for dtype in ("bfloat16", "float16"):
+        for D in cfg.SUPPORTED_HEAD_DIMS:
+            for causal in (True, False):
+                for stages in (1, 2):  # the shipped value and the MOBA_CUTE_FWD_STAGES alternative
+                    for key, fac, fake in launch.kernel_specs(dtype, D, causal, stages):
+                        seen.setdefault(key, (fac, fake))
+    return sorted(seen.items(), key=lambda kv: str(kv[0]))
+
+
+SPECS = _specs()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[str(k) for k, _ in SPECS])
+def test_compiles_sm80_without_spills(spec):
+    key, (fac, fake) = spec
+    rep = common.compile_for_arch(fac(), fake, "sm_80")
+    assert "Used" in rep.ptxas, "no ptxas report"
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, rep.ptxas[-600:]
+    assert rep.stack_frame == 0, rep.ptxas[-600:]
+    if key[0] == "moba_fwd_sm80":
+        assert "mma.sync.aligned.m16n8k16" in rep.ptx
+        assert "cp.async" in rep.ptx
+        assert "ldmatrix.sync.aligned" in rep.ptx
+        assert "ldmatrix.sync.aligned.m8n8.x4.trans" in rep.ptx
+
+
+def test_unsupported_reasons():
+    import torch
+
+    assert launch.attention_unsupported_reason(torch.bfloat16, 128, 128, 8, "sm_80") is None
+    assert launch.attention_unsupported_reason(torch.float32, 128, 128, 8, "sm_80") is not None
+    assert launch.attention_unsupported_reason(torch.bfloat16, 80, 128, 8, "sm_80") is not None
+    assert launch.attention_unsupported_reason(torch.bfloat16, 128, 24, 8, "sm_80") is not None
+    assert launch.attention_unsupported_reason(torch.bfloat16, 128, 128, 65, "sm_80") is not None
+    assert launch.attention_unsupported_reason(torch.bfloat16, 128, 128, 8, "sm_75") is not None
