@@ -279,36 +279,19 @@ def _attention_reason(mod, arch, q, k, v, routing: Routing):
     return mod.attention_unsupported_reason(q.dtype, q.shape[-1], routing.chunk_size, routing.topk, arch)
 
 
-class _CuteAttention(torch.autograd.Function):
-    """The CuTe forward and backward kernels as one differentiable op (the selection is a
-    constant: no gradient flows through the routing)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, routing, softmax_scale, deterministic):
-        mod = _attention_kernel_module()
-        out, lse = mod.attention_cute(q, k, v, routing, softmax_scale, deterministic)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.routing, ctx.softmax_scale, ctx.deterministic = routing, softmax_scale, deterministic
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        mod = _attention_kernel_module()
-        dq, dk, dv = mod.attention_backward_cute(
-            q, k, v, out, lse, dout, dlse, ctx.routing, ctx.softmax_scale, ctx.deterministic
-        )
-        return dq, dk, dv, None, None, None
-
-
 def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend):
     mod = _attention_kernel_module()
     if _use_kernel(
         "attention", mod, backend, q.device, lambda m, arch: _attention_reason(m, arch, q, k, v, routing)
     ):
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _CuteAttention.apply(q, k, v, routing, softmax_scale, deterministic)
-        return mod.attention_cute(q, k, v, routing, softmax_scale, deterministic)
+        from .ops import attention_op
+
+        # a custom op (differentiable through its registered backward): torch.compile traces it
+        r = routing
+        scale = None if softmax_scale is None else float(softmax_scale)
+        return attention_op(q, k, v, r.selection, r.offsets, r.query_rows, r.cu_chunks, r.cu_seqlens_q,
+                            r.cu_seqlens_k, r.max_seqlen_q, r.max_seqlen_k, r.chunk_size, r.topk, r.causal,
+                            scale, deterministic)
     return reference.attention(q, k, v, routing, softmax_scale)
 
 

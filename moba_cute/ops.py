@@ -8,11 +8,13 @@ kernels on the current stream (CUDA graph capture works once the kernels are com
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .routing import num_chunks_bound
 
-__all__ = ["route_op"]
+__all__ = ["route_op", "attention_op", "attention_bwd_op"]
 
 
 @torch.library.custom_op("moba_cute::route", mutates_args=())
@@ -46,3 +48,98 @@ def _route_fake(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ch
         torch.empty((total_q * heads * topk,), **i32),
         torch.empty((batch + 1,), **i32),
     )
+
+
+def _routing_from(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, chunk_size, topk, causal, num_kv_heads):
+    from .routing import Routing
+
+    return Routing(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k, chunk_size, topk, causal, num_kv_heads)
+
+
+@torch.library.custom_op("moba_cute::attention_fwd", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    selection: torch.Tensor,
+    offsets: torch.Tensor,
+    query_rows: torch.Tensor,
+    cu_chunks: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    chunk_size: int,
+    topk: int,
+    causal: bool,
+    softmax_scale: Optional[float],
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CuTe MoBA attention forward for a routing given by its tensors: (out, lse)."""
+    from .kernels.attention_launch import attention_cute
+
+    r = _routing_from(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, chunk_size, topk, causal, k.shape[1])
+    return attention_cute(q, k, v, r, softmax_scale, deterministic)
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, selection, *rest):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("moba_cute::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    dout: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    selection: torch.Tensor,
+    offsets: torch.Tensor,
+    query_rows: torch.Tensor,
+    cu_chunks: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    chunk_size: int,
+    topk: int,
+    causal: bool,
+    softmax_scale: Optional[float],
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CuTe MoBA attention backward: (dq, dk, dv)."""
+    from .kernels.attention_launch import attention_backward_cute
+
+    r = _routing_from(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, chunk_size, topk, causal, k.shape[1])
+    return attention_backward_cute(q, k, v, out, lse, dout, dlse, r, softmax_scale, deterministic)
+
+
+@attention_bwd_op.register_fake
+def _attention_bwd_fake(dout, dlse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_ROUTING_ARGS = 13  # selection .. deterministic: the op arguments after q, k, v
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *inputs[3:9])
+    ctx.static = inputs[9:]
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, *routing_tensors = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(dout.contiguous(), dlse, q, k, v, out, lse, *routing_tensors, *ctx.static)
+    return (dq, dk, dv) + (None,) * _ROUTING_ARGS
+
+
+attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)

@@ -28,3 +28,18 @@ def test_num_chunks_bound_is_an_upper_bound():
         c = int(torch.randint(1, 80, (1,), generator=g))
         real = int(((lens + c - 1) // c).sum())
         assert real <= num_chunks_bound(int(lens.sum()), b, c)
+
+
+def test_attention_ops_fake_shapes():
+    from moba_cute.ops import attention_bwd_op, attention_op
+
+    with FakeTensorMode():
+        q = torch.empty(1000, 8, 64, dtype=torch.float16)
+        k = torch.empty(1200, 2, 64, dtype=torch.float16)
+        i = lambda *s: torch.empty(*s, dtype=torch.int32)  # noqa: E731
+        routing = (i(1000, 8, 5), i(100), i(40000), i(4), i(4), i(4), 600, 700, 64, 5, True, None, False)
+        out, lse = attention_op(q, k, k, *routing)
+        dq, dk, dv = attention_bwd_op(out, None, q, k, k, out, lse, *routing)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (8, 1000) and lse.dtype == torch.float32
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
