@@ -3,14 +3,16 @@
 Two kernels:
 
 * :class:`ChunkPrepKernel` (one CTA): from ``cu_seqlens_q/k`` (clamped, so any values are
-  memory safe) computes ``cu_chunks`` (global chunk numbering of :mod:`moba_cute.routing`) and
-  ``cu_mtiles`` (the flattened query-tile numbering used by the top-k kernel). Both are
-  clamped to the host-known bounds, so no later kernel can index past its buffers.
+  memory safe) computes ``cu_chunks`` (global chunk numbering of :mod:`moba_cute.routing`),
+  ``cu_mtiles`` (the flattened query-tile numbering used by the top-k kernel), ``cu_kblocks``
+  (key-major row blocks) and ``tbase`` (per-sequence bases of the key-major count table). All
+  are clamped to the host-known bounds, so no later kernel can index past its buffers.
 * :class:`CentroidsKernel`: one CTA per (global chunk, KV head). Sums the chunk's real keys in
   fp32 (fixed order, deterministic), divides by the real length, writes the fp32 centroid
   ``(num_chunks_bound, Hk, D)`` and its hi/lo split in the input dtype, laid out
   ``(Hk, num_chunks_bound, D)`` for the top-k kernel (``c ~= hi + lo`` to ~2^-16 relative).
-  It also zeroes the key-major segment counters of its chunk (saves a memset launch).
+  It also zeroes the key-major segment counters of its chunk (the column-scan kernel
+  overwrites them; kept for callers that only count).
   Chunks past ``cu_chunks[B]`` get zeros.
 """
 
@@ -82,7 +84,8 @@ def block_exclusive_scan(val: Int32, s_warp: cute.Tensor, tid: Int32, nwarps: cu
 
 
 class ChunkPrepKernel:
-    """cu_chunks (B+1) and cu_mtiles (B+1) in one CTA. Compile key: ("prep", arch)."""
+    """cu_chunks, cu_mtiles, cu_kblocks (B+1 each) and the count-table bases ``tbase`` (B+1) in
+    one CTA. Compile key: ("prep", arch)."""
 
     def __init__(self):
         self.nthr = PREP_THREADS
@@ -94,6 +97,8 @@ class ChunkPrepKernel:
         cu_k: cute.Pointer,
         cu_chunks: cute.Pointer,
         cu_mtiles: cute.Pointer,
+        cu_kblocks: cute.Pointer,
+        tbase: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -102,11 +107,14 @@ class ChunkPrepKernel:
         rows_per_tile: Int32,
         chunk_bound: Int32,
         mtile_bound: Int32,
+        km_rows: Int32,
+        kb_bound: Int32,
+        tb_bound: Int32,
         stream: cuda.CUstream,
     ):
         self.kernel(
-            cu_q, cu_k, cu_chunks, cu_mtiles, B, total_q, total_k, chunk_size, group,
-            rows_per_tile, chunk_bound, mtile_bound,
+            cu_q, cu_k, cu_chunks, cu_mtiles, cu_kblocks, tbase, B, total_q, total_k, chunk_size, group,
+            rows_per_tile, chunk_bound, mtile_bound, km_rows, kb_bound, tb_bound,
         ).launch(grid=(1, 1, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
@@ -116,6 +124,8 @@ class ChunkPrepKernel:
         cu_k: cute.Pointer,
         cu_chunks: cute.Pointer,
         cu_mtiles: cute.Pointer,
+        cu_kblocks: cute.Pointer,
+        tbase: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -124,42 +134,75 @@ class ChunkPrepKernel:
         rows_per_tile: Int32,
         chunk_bound: Int32,
         mtile_bound: Int32,
+        km_rows: Int32,
+        kb_bound: Int32,
+        tb_bound: Int32,
     ):
         tid, _, _ = cute.arch.thread_idx()
         nthr = self.nthr
         smem = cutlass.utils.SmemAllocator()
         s_a = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
         s_b = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
+        s_c = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
+        s_d = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
         oc = cute.make_tensor(cu_chunks, cute.make_layout(1 << 30))
         om = cute.make_tensor(cu_mtiles, cute.make_layout(1 << 30))
+        ok = cute.make_tensor(cu_kblocks, cute.make_layout(1 << 30))
+        ot = cute.make_tensor(tbase, cute.make_layout(1 << 30))
         per = (B + nthr - 1) // nthr
         b0 = tid * per
         b1 = cutlass.min(b0 + per, B)
         sc = Int32(0)
         sm = Int32(0)
+        sk = Int32(0)
+        st = Int64(0)
         for b in cutlass.range(b0, b1, 1):
-            ks, ke = clamp_seq(cu_k, b, total_k)
-            qs, qe = clamp_seq(cu_q, b, total_q)
-            sc = sc + (ke - ks + chunk_size - 1) // chunk_size
-            rows = Int64(qe - qs) * Int64(group)
-            sm = sm + Int32((rows + Int64(rows_per_tile - 1)) // Int64(rows_per_tile))
+            nc, nm, nk, ntb = self.seq_counts(cu_q, cu_k, b, total_q, total_k, chunk_size, group, rows_per_tile, km_rows)
+            sc = sc + nc
+            sm = sm + nm
+            sk = sk + nk
+            st = st + ntb
+        # table partial sums saturate just above the bound (valid inputs never reach it; the
+        # consumers check every table row against the bound)
+        st32 = Int32(cutlass.min(st, Int64(tb_bound) + Int64(1)))
         pc, _tc = block_exclusive_scan(sc, s_a, tid, nthr // 32)
         pm, _tm = block_exclusive_scan(sm, s_b, tid, nthr // 32)
+        pk, _tk = block_exclusive_scan(sk, s_c, tid, nthr // 32)
+        pt, _tt = block_exclusive_scan(st32, s_d, tid, nthr // 32)
+        pt64 = Int64(pt)
         for b in cutlass.range(b0, b1, 1):
             oc[b] = cutlass.min(pc, chunk_bound)
             om[b] = cutlass.min(pm, mtile_bound)
-            ks, ke = clamp_seq(cu_k, b, total_k)
-            qs, qe = clamp_seq(cu_q, b, total_q)
-            pc = pc + (ke - ks + chunk_size - 1) // chunk_size
-            rows = Int64(qe - qs) * Int64(group)
-            pm = pm + Int32((rows + Int64(rows_per_tile - 1)) // Int64(rows_per_tile))
+            ok[b] = cutlass.min(pk, kb_bound)
+            ot[b] = Int32(cutlass.min(pt64, Int64(tb_bound) + Int64(1)))
+            nc, nm, nk, ntb = self.seq_counts(cu_q, cu_k, b, total_q, total_k, chunk_size, group, rows_per_tile, km_rows)
+            pc = pc + nc
+            pm = pm + nm
+            pk = pk + nk
+            pt64 = pt64 + ntb
         if tid == nthr - 1:
             oc[B] = cutlass.min(pc, chunk_bound)
             om[B] = cutlass.min(pm, mtile_bound)
+            ok[B] = cutlass.min(pk, kb_bound)
+            ot[B] = Int32(cutlass.min(pt64, Int64(tb_bound) + Int64(1)))
         if B == 0:
             if tid == 0:
                 oc[0] = Int32(0)
                 om[0] = Int32(0)
+                ok[0] = Int32(0)
+                ot[0] = Int32(0)
+
+    @cute.jit
+    def seq_counts(self, cu_q: cute.Pointer, cu_k: cute.Pointer, b: Int32, total_q: Int32, total_k: Int32,
+                   chunk_size: Int32, group: Int32, rows_per_tile: Int32, km_rows: Int32):
+        """(chunks, query tiles, key-major blocks, count-table entries) of sequence b."""
+        ks, ke = clamp_seq(cu_k, b, total_k)
+        qs, qe = clamp_seq(cu_q, b, total_q)
+        nc = (ke - ks + chunk_size - 1) // chunk_size
+        rows = Int64(qe - qs) * Int64(group)
+        nm = Int32((rows + Int64(rows_per_tile - 1)) // Int64(rows_per_tile))
+        nk = (qe - qs + km_rows - 1) // km_rows
+        return nc, nm, nk, Int64(nk) * Int64(nc)
 
 
 class CentroidsKernel:

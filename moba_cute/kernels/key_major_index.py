@@ -1,20 +1,29 @@
 """Key-major routing index (CuTe DSL): the transpose of the query-major selection.
 
-Deterministic by construction:
+Deterministic by construction, no global atomics and no sort. The query rows of each
+(sequence, query head) are cut into *blocks* of ``km_rows`` consecutive rows (a host-chosen
+power of two >= 256, so that the count table below stays within the selection's size). A
+count table ``T[h][block][chunk]`` (per sequence ``ceil(Sq/km_rows) * ceil(Sk/C)`` entries;
+per-sequence bases ``tbase`` from the prep kernel) holds how many rows of a block selected a
+chunk.
 
-1. :class:`SegmentCountKernel` (``scatter=False``): ``counts[seg] += 1`` for every used
-   selection slot (integer atomics: the totals do not depend on timing). ``counts`` was
-   zeroed by the centroid kernel.
-2. :class:`SegmentScanKernel` (one CTA): ``offsets`` = exclusive prefix sum of ``counts``
-   (``offsets[0] = 0``) and a copy of it as the scatter cursor.
-3. :class:`SegmentCountKernel` (``scatter=True``): each slot takes a place in its segment with
-   an atomic cursor and writes its query row into a scratch buffer (order within a segment
-   depends on timing here), and the tail ``query_rows[offsets[-1]:]`` is set to ``-1``.
-4. :class:`SegmentSortKernel` (one CTA per segment): writes the segment's rows ascending into
-   ``query_rows``: a shared-memory bitonic sort for segments up to 8192 rows, and for larger
-   ones a shared-memory bitmap over windows of 2^18 rows of the sequence followed by an
-   ordered compaction. A row appears at most once per segment, so the sorted order is unique
-   and the output is bit-identical on every run.
+1. :class:`BlockCountKernel` (one CTA per block and head): shared-memory histogram over the
+   sequence's chunks (warp-aggregated runs + shared atomics: integer sums, so the
+   result does not depend on timing) -> its row of ``T`` (zeros included).
+2. :class:`ColumnScanKernel` (one thread per chunk and head): walks the blocks of the chunk's
+   sequence in row order, turns the column of ``T`` into its exclusive prefix sum (where the
+   block's rows start inside the segment) and writes the segment's count.
+3. :class:`SegmentScanKernel` (one CTA): ``offsets`` = exclusive prefix sum of the counts.
+4. :class:`BlockWriteKernel` (one CTA per block and head): processes its rows in groups of
+   256 in row order. Per group, a shared bitmap ``bits[chunk][warp]`` of the rows that chose
+   each chunk (``atomic_or`` of warp run masks: order independent); a row's place in its
+   segment is ``offsets[seg] + T + (rows of earlier groups) + popc(bits of earlier warps) +
+   popc(own warp's bits below the lane)``, so every segment comes out ascending with no sort.
+   Chunks are handled in windows of ``WRITE_WIN`` (shared memory). The kernel also writes
+   ``-1`` to ``query_rows[offsets[-1]:]``.
+
+Memory safety with arbitrary ``cu_seqlens``: table rows are only touched when they lie
+inside the host's table bound, and every ``query_rows`` store is bounds-checked.
 """
 
 from __future__ import annotations
@@ -26,131 +35,191 @@ from cutlass import Int32, Int64, Uint32
 
 from .centroids import block_exclusive_scan, clamp_seq, find_segment
 
-COUNT_THREADS = 256
+KM_THREADS = 256
+WRITE_THREADS = 256  # rows per group of the write pass
+COUNT_WIN = 8192  # chunks per shared-memory histogram window (32 KB)
+WRITE_WIN = 512  # chunks per window of the write pass (bits + prefixes: 32 KB)
+COLSCAN_THREADS = 64
 SCAN_THREADS = 1024
-SORT_THREADS = 256
-SORT_CAP = 8192  # rows sorted in shared memory; also the bitmap size in 32-bit words
-INT_MAX = 2147483647
+FULL = 0xFFFFFFFF
 
 
 def _t(ptr):
     return cute.make_tensor(ptr, cute.make_layout(1 << 30))
 
 
-class SegmentCountKernel:
-    """Count (or scatter) selection slots per segment. Key: ("kmcount", scatter, arch)."""
+@cute.jit
+def _run_mask(jw: Int32, lane: Int32):
+    """Warp-aggregation without ``match.any``: lanes are consecutive rows, so equal chunk ids
+    of one slot mostly come in runs. Returns (1 if this lane leads its run of equal ``jw``
+    else 0, the lane mask of the run). Equal values in separate runs just make separate
+    (commutative) shared-memory atomics."""
+    prev = cute.arch.shuffle_sync_up(jw, 1)
+    lead = Int32(0)
+    if (lane == 0) | (prev != jw):
+        lead = Int32(1)
+    leads = Uint32(cute.arch.vote_ballot_sync(lead != 0))
+    above = leads & ~((Uint32(2) << Uint32(lane)) - Uint32(1))
+    nxt = above & (~above + Uint32(1))
+    run = (nxt - Uint32(1)) & ~((Uint32(1) << Uint32(lane)) - Uint32(1))
+    return lead, Int32(run)
 
-    def __init__(self, scatter: bool):
-        self.scatter = scatter
-        self.nthr = COUNT_THREADS
+
+@cute.jit
+def _block_geom(cu_q: cute.Pointer, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer, tbase: cute.Pointer,
+                B: Int32, total_q: Int32, km_rows: Int32, tb_bound: Int32, blk: Int32):
+    """(ok, b, i, r0, nrows, cc0, nb, tb) of key-major block ``blk`` (ok = 0: nothing to do)."""
+    tkb = _t(cu_kblocks)
+    tcc = _t(cu_chunks)
+    ok = Int32(0)
+    b = Int32(0)
+    i = Int32(0)
+    r0 = Int32(0)
+    nrows = Int32(0)
+    cc0 = Int32(0)
+    nb = Int32(0)
+    tb = Int32(0)
+    nkb = Int32(0)
+    if B > 0:
+        nkb = tkb[B]
+    if blk < nkb:
+        b = find_segment(cu_kblocks, B, blk)
+        i = blk - tkb[b]
+        qs, qe = clamp_seq(cu_q, b, total_q)
+        r0 = qs + i * km_rows
+        nrows = cutlass.min(km_rows, qe - r0)
+        cc0 = tcc[b]
+        nb = tcc[b + 1] - cc0
+        tb = _t(tbase)[b]
+        if (nrows > 0) & (nb > 0) & (tb >= 0) & (i >= 0):
+            if Int64(tb) + Int64(i + 1) * Int64(nb) <= Int64(tb_bound):
+                ok = Int32(1)
+    return ok, b, i, r0, nrows, cc0, nb, tb
+
+
+class BlockCountKernel:
+    """Per-(block, chunk) selection counts -> T. Key: ("kmcount", arch)."""
+
+    def __init__(self):
+        self.nthr = KM_THREADS
 
     @cute.jit
-    def __call__(
-        self,
-        sel: cute.Pointer,
-        cu_q: cute.Pointer,
-        cu_chunks: cute.Pointer,
-        counts: cute.Pointer,
-        offsets: cute.Pointer,
-        scratch: cute.Pointer,
-        query_rows: cute.Pointer,
-        B: Int32,
-        total_q: Int32,
-        H: Int32,
-        topk: Int32,
-        nseg: Int32,
-        nblocks: Int32,
-        stream: cuda.CUstream,
-    ):
-        self.kernel(
-            sel, cu_q, cu_chunks, counts, offsets, scratch, query_rows, B, total_q, H, topk, nseg,
-        ).launch(grid=(nblocks, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+    def __call__(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer,
+                 tbase: cute.Pointer, table: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32,
+                 km_rows: Int32, kb_bound: Int32, tb_bound: Int32, stream: cuda.CUstream):
+        self.kernel(sel, cu_q, cu_chunks, cu_kblocks, tbase, table, B, total_q, H, topk, km_rows, tb_bound).launch(
+            grid=(kb_bound, H, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
-    def kernel(
-        self,
-        sel: cute.Pointer,
-        cu_q: cute.Pointer,
-        cu_chunks: cute.Pointer,
-        counts: cute.Pointer,
-        offsets: cute.Pointer,
-        scratch: cute.Pointer,
-        query_rows: cute.Pointer,
-        B: Int32,
-        total_q: Int32,
-        H: Int32,
-        topk: Int32,
-        nseg: Int32,
-    ):
+    def kernel(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer,
+               tbase: cute.Pointer, table: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32,
+               km_rows: Int32, tb_bound: Int32):
         tid, _, _ = cute.arch.thread_idx()
-        bid, _, _ = cute.arch.block_idx()
-        idx = bid * self.nthr + tid
-        nrow = total_q * H
-        # lanes of a warp take 32 consecutive query rows of one head: rows that picked the same
-        # chunk (always the own chunk, often popular past chunks) share one atomic per warp
-        h = idx // cutlass.max(total_q, Int32(1))
-        i = idx - h * total_q
-        valid = idx < nrow
+        blk, h, _ = cute.arch.block_idx()
+        NT = self.nthr
+        smem = cutlass.utils.SmemAllocator()
+        hist = smem.allocate_tensor(Int32, cute.make_layout(COUNT_WIN), 16)
+        ok, b, i, r0, nrows, cc0, nb, tb = _block_geom(cu_q, cu_chunks, cu_kblocks, tbase, B, total_q, km_rows,
+                                                      tb_bound, blk)
+        if ok != 0:
+            trow = _t(table + (Int64(h) * Int64(tb_bound) + Int64(tb) + Int64(i) * Int64(nb)))
+            lane = tid % 32
+            for w0 in cutlass.range(0, nb, COUNT_WIN):
+                nw = cutlass.min(Int32(COUNT_WIN), nb - w0)
+                for jj in cutlass.range(tid, nw, NT):
+                    hist[jj] = Int32(0)
+                cute.arch.sync_threads()
+                for base in cutlass.range(0, nrows, NT):
+                    rr = base + tid
+                    tsel = _t(sel + (Int64(r0 + rr) * Int64(H) + Int64(h)) * Int64(topk))
+                    for s in cutlass.range(topk):
+                        jw = Int32(-1)
+                        if rr < nrows:
+                            j = tsel[s]
+                            if (j >= w0) & (j < w0 + nw):
+                                jw = j - w0
+                        lead, m = _run_mask(jw, lane)
+                        if (jw >= 0) & (lead != 0):
+                            cute.arch.atomic_add((hist.iterator + jw).llvm_ptr, Int32(cute.arch.popc(m)))
+                cute.arch.sync_threads()
+                for jj in cutlass.range(tid, nw, NT):
+                    trow[w0 + jj] = hist[jj]
+                cute.arch.sync_threads()
+
+
+class ColumnScanKernel:
+    """Column-wise exclusive scan of T over blocks; segment counts. Key: ("kmcolscan", arch)."""
+
+    def __init__(self):
+        self.nthr = COLSCAN_THREADS
+
+    @cute.jit
+    def __call__(self, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer,
+                 counts: cute.Pointer, B: Int32, H: Int32, tb_bound: Int32, chunk_bound: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(cu_chunks, cu_kblocks, tbase, table, counts, B, H, tb_bound, chunk_bound).launch(
+            grid=((chunk_bound + self.nthr - 1) // self.nthr, H, 1), block=(self.nthr, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer,
+               counts: cute.Pointer, B: Int32, H: Int32, tb_bound: Int32, chunk_bound: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bx, h, _ = cute.arch.block_idx()
+        g = bx * self.nthr + tid
         tcc = _t(cu_chunks)
-        cc0 = Int32(0)
-        nb = Int32(0)
-        if valid:
-            b = find_segment(cu_q, B, i)
-            qs, qe = clamp_seq(cu_q, b, total_q)
-            if (i >= qs) & (i < qe):
+        tkb = _t(cu_kblocks)
+        if g < chunk_bound:
+            total = Int32(0)
+            nch = Int32(0)
+            if B > 0:
+                nch = tcc[B]
+            if g < nch:
+                b = find_segment(cu_chunks, B, g)
                 cc0 = tcc[b]
+                j = g - cc0
                 nb = tcc[b + 1] - cc0
-        tsel = _t(sel + (Int64(i) * Int64(H) + Int64(h)) * Int64(topk))
-        lt = cute.arch.lanemask_lt()
-        for s in cutlass.range(topk):
-            j = Int32(-1)
-            if nb > 0:
-                j = tsel[s]
-            seg = Int32(-1)
-            if (j >= 0) & (j < nb):
-                seg = (cc0 + j) * H + h
-            m = cute.arch.match_sync(0xFFFFFFFF, seg)
-            low = m & (~m + Uint32(1))
-            leader = cute.arch.popc(low - Uint32(1))
-            rank = cute.arch.popc(m & lt)
-            base = Int32(0)
-            if (seg >= 0) & (rank == 0):
-                base = cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(cute.arch.popc(m)))
-            if cutlass.const_expr(self.scatter):
-                base = cute.arch.shuffle_sync(base, Int32(leader))
-                if seg >= 0:
-                    tsc = _t(scratch)
-                    tsc[base + Int32(rank)] = i
-        if cutlass.const_expr(self.scatter):
-            if valid:
-                total = _t(offsets)[nseg]
-                tq = _t(query_rows + Int64(idx) * Int64(topk))
-                for s in cutlass.range(topk):
-                    e = Int64(idx) * Int64(topk) + Int64(s)
-                    if e >= Int64(total):
-                        tq[s] = Int32(-1)
+                nblk = tkb[b + 1] - tkb[b]
+                tb = _t(tbase)[b]
+                if (tb >= 0) & (nb > 0) & (j >= 0) & (j < nb):
+                    room = (Int64(tb_bound) - Int64(tb)) // Int64(nb)
+                    nblk = Int32(cutlass.max(cutlass.min(Int64(nblk), room), Int64(0)))
+                    col = _t(table + (Int64(h) * Int64(tb_bound) + Int64(tb) + Int64(j)))
+                    run = Int32(0)
+                    U = 8
+                    vals = cute.make_rmem_tensor(cute.make_layout(U), Int32)
+                    nfull = nblk // U
+                    for i0 in cutlass.range(nfull):
+                        # U independent loads in flight before the dependent stores
+                        for u in cutlass.range_constexpr(U):
+                            vals[u] = col[(i0 * U + u) * nb]
+                        for u in cutlass.range_constexpr(U):
+                            col[(i0 * U + u) * nb] = run
+                            run = run + vals[u]
+                    for i in cutlass.range(nfull * U, nblk):
+                        v = col[i * nb]
+                        col[i * nb] = run
+                        run = run + v
+                    total = run
+            _t(counts)[g * H + h] = total
 
 
 class SegmentScanKernel:
-    """offsets = exclusive scan(counts); cursor = offsets[:-1]. One CTA. Key: ("kmscan", arch)."""
+    """offsets = exclusive scan(counts), offsets[nseg] = total. One CTA. Key: ("kmscan", arch)."""
 
     def __init__(self):
         self.nthr = SCAN_THREADS
 
     @cute.jit
-    def __call__(self, counts: cute.Pointer, offsets: cute.Pointer, cursor: cute.Pointer,
-                 nseg: Int32, stream: cuda.CUstream):
-        self.kernel(counts, offsets, cursor, nseg).launch(
-            grid=(1, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+    def __call__(self, counts: cute.Pointer, offsets: cute.Pointer, nseg: Int32, stream: cuda.CUstream):
+        self.kernel(counts, offsets, nseg).launch(grid=(1, 1, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
-    def kernel(self, counts: cute.Pointer, offsets: cute.Pointer, cursor: cute.Pointer, nseg: Int32):
+    def kernel(self, counts: cute.Pointer, offsets: cute.Pointer, nseg: Int32):
         tid, _, _ = cute.arch.thread_idx()
         smem = cutlass.utils.SmemAllocator()
         s_w = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
         tc = _t(counts)
         to = _t(offsets)
-        tcur = _t(cursor)
         V = 4
         step = self.nthr * V
         carry = Int32(0)
@@ -169,99 +238,103 @@ class SegmentScanKernel:
             for v in cutlass.range_constexpr(V):
                 if i0 + v < nseg:
                     to[i0 + v] = run
-                    tcur[i0 + v] = run
                 run = run + vals[v]
             carry = carry + tot
         if tid == 0:
             to[nseg] = carry
 
 
-class SegmentSortKernel:
-    """Ascending rows per segment, scratch -> query_rows. Key: ("kmsort", arch)."""
+class BlockWriteKernel:
+    """Ascending query rows per segment + ``-1`` tail. Key: ("kmwrite", arch)."""
 
     def __init__(self):
-        self.nthr = SORT_THREADS
+        self.nthr = WRITE_THREADS
 
     @cute.jit
-    def __call__(self, scratch: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
-                 cu_q: cute.Pointer, cu_chunks: cute.Pointer, B: Int32, total_q: Int32, H: Int32,
-                 nseg: Int32, stream: cuda.CUstream):
-        self.kernel(scratch, offsets, query_rows, cu_q, cu_chunks, B, total_q, H).launch(
-            grid=(nseg, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+    def __call__(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer,
+                 cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer, offsets: cute.Pointer,
+                 query_rows: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32, H: Int32, topk: Int32,
+                 chunk_size: Int32, causal: Int32, km_rows: Int32, kb_bound: Int32, tb_bound: Int32,
+                 nseg: Int32, cap: Int32, stream: cuda.CUstream):
+        self.kernel(sel, cu_q, cu_k, cu_chunks, cu_kblocks, tbase, table, offsets, query_rows, B, total_q, total_k,
+                    H, topk, chunk_size, causal, km_rows, kb_bound, tb_bound, nseg, cap).launch(
+            grid=(kb_bound, H, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
-    def kernel(self, scratch: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
-               cu_q: cute.Pointer, cu_chunks: cute.Pointer, B: Int32, total_q: Int32, H: Int32):
+    def kernel(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer,
+               cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer, offsets: cute.Pointer,
+               query_rows: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32, H: Int32, topk: Int32,
+               chunk_size: Int32, causal: Int32, km_rows: Int32, kb_bound: Int32, tb_bound: Int32,
+               nseg: Int32, cap: Int32):
         tid, _, _ = cute.arch.thread_idx()
-        seg, _, _ = cute.arch.block_idx()
+        blk, h, _ = cute.arch.block_idx()
         NT = self.nthr
+        NW = NT // 32
+        wid = tid // 32
         smem = cutlass.utils.SmemAllocator()
-        buf = smem.allocate_tensor(Int32, cute.make_layout(SORT_CAP), 16)
-        s_w = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
-        to = _t(offsets)
-        o = to[seg]
-        n = to[seg + 1] - o
-        src = _t(scratch + Int64(o))
-        dst = _t(query_rows + Int64(o))
-        if n == 1:
-            if tid == 0:
-                dst[0] = src[0]
-        if (n > 1) & (n <= SORT_CAP):
-            N = Int32(2)
-            while N < n:
-                N = N * 2
-            for i in cutlass.range(tid, N, NT):
-                x = Int32(INT_MAX)
-                if i < n:
-                    x = src[i]
-                buf[i] = x
-            cute.arch.sync_threads()
-            kk = Int32(2)
-            while kk <= N:
-                jj = kk >> 1
-                while jj > 0:
-                    for i in cutlass.range(tid, N >> 1, NT):
-                        lo = ((i & ~(jj - 1)) << 1) | (i & (jj - 1))
-                        hi = lo + jj
-                        a = buf[lo]
-                        c = buf[hi]
-                        asc = (lo & kk) == 0
-                        sw = (asc & (a > c)) | ((~asc) & (a < c))
-                        if sw:
-                            buf[lo] = c
-                            buf[hi] = a
+        bits = smem.allocate_tensor(Int32, cute.make_layout(WRITE_WIN * NW), 16)
+        pre = smem.allocate_tensor(Int32, cute.make_layout(WRITE_WIN * NW), 16)
+        run = smem.allocate_tensor(Int32, cute.make_layout(WRITE_WIN), 16)
+        tqr = _t(query_rows)
+        # ---- -1 past the last used entry: an even slice of [offsets[-1], cap) per CTA
+        total = _t(offsets)[nseg]
+        start = cutlass.min(cutlass.max(total, Int32(0)), cap)
+        # (int32: the host ensures cap + 2 * kb_bound * H < 2^31)
+        nctas = kb_bound * H
+        sl = (cap - start + nctas - 1) // nctas
+        lo = cutlass.min(start + (h * kb_bound + blk) * sl, cap)
+        hi = cutlass.min(lo + sl, cap)
+        for e in cutlass.range(lo + tid, hi, NT):
+            tqr[e] = Int32(-1)
+        ok, b, i, r0, nrows, cc0, nb, tb = _block_geom(cu_q, cu_chunks, cu_kblocks, tbase, B, total_q, km_rows,
+                                                      tb_bound, blk)
+        if ok != 0:
+            lim = nb
+            if causal != 0:
+                qs, qe = clamp_seq(cu_q, b, total_q)
+                ks, ke = clamp_seq(cu_k, b, total_k)
+                p_last = (r0 + nrows - 1 - qs) + (ke - ks) - (qe - qs)
+                lim = Int32(0)
+                if p_last >= 0:
+                    lim = cutlass.min(nb, p_last // chunk_size + 1)
+            trow = _t(table + (Int64(h) * Int64(tb_bound) + Int64(tb) + Int64(i) * Int64(nb)))
+            to = _t(offsets)
+            lane = tid % 32
+            for w0 in cutlass.range(0, lim, WRITE_WIN):
+                nw = cutlass.min(Int32(WRITE_WIN), lim - w0)
+                for jj in cutlass.range(tid, nw, NT):
+                    run[jj] = to[(cc0 + w0 + jj) * H + h] + trow[w0 + jj]
+                for base in cutlass.range(0, nrows, NT):
+                    for x in cutlass.range(tid, nw * NW, NT):
+                        bits[x] = Int32(0)
                     cute.arch.sync_threads()
-                    jj = jj >> 1
-                kk = kk << 1
-            for i in cutlass.range(tid, n, NT):
-                dst[i] = buf[i]
-        if n > SORT_CAP:
-            W = SORT_CAP * 32
-            WPT = SORT_CAP // NT  # words per thread
-            g = seg // H
-            b = find_segment(cu_chunks, B, g)
-            qs, qe = clamp_seq(cu_q, b, total_q)
-            outp = Int32(0)
-            for w0 in cutlass.range(qs, qe, W):
-                for i in cutlass.range(tid, SORT_CAP, NT):
-                    buf[i] = Int32(0)
-                cute.arch.sync_threads()
-                for e in cutlass.range(tid, n, NT):
-                    d = src[e] - w0
-                    if (d >= 0) & (d < W):
-                        cute.arch.atomic_or((buf.iterator + (d >> 5)).llvm_ptr, Int32(1) << (d & 31))
-                cute.arch.sync_threads()
-                cnt = Int32(0)
-                for w in cutlass.range_constexpr(WPT):
-                    cnt = cnt + cute.arch.popc(buf[tid * WPT + w])
-                pre, tot = block_exclusive_scan(cnt, s_w, tid, NT // 32)
-                k = outp + pre
-                for w in cutlass.range(WPT):
-                    word = buf[tid * WPT + w]
-                    if word != 0:
-                        for bit in cutlass.range_constexpr(32):
-                            if ((word >> bit) & 1) != 0:
-                                dst[k] = w0 + (tid * WPT + w) * 32 + bit
-                                k = k + 1
-                outp = outp + tot
-                cute.arch.sync_threads()
+                    rr = base + tid
+                    row = r0 + rr
+                    tsel = _t(sel + (Int64(row) * Int64(H) + Int64(h)) * Int64(topk))
+                    for s in cutlass.range(topk):
+                        jw = Int32(-1)
+                        if rr < nrows:
+                            j = tsel[s]
+                            if (j >= w0) & (j < w0 + nw):
+                                jw = j - w0
+                        lead, m = _run_mask(jw, lane)
+                        if (jw >= 0) & (lead != 0):
+                            cute.arch.atomic_or((bits.iterator + (jw * NW + wid)).llvm_ptr, m)
+                    cute.arch.sync_threads()
+                    for jj in cutlass.range(tid, nw, NT):
+                        p = run[jj]
+                        for w in cutlass.range_constexpr(NW):
+                            pre[jj * NW + w] = p
+                            p = p + Int32(cute.arch.popc(bits[jj * NW + w]))
+                        run[jj] = p
+                    cute.arch.sync_threads()
+                    if rr < nrows:
+                        tsel2 = _t(sel + (Int64(r0 + rr) * Int64(H) + Int64(h)) * Int64(topk))
+                        for s in cutlass.range(topk):
+                            j = tsel2[s]
+                            if (j >= w0) & (j < w0 + nw):
+                                e = (j - w0) * NW + wid
+                                pos = pre[e] + Int32(cute.arch.popc(bits[e] & Int32(cute.arch.lanemask_lt())))
+                                if (pos >= 0) & (pos < cap):
+                                    tqr[pos] = row
+                    cute.arch.sync_threads()

@@ -4,12 +4,18 @@
 from shapes and the host-known bounds of :mod:`moba_cute.routing`), so it can be captured in
 a CUDA graph:
 
-1. prep (1 CTA): ``cu_chunks`` and the query-tile offsets from ``cu_seqlens`` (clamped)
-2. centroids: fp32 means + hi/lo split; zeroes the segment counters
+1. prep (1 CTA): ``cu_chunks``, query-tile and key-major block offsets, count-table bases
+2. centroids: fp32 means + hi/lo split
 3. top-k: tensor-core scoring and running top-k -> ``selection``
-4. count, 5. scan -> ``offsets``, 6. scatter, 7. per-segment sort -> ``query_rows``
+4. block counts, 5. column scan (segment counts), 6. segment scan -> ``offsets``,
+7. ordered block write -> ``query_rows`` (ascending per segment, ``-1`` tail)
 
-Run ``python -m moba_cute.kernels.route_launch --bench`` on a GPU for timings.
+Per call the host work is small: everything that depends only on the shapes (bounds, tile
+choices, workspace layout, the compiled kernels) is cached per shape, the scratch buffers
+share one workspace allocation, and the kernels are called through
+:class:`moba_cute.kernels.common.FastLauncher` with raw addresses.
+
+Run ``python -m moba_cute.kernels.route_launch --bench --profile`` on a GPU for timings.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ _DTYPES = (torch.float16, torch.bfloat16)
 INT32_MAX = 2**31 - 1
 
 
+def _llen(topk, causal):
+    return max(1, topk - 1 if causal else topk)
+
+
 def route_unsupported_reason(dtype, head_dim, chunk_size, topk, arch):
     """None if the CuTe routing kernels support the configuration, else a short reason."""
     if dtype not in _DTYPES:
@@ -40,10 +50,8 @@ def route_unsupported_reason(dtype, head_dim, chunk_size, topk, arch):
     m = __import__("re").match(r"sm_?(\d+)", str(arch))
     if m is None or int(m.group(1)) < 80:
         return f"routing kernels need sm80 or newer, not {arch}"
-    bm, bn = cfg.TOPK_TILES[fam][head_dim]
-    need = cfg.topk_smem_bytes(head_dim, bm, bn, cfg.list_cap(int(topk)))
-    if need > cfg.SMEM_LIMIT[fam]:
-        return f"top-k kernel needs {need} bytes of shared memory for head_dim={head_dim}, topk={topk} on {arch}"
+    if cfg.topk_tile(fam, head_dim, cfg.list_cap(int(topk))) is None:
+        return f"top-k kernel does not fit the shared memory for head_dim={head_dim}, topk={topk} on {arch}"
     return None
 
 
@@ -53,27 +61,32 @@ def _i32(x, what):
     return int(x)
 
 
-def _ptr(t, align=16):
-    return common.gptr(t, align=align)
-
-
 def _compiled(key, make_kernel, fake_args, arch):
     import cutlass.cute as cute
 
     def build():
-        return cute.compile(make_kernel(), *fake_args, options=common.compile_options(arch))
+        return common.FastLauncher(
+            cute.compile(make_kernel(), *fake_args, options=common.compile_options(arch)), fake_args)
 
     return common.cached_compile(key + (arch,), build)
 
 
 # --- per-kernel fake argument lists (shared with tests/test_routing_compile.py) ---------------
 
-def fake_args_prep():
+def _P(n):
     import cutlass
 
-    I = cutlass.Int32
-    P = lambda: common.fake_gptr(I, 4)  # noqa: E731
-    return (P(), P(), P(), P()) + tuple(I(1) for _ in range(8)) + (common.fake_stream(),)
+    return tuple(common.fake_gptr(cutlass.Int32, 4) for _ in range(n))
+
+
+def _I(n):
+    import cutlass
+
+    return tuple(cutlass.Int32(1) for _ in range(n))
+
+
+def fake_args_prep():
+    return _P(6) + _I(11) + (common.fake_stream(),)
 
 
 def fake_args_centroids(dtype):
@@ -84,37 +97,29 @@ def fake_args_centroids(dtype):
         common.fake_gptr(dtype, 16), common.fake_gptr(I, 4), common.fake_gptr(I, 4),
         common.fake_gptr(cutlass.Float32, 16), common.fake_gptr(dtype, 16), common.fake_gptr(dtype, 16),
         common.fake_gptr(I, 4),
-    ) + tuple(I(1) for _ in range(6)) + (common.fake_stream(),)
+    ) + _I(6) + (common.fake_stream(),)
 
 
 def fake_args_topk(dtype):
-    import cutlass
-
-    I = cutlass.Int32
     return (
         common.fake_gptr(dtype, 16), common.fake_gptr(dtype, 16), common.fake_gptr(dtype, 16),
-    ) + tuple(common.fake_gptr(I, 4) for _ in range(5)) + tuple(I(1) for _ in range(10)) + (common.fake_stream(),)
+    ) + _P(5) + _I(10) + (common.fake_stream(),)
 
 
 def fake_args_count():
-    import cutlass
+    return _P(6) + _I(7) + (common.fake_stream(),)
 
-    I = cutlass.Int32
-    return tuple(common.fake_gptr(I, 4) for _ in range(7)) + tuple(I(1) for _ in range(6)) + (common.fake_stream(),)
+
+def fake_args_colscan():
+    return _P(5) + _I(4) + (common.fake_stream(),)
 
 
 def fake_args_scan():
-    import cutlass
-
-    I = cutlass.Int32
-    return tuple(common.fake_gptr(I, 4) for _ in range(3)) + (I(1), common.fake_stream())
+    return _P(2) + _I(1) + (common.fake_stream(),)
 
 
-def fake_args_sort():
-    import cutlass
-
-    I = cutlass.Int32
-    return tuple(common.fake_gptr(I, 4) for _ in range(5)) + tuple(I(1) for _ in range(4)) + (common.fake_stream(),)
+def fake_args_write():
+    return _P(9) + _I(12) + (common.fake_stream(),)
 
 
 def kernel_specs(dtype_name, head_dim, topk, causal, arch):
@@ -122,23 +127,22 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch):
     import cutlass
 
     from .centroids import CentroidsKernel, ChunkPrepKernel
-    from .key_major_index import SegmentCountKernel, SegmentScanKernel, SegmentSortKernel
+    from .key_major_index import BlockCountKernel, BlockWriteKernel, ColumnScanKernel, SegmentScanKernel
     from .topk_routing import TopkRoutingKernel
 
     dt = {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[dtype_name]
     fam = common.arch_family(arch)
-    bm, bn = cfg.TOPK_TILES[fam][head_dim]
-    llen = max(1, topk - 1 if causal else topk)
-    cap = cfg.list_cap(llen)
+    cap = cfg.list_cap(_llen(topk, causal))
+    bm, bn = cfg.topk_tile(fam, head_dim, cap)
     return [
         (("prep",), ChunkPrepKernel, fake_args_prep()),
         (("centroids", dtype_name, head_dim), lambda: CentroidsKernel(dt, head_dim), fake_args_centroids(dt)),
         (("topk", dtype_name, head_dim, cap, bool(causal), bm, bn),
          lambda: TopkRoutingKernel(dt, head_dim, cap, bool(causal), bm, bn), fake_args_topk(dt)),
-        (("kmcount", False), lambda: SegmentCountKernel(False), fake_args_count()),
-        (("kmcount", True), lambda: SegmentCountKernel(True), fake_args_count()),
+        (("kmcount",), BlockCountKernel, fake_args_count()),
+        (("kmcolscan",), ColumnScanKernel, fake_args_colscan()),
         (("kmscan",), SegmentScanKernel, fake_args_scan()),
-        (("kmsort",), SegmentSortKernel, fake_args_sort()),
+        (("kmwrite",), BlockWriteKernel, fake_args_write()),
     ]
 
 
@@ -147,13 +151,12 @@ _KSETS = {}
 
 def _kernels(dtype, head_dim, topk, causal, arch):
     """The compiled kernels of one configuration (dict by role), cached per configuration."""
-    llen = max(1, topk - 1 if causal else topk)
-    sk = (dtype, head_dim, cfg.list_cap(llen), bool(causal), arch)
+    sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch)
     ks = _KSETS.get(sk)
     if ks is None:
         name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
         specs = kernel_specs(name, head_dim, topk, causal, arch)
-        ks = {s[0][0] + ("_s" if s[0] == ("kmcount", True) else ""): _compiled(s[0], s[1], s[2], arch) for s in specs}
+        ks = {s[0][0]: _compiled(s[0], s[1], s[2], arch) for s in specs}
         _KSETS[sk] = ks
     return ks
 
@@ -168,37 +171,68 @@ def _cu(x):
     return x if x.is_contiguous() else x.contiguous()
 
 
-def _centroids_stage(ks, k, cu_k, cu_q, B, total_q, total_k, Hk, H, C, nbound, group, rows_tile, mt_bound, counts, stream):
-    dev = k.device
-    D = k.shape[-1]
-    cu_chunks = torch.empty(B + 1, dtype=torch.int32, device=dev)
-    cu_mtiles = torch.empty(B + 1, dtype=torch.int32, device=dev)
-    cent = torch.empty(max(nbound, 1), Hk, D, dtype=torch.float32, device=dev)
-    c_hi = torch.empty(Hk, max(nbound, 1), D, dtype=k.dtype, device=dev)
-    c_lo = torch.empty_like(c_hi)
-    ks["prep"](_ptr(cu_q, 4), _ptr(cu_k, 4), _ptr(cu_chunks, 4), _ptr(cu_mtiles, 4), B, total_q, total_k,
-               C, group, rows_tile, nbound, mt_bound, stream)
-    if nbound > 0 and Hk > 0:
-        ks["centroids"](_ptr(k), _ptr(cu_k, 4), _ptr(cu_chunks, 4), _ptr(cent), _ptr(c_hi), _ptr(c_lo),
-                        _ptr(counts, 4), B, total_k, Hk, H, C, nbound, stream)
-    return cu_chunks, cu_mtiles, cent[:nbound], c_hi, c_lo
+_ARCH = {}
 
 
-def centroids_cute(k, cu_seqlens_k, chunk_size):
-    """fp32 chunk centroids ``(num_chunks_bound, Hk, D)`` computed by the CuTe kernel."""
-    k = _prep_inputs(k)
-    cu_k = _cu(cu_seqlens_k)
-    total_k, Hk, D = k.shape
-    B = cu_k.shape[0] - 1
-    C = int(chunk_size)
+def _arch_of(dev):
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    a = _ARCH.get(idx)
+    if a is None:
+        a = common.device_arch(idx)
+        _ARCH[idx] = a
+    return a
+
+
+def _km_block_rows(total_q, total_k, B, C, H, cap):
+    """Rows per key-major block and the per-head count-table bound (host, shapes only)."""
+    br = cfg.KM_MIN_BLOCK_ROWS
+    budget = max(cap, 1 << 22)
     nbound = num_chunks_bound(total_k, B, C)
-    arch = common.device_arch(k.device)
-    ks = _kernels(k.dtype, D, 1, True, arch)
-    stream = common.current_stream()
-    dummy = torch.empty(1, dtype=torch.int32, device=k.device)
-    _, _, cent, _, _ = _centroids_stage(ks, k, cu_k, cu_k, B, 0, _i32(total_k, "total_k"), Hk, 0, C, nbound, 1, 1, 0,
-                                        dummy, stream)
-    return cent
+    while True:
+        kb_bound = (total_q + B * (br - 1)) // br
+        # sum_b ceil(Sq_b/br) * ceil(Sk_b/C) <= sum_b (Sq_b/br + 1) (Sk_b/C + 1)
+        tb = (total_q * total_k) // (br * C) + total_q // br + total_k // C + B + 3
+        tb = min(tb, kb_bound * nbound)
+        if H * tb <= budget or br >= max(total_q, 1):
+            return br, kb_bound, max(tb, 1)
+        br *= 2
+
+
+class _Plan:
+    """Everything of a routing call that depends only on shapes (cached)."""
+
+    def __init__(self, dtype, total_q, H, D, total_k, Hk, B, C, K, causal, arch):
+        G = H // Hk
+        fam = common.arch_family(arch)
+        cap_l = cfg.list_cap(_llen(K, causal))
+        bm, bn = cfg.topk_tile(fam, D, cap_l)
+        self.rows_tile = G * (bm // G) if G <= bm else bm
+        self.nbound = num_chunks_bound(total_k, B, C)
+        self.nseg = self.nbound * H
+        self.cap = total_q * H * K
+        self.mt_bound = (total_q * G + B * (self.rows_tile - 1)) // self.rows_tile
+        self.km_rows, self.kb_bound, self.tb_bound = _km_block_rows(total_q, total_k, B, C, H, self.cap)
+        for v, what in ((self.cap, "total_q*H*topk"), (self.nseg + 1, "num_chunks_bound*H+1"),
+                        (total_q * H, "total_q*H"), (total_k * Hk * D // 8, "total_k*Hk*D/8"),
+                        (self.mt_bound, "query tiles"), (self.tb_bound * H, "key-major count table"),
+                        (self.cap + 2 * self.kb_bound * H + 1024, "total_q*H*topk + key-major blocks")):
+            _i32(v, what)
+        self.ks = _kernels(dtype, D, K, causal, arch)
+        nb1 = max(self.nbound, 1)
+        esz = 2
+        # workspace layout (bytes, 256-aligned): cent fp32, c_hi, c_lo, counts, table, cu_mtiles,
+        # cu_kblocks, tbase
+        sizes = [nb1 * Hk * D * 4, Hk * nb1 * D * esz, Hk * nb1 * D * esz, max(self.nseg, 1) * 4,
+                 self.tb_bound * H * 4, (B + 1) * 4, (B + 1) * 4, (B + 1) * 4]
+        self.offs = []
+        o = 0
+        for sz in sizes:
+            self.offs.append(o)
+            o += (sz + 255) // 256 * 256
+        self.ws_bytes = o
+
+
+_PLANS = {}
 
 
 def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal):
@@ -213,54 +247,84 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     C = int(chunk_size)
     K = int(topk)
     causal = bool(causal)
-    G = H // Hk
     dev = q.device
-    arch = common.device_arch(dev)
-    fam = common.arch_family(arch)
-    bm, bn = cfg.TOPK_TILES[fam][D]
-    rows_tile = G * (bm // G) if G <= bm else bm
-    nbound = num_chunks_bound(total_k, B, C)
-    nseg = nbound * H
-    cap = total_q * H * K
-    mt_bound = (total_q * G + B * (rows_tile - 1)) // rows_tile
-    for v, what in ((cap, "total_q*H*topk"), (nseg + 1, "num_chunks_bound*H+1"), (total_q * H, "total_q*H"),
-                    (total_k * Hk * D // 8, "total_k*Hk*D/8"), (mt_bound, "query tiles")):
-        _i32(v, what)
-    ks = _kernels(q.dtype, D, K, causal, arch)
-    stream = common.current_stream()
+    pk = (q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, dev.index)
+    plan = _PLANS.get(pk)
+    if plan is None:
+        plan = _Plan(q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, _arch_of(dev))
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[pk] = plan
+    ks = plan.ks
+    nbound, nseg, cap = plan.nbound, plan.nseg, plan.cap
+    G = H // Hk
+    stream = torch.cuda.current_stream(dev).cuda_stream
 
     selection = torch.empty(total_q, H, K, dtype=torch.int32, device=dev)
-    counts = torch.empty(max(nseg, 1), dtype=torch.int32, device=dev)
     offsets = torch.empty(nseg + 1, dtype=torch.int32, device=dev)
     query_rows = torch.empty(cap, dtype=torch.int32, device=dev)
+    cu_chunks = torch.empty(B + 1, dtype=torch.int32, device=dev)
+    ws = torch.empty(plan.ws_bytes, dtype=torch.uint8, device=dev)
+    w = ws.data_ptr()
+    p_cent, p_hi, p_lo, p_counts, p_table, p_mt, p_kb, p_tb = (w + o for o in plan.offs)
+    p_q, p_k, p_cq, p_ck = q.data_ptr(), k.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr()
+    p_sel, p_off, p_qr, p_cc = selection.data_ptr(), offsets.data_ptr(), query_rows.data_ptr(), cu_chunks.data_ptr()
+    nb1 = max(nbound, 1)
 
-    cu_chunks, cu_mtiles, _cent, c_hi, c_lo = _centroids_stage(
-        ks, k, cu_k, cu_q, B, total_q, total_k, Hk, H, C, nbound, G, rows_tile, mt_bound, counts, stream)
-    if nseg == 0:
-        offsets.zero_() if offsets.numel() else None
-    if mt_bound > 0 and Hk > 0:
-        ks["topk"](_ptr(q), _ptr(c_hi), _ptr(c_lo), _ptr(cu_q, 4), _ptr(cu_k, 4), _ptr(cu_chunks, 4),
-                   _ptr(cu_mtiles, 4), _ptr(selection, 4), B, total_q, total_k, H, Hk, C, K, max(nbound, 1),
-                   mt_bound, rows_tile, stream)
-    if nseg > 0:
-        nrow = total_q * H
-        nblk = (nrow + 255) // 256
-        cursor = torch.empty(nseg, dtype=torch.int32, device=dev)
-        scratch = torch.empty(max(cap, 1), dtype=torch.int32, device=dev)
-        if nblk > 0:
-            ks["kmcount"](_ptr(selection, 4), _ptr(cu_q, 4), _ptr(cu_chunks, 4), _ptr(counts, 4), _ptr(offsets, 4),
-                          _ptr(scratch, 4), _ptr(query_rows, 4), B, total_q, H, K, nseg, nblk, stream)
-        ks["kmscan"](_ptr(counts, 4), _ptr(offsets, 4), _ptr(cursor, 4), nseg, stream)
-        if nblk > 0:
-            ks["kmcount_s"](_ptr(selection, 4), _ptr(cu_q, 4), _ptr(cu_chunks, 4), _ptr(cursor, 4), _ptr(offsets, 4),
-                            _ptr(scratch, 4), _ptr(query_rows, 4), B, total_q, H, K, nseg, nblk, stream)
-        ks["kmsort"](_ptr(scratch, 4), _ptr(offsets, 4), _ptr(query_rows, 4), _ptr(cu_q, 4), _ptr(cu_chunks, 4),
-                     B, total_q, H, nseg, stream)
+    ks["prep"](p_cq, p_ck, p_cc, p_mt, p_kb, p_tb, B, total_q, total_k, C, G, plan.rows_tile, nbound,
+               plan.mt_bound, plan.km_rows, plan.kb_bound, plan.tb_bound, stream)
+    if nbound > 0 and Hk > 0:
+        ks["centroids"](p_k, p_ck, p_cc, p_cent, p_hi, p_lo, p_counts, B, total_k, Hk, H, C, nbound, stream)
+    if plan.mt_bound > 0 and Hk > 0:
+        ks["topk"](p_q, p_hi, p_lo, p_cq, p_ck, p_cc, p_mt, p_sel, B, total_q, total_k, H, Hk, C, K, nb1,
+                   plan.mt_bound, plan.rows_tile, stream)
+    if nseg > 0 and H > 0:
+        if plan.kb_bound > 0:
+            ks["kmcount"](p_sel, p_cq, p_cc, p_kb, p_tb, p_table, B, total_q, H, K, plan.km_rows, plan.kb_bound,
+                          plan.tb_bound, stream)
+        ks["kmcolscan"](p_cc, p_kb, p_tb, p_table, p_counts, B, H, plan.tb_bound, nbound, stream)
+        ks["kmscan"](p_counts, p_off, nseg, stream)
+        if plan.kb_bound > 0:
+            ks["kmwrite"](p_sel, p_cq, p_ck, p_cc, p_kb, p_tb, p_table, p_off, p_qr, B, total_q, total_k, H, K, C,
+                          int(causal), plan.km_rows, plan.kb_bound, plan.tb_bound, nseg, cap, stream)
+        elif cap > 0:
+            query_rows.fill_(-1)
+    else:
+        offsets.zero_()
+        if cap > 0:
+            query_rows.fill_(-1)
     return Routing(
         selection=selection, offsets=offsets, query_rows=query_rows, cu_chunks=cu_chunks,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=int(max_seqlen_q),
         max_seqlen_k=int(max_seqlen_k), chunk_size=C, topk=K, causal=causal, num_kv_heads=Hk,
     )
+
+
+def centroids_cute(k, cu_seqlens_k, chunk_size):
+    """fp32 chunk centroids ``(num_chunks_bound, Hk, D)`` computed by the CuTe kernel."""
+    k = _prep_inputs(k)
+    cu_k = _cu(cu_seqlens_k)
+    total_k, Hk, D = k.shape
+    B = cu_k.shape[0] - 1
+    C = int(chunk_size)
+    nbound = num_chunks_bound(total_k, B, C)
+    _i32(total_k * Hk * D // 8, "total_k*Hk*D/8")
+    dev = k.device
+    ks = _kernels(k.dtype, D, 1, True, _arch_of(dev))
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    nb1 = max(nbound, 1)
+    cu_chunks = torch.empty(B + 1, dtype=torch.int32, device=dev)
+    small = torch.empty(3 * (B + 1) + nb1, dtype=torch.int32, device=dev)
+    cent = torch.empty(nb1, Hk, D, dtype=torch.float32, device=dev)
+    c_hi = torch.empty(Hk, nb1, D, dtype=k.dtype, device=dev)
+    c_lo = torch.empty_like(c_hi)
+    sp = small.data_ptr()
+    ks["prep"](cu_k.data_ptr(), cu_k.data_ptr(), cu_chunks.data_ptr(), sp, sp + 4 * (B + 1), sp + 8 * (B + 1),
+               B, 0, total_k, C, 1, 1, nbound, 0, 256, 0, 0, stream)
+    if nbound > 0 and Hk > 0:
+        ks["centroids"](k.data_ptr(), cu_k.data_ptr(), cu_chunks.data_ptr(), cent.data_ptr(), c_hi.data_ptr(),
+                        c_lo.data_ptr(), sp + 12 * (B + 1), B, total_k, Hk, 0, C, nbound, stream)
+    return cent[:nbound]
 
 
 # --- timing ---------------------------------------------------------------------------------
@@ -335,11 +399,43 @@ def _profile(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True):
     for e in prof.key_averages():
         if e.device_type.name == "CUDA" or getattr(e, "device_time", 0):
             name = e.key
-            for tag in ("ChunkPrep", "Centroids", "Topk", "SegmentCount", "SegmentScan", "SegmentSort"):
+            for tag in ("ChunkPrep", "Centroids", "Topk", "BlockCount", "ColumnScan", "SegmentScan", "BlockWrite"):
                 if tag in name:
                     name = tag
             out[name] = out.get(name, 0.0) + e.device_time_total / 1000.0
     return host_ms, out
+
+
+def _check(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True):
+    """Large-shape self-check: bit-identical repeats, key-major == transpose of the selection,
+    selection rows well formed (own chunk first, distinct, in range)."""
+    dev = "cuda"
+    q = torch.randn(B * S, H, D, device=dev, dtype=dtype)
+    k = torch.randn(B * S, Hk, D, device=dev, dtype=dtype)
+    cu = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * S
+    r1 = route_cute(q, k, cu, cu, S, S, C, K, causal)
+    r2 = route_cute(q, k, cu, cu, S, S, C, K, causal)
+    same = all(torch.equal(getattr(r1, f), getattr(r2, f)) for f in ("selection", "offsets", "query_rows"))
+    sel = r1.selection
+    total_q = sel.shape[0]
+    bidx = torch.repeat_interleave(torch.arange(B, device=dev), (cu[1:] - cu[:-1]).long(), output_size=total_q)
+    rows = torch.arange(total_q, device=dev).view(-1, 1, 1).expand_as(sel)
+    heads = torch.arange(H, device=dev).view(1, -1, 1).expand_as(sel)
+    valid = sel >= 0
+    seg = ((r1.cu_chunks[bidx].long().view(-1, 1, 1) + sel.long()) * H + heads)[valid]
+    key = seg * (total_q + 1) + rows[valid]
+    key, _ = torch.sort(key)
+    counts = torch.bincount(seg, minlength=r1.num_chunks_bound * H)
+    off = torch.zeros_like(r1.offsets, dtype=torch.int64)
+    off[1:] = counts.cumsum(0)
+    qr = torch.full_like(r1.query_rows, -1)
+    qr[: key.numel()] = (key % (total_q + 1)).int()
+    t_ok = torch.equal(r1.offsets.long(), off) and torch.equal(r1.query_rows, qr)
+    pos = (torch.arange(total_q, device=dev) - cu[bidx]).view(-1, 1)
+    own_ok = bool((sel[:, :, 0] == (pos // C)).all()) if causal else True
+    s2 = torch.sort(sel, -1).values
+    dup = bool(((s2[..., 1:] == s2[..., :-1]) & (s2[..., 1:] >= 0)).any())
+    return dict(repeat_bit_identical=same, keymajor_is_transpose=t_ok, own_chunk_slot0=own_ok, duplicates=dup)
 
 
 def main(argv=None):
@@ -350,7 +446,12 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
+    if args.check:
+        for cfgt in [(2, 16, 16, 128, 128, 8, 65536), (1, 32, 8, 128, 4096, 12, 131072)]:
+            print("check", cfgt, _check(*cfgt), flush=True)
+            torch.cuda.empty_cache()
     if args.profile:
         for cfgt in [(2, 16, 16, 128, 128, 8, 8192), (2, 16, 16, 128, 128, 8, 65536), (1, 32, 8, 128, 4096, 12, 131072)]:
             host_ms, per = _profile(*cfgt)
@@ -377,6 +478,9 @@ def main(argv=None):
     fa4 = _bench_fa4(65536)
     rec = dict(suite="fa4-dense-causal-fwd", B=2, H=16, D=128, S=65536, fwd_ms=fa4, device=name)
     print(json.dumps(rec), flush=True)
+    r64 = [r["routing_ms"] for r in recs if r["suite"] == "flashmoba" and r["S"] == 65536]
+    if r64 and isinstance(r64[0], float) and isinstance(fa4, float):
+        print(f"routing at 64K = {r64[0]:.3f} ms = {100 * r64[0] / fa4:.2f} % of FA4 dense causal fwd ({fa4:.2f} ms)")
     recs.append(rec)
     if args.json:
         with open(args.json, "w") as f:

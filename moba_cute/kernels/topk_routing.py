@@ -1,19 +1,25 @@
 """Tiled centroid top-k routing kernel (CuTe DSL, mma.sync on sm80 and sm90).
 
-One CTA handles ``BM`` packed query rows of one sequence and one KV head: packed row ``m``
-is (position ``m // G``, query head ``hk * G + m % G``), so a centroid tile in shared memory is
-reused by all ``G`` query heads of the KV group. The CTA walks the tiles of ``BN`` centroids
-of its sequence in ascending chunk order (double-buffered ``cp.async``), scores them on the
-tensor cores with a hi/lo split of the fp32 centroid (``q*c_hi + q*c_lo``, fp32 accumulation,
-so scores carry ~fp32 precision), parks the ``BM x BN`` score tile in shared memory and lets
-every thread fold one row-half of it into a running top-L list kept in shared memory (a
-threshold in a register rejects most candidates with one compare). The score matrix never
-leaves the SM. At the end the two half-lists of a row are merged and written in the order of
+One CTA of ``BM`` threads handles ``BM`` packed query rows of one sequence and one KV head
+(``BM/32`` warps): packed row ``m`` is (position ``m // G``, query head ``hk * G + m % G``), so
+a centroid tile in shared memory is reused by all ``G`` query heads of the KV group. The CTA
+walks the tiles of ``BN`` centroids of its sequence in ascending chunk order
+(double-buffered ``cp.async``) and scores them on the tensor cores with a hi/lo split of the
+fp32 centroid (``q*c_hi + q*c_lo``, fp32 accumulation, so scores carry ~fp32 precision). For
+head dims up to 128 the query fragments are loaded into registers once (the query tile's
+shared memory is then reused for the score tile).
+
+Selection (one thread per row, running list in registers for list capacities up to 16):
+the ``BN`` scores of a row are compared with the row's running threshold (its current L-th
+best) and only the passing columns, kept as a bit mask, go through the insertion network,
+lowest column first. A warp therefore runs the network about as many times as the busiest of
+its rows has insertions in the tile, instead of once per column. The score matrix never
+leaves the SM, and the thread writes its row of the selection in the order of
 :mod:`moba_cute.routing` (causal: own chunk in slot 0, then descending score; ties go to the
 larger chunk index; ``-1`` padding).
 
-Ties: within a thread, candidates arrive in ascending chunk order, so ``v >= threshold``
-lets the later (larger-index) chunk win; the merge compares (score, index) lexicographically.
+Ties: candidates arrive in ascending chunk order, so ``v >= threshold`` (and ``>=`` in the
+network) lets the later (larger-index) chunk win.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 import cuda.bindings.driver as cuda
-from cutlass import Int32, Int64, Float32
+from cutlass import Int32, Int64, Float32, Uint32
 from cutlass.cute.nvgpu import cpasync, warp
 
 from .centroids import clamp_seq, find_segment
@@ -30,19 +36,25 @@ from .centroids import clamp_seq, find_segment
 class TopkRoutingKernel:
     """Compile key: ("topk", dtype, head_dim, list_cap, causal, BM, BN, arch)."""
 
-    def __init__(self, dtype, head_dim: int, list_cap: int, causal: bool, bm: int = 64, bn: int = 64):
+    def __init__(self, dtype, head_dim: int, list_cap: int, causal: bool, bm: int = 128, bn: int = 32):
         assert head_dim % 16 == 0 or head_dim in (96,)
+        assert bm in (64, 128) and bn in (16, 32)
         self.dtype = dtype
         self.D = head_dim
-        self.L = list_cap  # static capacity of a running list (>= runtime list length)
+        # static capacity of a running list: exactly the runtime list length for register lists
+        # (<= 16), >= it for shared-memory lists
+        self.L = list_cap
         self.causal = causal
         self.BM = bm
         self.BN = bn
-        self.nthr = 128
-        self.halves = self.nthr // bm
-        assert self.halves * bm == self.nthr and bn % (2 * self.halves) == 0
+        self.nthr = bm  # one thread per row in the selection
+        self.nwarps = bm // 32
         self.DP = head_dim + 8  # padded smem row (16 B pad: conflict-free ldmatrix)
-        self.SP = bm + 4  # score tile column stride (conflict-free writes and reads)
+        self.SP = bm + 4  # score tile column stride (= 4 mod 32: conflict-free writes and reads)
+        self.hoist = head_dim <= 128  # query fragments live in registers
+        self.reg_lists = list_cap <= 16
+        if self.hoist:
+            assert bn * self.SP * 4 <= bm * self.DP * 2  # score tile fits in the query tile
 
     @cute.jit
     def __call__(
@@ -69,8 +81,8 @@ class TopkRoutingKernel:
     ):
         tiled_mma = cute.make_tiled_mma(
             warp.MmaF16BF16Op(self.dtype, Float32, (16, 8, 16)),
-            (2, 2, 1),
-            permutation_mnk=(32, 32, 16),
+            (self.nwarps, 1, 1),
+            permutation_mnk=(self.nwarps * 16, 16, 16),
         )
         self.kernel(
             q, c_hi, c_lo, cu_q, cu_k, cu_chunks, cu_mtiles, sel, B, total_q, total_k, H, Hk,
@@ -115,11 +127,17 @@ class TopkRoutingKernel:
         smem = cutlass.utils.SmemAllocator()
         q_layout = cute.make_layout((BM, D), stride=(DP, 1))
         c_layout = cute.make_layout((BN, D), stride=(DP, 1))
-        sQ = smem.allocate_tensor(dt, q_layout, 128)
         sC = smem.allocate_tensor(dt, cute.make_layout(4 * BN * DP), 128)  # [stage][hi/lo]
-        sS = smem.allocate_tensor(Float32, cute.make_layout(BN * SP), 16)
-        sLv = smem.allocate_tensor(Float32, cute.make_layout(LC * NT), 16)
-        sLi = smem.allocate_tensor(Int32, cute.make_layout(LC * NT), 16)
+        sQ = smem.allocate_tensor(dt, q_layout, 128)
+        if cutlass.const_expr(self.hoist):
+            sS = cute.make_tensor(cute.recast_ptr(sQ.iterator, dtype=Float32), cute.make_layout(BN * SP))
+        else:
+            sS = smem.allocate_tensor(Float32, cute.make_layout(BN * SP), 16)
+        sLv = sS
+        sLi = sS
+        if cutlass.const_expr(not self.reg_lists):
+            sLv = smem.allocate_tensor(Float32, cute.make_layout(LC * NT), 16)
+            sLi = smem.allocate_tensor(Int32, cute.make_layout(LC * NT), 16)
 
         G = H // Hk
         tmt = cute.make_tensor(cu_mtiles, cute.make_layout(1 << 30))
@@ -159,28 +177,30 @@ class TopkRoutingKernel:
                 cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
                 num_bits_per_copy=128,
             )
-            # ---- Q tile -> smem (rows past the tile are clamped to a valid row; never stored)
-            row_stride_q = Int64(H) * Int64(D)
-            for idx in cutlass.range(tid, BM * CV, NT):
-                r = idx // CV
-                cv = idx % CV
-                m = m0 + r
-                if m >= m_end:
-                    m = m0
-                pos = m // G
-                hg = m % G
-                off = (Int64(qs) + Int64(pos)) * row_stride_q + Int64(hk * G + hg) * Int64(D) + Int64(cv * 8)
-                src = cute.make_tensor((q + off).align(16), cute.make_layout(8))
-                dst = cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
-                cute.copy(atom_g2s, src, dst)
-
             hk_base = Int64(hk) * Int64(chunk_bound) * Int64(D)
+            if ntiles > 0:
+                # ---- Q tile -> smem (rows past the tile are clamped to a valid row; never stored)
+                row_stride_q = Int64(H) * Int64(D)
+                for idx in cutlass.range(tid, BM * CV, NT):
+                    r = idx // CV
+                    cv = idx % CV
+                    m = m0 + r
+                    if m >= m_end:
+                        m = m0
+                    pos = m // G
+                    hg = m % G
+                    off = (Int64(qs) + Int64(pos)) * row_stride_q + Int64(hk * G + hg) * Int64(D) + Int64(cv * 8)
+                    src = cute.make_tensor((q + off).align(16), cute.make_layout(8))
+                    dst = cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
+                    cute.copy(atom_g2s, src, dst)
+                cute.arch.cp_async_commit_group()
+                self.load_ctile(atom_g2s, c_hi, c_lo, sC, Int32(0), Int32(0), hk_base, cc0, nb, tid)
+                cute.arch.cp_async_commit_group()
 
-            # ---- running lists (registers when the capacity is small, else shared memory)
-            reg_lists = cutlass.const_expr(LC <= 16)
+            # ---- running list (registers when the capacity is small, else shared memory)
             rlv = cute.make_rmem_tensor(cute.make_layout(LC), Float32)
             rli = cute.make_rmem_tensor(cute.make_layout(LC), Int32)
-            if cutlass.const_expr(reg_lists):
+            if cutlass.const_expr(self.reg_lists):
                 for s in cutlass.range_constexpr(LC):
                     rlv[s] = -Float32.inf
                     rli[s] = Int32(-1)
@@ -189,9 +209,8 @@ class TopkRoutingKernel:
                     sLv[s * NT + tid] = -Float32.inf
                     sLi[s * NT + tid] = Int32(-1)
             thr = -Float32.inf
-            my_r = tid % BM
-            my_h = tid // BM
-            my_m = m0 + my_r
+            Lm1 = L - 1
+            my_m = m0 + tid
             my_lim = Int32(0)
             if my_m < m_end:
                 my_lim = nb
@@ -220,11 +239,14 @@ class TopkRoutingKernel:
             tSrC2_v = thr_B.retile(tSrC2)
             cS = cute.make_identity_tensor((BM, BN))
             tScS = thr_mma.partition_C(cS)
+            NKB = cute.size(tSsQ.shape[2])
 
-            # prologue: centroid tile 0
-            if ntiles > 0:
-                self.load_ctile(atom_g2s, c_hi, c_lo, sC, Int32(0), Int32(0), hk_base, cc0, nb, tid)
-            cute.arch.cp_async_commit_group()
+            if cutlass.const_expr(self.hoist):
+                if ntiles > 0:
+                    cute.arch.cp_async_wait_group(1)
+                    cute.arch.sync_threads()
+                    for kb in cutlass.range_constexpr(NKB):
+                        cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
 
             for t in cutlass.range(ntiles):
                 stage = t % 2
@@ -239,8 +261,9 @@ class TopkRoutingKernel:
                 tSsHi = thr_B.partition_S(sHi)
                 tSsLo = thr_B.partition_S(sLo)
                 acc.fill(0.0)
-                for kb in cutlass.range_constexpr(cute.size(tSsQ.shape[2])):
-                    cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
+                for kb in cutlass.range_constexpr(NKB):
+                    if cutlass.const_expr(not self.hoist):
+                        cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
                     cute.copy(s2r_B, tSsHi[None, None, kb], tSrC_v[None, None, kb])
                     cute.copy(s2r_B, tSsLo[None, None, kb], tSrC2_v[None, None, kb])
                     cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC[None, None, kb], acc)
@@ -250,18 +273,24 @@ class TopkRoutingKernel:
                     sS[rc[1] * SP + rc[0]] = acc[i]
                 cute.arch.sync_threads()
 
-                # ---- fold my row-half of the score tile into my running list
+                # ---- my row: which of the BN columns beat the running threshold
                 j0 = t * BN
-                HW = BN // self.halves
-                c_begin = my_h * HW
-                if cutlass.const_expr(reg_lists):
-                    # capacity LC >= L: keeping the top LC is a superset of the top L
-                    for cc in cutlass.range_constexpr(HW):
-                        c = c_begin + cc
-                        v = sS[c * SP + my_r]
-                        if (v >= thr) & (j0 + c < my_lim):
-                            x = v
-                            xi = j0 + c
+                mask = Uint32(0)
+                for cc in cutlass.range_constexpr(BN):
+                    v = sS[cc * SP + tid]
+                    mask = mask | Uint32(cutlass.select_(v >= thr, Uint32(1 << cc), Uint32(0)))
+                rel = my_lim - j0
+                if rel < BN:
+                    mask = mask & ((Uint32(1) << Uint32(cutlass.max(rel, Int32(0)))) - Uint32(1))
+                # ---- insert the passing columns, lowest chunk first (threshold re-checked)
+                while mask != Uint32(0):
+                    low = mask & (~mask + Uint32(1))
+                    c = Int32(cute.arch.popc(low - Uint32(1)))
+                    mask = mask ^ low
+                    x = sS[c * SP + tid]
+                    if x >= thr:
+                        xi = j0 + c
+                        if cutlass.const_expr(self.reg_lists):
                             for s in cutlass.range_constexpr(LC):
                                 ev = rlv[s]
                                 ei = rli[s]
@@ -270,80 +299,52 @@ class TopkRoutingKernel:
                                 rli[s] = cutlass.select_(sw, xi, ei)
                                 x = Float32(cutlass.select_(sw, ev, x))
                                 xi = Int32(cutlass.select_(sw, ei, xi))
+                            # register lists are compiled for their exact length (L == LC)
                             thr = rlv[LC - 1]
-                else:
-                    ncols = cutlass.min(Int32(HW), my_lim - j0 - c_begin)
-                    for cc in cutlass.range(ncols):
-                        c = c_begin + cc
-                        v = sS[c * SP + my_r]
-                        if v >= thr:
-                            pos = L - 1
+                        else:
+                            pos = Lm1
                             live = Int32(1)
-                            for st in cutlass.range(L - 1):
-                                s = L - 1 - st
+                            for st in cutlass.range(Lm1):
+                                s = Lm1 - st
                                 if live != 0:
                                     pv = sLv[(s - 1) * NT + tid]
-                                    if v >= pv:
+                                    if x >= pv:
                                         sLv[s * NT + tid] = pv
                                         sLi[s * NT + tid] = sLi[(s - 1) * NT + tid]
                                         pos = s - 1
                                     else:
                                         live = Int32(0)
-                            sLv[pos * NT + tid] = v
-                            sLi[pos * NT + tid] = j0 + c
-                            thr = sLv[(L - 1) * NT + tid]
-                cute.arch.sync_threads()
+                            sLv[pos * NT + tid] = x
+                            sLi[pos * NT + tid] = xi
+                            thr = sLv[Lm1 * NT + tid]
 
-            if cutlass.const_expr(reg_lists):
-                for s in cutlass.range_constexpr(LC):
-                    sLv[s * NT + tid] = rlv[s]
-                    sLi[s * NT + tid] = rli[s]
             cute.arch.cp_async_wait_group(0)
-            cute.arch.sync_threads()
 
-            # ---- merge the row-halves and write the selection rows
-            if tid < BM:
-                m = m0 + tid
-                if m < m_end:
-                    pos = m // G
-                    hg = m % G
-                    orow = (Int64(qs) + Int64(pos)) * Int64(H) + Int64(hk * G + hg)
-                    out = cute.make_tensor(sel + orow * Int64(topk), cute.make_layout(1 << 30))
-                    slot0 = Int32(0)
-                    empty = Int32(0)
-                    if cutlass.const_expr(self.causal):
-                        p = pos + shift
-                        if p < 0:
-                            empty = Int32(1)
-                            for s in cutlass.range(topk):
-                                out[s] = Int32(-1)
-                        else:
-                            out[0] = cutlass.min(p // chunk_size, cutlass.max(nb - 1, Int32(0)))
-                            slot0 = Int32(1)
-                    if empty == 0:
-                        ia = Int32(0)
-                        ib = Int32(0)
-                        ta = tid
-                        tb = tid + BM
+            # ---- write my selection row
+            if my_m < m_end:
+                pos = my_m // G
+                hg = my_m % G
+                orow = (Int64(qs) + Int64(pos)) * Int64(H) + Int64(hk * G + hg)
+                out = cute.make_tensor(sel + orow * Int64(topk), cute.make_layout(1 << 30))
+                slot0 = Int32(0)
+                empty = Int32(0)
+                if cutlass.const_expr(self.causal):
+                    p = pos + shift
+                    if p < 0:
+                        empty = Int32(1)
+                        for s in cutlass.range(topk):
+                            out[s] = Int32(-1)
+                    else:
+                        out[0] = cutlass.min(p // chunk_size, cutlass.max(nb - 1, Int32(0)))
+                        slot0 = Int32(1)
+                if empty == 0:
+                    if cutlass.const_expr(self.reg_lists):
+                        for s in cutlass.range_constexpr(LC):
+                            if s < L:
+                                out[slot0 + s] = rli[s]
+                    else:
                         for s in cutlass.range(L):
-                            va = -Float32.inf
-                            xa = Int32(-2)
-                            if ia < L:
-                                va = sLv[ia * NT + ta]
-                                xa = sLi[ia * NT + ta]
-                            vb = -Float32.inf
-                            xb = Int32(-2)
-                            if ib < L:
-                                vb = sLv[ib * NT + tb]
-                                xb = sLi[ib * NT + tb]
-                            take_a = (va > vb) | ((va == vb) & (xa > xb))
-                            res = xb
-                            if take_a:
-                                res = xa
-                                ia = ia + 1
-                            else:
-                                ib = ib + 1
-                            out[slot0 + s] = cutlass.max(res, Int32(-1))
+                            out[slot0 + s] = sLi[s * NT + tid]
 
     @cute.jit
     def load_ctile(self, atom, c_hi: cute.Pointer, c_lo: cute.Pointer, sC: cute.Tensor,
