@@ -1,4 +1,4 @@
-"""CPU/CI: every shipped configuration of the sm80 MoBA forward compiles for sm_80 with fake
+"""CPU/CI: every shipped configuration of the sm80 MoBA forward and backward compiles for sm_80 with fake
 arguments, uses mma.sync, cp.async and ldmatrix, and does not spill (ptxas report)."""
 
 import pytest
@@ -19,6 +19,8 @@ def _specs():
                 for stages in (1, 2):  # the shipped value and the MOBA_CUTE_FWD_STAGES alternative
                     for key, fac, fake in launch.kernel_specs(dtype, D, causal, stages):
                         seen.setdefault(key, (fac, fake))
+                for key, fac, fake in launch.bwd_kernel_specs(dtype, D, causal):
+                    seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -32,11 +34,16 @@ def test_compiles_sm80_without_spills(spec):
     assert "Used" in rep.ptxas, "no ptxas report"
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep.ptxas[-600:]
     assert rep.stack_frame == 0, rep.ptxas[-600:]
-    if key[0] == "moba_fwd_sm80":
+    if key[0] in ("moba_fwd_sm80", "moba_bwd_dq_sm80", "moba_bwd_dkv_sm80"):
         assert "mma.sync.aligned.m16n8k16" in rep.ptx
         assert "cp.async" in rep.ptx
         assert "ldmatrix.sync.aligned" in rep.ptx
         assert "ldmatrix.sync.aligned.m8n8.x4.trans" in rep.ptx
+
+
+def test_backward_is_wired():
+    assert launch.HAS_BACKWARD is True
+    assert callable(launch.attention_backward_cute)
 
 
 def test_unsupported_reasons():

@@ -82,20 +82,98 @@ def test_softmax_scale():
     _check([333], [333], 2, 1, 128, 64, 3, True, torch.bfloat16, scale=0.3, seed=7)
 
 
-def test_grad_inputs_fall_back_to_reference():
-    """No CuTe backward yet: the API sends grad-requiring inputs to the reference (auto) or
-    refuses them (cute); the output stays correct and differentiable."""
+# ------------------------------------------------------------------------------- backward
+
+def _ref_grads(q, k, v, r, dout, dlse, scale, cdt):
+    """dq, dk, dv of sum(out * dout) (+ sum(lse * dlse)) through the reference's autograd,
+    computed in ``cdt`` (None: fp32)."""
+    qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    o, l = reference.attention(qq, kk, vv, r, softmax_scale=scale, compute_dtype=cdt)
+    loss = (o.float() * dout.float()).sum()
+    if dlse is not None:
+        lf = torch.where(torch.isfinite(l), l, torch.zeros_like(l)).float()
+        loss = loss + (lf * dlse).sum()
+    return torch.autograd.grad(loss, (qq, kk, vv))
+
+
+def _grad_errs(got, q, k, v, r, dout, dlse, scale, dtype):
+    g32 = _ref_grads(q, k, v, r, dout, dlse, scale, None)
+    glp = _ref_grads(q, k, v, r, dout, dlse, scale, dtype)
+    for name, a, b32, blp in zip(("dq", "dk", "dv"), got, g32, glp):
+        assert not torch.isnan(a).any(), f"unwritten or NaN {name}"
+        err = (a.double() - b32.double()).abs().max().item() if a.numel() else 0.0
+        ref_err = (blp.double() - b32.double()).abs().max().item() if a.numel() else 0.0
+        assert err <= 3 * ref_err + 1e-5, f"{name} err {err} > 3 * {ref_err} + 1e-5"
+
+
+def _check_bwd(lens_q, lens_k, H, Hk, D, C, K, causal, dtype, scale=None, seed=0, with_lse=False):
+    dev = "cuda"
+    q, k, v, cq, ck = make_batch(lens_q, lens_k, H, Hk, D, dtype=dtype, device=dev, seed=seed)
+    r = reference.route(q, k, cq, ck, max(lens_q), max(lens_k), C, K, causal)
+    m = _launch()
+    out, lse = m.attention_cute(q, k, v, r, scale, True)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1000)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dev, dtype)
+    dlse = torch.randn(H, q.shape[0], generator=g, dtype=torch.float64).to(dev, torch.float32) if with_lse else None
+    bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    dq, dk, dv = m.attention_backward_cute(q, k, v, out, lse, dout, dlse, r, scale, True,
+                                           dq=bufs[0], dk=bufs[1], dv=bufs[2])
+    torch.cuda.synchronize()
+    _grad_errs((dq, dk, dv), q, k, v, r, dout, dlse, scale, dtype)
+    # deterministic: bitwise identical on a second run
+    dq2, dk2, dv2 = m.attention_backward_cute(q, k, v, out, lse, dout, dlse, r, scale, True)
+    assert torch.equal(dq2, dq) and torch.equal(dk2, dk) and torch.equal(dv2, dv)
+
+
+BWD_CASES = [
+    # lens_q, lens_k, H, Hk, C, K, causal
+    ([1, 17, 113, 1000], [1, 17, 113, 1000], 4, 4, 64, 4, True),  # odd lengths
+    (_MANY, _MANY, 8, 1, 32, 3, True),  # many short sequences, GQA 8
+    ([100, 300], [300, 100], 4, 2, 48, 3, True),  # Sq != Sk both ways, uneven chunks, GQA 2
+    ([1000], [1000], 2, 2, 64, 1, True),  # K = 1
+    ([200, 17], [200, 17], 2, 1, 64, 8, True),  # K >= chunks
+    ([113, 1000], [1000, 113], 4, 2, 64, 3, False),  # non-causal
+    ([200, 5], [150, 70], 2, 2, 48, 8, False),
+    ([64, 1], [0, 9], 2, 1, 16, 2, False),  # a sequence without keys
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_backward(case, D, dtype):
+    lq, lk, H, Hk, C, K, causal = BWD_CASES[case]
+    _check_bwd(lq, lk, H, Hk, D, C, K, causal, dtype, seed=case)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_lse_grad(causal):
+    """The loss uses the LSE too: dS = P * (dP - rowsum(dO * O) + dlse)."""
+    _check_bwd([333, 90], [333, 90], 4, 2, 128, 64, 3, causal, torch.bfloat16, scale=0.3, seed=11, with_lse=True)
+
+
+def test_backward_long():
+    _check_bwd([4097], [4097], 2, 1, 128, 128, 8, True, torch.bfloat16, seed=5)
+
+
+def test_interface_backward():
+    """attention_with_routing / varlen_attention (backend="cute") are differentiable through the
+    kernels, out and lse."""
     import moba_cute
 
     dev = "cuda"
-    q, k, v, cq, ck = make_batch([200], [200], 2, 1, 64, dtype=torch.bfloat16, device=dev, seed=3,
+    q, k, v, cq, ck = make_batch([300, 77], [300, 77], 4, 2, 64, dtype=torch.bfloat16, device=dev, seed=3,
                                  requires_grad=True)
-    args = (q, k, v, cq, ck, 200, 200, 64, 3)
-    with pytest.raises(moba_cute.UnsupportedError, match="backward"):
-        moba_cute.varlen_attention(*args, backend="cute")
-    o = moba_cute.varlen_attention(*args)
-    o.float().sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
-    with torch.no_grad():  # without grad the kernel path is taken and agrees with the reference
-        o_k = moba_cute.varlen_attention(*args, backend="cute")
-    assert (o_k.float() - o.detach().float()).abs().max().item() < 2e-2
+    r = reference.route(q.detach(), k.detach(), cq, ck, 300, 300, 64, 3, True)
+    o, l = moba_cute.attention_with_routing(q, k, v, r, return_lse=True, deterministic=True, backend="cute")
+    g = torch.Generator(device="cpu").manual_seed(9)
+    dout = torch.randn(o.shape, generator=g).to(dev, o.dtype)
+    dlse = torch.randn(l.shape, generator=g).to(dev)
+    loss = (o.float() * dout.float()).sum() + (l * dlse).sum()
+    got = torch.autograd.grad(loss, (q, k, v))
+    _grad_errs(got, q.detach(), k.detach(), v.detach(), r, dout, dlse, None, torch.bfloat16)
+    # the varlen entry point (routing included) also backpropagates through the kernels
+    o2 = moba_cute.varlen_attention(q, k, v, cq, ck, 300, 300, 64, 3, backend="cute")
+    (o2.float() * dout.float()).sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and torch.isfinite(t.grad).all()

@@ -24,3 +24,23 @@ SMEM_LIMIT = 99 * 1024
 
 def fwd_smem_bytes(head_dim: int, bm: int, bn: int, stages: int = 1) -> int:
     return (bm + 2 * bn * stages) * (head_dim + 8) * 2 + 3 * bm * 4 + 512
+
+
+# --- backward (moba_cute/kernels/moba_bwd_sm80.py) ------------------------------------------
+# head_dim -> (bm, bn, threads): dK/dV kernel (bn keys per CTA = 16 per warp; bm gathered
+# (row, head) entries per inner tile) and dQ pass kernel (bm rows = 16 per warp; bn keys per
+# n-block). Shared memory of both: ``2 * (bm + bn) * (head_dim + 8) * 2`` bytes + row tables.
+BWD_DKV_TILES = {
+    64: (64, 64, 128),
+    96: (64, 64, 128),
+    128: (64, 64, 128),
+}
+BWD_DQ_TILES = {
+    64: (64, 64, 128),
+    96: (64, 32, 128),
+    128: (64, 32, 128),
+}
+
+
+def bwd_smem_bytes(head_dim: int, bm: int, bn: int) -> int:
+    return 2 * (bm + bn) * (head_dim + 8) * 2 + 5 * bm * 4 + 512
