@@ -198,10 +198,12 @@ def _attention_kernel_module():
 
 
 def kernel_paths(device=None) -> dict:
-    """Which CuTe kernel paths serve ``device`` (default: the current CUDA device).
+    """Which CuTe kernel family serves ``device`` (default: the current CUDA device).
 
-    Returns ``{"route": "sm90" | "sm80" | None, "attention": ...}``; None where no kernel
-    exists for that device (or no CUDA device is present).
+    Returns ``{"route": "sm90" | "sm80" | None, "attention": ...}``: the instruction family of
+    the kernels that run (``"sm80"``: mma.sync/cp.async code, which also runs on Hopper;
+    ``"sm90"``: Hopper-only wgmma/TMA code); None where no kernel serves that device (or no
+    CUDA device is present).
     """
     if device is None:
         if not torch.cuda.is_available():
@@ -211,7 +213,13 @@ def kernel_paths(device=None) -> dict:
     arch = _arch(device)
     out = {}
     for key, mod in (("route", _route_kernel_module()), ("attention", _attention_kernel_module())):
-        out[key] = arch if mod is not None else None
+        if mod is None or arch is None:
+            out[key] = None
+            continue
+        # a kernel module lists the families it has (default: sm80 mma.sync code only); a
+        # device runs its own family if present, else the sm80 code
+        families = getattr(mod, "KERNEL_FAMILIES", ("sm80",))
+        out[key] = arch if arch in families else ("sm80" if "sm80" in families else None)
     return out
 
 
