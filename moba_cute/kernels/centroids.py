@@ -237,7 +237,7 @@ class CentroidsKernel:
         self.kernel(
             k, cu_k, cu_chunks, cent, c_hi, c_lo, counts, B, total_k, Hk, H, chunk_size,
             chunk_bound,
-        ).launch(grid=(chunk_bound, Hk, 1), block=(self.nthr, 1, 1), stream=stream)
+        ).launch(grid=(chunk_bound * Hk, 1, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(
@@ -257,7 +257,11 @@ class CentroidsKernel:
         chunk_bound: Int32,
     ):
         tid, _, _ = cute.arch.thread_idx()
-        g, hk, _ = cute.arch.block_idx()
+        gflat, _, _ = cute.arch.block_idx()
+        # KV head fastest: the Hk CTAs of a chunk read adjacent pieces of the same key rows
+        # together (DRAM page locality); the host keeps chunk_bound * Hk < 2^31
+        g = gflat // Hk
+        hk = gflat - g * Hk
         D = self.D
         CV = self.cv
         R = self.rows

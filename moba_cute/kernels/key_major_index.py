@@ -41,11 +41,23 @@ COUNT_WIN = 8192  # chunks per shared-memory histogram window (32 KB)
 WRITE_WIN = 512  # chunks per window of the write pass (bits + prefixes: 32 KB)
 COLSCAN_THREADS = 64
 SCAN_THREADS = 1024
+SEL_BATCH = 16  # selection slots loaded per batch (registers); topk <= 16 is one batch
 FULL = 0xFFFFFFFF
 
 
 def _t(ptr):
     return cute.make_tensor(ptr, cute.make_layout(1 << 30))
+
+
+@cute.jit
+def _load_sel(tsel: cute.Tensor, vals: cute.Tensor, valid, s0: Int32, topk: Int32):
+    """Slots ``s0 .. s0+SEL_BATCH-1`` of a selection row into registers (``-1`` past the row or
+    for an invalid row): independent loads, issued back to back."""
+    for u in cutlass.range_constexpr(SEL_BATCH):
+        v = Int32(-1)
+        if valid & (s0 + u < topk):
+            v = tsel[s0 + u]
+        vals[u] = v
 
 
 @cute.jit
@@ -119,6 +131,7 @@ class BlockCountKernel:
         NT = self.nthr
         smem = cutlass.utils.SmemAllocator()
         hist = smem.allocate_tensor(Int32, cute.make_layout(COUNT_WIN), 16)
+        vals = cute.make_rmem_tensor(cute.make_layout(SEL_BATCH), Int32)
         ok, b, i, r0, nrows, cc0, nb, tb = _block_geom(cu_q, cu_chunks, cu_kblocks, tbase, B, total_q, km_rows,
                                                       tb_bound, blk)
         if ok != 0:
@@ -132,15 +145,18 @@ class BlockCountKernel:
                 for base in cutlass.range(0, nrows, NT):
                     rr = base + tid
                     tsel = _t(sel + (Int64(r0 + rr) * Int64(H) + Int64(h)) * Int64(topk))
-                    for s in cutlass.range(topk):
-                        jw = Int32(-1)
-                        if rr < nrows:
-                            j = tsel[s]
-                            if (j >= w0) & (j < w0 + nw):
-                                jw = j - w0
-                        lead, m = _run_mask(jw, lane)
-                        if (jw >= 0) & (lead != 0):
-                            cute.arch.atomic_add((hist.iterator + jw).llvm_ptr, Int32(cute.arch.popc(m)))
+                    for s0 in cutlass.range(0, topk, SEL_BATCH):
+                        # the batch's loads are issued back to back (one latency per batch)
+                        _load_sel(tsel, vals, rr < nrows, s0, topk)
+                        for u in cutlass.range_constexpr(SEL_BATCH):
+                            if s0 + u < topk:
+                                jw = Int32(-1)
+                                j = vals[u]
+                                if (j >= w0) & (j < w0 + nw):
+                                    jw = j - w0
+                                lead, m = _run_mask(jw, lane)
+                                if (jw >= 0) & (lead != 0):
+                                    cute.arch.atomic_add((hist.iterator + jw).llvm_ptr, Int32(cute.arch.popc(m)))
                 cute.arch.sync_threads()
                 for jj in cutlass.range(tid, nw, NT):
                     trow[w0 + jj] = hist[jj]
@@ -275,6 +291,7 @@ class BlockWriteKernel:
         bits = smem.allocate_tensor(Int32, cute.make_layout(WRITE_WIN * NW), 16)
         pre = smem.allocate_tensor(Int32, cute.make_layout(WRITE_WIN * NW), 16)
         run = smem.allocate_tensor(Int32, cute.make_layout(WRITE_WIN), 16)
+        vals = cute.make_rmem_tensor(cute.make_layout(SEL_BATCH), Int32)
         tqr = _t(query_rows)
         # ---- -1 past the last used entry: an even slice of [offsets[-1], cap) per CTA
         total = _t(offsets)[nseg]
@@ -311,15 +328,17 @@ class BlockWriteKernel:
                     rr = base + tid
                     row = r0 + rr
                     tsel = _t(sel + (Int64(row) * Int64(H) + Int64(h)) * Int64(topk))
-                    for s in cutlass.range(topk):
-                        jw = Int32(-1)
-                        if rr < nrows:
-                            j = tsel[s]
-                            if (j >= w0) & (j < w0 + nw):
-                                jw = j - w0
-                        lead, m = _run_mask(jw, lane)
-                        if (jw >= 0) & (lead != 0):
-                            cute.arch.atomic_or((bits.iterator + (jw * NW + wid)).llvm_ptr, m)
+                    for s0 in cutlass.range(0, topk, SEL_BATCH):
+                        _load_sel(tsel, vals, rr < nrows, s0, topk)
+                        for u in cutlass.range_constexpr(SEL_BATCH):
+                            if s0 + u < topk:
+                                jw = Int32(-1)
+                                j = vals[u]
+                                if (j >= w0) & (j < w0 + nw):
+                                    jw = j - w0
+                                lead, m = _run_mask(jw, lane)
+                                if (jw >= 0) & (lead != 0):
+                                    cute.arch.atomic_or((bits.iterator + (jw * NW + wid)).llvm_ptr, m)
                     cute.arch.sync_threads()
                     for jj in cutlass.range(tid, nw, NT):
                         p = run[jj]
@@ -329,12 +348,17 @@ class BlockWriteKernel:
                         run[jj] = p
                     cute.arch.sync_threads()
                     if rr < nrows:
-                        tsel2 = _t(sel + (Int64(r0 + rr) * Int64(H) + Int64(h)) * Int64(topk))
-                        for s in cutlass.range(topk):
-                            j = tsel2[s]
-                            if (j >= w0) & (j < w0 + nw):
-                                e = (j - w0) * NW + wid
-                                pos = pre[e] + Int32(cute.arch.popc(bits[e] & Int32(cute.arch.lanemask_lt())))
-                                if (pos >= 0) & (pos < cap):
-                                    tqr[pos] = row
+                        # topk <= SEL_BATCH (the common case): the row's selection is still in
+                        # registers from the bitmap pass; longer rows reload batch by batch
+                        for s0 in cutlass.range(0, topk, SEL_BATCH):
+                            if topk > SEL_BATCH:
+                                _load_sel(tsel, vals, rr < nrows, s0, topk)
+                            for u in cutlass.range_constexpr(SEL_BATCH):
+                                if s0 + u < topk:
+                                    j = vals[u]
+                                    if (j >= w0) & (j < w0 + nw):
+                                        e = (j - w0) * NW + wid
+                                        pos = pre[e] + Int32(cute.arch.popc(bits[e] & Int32(cute.arch.lanemask_lt())))
+                                        if (pos >= 0) & (pos < cap):
+                                            tqr[pos] = row
                     cute.arch.sync_threads()

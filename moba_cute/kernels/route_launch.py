@@ -215,6 +215,7 @@ class _Plan:
         for v, what in ((self.cap, "total_q*H*topk"), (self.nseg + 1, "num_chunks_bound*H+1"),
                         (total_q * H, "total_q*H"), (total_k * Hk * D // 8, "total_k*Hk*D/8"),
                         (self.mt_bound, "query tiles"), (self.tb_bound * H, "key-major count table"),
+                        (self.mt_bound * Hk, "query tiles * Hk"), (self.nbound * Hk, "num_chunks_bound*Hk"),
                         (self.cap + 2 * self.kb_bound * H + 1024, "total_q*H*topk + key-major blocks")):
             _i32(v, what)
         self.ks = _kernels(dtype, D, K, causal, arch)
@@ -309,6 +310,7 @@ def centroids_cute(k, cu_seqlens_k, chunk_size):
     C = int(chunk_size)
     nbound = num_chunks_bound(total_k, B, C)
     _i32(total_k * Hk * D // 8, "total_k*Hk*D/8")
+    _i32(nbound * Hk, "num_chunks_bound*Hk")
     dev = k.device
     ks = _kernels(k.dtype, D, 1, True, _arch_of(dev))
     stream = torch.cuda.current_stream(dev).cuda_stream

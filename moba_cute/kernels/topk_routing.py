@@ -87,7 +87,7 @@ class TopkRoutingKernel:
         self.kernel(
             q, c_hi, c_lo, cu_q, cu_k, cu_chunks, cu_mtiles, sel, B, total_q, total_k, H, Hk,
             chunk_size, topk, chunk_bound, mtile_bound, rows_per_tile, tiled_mma,
-        ).launch(grid=(mtile_bound, Hk, 1), block=(self.nthr, 1, 1), stream=stream)
+        ).launch(grid=(mtile_bound * Hk, 1, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(
@@ -113,7 +113,11 @@ class TopkRoutingKernel:
         tiled_mma: cute.TiledMma,
     ):
         tid, _, _ = cute.arch.thread_idx()
-        bid, hk, _ = cute.arch.block_idx()
+        bflat, _, _ = cute.arch.block_idx()
+        # KV head fastest: the Hk CTAs of one query tile run together (the query rows' heads
+        # are adjacent in memory), tiles heavy (late) to light over all heads
+        bid = bflat // Hk
+        hk = bflat - bid * Hk
         BM = self.BM
         BN = self.BN
         D = self.D
@@ -291,14 +295,23 @@ class TopkRoutingKernel:
                     if x >= thr:
                         xi = j0 + c
                         if cutlass.const_expr(self.reg_lists):
+                            # parallel insertion into the descending list: all compares are
+                            # independent (x >= v[s] is monotone in s), each slot takes x, its
+                            # upper neighbour or itself; same result as the sequential
+                            # compare-and-swap chain (ties: x goes above equal entries), but the
+                            # dependency chain is 3 deep instead of 2 * LC
+                            ov = [rlv[s] for s in range(LC)]
+                            oi = [rli[s] for s in range(LC)]
+                            ge = [x >= ov[s] for s in range(LC)]
                             for s in cutlass.range_constexpr(LC):
-                                ev = rlv[s]
-                                ei = rli[s]
-                                sw = x >= ev
-                                rlv[s] = cutlass.select_(sw, x, ev)
-                                rli[s] = cutlass.select_(sw, xi, ei)
-                                x = Float32(cutlass.select_(sw, ev, x))
-                                xi = Int32(cutlass.select_(sw, ei, xi))
+                                if cutlass.const_expr(s == 0):
+                                    rlv[s] = cutlass.select_(ge[s], x, ov[s])
+                                    rli[s] = cutlass.select_(ge[s], xi, oi[s])
+                                else:
+                                    up_v = cutlass.select_(ge[s - 1], ov[s - 1], x)
+                                    up_i = cutlass.select_(ge[s - 1], oi[s - 1], xi)
+                                    rlv[s] = cutlass.select_(ge[s], up_v, ov[s])
+                                    rli[s] = cutlass.select_(ge[s], up_i, oi[s])
                             # register lists are compiled for their exact length (L == LC)
                             thr = rlv[LC - 1]
                         else:
