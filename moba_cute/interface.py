@@ -191,7 +191,7 @@ def _route_kernel_module():
 
 def _attention_kernel_module():
     try:
-        from .kernels import attention_launch  # noqa: F401  (lands with the attention kernels)
+        from .kernels import attention_launch
     except ImportError:
         return None
     return attention_launch
@@ -271,11 +271,9 @@ def route(
         q.device,
         lambda m, arch: m.route_unsupported_reason(q.dtype, q.shape[-1], chunk_size, topk, arch),
     ):
-        from .ops import route_op
+        from .ops import route_op, routing_from_tensors
 
-        selection, offsets, query_rows, cu_chunks = route_op(*args)
-        return Routing(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                       int(max_seqlen_k), int(chunk_size), int(topk), causal, k.shape[1])
+        return routing_from_tensors(*route_op(*args), *args[2:], k.shape[1])
     return reference.route(*args)
 
 

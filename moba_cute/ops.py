@@ -50,8 +50,9 @@ def _route_fake(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ch
     )
 
 
-def _routing_from(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+def routing_from_tensors(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                   max_seqlen_k, chunk_size, topk, causal, num_kv_heads):
+    """A Routing from its tensors and static fields (the custom ops pass routings this way)."""
     from .routing import Routing
 
     return Routing(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -80,7 +81,7 @@ def attention_op(
     """CuTe MoBA attention forward for a routing given by its tensors: (out, lse)."""
     from .kernels.attention_launch import attention_cute
 
-    r = _routing_from(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    r = routing_from_tensors(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, chunk_size, topk, causal, k.shape[1])
     return attention_cute(q, k, v, r, softmax_scale, deterministic)
 
@@ -116,7 +117,7 @@ def attention_bwd_op(
     """CuTe MoBA attention backward: (dq, dk, dv)."""
     from .kernels.attention_launch import attention_backward_cute
 
-    r = _routing_from(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    r = routing_from_tensors(selection, offsets, query_rows, cu_chunks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                       max_seqlen_k, chunk_size, topk, causal, k.shape[1])
     return attention_backward_cute(q, k, v, out, lse, dout, dlse, r, softmax_scale, deterministic)
 

@@ -43,3 +43,17 @@ def test_attention_ops_fake_shapes():
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (8, 1000) and lse.dtype == torch.float32
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+
+
+def test_routing_from_tensors_rebuilds_a_routing():
+    import moba_cute
+    from moba_cute.ops import routing_from_tensors
+
+    q = torch.randn(50, 4, 16)
+    k = torch.randn(60, 2, 16)
+    cu_q = torch.tensor([0, 20, 50], dtype=torch.int32)
+    cu_k = torch.tensor([0, 25, 60], dtype=torch.int32)
+    r = moba_cute.route(q, k, cu_q, cu_k, 30, 35, 16, 3, True)
+    args = (q, k, cu_q, cu_k, 30, 35, 16, 3, True)  # route_op's argument order
+    r2 = routing_from_tensors(r.selection, r.offsets, r.query_rows, r.cu_chunks, *args[2:], 2)
+    assert r2 == r
