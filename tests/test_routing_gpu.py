@@ -123,6 +123,9 @@ CASES = [
     ([257], [1025], 6, 3, 96, 64, 20, False, torch.bfloat16),  # G=3, D=96, K >= chunks
     ([333], [333], 4, 2, 256, 32, 7, True, torch.bfloat16),
     ([333], [333], 4, 4, 192, 32, 33, True, torch.float16),
+    # >= 256 chunks per row: the wide top-k tile on sm90 (configs/routing.py)
+    ([4200, 100], [4200, 100], 2, 1, 128, 16, 8, True, torch.bfloat16),
+    ([4500], [4500], 2, 2, 64, 16, 9, False, torch.float16),
 ]
 
 
@@ -180,20 +183,22 @@ def test_exact_on_clear_margins():
         assert torch.equal(r.query_rows, ref.query_rows.to(DEV))
 
 
-def test_agreement_with_fp32_selection():
-    """Random inputs: rows whose selection equals the fp32-score selection (target >= 99.9%)."""
+@pytest.mark.parametrize("C", [64, 16], ids=["narrow", "wide"])
+def test_agreement_with_fp32_selection(C):
+    """Random inputs: rows whose selection equals the fp32-score selection (target >= 99.9%).
+    C=16 gives 256 chunks per row: the wide top-k tile on sm90."""
     from moba_cute import reference
 
     rates = []
     for dtype, causal in ((torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)):
         q, k, cq, ck = _make([4096, 2048], [4096, 2048], 8, 2, 128, dtype, seed=3)
-        r = _rl().route_cute(q, k, cq, ck, 4096, 4096, 64, 8, causal)
-        ref = reference.route(q.float(), k.float(), cq, ck, 4096, 4096, 64, 8, causal)
+        r = _rl().route_cute(q, k, cq, ck, 4096, 4096, C, 8, causal)
+        ref = reference.route(q.float(), k.float(), cq, ck, 4096, 4096, C, 8, causal)
         a = r.selection
         b = ref.selection.to(DEV)
         same = (a.sort(-1).values == b.sort(-1).values).all(-1).float().mean().item()
         rates.append(same)
-        print(f"agreement with fp32 selection ({dtype}, causal={causal}): {100 * same:.4f}%")
+        print(f"agreement with fp32 selection ({dtype}, causal={causal}, C={C}): {100 * same:.4f}%")
     assert min(rates) >= 0.999
 
 

@@ -1,11 +1,21 @@
 """Tile configurations of the routing kernels, per arch family, head dim and list capacity.
 
 Top-k kernel: ``bm`` packed query rows per CTA (``bm`` threads, one row per thread in the
-selection, ``bm/32`` warps stacked along M for mma.sync m16n8k16), ``bn`` centroids per tile.
-Shared memory: centroid tiles ``4*bn*(D+8)*2`` (two stages of hi and lo), the query tile
-``bm*(D+8)*2``, the score tile ``bn*(bm+4)*4`` (aliased onto the query tile when the query
-fragments live in registers, D <= 128) and, for list capacities above 16, the running lists
-``bm*cap*8``. The first candidate of ``TOPK_TILE_CANDIDATES`` that fits the arch is used.
+selection, ``bm/32`` warps stacked along M for mma.sync m16n8k16), ``bn`` centroids per tile,
+``stages`` centroid buffers. Shared memory: centroid tiles ``stages*2*bn*(D+8)*2`` (hi and lo),
+the query tile ``bm*(D+8)*2``, the score tile ``bn*(bm+4)*4`` (aliased onto the query tile when
+the query fragments live in registers, D <= 128, and it fits) and, for list capacities above
+16, the running lists ``bm*cap*8``.
+
+Two tile families (measured on an H200, docs/routing.md):
+
+* narrow (default): the first of ``TOPK_TILE_CANDIDATES`` that fits, 32-column tiles, two
+  centroid buffers;
+* wide (sm90, rows of >= ``TOPK_WIDE_MIN_CHUNKS`` chunks, D <= 64 or list length <= 7 at
+  D = 128): 64-column tiles, one centroid buffer (fetched while the previous tile is
+  selected), 3 CTAs per SM. Wider tiles mean fewer, larger insertion rounds (less of the
+  per-warp maximum over 32 rows wasted), which pays on long rows; on short rows the single
+  buffer's exposed load latency and the partial last tile cost more than that saves.
 
 Key-major index: blocks of ``km_block_rows`` query rows (host-chosen power of two >= 256 so
 that the per-(block, chunk) count table stays within the selection's size).
@@ -22,6 +32,11 @@ SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
 # exact length; longer lists live in shared memory with capacity 32 or 64
 LIST_CAPS = (8, 16, 32, 64)
 
+# rows (in chunks) from which the wide top-k tile is used, and its shared-memory budget (three
+# CTAs per SM on sm90)
+TOPK_WIDE_MIN_CHUNKS = 256
+TOPK_WIDE_SMEM = 75 * 1024
+
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 192, 256)
 
 KM_MIN_BLOCK_ROWS = 256
@@ -37,18 +52,27 @@ def list_cap(list_len: int) -> int:
     raise ValueError(f"top-k list length {list_len} > {LIST_CAPS[-1]}")
 
 
-def topk_smem_bytes(head_dim: int, bm: int, bn: int, cap: int) -> int:
+def topk_smem_bytes(head_dim: int, bm: int, bn: int, cap: int, stages: int = 2) -> int:
     dp = head_dim + 8
-    hoist = head_dim <= 128
-    s = 4 * bn * dp * 2 + bm * dp * 2 + (0 if hoist else bn * (bm + 4) * 4)
+    alias = head_dim <= 128 and bn * (bm + 4) * 4 <= bm * dp * 2
+    s = stages * 2 * bn * dp * 2 + bm * dp * 2 + (0 if alias else bn * (bm + 4) * 4)
     if cap > 16:
         s += bm * cap * 8
     return s + 1024
 
 
-def topk_tile(fam: str, head_dim: int, cap: int):
-    """(bm, bn) of the top-k kernel, or None if nothing fits the arch's shared memory."""
+def topk_wide_ok(fam: str, head_dim: int, cap: int) -> bool:
+    """Whether the wide tile (128, 64, 1 stage) is shipped for this configuration: sm90, and
+    it keeps 3 CTAs per SM without spilling (ptxas: D <= 64, or list length <= 7 at D = 128)."""
+    return (fam == "sm90" and cap <= 16 and (head_dim <= 64 or (head_dim == 128 and cap <= 7))
+            and topk_smem_bytes(head_dim, 128, 64, cap, 1) <= TOPK_WIDE_SMEM)
+
+
+def topk_tile(fam: str, head_dim: int, cap: int, wide: bool = False):
+    """(bm, bn, stages) of the top-k kernel, or None if nothing fits the arch's shared memory."""
+    if wide and topk_wide_ok(fam, head_dim, cap):
+        return 128, 64, 1
     for bm, bn in TOPK_TILE_CANDIDATES:
         if topk_smem_bytes(head_dim, bm, bn, cap) <= SMEM_LIMIT[fam]:
-            return bm, bn
+            return bm, bn, 2
     return None

@@ -3,23 +3,33 @@
 One CTA of ``BM`` threads handles ``BM`` packed query rows of one sequence and one KV head
 (``BM/32`` warps): packed row ``m`` is (position ``m // G``, query head ``hk * G + m % G``), so
 a centroid tile in shared memory is reused by all ``G`` query heads of the KV group. The CTA
-walks the tiles of ``BN`` centroids of its sequence in ascending chunk order
-(double-buffered ``cp.async``) and scores them on the tensor cores with a hi/lo split of the
-fp32 centroid (``q*c_hi + q*c_lo``, fp32 accumulation, so scores carry ~fp32 precision). For
-head dims up to 128 the query fragments are loaded into registers once (the query tile's
-shared memory is then reused for the score tile).
+walks the tiles of ``BN`` centroids of its sequence in ascending chunk order and scores them
+on the tensor cores with a hi/lo split of the fp32 centroid (``q*c_hi + q*c_lo``, fp32
+accumulation, so scores carry ~fp32 precision), 32 columns per MMA pass. For head dims up to
+128 the query fragments are loaded into registers once.
 
-Selection (one thread per row, running list in registers for list capacities up to 16):
-the ``BN`` scores of a row are compared with the row's running threshold (its current L-th
-best) and only the passing columns, kept as a bit mask, go through the insertion network,
-lowest column first. A warp therefore runs the network about as many times as the busiest of
-its rows has insertions in the tile, instead of once per column. The score matrix never
-leaves the SM, and the thread writes its row of the selection in the order of
-:mod:`moba_cute.routing` (causal: own chunk in slot 0, then descending score; ties go to the
-larger chunk index; ``-1`` padding).
+Per tile: barrier, MMA into the score tile (shared memory), barrier, then the ``cp.async`` of
+the next centroid tile is issued into the (single) centroid buffer and flies while the
+threads select, one thread per row:
+
+* the row's ``BN`` scores are compared with its running threshold (its current L-th best)
+  into a bit mask (two 32-bit words for ``BN = 64``);
+* on the first tile the threshold is ``-inf``, so a lower bound of the tile's L-th best is
+  used instead: the minimum over ``L`` disjoint column groups of the group maxima (``L``
+  scores are >= it), which cuts the first tile's candidates from ``BN`` to ~``2L``;
+* only the set bits go through the insertion network, lowest column first, so a warp runs
+  the network as often as its busiest row inserts (wide tiles: fewer, larger rounds, less
+  waste than the per-tile maximum over 32 rows of narrow tiles). The loop is branch free (a
+  candidate below the threshold leaves a descending list unchanged) and loads the next
+  candidate's score before inserting the current one.
+
+The score matrix never leaves the SM, and the thread writes its row of the selection in the
+order of :mod:`moba_cute.routing` (causal: own chunk in slot 0, then descending score; ties go
+to the larger chunk index; ``-1`` padding).
 
 Ties: candidates arrive in ascending chunk order, so ``v >= threshold`` (and ``>=`` in the
-network) lets the later (larger-index) chunk win.
+network) lets the later (larger-index) chunk win; skipping candidates below a lower bound of
+the final L-th best cannot change the result (the result is the top-L by (score, index)).
 """
 
 from __future__ import annotations
@@ -32,13 +42,38 @@ from cutlass.cute.nvgpu import cpasync, warp
 
 from .centroids import clamp_seq, find_segment
 
+MMA_N = 32  # columns per MMA pass (accumulator registers: BM/32 * ... = 32 fp32 per thread)
+
+
+@cute.jit
+def low_bits(n: Int32):
+    """Mask of the lowest ``clamp(n, 0, 32)`` bits."""
+    r = cutlass.min(cutlass.max(n, Int32(0)), Int32(32))
+    m = Uint32(0xFFFFFFFF)
+    if r < 32:
+        m = (Uint32(1) << Uint32(r)) - Uint32(1)
+    return m
+
+
+@cute.jit
+def pop_lowest(w0: Uint32, w1: Uint32):
+    """Pops the lowest set bit of the 64-bit mask ``w0 | w1 << 32``: (bit index, w0, w1); the
+    index is 64 when the mask is empty."""
+    use1 = w0 == Uint32(0)
+    w = Uint32(cutlass.select_(use1, w1, w0))
+    low = w & (~w + Uint32(1))
+    c = Int32(cute.arch.popc(low - Uint32(1))) + cutlass.select_(use1, Int32(32), Int32(0))
+    w2 = w ^ low
+    return c, Uint32(cutlass.select_(use1, w0, w2)), Uint32(cutlass.select_(use1, w2, w1))
+
 
 class TopkRoutingKernel:
-    """Compile key: ("topk", dtype, head_dim, list_cap, causal, BM, BN, arch)."""
+    """Compile key: ("topk", dtype, head_dim, list_cap, causal, BM, BN, stages, arch)."""
 
-    def __init__(self, dtype, head_dim: int, list_cap: int, causal: bool, bm: int = 128, bn: int = 32):
+    def __init__(self, dtype, head_dim: int, list_cap: int, causal: bool, bm: int = 128, bn: int = 64,
+                 stages: int = 1):
         assert head_dim % 16 == 0 or head_dim in (96,)
-        assert bm in (64, 128) and bn in (16, 32)
+        assert bm in (64, 128) and bn in (16, 32, 64)
         self.dtype = dtype
         self.D = head_dim
         # static capacity of a running list: exactly the runtime list length for register lists
@@ -47,14 +82,22 @@ class TopkRoutingKernel:
         self.causal = causal
         self.BM = bm
         self.BN = bn
+        self.MN = min(bn, MMA_N)
+        assert stages in (1, 2)
+        self.stages = stages  # centroid tile buffers: 2 = tile t+1 loads during tile t's MMA too
         self.nthr = bm  # one thread per row in the selection
         self.nwarps = bm // 32
         self.DP = head_dim + 8  # padded smem row (16 B pad: conflict-free ldmatrix)
         self.SP = bm + 4  # score tile column stride (= 4 mod 32: conflict-free writes and reads)
         self.hoist = head_dim <= 128  # query fragments live in registers
         self.reg_lists = list_cap <= 16
-        if self.hoist:
-            assert bn * self.SP * 4 <= bm * self.DP * 2  # score tile fits in the query tile
+        # the score tile reuses the query tile's shared memory once the fragments are loaded
+        self.alias_scores = self.hoist and bn * self.SP * 4 <= bm * self.DP * 2
+        # first-tile lower bound: L groups of >= 2 columns
+        self.first_bound = self.reg_lists and 2 * list_cap <= bn
+        # the wide tile is shipped where 3 CTAs per SM fit (<= 168 registers at 128 threads,
+        # configs/routing.py::topk_wide_ok); the narrow one keeps what ptxas chooses
+        self.min_ctas = 12 // self.nwarps if stages == 1 else 0
 
     @cute.jit
     def __call__(
@@ -87,7 +130,9 @@ class TopkRoutingKernel:
         self.kernel(
             q, c_hi, c_lo, cu_q, cu_k, cu_chunks, cu_mtiles, sel, B, total_q, total_k, H, Hk,
             chunk_size, topk, chunk_bound, mtile_bound, rows_per_tile, tiled_mma,
-        ).launch(grid=(mtile_bound * Hk, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+        ).launch(grid=(mtile_bound * Hk, 1, 1), block=(self.nthr, 1, 1), stream=stream,
+                 min_blocks_per_mp=self.min_ctas,
+                 preferred_smem_carveout=100 if self.min_ctas else None)
 
     @cute.kernel
     def kernel(
@@ -120,6 +165,7 @@ class TopkRoutingKernel:
         hk = bflat - bid * Hk
         BM = self.BM
         BN = self.BN
+        MN = self.MN
         D = self.D
         DP = self.DP
         SP = self.SP
@@ -130,10 +176,11 @@ class TopkRoutingKernel:
 
         smem = cutlass.utils.SmemAllocator()
         q_layout = cute.make_layout((BM, D), stride=(DP, 1))
-        c_layout = cute.make_layout((BN, D), stride=(DP, 1))
-        sC = smem.allocate_tensor(dt, cute.make_layout(4 * BN * DP), 128)  # [stage][hi/lo]
+        c_layout = cute.make_layout((MN, D), stride=(DP, 1))
+        ST = self.stages
+        sC = smem.allocate_tensor(dt, cute.make_layout(ST * 2 * BN * DP), 128)  # [stage][hi | lo]
         sQ = smem.allocate_tensor(dt, q_layout, 128)
-        if cutlass.const_expr(self.hoist):
+        if cutlass.const_expr(self.alias_scores):
             sS = cute.make_tensor(cute.recast_ptr(sQ.iterator, dtype=Float32), cute.make_layout(BN * SP))
         else:
             sS = smem.allocate_tensor(Float32, cute.make_layout(BN * SP), 16)
@@ -181,7 +228,8 @@ class TopkRoutingKernel:
                 cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
                 num_bits_per_copy=128,
             )
-            hk_base = Int64(hk) * Int64(chunk_bound) * Int64(D)
+            # this thread's piece of every centroid tile: fixed 16-byte column, rows r0 + k*step
+            hk_base = Int64(hk) * Int64(chunk_bound) * Int64(D) + Int64(cc0) * Int64(D)
             if ntiles > 0:
                 # ---- Q tile -> smem (rows past the tile are clamped to a valid row; never stored)
                 row_stride_q = Int64(H) * Int64(D)
@@ -197,8 +245,7 @@ class TopkRoutingKernel:
                     src = cute.make_tensor((q + off).align(16), cute.make_layout(8))
                     dst = cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
                     cute.copy(atom_g2s, src, dst)
-                cute.arch.cp_async_commit_group()
-                self.load_ctile(atom_g2s, c_hi, c_lo, sC, Int32(0), Int32(0), hk_base, cc0, nb, tid)
+                self.load_ctile(atom_g2s, c_hi, c_lo, sC, Int32(0), Int32(0), hk_base, nb, tid)
                 cute.arch.cp_async_commit_group()
 
             # ---- running list (registers when the capacity is small, else shared memory)
@@ -224,13 +271,13 @@ class TopkRoutingKernel:
                     if p >= 0:
                         my_lim = cutlass.min(p // chunk_size, nb)
 
-            # ---- MMA partitions
+            # ---- MMA partitions (one MN-column pass at a time)
             thr_mma = tiled_mma.get_slice(tid)
             tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
             sC0 = cute.make_tensor(sC.iterator, c_layout)
             tSrC = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
             tSrC2 = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
-            acc_shape = thr_mma.partition_shape_C((BM, BN))
+            acc_shape = thr_mma.partition_shape_C((BM, MN))
             acc = cute.make_rmem_tensor(acc_shape, Float32)
             ld_atom = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
             s2r_A = cute.make_tiled_copy_A(ld_atom, tiled_mma)
@@ -241,95 +288,90 @@ class TopkRoutingKernel:
             tSrQ_v = thr_A.retile(tSrQ)
             tSrC_v = thr_B.retile(tSrC)
             tSrC2_v = thr_B.retile(tSrC2)
-            cS = cute.make_identity_tensor((BM, BN))
+            cS = cute.make_identity_tensor((BM, MN))
             tScS = thr_mma.partition_C(cS)
             NKB = cute.size(tSsQ.shape[2])
 
             if cutlass.const_expr(self.hoist):
                 if ntiles > 0:
-                    cute.arch.cp_async_wait_group(1)
+                    cute.arch.cp_async_wait_group(0)
                     cute.arch.sync_threads()
                     for kb in cutlass.range_constexpr(NKB):
                         cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
 
             for t in cutlass.range(ntiles):
-                stage = t % 2
-                if t + 1 < ntiles:
-                    self.load_ctile(atom_g2s, c_hi, c_lo, sC, (t + 1) * BN, 1 - stage, hk_base, cc0, nb, tid)
-                cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(1)
+                # centroid tile t landed; every thread is done with the previous score tile
+                # (and, for t == 0, with the query tile the score tile may alias)
+                cbuf = Int32(0)
+                if cutlass.const_expr(ST == 2):
+                    # two buffers: tile t+1 flies during this tile's MMA and selection
+                    cbuf = t % 2
+                    if t + 1 < ntiles:
+                        self.load_ctile(atom_g2s, c_hi, c_lo, sC, (t + 1) * BN, 1 - cbuf, hk_base, nb, tid)
+                    cute.arch.cp_async_commit_group()
+                    cute.arch.cp_async_wait_group(1)
+                else:
+                    cute.arch.cp_async_wait_group(0)
                 cute.arch.sync_threads()
-
-                sHi = cute.make_tensor((sC.iterator + (stage * 2) * (BN * DP)).align(16), c_layout)
-                sLo = cute.make_tensor((sC.iterator + (stage * 2 + 1) * (BN * DP)).align(16), c_layout)
-                tSsHi = thr_B.partition_S(sHi)
-                tSsLo = thr_B.partition_S(sLo)
-                acc.fill(0.0)
-                for kb in cutlass.range_constexpr(NKB):
-                    if cutlass.const_expr(not self.hoist):
-                        cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
-                    cute.copy(s2r_B, tSsHi[None, None, kb], tSrC_v[None, None, kb])
-                    cute.copy(s2r_B, tSsLo[None, None, kb], tSrC2_v[None, None, kb])
-                    cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC[None, None, kb], acc)
-                    cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC2[None, None, kb], acc)
-                for i in cutlass.range_constexpr(cute.size(acc)):
-                    rc = tScS[i]
-                    sS[rc[1] * SP + rc[0]] = acc[i]
+                for h in cutlass.range_constexpr(BN // MN):
+                    # MMA passes past the tile's last chunk are skipped (their stale scores
+                    # are masked out by every row's limit)
+                    if h == 0 or t * BN + h * MN < lim_max:
+                        cb = cbuf * (2 * BN * DP) + h * MN * DP
+                        sHi = cute.make_tensor((sC.iterator + cb).align(16), c_layout)
+                        sLo = cute.make_tensor((sC.iterator + (cb + BN * DP)).align(16), c_layout)
+                        tSsHi = thr_B.partition_S(sHi)
+                        tSsLo = thr_B.partition_S(sLo)
+                        acc.fill(0.0)
+                        for kb in cutlass.range_constexpr(NKB):
+                            if cutlass.const_expr(not self.hoist):
+                                cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
+                            cute.copy(s2r_B, tSsHi[None, None, kb], tSrC_v[None, None, kb])
+                            cute.copy(s2r_B, tSsLo[None, None, kb], tSrC2_v[None, None, kb])
+                            cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC[None, None, kb], acc)
+                            cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC2[None, None, kb], acc)
+                        for i in cutlass.range_constexpr(cute.size(acc)):
+                            rc = tScS[i]
+                            sS[(rc[1] + h * MN) * SP + rc[0]] = acc[i]
                 cute.arch.sync_threads()
+                if cutlass.const_expr(ST == 1):
+                    # the centroid buffer is free: fetch tile t+1 while this one is selected
+                    if t + 1 < ntiles:
+                        self.load_ctile(atom_g2s, c_hi, c_lo, sC, (t + 1) * BN, Int32(0), hk_base, nb, tid)
+                    cute.arch.cp_async_commit_group()
 
-                # ---- my row: which of the BN columns beat the running threshold
                 j0 = t * BN
-                mask = Uint32(0)
+                rel = my_lim - j0  # valid columns of this row in the tile
+                cut = thr
+                if cutlass.const_expr(self.first_bound):
+                    if t == 0:
+                        if rel >= BN:
+                            # L scores are >= min over L disjoint groups of the group maxima
+                            gmax = [-Float32.inf for _ in range(LC)]
+                            for cc in cutlass.range_constexpr(BN):
+                                g = cc * LC // BN
+                                gmax[g] = cute.arch.fmax(gmax[g], sS[cc * SP + tid])
+                            lb = gmax[0]
+                            for g in cutlass.range_constexpr(1, LC):
+                                lb = cutlass.min(lb, gmax[g])
+                            cut = lb
+                # ---- my row: which of the BN columns reach the cut (bits of w0 | w1 << 32)
+                w0 = Uint32(0)
+                w1 = Uint32(0)
                 for cc in cutlass.range_constexpr(BN):
-                    v = sS[cc * SP + tid]
-                    mask = mask | Uint32(cutlass.select_(v >= thr, Uint32(1 << cc), Uint32(0)))
-                rel = my_lim - j0
+                    bit = Uint32(cutlass.select_(sS[cc * SP + tid] >= cut, Uint32(1 << (cc % 32)), Uint32(0)))
+                    if cutlass.const_expr(cc < 32):
+                        w0 = w0 | bit
+                    else:
+                        w1 = w1 | bit
                 if rel < BN:
-                    mask = mask & ((Uint32(1) << Uint32(cutlass.max(rel, Int32(0)))) - Uint32(1))
-                # ---- insert the passing columns, lowest chunk first (threshold re-checked)
-                while mask != Uint32(0):
-                    low = mask & (~mask + Uint32(1))
-                    c = Int32(cute.arch.popc(low - Uint32(1)))
-                    mask = mask ^ low
-                    x = sS[c * SP + tid]
-                    if x >= thr:
-                        xi = j0 + c
-                        if cutlass.const_expr(self.reg_lists):
-                            # parallel insertion into the descending list: all compares are
-                            # independent (x >= v[s] is monotone in s), each slot takes x, its
-                            # upper neighbour or itself; same result as the sequential
-                            # compare-and-swap chain (ties: x goes above equal entries), but the
-                            # dependency chain is 3 deep instead of 2 * LC
-                            ov = [rlv[s] for s in range(LC)]
-                            oi = [rli[s] for s in range(LC)]
-                            ge = [x >= ov[s] for s in range(LC)]
-                            for s in cutlass.range_constexpr(LC):
-                                if cutlass.const_expr(s == 0):
-                                    rlv[s] = cutlass.select_(ge[s], x, ov[s])
-                                    rli[s] = cutlass.select_(ge[s], xi, oi[s])
-                                else:
-                                    up_v = cutlass.select_(ge[s - 1], ov[s - 1], x)
-                                    up_i = cutlass.select_(ge[s - 1], oi[s - 1], xi)
-                                    rlv[s] = cutlass.select_(ge[s], up_v, ov[s])
-                                    rli[s] = cutlass.select_(ge[s], up_i, oi[s])
-                            # register lists are compiled for their exact length (L == LC)
-                            thr = rlv[LC - 1]
-                        else:
-                            pos = Lm1
-                            live = Int32(1)
-                            for st in cutlass.range(Lm1):
-                                s = Lm1 - st
-                                if live != 0:
-                                    pv = sLv[(s - 1) * NT + tid]
-                                    if x >= pv:
-                                        sLv[s * NT + tid] = pv
-                                        sLi[s * NT + tid] = sLi[(s - 1) * NT + tid]
-                                        pos = s - 1
-                                    else:
-                                        live = Int32(0)
-                            sLv[pos * NT + tid] = x
-                            sLi[pos * NT + tid] = xi
-                            thr = sLv[Lm1 * NT + tid]
+                    w0 = w0 & low_bits(rel)
+                    w1 = w1 & low_bits(rel - 32)
+                if cutlass.const_expr(self.reg_lists):
+                    self.insert_reg(w0, w1, sS, tid, j0, rlv, rli)
+                    thr = rlv[LC - 1]
+                else:
+                    thr = self.insert_smem(w0, w1, sS, tid, j0, sLv, sLi, Lm1, thr)
 
             cute.arch.cp_async_wait_group(0)
 
@@ -360,20 +402,92 @@ class TopkRoutingKernel:
                             out[slot0 + s] = sLi[s * NT + tid]
 
     @cute.jit
+    def insert_reg(self, w0: Uint32, w1: Uint32, sS: cute.Tensor, tid: Int32, j0: Int32,
+                   rlv: cute.Tensor, rli: cute.Tensor):
+        """Inserts the masked columns, ascending, into the register list (exact length LC)."""
+        LC = self.L
+        SP = self.SP
+        BN = self.BN
+        have = (w0 | w1) != Uint32(0)
+        c, w0, w1 = pop_lowest(w0, w1)
+        x = sS[cutlass.min(c, Int32(BN - 1)) * SP + tid]
+        while have:
+            # the next candidate's score is loaded before this one is inserted
+            have_n = (w0 | w1) != Uint32(0)
+            cn, w0, w1 = pop_lowest(w0, w1)
+            xn = sS[cutlass.min(cn, Int32(BN - 1)) * SP + tid]
+            xi = j0 + c
+            # parallel insertion into the descending list: all compares are independent
+            # (x >= v[s] is monotone in s), each slot takes x, its upper neighbour or itself;
+            # a candidate below the last entry leaves the list unchanged (no branch needed);
+            # ties: x goes above equal entries
+            ov = [rlv[s] for s in range(LC)]
+            oi = [rli[s] for s in range(LC)]
+            ge = [x >= ov[s] for s in range(LC)]
+            for s in cutlass.range_constexpr(LC):
+                if cutlass.const_expr(s == 0):
+                    rlv[s] = cutlass.select_(ge[s], x, ov[s])
+                    rli[s] = cutlass.select_(ge[s], xi, oi[s])
+                else:
+                    up_v = cutlass.select_(ge[s - 1], ov[s - 1], x)
+                    up_i = cutlass.select_(ge[s - 1], oi[s - 1], xi)
+                    rlv[s] = cutlass.select_(ge[s], up_v, ov[s])
+                    rli[s] = cutlass.select_(ge[s], up_i, oi[s])
+            x = xn
+            c = cn
+            have = have_n
+
+    @cute.jit
+    def insert_smem(self, w0: Uint32, w1: Uint32, sS: cute.Tensor, tid: Int32, j0: Int32,
+                    sLv: cute.Tensor, sLi: cute.Tensor, Lm1: Int32, thr: Float32):
+        """Inserts the masked columns, ascending, into the shared-memory list; returns the new
+        threshold."""
+        SP = self.SP
+        NT = self.nthr
+        while (w0 | w1) != Uint32(0):
+            c, w0, w1 = pop_lowest(w0, w1)
+            x = sS[c * SP + tid]
+            if x >= thr:
+                xi = j0 + c
+                pos = Lm1
+                live = Int32(1)
+                for st in cutlass.range(Lm1):
+                    s = Lm1 - st
+                    if live != 0:
+                        pv = sLv[(s - 1) * NT + tid]
+                        if x >= pv:
+                            sLv[s * NT + tid] = pv
+                            sLi[s * NT + tid] = sLi[(s - 1) * NT + tid]
+                            pos = s - 1
+                        else:
+                            live = Int32(0)
+                sLv[pos * NT + tid] = x
+                sLi[pos * NT + tid] = xi
+                thr = sLv[Lm1 * NT + tid]
+        return thr
+
+    @cute.jit
     def load_ctile(self, atom, c_hi: cute.Pointer, c_lo: cute.Pointer, sC: cute.Tensor,
-                   j0: Int32, stage: Int32, hk_base: Int64, cc0: Int32, nb: Int32, tid: Int32):
+                   j0: Int32, buf: Int32, hk_base: Int64, nb: Int32, tid: Int32):
+        """cp.async of centroid rows [j0, j0 + BN) (hi and lo; rows past the sequence's last
+        chunk repeat it and are masked out by the selection)."""
         BN = self.BN
         DP = self.DP
-        CV = self.D // 8
-        for idx in cutlass.range(tid, BN * CV, self.nthr):
+        D = self.D
+        CV = D // 8
+        NT = self.nthr
+        for k in cutlass.range_constexpr((BN * CV + NT - 1) // NT):
+            idx = tid + k * NT
+            if cutlass.const_expr((k + 1) * NT > BN * CV):
+                idx = cutlass.min(idx, Int32(BN * CV - 1))  # (re-copies the last piece)
             n = idx // CV
-            cv = idx % CV
+            cv = idx - n * CV
             j = cutlass.min(j0 + n, nb - 1)
-            off = hk_base + Int64(cc0 + j) * Int64(self.D) + Int64(cv * 8)
-            soff = n * DP + cv * 8
+            off = hk_base + Int64(j * D + cv * 8)
+            soff = buf * (2 * BN * DP) + n * DP + cv * 8
             src = cute.make_tensor((c_hi + off).align(16), cute.make_layout(8))
-            dst = cute.make_tensor((sC.iterator + ((stage * 2) * (BN * DP) + soff)).align(16), cute.make_layout(8))
+            dst = cute.make_tensor((sC.iterator + soff).align(16), cute.make_layout(8))
             cute.copy(atom, src, dst)
             src2 = cute.make_tensor((c_lo + off).align(16), cute.make_layout(8))
-            dst2 = cute.make_tensor((sC.iterator + ((stage * 2 + 1) * (BN * DP) + soff)).align(16), cute.make_layout(8))
+            dst2 = cute.make_tensor((sC.iterator + (BN * DP + soff)).align(16), cute.make_layout(8))
             cute.copy(atom, src2, dst2)
