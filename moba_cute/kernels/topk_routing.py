@@ -8,9 +8,11 @@ on the tensor cores with a hi/lo split of the fp32 centroid (``q*c_hi + q*c_lo``
 accumulation, so scores carry ~fp32 precision), 32 columns per MMA pass. For head dims up to
 128 the query fragments are loaded into registers once.
 
-Per tile: barrier, MMA into the score tile (shared memory), barrier, then the ``cp.async`` of
-the next centroid tile is issued into the (single) centroid buffer and flies while the
-threads select, one thread per row:
+Per tile: barrier, MMA into the score tile (shared memory, 32 columns per pass; passes past
+the CTA's last chunk are skipped), barrier, selection. With two centroid buffers (narrow tile)
+tile t+1 is fetched during tile t's MMA and selection; with one (wide 64-column tile, long rows
+on sm90, see ``configs/routing.py``) it is fetched once the MMA is done, during the selection.
+The threads select one row each:
 
 * the row's ``BN`` scores are compared with its running threshold (its current L-th best)
   into a bit mask (two 32-bit words for ``BN = 64``);
@@ -42,7 +44,7 @@ from cutlass.cute.nvgpu import cpasync, warp
 
 from .centroids import clamp_seq, find_segment
 
-MMA_N = 32  # columns per MMA pass (accumulator registers: BM/32 * ... = 32 fp32 per thread)
+MMA_N = 32  # columns per MMA pass (32 fp32 accumulators per thread at BM = 128)
 
 
 @cute.jit
@@ -228,7 +230,7 @@ class TopkRoutingKernel:
                 cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
                 num_bits_per_copy=128,
             )
-            # this thread's piece of every centroid tile: fixed 16-byte column, rows r0 + k*step
+            # the sequence's first centroid of this KV head
             hk_base = Int64(hk) * Int64(chunk_bound) * Int64(D) + Int64(cc0) * Int64(D)
             if ntiles > 0:
                 # ---- Q tile -> smem (rows past the tile are clamped to a valid row; never stored)
