@@ -45,7 +45,9 @@ def test_support_kernels_compile(arch):
     seen = set()
     for dtype in ("bfloat16", "float16"):
         for d in cfg.SUPPORTED_HEAD_DIMS:
-            for key, spec in _specs(dtype, d, 8, True, arch).items():
+            # topk 8 and 6: the key-major passes with and without 16-byte selection loads
+            specs = {**_specs(dtype, d, 8, True, arch), **_specs(dtype, d, 6, True, arch)}
+            for key, spec in specs.items():
                 if key[0] == "topk" or key in seen:
                     continue
                 seen.add(key)
@@ -57,6 +59,9 @@ def test_support_kernels_compile(arch):
                     assert "shfl.sync.up" in rep.ptx and "vote.sync.ballot" in rep.ptx, key
                     assert "atom.shared" in rep.ptx or "red.shared" in rep.ptx, key
                     assert "atom.global" not in rep.ptx and "red.global" not in rep.ptx, key
+                if key[0] in ("kmcount", "kmwrite") and key[1]:
+                    # 16-byte selection loads (topk % 4 == 0)
+                    assert "ld.global.v4" in rep.ptx or "ld.global.nc.v4" in rep.ptx, key
                 if key[0] == "centroids":
                     assert "ld.global.v4" in rep.ptx or "ld.global.nc.v4" in rep.ptx, key
 

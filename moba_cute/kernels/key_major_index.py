@@ -50,14 +50,26 @@ def _t(ptr):
 
 
 @cute.jit
-def _load_sel(tsel: cute.Tensor, vals: cute.Tensor, valid, s0: Int32, topk: Int32):
+def _load_sel(tsel: cute.Tensor, vals: cute.Tensor, valid, s0: Int32, topk: Int32, vec: cutlass.Constexpr):
     """Slots ``s0 .. s0+SEL_BATCH-1`` of a selection row into registers (``-1`` past the row or
-    for an invalid row): independent loads, issued back to back."""
-    for u in cutlass.range_constexpr(SEL_BATCH):
-        v = Int32(-1)
-        if valid & (s0 + u < topk):
-            v = tsel[s0 + u]
-        vals[u] = v
+    for an invalid row): independent loads, issued back to back. ``vec`` (compiled for
+    ``topk % 4 == 0``, where every row is 16-byte aligned): 16-byte loads; a scalar load per
+    slot makes every lane fetch its row's sector once per slot (4-8x the L1/L2 sectors)."""
+    if cutlass.const_expr(vec):
+        for u in cutlass.range_constexpr(0, SEL_BATCH, 4):
+            if valid & (s0 + u < topk):
+                v4 = cute.make_tensor((tsel.iterator + (s0 + u)).align(16), cute.make_layout(4)).load()
+                for k in cutlass.range_constexpr(4):
+                    vals[u + k] = v4[k]
+            else:
+                for k in cutlass.range_constexpr(4):
+                    vals[u + k] = Int32(-1)
+    else:
+        for u in cutlass.range_constexpr(SEL_BATCH):
+            v = Int32(-1)
+            if valid & (s0 + u < topk):
+                v = tsel[s0 + u]
+            vals[u] = v
 
 
 @cute.jit
@@ -110,10 +122,12 @@ def _block_geom(cu_q: cute.Pointer, cu_chunks: cute.Pointer, cu_kblocks: cute.Po
 
 
 class BlockCountKernel:
-    """Per-(block, chunk) selection counts -> T. Key: ("kmcount", arch)."""
+    """Per-(block, chunk) selection counts -> T. Key: ("kmcount", vec, arch); ``vec``: compiled
+    for ``topk % 4 == 0`` (16-byte selection loads)."""
 
-    def __init__(self):
+    def __init__(self, vec: bool = False):
         self.nthr = KM_THREADS
+        self.vec = vec
 
     @cute.jit
     def __call__(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer,
@@ -147,7 +161,7 @@ class BlockCountKernel:
                     tsel = _t(sel + (Int64(r0 + rr) * Int64(H) + Int64(h)) * Int64(topk))
                     for s0 in cutlass.range(0, topk, SEL_BATCH):
                         # the batch's loads are issued back to back (one latency per batch)
-                        _load_sel(tsel, vals, rr < nrows, s0, topk)
+                        _load_sel(tsel, vals, rr < nrows, s0, topk, self.vec)
                         for u in cutlass.range_constexpr(SEL_BATCH):
                             if s0 + u < topk:
                                 jw = Int32(-1)
@@ -261,10 +275,12 @@ class SegmentScanKernel:
 
 
 class BlockWriteKernel:
-    """Ascending query rows per segment + ``-1`` tail. Key: ("kmwrite", arch)."""
+    """Ascending query rows per segment + ``-1`` tail. Key: ("kmwrite", vec, arch); ``vec`` as
+    for :class:`BlockCountKernel`."""
 
-    def __init__(self):
+    def __init__(self, vec: bool = False):
         self.nthr = WRITE_THREADS
+        self.vec = vec
 
     @cute.jit
     def __call__(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer,
@@ -329,7 +345,7 @@ class BlockWriteKernel:
                     row = r0 + rr
                     tsel = _t(sel + (Int64(row) * Int64(H) + Int64(h)) * Int64(topk))
                     for s0 in cutlass.range(0, topk, SEL_BATCH):
-                        _load_sel(tsel, vals, rr < nrows, s0, topk)
+                        _load_sel(tsel, vals, rr < nrows, s0, topk, self.vec)
                         for u in cutlass.range_constexpr(SEL_BATCH):
                             if s0 + u < topk:
                                 jw = Int32(-1)
@@ -352,7 +368,7 @@ class BlockWriteKernel:
                         # registers from the bitmap pass; longer rows reload batch by batch
                         for s0 in cutlass.range(0, topk, SEL_BATCH):
                             if topk > SEL_BATCH:
-                                _load_sel(tsel, vals, rr < nrows, s0, topk)
+                                _load_sel(tsel, vals, rr < nrows, s0, topk, self.vec)
                             for u in cutlass.range_constexpr(SEL_BATCH):
                                 if s0 + u < topk:
                                     j = vals[u]
