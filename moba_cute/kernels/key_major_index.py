@@ -10,8 +10,8 @@ chunk.
 1. :class:`BlockCountKernel` (one CTA per block and head): shared-memory histogram over the
    sequence's chunks (warp-aggregated runs + shared atomics: integer sums, so the
    result does not depend on timing) -> its row of ``T`` (zeros included).
-2. :class:`ColumnScanKernel` (one thread per chunk and head): walks the blocks of the chunk's
-   sequence in row order, turns the column of ``T`` into its exclusive prefix sum (where the
+2. :class:`ColumnScanKernel` (32 chunks x 8 block ranges per CTA, per head): turns each
+   chunk's column of ``T`` (its blocks in row order) into its exclusive prefix sum (where the
    block's rows start inside the segment) and writes the segment's count.
 3. :class:`SegmentScanKernel` (one CTA): ``offsets`` = exclusive prefix sum of the counts.
 4. :class:`BlockWriteKernel` (one CTA per block and head): processes its rows in groups of
@@ -39,7 +39,7 @@ KM_THREADS = 256
 WRITE_THREADS = 256  # rows per group of the write pass
 COUNT_WIN = 8192  # chunks per shared-memory histogram window (32 KB)
 WRITE_WIN = 512  # chunks per window of the write pass (bits + prefixes: 32 KB)
-COLSCAN_THREADS = 64
+COLSCAN_SEGS = 8  # warps per column-scan CTA, each scanning 1/8 of the blocks
 SCAN_THREADS = 1024
 SEL_BATCH = 16  # selection slots loaded per batch (registers); topk <= 16 is one batch
 FULL = 0xFFFFFFFF
@@ -178,28 +178,42 @@ class BlockCountKernel:
 
 
 class ColumnScanKernel:
-    """Column-wise exclusive scan of T over blocks; segment counts. Key: ("kmcolscan", arch)."""
+    """Column-wise exclusive scan of T over blocks; segment counts. Key: ("kmcolscan", arch).
+
+    A CTA covers 32 consecutive chunks (lanes: coalesced rows of T) of one head, and each of
+    its ``COLSCAN_SEGS`` warps one contiguous range of the blocks: range sums, an exclusive scan
+    of the sums over the warps in shared memory, then each warp rescans its range. The serial
+    depth per thread is ``nblk / COLSCAN_SEGS`` instead of ``nblk`` (one thread per column was
+    latency bound: 256 dependent loads and stores per column at 64K)."""
 
     def __init__(self):
-        self.nthr = COLSCAN_THREADS
+        self.nthr = 32 * COLSCAN_SEGS
 
     @cute.jit
     def __call__(self, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer,
                  counts: cute.Pointer, B: Int32, H: Int32, tb_bound: Int32, chunk_bound: Int32,
                  stream: cuda.CUstream):
         self.kernel(cu_chunks, cu_kblocks, tbase, table, counts, B, H, tb_bound, chunk_bound).launch(
-            grid=((chunk_bound + self.nthr - 1) // self.nthr, H, 1), block=(self.nthr, 1, 1), stream=stream)
+            grid=((chunk_bound + 31) // 32, H, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, cu_chunks: cute.Pointer, cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer,
                counts: cute.Pointer, B: Int32, H: Int32, tb_bound: Int32, chunk_bound: Int32):
         tid, _, _ = cute.arch.thread_idx()
         bx, h, _ = cute.arch.block_idx()
-        g = bx * self.nthr + tid
+        NS = COLSCAN_SEGS
+        lane = tid % 32
+        w = tid // 32
+        g = bx * 32 + lane
+        smem = cutlass.utils.SmemAllocator()
+        part = smem.allocate_tensor(Int32, cute.make_layout(NS * 32), 16)
         tcc = _t(cu_chunks)
         tkb = _t(cu_kblocks)
+        ok = Int32(0)
+        nb = Int32(1)
+        nblk = Int32(0)
+        base = Int64(0)
         if g < chunk_bound:
-            total = Int32(0)
             nch = Int32(0)
             if B > 0:
                 nch = tcc[B]
@@ -213,43 +227,72 @@ class ColumnScanKernel:
                 if (tb >= 0) & (nb > 0) & (j >= 0) & (j < nb):
                     room = (Int64(tb_bound) - Int64(tb)) // Int64(nb)
                     nblk = Int32(cutlass.max(cutlass.min(Int64(nblk), room), Int64(0)))
-                    col = _t(table + (Int64(h) * Int64(tb_bound) + Int64(tb) + Int64(j)))
-                    run = Int32(0)
-                    U = 8
-                    vals = cute.make_rmem_tensor(cute.make_layout(U), Int32)
-                    nfull = nblk // U
-                    for i0 in cutlass.range(nfull):
-                        # U independent loads in flight before the dependent stores
-                        for u in cutlass.range_constexpr(U):
-                            vals[u] = col[(i0 * U + u) * nb]
-                        for u in cutlass.range_constexpr(U):
-                            col[(i0 * U + u) * nb] = run
-                            run = run + vals[u]
-                    for i in cutlass.range(nfull * U, nblk):
-                        v = col[i * nb]
-                        col[i * nb] = run
-                        run = run + v
-                    total = run
+                    base = Int64(h) * Int64(tb_bound) + Int64(tb) + Int64(j)
+                    ok = Int32(1)
+        col = _t(table + base)
+        seg = (nblk + NS - 1) // NS
+        i0 = cutlass.min(w * seg, nblk)
+        i1 = cutlass.min(i0 + seg, nblk)
+        U = 8
+        vals = cute.make_rmem_tensor(cute.make_layout(U), Int32)
+        # ---- 1. this warp's range sum (U independent loads in flight)
+        s = Int32(0)
+        if ok != 0:
+            for ib in cutlass.range(i0, i1, U):
+                for u in cutlass.range_constexpr(U):
+                    vals[u] = Int32(0)
+                    if ib + u < i1:
+                        vals[u] = col[(ib + u) * nb]
+                for u in cutlass.range_constexpr(U):
+                    s = s + vals[u]
+        part[w * 32 + lane] = s
+        cute.arch.sync_threads()
+        # ---- 2. exclusive prefix over the warps' ranges, and the column total
+        run = Int32(0)
+        total = Int32(0)
+        for v in cutlass.range_constexpr(NS):
+            x = part[v * 32 + lane]
+            if v < w:
+                run = run + x
+            total = total + x
+        # ---- 3. rescan the range: each entry becomes the count of the rows before its block
+        if ok != 0:
+            for ib in cutlass.range(i0, i1, U):
+                for u in cutlass.range_constexpr(U):
+                    vals[u] = Int32(0)
+                    if ib + u < i1:
+                        vals[u] = col[(ib + u) * nb]
+                for u in cutlass.range_constexpr(U):
+                    if ib + u < i1:
+                        col[(ib + u) * nb] = run
+                        run = run + vals[u]
+        if (w == 0) & (g < chunk_bound):
             _t(counts)[g * H + h] = total
 
 
 class SegmentScanKernel:
-    """offsets = exclusive scan(counts), offsets[nseg] = total. One CTA. Key: ("kmscan", arch)."""
+    """offsets = exclusive scan(counts), offsets[nseg] = total, plus a head-major copy
+    ``offs_hm[h * nbound + chunk]`` (``offsets`` is chunk-major, seg = chunk*H + h: the write
+    pass of one head would read it at a stride of H). One CTA. Key: ("kmscan", arch)."""
 
     def __init__(self):
         self.nthr = SCAN_THREADS
 
     @cute.jit
-    def __call__(self, counts: cute.Pointer, offsets: cute.Pointer, nseg: Int32, stream: cuda.CUstream):
-        self.kernel(counts, offsets, nseg).launch(grid=(1, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+    def __call__(self, counts: cute.Pointer, offsets: cute.Pointer, offs_hm: cute.Pointer, nseg: Int32, H: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(counts, offsets, offs_hm, nseg, H).launch(grid=(1, 1, 1), block=(self.nthr, 1, 1),
+                                                              stream=stream)
 
     @cute.kernel
-    def kernel(self, counts: cute.Pointer, offsets: cute.Pointer, nseg: Int32):
+    def kernel(self, counts: cute.Pointer, offsets: cute.Pointer, offs_hm: cute.Pointer, nseg: Int32, H: Int32):
         tid, _, _ = cute.arch.thread_idx()
         smem = cutlass.utils.SmemAllocator()
         s_w = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
         tc = _t(counts)
         to = _t(offsets)
+        thm = _t(offs_hm)
+        nbound = nseg // cutlass.max(H, Int32(1))
         V = 4
         step = self.nthr * V
         carry = Int32(0)
@@ -268,6 +311,8 @@ class SegmentScanKernel:
             for v in cutlass.range_constexpr(V):
                 if i0 + v < nseg:
                     to[i0 + v] = run
+                    ch = (i0 + v) // H
+                    thm[((i0 + v) - ch * H) * nbound + ch] = run
                 run = run + vals[v]
             carry = carry + tot
         if tid == 0:
@@ -285,19 +330,22 @@ class BlockWriteKernel:
     @cute.jit
     def __call__(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer,
                  cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer, offsets: cute.Pointer,
-                 query_rows: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32, H: Int32, topk: Int32,
-                 chunk_size: Int32, causal: Int32, km_rows: Int32, kb_bound: Int32, tb_bound: Int32,
-                 nseg: Int32, cap: Int32, stream: cuda.CUstream):
-        self.kernel(sel, cu_q, cu_k, cu_chunks, cu_kblocks, tbase, table, offsets, query_rows, B, total_q, total_k,
-                    H, topk, chunk_size, causal, km_rows, kb_bound, tb_bound, nseg, cap).launch(
-            grid=(kb_bound, H, 1), block=(self.nthr, 1, 1), stream=stream)
+                 offs_hm: cute.Pointer, query_rows: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32,
+                 H: Int32, topk: Int32, chunk_size: Int32, causal: Int32, km_rows: Int32, kb_bound: Int32,
+                 tb_bound: Int32, nseg: Int32, cap: Int32, stream: cuda.CUstream):
+        self.kernel(sel, cu_q, cu_k, cu_chunks, cu_kblocks, tbase, table, offsets, offs_hm, query_rows, B, total_q,
+                    total_k, H, topk, chunk_size, causal, km_rows, kb_bound, tb_bound, nseg, cap).launch(
+            grid=(kb_bound, H, 1), block=(self.nthr, 1, 1), stream=stream,
+            # an explicit occupancy target (4 CTAs: <= 64 registers): left alone, ptxas squeezes
+            # this kernel to 48 registers for a 5th CTA and spills a prologue value
+            min_blocks_per_mp=4, preferred_smem_carveout=100)
 
     @cute.kernel
     def kernel(self, sel: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer,
                cu_kblocks: cute.Pointer, tbase: cute.Pointer, table: cute.Pointer, offsets: cute.Pointer,
-               query_rows: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32, H: Int32, topk: Int32,
-               chunk_size: Int32, causal: Int32, km_rows: Int32, kb_bound: Int32, tb_bound: Int32,
-               nseg: Int32, cap: Int32):
+               offs_hm: cute.Pointer, query_rows: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32,
+               H: Int32, topk: Int32, chunk_size: Int32, causal: Int32, km_rows: Int32, kb_bound: Int32,
+               tb_bound: Int32, nseg: Int32, cap: Int32):
         tid, _, _ = cute.arch.thread_idx()
         blk, h, _ = cute.arch.block_idx()
         NT = self.nthr
@@ -331,12 +379,13 @@ class BlockWriteKernel:
                 if p_last >= 0:
                     lim = cutlass.min(nb, p_last // chunk_size + 1)
             trow = _t(table + (Int64(h) * Int64(tb_bound) + Int64(tb) + Int64(i) * Int64(nb)))
-            to = _t(offsets)
+            # this head's segment offsets, contiguous over chunks (head-major copy)
+            to = _t(offs_hm + Int64(h) * Int64(nseg // H))
             lane = tid % 32
             for w0 in cutlass.range(0, lim, WRITE_WIN):
                 nw = cutlass.min(Int32(WRITE_WIN), lim - w0)
                 for jj in cutlass.range(tid, nw, NT):
-                    run[jj] = to[(cc0 + w0 + jj) * H + h] + trow[w0 + jj]
+                    run[jj] = to[cc0 + w0 + jj] + trow[w0 + jj]
                 for base in cutlass.range(0, nrows, NT):
                     for x in cutlass.range(tid, nw * NW, NT):
                         bits[x] = Int32(0)

@@ -115,11 +115,11 @@ def fake_args_colscan():
 
 
 def fake_args_scan():
-    return _P(2) + _I(1) + (common.fake_stream(),)
+    return _P(3) + _I(2) + (common.fake_stream(),)
 
 
 def fake_args_write():
-    return _P(9) + _I(12) + (common.fake_stream(),)
+    return _P(10) + _I(12) + (common.fake_stream(),)
 
 
 def kernel_specs(dtype_name, head_dim, topk, causal, arch, wide=False):
@@ -136,8 +136,6 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch, wide=False):
     cap = cfg.list_cap(_llen(topk, causal))
     bm, bn, st = cfg.topk_tile(fam, head_dim, cap, wide)
     vec = int(topk) % 4 == 0  # selection rows 16-byte aligned: vector loads in the key-major passes
-    # (the write pass keeps scalar loads for sm_80: there ptxas spills 16 bytes with them)
-    vec_w = vec and fam == "sm90"
     return [
         (("prep",), ChunkPrepKernel, fake_args_prep()),
         (("centroids", dtype_name, head_dim), lambda: CentroidsKernel(dt, head_dim), fake_args_centroids(dt)),
@@ -146,7 +144,7 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch, wide=False):
         (("kmcount", vec), lambda: BlockCountKernel(vec), fake_args_count()),
         (("kmcolscan",), ColumnScanKernel, fake_args_colscan()),
         (("kmscan",), SegmentScanKernel, fake_args_scan()),
-        (("kmwrite", vec_w), lambda: BlockWriteKernel(vec_w), fake_args_write()),
+        (("kmwrite", vec), lambda: BlockWriteKernel(vec), fake_args_write()),
     ]
 
 
@@ -226,9 +224,9 @@ class _Plan:
         nb1 = max(self.nbound, 1)
         esz = 2
         # workspace layout (bytes, 256-aligned): cent fp32, c_hi, c_lo, counts, table, cu_mtiles,
-        # cu_kblocks, tbase
+        # cu_kblocks, tbase, head-major segment offsets
         sizes = [nb1 * Hk * D * 4, Hk * nb1 * D * esz, Hk * nb1 * D * esz, max(self.nseg, 1) * 4,
-                 self.tb_bound * H * 4, (B + 1) * 4, (B + 1) * 4, (B + 1) * 4]
+                 self.tb_bound * H * 4, (B + 1) * 4, (B + 1) * 4, (B + 1) * 4, max(self.nseg, 1) * 4]
         self.offs = []
         o = 0
         for sz in sizes:
@@ -272,7 +270,7 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     cu_chunks = torch.empty(B + 1, dtype=torch.int32, device=dev)
     ws = torch.empty(plan.ws_bytes, dtype=torch.uint8, device=dev)
     w = ws.data_ptr()
-    p_cent, p_hi, p_lo, p_counts, p_table, p_mt, p_kb, p_tb = (w + o for o in plan.offs)
+    p_cent, p_hi, p_lo, p_counts, p_table, p_mt, p_kb, p_tb, p_ohm = (w + o for o in plan.offs)
     p_q, p_k, p_cq, p_ck = q.data_ptr(), k.data_ptr(), cu_q.data_ptr(), cu_k.data_ptr()
     p_cc = cu_chunks.data_ptr()
     nb1 = max(nbound, 1)
@@ -294,9 +292,9 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
             ks["kmcount"](p_sel, p_cq, p_cc, p_kb, p_tb, p_table, B, total_q, H, K, plan.km_rows, plan.kb_bound,
                           plan.tb_bound, stream)
         ks["kmcolscan"](p_cc, p_kb, p_tb, p_table, p_counts, B, H, plan.tb_bound, nbound, stream)
-        ks["kmscan"](p_counts, p_off, nseg, stream)
+        ks["kmscan"](p_counts, p_off, p_ohm, nseg, H, stream)
         if plan.kb_bound > 0:
-            ks["kmwrite"](p_sel, p_cq, p_ck, p_cc, p_kb, p_tb, p_table, p_off, p_qr, B, total_q, total_k, H, K, C,
+            ks["kmwrite"](p_sel, p_cq, p_ck, p_cc, p_kb, p_tb, p_table, p_off, p_ohm, p_qr, B, total_q, total_k, H, K, C,
                           int(causal), plan.km_rows, plan.kb_bound, plan.tb_bound, nseg, cap, stream)
         elif cap > 0:
             query_rows.fill_(-1)
