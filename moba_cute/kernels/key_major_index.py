@@ -73,6 +73,16 @@ def _load_sel(tsel: cute.Tensor, vals: cute.Tensor, valid, s0: Int32, topk: Int3
 
 
 @cute.jit
+def _load_column(col: cute.Tensor, vals: cute.Tensor, ib: Int32, i1: Int32, nb: Int32):
+    """Blocks ``ib .. ib+len(vals)-1`` (< ``i1``, else 0) of a count-table column (stride ``nb``):
+    independent loads, issued back to back."""
+    for u in cutlass.range_constexpr(cute.size(vals)):
+        vals[u] = Int32(0)
+        if ib + u < i1:
+            vals[u] = col[(ib + u) * nb]
+
+
+@cute.jit
 def _run_mask(jw: Int32, lane: Int32):
     """Warp-aggregation without ``match.any``: lanes are consecutive rows, so equal chunk ids
     of one slot mostly come in runs. Returns (1 if this lane leads its run of equal ``jw``
@@ -239,10 +249,7 @@ class ColumnScanKernel:
         s = Int32(0)
         if ok != 0:
             for ib in cutlass.range(i0, i1, U):
-                for u in cutlass.range_constexpr(U):
-                    vals[u] = Int32(0)
-                    if ib + u < i1:
-                        vals[u] = col[(ib + u) * nb]
+                _load_column(col, vals, ib, i1, nb)
                 for u in cutlass.range_constexpr(U):
                     s = s + vals[u]
         part[w * 32 + lane] = s
@@ -258,10 +265,7 @@ class ColumnScanKernel:
         # ---- 3. rescan the range: each entry becomes the count of the rows before its block
         if ok != 0:
             for ib in cutlass.range(i0, i1, U):
-                for u in cutlass.range_constexpr(U):
-                    vals[u] = Int32(0)
-                    if ib + u < i1:
-                        vals[u] = col[(ib + u) * nb]
+                _load_column(col, vals, ib, i1, nb)
                 for u in cutlass.range_constexpr(U):
                     if ib + u < i1:
                         col[(ib + u) * nb] = run
