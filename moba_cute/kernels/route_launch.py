@@ -339,11 +339,16 @@ def centroids_cute(k, cu_seqlens_k, chunk_size):
 
 # --- timing ---------------------------------------------------------------------------------
 
-def _bench_one(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True, iters=10):
-    dev = "cuda"
+def _random_inputs(B, H, Hk, D, S, dtype, dev="cuda"):
+    """B sequences of S tokens: random q (B*S, H, D), k (B*S, Hk, D) and their cu_seqlens."""
     q = torch.randn(B * S, H, D, device=dev, dtype=dtype)
     k = torch.randn(B * S, Hk, D, device=dev, dtype=dtype)
     cu = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * S
+    return q, k, cu
+
+
+def _bench_one(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True, iters=10):
+    q, k, cu = _random_inputs(B, H, Hk, D, S, dtype)
     for _ in range(3):
         route_cute(q, k, cu, cu, S, S, C, K, causal)
     torch.cuda.synchronize()
@@ -388,10 +393,7 @@ def _profile(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True):
     """Per-kernel GPU times (torch.profiler) and the host time of one call."""
     import time
 
-    dev = "cuda"
-    q = torch.randn(B * S, H, D, device=dev, dtype=dtype)
-    k = torch.randn(B * S, Hk, D, device=dev, dtype=dtype)
-    cu = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * S
+    q, k, cu = _random_inputs(B, H, Hk, D, S, dtype)
     for _ in range(3):
         route_cute(q, k, cu, cu, S, S, C, K, causal)
     torch.cuda.synchronize()
@@ -420,9 +422,7 @@ def _check(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True):
     """Large-shape self-check: bit-identical repeats, key-major == transpose of the selection,
     selection rows well formed (own chunk first, distinct, in range)."""
     dev = "cuda"
-    q = torch.randn(B * S, H, D, device=dev, dtype=dtype)
-    k = torch.randn(B * S, Hk, D, device=dev, dtype=dtype)
-    cu = torch.arange(0, B + 1, device=dev, dtype=torch.int32) * S
+    q, k, cu = _random_inputs(B, H, Hk, D, S, dtype, dev)
     r1 = route_cute(q, k, cu, cu, S, S, C, K, causal)
     r2 = route_cute(q, k, cu, cu, S, S, C, K, causal)
     same = all(torch.equal(getattr(r1, f), getattr(r2, f)) for f in ("selection", "offsets", "query_rows"))
