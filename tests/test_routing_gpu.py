@@ -216,3 +216,35 @@ def test_many_sequences_and_garbage_cu_seqlens():
     k2 = k[:1000].contiguous()
     rl.route_cute(q2, k2, bad, bad.flip(0).contiguous(), 1000, 1000, 32, 4, True)
     torch.cuda.synchronize()
+
+
+def test_prep_fused_and_separate_agree():
+    """Up to cfg.PREP_FUSED_MAX_SEQS sequences the centroids kernel does the chunk bookkeeping
+    itself (warp scan); one more (empty) sequence takes the separate prep kernel. Both must give
+    the same routing, and the fused one must be the transpose-consistent index."""
+    from moba_cute.configs import routing as cfg
+
+    rl = _rl()
+    nseq = cfg.PREP_FUSED_MAX_SEQS
+    g = torch.Generator().manual_seed(11)
+    lens = [int(x) for x in torch.randint(0, 400, (nseq,), generator=g).tolist()]
+    lens[3] = 0
+    lens[nseq - 1] = 0
+    q, k, cq, ck = _make(lens, lens, 4, 2, 64, torch.bfloat16, seed=13)
+    r1 = rl.route_cute(q, k, cq, ck, max(lens), max(lens), 32, 5, True)
+    cq2 = torch.cat([cq, cq[-1:]]).contiguous()
+    ck2 = torch.cat([ck, ck[-1:]]).contiguous()
+    r2 = rl.route_cute(q, k, cq2, ck2, max(lens), max(lens), 32, 5, True)
+    torch.cuda.synchronize()
+    nch = int(r1.cu_chunks[-1])
+    exp = torch.tensor([0] + [(x + 31) // 32 for x in lens], dtype=torch.int64).cumsum(0)
+    assert torch.equal(r1.cu_chunks.cpu().long(), exp)
+    assert torch.equal(r2.cu_chunks[: nseq + 1], r1.cu_chunks) and int(r2.cu_chunks[-1]) == nch
+    assert torch.equal(r1.selection, r2.selection)
+    nused = nch * 4 + 1
+    assert torch.equal(r1.offsets[:nused], r2.offsets[:nused])
+    assert torch.equal(r1.query_rows, r2.query_rows)
+    off, qr = _transpose(r1.selection, cq, r1.cu_chunks, r1.num_chunks_bound)
+    assert torch.equal(r1.offsets, off) and torch.equal(r1.query_rows, qr)
+    n = _check_valid(r1, q, k, cq, ck, 32, 5, True)
+    assert n > 0

@@ -42,6 +42,10 @@ SUPPORTED_HEAD_DIMS = (64, 96, 128, 192, 256)
 KM_MIN_BLOCK_ROWS = 256
 
 
+# batches of up to this many sequences skip the prep kernel: the centroids kernel computes the
+# chunk bookkeeping with one warp lane per sequence (kernels/centroids.py)
+PREP_FUSED_MAX_SEQS = 32
+
 def list_cap(list_len: int) -> int:
     """Static list capacity: the exact length for register lists (<= 16), else 32 or 64."""
     if list_len <= 16:

@@ -97,7 +97,7 @@ def fake_args_centroids(dtype):
         common.fake_gptr(dtype, 16), common.fake_gptr(I, 4), common.fake_gptr(I, 4),
         common.fake_gptr(cutlass.Float32, 16), common.fake_gptr(dtype, 16), common.fake_gptr(dtype, 16),
         common.fake_gptr(I, 4),
-    ) + _I(6) + (common.fake_stream(),)
+    ) + _P(4) + _I(13) + (common.fake_stream(),)
 
 
 def fake_args_topk(dtype):
@@ -139,6 +139,8 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch, wide=False):
     return [
         (("prep",), ChunkPrepKernel, fake_args_prep()),
         (("centroids", dtype_name, head_dim), lambda: CentroidsKernel(dt, head_dim), fake_args_centroids(dt)),
+        (("centroids_prep", dtype_name, head_dim), lambda: CentroidsKernel(dt, head_dim, True),
+         fake_args_centroids(dt)),
         (("topk", dtype_name, head_dim, cap, bool(causal), bm, bn, st),
          lambda: TopkRoutingKernel(dt, head_dim, cap, bool(causal), bm, bn, st), fake_args_topk(dt)),
         (("kmcount", vec), lambda: BlockCountKernel(vec), fake_args_count()),
@@ -151,14 +153,29 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch, wide=False):
 _KSETS = {}
 
 
+class _KernelSet(dict):
+    """Role -> compiled kernel of one configuration, compiled on first use (a call needs either
+    ``prep`` + ``centroids`` or ``centroids_prep``, depending on the number of sequences)."""
+
+    def __init__(self, specs, arch):
+        super().__init__()
+        self.specs = {s[0][0]: s for s in specs}
+        self.arch = arch
+
+    def __missing__(self, role):
+        s = self.specs[role]
+        k = _compiled(s[0], s[1], s[2], self.arch)
+        self[role] = k
+        return k
+
+
 def _kernels(dtype, head_dim, topk, causal, arch, wide=False):
-    """The compiled kernels of one configuration (dict by role), cached per configuration."""
+    """The kernels of one configuration (by role, compiled on first use), cached per configuration."""
     sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch, bool(wide), int(topk) % 4 == 0)
     ks = _KSETS.get(sk)
     if ks is None:
         name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-        specs = kernel_specs(name, head_dim, topk, causal, arch, wide)
-        ks = {s[0][0]: _compiled(s[0], s[1], s[2], arch) for s in specs}
+        ks = _KernelSet(kernel_specs(name, head_dim, topk, causal, arch, wide), arch)
         _KSETS[sk] = ks
     return ks
 
@@ -275,10 +292,16 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     p_cc = cu_chunks.data_ptr()
     nb1 = max(nbound, 1)
 
-    ks["prep"](p_cq, p_ck, p_cc, p_mt, p_kb, p_tb, B, total_q, total_k, C, G, plan.rows_tile, nbound,
-               plan.mt_bound, plan.km_rows, plan.kb_bound, plan.tb_bound, stream)
-    if nbound > 0 and Hk > 0:
-        ks["centroids"](p_k, p_ck, p_cc, p_cent, p_hi, p_lo, p_counts, B, total_k, Hk, H, C, nbound, stream)
+    cargs = (p_k, p_ck, p_cc, p_cent, p_hi, p_lo, p_counts, p_cq, p_mt, p_kb, p_tb, B, total_k, Hk, H, C, nbound,
+             total_q, G, plan.rows_tile, plan.mt_bound, plan.km_rows, plan.kb_bound, plan.tb_bound, stream)
+    if B <= cfg.PREP_FUSED_MAX_SEQS and nbound > 0 and Hk > 0:
+        # few sequences: the centroids kernel does the prep itself (one launch, no host gap)
+        ks["centroids_prep"](*cargs)
+    else:
+        ks["prep"](p_cq, p_ck, p_cc, p_mt, p_kb, p_tb, B, total_q, total_k, C, G, plan.rows_tile, nbound,
+                   plan.mt_bound, plan.km_rows, plan.kb_bound, plan.tb_bound, stream)
+        if nbound > 0 and Hk > 0:
+            ks["centroids"](*cargs)
     selection = torch.empty(total_q, H, K, dtype=torch.int32, device=dev)
     p_sel = selection.data_ptr()
     if plan.mt_bound > 0 and Hk > 0:
@@ -333,7 +356,8 @@ def centroids_cute(k, cu_seqlens_k, chunk_size):
                B, 0, total_k, C, 1, 1, nbound, 0, 256, 0, 0, stream)
     if nbound > 0 and Hk > 0:
         ks["centroids"](k.data_ptr(), cu_k.data_ptr(), cu_chunks.data_ptr(), cent.data_ptr(), c_hi.data_ptr(),
-                        c_lo.data_ptr(), sp + 12 * (B + 1), B, total_k, Hk, 0, C, nbound, stream)
+                        c_lo.data_ptr(), sp + 12 * (B + 1), cu_k.data_ptr(), sp, sp + 4 * (B + 1), sp + 8 * (B + 1),
+                        B, total_k, Hk, 0, C, nbound, 0, 1, 1, 0, 256, 0, 0, stream)
     return cent[:nbound]
 
 
