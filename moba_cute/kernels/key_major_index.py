@@ -307,6 +307,7 @@ class SegmentScanKernel:
         h, _, _ = cute.arch.block_idx()
         smem = cutlass.utils.SmemAllocator()
         s_w = smem.allocate_tensor(Int32, cute.make_layout(64), 16)
+        tc = _t(counts)
         to = _t(offsets)
         thm = _t(offs_hm)
         nbound = nseg // cutlass.max(H, Int32(1))
@@ -316,21 +317,35 @@ class SegmentScanKernel:
         carry = Int32(0)
         for base in cutlass.range(0, nbound, self.nthr * CPT):
             g0 = base + tid * CPT
+            for c in cutlass.range_constexpr(CPT):
+                tots[c] = Int32(0)
+                parts[c] = Int32(0)
+            # 4 heads of each of the CPT chunks per step: independent loads (16-byte ones when
+            # H % 4 == 0, where every chunk's row of counts is 16-byte aligned)
+            for hh in cutlass.range(0, H, 4):
+                for c in cutlass.range_constexpr(CPT):
+                    g = g0 + c
+                    xs = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+                    if g < nbound:
+                        if H % 4 == 0:
+                            v4 = cute.make_tensor((counts + (g * H + hh)).align(16), cute.make_layout(4)).load()
+                            for e in cutlass.range_constexpr(4):
+                                xs[e] = v4[e]
+                        else:
+                            for e in cutlass.range_constexpr(4):
+                                xs[e] = Int32(0)
+                                if hh + e < H:
+                                    xs[e] = tc[g * H + hh + e]
+                    else:
+                        for e in cutlass.range_constexpr(4):
+                            xs[e] = Int32(0)
+                    for e in cutlass.range_constexpr(4):
+                        tots[c] = tots[c] + xs[e]
+                        if hh + e < h:
+                            parts[c] = parts[c] + xs[e]
             local = Int32(0)
             for c in cutlass.range_constexpr(CPT):
-                g = g0 + c
-                t_all = Int32(0)
-                t_part = Int32(0)
-                if g < nbound:
-                    row = _t(counts + g * H)
-                    for hh in cutlass.range(H, unroll=4):
-                        x = row[hh]
-                        t_all = t_all + x
-                        if hh < h:
-                            t_part = t_part + x
-                tots[c] = t_all
-                parts[c] = t_part
-                local = local + t_all
+                local = local + tots[c]
             pre, tot = block_exclusive_scan(local, s_w, tid, self.nthr // 32)
             run = carry + pre
             for c in cutlass.range_constexpr(CPT):
