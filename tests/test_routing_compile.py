@@ -62,8 +62,12 @@ def test_support_kernels_compile(arch):
                 if key[0] in ("kmcount", "kmwrite") and key[1]:
                     # 16-byte selection loads (topk % 4 == 0)
                     assert "ld.global.v4" in rep.ptx or "ld.global.nc.v4" in rep.ptx, key
-                if key[0] == "centroids":
+                if key[0] in ("centroids", "centroids_prep"):
                     assert "ld.global.v4" in rep.ptx or "ld.global.nc.v4" in rep.ptx, key
+                if key[0] == "centroids_prep":
+                    # the chunk bookkeeping by warp scan (one lane per sequence) instead of a prep launch
+                    assert "shfl.sync.up" in rep.ptx and "shfl.sync.idx" in rep.ptx, key
+                    assert "vote.sync.ballot" in rep.ptx, key
 
 
 def _topk_cases(full):

@@ -2,7 +2,7 @@
 
 Deterministic by construction, no global atomics and no sort. The query rows of each
 (sequence, query head) are cut into *blocks* of ``km_rows`` consecutive rows (a host-chosen
-power of two >= 256, so that the count table below stays within the selection's size). A
+power of two >= 512, so that the count table below stays within the selection's size). A
 count table ``T[h][block][chunk]`` (per sequence ``ceil(Sq/km_rows) * ceil(Sk/C)`` entries;
 per-sequence bases ``tbase`` from the prep kernel) holds how many rows of a block selected a
 chunk.
@@ -13,12 +13,14 @@ chunk.
 2. :class:`ColumnScanKernel` (32 chunks x 8 block ranges per CTA, per head): turns each
    chunk's column of ``T`` (its blocks in row order) into its exclusive prefix sum (where the
    block's rows start inside the segment) and writes the segment's count.
-3. :class:`SegmentScanKernel` (one CTA): ``offsets`` = exclusive prefix sum of the counts.
+3. :class:`SegmentScanKernel` (one CTA per head): ``offsets`` = exclusive prefix sum of the
+   counts, and a head-major copy for the write pass.
 4. :class:`BlockWriteKernel` (one CTA per block and head): processes its rows in groups of
    256 in row order. Per group, a shared bitmap ``bits[chunk][warp]`` of the rows that chose
    each chunk (``atomic_or`` of warp run masks: order independent); a row's place in its
    segment is ``offsets[seg] + T + (rows of earlier groups) + popc(bits of earlier warps) +
    popc(own warp's bits below the lane)``, so every segment comes out ascending with no sort.
+   The entries go through a shared-memory stage grouped by chunk, so the stores are runs.
    Chunks are handled in windows of ``WRITE_WIN`` (shared memory). The kernel also writes
    ``-1`` to ``query_rows[offsets[-1]:]``.
 
