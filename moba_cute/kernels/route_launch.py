@@ -202,6 +202,17 @@ def _arch_of(dev):
     return a
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _raw_stream(dev):
+    """The caller's current CUDA stream handle (the raw getter: ~0.1 us instead of ~3 us for a
+    ``torch.cuda.Stream`` object, which matters before the first launch of a timed call)."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(dev.index if dev.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
 def _km_block_rows(total_q, total_k, B, C, H, cap):
     """Rows per key-major block and the per-head count-table bound (host, shapes only)."""
     br = cfg.KM_MIN_BLOCK_ROWS
@@ -280,7 +291,7 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     ks = plan.ks
     nbound, nseg, cap = plan.nbound, plan.nseg, plan.cap
     G = H // Hk
-    stream = torch.cuda.current_stream(dev).cuda_stream
+    stream = _raw_stream(dev)
 
     # the first two kernels are launched before the outputs they do not touch are allocated:
     # the GPU starts sooner (a timed call otherwise waits for the host's allocations)
