@@ -33,10 +33,10 @@ def _check_clean(rep, what):
     assert rep.registers, (what, "no ptxas report captured")
 
 
-def _specs(dtype, d, topk, causal, arch, wide=False):
+def _specs(dtype, d, topk, causal, arch, long_rows=False):
     from moba_cute.kernels.route_launch import kernel_specs
 
-    return {s[0]: s for s in kernel_specs(dtype, d, topk, causal, arch, wide)}
+    return {s[0]: s for s in kernel_specs(dtype, d, topk, causal, arch, long_rows)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -107,41 +107,48 @@ def test_topk_kernel_compiles(arch, dtype, d, topk, causal):
     assert "cp.async.cg.shared.global" in rep.ptx or "cp.async.ca.shared.global" in rep.ptx
 
 
-def _wide_cases():
+def _one_stage_cases():
+    """Every shipped one-stage configuration in bf16 (D = 64 and 128, every list length, both
+    causal modes), fp16 for D = 128 and a D = 64 sample."""
     out = []
-    for dtype, d, cap, causal in [("bfloat16", 128, 7, True), ("bfloat16", 128, 3, True),
-                                  ("bfloat16", 128, 1, False), ("bfloat16", 128, 7, False),
-                                  ("float16", 128, 7, True), ("bfloat16", 64, 7, True),
-                                  ("bfloat16", 64, 8, False), ("bfloat16", 64, 16, False),
-                                  ("float16", 64, 15, True)]:
-        assert cfg.topk_wide_ok("sm90", d, cap)
-        topk = cap + 1 if causal else cap
-        out.append(pytest.param(dtype, d, topk, causal, id=f"{dtype}-d{d}-cap{cap}-{'causal' if causal else 'full'}"))
+    for d in (64, 128):
+        for causal in (True, False):
+            for cap in range(1, 17):
+                if not cfg.topk_one_stage_ok("sm90", d, cap, causal):
+                    continue
+                dtypes = ("bfloat16", "float16") if d == 128 or cap in (7, 16) else ("bfloat16",)
+                for dtype in dtypes:
+                    topk = cap + 1 if causal else cap
+                    out.append(pytest.param(dtype, d, topk, causal,
+                                            id=f"{dtype}-d{d}-cap{cap}-{'causal' if causal else 'full'}"))
+    assert len(out) >= 40
     return out
 
 
-@pytest.mark.parametrize("dtype,d,topk,causal", _wide_cases())
-def test_wide_topk_kernel_compiles(dtype, d, topk, causal):
-    """The wide (64-column, one centroid buffer, 3 CTAs/SM) top-k tile for long rows on sm90:
-    compiles within 168 registers (min 3 CTAs per SM) without spills."""
-    specs = _specs(dtype, d, topk, causal, "sm_90a", wide=True)
+@pytest.mark.parametrize("dtype,d,topk,causal", _one_stage_cases())
+def test_one_stage_topk_kernel_compiles(dtype, d, topk, causal):
+    """The one-stage top-k tile for long rows on sm90 (32 columns, one centroid buffer,
+    16-column MMA passes, 4 CTAs per SM): compiles within 128 registers without spills."""
+    specs = _specs(dtype, d, topk, causal, "sm_90a", long_rows=True)
     key = [k for k in specs if k[0] == "topk"][0]
-    assert key[5:8] == (128, 64, 1), key
+    assert key[5:10] == (128, 32, 1, 16, 4), key
     rep = _compile(specs[key], "sm_90a")
     _check_clean(rep, key)
-    assert ".minnctapersm 3" in rep.ptx
-    assert max(rep.registers.values()) <= 168, rep.registers
+    assert ".minnctapersm 4" in rep.ptx
+    assert max(rep.registers.values()) <= 128, rep.registers
     assert "mma.sync.aligned.m16n8k16" in rep.ptx
 
 
-def test_wide_tile_choice():
-    # wide only on sm90, where it keeps 3 CTAs per SM, and only when asked for (long rows)
-    assert cfg.topk_tile("sm90", 128, 7, wide=True) == (128, 64, 1)
-    assert cfg.topk_tile("sm90", 128, 7) == (128, 32, 2)
-    assert cfg.topk_tile("sm80", 128, 7, wide=True) == (128, 32, 2)
-    assert cfg.topk_tile("sm90", 128, 8, wide=True) == (128, 32, 2)  # would spill at 168 regs
-    assert cfg.topk_tile("sm90", 96, 7, wide=True) == (128, 32, 2)
-    assert cfg.topk_tile("sm90", 256, 7, wide=True) == cfg.topk_tile("sm90", 256, 7)
+def test_one_stage_tile_choice():
+    # one-stage only on sm90, where ptxas fits it in 128 registers, and only for long rows
+    assert cfg.topk_tile("sm90", 128, 7, long_rows=True) == (128, 32, 1, 16, 4)
+    assert cfg.topk_tile("sm90", 128, 7) == (128, 32, 2, 32, 0)
+    assert cfg.topk_tile("sm80", 128, 7, long_rows=True) == (128, 32, 2, 32, 0)
+    assert cfg.topk_tile("sm90", 128, 8, long_rows=True) == (128, 32, 2, 32, 0)  # would spill at 128 regs
+    assert cfg.topk_tile("sm90", 96, 7, long_rows=True) == (128, 32, 2, 32, 0)
+    assert cfg.topk_tile("sm90", 128, 6, long_rows=True, causal=False) == (128, 32, 2, 32, 0)  # spills
+    assert cfg.topk_tile("sm90", 128, 5, long_rows=True, causal=False) == (128, 32, 1, 16, 4)
+    assert cfg.topk_tile("sm90", 256, 7, long_rows=True) == cfg.topk_tile("sm90", 256, 7)
 
 
 def test_unsupported_reasons():

@@ -9,13 +9,15 @@ the query fragments live in registers, D <= 128, and it fits) and, for list capa
 
 Two tile families (measured on an H200, docs/routing.md):
 
-* narrow (default): the first of ``TOPK_TILE_CANDIDATES`` that fits, 32-column tiles, two
-  centroid buffers;
-* wide (sm90, rows of >= ``TOPK_WIDE_MIN_CHUNKS`` chunks, D <= 64 or list length <= 7 at
-  D = 128): 64-column tiles, one centroid buffer (fetched while the previous tile is
-  selected), 3 CTAs per SM. Wider tiles mean fewer, larger insertion rounds (less of the
-  per-warp maximum over 32 rows wasted), which pays on long rows; on short rows the single
-  buffer's exposed load latency and the partial last tile cost more than that saves.
+* two-stage (default): the first of ``TOPK_TILE_CANDIDATES`` that fits, 32-column tiles, two
+  centroid buffers (tile t+1 loads during tile t), 32-column MMA passes;
+* one-stage (sm90, rows of >= ``TOPK_ONE_STAGE_MIN_CHUNKS`` chunks, where ptxas fits it in 128
+  registers: D <= 64, or the D = 128 list lengths of ``TOPK_ONE_STAGE_D128_CAPS``): 32-column tiles, one centroid buffer
+  (the next tile is fetched while the current one is selected), 16-column MMA passes (16
+  accumulators per thread instead of 32) and 4 CTAs per SM instead of 3: 16 warps per SM hide
+  the selection's dependency latency better than the second buffer hides the loads (64K
+  flashmoba: top-k 1.25 -> 1.19 ms; the previous long-row tile, 64 columns at 3 CTAs per SM,
+  is gone).
 
 Key-major index: blocks of ``km_block_rows`` query rows (host-chosen power of two >= 256 so
 that the per-(block, chunk) count table stays within the selection's size).
@@ -32,10 +34,13 @@ SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
 # exact length; longer lists live in shared memory with capacity 32 or 64
 LIST_CAPS = (8, 16, 32, 64)
 
-# rows (in chunks) from which the wide top-k tile is used, and its shared-memory budget (three
-# CTAs per SM on sm90)
-TOPK_WIDE_MIN_CHUNKS = 256
-TOPK_WIDE_SMEM = 75 * 1024
+# rows (in chunks) from which the one-stage top-k tile is used (measured faster at 64 chunks
+# per row and above), and its shared-memory budget (four CTAs per SM on sm90)
+TOPK_ONE_STAGE_MIN_CHUNKS = 64
+TOPK_ONE_STAGE_SMEM = 56 * 1024
+# D = 128 list lengths (causal, non-causal) that ptxas fits in 128 registers without spilling
+# (not monotone: causal length 5 spills, 6 and 7 do not)
+TOPK_ONE_STAGE_D128_CAPS = {True: (1, 2, 3, 4, 6, 7), False: (1, 2, 3, 4, 5)}
 
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 192, 256)
 
@@ -67,18 +72,22 @@ def topk_smem_bytes(head_dim: int, bm: int, bn: int, cap: int, stages: int = 2) 
     return s + 1024
 
 
-def topk_wide_ok(fam: str, head_dim: int, cap: int) -> bool:
-    """Whether the wide tile (128, 64, 1 stage) is shipped for this configuration: sm90, and
-    it keeps 3 CTAs per SM without spilling (ptxas: D <= 64, or list length <= 7 at D = 128)."""
-    return (fam == "sm90" and cap <= 16 and (head_dim <= 64 or (head_dim == 128 and cap <= 7))
-            and topk_smem_bytes(head_dim, 128, 64, cap, 1) <= TOPK_WIDE_SMEM)
+def topk_one_stage_ok(fam: str, head_dim: int, cap: int, causal: bool = True) -> bool:
+    """Whether the one-stage tile (128, 32, 1 stage, 16-column MMA passes, 4 CTAs per SM) is
+    shipped for this configuration: sm90, and ptxas fits it in 128 registers without spilling
+    (D <= 64 every list length <= 16; D = 128 the lengths of ``TOPK_ONE_STAGE_D128_CAPS``).
+    The CPU compile tests build every one of these and check for spills."""
+    d128 = head_dim == 128 and cap in TOPK_ONE_STAGE_D128_CAPS[bool(causal)]
+    return (fam == "sm90" and cap <= 16 and (head_dim <= 64 or d128)
+            and topk_smem_bytes(head_dim, 128, 32, cap, 1) <= TOPK_ONE_STAGE_SMEM)
 
 
-def topk_tile(fam: str, head_dim: int, cap: int, wide: bool = False):
-    """(bm, bn, stages) of the top-k kernel, or None if nothing fits the arch's shared memory."""
-    if wide and topk_wide_ok(fam, head_dim, cap):
-        return 128, 64, 1
+def topk_tile(fam: str, head_dim: int, cap: int, long_rows: bool = False, causal: bool = True):
+    """(bm, bn, stages, mma_n, ctas_per_sm) of the top-k kernel (``ctas_per_sm`` 0: no
+    occupancy target), or None if nothing fits the arch's shared memory."""
+    if long_rows and topk_one_stage_ok(fam, head_dim, cap, causal):
+        return 128, 32, 1, 16, 4
     for bm, bn in TOPK_TILE_CANDIDATES:
         if topk_smem_bytes(head_dim, bm, bn, cap) <= SMEM_LIMIT[fam]:
-            return bm, bn, 2
+            return bm, bn, 2, 32, 0
     return None

@@ -5,13 +5,14 @@ One CTA of ``BM`` threads handles ``BM`` packed query rows of one sequence and o
 a centroid tile in shared memory is reused by all ``G`` query heads of the KV group. The CTA
 walks the tiles of ``BN`` centroids of its sequence in ascending chunk order and scores them
 on the tensor cores with a hi/lo split of the fp32 centroid (``q*c_hi + q*c_lo``, fp32
-accumulation, so scores carry ~fp32 precision), 32 columns per MMA pass. For head dims up to
-128 the query fragments are loaded into registers once.
+accumulation, so scores carry ~fp32 precision), ``mma_n`` (32 or 16) columns per MMA pass. For
+head dims up to 128 the query fragments are loaded into registers once.
 
-Per tile: barrier, MMA into the score tile (shared memory, 32 columns per pass; passes past
-the CTA's last chunk are skipped), barrier, selection. With two centroid buffers (narrow tile)
-tile t+1 is fetched during tile t's MMA and selection; with one (wide 64-column tile, long rows
-on sm90, see ``configs/routing.py``) it is fetched once the MMA is done, during the selection.
+Per tile: barrier, MMA into the score tile (shared memory, one pass at a time; passes past the
+CTA's last chunk are skipped), barrier, selection. With two centroid buffers (two-stage tile)
+tile t+1 is fetched during tile t's MMA and selection; with one (one-stage tile: long rows on
+sm90, 16-column passes and 4 CTAs per SM, see ``configs/routing.py``) it is fetched once the
+MMA is done, during the selection.
 The threads select one row each:
 
 * the row's ``BN`` scores are compared with its running threshold (its current L-th best)
@@ -20,8 +21,7 @@ The threads select one row each:
   used instead: the minimum over ``L`` disjoint column groups of the group maxima (``L``
   scores are >= it), which cuts the first tile's candidates from ``BN`` to ~``2L``;
 * only the set bits go through the insertion network, lowest column first, so a warp runs
-  the network as often as its busiest row inserts (wide tiles: fewer, larger rounds, less
-  waste than the per-tile maximum over 32 rows of narrow tiles). The loop is branch free (a
+  the network as often as its busiest row inserts. The loop is branch free (a
   candidate below the threshold leaves a descending list unchanged) and loads the next
   candidate's score before inserting the current one.
 
@@ -44,7 +44,6 @@ from cutlass.cute.nvgpu import cpasync, warp
 
 from .centroids import clamp_seq, find_segment
 
-MMA_N = 32  # columns per MMA pass (32 fp32 accumulators per thread at BM = 128)
 
 
 @cute.jit
@@ -70,10 +69,10 @@ def pop_lowest(w0: Uint32, w1: Uint32):
 
 
 class TopkRoutingKernel:
-    """Compile key: ("topk", dtype, head_dim, list_cap, causal, BM, BN, stages, arch)."""
+    """Compile key: ("topk", dtype, head_dim, list_cap, causal, BM, BN, stages, mma_n, ctas_per_sm, arch)."""
 
-    def __init__(self, dtype, head_dim: int, list_cap: int, causal: bool, bm: int = 128, bn: int = 64,
-                 stages: int = 1):
+    def __init__(self, dtype, head_dim: int, list_cap: int, causal: bool, bm: int = 128, bn: int = 32,
+                 stages: int = 2, mma_n: int = 32, ctas_per_sm: int = 0):
         assert head_dim % 16 == 0 or head_dim in (96,)
         assert bm in (64, 128) and bn in (16, 32, 64)
         self.dtype = dtype
@@ -84,7 +83,8 @@ class TopkRoutingKernel:
         self.causal = causal
         self.BM = bm
         self.BN = bn
-        self.MN = min(bn, MMA_N)
+        assert mma_n in (16, 32)
+        self.MN = min(bn, mma_n)  # columns per MMA pass
         assert stages in (1, 2)
         self.stages = stages  # centroid tile buffers: 2 = tile t+1 loads during tile t's MMA too
         self.nthr = bm  # one thread per row in the selection
@@ -97,9 +97,9 @@ class TopkRoutingKernel:
         self.alias_scores = self.hoist and bn * self.SP * 4 <= bm * self.DP * 2
         # first-tile lower bound: L groups of >= 2 columns
         self.first_bound = self.reg_lists and 2 * list_cap <= bn
-        # the wide tile is shipped where 3 CTAs per SM fit (<= 168 registers at 128 threads,
-        # configs/routing.py::topk_wide_ok); the narrow one keeps what ptxas chooses
-        self.min_ctas = 12 // self.nwarps if stages == 1 else 0
+        # occupancy target (configs/routing.py: the one-stage tile asks for 4 CTAs per SM, i.e.
+        # <= 128 registers); 0: what ptxas chooses
+        self.min_ctas = ctas_per_sm
 
     @cute.jit
     def __call__(
