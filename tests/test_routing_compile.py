@@ -33,10 +33,10 @@ def _check_clean(rep, what):
     assert rep.registers, (what, "no ptxas report captured")
 
 
-def _specs(dtype, d, topk, causal, arch, long_rows=False):
+def _specs(dtype, d, topk, causal, arch):
     from moba_cute.kernels.route_launch import kernel_specs
 
-    return {s[0]: s for s in kernel_specs(dtype, d, topk, causal, arch, long_rows)}
+    return {s[0]: s for s in kernel_specs(dtype, d, topk, causal, arch)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -127,9 +127,9 @@ def _one_stage_cases():
 
 @pytest.mark.parametrize("dtype,d,topk,causal", _one_stage_cases())
 def test_one_stage_topk_kernel_compiles(dtype, d, topk, causal):
-    """The one-stage top-k tile for long rows on sm90 (32 columns, one centroid buffer,
-    16-column MMA passes, 4 CTAs per SM): compiles within 128 registers without spills."""
-    specs = _specs(dtype, d, topk, causal, "sm_90a", long_rows=True)
+    """The one-stage top-k tile on sm90 (32 columns, one centroid buffer, 16-column MMA passes,
+    4 CTAs per SM): compiles within 128 registers without spills."""
+    specs = _specs(dtype, d, topk, causal, "sm_90a")
     key = [k for k in specs if k[0] == "topk"][0]
     assert key[5:10] == (128, 32, 1, 16, 4), key
     rep = _compile(specs[key], "sm_90a")
@@ -140,15 +140,16 @@ def test_one_stage_topk_kernel_compiles(dtype, d, topk, causal):
 
 
 def test_one_stage_tile_choice():
-    # one-stage only on sm90, where ptxas fits it in 128 registers, and only for long rows
-    assert cfg.topk_tile("sm90", 128, 7, long_rows=True) == (128, 32, 1, 16, 4)
-    assert cfg.topk_tile("sm90", 128, 7) == (128, 32, 2, 32, 0)
-    assert cfg.topk_tile("sm80", 128, 7, long_rows=True) == (128, 32, 2, 32, 0)
-    assert cfg.topk_tile("sm90", 128, 8, long_rows=True) == (128, 32, 2, 32, 0)  # would spill at 128 regs
-    assert cfg.topk_tile("sm90", 96, 7, long_rows=True) == (128, 32, 2, 32, 0)
-    assert cfg.topk_tile("sm90", 128, 6, long_rows=True, causal=False) == (128, 32, 2, 32, 0)  # spills
-    assert cfg.topk_tile("sm90", 128, 5, long_rows=True, causal=False) == (128, 32, 1, 16, 4)
-    assert cfg.topk_tile("sm90", 256, 7, long_rows=True) == cfg.topk_tile("sm90", 256, 7)
+    # one-stage on sm90 wherever ptxas fits it in 128 registers, two-stage elsewhere
+    assert cfg.topk_tile("sm90", 128, 7) == (128, 32, 1, 16, 4)
+    assert cfg.topk_tile("sm90", 64, 16, causal=False) == (128, 32, 1, 16, 4)
+    assert cfg.topk_tile("sm80", 128, 7) == (128, 32, 2, 32, 0)
+    assert cfg.topk_tile("sm90", 128, 8) == (128, 32, 2, 32, 0)  # would spill at 128 regs
+    assert cfg.topk_tile("sm90", 128, 5) == (128, 32, 2, 32, 0)  # (ptxas spills this one)
+    assert cfg.topk_tile("sm90", 96, 7) == (128, 32, 2, 32, 0)
+    assert cfg.topk_tile("sm90", 128, 6, causal=False) == (128, 32, 2, 32, 0)  # spills
+    assert cfg.topk_tile("sm90", 128, 5, causal=False) == (128, 32, 1, 16, 4)
+    assert cfg.topk_tile("sm90", 256, 7)[2] == 2
 
 
 def test_unsupported_reasons():

@@ -123,7 +123,7 @@ CASES = [
     ([257], [1025], 6, 3, 96, 64, 20, False, torch.bfloat16),  # G=3, D=96, K >= chunks
     ([333], [333], 4, 2, 256, 32, 7, True, torch.bfloat16),
     ([333], [333], 4, 4, 192, 32, 33, True, torch.float16),
-    # >= 64 chunks per row: the one-stage top-k tile on sm90 (configs/routing.py)
+    # long rows (>= 256 chunks)
     ([4200, 100], [4200, 100], 2, 1, 128, 16, 8, True, torch.bfloat16),
     ([4500], [4500], 2, 2, 64, 16, 9, False, torch.float16),
 ]
@@ -183,11 +183,11 @@ def test_exact_on_clear_margins():
         assert torch.equal(r.query_rows, ref.query_rows.to(DEV))
 
 
-@pytest.mark.parametrize("C", [128, 16], ids=["two-stage", "one-stage"])
+@pytest.mark.parametrize("C", [128, 16], ids=["C128", "C16"])
 def test_agreement_with_fp32_selection(C):
     """Random inputs: rows whose selection equals the fp32-score selection (target >= 99.9%).
-    C=16 gives 256 chunks per row: the one-stage top-k tile on sm90 (causal; the non-causal
-    list of 8 takes the two-stage one), C=128 32 chunks: the two-stage tile."""
+    On sm90 the causal cases (list of 7) take the one-stage top-k tile, the non-causal one (list
+    of 8) the two-stage tile; C=16 gives 256 chunks per row, C=128 32."""
     from moba_cute import reference
 
     rates = []

@@ -11,13 +11,13 @@ Two tile families (measured on an H200, docs/routing.md):
 
 * two-stage (default): the first of ``TOPK_TILE_CANDIDATES`` that fits, 32-column tiles, two
   centroid buffers (tile t+1 loads during tile t), 32-column MMA passes;
-* one-stage (sm90, rows of >= ``TOPK_ONE_STAGE_MIN_CHUNKS`` chunks, where ptxas fits it in 128
-  registers: D <= 64, or the D = 128 list lengths of ``TOPK_ONE_STAGE_D128_CAPS``): 32-column tiles, one centroid buffer
-  (the next tile is fetched while the current one is selected), 16-column MMA passes (16
-  accumulators per thread instead of 32) and 4 CTAs per SM instead of 3: 16 warps per SM hide
-  the selection's dependency latency better than the second buffer hides the loads (64K
-  flashmoba: top-k 1.25 -> 1.19 ms; the previous long-row tile, 64 columns at 3 CTAs per SM,
-  is gone).
+* one-stage (sm90, wherever ptxas fits it in 128 registers: D <= 64, or the D = 128 list
+  lengths of ``TOPK_ONE_STAGE_D128_CAPS``): 32-column tiles, one centroid buffer (the next tile
+  is fetched while the current one is selected), 16-column MMA passes (16 accumulators per
+  thread instead of 32) and 4 CTAs per SM instead of 3: 16 warps per SM hide the selection's
+  dependency latency better than a second buffer hides the loads. H200: 64K flashmoba top-k
+  1.25 -> 1.19 ms (the 64-column long-row tile it replaces), and faster than the two-stage tile
+  from 16 chunks per row up (rows of 16 / 32 / 48 chunks: 20 -> 16, 38 -> 35, 58 -> 51 us).
 
 Key-major index: blocks of ``km_block_rows`` query rows (host-chosen power of two >= 256 so
 that the per-(block, chunk) count table stays within the selection's size).
@@ -34,9 +34,7 @@ SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
 # exact length; longer lists live in shared memory with capacity 32 or 64
 LIST_CAPS = (8, 16, 32, 64)
 
-# rows (in chunks) from which the one-stage top-k tile is used (measured faster at 64 chunks
-# per row and above), and its shared-memory budget (four CTAs per SM on sm90)
-TOPK_ONE_STAGE_MIN_CHUNKS = 64
+# shared-memory budget of the one-stage top-k tile (four CTAs per SM on sm90)
 TOPK_ONE_STAGE_SMEM = 56 * 1024
 # D = 128 list lengths (causal, non-causal) that ptxas fits in 128 registers without spilling
 # (not monotone: causal length 5 spills, 6 and 7 do not)
@@ -82,10 +80,10 @@ def topk_one_stage_ok(fam: str, head_dim: int, cap: int, causal: bool = True) ->
             and topk_smem_bytes(head_dim, 128, 32, cap, 1) <= TOPK_ONE_STAGE_SMEM)
 
 
-def topk_tile(fam: str, head_dim: int, cap: int, long_rows: bool = False, causal: bool = True):
+def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True):
     """(bm, bn, stages, mma_n, ctas_per_sm) of the top-k kernel (``ctas_per_sm`` 0: no
     occupancy target), or None if nothing fits the arch's shared memory."""
-    if long_rows and topk_one_stage_ok(fam, head_dim, cap, causal):
+    if topk_one_stage_ok(fam, head_dim, cap, causal):
         return 128, 32, 1, 16, 4
     for bm, bn in TOPK_TILE_CANDIDATES:
         if topk_smem_bytes(head_dim, bm, bn, cap) <= SMEM_LIMIT[fam]:

@@ -122,9 +122,9 @@ def fake_args_write():
     return _P(10) + _I(12) + (common.fake_stream(),)
 
 
-def kernel_specs(dtype_name, head_dim, topk, causal, arch, long_rows=False):
-    """(key, factory, fake args) of every kernel a routing call with this config compiles
-    (``long_rows``: rows of >= ``cfg.TOPK_ONE_STAGE_MIN_CHUNKS`` chunks, see configs/routing.py)."""
+def kernel_specs(dtype_name, head_dim, topk, causal, arch):
+    """(key, factory, fake args) of every kernel a routing call with this config may compile
+    (the top-k tile comes from configs/routing.py)."""
     import cutlass
 
     from .centroids import CentroidsKernel, ChunkPrepKernel
@@ -134,7 +134,7 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch, long_rows=False):
     dt = {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[dtype_name]
     fam = common.arch_family(arch)
     cap = cfg.list_cap(_llen(topk, causal))
-    bm, bn, st, mn, ctas = cfg.topk_tile(fam, head_dim, cap, long_rows, bool(causal))
+    bm, bn, st, mn, ctas = cfg.topk_tile(fam, head_dim, cap, bool(causal))
     vec = int(topk) % 4 == 0  # selection rows 16-byte aligned: vector loads in the key-major passes
     return [
         (("prep",), ChunkPrepKernel, fake_args_prep()),
@@ -169,13 +169,13 @@ class _KernelSet(dict):
         return k
 
 
-def _kernels(dtype, head_dim, topk, causal, arch, long_rows=False):
+def _kernels(dtype, head_dim, topk, causal, arch):
     """The kernels of one configuration (by role, compiled on first use), cached per configuration."""
-    sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch, bool(long_rows), int(topk) % 4 == 0)
+    sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch, int(topk) % 4 == 0)
     ks = _KSETS.get(sk)
     if ks is None:
         name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-        ks = _KernelSet(kernel_specs(name, head_dim, topk, causal, arch, long_rows), arch)
+        ks = _KernelSet(kernel_specs(name, head_dim, topk, causal, arch), arch)
         _KSETS[sk] = ks
     return ks
 
@@ -231,11 +231,11 @@ def _km_block_rows(total_q, total_k, B, C, H, cap):
 class _Plan:
     """Everything of a routing call that depends only on shapes (cached)."""
 
-    def __init__(self, dtype, total_q, H, D, total_k, Hk, B, C, K, causal, arch, long_rows):
+    def __init__(self, dtype, total_q, H, D, total_k, Hk, B, C, K, causal, arch):
         G = H // Hk
         fam = common.arch_family(arch)
         cap_l = cfg.list_cap(_llen(K, causal))
-        bm = cfg.topk_tile(fam, D, cap_l, long_rows, causal)[0]
+        bm = cfg.topk_tile(fam, D, cap_l, causal)[0]
         self.rows_tile = G * (bm // G) if G <= bm else bm
         self.nbound = num_chunks_bound(total_k, B, C)
         self.nseg = self.nbound * H
@@ -248,7 +248,7 @@ class _Plan:
                         (self.mt_bound * Hk, "query tiles * Hk"), (self.nbound * Hk, "num_chunks_bound*Hk"),
                         (self.cap + 2 * self.kb_bound * H + 1024, "total_q*H*topk + key-major blocks")):
             _i32(v, what)
-        self.ks = _kernels(dtype, D, K, causal, arch, long_rows)
+        self.ks = _kernels(dtype, D, K, causal, arch)
         nb1 = max(self.nbound, 1)
         esz = 2
         # workspace layout (bytes, 256-aligned): cent fp32, c_hi, c_lo, counts, table, cu_mtiles,
@@ -279,12 +279,10 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     K = int(topk)
     causal = bool(causal)
     dev = q.device
-    # long rows get the one-stage top-k tile (configs/routing.py); max_seqlen_k is host-known
-    long_rows = -(-int(max_seqlen_k) // max(C, 1)) >= cfg.TOPK_ONE_STAGE_MIN_CHUNKS
-    pk = (q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, dev.index, long_rows)
+    pk = (q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, dev.index)
     plan = _PLANS.get(pk)
     if plan is None:
-        plan = _Plan(q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, _arch_of(dev), long_rows)
+        plan = _Plan(q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, _arch_of(dev))
         if len(_PLANS) > 256:
             _PLANS.clear()
         _PLANS[pk] = plan

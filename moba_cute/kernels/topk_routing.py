@@ -10,9 +10,9 @@ head dims up to 128 the query fragments are loaded into registers once.
 
 Per tile: barrier, MMA into the score tile (shared memory, one pass at a time; passes past the
 CTA's last chunk are skipped), barrier, selection. With two centroid buffers (two-stage tile)
-tile t+1 is fetched during tile t's MMA and selection; with one (one-stage tile: long rows on
-sm90, 16-column passes and 4 CTAs per SM, see ``configs/routing.py``) it is fetched once the
-MMA is done, during the selection.
+tile t+1 is fetched during tile t's MMA and selection; with one (one-stage tile on sm90:
+16-column passes and 4 CTAs per SM, see ``configs/routing.py``) it is fetched once the MMA is
+done, during the selection.
 The threads select one row each:
 
 * the row's ``BN`` scores are compared with its running threshold (its current L-th best)
