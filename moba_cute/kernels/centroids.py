@@ -233,14 +233,15 @@ class ChunkPrepKernel:
 
 
 class CentroidsKernel:
-    """Per-(chunk, KV head) key mean. Compile key: ("centroids", dtype, head_dim, self_prep, arch).
+    """Per-(chunk, KV head) key mean. Compile keys: ("centroids", dtype, head_dim, arch) and,
+    for the ``self_prep`` variant, ("centroids_prep", dtype, head_dim, arch).
 
-    ``self_prep`` (batches of <= ``configs.routing.PREP_FUSED_MAX_SEQS`` = 32 sequences, one warp lane each): no :class:`ChunkPrepKernel` launch. Every CTA
-    finds its chunk's sequence with a warp scan of the per-sequence chunk counts (one lane per
-    sequence), and warp 0 of CTA 0 writes the prep's outputs (same values, same clamping) for
-    the later kernels. Saves a launch and, for a single timed call, the host's launch gap
-    between the two kernels (~40 us on an H200: the GPU finishes the 2 us prep kernel long
-    before the next launch arrives)."""
+    ``self_prep`` (batches of <= ``configs.routing.PREP_FUSED_MAX_SEQS`` = 32 sequences): no
+    :class:`ChunkPrepKernel` launch. Every CTA finds its chunk's sequence with a warp scan of the
+    per-sequence chunk counts (one lane per sequence), and warp 0 of CTA 0 writes the prep's
+    outputs (same values, same clamping) for the later kernels. Saves a launch and, for a
+    single timed call, the host's launch gap between the two kernels (~40 us on an H200: the
+    GPU finishes the 2 us prep kernel long before the next launch arrives)."""
 
     def __init__(self, dtype, head_dim: int, self_prep: bool = False):
         self.dtype = dtype

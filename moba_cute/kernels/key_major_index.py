@@ -502,7 +502,8 @@ class BlockWriteKernel:
                                     j = vals[u]
                                     if (j >= w0) & (j < w0 + nw):
                                         e = wid * WIN + (j - w0)
-                                        x = Int32(lpre[e]) + Int32(cute.arch.popc(bits[e] & Int32(cute.arch.lanemask_lt())))
+                                        below = bits[e] & Int32(cute.arch.lanemask_lt())
+                                        x = Int32(lpre[e]) + Int32(cute.arch.popc(below))
                                         pos = x + delta[j - w0]
                                         if x < SCAP:
                                             srow[x] = row
