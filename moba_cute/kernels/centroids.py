@@ -338,6 +338,9 @@ class CentroidsKernel:
 
         length = Int32(0)
         start = Int64(0)
+        found = Int32(0)  # (seq, j): this CTA's chunk is chunk j of sequence seq
+        seq = Int32(0)
+        j = Int32(0)
         if cutlass.const_expr(self.self_prep):
             # one lane per sequence (the host uses this variant for B <= 32)
             lane = tid % 32
@@ -386,25 +389,23 @@ class CentroidsKernel:
                 nch = cute.arch.shuffle_sync(inc_c, B - 1)
             c0 = cute.arch.shuffle_sync(warp_excl(inc_c, lane), cutlass.min(b, Int32(31)))
             if g < nch:
+                found = Int32(1)
+                seq = b
                 j = g - c0
-                ks, ke = clamp_seq(cu_k, b, total_k)
-                st = Int64(ks) + Int64(j) * Int64(chunk_size)
-                rem = Int64(ke) - st
-                rem = cutlass.max(rem, Int64(0))
-                length = Int32(cutlass.min(rem, Int64(chunk_size)))
-                start = st
         else:
             tcc = cute.make_tensor(cu_chunks, cute.make_layout(1 << 30))
             if B > 0:
                 if g < tcc[B]:
-                    b = find_segment(cu_chunks, B, g)
-                    j = g - tcc[b]
-                    ks, ke = clamp_seq(cu_k, b, total_k)
-                    st = Int64(ks) + Int64(j) * Int64(chunk_size)
-                    rem = Int64(ke) - st
-                    rem = cutlass.max(rem, Int64(0))
-                    length = Int32(cutlass.min(rem, Int64(chunk_size)))
-                    start = st
+                    found = Int32(1)
+                    seq = find_segment(cu_chunks, B, g)
+                    j = g - tcc[seq]
+        # this chunk's keys: rows [start, start + length) of sequence seq (partial last chunk)
+        if found != 0:
+            ks, ke = clamp_seq(cu_k, seq, total_k)
+            st = Int64(ks) + Int64(j) * Int64(chunk_size)
+            rem = cutlass.max(Int64(ke) - st, Int64(0))
+            length = Int32(cutlass.min(rem, Int64(chunk_size)))
+            start = st
 
         ty = tid // CV
         cv = tid % CV
