@@ -25,6 +25,8 @@ that the per-(block, chunk) count table stays within the selection's size).
 
 from __future__ import annotations
 
+import os
+
 TOPK_TILE_CANDIDATES = ((128, 32), (128, 16), (64, 32), (64, 16))
 
 # shared memory a CTA may use (bytes)
@@ -80,12 +82,29 @@ def topk_one_stage_ok(fam: str, head_dim: int, cap: int, causal: bool = True) ->
             and topk_smem_bytes(head_dim, 128, 32, cap, 1) <= TOPK_ONE_STAGE_SMEM)
 
 
+def topk_wgmma_ok(fam: str, head_dim: int, bm: int) -> bool:
+    """Whether the top-k kernel can score with warpgroup MMA: sm90, one warpgroup of 128 rows,
+    query fragments in registers and 128-byte swizzled centroid slabs (D = 64 or 128)."""
+    return fam == "sm90" and bm == 128 and head_dim in (64, 128)
+
+
+# tuning override for A/B measurements: MOBA_TOPK_TILE="bm,bn,stages,mma_n,ctas,wgmma" replaces
+# the choice below for every configuration it fits (read once, at import)
+_TILE_OVERRIDE = tuple(int(x) for x in os.environ.get("MOBA_TOPK_TILE", "").split(",") if x.strip())
+
+
 def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True):
-    """(bm, bn, stages, mma_n, ctas_per_sm) of the top-k kernel (``ctas_per_sm`` 0: no
-    occupancy target), or None if nothing fits the arch's shared memory."""
+    """(bm, bn, stages, mma_n, ctas_per_sm, wgmma) of the top-k kernel (``ctas_per_sm`` 0: no
+    occupancy target; ``wgmma``: sm90 warpgroup MMA instead of mma.sync), or None if nothing
+    fits the arch's shared memory."""
+    if len(_TILE_OVERRIDE) == 6:
+        bm, bn, st, mn, ctas, wg = _TILE_OVERRIDE
+        if topk_smem_bytes(head_dim, bm, bn, cap, st) <= SMEM_LIMIT[fam] and (
+                not wg or topk_wgmma_ok(fam, head_dim, bm)):
+            return bm, bn, st, mn, ctas, bool(wg)
     if topk_one_stage_ok(fam, head_dim, cap, causal):
-        return 128, 32, 1, 16, 4
+        return 128, 32, 1, 16, 4, False
     for bm, bn in TOPK_TILE_CANDIDATES:
         if topk_smem_bytes(head_dim, bm, bn, cap) <= SMEM_LIMIT[fam]:
-            return bm, bn, 2, 32, 0
+            return bm, bn, 2, 32, 0, False
     return None

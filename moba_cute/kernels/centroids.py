@@ -412,9 +412,11 @@ class CentroidsKernel:
         acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
         acc.fill(0.0)
         row_stride = Int64(Hk) * Int64(D)
-        base = k + (start * row_stride + Int64(hk) * Int64(D) + Int64(cv * 8))
+        # (offsets are whole 16-byte pieces: declared so, the pointers keep k's alignment and
+        # the loads are 16 bytes wide without run-time address rounding)
+        base = k + cute.assume(start * row_stride + Int64(hk) * Int64(D) + Int64(cv * 8), divby=8)
         for t in cutlass.range(ty, length, R, unroll=CENTROID_UNROLL):
-            src = cute.make_tensor((base + Int64(t) * row_stride).align(16), cute.make_layout(8))
+            src = cute.make_tensor(base + cute.assume(Int64(t) * row_stride, divby=8), cute.make_layout(8))
             v = src.load().to(Float32)
             acc.store(acc.load() + v)
         for e in cutlass.range_constexpr(8):

@@ -134,15 +134,15 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch):
     dt = {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[dtype_name]
     fam = common.arch_family(arch)
     cap = cfg.list_cap(_llen(topk, causal))
-    bm, bn, st, mn, ctas = cfg.topk_tile(fam, head_dim, cap, bool(causal))
+    bm, bn, st, mn, ctas, wg = cfg.topk_tile(fam, head_dim, cap, bool(causal))
     vec = int(topk) % 4 == 0  # selection rows 16-byte aligned: vector loads in the key-major passes
     return [
         (("prep",), ChunkPrepKernel, fake_args_prep()),
         (("centroids", dtype_name, head_dim), lambda: CentroidsKernel(dt, head_dim), fake_args_centroids(dt)),
         (("centroids_prep", dtype_name, head_dim), lambda: CentroidsKernel(dt, head_dim, True),
          fake_args_centroids(dt)),
-        (("topk", dtype_name, head_dim, cap, bool(causal), bm, bn, st, mn, ctas),
-         lambda: TopkRoutingKernel(dt, head_dim, cap, bool(causal), bm, bn, st, mn, ctas), fake_args_topk(dt)),
+        (("topk", dtype_name, head_dim, cap, bool(causal), bm, bn, st, mn, ctas, wg),
+         lambda: TopkRoutingKernel(dt, head_dim, cap, bool(causal), bm, bn, st, mn, ctas, wg), fake_args_topk(dt)),
         (("kmcount", vec), lambda: BlockCountKernel(vec), fake_args_count()),
         (("kmcolscan",), ColumnScanKernel, fake_args_colscan()),
         (("kmscan",), SegmentScanKernel, fake_args_scan()),
@@ -245,7 +245,7 @@ class _Plan:
         for v, what in ((self.cap, "total_q*H*topk"), (self.nseg + 1, "num_chunks_bound*H+1"),
                         (total_q * H, "total_q*H"), (total_k * Hk * D // 8, "total_k*Hk*D/8"),
                         (self.mt_bound, "query tiles"), (self.tb_bound * H, "key-major count table"),
-                        (self.mt_bound * Hk, "query tiles * Hk"), (self.nbound * Hk, "num_chunks_bound*Hk"),
+                        (self.mt_bound * Hk, "query tiles * Hk"), (self.nbound * Hk, "num_chunks_bound*Hk"), (self.nbound * Hk * D, "num_chunks_bound*Hk*D"),
                         (self.cap + 2 * self.kb_bound * H + 1024, "total_q*H*topk + key-major blocks")):
             _i32(v, what)
         self.ks = _kernels(dtype, D, K, causal, arch)

@@ -40,7 +40,9 @@ import cutlass
 import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Int32, Int64, Float32, Uint32
-from cutlass.cute.nvgpu import cpasync, warp
+from cutlass.cute.nvgpu import cpasync, warp, warpgroup
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
 
@@ -69,10 +71,11 @@ def pop_lowest(w0: Uint32, w1: Uint32):
 
 
 class TopkRoutingKernel:
-    """Compile key: ("topk", dtype, head_dim, list_cap, causal, BM, BN, stages, mma_n, ctas_per_sm, arch)."""
+    """Compile key: ("topk", dtype, head_dim, list_cap, causal, BM, BN, stages, mma_n, ctas_per_sm,
+    wgmma, arch)."""
 
     def __init__(self, dtype, head_dim: int, list_cap: int, causal: bool, bm: int = 128, bn: int = 32,
-                 stages: int = 2, mma_n: int = 32, ctas_per_sm: int = 0):
+                 stages: int = 2, mma_n: int = 32, ctas_per_sm: int = 0, wgmma: bool = False):
         assert head_dim % 16 == 0 or head_dim in (96,)
         assert bm in (64, 128) and bn in (16, 32, 64)
         self.dtype = dtype
@@ -100,6 +103,17 @@ class TopkRoutingKernel:
         # occupancy target (configs/routing.py: the one-stage tile asks for 4 CTAs per SM, i.e.
         # <= 128 registers); 0: what ptxas chooses
         self.min_ctas = ctas_per_sm
+        # sm90 warpgroup MMA (one warpgroup = the CTA's 128 threads, query fragments in
+        # registers, centroid tiles in 128B-swizzled K-major slabs of MN rows) instead of
+        # mma.sync
+        self.wg = wgmma
+        assert not wgmma or (bm == 128 and self.hoist and bn % self.MN == 0)
+        self.nslab = stages * 2 * (bn // self.MN)  # [stage][hi | lo][pass]
+        # centroid tile loads with loop-invariant addressing: a thread's 16-byte pieces are
+        # NT / CV rows apart in the same column
+        cv = head_dim // 8
+        self.fast_ctile = self.nthr % cv == 0 and (bn * cv) % self.nthr == 0
+        assert not wgmma or (self.fast_ctile and self.nthr // cv <= self.MN and head_dim % 64 == 0)
 
     @cute.jit
     def __call__(
@@ -124,11 +138,17 @@ class TopkRoutingKernel:
         rows_per_tile: Int32,
         stream: cuda.CUstream,
     ):
-        tiled_mma = cute.make_tiled_mma(
-            warp.MmaF16BF16Op(self.dtype, Float32, (16, 8, 16)),
-            (self.nwarps, 1, 1),
-            permutation_mnk=(self.nwarps * 16, 16, 16),
-        )
+        if cutlass.const_expr(self.wg):
+            tiled_mma = sm90_utils.make_trivial_tiled_mma(
+                self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K,
+                Float32, (1, 1, 1), (64, self.MN), a_source=warpgroup.OperandSource.RMEM,
+            )
+        else:
+            tiled_mma = cute.make_tiled_mma(
+                warp.MmaF16BF16Op(self.dtype, Float32, (16, 8, 16)),
+                (self.nwarps, 1, 1),
+                permutation_mnk=(self.nwarps * 16, 16, 16),
+            )
         self.kernel(
             q, c_hi, c_lo, cu_q, cu_k, cu_chunks, cu_mtiles, sel, B, total_q, total_k, H, Hk,
             chunk_size, topk, chunk_bound, mtile_bound, rows_per_tile, tiled_mma,
@@ -180,7 +200,16 @@ class TopkRoutingKernel:
         q_layout = cute.make_layout((BM, D), stride=(DP, 1))
         c_layout = cute.make_layout((MN, D), stride=(DP, 1))
         ST = self.stages
-        sC = smem.allocate_tensor(dt, cute.make_layout(ST * 2 * BN * DP), 128)  # [stage][hi | lo]
+        if cutlass.const_expr(self.wg):
+            # wgmma B operand: canonical K-major swizzled slabs (MN, D), one per (stage, hi/lo, pass)
+            c_atom = warpgroup.make_smem_layout_atom(
+                sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, D), dt)
+            c_slabs = cute.tile_to_shape(c_atom, (MN, D, self.nslab), order=(0, 1, 2))
+            sC = smem.allocate_tensor(dt, c_slabs.outer, 1024, swizzle=c_slabs.inner)
+            c_outer = c_slabs.outer
+        else:
+            c_outer = None
+            sC = smem.allocate_tensor(dt, cute.make_layout(ST * 2 * BN * DP), 128)  # [stage][hi | lo]
         sQ = smem.allocate_tensor(dt, q_layout, 128)
         if cutlass.const_expr(self.alias_scores):
             sS = cute.make_tensor(cute.recast_ptr(sQ.iterator, dtype=Float32), cute.make_layout(BN * SP))
@@ -231,23 +260,35 @@ class TopkRoutingKernel:
                 num_bits_per_copy=128,
             )
             # the sequence's first centroid of this KV head
-            hk_base = Int64(hk) * Int64(chunk_bound) * Int64(D) + Int64(cc0) * Int64(D)
+            # (centroid element offsets fit in int32: route_launch checks num_chunks_bound*Hk*D)
+            hk_base = (hk * chunk_bound + cc0) * D
+            c_g0, c_n0, c_s0 = self.ctile_plan(sC, c_outer, hk_base, tid)
             if ntiles > 0:
                 # ---- Q tile -> smem (rows past the tile are clamped to a valid row; never stored)
                 row_stride_q = Int64(H) * Int64(D)
-                for idx in cutlass.range(tid, BM * CV, NT):
+                # packed row m0 + r = (position, head) by one division per CTA and, per row, a
+                # float-reciprocal quotient of (m0 % G + r) / G (< 2G + BM: exact with the +0.5)
+                pos_b = m0 // G
+                hg_b = m0 - pos_b * G
+                inv_g = cute.arch.rcp_approx(Float32(G))
+                for k in cutlass.range_constexpr((BM * CV + NT - 1) // NT):
+                    idx = tid + k * NT
+                    if cutlass.const_expr((k + 1) * NT > BM * CV):
+                        idx = cutlass.min(idx, Int32(BM * CV - 1))  # (re-copies the last piece)
                     r = idx // CV
-                    cv = idx % CV
-                    m = m0 + r
-                    if m >= m_end:
-                        m = m0
-                    pos = m // G
-                    hg = m % G
-                    off = (Int64(qs) + Int64(pos)) * row_stride_q + Int64(hk * G + hg) * Int64(D) + Int64(cv * 8)
-                    src = cute.make_tensor((q + off).align(16), cute.make_layout(8))
-                    dst = cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
+                    cv = idx - r * CV
+                    rr = r
+                    if m0 + r >= m_end:
+                        rr = Int32(0)
+                    u = hg_b + rr
+                    qg = Int32((Float32(u) + Float32(0.5)) * inv_g)
+                    hg = u - qg * G
+                    pos = pos_b + qg
+                    off = (Int64(qs) + Int64(pos)) * row_stride_q + Int64((hk * G + hg) * D + cv * 8)
+                    src = cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8))
+                    dst = cute.make_tensor(sQ.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8))
                     cute.copy(atom_g2s, src, dst)
-                self.load_ctile(atom_g2s, c_hi, c_lo, sC, Int32(0), Int32(0), hk_base, nb, tid)
+                self.load_ctile(atom_g2s, c_hi, c_lo, c_g0, c_n0, c_s0, sC, c_outer, Int32(0), Int32(0), nb)
                 cute.arch.cp_async_commit_group()
 
             # ---- running list (registers when the capacity is small, else shared memory)
@@ -275,10 +316,16 @@ class TopkRoutingKernel:
 
             # ---- MMA partitions (one MN-column pass at a time)
             thr_mma = tiled_mma.get_slice(tid)
-            tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
-            sC0 = cute.make_tensor(sC.iterator, c_layout)
-            tSrC = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
-            tSrC2 = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
+            if cutlass.const_expr(self.wg):
+                # query fragments (registers, RS wgmma); descriptors of every centroid slab
+                tSrQ = thr_mma.make_fragment_A(thr_mma.partition_shape_A((BM, D)))
+                tSrC = thr_mma.make_fragment_B(thr_mma.partition_B(sC))
+                tSrC2 = tSrC
+            else:
+                tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
+                sC0 = cute.make_tensor(sC.iterator, c_layout)
+                tSrC = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
+                tSrC2 = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
             acc_shape = thr_mma.partition_shape_C((BM, MN))
             acc = cute.make_rmem_tensor(acc_shape, Float32)
             ld_atom = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
@@ -288,11 +335,14 @@ class TopkRoutingKernel:
             thr_B = s2r_B.get_slice(tid)
             tSsQ = thr_A.partition_S(sQ)
             tSrQ_v = thr_A.retile(tSrQ)
-            tSrC_v = thr_B.retile(tSrC)
-            tSrC2_v = thr_B.retile(tSrC2)
+            tSrC_v = tSrC
+            tSrC2_v = tSrC2
+            if cutlass.const_expr(not self.wg):
+                tSrC_v = thr_B.retile(tSrC)
+                tSrC2_v = thr_B.retile(tSrC2)
             cS = cute.make_identity_tensor((BM, MN))
             tScS = thr_mma.partition_C(cS)
-            NKB = cute.size(tSsQ.shape[2])
+            NKB = cute.size(tSrQ.shape[2])
 
             if cutlass.const_expr(self.hoist):
                 if ntiles > 0:
@@ -309,19 +359,39 @@ class TopkRoutingKernel:
                     # two buffers: tile t+1 flies during this tile's MMA and selection
                     cbuf = t % 2
                     if t + 1 < ntiles:
-                        self.load_ctile(atom_g2s, c_hi, c_lo, sC, (t + 1) * BN, 1 - cbuf, hk_base, nb, tid)
+                        self.load_ctile(atom_g2s, c_hi, c_lo, c_g0, c_n0, c_s0, sC, c_outer, (t + 1) * BN, 1 - cbuf, nb)
                     cute.arch.cp_async_commit_group()
                     cute.arch.cp_async_wait_group(1)
                 else:
                     cute.arch.cp_async_wait_group(0)
+                if cutlass.const_expr(self.wg):
+                    # the centroid tile was written through the generic proxy; wgmma reads it
+                    # through the async proxy
+                    cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
                 for h in cutlass.range_constexpr(BN // MN):
                     # MMA passes past the tile's last chunk are skipped (their stale scores
                     # are masked out by every row's limit)
-                    if h == 0 or t * BN + h * MN < lim_max:
+                    if cutlass.const_expr(self.wg):
+                        if h == 0 or t * BN + h * MN < lim_max:
+                            NP = BN // MN
+                            slab = cbuf * (2 * NP) + h
+                            warpgroup.fence()
+                            atom = cute.make_mma_atom(tiled_mma.op)
+                            atom.set(warpgroup.Field.ACCUMULATE, False)
+                            for kb in cutlass.range_constexpr(NKB):
+                                cute.gemm(atom, acc, tSrQ[None, None, kb], tSrC[None, None, kb, slab], acc)
+                                atom.set(warpgroup.Field.ACCUMULATE, True)
+                                cute.gemm(atom, acc, tSrQ[None, None, kb], tSrC[None, None, kb, slab + NP], acc)
+                            warpgroup.commit_group()
+                            warpgroup.wait_group(0)
+                            for i in cutlass.range_constexpr(cute.size(acc)):
+                                rc = tScS[i]
+                                sS[(rc[1] + h * MN) * SP + rc[0]] = acc[i]
+                    elif h == 0 or t * BN + h * MN < lim_max:
                         cb = cbuf * (2 * BN * DP) + h * MN * DP
-                        sHi = cute.make_tensor((sC.iterator + cb).align(16), c_layout)
-                        sLo = cute.make_tensor((sC.iterator + (cb + BN * DP)).align(16), c_layout)
+                        sHi = cute.make_tensor(sC.iterator + cute.assume(cb, divby=8), c_layout)
+                        sLo = cute.make_tensor(sC.iterator + cute.assume(cb + BN * DP, divby=8), c_layout)
                         tSsHi = thr_B.partition_S(sHi)
                         tSsLo = thr_B.partition_S(sLo)
                         acc.fill(0.0)
@@ -339,7 +409,7 @@ class TopkRoutingKernel:
                 if cutlass.const_expr(ST == 1):
                     # the centroid buffer is free: fetch tile t+1 while this one is selected
                     if t + 1 < ntiles:
-                        self.load_ctile(atom_g2s, c_hi, c_lo, sC, (t + 1) * BN, Int32(0), hk_base, nb, tid)
+                        self.load_ctile(atom_g2s, c_hi, c_lo, c_g0, c_n0, c_s0, sC, c_outer, (t + 1) * BN, Int32(0), nb)
                     cute.arch.cp_async_commit_group()
 
                 j0 = t * BN
@@ -407,37 +477,60 @@ class TopkRoutingKernel:
     def insert_reg(self, w0: Uint32, w1: Uint32, sS: cute.Tensor, tid: Int32, j0: Int32,
                    rlv: cute.Tensor, rli: cute.Tensor):
         """Inserts the masked columns, ascending, into the register list (exact length LC)."""
-        LC = self.L
-        SP = self.SP
         BN = self.BN
-        have = (w0 | w1) != Uint32(0)
-        c, w0, w1 = pop_lowest(w0, w1)
-        x = sS[cutlass.min(c, Int32(BN - 1)) * SP + tid]
-        while have:
-            # the next candidate's score is loaded before this one is inserted
-            have_n = (w0 | w1) != Uint32(0)
-            cn, w0, w1 = pop_lowest(w0, w1)
-            xn = sS[cutlass.min(cn, Int32(BN - 1)) * SP + tid]
-            xi = j0 + c
-            # parallel insertion into the descending list: all compares are independent
-            # (x >= v[s] is monotone in s), each slot takes x, its upper neighbour or itself;
-            # a candidate below the last entry leaves the list unchanged (no branch needed);
-            # ties: x goes above equal entries
-            ov = [rlv[s] for s in range(LC)]
-            oi = [rli[s] for s in range(LC)]
-            ge = [x >= ov[s] for s in range(LC)]
-            for s in cutlass.range_constexpr(LC):
-                if cutlass.const_expr(s == 0):
-                    rlv[s] = cutlass.select_(ge[s], x, ov[s])
-                    rli[s] = cutlass.select_(ge[s], xi, oi[s])
-                else:
-                    up_v = cutlass.select_(ge[s - 1], ov[s - 1], x)
-                    up_i = cutlass.select_(ge[s - 1], oi[s - 1], xi)
-                    rlv[s] = cutlass.select_(ge[s], up_v, ov[s])
-                    rli[s] = cutlass.select_(ge[s], up_i, oi[s])
-            x = xn
-            c = cn
-            have = have_n
+        if cutlass.const_expr(BN <= 32):
+            # one mask word: lowest set bit by w & -w, index by popc(low - 1)
+            w = w0
+            have = w != Uint32(0)
+            low = w & (~w + Uint32(1))
+            c = Int32(cute.arch.popc(low - Uint32(1)))
+            w = w ^ low
+            x = sS[self.s_off(tid, cutlass.min(c, Int32(BN - 1)))]
+            while have:
+                # the next candidate's score is loaded before this one is inserted
+                have_n = w != Uint32(0)
+                lown = w & (~w + Uint32(1))
+                cn = Int32(cute.arch.popc(lown - Uint32(1)))
+                w = w ^ lown
+                xn = sS[self.s_off(tid, cutlass.min(cn, Int32(BN - 1)))]
+                self.insert_one(x, j0 + c, rlv, rli)
+                x = xn
+                c = cn
+                have = have_n
+        else:
+            have = (w0 | w1) != Uint32(0)
+            c, w0, w1 = pop_lowest(w0, w1)
+            x = sS[self.s_off(tid, cutlass.min(c, Int32(BN - 1)))]
+            while have:
+                have_n = (w0 | w1) != Uint32(0)
+                cn, w0, w1 = pop_lowest(w0, w1)
+                xn = sS[self.s_off(tid, cutlass.min(cn, Int32(BN - 1)))]
+                self.insert_one(x, j0 + c, rlv, rli)
+                x = xn
+                c = cn
+                have = have_n
+
+    @cute.jit
+    def insert_one(self, x: Float32, xi: Int32, rlv: cute.Tensor, rli: cute.Tensor):
+        """Parallel insertion of (x, xi) into the descending list: all compares are independent
+        (x >= v[s] is monotone in s), each slot takes x, its upper neighbour or itself; a
+        candidate below the last entry leaves the list unchanged (no branch needed); ties: x
+        goes above equal entries. Slots are updated bottom-up so each reads its upper
+        neighbour's old value in place."""
+        LC = self.L
+        ge = [x >= rlv[s] for s in range(LC)]
+        for k in cutlass.range_constexpr(LC):
+            s = LC - 1 - k
+            if cutlass.const_expr(s == 0):
+                rlv[0] = cutlass.select_(ge[0], x, rlv[0])
+                rli[0] = cutlass.select_(ge[0], xi, rli[0])
+            else:
+                rlv[s] = cutlass.select_(ge[s], cutlass.select_(ge[s - 1], rlv[s - 1], x), rlv[s])
+                rli[s] = cutlass.select_(ge[s], cutlass.select_(ge[s - 1], rli[s - 1], xi), rli[s])
+
+    def s_off(self, row, col):
+        """Offset of (row, column) in the score tile."""
+        return col * self.SP + row
 
     @cute.jit
     def insert_smem(self, w0: Uint32, w1: Uint32, sS: cute.Tensor, tid: Int32, j0: Int32,
@@ -468,28 +561,67 @@ class TopkRoutingKernel:
                 thr = sLv[Lm1 * NT + tid]
         return thr
 
-    @cute.jit
-    def load_ctile(self, atom, c_hi: cute.Pointer, c_lo: cute.Pointer, sC: cute.Tensor,
-                   j0: Int32, buf: Int32, hk_base: Int64, nb: Int32, tid: Int32):
-        """cp.async of centroid rows [j0, j0 + BN) (hi and lo; rows past the sequence's last
-        chunk repeat it and are masked out by the selection)."""
+    def ctile_plan(self, sC: cute.Tensor, c_outer, hk_base: Int32, tid: Int32):
+        """Loop-invariant part of the centroid tile loads: this thread copies the 16-byte
+        pieces (n0 + k * NT / CV, cv) of every tile (k static), so its centroid element offset
+        and the shared-memory offset of its first piece are computed once (three registers).
+        Returns (element offset of the thread's column, first row n0, first piece's smem offset)."""
+        CV = self.D // 8
+        if not self.fast_ctile:
+            return hk_base, tid, Int32(0)
+        n0 = tid // CV
+        cv = tid - n0 * CV
+        if self.wg:
+            # 128-byte swizzle (D = 64 or 128) applied once here: the per-tile offsets (whole
+            # 8-row groups, slabs, buffers) are multiples of its 1024-byte period
+            sb = cute.crd2idx((n0, cv * 8, 0), c_outer) * 2
+            s0 = (sb ^ ((sb & 0x380) >> 3)) // 2
+        else:
+            s0 = n0 * self.DP + cv * 8
+        return hk_base + cv * 8, n0, s0
+
+    def load_ctile(self, atom, c_hi: cute.Pointer, c_lo: cute.Pointer, g0: Int32, n0: Int32,
+                   s0: Int32, sC: cute.Tensor, c_outer, j0: Int32, buf: Int32, nb: Int32):
+        """cp.async of centroid rows [j0, j0 + BN), hi and lo (rows past the sequence's last
+        chunk repeat it and are masked out by the selection), into buffer ``buf``: padded rows
+        (mma.sync) or the swizzled wgmma slabs (row n goes to pass slab n // MN, row n % MN)."""
         BN = self.BN
-        DP = self.DP
+        MN = self.MN
+        NP = BN // MN
         D = self.D
         CV = D // 8
         NT = self.nthr
-        for k in cutlass.range_constexpr((BN * CV + NT - 1) // NT):
-            idx = tid + k * NT
-            if cutlass.const_expr((k + 1) * NT > BN * CV):
-                idx = cutlass.min(idx, Int32(BN * CV - 1))  # (re-copies the last piece)
-            n = idx // CV
-            cv = idx - n * CV
-            j = cutlass.min(j0 + n, nb - 1)
-            off = hk_base + Int64(j * D + cv * 8)
-            soff = buf * (2 * BN * DP) + n * DP + cv * 8
-            src = cute.make_tensor((c_hi + off).align(16), cute.make_layout(8))
-            dst = cute.make_tensor((sC.iterator + soff).align(16), cute.make_layout(8))
-            cute.copy(atom, src, dst)
-            src2 = cute.make_tensor((c_lo + off).align(16), cute.make_layout(8))
-            dst2 = cute.make_tensor((sC.iterator + (BN * DP + soff)).align(16), cute.make_layout(8))
-            cute.copy(atom, src2, dst2)
+        if not self.fast_ctile:
+            # (head dims whose 16-byte pieces per row do not divide the CTA: per piece)
+            for k in range((BN * CV + NT - 1) // NT):
+                idx = n0 + k * NT
+                if (k + 1) * NT > BN * CV:
+                    idx = cutlass.min(idx, Int32(BN * CV - 1))  # (re-copies the last piece)
+                n = idx // CV
+                cv = idx - n * CV
+                j = cutlass.min(j0 + n, nb - 1)
+                goff = cute.assume(Int64(g0 + j * D + cv * 8), divby=8)
+                shi = cute.assume(buf * (2 * BN * self.DP) + n * self.DP + cv * 8, divby=8)
+                cute.copy(atom, cute.make_tensor(c_hi + goff, cute.make_layout(8)),
+                          cute.make_tensor(sC.iterator + shi, cute.make_layout(8)))
+                cute.copy(atom, cute.make_tensor(c_lo + goff, cute.make_layout(8)),
+                          cute.make_tensor(sC.iterator + cute.assume(shi + BN * self.DP, divby=8),
+                                           cute.make_layout(8)))
+        RS = NT // CV  # rows between a thread's pieces
+        sbase = sC.iterator
+        if self.wg:
+            sbase = cute.recast_ptr(sC.iterator, None, self.dtype)  # (swizzle applied in s0)
+        for k in range(BN * CV // NT if self.fast_ctile else 0):
+            j = cutlass.min(j0 + n0 + k * RS, nb - 1)
+            goff = cute.assume(Int64(g0 + j * D), divby=8)
+            if self.wg:
+                n = k * RS  # static part of the row (n0 < RS <= MN)
+                shi = s0 + buf * (2 * NP * MN * D) + cute.crd2idx((n % MN, 0, n // MN), c_outer)
+                slo = shi + NP * MN * D
+            else:
+                shi = s0 + buf * (2 * BN * self.DP) + k * RS * self.DP
+                slo = shi + BN * self.DP
+            cute.copy(atom, cute.make_tensor(c_hi + goff, cute.make_layout(8)),
+                      cute.make_tensor(sbase + cute.assume(shi, divby=8), cute.make_layout(8)))
+            cute.copy(atom, cute.make_tensor(c_lo + goff, cute.make_layout(8)),
+                      cute.make_tensor(sbase + cute.assume(slo, divby=8), cute.make_layout(8)))
