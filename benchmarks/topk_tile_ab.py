@@ -2,7 +2,7 @@
 time (torch.profiler), the whole routing's single-call median, and the rows whose selection
 differs from the first variant's. Variants are "bm,bn,stages,mma_n,ctas,wgmma" strings.
 
-    python -m benchmarks.topk_tile_ab 128,32,1,16,4,0 128,32,1,16,4,1
+    python -m benchmarks.topk_tile_ab [--shapes=flashmoba-64K,16K-K64] 128,32,1,16,4,0 128,32,1,32,4,1
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ SHAPES = {
     "flashmoba-8K": (2, 16, 16, 128, 128, 8, 8192),
     "flashmoba-64K": (2, 16, 16, 128, 128, 8, 65536),
     "moba-large-128K": (1, 32, 8, 128, 4096, 12, 131072),
+    # longer lists: 15 (register list past the 4-CTA limit) and 63 (shared-memory list)
+    "flashmoba-64K-K16": (2, 16, 16, 128, 128, 16, 65536),
+    "16K-K64": (2, 16, 16, 128, 64, 64, 16384),
 }
 
 
@@ -29,10 +32,16 @@ def _use(variant):
 
 
 def main(argv=None):
-    variants = (argv if argv is not None else sys.argv[1:]) or ["128,32,1,16,4,0", "128,32,1,16,4,1"]
+    args = list(argv if argv is not None else sys.argv[1:])
+    only = None
+    if args and args[0].startswith("--shapes="):
+        only = args.pop(0).split("=", 1)[1].split(",")
+    variants = args or ["128,32,1,16,4,0", "128,32,1,16,4,1"]
     name = torch.cuda.get_device_name()
     out = []
     for label, shp in SHAPES.items():
+        if only is not None and label not in only:
+            continue
         B, H, Hk, D, C, K, S = shp
         torch.manual_seed(0)
         q, k, cu = rl._random_inputs(B, H, Hk, D, S, torch.bfloat16)

@@ -8,6 +8,7 @@ matrix (head dim x list capacity x causal) for bf16 on sm_90a and a cross-sectio
 """
 
 import os
+import re
 
 # the ptxas report is printed only when ptxas really runs: no on-disk JIT cache hits here
 # (read when the DSL is first imported, so set before anything imports cutlass)
@@ -31,6 +32,13 @@ def _check_clean(rep, what):
     assert rep.spill_stores == 0 and rep.spill_loads == 0, (what, rep.ptxas[-2000:])
     assert rep.stack_frame == 0, (what, rep.ptxas[-2000:])
     assert rep.registers, (what, "no ptxas report captured")
+
+
+def _rounds_addresses(ptx):
+    """Whether the PTX rounds an address up to 16 bytes at run time (``(p + 14) & -16``: what
+    ``Pointer.align(16)`` emits when it cannot prove the alignment); the kernels declare their
+    16-byte pieces aligned with ``cute.assume`` instead."""
+    return re.search(r"add\.s(32|64)\s+(%\w+), %\w+, 14;\s*\n\s*and\.b\1\s+%\w+, \2, -16;", ptx) is not None
 
 
 def _specs(dtype, d, topk, causal, arch):
@@ -64,6 +72,7 @@ def test_support_kernels_compile(arch):
                     assert "ld.global.v4" in rep.ptx or "ld.global.nc.v4" in rep.ptx, key
                 if key[0] in ("centroids", "centroids_prep"):
                     assert "ld.global.v4" in rep.ptx or "ld.global.nc.v4" in rep.ptx, key
+                    assert not _rounds_addresses(rep.ptx), key
                 if key[0] == "centroids_prep":
                     # the chunk bookkeeping by warp scan (one lane per sequence) instead of a prep launch
                     assert "shfl.sync.up" in rep.ptx and "shfl.sync.idx" in rep.ptx, key
@@ -102,54 +111,62 @@ def test_topk_kernel_compiles(arch, dtype, d, topk, causal):
     key = [k for k in specs if k[0] == "topk"][0]
     rep = _compile(specs[key], arch)
     _check_clean(rep, key)
-    assert "mma.sync.aligned.m16n8k16" in rep.ptx
+    if key[10]:
+        assert "wgmma.mma_async.sync.aligned.m64n32k16.f32" in rep.ptx, key
+    else:
+        assert "mma.sync.aligned.m16n8k16" in rep.ptx
     assert "ldmatrix.sync.aligned" in rep.ptx
     assert "cp.async.cg.shared.global" in rep.ptx or "cp.async.ca.shared.global" in rep.ptx
+    assert not _rounds_addresses(rep.ptx), key
 
 
-def _one_stage_cases():
-    """Every shipped one-stage configuration in bf16 (D = 64 and 128, every list length, both
-    causal modes), fp16 for D = 128 and a D = 64 sample."""
+def _wgmma_cases():
+    """Every shipped warpgroup-MMA configuration in bf16 (D = 64 and 128, every register list
+    length and both shared-memory capacities, both causal modes), fp16 for D = 128 and a D = 64
+    sample."""
     out = []
     for d in (64, 128):
         for causal in (True, False):
-            for cap in range(1, 17):
-                if not cfg.topk_one_stage_ok("sm90", d, cap, causal):
-                    continue
+            for cap in list(range(1, 17)) + [32, 64]:
                 dtypes = ("bfloat16", "float16") if d == 128 or cap in (7, 16) else ("bfloat16",)
                 for dtype in dtypes:
-                    topk = cap + 1 if causal else cap
+                    topk = min(cap + 1 if causal else cap, 64)
                     out.append(pytest.param(dtype, d, topk, causal,
                                             id=f"{dtype}-d{d}-cap{cap}-{'causal' if causal else 'full'}"))
-    assert len(out) >= 40
     return out
 
 
-@pytest.mark.parametrize("dtype,d,topk,causal", _one_stage_cases())
-def test_one_stage_topk_kernel_compiles(dtype, d, topk, causal):
-    """The one-stage top-k tile on sm90 (32 columns, one centroid buffer, 16-column MMA passes,
-    4 CTAs per SM): compiles within 128 registers without spills."""
+@pytest.mark.parametrize("dtype,d,topk,causal", _wgmma_cases())
+def test_wgmma_topk_kernel_compiles(dtype, d, topk, causal):
+    """The sm90 top-k tile (warpgroup MMA, 32 columns, one centroid buffer): compiles without
+    spills, within 128 registers where it asks for 4 CTAs per SM; scores with RS wgmma, loads
+    the centroid slabs through swizzled cp.async and fences them for the async proxy."""
     specs = _specs(dtype, d, topk, causal, "sm_90a")
     key = [k for k in specs if k[0] == "topk"][0]
-    assert key[5:10] == (128, 32, 1, 16, 4), key
+    assert key[5:11] == (128, 32, 1, 32, key[9], True), key
     rep = _compile(specs[key], "sm_90a")
     _check_clean(rep, key)
-    assert ".minnctapersm 4" in rep.ptx
-    assert max(rep.registers.values()) <= 128, rep.registers
-    assert "mma.sync.aligned.m16n8k16" in rep.ptx
+    if key[9] == 4:
+        assert ".minnctapersm 4" in rep.ptx
+        assert max(rep.registers.values()) <= 128, rep.registers
+    assert "wgmma.mma_async.sync.aligned.m64n32k16.f32" in rep.ptx
+    assert "wgmma.fence.sync.aligned" in rep.ptx and "wgmma.wait_group.sync.aligned" in rep.ptx
+    assert "fence.proxy.async.shared::cta" in rep.ptx
+    assert "mma.sync.aligned" not in rep.ptx
+    assert not _rounds_addresses(rep.ptx), key
 
 
-def test_one_stage_tile_choice():
-    # one-stage on sm90 wherever ptxas fits it in 128 registers, two-stage elsewhere
-    assert cfg.topk_tile("sm90", 128, 7) == (128, 32, 1, 16, 4)
-    assert cfg.topk_tile("sm90", 64, 16, causal=False) == (128, 32, 1, 16, 4)
-    assert cfg.topk_tile("sm80", 128, 7) == (128, 32, 2, 32, 0)
-    assert cfg.topk_tile("sm90", 128, 8) == (128, 32, 2, 32, 0)  # would spill at 128 regs
-    assert cfg.topk_tile("sm90", 128, 5) == (128, 32, 2, 32, 0)  # (ptxas spills this one)
-    assert cfg.topk_tile("sm90", 96, 7) == (128, 32, 2, 32, 0)
-    assert cfg.topk_tile("sm90", 128, 6, causal=False) == (128, 32, 2, 32, 0)  # spills
-    assert cfg.topk_tile("sm90", 128, 5, causal=False) == (128, 32, 1, 16, 4)
-    assert cfg.topk_tile("sm90", 256, 7)[2] == 2
+def test_tile_choice():
+    # sm90 D = 64 / 128: warpgroup MMA, 4 CTAs per SM where 128 registers hold it
+    assert cfg.topk_tile("sm90", 128, 7) == (128, 32, 1, 32, 4, True)
+    assert cfg.topk_tile("sm90", 128, 12, causal=False) == (128, 32, 1, 32, 4, True)
+    assert cfg.topk_tile("sm90", 128, 13) == (128, 32, 1, 32, 0, True)  # would spill at 128
+    assert cfg.topk_tile("sm90", 64, 16, causal=False) == (128, 32, 1, 32, 4, True)
+    assert cfg.topk_tile("sm90", 128, 64) == (128, 32, 1, 32, 0, True)
+    # mma.sync two-stage elsewhere
+    assert cfg.topk_tile("sm80", 128, 7) == (128, 32, 2, 32, 0, False)
+    assert cfg.topk_tile("sm90", 96, 7) == (128, 32, 2, 32, 0, False)
+    assert cfg.topk_tile("sm90", 256, 7)[2] == 2 and not cfg.topk_tile("sm90", 256, 7)[5]
 
 
 def test_unsupported_reasons():

@@ -186,8 +186,8 @@ def test_exact_on_clear_margins():
 @pytest.mark.parametrize("C", [128, 16], ids=["C128", "C16"])
 def test_agreement_with_fp32_selection(C):
     """Random inputs: rows whose selection equals the fp32-score selection (target >= 99.9%).
-    On sm90 the causal cases (list of 7) take the one-stage top-k tile, the non-causal one (list
-    of 8) the two-stage tile; C=16 gives 256 chunks per row, C=128 32."""
+    On sm90 every case takes the warpgroup-MMA top-k tile (D = 128); C=16 gives 256 chunks per
+    row, C=128 32."""
     from moba_cute import reference
 
     rates = []
@@ -249,3 +249,36 @@ def test_prep_fused_and_separate_agree():
     assert torch.equal(r1.offsets, off) and torch.equal(r1.query_rows, qr)
     n = _check_valid(r1, q, k, cq, ck, 32, 5, True)
     assert n > 0
+
+
+ALT_TILES = [
+    ("mma.sync two-stage (the sm80 tile)", (128, 32, 2, 32, 0, 0)),
+    ("mma.sync one-stage, 16-column passes", (128, 32, 1, 16, 4, 0)),
+    ("wgmma, 16-column passes", (128, 32, 1, 16, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("tile", [t for _, t in ALT_TILES], ids=[n for n, _ in ALT_TILES])
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 6, 10], ids=lambda c: f"case{c}")
+def test_other_topk_tiles(tile, case):
+    """The top-k tiles this GPU does not pick by default (sm80's mma.sync tile among them),
+    forced through the tuning override: valid selections and a transpose-consistent index."""
+    from moba_cute.configs import routing as cfg
+
+    lens_q, lens_k, H, Hk, D, C, K, causal, dtype = CASES[case]
+    q, k, cq, ck = _make(lens_q, lens_k, H, Hk, D, dtype, seed=len(lens_q) * 7 + D + K)
+    rl = _rl()
+    saved = cfg._TILE_OVERRIDE
+    try:
+        cfg._TILE_OVERRIDE = tile
+        rl._KSETS.clear()
+        rl._PLANS.clear()
+        r = rl.route_cute(q, k, cq, ck, max(lens_q), max(lens_k), C, K, causal)
+        torch.cuda.synchronize()
+    finally:
+        cfg._TILE_OVERRIDE = saved
+        rl._KSETS.clear()
+        rl._PLANS.clear()
+    _check_valid(r, q, k, cq, ck, C, K, causal)
+    off, qr = _transpose(r.selection, cq, r.cu_chunks, r.num_chunks_bound)
+    assert torch.equal(r.offsets, off) and torch.equal(r.query_rows, qr)

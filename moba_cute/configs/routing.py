@@ -1,7 +1,8 @@
 """Tile configurations of the routing kernels, per arch family, head dim and list capacity.
 
 Top-k kernel: ``bm`` packed query rows per CTA (``bm`` threads, one row per thread in the
-selection, ``bm/32`` warps stacked along M for mma.sync m16n8k16), ``bn`` centroids per tile,
+selection, ``bm/32`` warps stacked along M for mma.sync m16n8k16, or one warpgroup for
+wgmma), ``bn`` centroids per tile,
 ``stages`` centroid buffers. Shared memory: centroid tiles ``stages*2*bn*(D+8)*2`` (hi and lo),
 the query tile ``bm*(D+8)*2``, the score tile ``bn*(bm+4)*4`` (aliased onto the query tile when
 the query fragments live in registers, D <= 128, and it fits) and, for list capacities above
@@ -9,15 +10,14 @@ the query fragments live in registers, D <= 128, and it fits) and, for list capa
 
 Two tile families (measured on an H200, docs/routing.md):
 
-* two-stage (default): the first of ``TOPK_TILE_CANDIDATES`` that fits, 32-column tiles, two
-  centroid buffers (tile t+1 loads during tile t), 32-column MMA passes;
-* one-stage (sm90, wherever ptxas fits it in 128 registers: D <= 64, or the D = 128 list
-  lengths of ``TOPK_ONE_STAGE_D128_CAPS``): 32-column tiles, one centroid buffer (the next tile
-  is fetched while the current one is selected), 16-column MMA passes (16 accumulators per
-  thread instead of 32) and 4 CTAs per SM instead of 3: 16 warps per SM hide the selection's
-  dependency latency better than a second buffer hides the loads. H200: 64K flashmoba top-k
-  1.25 -> 1.19 ms (the 64-column long-row tile it replaces), and faster than the two-stage tile
-  from 16 chunks per row up (rows of 16 / 32 / 48 chunks: 20 -> 16, 38 -> 35, 58 -> 51 us).
+* warpgroup MMA (sm90, D = 64 and 128): 128 rows (one warpgroup), 32-column tiles, one
+  centroid buffer (the next tile is fetched while the current one is selected), RS wgmma
+  m64n32k16 (query fragments in registers, centroid slabs 128-byte swizzled), 4 CTAs per SM
+  where ptxas fits it in 128 registers (``TOPK_WGMMA_4CTA_MAX_CAP``). H200, 64K flashmoba
+  top-k: 1.05 ms with the mma.sync one-stage tile it replaces, 0.87 ms with it;
+* mma.sync two-stage (sm80, and the other head dims on sm90): the first of
+  ``TOPK_TILE_CANDIDATES`` that fits, 32-column tiles, two centroid buffers (tile t+1 loads
+  during tile t), 32-column MMA passes.
 
 Key-major index: blocks of ``km_block_rows`` query rows (host-chosen power of two >= 256 so
 that the per-(block, chunk) count table stays within the selection's size).
@@ -36,11 +36,10 @@ SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
 # exact length; longer lists live in shared memory with capacity 32 or 64
 LIST_CAPS = (8, 16, 32, 64)
 
-# shared-memory budget of the one-stage top-k tile (four CTAs per SM on sm90)
-TOPK_ONE_STAGE_SMEM = 56 * 1024
-# D = 128 list lengths (causal, non-causal) that ptxas fits in 128 registers without spilling
-# (not monotone: causal length 5 spills, 6 and 7 do not)
-TOPK_ONE_STAGE_D128_CAPS = {True: (1, 2, 3, 4, 6, 7), False: (1, 2, 3, 4, 5)}
+# sm90 warpgroup-MMA tile (D = 64 and 128): 32-column tiles, one centroid buffer, 32-column
+# wgmma passes; 4 CTAs per SM (<= 128 registers) up to these register-list lengths, where ptxas
+# fits it without spilling, else ptxas's own register count (3 CTAs per SM)
+TOPK_WGMMA_4CTA_MAX_CAP = {64: 16, 128: 12}
 
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 192, 256)
 
@@ -72,16 +71,6 @@ def topk_smem_bytes(head_dim: int, bm: int, bn: int, cap: int, stages: int = 2) 
     return s + 1024
 
 
-def topk_one_stage_ok(fam: str, head_dim: int, cap: int, causal: bool = True) -> bool:
-    """Whether the one-stage tile (128, 32, 1 stage, 16-column MMA passes, 4 CTAs per SM) is
-    shipped for this configuration: sm90, and ptxas fits it in 128 registers without spilling
-    (D <= 64 every list length <= 16; D = 128 the lengths of ``TOPK_ONE_STAGE_D128_CAPS``).
-    The CPU compile tests build every one of these and check for spills."""
-    d128 = head_dim == 128 and cap in TOPK_ONE_STAGE_D128_CAPS[bool(causal)]
-    return (fam == "sm90" and cap <= 16 and (head_dim <= 64 or d128)
-            and topk_smem_bytes(head_dim, 128, 32, cap, 1) <= TOPK_ONE_STAGE_SMEM)
-
-
 def topk_wgmma_ok(fam: str, head_dim: int, bm: int) -> bool:
     """Whether the top-k kernel can score with warpgroup MMA: sm90, one warpgroup of 128 rows,
     query fragments in registers and 128-byte swizzled centroid slabs (D = 64 or 128)."""
@@ -102,8 +91,9 @@ def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True):
         if topk_smem_bytes(head_dim, bm, bn, cap, st) <= SMEM_LIMIT[fam] and (
                 not wg or topk_wgmma_ok(fam, head_dim, bm)):
             return bm, bn, st, mn, ctas, bool(wg)
-    if topk_one_stage_ok(fam, head_dim, cap, causal):
-        return 128, 32, 1, 16, 4, False
+    if topk_wgmma_ok(fam, head_dim, 128) and topk_smem_bytes(head_dim, 128, 32, cap, 1) <= SMEM_LIMIT[fam]:
+        ctas = 4 if cap <= TOPK_WGMMA_4CTA_MAX_CAP[head_dim] else 0
+        return 128, 32, 1, 32, ctas, True
     for bm, bn in TOPK_TILE_CANDIDATES:
         if topk_smem_bytes(head_dim, bm, bn, cap) <= SMEM_LIMIT[fam]:
             return bm, bn, 2, 32, 0, False

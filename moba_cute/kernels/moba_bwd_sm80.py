@@ -279,8 +279,8 @@ class MobaBwdDkvSm80:
                         r = idx // CV
                         cv = idx % CV
                         off = (Int64(sRow[r]) * Int64(H) + Int64(sHead[r])) * Int64(D) + Int64(cv * 8)
-                        src = cute.make_tensor((q + off).align(16), cute.make_layout(8))
-                        dst = cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
+                        src = cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8))
+                        dst = cute.make_tensor(sQ.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8))
                         cute.copy(atom_g2s, src, dst)
                     cute.arch.cp_async_commit_group()
                     for it in cutlass.range_constexpr(BM * CV // NT):
@@ -288,8 +288,8 @@ class MobaBwdDkvSm80:
                         r = idx // CV
                         cv = idx % CV
                         off = (Int64(sRow[r]) * Int64(H) + Int64(sHead[r])) * Int64(D) + Int64(cv * 8)
-                        src = cute.make_tensor((dout + off).align(16), cute.make_layout(8))
-                        dst = cute.make_tensor((sdO.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
+                        src = cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8))
+                        dst = cute.make_tensor(sdO.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8))
                         cute.copy(atom_g2s, src, dst)
                     cute.arch.cp_async_commit_group()
 
@@ -366,8 +366,8 @@ class MobaBwdDkvSm80:
             cv = idx % CV
             t = cutlass.min(kbeg + r, kend - 1)
             off = ((Int64(ks) + Int64(t)) * Int64(Hk) + Int64(kvh)) * Int64(self.D) + Int64(cv * 8)
-            s = cute.make_tensor((src_ptr + off).align(16), cute.make_layout(8))
-            d = cute.make_tensor((dst.iterator + (r * self.DP + cv * 8)).align(16), cute.make_layout(8))
+            s = cute.make_tensor(src_ptr + cute.assume(off, divby=8), cute.make_layout(8))
+            d = cute.make_tensor(dst.iterator + cute.assume(r * self.DP + cv * 8, divby=8), cute.make_layout(8))
             cute.copy(atom, s, d)
 
 
@@ -565,10 +565,10 @@ class MobaBwdDqSm80:
                 r = idx // CV
                 cv = idx % CV
                 off = (Int64(sRow[r]) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
-                cute.copy(atom_g2s, cute.make_tensor((q + off).align(16), cute.make_layout(8)),
-                          cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8)))
-                cute.copy(atom_g2s, cute.make_tensor((dout + off).align(16), cute.make_layout(8)),
-                          cute.make_tensor((sdO.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8)))
+                cute.copy(atom_g2s, cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8)),
+                          cute.make_tensor(sQ.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8)))
+                cute.copy(atom_g2s, cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)),
+                          cute.make_tensor(sdO.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8)))
             cute.arch.cp_async_commit_group()
 
             thr_mma = tiled_mma.get_slice(tid)
@@ -695,6 +695,6 @@ class MobaBwdDqSm80:
             cv = idx % CV
             t = cutlass.min(n0 + r, kend - 1)
             off = ((Int64(ks) + Int64(t)) * Int64(Hk) + Int64(kvh)) * Int64(self.D) + Int64(cv * 8)
-            s = cute.make_tensor((src_ptr + off).align(16), cute.make_layout(8))
-            d = cute.make_tensor((dst.iterator + (r * self.DP + cv * 8)).align(16), cute.make_layout(8))
+            s = cute.make_tensor(src_ptr + cute.assume(off, divby=8), cute.make_layout(8))
+            d = cute.make_tensor(dst.iterator + cute.assume(r * self.DP + cv * 8, divby=8), cute.make_layout(8))
             cute.copy(atom, s, d)

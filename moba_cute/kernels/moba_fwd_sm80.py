@@ -287,8 +287,8 @@ class MobaFwdSm80:
                 r = idx // CV
                 cv = idx % CV
                 off = (Int64(sRow[r]) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
-                qsrc = cute.make_tensor((q + off).align(16), cute.make_layout(8))
-                qdst = cute.make_tensor((sQ.iterator + (r * DP + cv * 8)).align(16), cute.make_layout(8))
+                qsrc = cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8))
+                qdst = cute.make_tensor(sQ.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8))
                 cute.copy(atom_g2s, qsrc, qdst)
             if cutlass.const_expr(NS == 1):
                 cute.arch.cp_async_commit_group()
@@ -385,8 +385,8 @@ class MobaFwdSm80:
                     stage = nb % 2
                     cute.arch.cp_async_wait_group(1)
                     cute.arch.sync_threads()
-                sKc = cute.make_tensor((sKbuf.iterator + stage * (BN * DP)).align(16), kv_layout)
-                sVc = cute.make_tensor((sVbuf.iterator + stage * (BN * DP)).align(16), kv_layout)
+                sKc = cute.make_tensor(sKbuf.iterator + cute.assume(stage * (BN * DP), divby=8), kv_layout)
+                sVc = cute.make_tensor(sVbuf.iterator + cute.assume(stage * (BN * DP), divby=8), kv_layout)
                 tSsK = s2r_K.partition_S(sKc)
                 tOsVt = s2r_V.partition_S(cute.composition(sVc, cute.make_layout((D, BN), stride=(BN, 1))))
                 if active:
@@ -511,6 +511,6 @@ class MobaFwdSm80:
             cv = idx % CV
             t = cutlass.min(kbeg + n0 + r, kend - 1)
             off = ((Int64(ks) + Int64(t)) * Int64(Hk) + Int64(kvh)) * Int64(self.D) + Int64(cv * 8)
-            s = cute.make_tensor((src_ptr + off).align(16), cute.make_layout(8))
-            d = cute.make_tensor((dst.iterator + (r * self.DP + cv * 8)).align(16), cute.make_layout(8))
+            s = cute.make_tensor(src_ptr + cute.assume(off, divby=8), cute.make_layout(8))
+            d = cute.make_tensor(dst.iterator + cute.assume(r * self.DP + cv * 8, divby=8), cute.make_layout(8))
             cute.copy(atom, s, d)

@@ -1,4 +1,4 @@
-"""Tiled centroid top-k routing kernel (CuTe DSL, mma.sync on sm80 and sm90).
+"""Tiled centroid top-k routing kernel (CuTe DSL: warpgroup MMA on sm90, mma.sync on sm80).
 
 One CTA of ``BM`` threads handles ``BM`` packed query rows of one sequence and one KV head
 (``BM/32`` warps): packed row ``m`` is (position ``m // G``, query head ``hk * G + m % G``), so
@@ -8,11 +8,18 @@ on the tensor cores with a hi/lo split of the fp32 centroid (``q*c_hi + q*c_lo``
 accumulation, so scores carry ~fp32 precision), ``mma_n`` (32 or 16) columns per MMA pass. For
 head dims up to 128 the query fragments are loaded into registers once.
 
+Two MMA flavours (``wgmma`` in the compile key, chosen in ``configs/routing.py``):
+
+* sm90, D = 64 / 128: the CTA is one warpgroup; RS ``wgmma.m64n32k16`` (two per k-step for
+  the 128 rows) with the query fragments in registers and the centroid tile in 128-byte
+  swizzled K-major slabs (one per stage, hi/lo and pass), written by cp.async and fenced for
+  the async proxy before the MMA;
+* otherwise mma.sync m16n8k16 with ldmatrix from padded shared-memory rows.
+
 Per tile: barrier, MMA into the score tile (shared memory, one pass at a time; passes past the
 CTA's last chunk are skipped), barrier, selection. With two centroid buffers (two-stage tile)
-tile t+1 is fetched during tile t's MMA and selection; with one (one-stage tile on sm90:
-16-column passes and 4 CTAs per SM, see ``configs/routing.py``) it is fetched once the MMA is
-done, during the selection.
+tile t+1 is fetched during tile t's MMA and selection; with one (the sm90 tile, 4 CTAs per SM)
+it is fetched once the MMA is done, during the selection.
 The threads select one row each:
 
 * the row's ``BN`` scores are compared with its running threshold (its current L-th best)
@@ -100,7 +107,7 @@ class TopkRoutingKernel:
         self.alias_scores = self.hoist and bn * self.SP * 4 <= bm * self.DP * 2
         # first-tile lower bound: L groups of >= 2 columns
         self.first_bound = self.reg_lists and 2 * list_cap <= bn
-        # occupancy target (configs/routing.py: the one-stage tile asks for 4 CTAs per SM, i.e.
+        # occupancy target (configs/routing.py: the sm90 tile asks for 4 CTAs per SM, i.e.
         # <= 128 registers); 0: what ptxas chooses
         self.min_ctas = ctas_per_sm
         # sm90 warpgroup MMA (one warpgroup = the CTA's 128 threads, query fragments in
@@ -266,28 +273,54 @@ class TopkRoutingKernel:
             if ntiles > 0:
                 # ---- Q tile -> smem (rows past the tile are clamped to a valid row; never stored)
                 row_stride_q = Int64(H) * Int64(D)
-                # packed row m0 + r = (position, head) by one division per CTA and, per row, a
-                # float-reciprocal quotient of (m0 % G + r) / G (< 2G + BM: exact with the +0.5)
+                # packed row m0 + r = (position, head): one division per CTA, then per row either
+                # a float-reciprocal quotient of (m0 % G + r) / G (< G + BM: exact with the +0.5)
+                # or, where a thread's pieces are rows r0, r0 + RQ, ... of one column, a running
+                # (position, head) and source offset
                 pos_b = m0 // G
                 hg_b = m0 - pos_b * G
                 inv_g = cute.arch.rcp_approx(Float32(G))
-                for k in cutlass.range_constexpr((BM * CV + NT - 1) // NT):
-                    idx = tid + k * NT
-                    if cutlass.const_expr((k + 1) * NT > BM * CV):
-                        idx = cutlass.min(idx, Int32(BM * CV - 1))  # (re-copies the last piece)
-                    r = idx // CV
-                    cv = idx - r * CV
-                    rr = r
-                    if m0 + r >= m_end:
-                        rr = Int32(0)
-                    u = hg_b + rr
-                    qg = Int32((Float32(u) + Float32(0.5)) * inv_g)
-                    hg = u - qg * G
-                    pos = pos_b + qg
-                    off = (Int64(qs) + Int64(pos)) * row_stride_q + Int64((hk * G + hg) * D + cv * 8)
-                    src = cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8))
-                    dst = cute.make_tensor(sQ.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8))
-                    cute.copy(atom_g2s, src, dst)
+                if cutlass.const_expr(NT % CV == 0):
+                    RQ = NT // CV
+                    r0 = tid // CV
+                    cv = tid - r0 * CV
+                    u0 = hg_b + r0
+                    q0 = Int32((Float32(u0) + Float32(0.5)) * inv_g)
+                    hg = u0 - q0 * G
+                    col = Int64((hk * G) * D + cv * 8)
+                    off = (Int64(qs) + Int64(pos_b + q0)) * row_stride_q + Int64(hg * D) + col
+                    # rows past the tile copy row 0 (never stored)
+                    off_row0 = (Int64(qs) + Int64(pos_b)) * row_stride_q + Int64(hg_b * D) + col
+                    sp = Int32((Float32(RQ) + Float32(0.5)) * inv_g)  # RQ = sp * G + sh
+                    sh = RQ - sp * G
+                    step = Int64(sp) * row_stride_q + Int64(sh * D)
+                    wrap_step = row_stride_q - Int64(G * D)
+                    for k in cutlass.range(BM * CV // NT, unroll=4):
+                        r = r0 + k * RQ
+                        o = off
+                        if m0 + r >= m_end:
+                            o = off_row0
+                        src = cute.make_tensor(q + cute.assume(o, divby=8), cute.make_layout(8))
+                        dst = cute.make_tensor(sQ.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8))
+                        cute.copy(atom_g2s, src, dst)
+                        hg = hg + sh
+                        wrap = hg >= G
+                        hg = cutlass.select_(wrap, hg - G, hg)
+                        off = off + step + cutlass.select_(wrap, wrap_step, Int64(0))
+                else:
+                    for idx in cutlass.range(tid, BM * CV, NT):
+                        r = idx // CV
+                        cv = idx - r * CV
+                        rr = r
+                        if m0 + r >= m_end:
+                            rr = Int32(0)
+                        u = hg_b + rr
+                        qg = Int32((Float32(u) + Float32(0.5)) * inv_g)
+                        hg = u - qg * G
+                        off = (Int64(qs) + Int64(pos_b + qg)) * row_stride_q + Int64((hk * G + hg) * D + cv * 8)
+                        src = cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8))
+                        dst = cute.make_tensor(sQ.iterator + cute.assume(r * DP + cv * 8, divby=8), cute.make_layout(8))
+                        cute.copy(atom_g2s, src, dst)
                 self.load_ctile(atom_g2s, c_hi, c_lo, c_g0, c_n0, c_s0, sC, c_outer, Int32(0), Int32(0), nb)
                 cute.arch.cp_async_commit_group()
 
@@ -480,6 +513,7 @@ class TopkRoutingKernel:
         BN = self.BN
         if cutlass.const_expr(BN <= 32):
             # one mask word: lowest set bit by w & -w, index by popc(low - 1)
+            # (loading two candidates ahead costs the 3 registers the 4-CTA tile does not have)
             w = w0
             have = w != Uint32(0)
             low = w & (~w + Uint32(1))

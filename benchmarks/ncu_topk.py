@@ -1,4 +1,8 @@
-"""One routing call at 64K flashmoba (the top-k tile from MOBA_TOPK_TILE), for ncu."""
+"""Two routing calls at 64K flashmoba (the top-k tile from MOBA_TOPK_TILE), for Nsight Compute:
+
+    ncu --kernel-name regex:Topk --launch-skip 1 --launch-count 1 --set full \
+        -o topk python3 -m benchmarks.ncu_topk
+"""
 import torch
 from moba_cute.kernels import route_launch as rl
 
