@@ -160,12 +160,14 @@ def test_centroids_vs_fp64():
             assert torch.allclose(got.double(), ref, atol=1e-6, rtol=1e-5), (got.double() - ref).abs().max()
 
 
-def test_exact_on_clear_margins():
-    """Scores well separated: the selection must equal the reference exactly."""
+@pytest.mark.parametrize("K", [6, 24, 40], ids=["K6", "K24-smem-list", "K40-smem-list"])
+def test_exact_on_clear_margins(K):
+    """Scores well separated: the selection must equal the reference exactly (K = 24 and 40:
+    the shared-memory lists, filling and full; 32 chunks)."""
     from moba_cute import reference
 
     torch.manual_seed(0)
-    S, H, D, C, K = 2048, 4, 128, 64, 6
+    S, H, D, C = 2048, 4, 128, 64
     nc = S // C
     u = torch.randn(H, D, device=DEV)
     u = u / u.norm(dim=-1, keepdim=True)

@@ -336,6 +336,7 @@ class TopkRoutingKernel:
                     sLv[s * NT + tid] = -Float32.inf
                     sLi[s * NT + tid] = Int32(-1)
             thr = -Float32.inf
+            nfill = Int32(0)  # filled entries of a shared-memory list (capped at L - 1)
             Lm1 = L - 1
             my_m = m0 + tid
             my_lim = Int32(0)
@@ -476,7 +477,7 @@ class TopkRoutingKernel:
                     self.insert_reg(w0, w1, sS, tid, j0, rlv, rli)
                     thr = rlv[LC - 1]
                 else:
-                    thr = self.insert_smem(w0, w1, sS, tid, j0, sLv, sLi, Lm1, thr)
+                    thr, nfill = self.insert_smem(w0, w1, sS, tid, j0, sLv, sLi, Lm1, thr, nfill)
 
             cute.arch.cp_async_wait_group(0)
 
@@ -568,9 +569,12 @@ class TopkRoutingKernel:
 
     @cute.jit
     def insert_smem(self, w0: Uint32, w1: Uint32, sS: cute.Tensor, tid: Int32, j0: Int32,
-                    sLv: cute.Tensor, sLi: cute.Tensor, Lm1: Int32, thr: Float32):
+                    sLv: cute.Tensor, sLi: cute.Tensor, Lm1: Int32, thr: Float32, nfill: Int32):
         """Inserts the masked columns, ascending, into the shared-memory list; returns the new
-        threshold."""
+        threshold and fill count. A candidate enters at the first free slot (the last one once
+        the list is full, dropping its entry) and moves up past the entries it is >= to (ties:
+        above equal entries), so it costs as many steps as entries it passes, not the list's
+        length (random scores pass few once the list is full)."""
         SP = self.SP
         NT = self.nthr
         while (w0 | w1) != Uint32(0):
@@ -578,22 +582,22 @@ class TopkRoutingKernel:
             x = sS[c * SP + tid]
             if x >= thr:
                 xi = j0 + c
-                pos = Lm1
-                live = Int32(1)
-                for st in cutlass.range(Lm1):
-                    s = Lm1 - st
-                    if live != 0:
-                        pv = sLv[(s - 1) * NT + tid]
-                        if x >= pv:
-                            sLv[s * NT + tid] = pv
-                            sLi[s * NT + tid] = sLi[(s - 1) * NT + tid]
-                            pos = s - 1
-                        else:
-                            live = Int32(0)
+                pos = nfill
+                go = pos > 0
+                while go:
+                    pv = sLv[(pos - 1) * NT + tid]
+                    if x >= pv:
+                        sLv[pos * NT + tid] = pv
+                        sLi[pos * NT + tid] = sLi[(pos - 1) * NT + tid]
+                        pos = pos - 1
+                        go = pos > 0
+                    else:
+                        go = cutlass.Boolean(False)
                 sLv[pos * NT + tid] = x
                 sLi[pos * NT + tid] = xi
+                nfill = cutlass.min(nfill + 1, Lm1)
                 thr = sLv[Lm1 * NT + tid]
-        return thr
+        return thr, nfill
 
     def ctile_plan(self, sC: cute.Tensor, c_outer, hk_base: Int32, tid: Int32):
         """Loop-invariant part of the centroid tile loads: this thread copies the 16-byte
