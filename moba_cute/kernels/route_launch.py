@@ -245,7 +245,8 @@ class _Plan:
         for v, what in ((self.cap, "total_q*H*topk"), (self.nseg + 1, "num_chunks_bound*H+1"),
                         (total_q * H, "total_q*H"), (total_k * Hk * D // 8, "total_k*Hk*D/8"),
                         (self.mt_bound, "query tiles"), (self.tb_bound * H, "key-major count table"),
-                        (self.mt_bound * Hk, "query tiles * Hk"), (self.nbound * Hk, "num_chunks_bound*Hk"), (self.nbound * Hk * D, "num_chunks_bound*Hk*D"),
+                        (self.mt_bound * Hk, "query tiles * Hk"), (self.nbound * Hk, "num_chunks_bound*Hk"),
+                        (self.nbound * Hk * D, "num_chunks_bound*Hk*D"),
                         (self.cap + 2 * self.kb_bound * H + 1024, "total_q*H*topk + key-major blocks")):
             _i32(v, what)
         self.ks = _kernels(dtype, D, K, causal, arch)
