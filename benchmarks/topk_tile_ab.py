@@ -12,7 +12,6 @@ import sys
 
 import torch
 
-from moba_cute.configs import routing as cfg
 from moba_cute.kernels import route_launch as rl
 
 SHAPES = {
@@ -23,12 +22,6 @@ SHAPES = {
     "flashmoba-64K-K16": (2, 16, 16, 128, 128, 16, 65536),
     "16K-K64": (2, 16, 16, 128, 64, 64, 16384),
 }
-
-
-def _use(variant):
-    cfg._TILE_OVERRIDE = tuple(int(x) for x in variant.split(","))
-    rl._KSETS.clear()
-    rl._PLANS.clear()
 
 
 def main(argv=None):
@@ -48,15 +41,15 @@ def main(argv=None):
         base = None
         for rnd in range(2):  # two rounds, interleaved: drift shows up as round-to-round change
             for v in variants:
-                _use(v)
-                sel = rl.route_cute(q, k, cu, cu, S, S, C, K, True).selection.clone()
-                if base is None:
-                    base = sel
-                diff_rows = int((sel != base).any(-1).sum())
-                torch.manual_seed(0)
-                _, per = rl._profile(*shp)
-                torch.manual_seed(0)
-                ms = rl._bench_one(*shp)
+                with rl.topk_tile_override(int(x) for x in v.split(",")):
+                    sel = rl.route_cute(q, k, cu, cu, S, S, C, K, True).selection.clone()
+                    if base is None:
+                        base = sel
+                    diff_rows = int((sel != base).any(-1).sum())
+                    torch.manual_seed(0)
+                    _, per = rl._profile(*shp)
+                    torch.manual_seed(0)
+                    ms = rl._bench_one(*shp)
                 rec = dict(shape=label, variant=v, round=rnd, routing_ms=round(ms, 4),
                            topk_ms=round(per.get("Topk", float("nan")), 4),
                            kernels={kk: round(vv, 4) for kk, vv in per.items()},

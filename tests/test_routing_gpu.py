@@ -265,22 +265,12 @@ ALT_TILES = [
 def test_other_topk_tiles(tile, case):
     """The top-k tiles this GPU does not pick by default (sm80's mma.sync tile among them),
     forced through the tuning override: valid selections and a transpose-consistent index."""
-    from moba_cute.configs import routing as cfg
-
     lens_q, lens_k, H, Hk, D, C, K, causal, dtype = CASES[case]
     q, k, cq, ck = _make(lens_q, lens_k, H, Hk, D, dtype, seed=len(lens_q) * 7 + D + K)
     rl = _rl()
-    saved = cfg._TILE_OVERRIDE
-    try:
-        cfg._TILE_OVERRIDE = tile
-        rl._KSETS.clear()
-        rl._PLANS.clear()
+    with rl.topk_tile_override(tile):
         r = rl.route_cute(q, k, cq, ck, max(lens_q), max(lens_k), C, K, causal)
         torch.cuda.synchronize()
-    finally:
-        cfg._TILE_OVERRIDE = saved
-        rl._KSETS.clear()
-        rl._PLANS.clear()
     _check_valid(r, q, k, cq, ck, C, K, causal)
     off, qr = _transpose(r.selection, cq, r.cu_chunks, r.num_chunks_bound)
     assert torch.equal(r.offsets, off) and torch.equal(r.query_rows, qr)

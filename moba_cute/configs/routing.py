@@ -78,7 +78,8 @@ def topk_wgmma_ok(fam: str, head_dim: int, bm: int) -> bool:
 
 
 # tuning override for A/B measurements: MOBA_TOPK_TILE="bm,bn,stages,mma_n,ctas,wgmma" replaces
-# the choice below for every configuration it fits (read once, at import)
+# the choice below for every configuration it fits (read once, at import; within one process:
+# kernels/route_launch.py::topk_tile_override)
 _TILE_OVERRIDE = tuple(int(x) for x in os.environ.get("MOBA_TOPK_TILE", "").split(",") if x.strip())
 
 

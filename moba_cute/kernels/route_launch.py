@@ -20,6 +20,8 @@ Run ``python -m moba_cute.kernels.route_launch --bench --profile`` on a GPU for 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..configs import routing as cfg
@@ -265,6 +267,23 @@ class _Plan:
 
 
 _PLANS = {}
+
+
+@contextlib.contextmanager
+def topk_tile_override(tile):
+    """Within the block, the top-k kernel uses ``tile`` = (bm, bn, stages, mma_n, ctas_per_sm,
+    wgmma) wherever it fits (``configs/routing.py``); for A/B measurements and tests. Cached
+    kernel sets and plans are dropped on entry and exit, so calls re-plan with the tile in force."""
+    saved = cfg._TILE_OVERRIDE
+    try:
+        cfg._TILE_OVERRIDE = tuple(int(x) for x in tile)
+        _KSETS.clear()
+        _PLANS.clear()
+        yield
+    finally:
+        cfg._TILE_OVERRIDE = saved
+        _KSETS.clear()
+        _PLANS.clear()
 
 
 def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal):

@@ -350,30 +350,27 @@ class TopkRoutingKernel:
 
             # ---- MMA partitions (one MN-column pass at a time)
             thr_mma = tiled_mma.get_slice(tid)
+            ld_atom = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
+            s2r_A = cute.make_tiled_copy_A(ld_atom, tiled_mma)
+            thr_A = s2r_A.get_slice(tid)
+            tSsQ = thr_A.partition_S(sQ)
             if cutlass.const_expr(self.wg):
                 # query fragments (registers, RS wgmma); descriptors of every centroid slab
                 tSrQ = thr_mma.make_fragment_A(thr_mma.partition_shape_A((BM, D)))
                 tSrC = thr_mma.make_fragment_B(thr_mma.partition_B(sC))
-                tSrC2 = tSrC
             else:
+                # query and centroid fragments, the centroids' (hi, lo) through ldmatrix per pass
                 tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
                 sC0 = cute.make_tensor(sC.iterator, c_layout)
                 tSrC = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
                 tSrC2 = thr_mma.make_fragment_B(thr_mma.partition_B(sC0))
-            acc_shape = thr_mma.partition_shape_C((BM, MN))
-            acc = cute.make_rmem_tensor(acc_shape, Float32)
-            ld_atom = cute.make_copy_atom(warp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
-            s2r_A = cute.make_tiled_copy_A(ld_atom, tiled_mma)
-            s2r_B = cute.make_tiled_copy_B(ld_atom, tiled_mma)
-            thr_A = s2r_A.get_slice(tid)
-            thr_B = s2r_B.get_slice(tid)
-            tSsQ = thr_A.partition_S(sQ)
-            tSrQ_v = thr_A.retile(tSrQ)
-            tSrC_v = tSrC
-            tSrC2_v = tSrC2
-            if cutlass.const_expr(not self.wg):
+                s2r_B = cute.make_tiled_copy_B(ld_atom, tiled_mma)
+                thr_B = s2r_B.get_slice(tid)
                 tSrC_v = thr_B.retile(tSrC)
                 tSrC2_v = thr_B.retile(tSrC2)
+            tSrQ_v = thr_A.retile(tSrQ)
+            acc_shape = thr_mma.partition_shape_C((BM, MN))
+            acc = cute.make_rmem_tensor(acc_shape, Float32)
             cS = cute.make_identity_tensor((BM, MN))
             tScS = thr_mma.partition_C(cS)
             NKB = cute.size(tSrQ.shape[2])
@@ -406,8 +403,8 @@ class TopkRoutingKernel:
                 for h in cutlass.range_constexpr(BN // MN):
                     # MMA passes past the tile's last chunk are skipped (their stale scores
                     # are masked out by every row's limit)
-                    if cutlass.const_expr(self.wg):
-                        if h == 0 or t * BN + h * MN < lim_max:
+                    if h == 0 or t * BN + h * MN < lim_max:
+                        if cutlass.const_expr(self.wg):
                             NP = BN // MN
                             slab = cbuf * (2 * NP) + h
                             warpgroup.fence()
@@ -419,23 +416,20 @@ class TopkRoutingKernel:
                                 cute.gemm(atom, acc, tSrQ[None, None, kb], tSrC[None, None, kb, slab + NP], acc)
                             warpgroup.commit_group()
                             warpgroup.wait_group(0)
-                            for i in cutlass.range_constexpr(cute.size(acc)):
-                                rc = tScS[i]
-                                sS[(rc[1] + h * MN) * SP + rc[0]] = acc[i]
-                    elif h == 0 or t * BN + h * MN < lim_max:
-                        cb = cbuf * (2 * BN * DP) + h * MN * DP
-                        sHi = cute.make_tensor(sC.iterator + cute.assume(cb, divby=8), c_layout)
-                        sLo = cute.make_tensor(sC.iterator + cute.assume(cb + BN * DP, divby=8), c_layout)
-                        tSsHi = thr_B.partition_S(sHi)
-                        tSsLo = thr_B.partition_S(sLo)
-                        acc.fill(0.0)
-                        for kb in cutlass.range_constexpr(NKB):
-                            if cutlass.const_expr(not self.hoist):
-                                cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
-                            cute.copy(s2r_B, tSsHi[None, None, kb], tSrC_v[None, None, kb])
-                            cute.copy(s2r_B, tSsLo[None, None, kb], tSrC2_v[None, None, kb])
-                            cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC[None, None, kb], acc)
-                            cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC2[None, None, kb], acc)
+                        else:
+                            cb = cbuf * (2 * BN * DP) + h * MN * DP
+                            sHi = cute.make_tensor(sC.iterator + cute.assume(cb, divby=8), c_layout)
+                            sLo = cute.make_tensor(sC.iterator + cute.assume(cb + BN * DP, divby=8), c_layout)
+                            tSsHi = thr_B.partition_S(sHi)
+                            tSsLo = thr_B.partition_S(sLo)
+                            acc.fill(0.0)
+                            for kb in cutlass.range_constexpr(NKB):
+                                if cutlass.const_expr(not self.hoist):
+                                    cute.copy(s2r_A, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
+                                cute.copy(s2r_B, tSsHi[None, None, kb], tSrC_v[None, None, kb])
+                                cute.copy(s2r_B, tSsLo[None, None, kb], tSrC2_v[None, None, kb])
+                                cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC[None, None, kb], acc)
+                                cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC2[None, None, kb], acc)
                         for i in cutlass.range_constexpr(cute.size(acc)):
                             rc = tScS[i]
                             sS[(rc[1] + h * MN) * SP + rc[0]] = acc[i]
@@ -511,39 +505,30 @@ class TopkRoutingKernel:
     def insert_reg(self, w0: Uint32, w1: Uint32, sS: cute.Tensor, tid: Int32, j0: Int32,
                    rlv: cute.Tensor, rli: cute.Tensor):
         """Inserts the masked columns, ascending, into the register list (exact length LC)."""
+        SP = self.SP
         BN = self.BN
-        if cutlass.const_expr(BN <= 32):
-            # one mask word: lowest set bit by w & -w, index by popc(low - 1)
-            # (loading two candidates ahead costs the 3 registers the 4-CTA tile does not have)
-            w = w0
-            have = w != Uint32(0)
-            low = w & (~w + Uint32(1))
-            c = Int32(cute.arch.popc(low - Uint32(1)))
-            w = w ^ low
-            x = sS[self.s_off(tid, cutlass.min(c, Int32(BN - 1)))]
-            while have:
-                # the next candidate's score is loaded before this one is inserted
-                have_n = w != Uint32(0)
-                lown = w & (~w + Uint32(1))
-                cn = Int32(cute.arch.popc(lown - Uint32(1)))
-                w = w ^ lown
-                xn = sS[self.s_off(tid, cutlass.min(cn, Int32(BN - 1)))]
-                self.insert_one(x, j0 + c, rlv, rli)
-                x = xn
-                c = cn
-                have = have_n
-        else:
-            have = (w0 | w1) != Uint32(0)
-            c, w0, w1 = pop_lowest(w0, w1)
-            x = sS[self.s_off(tid, cutlass.min(c, Int32(BN - 1)))]
-            while have:
-                have_n = (w0 | w1) != Uint32(0)
-                cn, w0, w1 = pop_lowest(w0, w1)
-                xn = sS[self.s_off(tid, cutlass.min(cn, Int32(BN - 1)))]
-                self.insert_one(x, j0 + c, rlv, rli)
-                x = xn
-                c = cn
-                have = have_n
+        have = (w0 | w1) != Uint32(0)
+        c, w0, w1 = self.pop(w0, w1)
+        x = sS[cutlass.min(c, Int32(BN - 1)) * SP + tid]
+        # (loading two candidates ahead costs the 3 registers the 4-CTA tile does not have)
+        while have:
+            # the next candidate's score is loaded before this one is inserted
+            have_n = (w0 | w1) != Uint32(0)
+            cn, w0, w1 = self.pop(w0, w1)
+            xn = sS[cutlass.min(cn, Int32(BN - 1)) * SP + tid]
+            self.insert_one(x, j0 + c, rlv, rli)
+            x = xn
+            c = cn
+            have = have_n
+
+    @cute.jit
+    def pop(self, w0: Uint32, w1: Uint32):
+        """Lowest set bit of the candidate mask: (column, w0, w1) as :func:`pop_lowest`; tiles of
+        up to 32 columns use one word (w & -w, index popc(low - 1))."""
+        if cutlass.const_expr(self.BN <= 32):
+            low = w0 & (~w0 + Uint32(1))
+            return Int32(cute.arch.popc(low - Uint32(1))), w0 ^ low, w1
+        return pop_lowest(w0, w1)
 
     @cute.jit
     def insert_one(self, x: Float32, xi: Int32, rlv: cute.Tensor, rli: cute.Tensor):
@@ -562,10 +547,6 @@ class TopkRoutingKernel:
             else:
                 rlv[s] = cutlass.select_(ge[s], cutlass.select_(ge[s - 1], rlv[s - 1], x), rlv[s])
                 rli[s] = cutlass.select_(ge[s], cutlass.select_(ge[s - 1], rli[s - 1], xi), rli[s])
-
-    def s_off(self, row, col):
-        """Offset of (row, column) in the score tile."""
-        return col * self.SP + row
 
     @cute.jit
     def insert_smem(self, w0: Uint32, w1: Uint32, sS: cute.Tensor, tid: Int32, j0: Int32,
@@ -603,7 +584,8 @@ class TopkRoutingKernel:
         """Loop-invariant part of the centroid tile loads: this thread copies the 16-byte
         pieces (n0 + k * NT / CV, cv) of every tile (k static), so its centroid element offset
         and the shared-memory offset of its first piece are computed once (three registers).
-        Returns (element offset of the thread's column, first row n0, first piece's smem offset)."""
+        Returns (element offset of the thread's column, first row n0, first piece's smem offset);
+        head dims without that regularity get (the centroid offset, the thread index, 0)."""
         CV = self.D // 8
         if not self.fast_ctile:
             return hk_base, tid, Int32(0)
@@ -630,7 +612,8 @@ class TopkRoutingKernel:
         CV = D // 8
         NT = self.nthr
         if not self.fast_ctile:
-            # (head dims whose 16-byte pieces per row do not divide the CTA: per piece)
+            # (head dims whose 16-byte pieces per row do not divide the CTA: per piece; n0 is
+            # the thread's first piece)
             for k in range((BN * CV + NT - 1) // NT):
                 idx = n0 + k * NT
                 if (k + 1) * NT > BN * CV:
@@ -639,17 +622,14 @@ class TopkRoutingKernel:
                 cv = idx - n * CV
                 j = cutlass.min(j0 + n, nb - 1)
                 goff = cute.assume(Int64(g0 + j * D + cv * 8), divby=8)
-                shi = cute.assume(buf * (2 * BN * self.DP) + n * self.DP + cv * 8, divby=8)
-                cute.copy(atom, cute.make_tensor(c_hi + goff, cute.make_layout(8)),
-                          cute.make_tensor(sC.iterator + shi, cute.make_layout(8)))
-                cute.copy(atom, cute.make_tensor(c_lo + goff, cute.make_layout(8)),
-                          cute.make_tensor(sC.iterator + cute.assume(shi + BN * self.DP, divby=8),
-                                           cute.make_layout(8)))
+                shi = buf * (2 * BN * self.DP) + n * self.DP + cv * 8
+                self.copy_hi_lo(atom, c_hi, c_lo, goff, sC.iterator, shi, shi + BN * self.DP)
+            return
         RS = NT // CV  # rows between a thread's pieces
         sbase = sC.iterator
         if self.wg:
             sbase = cute.recast_ptr(sC.iterator, None, self.dtype)  # (swizzle applied in s0)
-        for k in range(BN * CV // NT if self.fast_ctile else 0):
+        for k in range(BN * CV // NT):
             j = cutlass.min(j0 + n0 + k * RS, nb - 1)
             goff = cute.assume(Int64(g0 + j * D), divby=8)
             if self.wg:
@@ -659,7 +639,13 @@ class TopkRoutingKernel:
             else:
                 shi = s0 + buf * (2 * BN * self.DP) + k * RS * self.DP
                 slo = shi + BN * self.DP
-            cute.copy(atom, cute.make_tensor(c_hi + goff, cute.make_layout(8)),
-                      cute.make_tensor(sbase + cute.assume(shi, divby=8), cute.make_layout(8)))
-            cute.copy(atom, cute.make_tensor(c_lo + goff, cute.make_layout(8)),
-                      cute.make_tensor(sbase + cute.assume(slo, divby=8), cute.make_layout(8)))
+            self.copy_hi_lo(atom, c_hi, c_lo, goff, sbase, shi, slo)
+
+    def copy_hi_lo(self, atom, c_hi: cute.Pointer, c_lo: cute.Pointer, goff: Int64, sbase,
+                   shi: Int32, slo: Int32):
+        """One 16-byte piece of a centroid row, hi and lo: element offset ``goff`` in the
+        centroids (declared a whole piece), ``shi`` / ``slo`` in shared memory."""
+        cute.copy(atom, cute.make_tensor(c_hi + goff, cute.make_layout(8)),
+                  cute.make_tensor(sbase + cute.assume(shi, divby=8), cute.make_layout(8)))
+        cute.copy(atom, cute.make_tensor(c_lo + goff, cute.make_layout(8)),
+                  cute.make_tensor(sbase + cute.assume(slo, divby=8), cute.make_layout(8)))
