@@ -170,15 +170,18 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
 # dispatch
 
 
+_ARCHS: dict = {}
+
+
 def _arch(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
-    major, _ = torch.cuda.get_device_capability(device)
-    if major == 9:
-        return "sm90"
-    if major in (8, 10, 11, 12):  # mma.sync / cp.async code runs on Ampere and later
-        return "sm80"
-    return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _ARCHS:
+        major, _ = torch.cuda.get_device_capability(idx)
+        # mma.sync / cp.async code runs on Ampere and later
+        _ARCHS[idx] = "sm90" if major == 9 else ("sm80" if major in (8, 10, 11, 12) else None)
+    return _ARCHS[idx]
 
 
 def _route_kernel_module():
@@ -229,8 +232,12 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
-def _use_kernel(what: str, module, backend: str, device, reason_fn) -> bool:
-    """Decide between kernel and reference; raise or warn as the backend asks."""
+_REASONS: dict = {}
+
+
+def _use_kernel(what: str, module, backend: str, device, reason_fn, config=None) -> bool:
+    """Decide between kernel and reference; raise or warn as the backend asks. ``config``, when
+    given, is a hashable key of everything ``reason_fn`` looks at: its answer is cached."""
     if backend == "reference":
         return False
     if device.type != "cuda":
@@ -242,8 +249,13 @@ def _use_kernel(what: str, module, backend: str, device, reason_fn) -> bool:
         reason = f"no CuTe {what} kernel is available in this build"
     elif arch is None:
         reason = f"the CuTe {what} kernels need compute capability 8.0 or newer"
-    else:
+    elif config is None:
         reason = reason_fn(module, arch)
+    else:
+        ck = (what, arch) + config
+        if ck not in _REASONS:
+            _REASONS[ck] = reason_fn(module, arch)
+        reason = _REASONS[ck]
     if reason is None:
         return True
     if backend == "cute":
@@ -262,6 +274,11 @@ def route(
     """MoBA routing for a packed batch: see :class:`moba_cute.routing.Routing` for the layout."""
     _check_scalars(chunk_size, topk, causal, None, backend)
     _check_varlen(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _route(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal, backend)
+
+
+def _route(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal, backend):
+    """:func:`route` on validated arguments."""
     args = (q, k, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), int(chunk_size), int(topk), causal)
     mod = _route_kernel_module()
     if _use_kernel(
@@ -270,34 +287,41 @@ def route(
         backend,
         q.device,
         lambda m, arch: m.route_unsupported_reason(q.dtype, q.shape[-1], chunk_size, topk, arch),
+        (q.dtype, q.shape[-1], args[6], args[7]),
     ):
-        from .ops import route_op, routing_from_tensors
+        from . import ops
 
-        return routing_from_tensors(*route_op(*args), *args[2:], k.shape[1])
+        if torch.compiler.is_compiling():
+            return ops.routing_from_tensors(*ops.route_op(*args), *args[2:], k.shape[1])
+        return ops.route_eager(*args)
     return reference.route(*args)
-
-
-def _attention_reason(mod, arch, q, k, v, routing: Routing):
-    if not getattr(mod, "HAS_BACKWARD", False) and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v)
-    ):
-        return "the CuTe MoBA backward is not available yet (inputs require grad)"
-    return mod.attention_unsupported_reason(q.dtype, q.shape[-1], routing.chunk_size, routing.topk, arch)
 
 
 def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend):
     mod = _attention_kernel_module()
-    if _use_kernel(
-        "attention", mod, backend, q.device, lambda m, arch: _attention_reason(m, arch, q, k, v, routing)
-    ):
-        from .ops import attention_op
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
-        # a custom op (differentiable through its registered backward): torch.compile traces it
-        r = routing
+    def reason(m, arch):
+        if needs_grad and not getattr(m, "HAS_BACKWARD", False):
+            return "the CuTe MoBA backward is not available yet (inputs require grad)"
+        return m.attention_unsupported_reason(q.dtype, q.shape[-1], routing.chunk_size, routing.topk, arch)
+
+    config = (q.dtype, q.shape[-1], routing.chunk_size, routing.topk, needs_grad)
+    if _use_kernel("attention", mod, backend, q.device, reason, config):
+        from . import ops
+
         scale = None if softmax_scale is None else float(softmax_scale)
-        return attention_op(q, k, v, r.selection, r.offsets, r.query_rows, r.cu_chunks, r.cu_seqlens_q,
-                            r.cu_seqlens_k, r.max_seqlen_q, r.max_seqlen_k, r.chunk_size, r.topk, r.causal,
-                            scale, deterministic)
+        if torch.compiler.is_compiling():
+            # a custom op (differentiable through its registered backward): torch.compile traces it
+            r = routing
+            return ops.attention_op(q, k, v, r.selection, r.offsets, r.query_rows, r.cu_chunks, r.cu_seqlens_q,
+                                    r.cu_seqlens_k, r.max_seqlen_q, r.max_seqlen_k, r.chunk_size, r.topk,
+                                    r.causal, scale, deterministic)
+        if needs_grad:
+            return ops.AttentionFunction.apply(q, k, v, routing, scale, deterministic)
+        from .kernels.attention_launch import attention_cute
+
+        return attention_cute(q, k, v, routing, scale, deterministic)
     return reference.attention(q, k, v, routing, softmax_scale)
 
 
@@ -356,10 +380,29 @@ def varlen_attention(
     _check_scalars(chunk_size, topk, causal, softmax_scale, backend, return_lse=return_lse,
                    deterministic=deterministic)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    r = route(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk,
-              causal, backend)
+    r = _route(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk,
+               causal, backend)
     out, lse = _attend(q, k, v, r, softmax_scale, deterministic, backend)
     return (out, lse) if return_lse else out
+
+
+_PADDED_CU: dict = {}
+
+
+def _padded_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
+    """``arange(batch + 1) * seqlen`` (int32), kept per (batch, seqlen, device): building it costs
+    two PyTorch kernels per call. Not kept when made inside a CUDA graph capture or a
+    torch.compile trace (the tensor would belong to that graph)."""
+    key = (batch, seqlen, device)
+    cu = _PADDED_CU.get(key)
+    if cu is None:
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling():
+            if len(_PADDED_CU) >= 64:
+                _PADDED_CU.clear()
+            _PADDED_CU[key] = cu
+    return cu
 
 
 def attention(
@@ -386,9 +429,8 @@ def attention(
     sk, hk = k.shape[1], k.shape[2]
     if b < 1:
         raise ValueError(f"q must hold at least one sequence (batch >= 1), got batch {b}")
-    dev = q.device
-    cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev) * sq
-    cu_k = torch.arange(b + 1, dtype=torch.int32, device=dev) * sk
+    cu_q = _padded_cu_seqlens(b, sq, q.device)
+    cu_k = _padded_cu_seqlens(b, sk, q.device)
     res = varlen_attention(
         q.reshape(b * sq, h, d), k.reshape(b * sk, hk, d), v.reshape(b * sk, hk, d), cu_q, cu_k, sq, sk,
         chunk_size, topk, causal, softmax_scale, True, deterministic, backend,

@@ -1,9 +1,15 @@
-"""The kernel paths as PyTorch custom ops, so that torch.compile traces through them.
+"""The kernel paths as PyTorch custom ops, so that torch.compile traces through them, and
+the same paths for eager calls without the custom-op dispatch.
 
 Each op has a fake (meta) implementation that only computes output shapes from input shapes:
 every size is a host-known bound (see :mod:`moba_cute.routing`), so no op has a
 data-dependent shape and none synchronizes the host. The real implementations launch the CuTe
 kernels on the current stream (CUDA graph capture works once the kernels are compiled).
+
+Eager calls (not under ``torch.compile``) skip the dispatcher: :func:`route_eager` calls the
+routing kernels directly and :class:`AttentionFunction` is a plain ``autograd.Function`` over
+the same forward and backward (a custom op with autograd costs ~90 us of host time per call
+against ~15 us; docs/design.md, "Host path").
 """
 
 from __future__ import annotations
@@ -135,12 +141,50 @@ def _attention_setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *inputs[3:9])
     ctx.static = inputs[9:]
+    # an unused output's gradient arrives as None instead of a zero-filled tensor (a PyTorch
+    # fill kernel per backward when the caller does not use the LSE)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, *routing_tensors = ctx.saved_tensors
+    if dout is None:  # only the LSE was used
+        dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd_op(dout.contiguous(), dlse, q, k, v, out, lse, *routing_tensors, *ctx.static)
     return (dq, dk, dv) + (None,) * _ROUTING_ARGS
 
 
 attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def route_eager(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal):
+    """:func:`route_op`'s kernels called directly: a :class:`~moba_cute.routing.Routing`."""
+    from .kernels.route_launch import route_cute
+
+    return route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Eager twin of :func:`attention_op` with its autograd: ``apply(q, k, v, routing,
+    softmax_scale, deterministic) -> (out, lse)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, routing, softmax_scale, deterministic):
+        from .kernels.attention_launch import attention_cute
+
+        out, lse = attention_cute(q, k, v, routing, softmax_scale, deterministic)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.routing = routing
+        ctx.args = (softmax_scale, deterministic)
+        ctx.set_materialize_grads(False)  # as in _attention_setup_context
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from .kernels.attention_launch import attention_backward_cute
+
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward_cute(q, k, v, out, lse, dout, dlse, ctx.routing, *ctx.args)
+        return dq, dk, dv, None, None, None

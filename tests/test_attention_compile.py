@@ -17,9 +17,9 @@ def _specs():
         for D in cfg.SUPPORTED_HEAD_DIMS:
             for causal in (True, False):
                 for stages in (1, 2):  # the shipped value and the MOBA_CUTE_FWD_STAGES alternative
-                    for key, fac, fake in launch.kernel_specs(dtype, D, causal, stages):
+                    for key, fac, fake in launch.kernel_specs(dtype, D, causal, stages).values():
                         seen.setdefault(key, (fac, fake))
-                for key, fac, fake in launch.bwd_kernel_specs(dtype, D, causal):
+                for key, fac, fake in launch.bwd_kernel_specs(dtype, D, causal).values():
                     seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 

@@ -63,16 +63,6 @@ def _i32(x, what):
     return int(x)
 
 
-def _compiled(key, make_kernel, fake_args, arch):
-    import cutlass.cute as cute
-
-    def build():
-        return common.FastLauncher(
-            cute.compile(make_kernel(), *fake_args, options=common.compile_options(arch)), fake_args)
-
-    return common.cached_compile(key + (arch,), build)
-
-
 # --- per-kernel fake argument lists (shared with tests/test_routing_compile.py) ---------------
 
 def _P(n):
@@ -155,64 +145,19 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch):
 _KSETS = {}
 
 
-class _KernelSet(dict):
-    """Role -> compiled kernel of one configuration, compiled on first use (a call needs either
-    ``prep`` + ``centroids`` or ``centroids_prep``, depending on the number of sequences)."""
-
-    def __init__(self, specs, arch):
-        super().__init__()
-        self.specs = {s[0][0]: s for s in specs}
-        self.arch = arch
-
-    def __missing__(self, role):
-        s = self.specs[role]
-        k = _compiled(s[0], s[1], s[2], self.arch)
-        self[role] = k
-        return k
-
-
 def _kernels(dtype, head_dim, topk, causal, arch):
     """The kernels of one configuration (by role, compiled on first use), cached per configuration."""
     sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch, int(topk) % 4 == 0)
     ks = _KSETS.get(sk)
     if ks is None:
         name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-        ks = _KernelSet(kernel_specs(name, head_dim, topk, causal, arch), arch)
+        ks = common.KernelSet({s[0][0]: s for s in kernel_specs(name, head_dim, topk, causal, arch)}, arch)
         _KSETS[sk] = ks
     return ks
 
 
-def _prep_inputs(x):
-    if not x.is_contiguous() or x.data_ptr() % 16 != 0:
-        x = x.contiguous() if not x.is_contiguous() else x.clone()
-    return x
-
-
 def _cu(x):
     return x if x.is_contiguous() else x.contiguous()
-
-
-_ARCH = {}
-
-
-def _arch_of(dev):
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    a = _ARCH.get(idx)
-    if a is None:
-        a = common.device_arch(idx)
-        _ARCH[idx] = a
-    return a
-
-
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _raw_stream(dev):
-    """The caller's current CUDA stream handle (the raw getter: ~0.1 us instead of ~3 us for a
-    ``torch.cuda.Stream`` object, which matters before the first launch of a timed call)."""
-    if _RAW_STREAM is not None:
-        return _RAW_STREAM(dev.index if dev.index is not None else torch.cuda.current_device())
-    return torch.cuda.current_stream(dev).cuda_stream
 
 
 def _km_block_rows(total_q, total_k, B, C, H, cap):
@@ -254,19 +199,17 @@ class _Plan:
         self.ks = _kernels(dtype, D, K, causal, arch)
         nb1 = max(self.nbound, 1)
         esz = 2
-        # workspace layout (bytes, 256-aligned): cent fp32, c_hi, c_lo, counts, table, cu_mtiles,
-        # cu_kblocks, tbase, head-major segment offsets
-        sizes = [nb1 * Hk * D * 4, Hk * nb1 * D * esz, Hk * nb1 * D * esz, max(self.nseg, 1) * 4,
-                 self.tb_bound * H * 4, (B + 1) * 4, (B + 1) * 4, (B + 1) * 4, max(self.nseg, 1) * 4]
-        self.offs = []
-        o = 0
-        for sz in sizes:
-            self.offs.append(o)
-            o += (sz + 255) // 256 * 256
-        self.ws_bytes = o
+        # one workspace: fp32 centroids, their hi/lo split, segment counts, the key-major count
+        # table, query-tile / key-major block / table offsets, head-major segment offsets
+        lay = common.WorkspaceLayout()
+        for sz in (nb1 * Hk * D * 4, Hk * nb1 * D * esz, Hk * nb1 * D * esz, max(self.nseg, 1) * 4,
+                   self.tb_bound * H * 4, (B + 1) * 4, (B + 1) * 4, (B + 1) * 4, max(self.nseg, 1) * 4):
+            lay.add(str(len(lay.offsets)), sz)
+        self.offs = list(lay.offsets.values())
+        self.ws_bytes = lay.nbytes
 
 
-_PLANS = {}
+PLANS = common.PlanCache(_Plan)
 
 
 @contextlib.contextmanager
@@ -278,18 +221,18 @@ def topk_tile_override(tile):
     try:
         cfg._TILE_OVERRIDE = tuple(int(x) for x in tile)
         _KSETS.clear()
-        _PLANS.clear()
+        PLANS.clear()
         yield
     finally:
         cfg._TILE_OVERRIDE = saved
         _KSETS.clear()
-        _PLANS.clear()
+        PLANS.clear()
 
 
 def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal):
     """MoBA routing with the CuTe kernels; returns a :class:`moba_cute.routing.Routing`."""
-    q = _prep_inputs(q)
-    k = _prep_inputs(k)
+    q = common.kernel_input(q)
+    k = common.kernel_input(k)
     cu_q = _cu(cu_seqlens_q)
     cu_k = _cu(cu_seqlens_k)
     total_q, H, D = q.shape
@@ -300,16 +243,11 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     causal = bool(causal)
     dev = q.device
     pk = (q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, dev.index)
-    plan = _PLANS.get(pk)
-    if plan is None:
-        plan = _Plan(q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, _arch_of(dev))
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        _PLANS[pk] = plan
+    plan = PLANS.get(pk, q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, common.arch_of(dev))
     ks = plan.ks
     nbound, nseg, cap = plan.nbound, plan.nseg, plan.cap
     G = H // Hk
-    stream = _raw_stream(dev)
+    stream = common.raw_stream(dev)
 
     # the first two kernels are launched before the outputs they do not touch are allocated:
     # the GPU starts sooner (a timed call otherwise waits for the host's allocations)
@@ -363,7 +301,7 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
 
 def centroids_cute(k, cu_seqlens_k, chunk_size):
     """fp32 chunk centroids ``(num_chunks_bound, Hk, D)`` computed by the CuTe kernel."""
-    k = _prep_inputs(k)
+    k = common.kernel_input(k)
     cu_k = _cu(cu_seqlens_k)
     total_k, Hk, D = k.shape
     B = cu_k.shape[0] - 1
@@ -372,7 +310,7 @@ def centroids_cute(k, cu_seqlens_k, chunk_size):
     _i32(total_k * Hk * D // 8, "total_k*Hk*D/8")
     _i32(nbound * Hk, "num_chunks_bound*Hk")
     dev = k.device
-    ks = _kernels(k.dtype, D, 1, True, _arch_of(dev))
+    ks = _kernels(k.dtype, D, 1, True, common.arch_of(dev))
     stream = torch.cuda.current_stream(dev).cuda_stream
     nb1 = max(nbound, 1)
     cu_chunks = torch.empty(B + 1, dtype=torch.int32, device=dev)

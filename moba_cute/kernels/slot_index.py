@@ -13,8 +13,13 @@ contiguous.
   for every gather slot (integer atomics: counts are exact), and, non-causal only, rows with no
   usable slot get ``out = 0``, ``lse = -inf`` (causal empty rows are written by the diagonal
   pass, which covers every row).
-* ``scatter=True``: after the host's exclusive scan (``offsets``; ``cursor = offsets[:-1]``),
-  ``rows_list[atomic_add(cursor[seg'], 1)] = row``.
+* ``scatter=True``: after :class:`SlotScanKernel` turned ``counts`` into the segments' start
+  offsets (the cursor), ``rows_list[atomic_add(counts[seg'], 1)] = row``.
+
+A call builds the index with four launches, no PyTorch op between them (docs/design.md, "Host
+path"): :class:`SlotPrepKernel` (zero the counts; causal: the diagonal pass's query-tile
+offsets), count, :class:`SlotScanKernel` (segment and tile offsets, the tile -> segment table,
+each pass's tile range), scatter.
 
 The order of rows inside a segment depends on timing, but the forward's result for a row does
 not depend on its place in a tile, so the output is still bitwise deterministic. Everything is
@@ -28,9 +33,11 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 
-from .centroids import clamp_seq, find_segment
+from .centroids import block_exclusive_scan, clamp_seq, find_segment
 
 THREADS = 256
+SCAN_THREADS = 512
+SCAN_ITEMS = 4  # consecutive counts per thread and step of the single-CTA scan
 
 
 def _t(ptr):
@@ -124,3 +131,131 @@ class SlotIndexKernel:
                     _t(rows_list)[pos] = i
                 else:
                     cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(1))
+
+
+class SlotPrepKernel:
+    """Zeroes the ``n`` per-slot segment counters (the count pass adds to them atomically) and,
+    for the causal diagonal pass, writes ``cu_mt[b]`` = the first query tile of sequence b
+    (``cu_mt[B]`` = tiles in all; ``bm`` rows a tile; lengths clamped as the kernels clamp
+    them). Grid-stride zeroing over ``nblocks`` CTAs; CTA 0 also scans the tile counts.
+    Compile key: ("slotprep", bm, diag)."""
+
+    def __init__(self, bm: int, diag: bool):
+        self.bm = int(bm)
+        self.diag = bool(diag)
+        self.nthr = THREADS
+
+    @cute.jit
+    def __call__(self, counts: cute.Pointer, cu_q: cute.Pointer, cu_mt: cute.Pointer, n: Int32, B: Int32,
+                 total_q: Int32, nblocks: Int32, stream: cuda.CUstream):
+        self.kernel(counts, cu_q, cu_mt, n, B, total_q, nblocks).launch(
+            grid=(nblocks, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, counts: cute.Pointer, cu_q: cute.Pointer, cu_mt: cute.Pointer, n: Int32, B: Int32,
+               total_q: Int32, nblocks: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        tc = _t(counts)
+        for i in cutlass.range(bid * self.nthr + tid, n, nblocks * self.nthr):
+            tc[i] = Int32(0)
+        if cutlass.const_expr(self.diag):
+            if bid == 0:
+                smem = cutlass.utils.SmemAllocator()
+                s_w = smem.allocate_tensor(Int32, cute.make_layout(self.nthr // 32 + 1), 16)
+                tmt = _t(cu_mt)
+                bm = self.bm
+                carry = Int32(0)
+                for base in cutlass.range(0, B, self.nthr):
+                    b = base + tid
+                    nt = Int32(0)
+                    if b < B:
+                        qs, qe = clamp_seq(cu_q, b, total_q)
+                        nt = (qe - qs + bm - 1) // bm
+                    pre, tot = block_exclusive_scan(nt, s_w, tid, self.nthr // 32)
+                    if b < B:
+                        tmt[b + 1] = carry + pre + nt
+                    carry = carry + tot
+                if tid == 0:
+                    tmt[0] = Int32(0)
+
+
+class SlotScanKernel:
+    """One CTA. Over the ``n = passes * nseg`` per-slot segment counts (pass-major, so one
+    pass's segments are contiguous), writes in one sweep:
+
+    * ``seg_off[i]`` = exclusive prefix sum of the counts (``seg_off[n]`` = total), and the
+      same values into ``counts`` (the scatter pass's cursor: no separate copy);
+    * ``tile_off[i]`` = exclusive prefix sum of ``ceil(count / bm)`` (``tile_off[n]`` = total);
+    * ``tile_seg[t] = i`` for every tile ``t`` of segment ``i`` (entries at or past
+      ``tiles_bound``, the table's size, are dropped: only garbage cu_seqlens get there);
+    * ``pass_tiles[p] = tile_off[p * nseg]``, ``pass_tiles[passes]`` = total: each gather
+      pass's tile range.
+
+    Both scans run over steps of ``SCAN_THREADS * SCAN_ITEMS`` counts with a running carry.
+    A single CTA suffices: the work is ~20 bytes per segment and tile (64K flashmoba: 115K
+    segments, ~250K tiles). Compile key: ("slotscan", bm)."""
+
+    def __init__(self, bm: int):
+        self.bm = int(bm)
+        self.nthr = SCAN_THREADS
+
+    @cute.jit
+    def __call__(self, counts: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer, tile_seg: cute.Pointer,
+                 pass_tiles: cute.Pointer, nseg: Int32, passes: Int32, tiles_bound: Int32, stream: cuda.CUstream):
+        self.kernel(counts, seg_off, tile_off, tile_seg, pass_tiles, nseg, passes, tiles_bound).launch(
+            grid=(1, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, counts: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer, tile_seg: cute.Pointer,
+               pass_tiles: cute.Pointer, nseg: Int32, passes: Int32, tiles_bound: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        NW = self.nthr // 32
+        E = SCAN_ITEMS
+        bm = self.bm
+        smem = cutlass.utils.SmemAllocator()
+        s_w = smem.allocate_tensor(Int32, cute.make_layout(NW + 1), 16)
+        tc = _t(counts)
+        tso = _t(seg_off)
+        tto = _t(tile_off)
+        tts = _t(tile_seg)
+        tpt = _t(pass_tiles)
+        n = passes * nseg
+        cnt = cute.make_rmem_tensor(cute.make_layout(E), Int32)
+        nti = cute.make_rmem_tensor(cute.make_layout(E), Int32)
+        carry_c = Int32(0)
+        carry_t = Int32(0)
+        for base in cutlass.range(0, n, self.nthr * E):
+            i0 = base + tid * E
+            lc = Int32(0)
+            lt = Int32(0)
+            for e in cutlass.range_constexpr(E):
+                x = Int32(0)
+                if i0 + e < n:
+                    x = tc[i0 + e]
+                cnt[e] = x
+                nti[e] = (x + bm - 1) // bm
+                lc = lc + x
+                lt = lt + nti[e]
+            pc, tot_c = block_exclusive_scan(lc, s_w, tid, NW)
+            pt, tot_t = block_exclusive_scan(lt, s_w, tid, NW)
+            rc = carry_c + pc
+            rt = carry_t + pt
+            for e in cutlass.range_constexpr(E):
+                i = i0 + e
+                if i < n:
+                    tso[i] = rc
+                    tc[i] = rc
+                    tto[i] = rt
+                    if i % nseg == 0:
+                        tpt[i // nseg] = rt
+                    for t in cutlass.range(rt, cutlass.min(rt + nti[e], tiles_bound)):
+                        tts[t] = i
+                rc = rc + cnt[e]
+                rt = rt + nti[e]
+            carry_c = carry_c + tot_c
+            carry_t = carry_t + tot_t
+        if tid == 0:
+            tso[n] = carry_c
+            tto[n] = carry_t
+            tpt[passes] = carry_t

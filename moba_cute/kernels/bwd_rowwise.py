@@ -1,0 +1,119 @@
+"""Row-wise kernels around the MoBA backward (any sm80+ GPU), replacing PyTorch ops that would
+each cost a launch and a pass over memory:
+
+* :class:`BwdPrepKernel`: ``delta[row, h] = sum_d dO * O - dlse[h, row]`` (fp32; ``dlse``
+  optional) and, in the same pass, ``dQ_acc[row, h, :] = 0`` (the dQ slot passes
+  read-modify-write it).
+* :class:`DqConvertKernel`: ``dq = dQ_acc`` in the input dtype.
+
+Both map a group of ``GS`` lanes to one (row, head): each lane handles ``D / (8 GS)``
+16-byte pieces, the group reduces with butterfly shuffles. ``GS`` is the largest power of two
+<= 16 dividing ``D / 8``, so a warp reads whole 16-byte pieces of consecutive rows (rows of one
+token are contiguous: ``(total_q, H, D)``).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+from cutlass import Float32, Int32, Int64
+
+THREADS = 256
+
+
+def _t(ptr):
+    return cute.make_tensor(ptr, cute.make_layout(1 << 30))
+
+
+def group_size(head_dim: int) -> int:
+    cv = head_dim // 8
+    gs = 1
+    while gs < 16 and cv % (2 * gs) == 0:
+        gs *= 2
+    return gs
+
+
+def grid_blocks(rows: int, head_dim: int) -> int:
+    """CTAs covering ``rows`` (row, head) pairs."""
+    per = THREADS // group_size(head_dim)
+    return (rows + per - 1) // per
+
+
+class BwdPrepKernel:
+    """delta and zeroed dQ_acc; see the module docstring. Compile key:
+    ("bwdprep", dtype_name, head_dim, has_dlse)."""
+
+    def __init__(self, dtype, head_dim: int, has_dlse: bool):
+        assert head_dim % 8 == 0
+        self.dtype = dtype
+        self.D = head_dim
+        self.has_dlse = bool(has_dlse)
+        self.GS = group_size(head_dim)
+        self.NV = head_dim // 8 // self.GS
+
+    @cute.jit
+    def __call__(self, out: cute.Pointer, dout: cute.Pointer, dlse: cute.Pointer, delta: cute.Pointer,
+                 dq_acc: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, nblocks: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(out, dout, dlse, delta, dq_acc, rows, total_q, H).launch(
+            grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, out: cute.Pointer, dout: cute.Pointer, dlse: cute.Pointer, delta: cute.Pointer,
+               dq_acc: cute.Pointer, rows: Int32, total_q: Int32, H: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        GS = self.GS
+        D = self.D
+        g = bid * (THREADS // GS) + tid // GS
+        lane = tid % GS
+        acc = Float32(0.0)
+        if g < rows:
+            base = Int64(g) * Int64(D)
+            for v in cutlass.range_constexpr(self.NV):
+                off = base + Int64((v * GS + lane) * 8)
+                o = cute.make_tensor(out + cute.assume(off, divby=8), cute.make_layout(8)).load().to(Float32)
+                d = cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)).load().to(Float32)
+                for e in cutlass.range_constexpr(8):
+                    acc = acc + o[e] * d[e]
+                z = cute.make_tensor(dq_acc + cute.assume(off, divby=8), cute.make_layout(8))
+                z.fill(0.0)
+        for i in cutlass.range_constexpr(GS.bit_length() - 1):
+            acc = acc + cute.arch.shuffle_sync_bfly(acc, offset=1 << i)
+        if (g < rows) & (lane == 0):
+            if cutlass.const_expr(self.has_dlse):
+                i = g // H
+                h = g - i * H
+                acc = acc - _t(dlse)[Int64(h) * Int64(total_q) + Int64(i)]
+            _t(delta)[g] = acc
+
+
+class DqConvertKernel:
+    """dq (input dtype) from the fp32 dQ_acc. Compile key: ("dqconvert", dtype_name, head_dim)."""
+
+    def __init__(self, dtype, head_dim: int):
+        assert head_dim % 8 == 0
+        self.dtype = dtype
+        self.D = head_dim
+        self.GS = group_size(head_dim)
+        self.NV = head_dim // 8 // self.GS
+
+    @cute.jit
+    def __call__(self, dq_acc: cute.Pointer, dq: cute.Pointer, rows: Int32, nblocks: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(dq_acc, dq, rows).launch(grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, dq_acc: cute.Pointer, dq: cute.Pointer, rows: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        GS = self.GS
+        g = bid * (THREADS // GS) + tid // GS
+        lane = tid % GS
+        if g < rows:
+            base = Int64(g) * Int64(self.D)
+            for v in cutlass.range_constexpr(self.NV):
+                off = base + Int64((v * GS + lane) * 8)
+                x = cute.make_tensor(dq_acc + cute.assume(off, divby=8), cute.make_layout(8)).load()
+                cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(x.to(self.dtype))

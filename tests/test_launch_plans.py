@@ -1,0 +1,83 @@
+"""CPU: the launch plans of the attention and routing calls (docs/design.md, "Host path") are
+cached per call shape: a repeated call of the same shape hits, a new shape misses. Plans hold
+only host-side sizes, grids and workspace layouts (kernels compile lazily on first launch), so
+they build here without a GPU."""
+
+import pytest
+import torch
+
+pytest.importorskip("cutlass")
+
+from moba_cute import reference  # noqa: E402
+from moba_cute.kernels import attention_launch as al  # noqa: E402
+from moba_cute.kernels import common  # noqa: E402
+from moba_cute.kernels import route_launch as rl  # noqa: E402
+
+
+def _batch(lens, H=4, Hk=2, D=64, C=64, K=3, causal=True):
+    g = torch.Generator().manual_seed(0)
+    n = sum(lens)
+    q = torch.randn(n, H, D, generator=g, dtype=torch.bfloat16)
+    k = torch.randn(n, Hk, D, generator=g, dtype=torch.bfloat16)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    r = reference.route(q, k, cu, cu, max(lens), max(lens), C, K, causal)
+    return q, k, r
+
+
+@pytest.mark.parametrize("cache", [al.FWD_PLANS, al.BWD_PLANS])
+def test_attention_plan_cache_hits_on_repeat_and_misses_on_new_shape(cache):
+    cache.clear()
+    q, k, r = _batch([100, 300])
+    key = al._plan_key(q, k, r)
+    h0, m0 = cache.hits, cache.misses
+    p1 = cache.get(key, key, "sm_90a")
+    q2, k2, r2 = _batch([100, 300])  # new tensors, same shapes
+    key2 = al._plan_key(q2, k2, r2)
+    assert key2 == key
+    assert cache.get(key2, key2, "sm_90a") is p1
+    assert (cache.hits - h0, cache.misses - m0) == (1, 1)
+    for other in (_batch([100, 301]), _batch([100, 300], K=4), _batch([100, 300], causal=False)):
+        ko = al._plan_key(*other)
+        assert ko != key
+        assert cache.get(ko, ko, "sm_90a") is not p1
+    assert cache.misses - m0 == 4
+
+
+def test_plan_cache_is_bounded():
+    built = []
+    cache = common.PlanCache(lambda x: built.append(x) or x, max_size=3)
+    for i in range(5):
+        cache.get(i, i)
+    assert len(cache.plans) == 3 and list(cache.plans) == [2, 3, 4]
+    assert cache.get(4, 4) == 4 and cache.hits == 1 and built == [0, 1, 2, 3, 4]
+
+
+def test_forward_plan_layout():
+    """One workspace holds every scratch piece, 256-byte aligned and disjoint."""
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=2, D=128, C=128, K=5)
+    key = al._plan_key(q, k, r)
+    plan = al.FwdPlan(key, "sm_90a")
+    offs = sorted(plan.layout.offsets.items(), key=lambda kv: kv[1])
+    assert all(o % 256 == 0 for _, o in offs)
+    rows = q.shape[0] * q.shape[1]
+    assert offs[1][1] - offs[0][1] >= rows * 128 * 4  # oacc first, fp32 (rows, D)
+    ix = plan.index
+    assert ix.npass == 4 and ix.nseg == r.num_chunks_bound * 8 and ix.gather
+    assert plan.layout.nbytes >= 4 * (rows * ix.npass + ix.tiles_bound)
+    assert set(plan.ks.specs) == {"diag", "pass", "slot_prep", "slot_count", "slot_scan", "slot_scatter"}
+
+
+def test_plans_refuse_int32_overflow():
+    """Sizes past what the kernels' 32-bit indices cover are refused with the quantity named."""
+    key = (torch.bfloat16, 1 << 22, 64, 128, 1 << 22, 64, 1, 128, 16, True, (1 << 22) // 128, 0)
+    with pytest.raises(ValueError, match="exceeds 2\\^31-1"):
+        al.FwdPlan(key, "sm_90a")
+
+
+def test_routing_plan_cache():
+    rl.PLANS.clear()
+    args = (torch.bfloat16, 400, 4, 64, 400, 2, 2, 64, 3, True, "sm_90a")
+    h0 = rl.PLANS.hits
+    p = rl.PLANS.get(args[:-1] + (0,), *args)
+    assert rl.PLANS.get(args[:-1] + (0,), *args) is p and rl.PLANS.hits == h0 + 1
+    assert rl.PLANS.get((torch.bfloat16, 401) + args[2:-1] + (0,), torch.bfloat16, 401, *args[2:]) is not p
