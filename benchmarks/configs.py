@@ -1,4 +1,4 @@
-"""Benchmark configurations: the standard suites of SPEC section 4, plus ``quick``.
+"""Benchmark configurations: the standard suites of SPEC section 4, plus ``quick`` and ``host``.
 
 A :class:`Config` is one point of a suite: batch shape, heads, head dim, MoBA chunk size C and
 top-k K, and the per-sequence lengths of the packed batch. Pure Python, importable anywhere.
@@ -160,6 +160,8 @@ SUITES: dict[str, list[Config]] = {
     "varlen-mix": _varlen_mix(),
     # A small fast subset for `make demo`: the flashmoba shape at 8K and 16K.
     "quick": [Config("quick", B=2, H=16, Hk=16, D=128, C=128, K=8, S=s) for s in (8 * K_, 16 * K_)],
+    # Host overhead of one call (benchmarks/host.py, issue 16), at the flashmoba shape.
+    "host": [Config("host", B=2, H=16, Hk=16, D=128, C=128, K=8, S=s) for s in (8 * K_, 16 * K_, 64 * K_)],
 }
 
 #: Sizes run by default (no --sizes): flashmoba stops at 128K unless asked for more, since a

@@ -154,14 +154,15 @@ def git_commit(repo_dir: str | None = None) -> str:
     return sha if res.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else "unknown"
 
 
-def write_results(path: str, meta: dict, records: list[dict]) -> str:
+def write_results(path: str, meta: dict, records: list[dict], normalize=normalize_record) -> str:
     """Write ``{"device", "torch", "cutlass_dsl", "commit", "records", ...extra meta}`` to
-    ``path`` atomically (write then rename), so a run killed midway leaves a valid file."""
+    ``path`` atomically (write then rename), so a run killed midway leaves a valid file.
+    ``normalize`` orders and checks each record (the host suite passes its own schema's)."""
     for k in TOP_KEYS[:-1]:
         if k not in meta:
             raise ValueError(f"results metadata lacks {k!r}")
     doc = {k: meta[k] for k in TOP_KEYS[:-1]}
-    doc["records"] = [normalize_record(r) for r in records]
+    doc["records"] = [normalize(r) for r in records]
     for k, v in meta.items():
         if k not in doc:
             doc[k] = _clean(v)

@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --suite flashmoba|moba-large|varlen-mix|quick \
         [--sizes 8K,16K] [--impls moba_cute,fa2,fa4,flex_moba,reference] [--out benchmarks/results]
+    python -m benchmarks.run --suite host [--sizes 8K] [--reps 20]   # host overhead (benchmarks/host.py)
 
 Needs a CUDA GPU. ``--dry-run`` instead runs a tiny version of the suite on the CPU through the
 PyTorch reference only (wall-clock timings, meaningless as performance: it checks the pipeline
@@ -39,7 +40,8 @@ def _parse_args(argv):
                         "available on the device); default: all (quick: all but flex_moba, whose compilation "
                         "alone takes longer than the quick suite should)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
-    p.add_argument("--reps", type=int, default=10, help="timed runs per figure (median; >= 10 for reported runs)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed runs per figure (median; default 10, host suite 20; >= 10 for reported runs)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs per figure")
     p.add_argument("--ref-max-s", default="8K",
                    help="run the PyTorch reference only where the longest sequence is at most this (default 8K)")
@@ -56,6 +58,8 @@ def _parse_args(argv):
                    help="CPU only: a tiny version of the suite through the reference (checks the pipeline)")
     p.add_argument("--list", action="store_true", help="print the suite's configs and exit")
     args = p.parse_args(argv)
+    if args.reps is None:
+        args.reps = 20 if args.suite == "host" else 10
     if args.impls is None:
         args.impls = ",".join(i for i in ALL_IMPLS if not (args.suite == "quick" and i == "flex_moba"))
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
@@ -108,10 +112,46 @@ def _short(exc: BaseException, n: int = 240) -> str:
     return f"{type(exc).__name__}: {msg[:n]}"
 
 
+def suite_meta(args, device: str) -> tuple[str, dict, dict]:
+    """(device name, kernel paths, results-file metadata) of a run: the SPEC top-level keys plus the
+    documented extras (the host suite replaces ``timing`` with its own method)."""
+    import torch
+
+    from .moba import kernel_paths
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        name = torch.cuda.get_device_name(0)
+        hw = {"sm": f"sm_{props.major}{props.minor}", "sms": props.multi_processor_count,
+              "l2_bytes": getattr(props, "L2_cache_size", None), "mem_bytes": props.total_memory}
+        paths = kernel_paths()
+    else:
+        name = f"cpu-dry-run ({platform.processor() or platform.machine()})"
+        hw = {}
+        paths = {"route": None, "attention": None}
+    meta = {"device": name, **_versions(), "commit": git_commit(),
+            "suite": args.suite, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+            "kernel_paths": paths, "hardware": hw,
+            "timing": {"reps": args.reps, "warmup": args.warmup, "statistic": "median",
+                       "method": "CUDA events, L2 flushed before each run" if device == "cuda"
+                       else "wall clock (CPU dry run: not a performance figure)"}}
+    if device == "cuda":
+        from .baselines import fa4_version
+
+        meta["flash_attn_4"] = fa4_version()
+    else:
+        meta["dry_run"] = True
+    return name, paths, meta
+
+
+def output_path(args, device: str, device_name: str) -> str:
+    """``<out>/<suite>_<device-slug>_<date>.json`` (dry runs: device ``cpu-dry-run``)."""
+    return results_path(args.out, args.suite, "cpu-dry-run" if device == "cpu" else device_name)
+
+
 class Bench:
     def __init__(self, args, device: str):
-        import torch
-
         from .timing import Timer
 
         self.args = args
@@ -120,31 +160,8 @@ class Bench:
         self.timer = Timer(device, reps=args.reps, warmup=args.warmup)
         self.records: list[dict] = []
         self.kept: list[dict] = []  # records of an earlier file kept by --merge
-        if device == "cuda":
-            props = torch.cuda.get_device_properties(0)
-            self.device_name = torch.cuda.get_device_name(0)
-            self.hw = {"sm": f"sm_{props.major}{props.minor}", "sms": props.multi_processor_count,
-                       "l2_bytes": getattr(props, "L2_cache_size", None), "mem_bytes": props.total_memory}
-        else:
-            self.device_name = f"cpu-dry-run ({platform.processor() or platform.machine()})"
-            self.hw = {}
-        from .moba import kernel_paths
-
-        self.kernel_paths = kernel_paths() if device == "cuda" else {"route": None, "attention": None}
-        self.path = results_path(args.out, args.suite, "cpu-dry-run" if device == "cpu" else self.device_name)
-        self.meta = {"device": self.device_name, **_versions(), "commit": git_commit(),
-                     "suite": args.suite, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
-                     "kernel_paths": self.kernel_paths, "hardware": self.hw,
-                     "timing": {"reps": args.reps, "warmup": args.warmup, "statistic": "median",
-                                "method": "CUDA events, L2 flushed before each run" if device == "cuda"
-                                else "wall clock (CPU dry run: not a performance figure)"}}
-        if device == "cuda":
-            from .baselines import fa4_version
-
-            self.meta["flash_attn_4"] = fa4_version()
-        if device == "cpu":
-            self.meta["dry_run"] = True
+        self.device_name, self.kernel_paths, self.meta = suite_meta(args, device)
+        self.path = output_path(args, device, self.device_name)
         if args.merge and os.path.exists(self.path):
             from .results import load_results
 
@@ -417,6 +434,10 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.suite == "host":  # measures other figures than the timing suites: its own module
+        from .host import run_host
+
+        return run_host(args, device, cfgs)
     bench = Bench(args, device)
     print(f"suite {args.suite} on {bench.device_name}: {len(cfgs)} config(s), impls {','.join(args.impls)}; "
           f"kernel_paths={bench.kernel_paths}", flush=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "Timer", "is_oom", "free_memory"]
+__all__ = ["Timing", "Timer", "time_idle", "is_oom", "free_memory"]
 
 SLOW_RUN_S = 2.0
 MIN_REPS_SLOW = 3
@@ -37,6 +37,37 @@ def free_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+def time_idle(fn, device: str = "cuda", reps: int = 20, warmup: int = 2, clock: str = "device") -> Timing:
+    """Median of ``reps`` single calls of ``fn``, each started with the GPU idle (synchronized
+    first, no L2 flush queued): unlike :class:`Timer`, host overhead that a busy GPU would hide
+    counts. ``clock="device"``: CUDA events around the call (until its last GPU work ends; wall
+    clock on the CPU); ``clock="host"``: ``time.perf_counter`` until the call returns (host time
+    only, the GPU work being asynchronous)."""
+    if reps < 1 or warmup < 0 or clock not in ("device", "host"):
+        raise ValueError("time_idle: reps >= 1, warmup >= 0, clock 'device' or 'host'")
+    cuda = device == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        if cuda and clock == "device":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+    return Timing(statistics.median(times), reps)
 
 
 class Timer:

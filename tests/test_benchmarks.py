@@ -418,3 +418,131 @@ def test_flex_bits_table_marks_exact_chunks():
     assert got == [[0, 63, 64, 127, 129], []]
     ref = fm.token_table_uniform(sel, 1, 2, n, fmt="bool")
     assert [[c for c in range(n) if bool(ref[0, 0, q, c])] for q in range(2)] == got
+
+
+# ------------------------------------------------------------------------------------------
+# host suite (benchmarks/host.py)
+
+# Entry names as the CuTe DSL generates them (PTX of CPU compiles for sm_90a), abridged in the middle.
+MOBA_ENTRIES = [
+    "kernel_cutlass_kernel_moba_cutekernelsslot_indexSlotIndexKernel_object_at__ptri32gmem_ptri32gmem______0",
+    "kernel_cutlass_kernel_moba_cutekernelsmoba_fwd_sm80MobaFwdSm80_object_at__ptrbf16gmemalign16_ptrf32gm_0",
+    "kernel_cutlass_kernel_moba_cutekernelsmoba_bwd_sm80MobaBwdDkvSm80_object_at__ptrbf16gmemalign16_0",
+    "kernel_cutlass_kernel_moba_cutekernelscentroidsChunkPrepKernel_object_at__ptri32gmem_ptri32gmem_0",
+    "kernel_cutlass_kernel_moba_cutekernelskey_major_indexSegmentScanKernel_object_at__ptri32gmem_0",
+]
+FOREIGN = [
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<int>, std::array<char*, 1ul> >"
+    "(int, at::native::FillFunctor<int>, std::array<char*, 1ul>)",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float>(float*, float const*, int)",
+    "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_nn_align8>(Params)",
+    "kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__0",
+    "Memset (Device)",
+    "Memcpy DtoD (Device -> Device)",
+]
+
+
+def test_is_moba_kernel_and_short_names():
+    from benchmarks.host import is_moba_kernel, short_kernel_name
+
+    assert all(is_moba_kernel(n) for n in MOBA_ENTRIES)
+    assert not any(is_moba_kernel(n) for n in FOREIGN)
+    assert [short_kernel_name(n) for n in MOBA_ENTRIES] == [
+        "slot_index.SlotIndexKernel", "moba_fwd_sm80.MobaFwdSm80", "moba_bwd_sm80.MobaBwdDkvSm80",
+        "centroids.ChunkPrepKernel", "key_major_index.SegmentScanKernel"]
+    short = [short_kernel_name(n) for n in FOREIGN]
+    assert short[0] == FOREIGN[0][5:FOREIGN[0].index(">(") + 1]  # no "void ", no parameter list
+    assert short[1].startswith("at::native::{anon}::cunn_SoftMaxForward<")
+    assert short[4:] == FOREIGN[4:]
+    assert all(len(s) <= 120 for s in short)
+
+
+def test_host_gpu_work_filter():
+    from types import SimpleNamespace as NS
+
+    from benchmarks.host import _is_gpu_work
+
+    assert all(_is_gpu_work(NS(activity_type=k)) for k in ("kernel", "gpu_memcpy", "gpu_memset"))
+    assert not _is_gpu_work(NS(activity_type="gpu_user_annotation"))
+    assert not _is_gpu_work(NS(activity_type="", is_user_annotation=True))
+    assert _is_gpu_work(NS())  # a kind this torch does not report: counted, never silently dropped
+
+
+def test_host_bound_call_reports_missing_and_changed_functions():
+    pytest.importorskip("moba_cute")
+    from benchmarks.host import bound_call
+
+    assert bound_call("interface._check_scalars", 64, 3, True, None, "auto")() is None
+    with pytest.raises(LookupError, match="not found"):
+        bound_call("interface._no_such_check", 1)
+    with pytest.raises(LookupError, match="not found"):
+        bound_call("no_such_module.fn")
+    with pytest.raises(LookupError, match="signature differs"):
+        bound_call("route", 1, 2)
+
+
+def test_host_record_schema_and_targets():
+    from benchmarks import host
+
+    cfg = suite_configs("host")[0]
+    assert [c.S for c in suite_configs("host")] == [8 * K_, 16 * K_, 64 * K_]
+    assert (cfg.B, cfg.H, cfg.Hk, cfg.D, cfg.C, cfg.K, cfg.causal) == (2, 16, 16, 128, 128, 8, True)
+    rec = host.normalize_host_record({"suite": "host", "S": cfg.S, "host_fwd_ms": 0.1, "host_fwdbwd_ms": 0.5,
+                                      "fwd_kernel_count": 3, "fwd_foreign_kernels": [],
+                                      "fwdbwd_kernel_count": 5, "fwdbwd_foreign_kernels": ["Memset (Device)"],
+                                      "fwdbwd_vs_fa4": float("nan")})
+    assert tuple(rec) == host.HOST_KEYS and rec["note"] == "" and rec["fwdbwd_vs_fa4"] is None
+    assert [ok for _, ok in host.target_checks(rec)] == [True, False, True, False, None]
+    with pytest.raises(ValueError):
+        host.normalize_host_record({"bogus": 1})
+    rec["fwd_kernels"] = ["slot_index.SlotIndexKernel"] + ["moba_fwd_sm80.MobaFwdSm80"] * 2
+    table = host.format_host_table([rec], "NVIDIA H200")
+    assert "NVIDIA H200" in table and "MISSED" in table
+    assert "kernels (3): slot_index.SlotIndexKernel, moba_fwd_sm80.MobaFwdSm80 x2" in table
+
+
+def test_host_dry_run_writes_schema(tmp_path):
+    pytest.importorskip("moba_cute")
+    from benchmarks import host
+
+    res = _run_cli("--suite", "host", "--dry-run", "--reps", "2", "--warmup", "1", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "dry run" in res.stdout and "host ms:" in res.stdout
+    (name,) = os.listdir(tmp_path)
+    assert name.startswith("host_cpu-dry-run_") and name.endswith(".json")
+    doc = json.load(open(tmp_path / name))
+    assert list(doc)[:5] == ["device", "torch", "cutlass_dsl", "commit", "records"]
+    assert doc["dry_run"] is True and doc["suite"] == "host" and doc["timing"]["reps"] == 2
+    recs = doc["records"]
+    assert [r["S"] for r in recs] == [256, 512]
+    for r in recs:
+        assert tuple(r) == host.HOST_KEYS
+        assert r["impl"] == "reference" and r["suite"] == "host" and (r["H"], r["D"], r["C"], r["K"]) == (2, 32, 64, 3)
+        for key in ("eager_fwd_ms", "eager_fwdbwd_ms"):
+            assert r[key] > 0 and math.isfinite(r[key])
+        for key in ("graph_fwd_ms", "graph_fwdbwd_ms", "host_fwd_ms", "host_fwdbwd_ms", "fa4_fwd_ms",
+                    "fa4_fwdbwd_ms", "fwd_vs_fa4", "fwdbwd_vs_fa4", "fwd_kernel_count", "fwdbwd_kernel_count"):
+            assert r[key] is None, key
+        for key in ("fwd_kernels", "fwdbwd_kernels", "fwd_foreign_kernels", "fwdbwd_foreign_kernels"):
+            assert r[key] == [], key
+        assert tuple(r["host_breakdown_fwd"]) == host.BREAKDOWN_FWD
+        assert tuple(r["host_breakdown_fwdbwd"]) == host.BREAKDOWN_FWDBWD
+        for piece in ("varlen_attention", "route", "attention_with_routing", "validation"):
+            assert r["host_breakdown_fwd"][piece] > 0, piece
+        for piece in ("varlen_attention", "attention_with_routing"):
+            assert r["host_breakdown_fwdbwd"][piece] > 0, piece
+        assert r["host_breakdown_fwd"]["route_cute"] is None and r["host_breakdown_fwd"]["attention_cute"] is None
+        assert r["host_breakdown_fwdbwd"]["attention_backward_cute"] is None
+        for text in ("CUDA graphs need a GPU", "kernels: need a GPU", "FlashMoBA: not available", "route_cute",
+                     "fewer than 20"):
+            assert text in r["note"], text
+        assert r["reps"] == 2
+
+
+def test_host_cli_list_and_no_cuda(tmp_path):
+    res = _run_cli("--suite", "host", "--list")
+    assert res.returncode == 0 and res.stdout.count("host:") == 3 and "S=64K" in res.stdout
+    if not torch.cuda.is_available():
+        res = _run_cli("--suite", "host", "--out", str(tmp_path))
+        assert res.returncode == 2 and "no CUDA device" in res.stderr
+        assert not os.listdir(tmp_path)
