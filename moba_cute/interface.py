@@ -177,11 +177,14 @@ def _arch(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _ARCHS:
+    arch = _ARCHS.get(idx, False)
+    if arch is False:
         major, _ = torch.cuda.get_device_capability(idx)
         # mma.sync / cp.async code runs on Ampere and later
-        _ARCHS[idx] = "sm90" if major == 9 else ("sm80" if major in (8, 10, 11, 12) else None)
-    return _ARCHS[idx]
+        arch = "sm90" if major == 9 else ("sm80" if major in (8, 10, 11, 12) else None)
+        if not torch.compiler.is_compiling():
+            _ARCHS[idx] = arch
+    return arch
 
 
 def _route_kernel_module():
@@ -249,7 +252,7 @@ def _use_kernel(what: str, module, backend: str, device, reason_fn, config=None)
         reason = f"no CuTe {what} kernel is available in this build"
     elif arch is None:
         reason = f"the CuTe {what} kernels need compute capability 8.0 or newer"
-    elif config is None:
+    elif config is None or torch.compiler.is_compiling():  # (no global-dict side effects in a trace)
         reason = reason_fn(module, arch)
     else:
         ck = (what, arch) + config
@@ -393,12 +396,13 @@ def _padded_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
     """``arange(batch + 1) * seqlen`` (int32), kept per (batch, seqlen, device): building it costs
     two PyTorch kernels per call. Not kept when made inside a CUDA graph capture or a
     torch.compile trace (the tensor would belong to that graph)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
     key = (batch, seqlen, device)
     cu = _PADDED_CU.get(key)
     if cu is None:
         cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling():
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             if len(_PADDED_CU) >= 64:
                 _PADDED_CU.clear()
             _PADDED_CU[key] = cu

@@ -172,8 +172,10 @@ class AttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, routing, softmax_scale, deterministic):
         from .kernels.attention_launch import attention_cute
 
-        out, lse = attention_cute(q, k, v, routing, softmax_scale, deterministic)
+        # the per-slot index is kept for the backward (4 launches fewer there)
+        out, lse, index = attention_cute(q, k, v, routing, softmax_scale, deterministic, keep_index=True)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.index = index
         ctx.routing = routing
         ctx.args = (softmax_scale, deterministic)
         ctx.set_materialize_grads(False)  # as in _attention_setup_context
@@ -186,5 +188,7 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = attention_backward_cute(q, k, v, out, lse, dout, dlse, ctx.routing, *ctx.args)
+        dq, dk, dv = attention_backward_cute(q, k, v, out, lse, dout, dlse, ctx.routing, *ctx.args,
+                                             index=ctx.index)
+        ctx.index = None  # (a second backward, retain_graph=True, rebuilds it)
         return dq, dk, dv, None, None, None

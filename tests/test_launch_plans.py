@@ -57,14 +57,23 @@ def test_forward_plan_layout():
     q, k, r = _batch([1000, 17, 513], H=8, Hk=2, D=128, C=128, K=5)
     key = al._plan_key(q, k, r)
     plan = al.FwdPlan(key, "sm_90a")
-    offs = sorted(plan.layout.offsets.items(), key=lambda kv: kv[1])
-    assert all(o % 256 == 0 for _, o in offs)
     rows = q.shape[0] * q.shape[1]
-    assert offs[1][1] - offs[0][1] >= rows * 128 * 4  # oacc first, fp32 (rows, D)
     ix = plan.index
+    for lay in (plan.layout, ix.layout):
+        offs = sorted(lay.offsets.values())
+        assert all(o % 256 == 0 for o in offs) and offs[0] == 0
+    assert plan.layout.offsets["mst"] >= rows * 128 * 4  # oacc first, fp32 (rows, D)
     assert ix.npass == 4 and ix.nseg == r.num_chunks_bound * 8 and ix.gather
-    assert plan.layout.nbytes >= 4 * (rows * ix.npass + ix.tiles_bound)
+    assert ix.layout.nbytes >= 4 * (rows * ix.npass + ix.tiles_bound)
     assert set(plan.ks.specs) == {"diag", "pass", "slot_prep", "slot_count", "slot_scan", "slot_scatter"}
+
+
+def test_backward_reuses_the_forward_index_layout():
+    """The backward reads the forward's kept index: same tile height, same layout."""
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=2, D=128, C=128, K=5)
+    key = al._plan_key(q, k, r)
+    assert al.BwdPlan(key, "sm_90a").index.same_as(al.FwdPlan(key, "sm_90a").index)
+    assert not al.BwdPlan(key, "sm_90a").index.same_as(al._SlotIndexPlan(3, 1530, 8, 5, 100, True, 32))
 
 
 def test_plans_refuse_int32_overflow():

@@ -197,9 +197,12 @@ def bwd_kernel_specs(dtype_name, head_dim, causal):
 # --- launch plans: everything of a call that depends only on its shapes ----------------------
 
 class _SlotIndexPlan:
-    """Sizes, grids and workspace pieces of the per-slot index (docs/design.md section 3)."""
+    """Sizes, grids and memory layout of the per-slot index (docs/design.md section 3). The
+    layout is its own (offsets from the index's base), so an index built by the forward can be
+    kept and read by a backward whose plan has the same tile height (:meth:`same_as`)."""
 
-    def __init__(self, layout, B, total_q, H, K, nseg, causal, bm):
+    def __init__(self, B, total_q, H, K, nseg, causal, bm):
+        self.bm = bm
         self.s0 = 1 if causal else 0
         self.npass = K - self.s0
         self.nseg = nseg
@@ -215,11 +218,16 @@ class _SlotIndexPlan:
         self.prep_blocks = max(1, min((self.n_counts + 255) // 256, 512))
         self.mt_bound = (total_q + B * (bm - 1)) // bm
         self.gather = self.npass > 0 and nseg > 0 and rows_tot > 0
+        self.layout = layout = common.WorkspaceLayout()
         for name, n in (("nused", rows_tot), ("counts", self.n_counts), ("seg_off", self.n_counts + 1),
                         ("tile_off", self.n_counts + 1), ("tile_seg", self.tiles_bound),
                         ("pass_tiles", self.npass + 1), ("rows_list", rows_tot * max(self.npass, 1)),
                         ("cu_mt", B + 1)):
             layout.add(name, 4 * n)
+
+    def same_as(self, other) -> bool:
+        return (self.bm, self.npass, self.nseg, self.layout.offsets, self.layout.nbytes) == (
+            other.bm, other.npass, other.nseg, other.layout.offsets, other.layout.nbytes)
 
     def launch(self, ks, p, sel, cu_q, cu_chunks, out, lse, B, total_q, H, K, stream):
         """The index into workspace pieces ``p`` (name -> address). Non-causal rows with no usable
@@ -257,13 +265,26 @@ class _PlanBase:
         _i32(self.rows * max(K, 1), "total_q*H*topk")
         _i32(max(K, 1) * self.nseg + 1, "passes*num_chunks_bound*H")
         _i32(total_k * Hk, "total_k*Hk")
-        self.layout = common.WorkspaceLayout()
+        self.layout = common.WorkspaceLayout()  # the call's own scratch (the index has its own)
 
-    def workspace(self, device):
-        """One allocation for every scratch piece: (tensor, name -> address)."""
-        ws = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=device)
+    def workspace(self, device, index=True, kept=None):
+        """Scratch memory of one call: (tensors to hold, name -> address). One allocation for the
+        call's pieces and, if ``index``, the per-slot index after them; ``kept`` = an index
+        tensor built earlier (the forward's, reused by the backward) or the string "separate"
+        (the index gets an allocation of its own, to be kept past the call)."""
+        n_own = self.layout.nbytes
+        n_idx = self.index.layout.nbytes if index and kept is None else 0
+        ws = torch.empty(n_own + n_idx, dtype=torch.uint8, device=device)
         base = ws.data_ptr()
-        return ws, {n: base + o for n, o in self.layout.offsets.items()}
+        p = {n: base + o for n, o in self.layout.offsets.items()}
+        held = [ws]
+        if index:
+            if kept == "separate":
+                kept = torch.empty(self.index.layout.nbytes, dtype=torch.uint8, device=device)
+            ib = kept.data_ptr() if kept is not None else base + n_own
+            p.update({n: ib + o for n, o in self.index.layout.offsets.items()})
+            held.append(kept)
+        return held, p
 
 
 class FwdPlan(_PlanBase):
@@ -277,7 +298,7 @@ class FwdPlan(_PlanBase):
         self.layout.add("oacc", st * self.rows * self.D * 4)
         self.layout.add("mst", st * self.rows * 4)
         self.layout.add("lst", st * self.rows * 4)
-        self.index = _SlotIndexPlan(self.layout, self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm)
+        self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, self.causal), arch)
 
 
@@ -295,7 +316,7 @@ class BwdPlan(_PlanBase):
         self.row_blocks = grid_blocks(self.rows, self.D)
         self.layout.add("delta", self.rows * 4)
         self.layout.add("dq_acc", self.rows * self.D * 4)
-        self.index = _SlotIndexPlan(self.layout, self.B, self.total_q, self.H, self.K, self.nseg, self.causal, qbm)
+        self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, qbm)
         self.ks = common.KernelSet(bwd_kernel_specs(self.dtype_name, self.D, self.causal), arch)
 
 
@@ -313,10 +334,15 @@ def _scale_log2(softmax_scale, D):
 
 # --- entry points ----------------------------------------------------------------------------
 
-def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, lse=None):
+def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, lse=None, keep_index=False):
     """MoBA forward with the CuTe kernels. Returns ``out`` (total_q, H, D) in q's dtype and the
     fp32 ``lse`` (H, total_q). Deterministic whatever ``deterministic`` says. ``out``/``lse``
-    may be given (contiguous, right shape and dtype): tests pass NaN-filled buffers."""
+    may be given (contiguous, right shape and dtype): tests pass NaN-filled buffers.
+
+    ``keep_index=True`` returns ``(out, lse, index)`` instead: ``index`` is the per-slot index
+    the forward built (a uint8 tensor, or None), which :func:`attention_backward_cute` takes to
+    skip rebuilding it (4 launches; memory: ``total_q * H * (topk + 1) * 4`` bytes and the
+    tile tables, held from the forward to the backward)."""
     del deterministic  # the slot-pass schedule is deterministic by construction
     q, k, v = (common.kernel_input(t) for t in (q, k, v))
     total_q, H, D = q.shape
@@ -328,13 +354,13 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert lse.shape == (H, total_q) and lse.dtype == torch.float32 and lse.is_contiguous()
     if total_q == 0 or H == 0:
-        return out, lse
+        return (out, lse, None) if keep_index else (out, lse)
     key = _plan_key(q, k, routing)
     plan = FWD_PLANS.get(key, key, common.arch_of(dev))
     _, scale_log2 = _scale_log2(softmax_scale, D)
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
-    ws, p = plan.workspace(dev)
+    held, p = plan.workspace(dev, kept="separate" if keep_index else None)
     cu_q, cu_k = _contig(routing.cu_seqlens_q).data_ptr(), _contig(routing.cu_seqlens_k).data_ptr()
     cu_chunks, sel = _contig(routing.cu_chunks).data_ptr(), _contig(routing.selection).data_ptr()
     p_out, p_lse = out.data_ptr(), lse.data_ptr()
@@ -351,18 +377,20 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
         for sp in range(ix.npass):
             role = "first" if (not plan.causal and sp == 0) else "pass"
             ks[role](*head, *ix.pass_args(p, sp), *sizes, sp + ix.s0, sp, ix.bound_pass, scale_log2, stream)
-    del ws  # back to the caching allocator, stream-ordered after the launches above
-    return out, lse
+    # the scratch goes back to the caching allocator on return, stream-ordered after the launches
+    return (out, lse, held[1]) if keep_index else (out, lse)
 
 
 def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale, deterministic, *, dq=None,
-                            dk=None, dv=None):
+                            dk=None, dv=None, index=None):
     """MoBA backward with the CuTe kernels: ``(dq, dk, dv)`` in the input dtype.
 
     ``dlse`` (H, total_q) or None: the gradient reaching the LSE output. Always bitwise
     deterministic (dK/dV key-major with register accumulation, dQ by slot passes without
     atomics), whatever ``deterministic`` says. ``dq``/``dk``/``dv`` may be given (contiguous,
-    right shape and dtype): tests pass NaN-filled buffers. Extra memory: docs/design.md."""
+    right shape and dtype): tests pass NaN-filled buffers. ``index``: the forward's per-slot
+    index (``attention_cute(..., keep_index=True)``), reused when the dQ passes use the same
+    tile height; else it is rebuilt. Extra memory: docs/design.md."""
     del deterministic
     q, k, v, out, dout, lse = (common.kernel_input(t) for t in (q, k, v, out, dout, lse))
     if dlse is not None:
@@ -383,7 +411,9 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     scale, scale_log2 = _scale_log2(softmax_scale, D)
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
-    ws, p = plan.workspace(dev)
+    if index is not None and not ix.same_as(FWD_PLANS.get(key, key, common.arch_of(dev)).index):
+        index = None
+    held, p = plan.workspace(dev, kept=index)
     cu_q, cu_k = _contig(routing.cu_seqlens_q).data_ptr(), _contig(routing.cu_seqlens_k).data_ptr()
     cu_chunks, sel = _contig(routing.cu_chunks).data_ptr(), _contig(routing.selection).data_ptr()
     p_q, p_k, p_v, p_do, p_lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr()
@@ -399,8 +429,9 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
         ks["dkv"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), cu_q, cu_k, cu_chunks,
                   _contig(routing.offsets).data_ptr(), _contig(routing.query_rows).data_ptr(), B, total_q, total_k,
                   H, Hk, C, plan.tiles_per_chunk, plan.dkv_grid, scale, scale_log2, stream)
-    # dQ: slot passes over dQ_acc (non-causal rows with no usable slot: dq rows zeroed here)
-    ix.launch(ks, p, sel, cu_q, cu_chunks, dq.data_ptr(), p_lse, B, total_q, H, plan.K, stream)
+    # dQ: slot passes over dQ_acc (the forward's index, or rebuilt)
+    if index is None:
+        ix.launch(ks, p, sel, cu_q, cu_chunks, dq.data_ptr(), p_lse, B, total_q, H, plan.K, stream)
     head = (p_q, p_k, p_v, p_do, p_lse, p["delta"], p["dq_acc"], cu_q, cu_k, cu_chunks)
     sizes = (B, total_q, total_k, H, Hk, C, plan.nseg)
     if plan.causal:
@@ -411,5 +442,4 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
         for sp in range(ix.npass):
             ks["dq_pass"](*head, *ix.pass_args(p, sp), *sizes, sp, ix.bound_pass, scale, scale_log2, stream)
     ks["dq_convert"](p["dq_acc"], dq.data_ptr(), rows, plan.row_blocks, stream)
-    del ws
     return dq, dk, dv
