@@ -1,5 +1,8 @@
-"""CPU/CI: every shipped configuration of the sm80 MoBA forward and backward compiles for sm_80 with fake
-arguments, uses mma.sync, cp.async and ldmatrix, and does not spill (ptxas report)."""
+"""CPU/CI: every shipped configuration of the sm80 MoBA forward and backward and of the index and row-wise
+kernels around them compiles for sm_80 with fake arguments, uses mma.sync, cp.async and ldmatrix, and does
+not spill (ptxas report). The index and row-wise kernels are checked for sm_90a too. (Built for sm_90a,
+where they run on Hopper today, the D=128 dK/dV and the D=64 gather-pass forward spill 12-24 bytes: known,
+recorded in issue 13's note; the sm90 kernels of issue 11 replace them there.)"""
 
 import pytest
 
@@ -25,16 +28,19 @@ def _specs():
 
 
 SPECS = _specs()
+MMA_KERNELS = ("moba_fwd_sm80", "moba_bwd_dq_sm80", "moba_bwd_dkv_sm80")
+CASES = [pytest.param(key, fake, arch, id=f"{key}-{arch}") for key, fake in SPECS
+         for arch in (("sm_80",) if key[0] in MMA_KERNELS else ("sm_80", "sm_90a"))]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[str(k) for k, _ in SPECS])
-def test_compiles_sm80_without_spills(spec):
-    key, (fac, fake) = spec
-    rep = common.compile_for_arch(fac(), fake, "sm_80")
+@pytest.mark.parametrize("key,spec,arch", CASES)
+def test_compiles_without_spills(key, spec, arch):
+    fac, fake = spec
+    rep = common.compile_for_arch(fac(), fake, arch)
     assert "Used" in rep.ptxas, "no ptxas report"
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep.ptxas[-600:]
     assert rep.stack_frame == 0, rep.ptxas[-600:]
-    if key[0] in ("moba_fwd_sm80", "moba_bwd_dq_sm80", "moba_bwd_dkv_sm80"):
+    if key[0] in MMA_KERNELS:
         assert "mma.sync.aligned.m16n8k16" in rep.ptx
         assert "cp.async" in rep.ptx
         assert "ldmatrix.sync.aligned" in rep.ptx
