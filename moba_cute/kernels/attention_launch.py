@@ -267,24 +267,21 @@ class _PlanBase:
         _i32(total_k * Hk, "total_k*Hk")
         self.layout = common.WorkspaceLayout()  # the call's own scratch (the index has its own)
 
-    def workspace(self, device, index=True, kept=None):
-        """Scratch memory of one call: (tensors to hold, name -> address). One allocation for the
-        call's pieces and, if ``index``, the per-slot index after them; ``kept`` = an index
-        tensor built earlier (the forward's, reused by the backward) or the string "separate"
-        (the index gets an allocation of its own, to be kept past the call)."""
+    def workspace(self, device, kept=None):
+        """Scratch memory of one call: (tensors to hold while launching, name -> address). One
+        allocation for the call's pieces and the per-slot index after them, unless ``kept`` is
+        an index tensor built earlier (the forward's, reused by the backward) or the string
+        "separate" (the index gets an allocation of its own, to be kept past the call)."""
         n_own = self.layout.nbytes
-        n_idx = self.index.layout.nbytes if index and kept is None else 0
-        ws = torch.empty(n_own + n_idx, dtype=torch.uint8, device=device)
+        ws = torch.empty(n_own + (self.index.layout.nbytes if kept is None else 0), dtype=torch.uint8,
+                         device=device)
         base = ws.data_ptr()
+        if kept == "separate":
+            kept = torch.empty(self.index.layout.nbytes, dtype=torch.uint8, device=device)
+        ib = kept.data_ptr() if kept is not None else base + n_own
         p = {n: base + o for n, o in self.layout.offsets.items()}
-        held = [ws]
-        if index:
-            if kept == "separate":
-                kept = torch.empty(self.index.layout.nbytes, dtype=torch.uint8, device=device)
-            ib = kept.data_ptr() if kept is not None else base + n_own
-            p.update({n: ib + o for n, o in self.index.layout.offsets.items()})
-            held.append(kept)
-        return held, p
+        p.update({n: ib + o for n, o in self.index.layout.offsets.items()})
+        return [ws, kept], p
 
 
 class FwdPlan(_PlanBase):
@@ -292,8 +289,7 @@ class FwdPlan(_PlanBase):
 
     def __init__(self, key, arch):
         super().__init__(key, arch)
-        bm, _, _, _ = tiles(self.D)
-        self.bm = bm
+        bm = tiles(self.D)[0]
         st = 1 if self.K > 1 else 0  # running state only when a row has more than one slot
         self.layout.add("oacc", st * self.rows * self.D * 4)
         self.layout.add("mst", st * self.rows * 4)
