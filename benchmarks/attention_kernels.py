@@ -15,22 +15,11 @@ import torch
 from moba_cute import reference
 from moba_cute.kernels.attention_launch import attention_backward_cute, attention_cute
 
+from .timing import time_idle
+
 
 def _median_ms(fn, iters=10, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return time_idle(fn, "cuda", reps=iters, warmup=warm).median_ms
 
 
 def _bench_one(S, B=2, H=16, Hk=16, D=128, C=128, K=8, dtype=torch.bfloat16, check=False):
