@@ -108,21 +108,19 @@ def _i32p(n):
     return [(cutlass.Int32, 4)] * n
 
 
-def fake_args_fwd(dt):
+def _cdt_f32():
     import cutlass
 
-    F = cutlass.Float32
+    return cutlass.Float32
+
+
+def fake_args_fwd(dt):
+    F = _cdt_f32()
     return _fake([(dt, 16)] * 4 + [(F, 4), (F, 16), (F, 4), (F, 4)] + _i32p(9), 10, 1)
 
 
 def fake_args_index(dt):
     return _fake(_i32p(6) + [(dt, 16), (_cdt_f32(), 4)], 6)
-
-
-def _cdt_f32():
-    import cutlass
-
-    return cutlass.Float32
 
 
 def fake_args_dkv(dt):
@@ -319,8 +317,12 @@ class BwdPlan(_PlanBase):
 FWD_PLANS = common.PlanCache(FwdPlan)
 BWD_PLANS = common.PlanCache(BwdPlan)
 
-def _contig(t):
-    return t if t.is_contiguous() else t.contiguous()
+def _routing_ptrs(routing):
+    """The routing tensors the kernels read (contiguous; held by the caller while it launches)
+    and their addresses: cu_seqlens_q, cu_seqlens_k, cu_chunks, selection, offsets, query_rows."""
+    ts = [common.contiguous(t) for t in (routing.cu_seqlens_q, routing.cu_seqlens_k, routing.cu_chunks,
+                                         routing.selection, routing.offsets, routing.query_rows)]
+    return ts, [t.data_ptr() for t in ts]
 
 
 def _scale_log2(softmax_scale, D):
@@ -357,8 +359,7 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
     held, p = plan.workspace(dev, kept="separate" if keep_index else None)
-    cu_q, cu_k = _contig(routing.cu_seqlens_q).data_ptr(), _contig(routing.cu_seqlens_k).data_ptr()
-    cu_chunks, sel = _contig(routing.cu_chunks).data_ptr(), _contig(routing.selection).data_ptr()
+    rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
     p_out, p_lse = out.data_ptr(), lse.data_ptr()
     B = plan.B
     ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream)
@@ -390,7 +391,7 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     del deterministic
     q, k, v, out, dout, lse = (common.kernel_input(t) for t in (q, k, v, out, dout, lse))
     if dlse is not None:
-        dlse = _contig(dlse.float())
+        dlse = common.contiguous(dlse.float())
     total_q, H, D = q.shape
     total_k = k.shape[0]
     dev = q.device
@@ -410,8 +411,7 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     if index is not None and not ix.same_as(FWD_PLANS.get(key, key, common.arch_of(dev)).index):
         index = None
     held, p = plan.workspace(dev, kept=index)
-    cu_q, cu_k = _contig(routing.cu_seqlens_q).data_ptr(), _contig(routing.cu_seqlens_k).data_ptr()
-    cu_chunks, sel = _contig(routing.cu_chunks).data_ptr(), _contig(routing.selection).data_ptr()
+    rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
     p_q, p_k, p_v, p_do, p_lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr()
     B, Hk, C = plan.B, plan.Hk, plan.C
     rows = plan.rows
@@ -423,7 +423,7 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     # dK, dV: key-major, one CTA per (chunk, KV head, key tile)
     if plan.dkv_grid > 0:
         ks["dkv"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), cu_q, cu_k, cu_chunks,
-                  _contig(routing.offsets).data_ptr(), _contig(routing.query_rows).data_ptr(), B, total_q, total_k,
+                  p_offsets, p_rows, B, total_q, total_k,
                   H, Hk, C, plan.tiles_per_chunk, plan.dkv_grid, scale, scale_log2, stream)
     # dQ: slot passes over dQ_acc (the forward's index, or rebuilt)
     if index is None:

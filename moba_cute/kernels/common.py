@@ -42,14 +42,8 @@ def cutlass_dtype(torch_dtype):
     return table[torch_dtype]
 
 
-def gptr(t, dtype=None, align: int = 16):
-    """A CuTe global-memory pointer to the first element of torch tensor ``t``."""
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_ptr
-
-    if dtype is None:
-        dtype = cutlass_dtype(t.dtype)
-    return make_ptr(dtype, t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
+def contiguous(t):
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def kernel_input(t):
@@ -66,13 +60,6 @@ def fake_gptr(dtype, align: int = 16):
     from cutlass.cute.runtime import make_ptr
 
     return make_ptr(dtype, 16 * 1024, cute.AddressSpace.gmem, assumed_align=align)
-
-
-def current_stream():
-    import cuda.bindings.driver as cuda
-    import torch
-
-    return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
 
 
 _RAW_STREAM = None

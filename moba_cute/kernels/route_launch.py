@@ -156,10 +156,6 @@ def _kernels(dtype, head_dim, topk, causal, arch):
     return ks
 
 
-def _cu(x):
-    return x if x.is_contiguous() else x.contiguous()
-
-
 def _km_block_rows(total_q, total_k, B, C, H, cap):
     """Rows per key-major block and the per-head count-table bound (host, shapes only)."""
     br = cfg.KM_MIN_BLOCK_ROWS
@@ -233,8 +229,8 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     """MoBA routing with the CuTe kernels; returns a :class:`moba_cute.routing.Routing`."""
     q = common.kernel_input(q)
     k = common.kernel_input(k)
-    cu_q = _cu(cu_seqlens_q)
-    cu_k = _cu(cu_seqlens_k)
+    cu_q = common.contiguous(cu_seqlens_q)
+    cu_k = common.contiguous(cu_seqlens_k)
     total_q, H, D = q.shape
     total_k, Hk, _ = k.shape
     B = cu_q.shape[0] - 1
@@ -302,7 +298,7 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
 def centroids_cute(k, cu_seqlens_k, chunk_size):
     """fp32 chunk centroids ``(num_chunks_bound, Hk, D)`` computed by the CuTe kernel."""
     k = common.kernel_input(k)
-    cu_k = _cu(cu_seqlens_k)
+    cu_k = common.contiguous(cu_seqlens_k)
     total_k, Hk, D = k.shape
     B = cu_k.shape[0] - 1
     C = int(chunk_size)
