@@ -20,8 +20,8 @@ from benchmarks.host import cuda_kernels, is_moba_kernel, moba_calls, short_kern
 # together when the launch plan changes).
 MAX_FWD_KERNELS = 18
 MAX_FWDBWD_KERNELS = 29
-# A non-causal forward has no diagonal pass but one gather pass per routing slot: one launch more
-# (in the forward, hence in the forward+backward too).
+# A non-causal forward has no diagonal pass but one gather pass per routing slot (the same count
+# today); its bound allows one launch more.
 NONCAUSAL_EXTRA_KERNELS = 1
 
 B, S, D, C, K = 2, 2048, 128, 128, 8
