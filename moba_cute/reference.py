@@ -207,7 +207,7 @@ def _attend_block(qb, kb, vb, sel, pos, sk, chunk_size, group, scale, causal):
         kvh = h // group
         # split() rather than slicing in the loop: its backward is one concatenation, where a
         # slice's backward would materialize a zero tensor of the whole input per chunk
-        q_parts = torch.split(qb[:, h][r_sorted], counts)
+        q_parts = torch.split(torch.index_select(qb[:, h], 0, r_sorted), counts)
         r_parts = torch.split(r_sorted, counts)
         k_chunks = torch.split(kb[:, kvh], chunk_size)
         v_chunks = torch.split(vb[:, kvh], chunk_size)
