@@ -22,9 +22,13 @@ def _median_ms(fn, iters=10, warm=3):
     return time_idle(fn, "cuda", reps=iters, warmup=warm).median_ms
 
 
-def _bench_one(S, B=2, H=16, Hk=16, D=128, C=128, K=8, dtype=torch.bfloat16, check=False):
+def _bench_one(S, B=2, H=16, Hk=16, D=128, C=128, K=8, dtype=torch.bfloat16, check=False, fwd_only=False):
+    from moba_cute.kernels import common
+    from moba_cute.kernels.attention_launch import uses_sm90
+
     dev = "cuda"
-    rec = dict(suite="flashmoba", impl="moba_cute.sm80", B=B, H=H, Hk=Hk, D=D, C=C, K=K, S=S, dtype=str(dtype),
+    fam = "sm90" if uses_sm90(str(dtype), D, common.arch_of(torch.device(dev))) else "sm80"
+    rec = dict(suite="flashmoba", impl=f"moba_cute.{fam}", B=B, H=H, Hk=Hk, D=D, C=C, K=K, S=S, dtype=str(dtype),
                causal=True, device=torch.cuda.get_device_name())
     q = torch.randn(B * S, H, D, device=dev, dtype=dtype)
     k = torch.randn(B * S, Hk, D, device=dev, dtype=dtype)
@@ -61,6 +65,8 @@ def _bench_one(S, B=2, H=16, Hk=16, D=128, C=128, K=8, dtype=torch.bfloat16, che
         olp, _ = reference.attention(q, k, v, r, compute_dtype=dtype)
         rec["check_err"] = (out.float() - o32).abs().max().item()
         rec["check_ref_lowp_err"] = (olp.float() - o32).abs().max().item()
+    if fwd_only:
+        return rec
     # ---- backward and forward + backward (routing included)
     dout = torch.randn_like(q)
     out, lse = attention_cute(q, k, v, r, None, False)
@@ -111,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sizes", default="8192,32768,65536")
+    ap.add_argument("--fwd-only", action="store_true", help="skip the backward and the FA2 baselines")
     args = ap.parse_args(argv)
     if not args.bench:
         ap.print_help()
@@ -118,7 +125,7 @@ def main(argv=None):
     recs = []
     for i, S in enumerate(int(x) for x in args.sizes.split(",")):
         try:
-            rec = _bench_one(S, check=(i == 0))
+            rec = _bench_one(S, check=(i == 0), fwd_only=args.fwd_only)
         except Exception as e:  # noqa: BLE001
             rec = dict(S=S, error=f"{type(e).__name__}: {str(e)[:400]}")
         print(json.dumps(rec), flush=True)

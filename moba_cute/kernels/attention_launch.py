@@ -34,12 +34,14 @@ import re
 import torch
 
 from ..configs import attention_sm80 as cfg
+from ..configs import attention_sm90 as cfg90
 from . import common
 
 __all__ = ["attention_cute", "attention_backward_cute", "attention_unsupported_reason", "kernel_specs",
            "bwd_kernel_specs", "HAS_BACKWARD", "FWD_PLANS", "BWD_PLANS"]
 
 HAS_BACKWARD = True
+KERNEL_FAMILIES = ("sm80", "sm90")  # the forward has both; the backward is sm80 code everywhere
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INT32_MAX = 2**31 - 1
@@ -168,6 +170,54 @@ def kernel_specs(dtype_name, head_dim, causal, stages=None):
     return specs
 
 
+def uses_sm90(dtype_name, head_dim, arch):
+    """The sm90 segment forward serves this call (Hopper, a head dim it has tiles for), unless
+    ``MOBA_CUTE_FWD_SM80=1`` asks for the sm80 slot passes."""
+    return (str(arch).startswith("sm_90") and head_dim in cfg90.FWD_TILES
+            and os.environ.get("MOBA_CUTE_FWD_SM80", "0") in ("", "0"))
+
+
+def kernel_specs_sm90(dtype_name, head_dim, causal):
+    """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
+    all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel)."""
+    from .merge import MergeKernel
+    from .moba_fwd_sm80 import MobaFwdSm80
+    from .moba_fwd_sm90 import MobaFwdSm90
+    from .slot_index import SlotIndexKernel, SlotPrepKernel, SlotScanKernel
+
+    dt = _cdt(dtype_name)
+    F = _cdt_f32()
+    bn, sub, kst = cfg90.FWD_TILES[head_dim]
+    unit = cfg90.unit_rows(head_dim)
+    bm, dbn, nt, st = tiles(head_dim)
+    causal = bool(causal)
+    specs = {
+        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst),
+                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst), _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(7), 7, 1)),
+        "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
+        "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
+                       lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),
+        "slot_scan": (("slotscan", unit), lambda: SlotScanKernel(unit), _fake(_i32p(5), 3)),
+        "slot_scatter": (("slotidx", True, causal, dtype_name, head_dim, "merged"),
+                         lambda: SlotIndexKernel(True, causal, dt, head_dim, True), fake_args_index(dt)),
+    }
+    if causal:
+        # the diagonal kernel's state pointers carry the partials: oacc = part_o, mst = part_lse
+        fake = _fake([(dt, 16)] * 4 + [(F, 4), (dt, 16), (F, 4), (F, 4)] + _i32p(9), 10, 1)
+        specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
+                         lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
+    else:
+        specs["merge"] = (("merge", dtype_name, head_dim), lambda: MergeKernel(dt, head_dim),
+                          _fake([(dt, 16), (F, 4), (cutlass_i32(), 4), (dt, 16), (F, 4)], 5))
+    return specs
+
+
+def cutlass_i32():
+    import cutlass
+
+    return cutlass.Int32
+
+
 def bwd_kernel_specs(dtype_name, head_dim, causal):
     """Role -> (key, factory, fake args) of every kernel a backward call with this config runs."""
     from .bwd_rowwise import BwdPrepKernel, DqConvertKernel
@@ -199,19 +249,23 @@ class _SlotIndexPlan:
     layout is its own (offsets from the index's base), so an index built by the forward can be
     kept and read by a backward whose plan has the same tile height (:meth:`same_as`)."""
 
-    def __init__(self, B, total_q, H, K, nseg, causal, bm):
+    def __init__(self, B, total_q, H, K, nseg, causal, bm, unit=None):
         self.bm = bm
         self.s0 = 1 if causal else 0
-        self.npass = K - self.s0
+        self.kp = K - self.s0  # gather slots per (row, head)
+        self.merged = unit is not None  # all slots in one pass (sm90 segment kernel), units of `unit` rows
+        self.npass = min(self.kp, 1) if self.merged else self.kp
         self.nseg = nseg
         self.causal = causal
         rows_tot = total_q * H
+        entries = rows_tot * (self.kp if self.merged else 1)  # entries of one pass
+        tb = unit if self.merged else bm
         # tiles of one pass: each segment's last tile may be partial
-        self.bound_pass = (rows_tot + bm - 1) // bm + min(nseg, rows_tot)
+        self.bound_pass = (entries + tb - 1) // tb + min(nseg, entries)
         self.tiles_bound = max(self.npass, 1) * self.bound_pass
         self.n_counts = self.npass * nseg
         _i32(self.tiles_bound, "tile table")
-        _i32(rows_tot * max(self.npass, 1), "per-slot row lists")
+        _i32(rows_tot * max(self.kp, 1), "per-slot row lists")
         self.idx_blocks = (rows_tot + 255) // 256
         self.prep_blocks = max(1, min((self.n_counts + 255) // 256, 512))
         self.mt_bound = (total_q + B * (bm - 1)) // bm
@@ -219,13 +273,13 @@ class _SlotIndexPlan:
         self.layout = layout = common.WorkspaceLayout()
         for name, n in (("nused", rows_tot), ("counts", self.n_counts), ("seg_off", self.n_counts + 1),
                         ("tile_off", self.n_counts + 1), ("tile_seg", self.tiles_bound),
-                        ("pass_tiles", self.npass + 1), ("rows_list", rows_tot * max(self.npass, 1)),
+                        ("pass_tiles", self.npass + 1), ("rows_list", rows_tot * max(self.kp, 1)),
                         ("cu_mt", B + 1)):
             layout.add(name, 4 * n)
 
     def same_as(self, other) -> bool:
-        return (self.bm, self.npass, self.nseg, self.layout.offsets, self.layout.nbytes) == (
-            other.bm, other.npass, other.nseg, other.layout.offsets, other.layout.nbytes)
+        return (self.bm, self.merged, self.npass, self.nseg, self.layout.offsets, self.layout.nbytes) == (
+            other.bm, other.merged, other.npass, other.nseg, other.layout.offsets, other.layout.nbytes)
 
     def launch(self, ks, p, sel, cu_q, cu_chunks, out, lse, B, total_q, H, K, stream):
         """The index into workspace pieces ``p`` (name -> address). Non-causal rows with no usable
@@ -288,12 +342,29 @@ class FwdPlan(_PlanBase):
     def __init__(self, key, arch):
         super().__init__(key, arch)
         bm = tiles(self.D)[0]
+        self.sm90 = uses_sm90(self.dtype_name, self.D, arch)
+        if self.sm90:
+            # partials of every gather pair: normalized o (input dtype) and log2-domain LSE
+            self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm,
+                                        unit=cfg90.unit_rows(self.D))
+            npart = self.rows * self.index.kp
+            self.layout.add("part_o", npart * self.D * 2)
+            self.layout.add("part_lse", npart * 4)
+            self.merge_blocks = _merge_blocks(self.rows)
+            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal), arch)
+            return
         st = 1 if self.K > 1 else 0  # running state only when a row has more than one slot
         self.layout.add("oacc", st * self.rows * self.D * 4)
         self.layout.add("mst", st * self.rows * 4)
         self.layout.add("lst", st * self.rows * 4)
         self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, self.causal), arch)
+
+
+def _merge_blocks(rows):
+    from .merge import grid_blocks
+
+    return grid_blocks(rows)
 
 
 class BwdPlan(_PlanBase):
@@ -363,6 +434,9 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     p_out, p_lse = out.data_ptr(), lse.data_ptr()
     B = plan.B
     ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream)
+    if plan.sm90:
+        _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, scale_log2, stream)
+        return (out, lse, held[1]) if keep_index else (out, lse)
     head = (q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["oacc"], p["mst"], p["lst"], p["nused"],
             cu_q, cu_k, cu_chunks)
     sizes = (B, total_q, plan.total_k, H, plan.Hk, plan.C, plan.nseg)
@@ -376,6 +450,25 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
             ks[role](*head, *ix.pass_args(p, sp), *sizes, sp + ix.s0, sp, ix.bound_pass, scale_log2, stream)
     # the scratch goes back to the caching allocator on return, stream-ordered after the launches
     return (out, lse, held[1]) if keep_index else (out, lse)
+
+
+def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, scale_log2, stream):
+    """The sm90 schedule after the index: the segment kernel writes every gather pair's
+    partial; the diagonal kernel (causal) or the merge kernel writes out/lse."""
+    ks, ix = plan.ks, plan.index
+    B, total_q, H = plan.B, plan.total_q, plan.H
+    if ix.gather:
+        ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
+                  p["pass_tiles"], p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], B, plan.total_k, H,
+                  plan.Hk, plan.C, ix.kp, ix.bound_pass, scale_log2, stream)
+    if plan.causal:
+        unused = p["nused"]
+        ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,
+                   p["nused"], cu_q, cu_k, cu_chunks, p["cu_mt"], unused, unused, unused, unused, B, total_q,
+                   plan.total_k, H, plan.Hk, plan.C, plan.nseg, 0, ix.kp, ix.mt_bound, scale_log2, stream)
+    elif ix.gather:
+        ks["merge"](p["part_o"], p["part_lse"], p["nused"], p_out, p_lse, plan.rows, total_q, H, ix.kp,
+                    plan.merge_blocks, stream)
 
 
 def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale, deterministic, *, dq=None,

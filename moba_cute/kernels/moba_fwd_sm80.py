@@ -65,12 +65,17 @@ class MobaFwdSm80:
     """One pass of the MoBA forward. See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, diag: bool, first: bool, bm: int = 64, bn: int = 64,
-                 threads: int = 128, stages: int = 1):
+                 threads: int = 128, stages: int = 1, merge: bool = False):
         assert head_dim % 16 == 0
         assert bm == 16 * (threads // 32), "one 16-row mma strip per warp"
         assert (bm * head_dim // 8) % threads == 0 and (bn * head_dim // 8) % threads == 0
         assert bn % 16 == 0
         assert stages in (1, 2)
+        assert not merge or (diag and first)
+        # merge (the sm90 segment schedule's diagonal, run last): a row with more slots merges
+        # the gather kernel's partials (``oacc`` = part_o in the input dtype, ``mst`` = part_lse,
+        # ``pass_rel`` = partials per (row, head)) with its own chunk and writes out/lse
+        self.merge = bool(merge)
         self.NS = stages  # 1: one K and one V buffer (FA2 order); 2: ring of two (K, V) n-blocks
         self.dtype = dtype
         self.D = head_dim
@@ -84,9 +89,10 @@ class MobaFwdSm80:
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, diag: bool, first: bool, bm: int, bn: int, threads: int,
-                    stages: int = 1):
-        return ("moba_fwd_sm80", dtype_name, int(head_dim), bool(diag), bool(first), int(bm), int(bn), int(threads),
-                int(stages))
+                    stages: int = 1, merge: bool = False):
+        key = ("moba_fwd_sm80", dtype_name, int(head_dim), bool(diag), bool(first), int(bm), int(bn), int(threads),
+               int(stages))
+        return key + ("merge",) if merge else key
 
     @cute.jit
     def __call__(
@@ -490,14 +496,77 @@ class MobaFwdSm80:
                                 val = (row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)) * LN2
                             tl[Int64(h) * Int64(total_q) + Int64(grow)] = val
                     else:
-                        abase = oacc + ridx * Int64(D)
-                        for c in cutlass.range_constexpr(NCO // 2):
-                            acol = tOcO_mn[r, (0, c)][1]
-                            adst = cute.make_tensor((abase + acol).align(8), cute.make_layout(2))
-                            cute.autovec_copy(acc_O_mn[r, (None, c)], adst)
-                        if lane % 4 == 0:
-                            tm[ridx] = row_max[r]
-                            tlst[ridx] = l
+                        if cutlass.const_expr(self.merge):
+                            self.merge_row(acc_O_mn, tOcO_mn, r, row_max[r], l, out, lse, oacc, mst, ridx, grow, h,
+                                           total_q, tnu[ridx] - 1, pass_rel, scale_log2, lane)
+                        else:
+                            abase = oacc + ridx * Int64(D)
+                            for c in cutlass.range_constexpr(NCO // 2):
+                                acol = tOcO_mn[r, (0, c)][1]
+                                adst = cute.make_tensor((abase + acol).align(8), cute.make_layout(2))
+                                cute.autovec_copy(acc_O_mn[r, (None, c)], adst)
+                            if lane % 4 == 0:
+                                tm[ridx] = row_max[r]
+                                tlst[ridx] = l
+
+    @cute.jit
+    def merge_row(self, acc_O_mn: cute.Tensor, tOcO_mn: cute.Tensor, r: cutlass.Constexpr, m_own: Float32,
+                  l_own: Float32, out: cute.Pointer, lse: cute.Pointer, part_o: cute.Pointer, part_lse: cute.Pointer,
+                  ridx: Int64, grow: Int32, h: Int32, total_q: Int32, npart: Int32, KP: Int32, scale_log2: Float32,
+                  lane: Int32):
+        """out/lse of row ``r`` (this thread's columns): the own chunk's (unnormalized O, m, l)
+        merged with the ``npart`` normalized partials ``part_o[ridx * KP + j]`` (log2-domain
+        LSE ``part_lse``), in slot order."""
+        D = self.D
+        NCO = cute.size(acc_O_mn, mode=[1])
+        tpl = _flat(part_lse)
+        pbase = Int64(ridx) * Int64(KP)
+        L_own = -Float32.inf
+        if l_own > Float32(0.0):
+            L_own = m_own * scale_log2 + cute.math.log2(l_own, fastmath=False)
+        M = L_own
+        for j in cutlass.range(npart, unroll=1):
+            M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
+        M_use = M
+        if M == -Float32.inf:
+            M_use = Float32(0.0)
+        w_own = Float32(0.0)
+        if l_own > Float32(0.0):
+            w_own = cute.math.exp2(L_own - M_use, fastmath=True)
+        wsum = w_own
+        own_scale = Float32(0.0)
+        if l_own > Float32(0.0):
+            own_scale = w_own / l_own
+        for c in cutlass.range_constexpr(NCO):
+            acc_O_mn[r, c] = acc_O_mn[r, c] * own_scale
+        for j in cutlass.range(npart, unroll=1):
+            w = cute.math.exp2(tpl[pbase + Int64(j)] - M_use, fastmath=True)
+            wsum = wsum + w
+            obase = part_o + (pbase + Int64(j)) * Int64(D)
+            for c in cutlass.range_constexpr(NCO // 2):
+                col = tOcO_mn[r, (0, c)][1]
+                pv = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                cute.autovec_copy(cute.make_tensor((obase + col).align(4), cute.make_layout(2)), pv)
+                pf = pv.load().to(Float32)
+                acc_O_mn[r, (0, c)] = acc_O_mn[r, (0, c)] + w * pf[0]
+                acc_O_mn[r, (1, c)] = acc_O_mn[r, (1, c)] + w * pf[1]
+        inv = Float32(0.0)
+        if wsum > Float32(0.0):
+            inv = cute.arch.rcp_approx(wsum)
+        obase = out + ridx * Int64(D)
+        for c in cutlass.range_constexpr(NCO // 2):
+            col = tOcO_mn[r, (0, c)][1]
+            pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            pair[0] = acc_O_mn[r, (0, c)] * inv
+            pair[1] = acc_O_mn[r, (1, c)] * inv
+            po = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+            po.store(pair.load().to(self.dtype))
+            cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
+        if lane % 4 == 0:
+            val = -Float32.inf
+            if wsum > Float32(0.0):
+                val = (M_use + cute.math.log2(wsum, fastmath=False)) * LN2
+            _flat(lse)[Int64(h) * Int64(total_q) + Int64(grow)] = val
 
     @cute.jit
     def load_kv(self, atom, src_ptr: cute.Pointer, dst: cute.Tensor, ks: Int32, kbeg: Int32, kend: Int32,

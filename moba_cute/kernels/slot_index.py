@@ -45,9 +45,14 @@ def _t(ptr):
 
 
 class SlotIndexKernel:
-    """Compile key: ("slotidx", scatter, causal, dtype_name, head_dim)."""
+    """Compile key: ("slotidx", scatter, causal, dtype_name, head_dim[, "merged"]).
 
-    def __init__(self, scatter: bool, causal: bool, dtype, head_dim: int):
+    ``merged=True`` (the sm90 segment forward, :mod:`moba_cute.kernels.moba_fwd_sm90`): one
+    segment per (global chunk, head) for all gather slots, ``seg = g * H + h``, and the entry is
+    the pair index ``(row * H + h) * KP + s - s0`` (``KP = topk - s0``) instead of the row."""
+
+    def __init__(self, scatter: bool, causal: bool, dtype, head_dim: int, merged: bool = False):
+        self.merged = bool(merged)
         self.scatter = bool(scatter)
         self.causal = bool(causal)
         self.dtype = dtype
@@ -125,10 +130,15 @@ class SlotIndexKernel:
                             tout[d] = self.dtype(0.0)
                         _t(lse)[Int64(h) * Int64(total_q) + Int64(i)] = -Float32.inf
             for s in cutlass.range(s0, nu):
-                seg = (s - s0) * nseg + (cc0 + tsel[s]) * H + h
+                seg = (cc0 + tsel[s]) * H + h
+                if cutlass.const_expr(not self.merged):
+                    seg = seg + (s - s0) * nseg
                 if cutlass.const_expr(self.scatter):
                     pos = cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(1))
-                    _t(rows_list)[pos] = i
+                    if cutlass.const_expr(self.merged):
+                        _t(rows_list)[pos] = idx * (topk - s0) + (s - s0)
+                    else:
+                        _t(rows_list)[pos] = i
                 else:
                     cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(1))
 

@@ -1,0 +1,28 @@
+"""Tile configurations of the sm90 (wgmma/TMA) MoBA forward segment kernel, per head dim.
+
+``bn``: keys per n-block (one TMA box of K and one of V; a chunk of ``C <= bn`` keys is loaded
+once per work unit); ``sub``: 64-row sub-tiles per work unit (one CTA walks up to ``64 * sub``
+consecutive entries of one (chunk, head) segment); ``kv_stages``: K/V n-block buffers.
+Shared memory: ``2 * 64 * D * 2`` (two Q stages) ``+ kv_stages * 2 * bn * D * 2`` bytes; two
+CTAs per SM must fit in 227 KB. Chosen on the H200 (docs/design.md, section 8).
+"""
+
+from __future__ import annotations
+
+# head_dim -> (bn, sub, kv_stages)
+FWD_TILES = {
+    64: (128, 4, 1),
+    128: (128, 4, 1),
+}
+
+SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
+
+SMEM_PER_SM = 227 * 1024
+
+
+def fwd_smem_bytes(head_dim: int, bn: int, kv_stages: int) -> int:
+    return 2 * 64 * head_dim * 2 + kv_stages * 2 * bn * head_dim * 2 + 1024 + 64
+
+
+def unit_rows(head_dim: int) -> int:
+    return 64 * FWD_TILES[head_dim][1]

@@ -1,0 +1,87 @@
+"""Row-wise merge of the sm90 segment forward's partials (non-causal calls; causal ones merge
+in the diagonal kernel): for every (row, head) with ``nused > 0`` slots,
+
+    M = max_j L_j,  w_j = 2^(L_j - M),  out = sum_j w_j o_j / sum_j w_j,
+    lse = (M + log2 sum_j w_j) * ln 2
+
+over its normalized partials ``o_j = part_o[(row * H + h) * KP + j]`` and their log2-domain
+LSEs ``L_j = part_lse[...]``, ``j`` in slot order (bitwise deterministic). One warp per
+(row, head), ``D / 32`` contiguous elements per lane. Rows with no usable slot were written
+(0, -inf) by the index's count kernel and are skipped. Compile key: ("merge", dtype, D).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+from cutlass import Float32, Int32, Int64
+
+THREADS = 256
+LN2 = 0.6931471805599453
+
+
+def _t(ptr):
+    return cute.make_tensor(ptr, cute.make_layout(1 << 30))
+
+
+def grid_blocks(rows: int) -> int:
+    return max(1, (rows * 32 + THREADS - 1) // THREADS)
+
+
+class MergeKernel:
+    def __init__(self, dtype, head_dim: int):
+        assert head_dim % 32 == 0
+        self.dtype = dtype
+        self.D = head_dim
+        self.VEC = head_dim // 32
+
+    @cute.jit
+    def __call__(self, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, out: cute.Pointer,
+                 lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, nblocks: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(part_o, part_lse, nused, out, lse, rows, total_q, H, KP).launch(
+            grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, out: cute.Pointer,
+               lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        lane = tid % 32
+        w = bid * (THREADS // 32) + tid // 32
+        VEC = self.VEC
+        if w < rows:
+            nu = _t(nused)[w]
+            if nu > 0:
+                tpl = _t(part_lse)
+                pbase = Int64(w) * Int64(KP)
+                M = -Float32.inf
+                for j in cutlass.range(nu, unroll=1):
+                    M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
+                M_use = M
+                if M == -Float32.inf:
+                    M_use = Float32(0.0)
+                acc = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
+                acc.fill(0.0)
+                wsum = Float32(0.0)
+                for j in cutlass.range(nu, unroll=1):
+                    wj = cute.math.exp2(tpl[pbase + Int64(j)] - M_use, fastmath=True)
+                    wsum = wsum + wj
+                    src = part_o + (pbase + Int64(j)) * Int64(self.D) + Int64(lane * VEC)
+                    x = cute.make_rmem_tensor(cute.make_layout(VEC), self.dtype)
+                    cute.autovec_copy(cute.make_tensor(src.align(VEC * 2), cute.make_layout(VEC)), x)
+                    acc.store(acc.load() + wj * x.load().to(Float32))
+                inv = Float32(0.0)
+                if wsum > Float32(0.0):
+                    inv = cute.arch.rcp_approx(wsum)
+                y = cute.make_rmem_tensor(cute.make_layout(VEC), self.dtype)
+                y.store((acc.load() * inv).to(self.dtype))
+                dst = out + Int64(w) * Int64(self.D) + Int64(lane * VEC)
+                cute.autovec_copy(y, cute.make_tensor(dst.align(VEC * 2), cute.make_layout(VEC)))
+                if lane == 0:
+                    val = -Float32.inf
+                    if wsum > Float32(0.0):
+                        val = (M_use + cute.math.log2(wsum, fastmath=False)) * LN2
+                    i = w // H
+                    _t(lse)[Int64(w - i * H) * Int64(total_q) + Int64(i)] = val

@@ -1,0 +1,457 @@
+"""MoBA attention forward for Hopper (sm90): the key-major *segment* kernel (TMA, wgmma,
+warp specialization with ``setmaxnreg``).
+
+Schedule (docs/design.md, section 8): every selected (row, head, chunk) pair except the causal
+own chunk is computed by one launch of :class:`MobaFwdSm90`. Its work unit is up to
+``SUB * 64`` consecutive entries of one (global chunk g, head h) segment of the all-slot
+key-major index (:class:`~moba_cute.kernels.slot_index.SlotIndexKernel` with
+``merged=True``): every row that chose chunk g in any slot. An entry is the pair's index
+``p = (row * H + h) * KP + slot - s0`` into the partial buffers. The CTA:
+
+* producer warpgroup (``setmaxnreg`` down): gathers each 64-row sub-tile of query rows with
+  16-byte ``cp.async`` into a two-stage swizzled Q ring (``PipelineCpAsync``); warp 0 loads
+  the chunk's K and V n-blocks with TMA (``cp.async.bulk.tensor``, ``PipelineTmaAsync``).
+  A chunk that fits one n-block (``C <= BN``: the flashmoba shape) is loaded once for all
+  sub-tiles of the unit;
+* consumer warpgroup (``setmaxnreg`` up): per sub-tile and n-block ``S = Q K^T`` (SS
+  ``wgmma``), mask, online softmax (exp2, scale folded into the log2 domain), ``O += P V``
+  (RS ``wgmma``: P stays in registers), then writes the pair's *normalized* partial output
+  ``part_o[p] = O / l`` (input dtype) and ``part_lse[p] = m * scale_log2 + log2(l)`` (fp32,
+  log2 domain).
+
+Two CTAs per SM (128 launch registers, 40 / 216 after ``setmaxnreg``) overlap one CTA's loads
+with the other's math. The partials are merged with the own chunk by the diagonal kernel
+(causal: :class:`~moba_cute.kernels.moba_fwd_sm80.MobaFwdSm80` with ``merge=True``) or by
+:class:`~moba_cute.kernels.merge.MergeKernel` (non-causal), which write ``out`` and ``lse``.
+A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
+partials in slot order, so the result is bitwise deterministic.
+
+Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)``; sizes are
+runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors built per call on the host.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+import cutlass.pipeline as pipeline
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, Int64
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.utils import LayoutEnum
+
+from .centroids import clamp_seq, find_segment
+
+BM = 64  # rows of one consumer warpgroup's wgmma (m64)
+THREADS = 256  # producer warpgroup + consumer warpgroup
+PRODUCER_REGS = 40
+CONSUMER_REGS = 216  # 40 + 216 = 2 * 128: two CTAs per SM
+
+
+def _flat(ptr):
+    return cute.make_tensor(ptr, cute.make_layout(1 << 30))
+
+
+@cute.jit
+def _quad_max(x: Float32) -> Float32:
+    x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=2))
+    x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1))
+    return x
+
+
+@cute.jit
+def _quad_sum(x: Float32) -> Float32:
+    x = x + cute.arch.shuffle_sync_bfly(x, offset=2)
+    x = x + cute.arch.shuffle_sync_bfly(x, offset=1)
+    return x
+
+
+def acc_mn_view(t: cute.Tensor) -> cute.Tensor:
+    """View a wgmma accumulator partition ((2, 2, V), MMA_M, MMA_N) as (rows, cols)."""
+    lay = cute.make_layout(t.layout.shape)
+    mn = cute.make_layout(
+        ((lay.shape[0][1], lay.shape[1]), (lay.shape[0][0], lay.shape[0][2], lay.shape[2])),
+        stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[0][2], lay.stride[2])),
+    )
+    return cute.make_tensor(t.iterator, cute.composition(t.layout, mn))
+
+
+def acc_as_a_operand(t: cute.Tensor) -> cute.Tensor:
+    """View an m64nN accumulator-shaped register tensor ((2, 2, N/8), M, 1) as the A operand
+    of an m64nXk16 wgmma with K = N: ((2, 2, 2), M, N/16) (same registers, no data movement)."""
+    lay = cute.logical_divide(t.layout, ((None, None, 2), None, None))
+    a = cute.make_layout(
+        ((lay.shape[0][0], lay.shape[0][1], lay.shape[0][2][0]), lay.shape[1], (lay.shape[0][2][1], lay.shape[2])),
+        stride=((lay.stride[0][0], lay.stride[0][1], lay.stride[0][2][0]), lay.stride[1],
+                (lay.stride[0][2][1], lay.stride[2])),
+    )
+    return cute.make_tensor(t.iterator, a)
+
+
+@cute.jit
+def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer,
+                 cu_k: cute.Pointer, cu_chunks: cute.Pointer, T: Int32, rows_per_unit: Int32, seg_base: Int32,
+                 B: Int32, total_k: Int32, H: Int32, chunk_size: Int32):
+    """Work unit ``T`` of a key-major gather launch (``tiles`` = [first, end) units): its first
+    index entry, entry count, head, and the chunk's key range ``[ks + kbeg, ks + kend)``.
+    ``nrows == 0`` for units past the end or of empty chunks (garbage cu_seqlens)."""
+    tq = _flat(tiles)
+    r0 = Int32(0)
+    nrows = Int32(0)
+    h = Int32(0)
+    ks = Int32(0)
+    kbeg = Int32(0)
+    kend = Int32(0)
+    if T < tq[1]:
+        sp = _flat(tile_seg)[T]
+        tso = _flat(seg_off)
+        o = tso[sp]
+        n = tso[sp + 1] - o
+        r0 = o + (T - _flat(tile_off)[sp]) * rows_per_unit
+        nrows = cutlass.min(rows_per_unit, o + n - r0)
+        seg = sp - seg_base
+        g = seg // H
+        h = seg - g * H
+        b = find_segment(cu_chunks, B, g)
+        ks, ke = clamp_seq(cu_k, b, total_k)
+        j = g - _flat(cu_chunks)[b]
+        kbeg = j * chunk_size
+        kend = cutlass.min(kbeg + chunk_size, ke - ks)
+        if kbeg >= kend:
+            nrows = Int32(0)
+    return r0, nrows, h, ks, kbeg, kend
+
+
+class MobaFwdSm90:
+    """Key-major segment forward (all gather slots in one launch). See the module docstring."""
+
+    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1):
+        assert head_dim in (64, 128), "128-byte swizzled rows"
+        assert bn % 16 == 0 and bn <= 256
+        self.dtype = dtype
+        self.D = head_dim
+        self.BN = bn
+        self.SUB = sub
+        self.KS = kv_stages
+        self.QS = 2
+
+    @staticmethod
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int):
+        return ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
+
+    def _layouts(self):
+        dt, D = self.dtype, self.D
+        atom = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, D), dt)
+        sQ = cute.tile_to_shape(atom, (BM, D, self.QS), order=(0, 1, 2))
+        sK = cute.tile_to_shape(atom, (self.BN, D, self.KS), order=(0, 1, 2))
+        return sQ, sK
+
+    @cute.jit
+    def __call__(
+        self,
+        q: cute.Pointer,
+        k: cute.Pointer,
+        v: cute.Pointer,
+        part_o: cute.Pointer,
+        part_lse: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        tiles: cute.Pointer,
+        rows_list: cute.Pointer,
+        tile_seg: cute.Pointer,
+        seg_off: cute.Pointer,
+        tile_off: cute.Pointer,
+        B: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        KP: Int32,
+        grid_x: Int32,
+        scale_log2: Float32,
+        stream: cuda.CUstream,
+    ):
+        dt, D, BN = self.dtype, self.D, self.BN
+        tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), (BM, BN))
+        tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN, Float32, (1, 1, 1), (BM, D),
+            a_source=warpgroup.OperandSource.RMEM)
+        sQ_layout, sKV_layout = self._layouts()
+        # K, V as (keys, dim, kv head) tensors for TMA; a box is one n-block of one KV head
+        kv_layout = cute.make_layout((total_k, D, Hk), stride=(Hk * D, 1, D))
+        mK = cute.make_tensor(k, kv_layout)
+        mV = cute.make_tensor(v, kv_layout)
+        smem_kv = cute.select(sKV_layout, mode=[0, 1])
+        tma_op = cpasync.CopyBulkTensorTileG2SOp()
+        atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, mK, smem_kv, (BN, D))
+        atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, mV, smem_kv, (BN, D))
+        self.kv_bytes = 2 * cute.size_in_bytes(dt, smem_kv)
+
+        @cute.struct
+        class Storage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.QS]
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * self.KS]
+            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sKV_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sKV_layout)], 1024]
+
+        self.kernel(
+            tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
+            seg_off, tile_off, B, total_k, H, Hk, chunk_size, KP, scale_log2, sQ_layout, sKV_layout,
+            tiled_mma_qk, tiled_mma_pv, Storage,
+        ).launch(grid=(grid_x, 1, 1), block=(THREADS, 1, 1), stream=stream, min_blocks_per_mp=2,
+                                                                               preferred_smem_carveout=100)
+
+    @cute.kernel
+    def kernel(
+        self,
+        tma_k: cute.Tensor,
+        tma_v: cute.Tensor,
+        atom_k: cute.CopyAtom,
+        atom_v: cute.CopyAtom,
+        q: cute.Pointer,
+        part_o: cute.Pointer,
+        part_lse: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        tiles: cute.Pointer,
+        rows_list: cute.Pointer,
+        tile_seg: cute.Pointer,
+        seg_off: cute.Pointer,
+        tile_off: cute.Pointer,
+        B: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        KP: Int32,
+        scale_log2: Float32,
+        sQ_layout: cute.ComposedLayout,
+        sKV_layout: cute.ComposedLayout,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+        Storage: cutlass.Constexpr,
+    ):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp == 0:
+            cpasync.prefetch_descriptor(atom_k)
+            cpasync.prefetch_descriptor(atom_v)
+
+        smem = cutlass.utils.SmemAllocator()
+        st = smem.allocate(Storage)
+        group = pipeline.CooperativeGroup
+        pipe_q = pipeline.PipelineCpAsync.create(
+            barrier_storage=st.mbar_q.data_ptr(), num_stages=self.QS,
+            producer_group=group(pipeline.Agent.Thread, 128), consumer_group=group(pipeline.Agent.Thread, 128),
+            defer_sync=True)
+        pipe_kv = pipeline.PipelineTmaAsync.create(
+            barrier_storage=st.mbar_kv.data_ptr(), num_stages=self.KS,
+            producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, 4),
+            tx_count=self.kv_bytes, defer_sync=True)
+        cute.arch.mbarrier_init_fence()
+        sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+
+        UNIT = BM * self.SUB
+        r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, cu_k, cu_chunks,
+                                                    _flat(tiles)[0] + bid, Int32(UNIT), Int32(0), B, total_k,
+                                                    H, chunk_size)
+        nsub = (nrows + BM - 1) // BM
+        nblk = (kend - kbeg + self.BN - 1) // self.BN
+        cute.arch.sync_threads()  # barrier init visible to both warpgroups
+
+        if warp < 4:
+            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            if nrows > 0:
+                self.producer(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
+                              nsub, nblk, h // (H // Hk), ks + kbeg, KP, tid, warp)
+        else:
+            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            if nrows > 0:
+                self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
+                              r0, nrows, nsub, nblk, kend - kbeg, scale_log2, tid - 128)
+
+    @cute.jit
+    def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
+                 q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+                 pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, kvh: Int32, key0: Int32,
+                 KP: Int32, tid: Int32, warp: Int32):
+        D, BN = self.D, self.BN
+        CV = D // 8
+        # TMA views: this KV head's keys from the chunk start, in n-blocks of BN
+        gK = cute.local_tile(cute.domain_offset((key0, 0), tma_k[None, None, kvh]), (BN, D), (None, 0))
+        gV = cute.local_tile(cute.domain_offset((key0, 0), tma_v[None, None, kvh]), (BN, D), (None, 0))
+        tKsK, tKgK = cpasync.tma_partition(atom_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
+                                           cute.group_modes(gK, 0, 2))
+        tVsV, tVgV = cpasync.tma_partition(atom_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
+                                           cute.group_modes(gV, 0, 2))
+        # Q gather: 16-byte pieces written at their swizzled offsets (128-byte swizzle applied by
+        # hand: row tiles are whole 1024-byte swizzle periods)
+        sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
+        q_outer = sQ.layout.outer if cutlass.const_expr(hasattr(sQ.layout, "outer")) else sQ.layout
+        trl = _flat(rows_list)
+        atom_g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                       num_bits_per_copy=128)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.KS)
+        for t in cutlass.range(nsub, unroll=1):
+            pipe_q.producer_acquire(q_state)
+            for it in cutlass.range_constexpr(BM * CV // 128):
+                idx = tid + it * 128
+                r = idx // CV
+                cv = idx - r * CV
+                e = cutlass.min(t * BM + r, nrows - 1)  # padding rows repeat the last entry
+                ridx = trl[r0 + e] // KP
+                src = cute.make_tensor(q + cute.assume(Int64(ridx) * Int64(D) + Int64(cv * 8), divby=8),
+                                       cute.make_layout(8))
+                sb = cute.crd2idx((r, cv * 8, 0), q_outer) * 2
+                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + q_state.index * (BM * D)
+                dst = cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8))
+                cute.copy(atom_g2s, src, dst)
+            pipe_q.producer_commit(q_state)
+            q_state.advance()
+            if warp == 0:
+                if (t == 0) | (nblk > 1):
+                    for n in cutlass.range(nblk, unroll=1):
+                        pipe_kv.producer_acquire(kv_state)
+                        bar = pipe_kv.producer_get_barrier(kv_state)
+                        cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar)
+                        cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar)
+                        kv_state.advance()
+
+    @cute.jit
+    def consumer(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
+                 sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
+                 tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
+                 scale_log2: Float32, ctid: Int32):
+        D, BN, dt = self.D, self.BN, self.dtype
+        thr_qk = tiled_mma_qk.get_slice(ctid)
+        thr_pv = tiled_mma_pv.get_slice(ctid)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))
+        sVt = cute.composition(sV, cute.make_ordered_layout((D, BN, self.KS), order=(1, 0, 2)))
+        tOrVt = thr_pv.make_fragment_B(thr_pv.partition_B(sVt))
+        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BM, BN)), Float32)
+        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BM, D)), Float32)
+        rP = cute.make_rmem_tensor(acc_S.layout.shape, dt)
+        tOrP = acc_as_a_operand(rP)
+        S_mn = acc_mn_view(acc_S)
+        O_mn = acc_mn_view(acc_O)
+        cS_mn = acc_mn_view(thr_qk.partition_C(cute.make_identity_tensor((BM, BN))))
+        cO_mn = acc_mn_view(thr_pv.partition_C(cute.make_identity_tensor((BM, D))))
+        NR = cute.size(O_mn, mode=[0])
+        NCO = cute.size(O_mn, mode=[1])
+        NCS = cute.size(S_mn, mode=[1])
+        row_max = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        row_sum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        trl = _flat(rows_list)
+        tpl = _flat(part_lse)
+        lane = ctid % 32
+
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.QS)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
+        for t in cutlass.range(nsub, unroll=1):
+            pipe_q.consumer_wait(q_state)
+            # the gathered rows were written by cp.async (generic proxy); wgmma reads them
+            # through the async proxy
+            cute.arch.fence_view_async_shared()
+            acc_O.fill(0.0)
+            for r in cutlass.range_constexpr(NR):
+                row_max[r] = -Float32.inf
+                row_sum[r] = Float32(0.0)
+            for n in cutlass.range(nblk, unroll=1):
+                if (t == 0) | (nblk > 1):
+                    pipe_kv.consumer_wait(kv_state)
+                    nvalid = nkeys - n * BN
+                    if nvalid < BN:
+                        # keys past the chunk (the next chunk or sequence, or TMA's zero fill)
+                        # get probability 0; zero their V rows so that a non-finite value there
+                        # cannot reach O as 0 * inf
+                        self.zero_v_tail(sV, kv_state.index, nvalid, ctid)
+                # ---- S = Q K^T
+                warpgroup.fence()
+                atom = cute.make_mma_atom(tiled_mma_qk.op)
+                atom.set(warpgroup.Field.ACCUMULATE, False)
+                for kb in cutlass.range_constexpr(cute.size(tSrQ.shape[2])):
+                    cute.gemm(atom, acc_S, tSrQ[None, None, kb, q_state.index], tSrK[None, None, kb, kv_state.index],
+                              acc_S)
+                    atom.set(warpgroup.Field.ACCUMULATE, True)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                if n == nblk - 1:
+                    pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
+                # ---- mask the keys past the chunk end, online softmax
+                lim = nkeys - n * BN
+                if lim < BN:
+                    for c in cutlass.range_constexpr(NCS):
+                        if cS_mn[0, c][1] >= lim:
+                            for r in cutlass.range_constexpr(NR):
+                                S_mn[r, c] = -Float32.inf
+                for r in cutlass.range_constexpr(NR):
+                    srow = S_mn[r, None].load()
+                    cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
+                    m_old = row_max[r]
+                    m_new = cute.arch.fmax(m_old, cur)
+                    m_use = m_new
+                    if m_new == -Float32.inf:
+                        m_use = Float32(0.0)
+                    m_scaled = m_use * scale_log2
+                    e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
+                    corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
+                    row_sum[r] = row_sum[r] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                    O_mn[r, None] = O_mn[r, None].load() * corr
+                    row_max[r] = m_new
+                    S_mn[r, None] = e
+                rP.store(acc_S.load().to(dt))
+                # ---- O += P V
+                warpgroup.fence()
+                atom_pv = cute.make_mma_atom(tiled_mma_pv.op)
+                atom_pv.set(warpgroup.Field.ACCUMULATE, True)
+                for kb in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
+                    cute.gemm(atom_pv, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb, kv_state.index], acc_O)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                if nblk > 1:
+                    pipe_kv.consumer_release(kv_state)
+                    kv_state.advance()
+            q_state.advance()
+            # ---- epilogue: normalized partial output and its log2-domain LSE
+            for r in cutlass.range_constexpr(NR):
+                l = _quad_sum(row_sum[r])
+                e_idx = t * BM + cO_mn[r, 0][0]
+                if e_idx < nrows:
+                    p = trl[r0 + e_idx]
+                    inv = Float32(0.0)
+                    if l > Float32(0.0):
+                        inv = cute.arch.rcp_approx(l)
+                    obase = part_o + Int64(p) * Int64(D)
+                    for c in cutlass.range_constexpr(NCO // 2):
+                        col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+                        pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                        pair[0] = O_mn[r, 2 * c] * inv
+                        pair[1] = O_mn[r, 2 * c + 1] * inv
+                        po = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                        po.store(pair.load().to(dt))
+                        cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
+                    if lane % 4 == 0:
+                        val = -Float32.inf
+                        if l > Float32(0.0):
+                            val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
+                        tpl[p] = val
+
+    @cute.jit
+    def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, ctid: Int32):
+        """Zero V rows ``[nvalid, BN)`` of a stage (consumer warpgroup; generic-proxy writes
+        fenced for the wgmma that reads them)."""
+        D, BN = self.D, self.BN
+        for i in cutlass.range(ctid, BN * D, 128):
+            rr = i // D
+            if rr >= nvalid:
+                sV[rr, i - rr * D, stage] = self.dtype(0.0)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=1, number_of_threads=128)

@@ -1,0 +1,53 @@
+"""CPU/CI: every shipped configuration of the sm90 MoBA forward (the segment kernel, the all-slot index,
+the merging diagonal and the non-causal merge) compiles for sm_90a with fake arguments, without spills;
+the segment kernel's PTX holds the Hopper instructions it is built on (wgmma, TMA, setmaxnreg, cp.async
+arriving on an mbarrier)."""
+
+import pytest
+
+pytest.importorskip("cutlass")
+
+from moba_cute.configs import attention_sm90 as cfg90  # noqa: E402
+from moba_cute.kernels import attention_launch as launch  # noqa: E402
+from moba_cute.kernels import common  # noqa: E402
+
+
+def _specs():
+    seen = {}
+    for dtype in ("bfloat16", "float16"):
+        for D in cfg90.SUPPORTED_HEAD_DIMS:
+            for causal in (True, False):
+                for key, fac, fake in launch.kernel_specs_sm90(dtype, D, causal).values():
+                    seen.setdefault(key, (fac, fake))
+    return sorted(seen.items(), key=lambda kv: str(kv[0]))
+
+
+SPECS = _specs()
+
+
+@pytest.mark.parametrize("key,spec", [pytest.param(k, s, id=str(k)) for k, s in SPECS])
+def test_sm90_forward_compiles_without_spills(key, spec):
+    fac, fake = spec
+    rep = common.compile_for_arch(fac(), fake, "sm_90a")
+    assert "Used" in rep.ptxas, "no ptxas report"
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, rep.ptxas[-600:]
+    assert rep.stack_frame == 0, rep.ptxas[-600:]
+    if key[0] == "moba_fwd_sm90":
+        for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg.inc", "setmaxnreg.dec",
+                      "cp.async.mbarrier.arrive"):
+            assert instr in rep.ptx, instr
+
+
+def test_sm90_configs_fit_two_ctas_per_sm():
+    for D, (bn, sub, kst) in cfg90.FWD_TILES.items():
+        assert 2 * cfg90.fwd_smem_bytes(D, bn, kst) <= cfg90.SMEM_PER_SM, D
+        assert sub >= 1 and bn % 16 == 0
+
+
+def test_sm90_dispatch():
+    assert launch.uses_sm90("bfloat16", 128, "sm_90a")
+    assert launch.uses_sm90("float16", 64, "sm_90a")
+    assert not launch.uses_sm90("bfloat16", 96, "sm_90a")  # no sm90 tiles: the sm80 passes
+    assert not launch.uses_sm90("bfloat16", 128, "sm_80")
+    assert not launch.uses_sm90("bfloat16", 128, "sm_100a")  # no wgmma on Blackwell
+    assert "sm90" in launch.KERNEL_FAMILIES
