@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 
@@ -177,6 +178,15 @@ def uses_sm90(dtype_name, head_dim, arch):
             and os.environ.get("MOBA_CUTE_FWD_SM80", "0") in ("", "0"))
 
 
+def sm90_tiles(head_dim):
+    """(bn, sub, kv_stages) of the sm90 segment kernel; ``MOBA_CUTE_SM90_TILES=bn,sub,stages``
+    overrides the table (tile sweeps)."""
+    env = os.environ.get("MOBA_CUTE_SM90_TILES")
+    if env:
+        return tuple(int(x) for x in env.split(","))
+    return cfg90.FWD_TILES[head_dim]
+
+
 def kernel_specs_sm90(dtype_name, head_dim, causal):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel)."""
@@ -187,8 +197,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal):
 
     dt = _cdt(dtype_name)
     F = _cdt_f32()
-    bn, sub, kst = cfg90.FWD_TILES[head_dim]
-    unit = cfg90.unit_rows(head_dim)
+    bn, sub, kst = sm90_tiles(head_dim)
+    unit = 64 * sub
     bm, dbn, nt, st = tiles(head_dim)
     causal = bool(causal)
     specs = {
@@ -343,10 +353,13 @@ class FwdPlan(_PlanBase):
         super().__init__(key, arch)
         bm = tiles(self.D)[0]
         self.sm90 = uses_sm90(self.dtype_name, self.D, arch)
+        if str(arch).startswith("sm_90") and not self.sm90 and self.D not in cfg90.FWD_TILES:
+            _warn_once(f"moba_cute: the sm90 forward has no tiles for head_dim={self.D} "
+                       f"(it has {cfg90.SUPPORTED_HEAD_DIMS}); using the sm80 (mma.sync) forward")
         if self.sm90:
             # partials of every gather pair: normalized o (input dtype) and log2-domain LSE
             self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm,
-                                        unit=cfg90.unit_rows(self.D))
+                                        unit=64 * sm90_tiles(self.D)[1])
             npart = self.rows * self.index.kp
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
@@ -359,6 +372,15 @@ class FwdPlan(_PlanBase):
         self.layout.add("lst", st * self.rows * 4)
         self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, self.causal), arch)
+
+
+_WARNED = set()
+
+
+def _warn_once(msg):
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
 
 
 def _merge_blocks(rows):

@@ -1,0 +1,79 @@
+"""GPU: the sm90 forward (segment kernel + merge) on the shapes that stress its own parts -- chunks
+longer than one n-block (streamed K/V), chunks shorter than one (V tail zeroed), segments of many work
+units, topk up to 64, GQA 8:1 -- against the fp32 reference (SPEC section 3, via test_attention_gpu's
+check); the sm80 fallback on Hopper; and that a non-finite value in keys nobody attends (the next
+sequence, read by a partial TMA box) does not leak."""
+
+import pytest
+import torch
+
+from moba_cute import reference
+from helpers import make_batch
+from test_attention_gpu import _check
+
+pytestmark = pytest.mark.gpu
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="sm90 kernels need a Hopper GPU")
+
+CASES = [
+    # lens_q, lens_k, H, Hk, C, K, causal
+    ([3000, 1100], [3000, 1100], 2, 2, 256, 6, True),  # 2 n-blocks per chunk
+    ([2500], [2500], 2, 1, 512, 4, True),  # 4 n-blocks, GQA 2:1
+    ([777, 300], [777, 300], 8, 1, 48, 5, True),  # C < BN: V tail, GQA 8:1
+    ([4096], [4096], 2, 2, 16, 64, True),  # topk 64, tiny chunks
+    ([5000], [5000], 1, 1, 128, 2, True),  # big segments: many units of one chunk
+    ([1500, 900], [1200, 900], 4, 4, 96, 3, False),
+    ([600], [600], 2, 2, 256, 40, False),  # topk above the chunk count
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_sm90_forward(case, D, dtype):
+    from moba_cute.kernels import attention_launch as m
+
+    lq, lk, H, Hk, C, K, causal = CASES[case]
+    _check(lq, lk, H, Hk, D, C, K, causal, dtype, seed=100 + case)
+    key = next(k for k in m.FWD_PLANS.plans if k[1] == sum(lq) and k[7] == C and k[8] == K)
+    assert m.FWD_PLANS.plans[key].sm90
+
+
+@needs_hopper
+def test_sm80_fallback_on_hopper(monkeypatch):
+    from moba_cute.kernels import attention_launch as m
+
+    monkeypatch.setenv("MOBA_CUTE_FWD_SM80", "1")
+    m.FWD_PLANS.clear()
+    try:
+        _check([700, 300], [700, 300], 4, 2, 128, 128, 4, True, torch.bfloat16)
+        assert not any(p.sm90 for p in m.FWD_PLANS.plans.values())
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_FWD_SM80")
+        m.FWD_PLANS.clear()
+
+
+@needs_hopper
+def test_unattended_inf_does_not_leak():
+    from moba_cute.kernels.attention_launch import attention_cute
+
+    # sequence 0 has 200 keys: its last chunk (128..199), which every row of it selects
+    # (non-causal, topk = chunks), is a partial 128-key TMA box that also covers sequence 1's
+    # first keys, which hold inf in V
+    lens = [200, 300]
+    q, k, v, cq, ck = make_batch(lens, lens, 2, 2, 128, dtype=torch.bfloat16, device="cuda", seed=7)
+    v[200:260] = float("inf")
+    r = reference.route(q, k, cq, ck, 300, 300, 128, 2, False)
+    o, _ = attention_cute(q, k, v, r, None, False)
+    o32, _ = reference.attention(q, k, v, r)
+    olp, _ = reference.attention(q, k, v, r, compute_dtype=torch.bfloat16)
+    assert torch.isfinite(o[:200]).all()
+    err = (o[:200].double() - o32[:200].double()).abs().max().item()
+    ref_err = (olp[:200].double() - o32[:200].double()).abs().max().item()
+    assert err <= 2 * ref_err + 1e-5
