@@ -11,8 +11,8 @@ from __future__ import annotations
 
 # head_dim -> (bn, sub, kv_stages)
 FWD_TILES = {
-    64: (128, 4, 1),
-    128: (128, 4, 1),
+    64: (128, 8, 1),
+    128: (128, 8, 1),
 }
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
