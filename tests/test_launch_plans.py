@@ -56,7 +56,7 @@ def test_forward_plan_layout():
     """One workspace holds every scratch piece, 256-byte aligned and disjoint."""
     q, k, r = _batch([1000, 17, 513], H=8, Hk=2, D=128, C=128, K=5)
     key = al._plan_key(q, k, r)
-    plan = al.FwdPlan(key, "sm_90a")
+    plan = al.FwdPlan(key, "sm_80")
     rows = q.shape[0] * q.shape[1]
     ix = plan.index
     for lay in (plan.layout, ix.layout):
@@ -68,11 +68,30 @@ def test_forward_plan_layout():
     assert set(plan.ks.specs) == {"diag", "pass", "slot_prep", "slot_count", "slot_scan", "slot_scatter"}
 
 
-def test_backward_reuses_the_forward_index_layout():
-    """The backward reads the forward's kept index: same tile height, same layout."""
+def test_sm90_forward_plan_layout():
+    """The sm90 plan: partials instead of the fp32 state, one all-slot index pass in units of
+    64 * sub entries, and the sm90 kernel set."""
     q, k, r = _batch([1000, 17, 513], H=8, Hk=2, D=128, C=128, K=5)
     key = al._plan_key(q, k, r)
-    assert al.BwdPlan(key, "sm_90a").index.same_as(al.FwdPlan(key, "sm_90a").index)
+    plan = al.FwdPlan(key, "sm_90a")
+    assert plan.sm90
+    rows = q.shape[0] * q.shape[1]
+    ix = plan.index
+    assert ix.merged and ix.npass == 1 and ix.kp == 4 and ix.n_counts == ix.nseg
+    assert "oacc" not in plan.layout.offsets
+    assert plan.layout.offsets["part_lse"] >= rows * 4 * 128 * 2  # part_o first: (rows * KP, D) bf16
+    assert plan.layout.nbytes >= rows * 4 * (128 * 2 + 4)
+    assert ix.layout.nbytes >= 4 * (rows * 4 + ix.tiles_bound)
+    assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "slot_scatter"}
+
+
+def test_backward_reuses_the_forward_index_layout():
+    """The backward reads the forward's kept index (sm80 forward): same tile height, same layout;
+    the sm90 forward's all-slot index is a different one (not kept for the backward)."""
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=2, D=128, C=128, K=5)
+    key = al._plan_key(q, k, r)
+    assert al.BwdPlan(key, "sm_80").index.same_as(al.FwdPlan(key, "sm_80").index)
+    assert not al.BwdPlan(key, "sm_90a").index.same_as(al.FwdPlan(key, "sm_90a").index)
     assert not al.BwdPlan(key, "sm_90a").index.same_as(al._SlotIndexPlan(3, 1530, 8, 5, 100, True, 32))
 
 

@@ -431,10 +431,12 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     may be given (contiguous, right shape and dtype): tests pass NaN-filled buffers.
 
     ``keep_index=True`` returns ``(out, lse, index)`` instead: ``index`` is the per-slot index
-    the forward built (a uint8 tensor, or None), which :func:`attention_backward_cute` takes to
+    the forward built (a uint8 tensor, or None; always None on the sm90 forward, whose all-slot
+    index the backward cannot use), which :func:`attention_backward_cute` takes to
     skip rebuilding it (4 launches; memory: ``total_q * H * (topk + 1) * 4`` bytes and the
     tile tables, held from the forward to the backward)."""
-    del deterministic  # the slot-pass schedule is deterministic by construction
+    del deterministic  # both schedules are deterministic by construction
+    want_index = keep_index
     q, k, v = (common.kernel_input(t) for t in (q, k, v))
     total_q, H, D = q.shape
     dev = q.device
@@ -451,6 +453,8 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     _, scale_log2 = _scale_log2(softmax_scale, D)
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
+    # (the sm90 forward's all-slot index is not the backward's per-slot one: nothing to keep)
+    keep_index = keep_index and not plan.sm90
     held, p = plan.workspace(dev, kept="separate" if keep_index else None)
     rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
     p_out, p_lse = out.data_ptr(), lse.data_ptr()
@@ -458,7 +462,7 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream)
     if plan.sm90:
         _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, scale_log2, stream)
-        return (out, lse, held[1]) if keep_index else (out, lse)
+        return (out, lse, None) if want_index else (out, lse)
     head = (q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["oacc"], p["mst"], p["lst"], p["nused"],
             cu_q, cu_k, cu_chunks)
     sizes = (B, total_q, plan.total_k, H, plan.Hk, plan.C, plan.nseg)
