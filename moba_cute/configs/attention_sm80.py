@@ -10,8 +10,15 @@ row strip per warp). Shared memory: ``(bm + 2 * bn) * (head_dim + 8) * 2 + bm * 
 from __future__ import annotations
 
 # head_dim -> (bm, bn, threads, stages)
+# D = 64: bn = 80. ptxas (sm_80) allocates ~254 of its 255 registers for bn >= 80, so small
+# differences decide whether it spills: bn = 128 spilled 8 bytes in the bf16 non-causal first pass
+# with nvidia-cutlass-dsl[cu13] 4.8.1 (issue 13), bn = 64 spills 8 bytes in the bf16 diagonal
+# pass with both sets, bn = 112 and bm = 128 spill with cu13, bm = 32 with both; bn = 80 (and 96) compile
+# clean with both sets and both stage counts (make test-cu13). A chunk is walked in whole
+# n-blocks, so bn = 80 computes 1.25x the keys of a C = 64 / 128 / 256 chunk (bn = 128: 2x at
+# C = 64, 1x at 128); benchmarks/fwd_tile_ab.py measures the A/B on a GPU.
 FWD_TILES = {
-    64: (64, 128, 128, 1),
+    64: (64, 80, 128, 1),
     96: (64, 64, 128, 1),
     128: (64, 64, 128, 1),
 }
