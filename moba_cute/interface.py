@@ -14,6 +14,11 @@ are checked whenever the tensors live on the CPU. For CUDA tensors checking valu
 synchronize the host, so it is done only in strict mode (:func:`set_strict_checks` or the
 environment variable ``MOBA_CUTE_STRICT_CHECKS=1``); the kernels clamp every index so bad
 values can never fault, but they do give meaningless results.
+
+Sizes the CuTe kernels cannot index with 32-bit integers (``total_q * H * topk``,
+``total_k * Hk`` and the other quantities of :func:`kernel_size_limits`) are refused with a
+ValueError before the first kernel of the call is launched. docs/reliability.md lists what
+every kind of bad input gets.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ __all__ = [
 
 BACKENDS = ("auto", "cute", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+INT32_MAX = 2**31 - 1
 
 _strict = os.environ.get("MOBA_CUTE_STRICT_CHECKS", "0") not in ("", "0", "false", "False")
 _warned: set[str] = set()
@@ -106,8 +113,8 @@ def _check_qkv(q, k, v, layout: str) -> None:
         raise ValueError(f"the number of query heads ({h}) must be a multiple of the number of KV heads of k ({hk})")
 
 
-def _check_cu_seqlens(cu_q, cu_k, device) -> None:
-    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+def _check_cu_seqlens(cu_q, cu_k, device, prefix="") -> None:
+    for name, cu in ((prefix + "cu_seqlens_q", cu_q), (prefix + "cu_seqlens_k", cu_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
         if cu.dtype != torch.int32:
@@ -118,7 +125,8 @@ def _check_cu_seqlens(cu_q, cu_k, device) -> None:
             raise ValueError(f"{name} must be on the same device as q ({device}), got {cu.device}")
     if cu_q.numel() != cu_k.numel():
         raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch+1), got {cu_q.numel()} and {cu_k.numel()}"
+            f"{prefix}cu_seqlens_q and {prefix}cu_seqlens_k must have the same length (batch+1), got {cu_q.numel()} "
+            f"and {cu_k.numel()}"
         )
 
 
@@ -164,6 +172,153 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
     if q.device.type == "cpu" or _strict:
         _check_cu_values("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_q)
         _check_cu_values("cu_seqlens_k", cu_k, k.shape[0], "max_seqlen_k", max_k)
+
+
+def kernel_size_limits(total_q, H, D, total_k, Hk, B, chunk_size, topk, causal, fam="sm80", attention=True,
+                       backward=True) -> list:
+    """``(rule, value)`` for every quantity the CuTe kernels of a call index with 32-bit integers
+    (each must be <= 2^31 - 1): the routing's (``kernels/route_launch.py``), and with
+    ``attention`` the forward's and, with ``backward``, the backward's
+    (``kernels/attention_launch.py``). Host arithmetic on shapes only; ``fam`` ("sm80" /
+    "sm90") picks the tiles the bounds depend on. Bounds that depend on a tile size use the
+    smallest tile a call of that family may get, so they are never below the launch modules'
+    own checks (tests/test_hostile.py compares them with the launch plans)."""
+    from .configs import attention_sm80 as acfg
+    from .configs import routing as rcfg
+    from .routing import num_chunks_bound
+
+    G = H // Hk
+    R = total_q * H
+    K = max(int(topk), 1)
+    C = int(chunk_size)
+    nbound = num_chunks_bound(total_k, B, C)
+    nseg = nbound * H
+    out = [
+        ("chunk_size", C),
+        ("batch + 1 (cu_seqlens length)", B + 1),
+        ("total_q * num_heads * topk", R * K),
+        ("total_q * num_heads", R),
+        ("total_k * num_kv_heads * head_dim / 8", total_k * Hk * D // 8),
+        ("num_chunks * num_heads + 1 (num_chunks <= (total_k + batch * (chunk_size - 1)) // chunk_size)",
+         nseg + 1),
+        ("num_chunks * num_kv_heads * head_dim", nbound * Hk * D),
+    ]
+    # routing: query tiles (rows_tile packed rows of one KV head) and the key-major blocks
+    cap_l = rcfg.list_cap(min(max(1, K - 1 if causal else K), rcfg.LIST_CAPS[-1]))
+    tile = rcfg.topk_tile(fam, D, cap_l, causal)
+    bm = tile[0] if tile is not None else 64
+    rows_tile = G * (bm // G) if G <= bm else bm
+    mt_bound = (total_q * G + B * (rows_tile - 1)) // rows_tile
+    out += [("routing query tiles * num_kv_heads", mt_bound * Hk)]
+    try:
+        from .kernels.route_launch import _km_block_rows
+    except ImportError:  # pragma: no cover (the routing kernels are not importable)
+        _km_block_rows = None
+    if _km_block_rows is not None:
+        _, kb_bound, tb_bound = _km_block_rows(total_q, total_k, B, C, H, R * K)
+        out += [("routing key-major count table", tb_bound * H),
+                ("total_q * num_heads * topk + key-major blocks", R * K + 2 * kb_bound * H + 1024)]
+    if attention:
+        kp = K - 1 if causal else K  # gather slots per (row, head)
+        out += [("total_k * num_kv_heads", total_k * Hk),
+                ("topk * num_chunks * num_heads + 1", K * nseg + 1)]
+        # per-slot tile tables: sm80 slot passes (tiles of bm rows) and, on sm90, the merged
+        # index of the segment kernel (units of unit_rows entries)
+        bms = [min(t[0] for t in acfg.FWD_TILES.values())]
+        if backward:
+            bms.append(min(t[0] for t in acfg.BWD_DQ_TILES.values()))
+        for bm_a in bms:
+            out.append(("per-slot tile table", max(kp, 1) * ((R + bm_a - 1) // bm_a + min(nseg, R))))
+        if fam == "sm90":
+            try:
+                from .configs import attention_sm90 as cfg90
+
+                unit = min(cfg90.unit_rows(d) for d in cfg90.FWD_TILES)
+            except (ImportError, AttributeError):  # pragma: no cover (no sm90 forward)
+                unit = None
+            if unit is not None:
+                out.append(("merged slot tile table", (R * kp + unit - 1) // unit + min(nseg, R * kp)))
+        if backward:
+            kbn = min(t[1] for t in acfg.BWD_DKV_TILES.values())
+            out.append(("dK/dV grid (num_chunks * ceil(chunk_size / 64))", nbound * ((C + kbn - 1) // kbn)))
+    return out
+
+
+_SIZES_OK: set = set()
+
+
+def _check_kernel_sizes(q, k, B, chunk_size, topk, causal, attention, backward) -> None:
+    """Refuse, before any launch, a call whose sizes the CuTe kernels cannot index (the answer is
+    kept per shape: a call's host path stays a set lookup). Not under torch.compile, where the
+    launch modules' own checks (at run time, before their first launch) stand in."""
+    if torch.compiler.is_compiling():
+        return
+    total_q, H, D = q.shape
+    total_k, Hk, _ = k.shape
+    fam = _arch(q.device) or "sm80"
+    key = (total_q, H, D, total_k, Hk, B, int(chunk_size), int(topk), causal, fam, attention, backward)
+    if key in _SIZES_OK:
+        return
+    for rule, val in kernel_size_limits(*key):
+        if val > INT32_MAX:
+            raise ValueError(
+                f"q {tuple(q.shape)}, k {tuple(k.shape)}, batch {B}, chunk_size {chunk_size}, topk {topk}: "
+                f"{rule} = {val} must be <= 2^31-1 for the CuTe kernels (32-bit indexing); split the batch "
+                f"(or use backend='reference')"
+            )
+    if len(_SIZES_OK) >= 1024:
+        _SIZES_OK.clear()
+    _SIZES_OK.add(key)
+
+
+def _check_routing(routing, q, k) -> None:
+    """A Routing given to attention_with_routing must fit q and k: tensor kinds and sizes always,
+    values on CPU and in strict mode."""
+    from .routing import chunk_offsets, num_chunks_bound
+
+    total_q, H, _ = q.shape
+    total_k = k.shape[0]
+    cu_q, cu_k = routing.cu_seqlens_q, routing.cu_seqlens_k
+    _check_cu_seqlens(cu_q, cu_k, q.device, "routing.")
+    B = cu_q.numel() - 1
+    K = routing.topk
+    nbound = num_chunks_bound(total_k, B, routing.chunk_size)
+    expect = {
+        "selection": (total_q, H, K),
+        "offsets": (nbound * H + 1,),
+        "query_rows": (total_q * H * K,),
+        "cu_chunks": (B + 1,),
+    }
+    for name, shape in expect.items():
+        t = getattr(routing, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+            raise TypeError(f"routing.{name} must be an int32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != q.device:
+            raise ValueError(f"routing.{name} must be on the same device as q ({q.device}), got {t.device}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"routing.{name} must have shape {shape} for q {tuple(q.shape)} and k {tuple(k.shape)} "
+                f"(batch {B}, chunk_size {routing.chunk_size}, topk {K}), got {tuple(t.shape)}: was the routing "
+                f"made for these tensors?"
+            )
+    if not (q.device.type == "cpu" or _strict):
+        return
+    _check_cu_values("routing.cu_seqlens_q", cu_q, total_q, "routing.max_seqlen_q", routing.max_seqlen_q)
+    _check_cu_values("routing.cu_seqlens_k", cu_k, total_k, "routing.max_seqlen_k", routing.max_seqlen_k)
+    cu_chunks = chunk_offsets(cu_k, routing.chunk_size)
+    if not torch.equal(routing.cu_chunks, cu_chunks):
+        raise ValueError("routing.cu_chunks must be the chunk offsets of routing.cu_seqlens_k and chunk_size")
+    from .reference import _batch_index, _key_major
+
+    qb = _batch_index(cu_q, total_q)
+    nc = (cu_chunks[1:] - cu_chunks[:-1]).to(torch.int64)[qb].view(total_q, 1, 1)
+    sel = routing.selection.to(torch.int64)
+    if total_q and bool(((sel < -1) | (sel >= nc)).any()):
+        raise ValueError("routing.selection must hold local chunk ids in [-1, chunks of the row's sequence)")
+    offsets, query_rows = _key_major(routing.selection, qb, cu_chunks, nbound)
+    if not (torch.equal(offsets, routing.offsets) and torch.equal(query_rows, routing.query_rows)):
+        raise ValueError("routing.offsets / routing.query_rows must be the key-major index of routing.selection "
+                         "(as moba_cute.route builds it)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,23 +449,42 @@ def _route(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_s
     ):
         from . import ops
 
+        _check_kernel_sizes(q, k, cu_seqlens_q.shape[0] - 1, chunk_size, topk, causal, False, False)
+
         if torch.compiler.is_compiling():
             return ops.routing_from_tensors(*ops.route_op(*args), *args[2:], k.shape[1])
         return ops.route_eager(*args)
     return reference.route(*args)
 
 
-def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend):
+def _needs_grad(q, k, v) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _attention_uses_kernel(q, k, v, chunk_size, topk, causal, batch, backend) -> bool:
+    """Whether the attention runs the CuTe kernels (raising or warning as the backend asks); if
+    so, the sizes are checked here, before the call launches anything (routing included)."""
     mod = _attention_kernel_module()
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = _needs_grad(q, k, v)
 
     def reason(m, arch):
         if needs_grad and not getattr(m, "HAS_BACKWARD", False):
             return "the CuTe MoBA backward is not available yet (inputs require grad)"
-        return m.attention_unsupported_reason(q.dtype, q.shape[-1], routing.chunk_size, routing.topk, arch)
+        return m.attention_unsupported_reason(q.dtype, q.shape[-1], chunk_size, topk, arch)
 
-    config = (q.dtype, q.shape[-1], routing.chunk_size, routing.topk, needs_grad)
-    if _use_kernel("attention", mod, backend, q.device, reason, config):
+    config = (q.dtype, q.shape[-1], chunk_size, topk, needs_grad)
+    use = _use_kernel("attention", mod, backend, q.device, reason, config)
+    if use:
+        _check_kernel_sizes(q, k, batch, chunk_size, topk, causal, True, needs_grad)
+    return use
+
+
+def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend, use_kernel=None):
+    needs_grad = _needs_grad(q, k, v)
+    if use_kernel is None:
+        use_kernel = _attention_uses_kernel(q, k, v, routing.chunk_size, routing.topk, routing.causal,
+                                            routing.cu_seqlens_q.shape[0] - 1, backend)
+    if use_kernel:
         from . import ops
 
         scale = None if softmax_scale is None else float(softmax_scale)
@@ -350,9 +524,7 @@ def attention_with_routing(
         raise ValueError(f"routing was made for {routing.num_kv_heads} KV heads but k has {k.shape[1]}")
     if routing.selection.device != q.device:
         raise ValueError(f"routing must be on the same device as q ({q.device}), got {routing.selection.device}")
-    if routing.cu_seqlens_k.numel() and q.device.type == "cpu":
-        _check_cu_values("routing.cu_seqlens_k", routing.cu_seqlens_k, k.shape[0], "routing.max_seqlen_k",
-                         routing.max_seqlen_k)
+    _check_routing(routing, q, k)
     out, lse = _attend(q, k, v, routing, softmax_scale, deterministic, backend)
     return (out, lse) if return_lse else out
 
@@ -383,9 +555,11 @@ def varlen_attention(
     _check_scalars(chunk_size, topk, causal, softmax_scale, backend, return_lse=return_lse,
                    deterministic=deterministic)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    use_kernel = _attention_uses_kernel(q, k, v, int(chunk_size), int(topk), causal, cu_seqlens_q.shape[0] - 1,
+                                        backend)
     r = _route(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk,
                causal, backend)
-    out, lse = _attend(q, k, v, r, softmax_scale, deterministic, backend)
+    out, lse = _attend(q, k, v, r, softmax_scale, deterministic, backend, use_kernel)
     return (out, lse) if return_lse else out
 
 

@@ -158,6 +158,10 @@ def route(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_si
             r1 = min(sq, r0 + blk)
             qb = q[cq[b] + r0 : cq[b] + r1].to(acc)
             scores = torch.einsum("rhd,chd->rhc", qb, cb)
+            # a NaN score (NaN in q or in a chunk's keys) counts as +inf: it ranks first (ties
+            # with +inf by chunk index, as always), so NaN reaches every row that can see it,
+            # as in dense attention; the kernels rank the same way
+            scores = torch.where(torch.isnan(scores), math.inf, scores)
             pos = torch.arange(r0, r1, device=q.device) + (sk - sq)
             selection[cq[b] + r0 : cq[b] + r1] = _select(scores, pos, nc, chunk_size, topk, causal).to(torch.int32)
     nbound = num_chunks_bound(k.shape[0], batch, chunk_size)
@@ -242,7 +246,8 @@ def _attend_block(qb, kb, vb, sel, pos, sk, chunk_size, group, scale, causal):
             mx = torch.zeros(rows, dtype=qb.dtype, device=dev)
             tot = torch.zeros(rows, dtype=qb.dtype, device=dev)
             acc = torch.zeros(rows, d, dtype=qb.dtype, device=dev)
-        live = tot > 0
+        # NaN totals (a NaN score or value) stay live: the row's output and LSE are NaN
+        live = ~(tot <= 0)
         tot_safe = torch.where(live, tot, torch.ones_like(tot))
         # the where() keeps empty rows (out 0, lse -inf) in the graph with zero gradient
         out_h = torch.where(live.unsqueeze(-1), acc / tot_safe.unsqueeze(-1), _zero_linked(qb[:, h]))
@@ -294,7 +299,7 @@ def attention(q, k, v, routing: Routing, softmax_scale=None, compute_dtype=None)
     if outs:
         out = torch.cat(outs).to(q.dtype)
         lse = torch.cat(lses).to(lse_dtype).t().contiguous()
-    else:
-        out = q.new_zeros(0, heads, d)
+    else:  # no query rows (kept in q's graph, so a backward through it works)
+        out = _zero_linked(q)
         lse = torch.zeros(heads, 0, dtype=lse_dtype, device=q.device)
     return out, lse

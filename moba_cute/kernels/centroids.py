@@ -437,7 +437,10 @@ class CentroidsKernel:
             ocent = cute.make_tensor(cent + ob, cute.make_layout(1))
             ocent[0] = mean
             hi = mean.to(self.dtype)
-            lo = (mean - hi.to(Float32)).to(self.dtype)
+            # (an infinite or NaN mean: hi carries it, lo is 0 rather than inf - inf = NaN, so
+            # the score has the class (+-inf / NaN) of the reference's fp32 dot product)
+            lo_f = mean - hi.to(Float32)
+            lo = Float32(cutlass.select_(lo_f != lo_f, Float32(0.0), lo_f)).to(self.dtype)
             oh = Int64(hk) * Int64(chunk_bound) * Int64(D) + Int64(g) * Int64(D) + Int64(d)
             thi = cute.make_tensor(c_hi + oh, cute.make_layout(1))
             tlo = cute.make_tensor(c_lo + oh, cute.make_layout(1))

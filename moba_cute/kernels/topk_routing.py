@@ -36,6 +36,10 @@ The score matrix never leaves the SM, and the thread writes its row of the selec
 order of :mod:`moba_cute.routing` (causal: own chunk in slot 0, then descending score; ties go
 to the larger chunk index; ``-1`` padding).
 
+NaN scores (NaN in q or in a chunk's keys) are stored as +inf in the score tile, so they rank
+first, as in the reference (``moba_cute/reference.py``) and as NaN would reach those rows in
+dense attention; every selected id still comes from a column below the row's limit.
+
 Ties: candidates arrive in ascending chunk order, so ``v >= threshold`` (and ``>=`` in the
 network) lets the later (larger-index) chunk win; skipping candidates below a lower bound of
 the final L-th best cannot change the result (the result is the top-L by (score, index)).
@@ -432,7 +436,9 @@ class TopkRoutingKernel:
                                 cute.gemm(tiled_mma, acc, tSrQ[None, None, kb], tSrC2[None, None, kb], acc)
                         for i in cutlass.range_constexpr(cute.size(acc)):
                             rc = tScS[i]
-                            sS[(rc[1] + h * MN) * SP + rc[0]] = acc[i]
+                            # a NaN score counts as +inf (ranks first, as in the reference)
+                            sc = acc[i]
+                            sS[(rc[1] + h * MN) * SP + rc[0]] = cutlass.select_(sc != sc, Float32.inf, sc)
                 cute.arch.sync_threads()
                 if cutlass.const_expr(ST == 1):
                     # the centroid buffer is free: fetch tile t+1 while this one is selected
