@@ -1,45 +1,321 @@
-"""Small adversarial forward+backward calls through the CuTe path, to run under compute-sanitizer
-on the GPU machine (routing, per-slot index, attention forward, row-wise and backward kernels):
+"""Sanitizer sweep (issue 13): small adversarial calls through every CuTe kernel family, to run
+under compute-sanitizer on the GPU machine. ``benchmarks/sanitize_all.sh OUT_DIR`` runs it once
+plainly (the kernels compile into the DSL's disk cache outside the sanitized runs) and then
+under memcheck, racecheck, synccheck and initcheck, and writes one summary line per tool to
+``OUT_DIR/summary.txt``. By hand:
 
+    python3 -m benchmarks.sanitize --list            # the cases and what each covers
     compute-sanitizer --tool memcheck --report-api-errors no python3 -m benchmarks.sanitize
-    compute-sanitizer --tool racecheck --report-api-errors no python3 -m benchmarks.sanitize
+    python3 -m benchmarks.sanitize --only tiny       # cases whose name contains "tiny"
 
-Shapes: uneven varlen with a 1-token sequence, Sq != Sk with an empty sequence and empty rows
-(GQA 4:1), non-causal with topk above the chunk count and a chunk size that does not divide
-the lengths, 300 tiny sequences. Run before the sanitizer once without it, so the kernels are
-compiled (the DSL's disk cache) outside the sanitized run.
+What runs: the routing (chunk prep, centroids with and without the fused prep, the top-k in
+each tile flavour that ``configs/routing.py`` can pick: warpgroup MMA at 4 and 3 CTAs per SM,
+register and shared-memory lists, and the mma.sync two-stage tiles forced with
+``route_launch.topk_tile_override``; head dims 96/192/256 as routing-only calls), the key-major
+index (with and without 16-byte selection loads), the per-slot index, the attention forward of
+the device's family and the sm80 slot passes (``MOBA_CUTE_FWD_SM80=1``, one- and two-stage), and
+the backward (prep with and without dLSE, dK/dV, dQ passes, dQ conversion); on empty and
+1-token sequences, Sq > Sk (empty rows), Sq < Sk, chunk sizes that do not divide the lengths,
+topk above the chunk count, GQA 8:1, non-causal, thousands of tiny sequences, fp16 and bf16,
+head dims 64 and 128, NaN inputs, and wrong ``cu_seqlens`` values without strict checks (the
+kernels must clamp, never read or write out of bounds). ``tests/test_sanitize_cases.py``
+checks on the CPU that the case list covers all of that. Each case prints ``ok: NAME (s)``;
+the exit status is 1 if any case raised.
 """
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
 
 import torch
 
-import moba_cute
 
-CASES = [  # lens_q, lens_k, H, Hk, C, K, causal
-    ([1, 17, 113, 300], [1, 17, 113, 300], 4, 4, 64, 4, True),
-    ([50, 0, 70], [90, 5, 40], 4, 1, 32, 3, True),
-    ([40, 200], [40, 200], 2, 2, 48, 9, False),
-    ([3] * 300, [3] * 300, 2, 2, 16, 2, True),
+@dataclass(frozen=True)
+class Case:
+    name: str
+    lens_q: tuple
+    lens_k: tuple
+    H: int = 4
+    Hk: int = 4
+    D: int = 64
+    C: int = 64
+    K: int = 4
+    causal: bool = True
+    dtype: str = "bfloat16"
+    grad: bool = True  # forward + backward (else the forward alone, no kept index)
+    fwd: str = "auto"  # "auto": the device's forward family; "sm80": MOBA_CUTE_FWD_SM80=1
+    stages: int = 0  # sm80 forward stages (MOBA_CUTE_FWD_STAGES), 0: shipped
+    topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
+    route_only: bool = False  # head dims the attention kernels do not serve
+    nan: bool = False  # NaN in one q row and one key
+    # wrong cu_seqlens values (non-strict): replace the offsets built from the lengths, which
+    # still give the tensors' sizes
+    cu_q: tuple = ()
+    cu_k: tuple = ()
+    tags: tuple = field(default=(), compare=False)
+
+
+def _cyc(pattern, n):
+    return tuple(pattern[i % len(pattern)] for i in range(n))
+
+
+ODD = (1, 17, 113, 300)
+WRONG_LENS = (20, 40)  # 60 query and 60 key tokens
+WRONG_CU = {  # name -> (cu_seqlens_q, cu_seqlens_k)
+    "past-total": ((0, 20, 200), (0, 20, 60)),
+    "start-not-0": ((0, 20, 60), (10, 20, 60)),
+    "decreasing": ((0, 50, 30), (0, 20, 60)),
+    "negative": ((0, -20, 60), (0, 20, 60)),
+    "huge": ((0, 2**31 - 1, 60), (0, 2**31 - 1, 2**31 - 1)),
+    "short-total": ((0, 20, 50), (0, 20, 60)),
+    "all-past-end": ((0, 100, 200), (0, 100, 200)),
+}
+
+CASES = [
+    # varlen with a 1-token sequence, chunk sizes that do not divide the lengths
+    Case("odd-bf16-d64", ODD, ODD, 4, 4, 64, 64, 4),
+    Case("odd-fp16-d128-gqa4", ODD, ODD, 8, 2, 128, 48, 5, dtype="float16"),
+    Case("odd-fwd-only", ODD, ODD, 4, 2, 128, 64, 4, grad=False),
+    # Sq < Sk, an empty query sequence with keys, Sq > Sk (empty rows); GQA 8:1
+    Case("sq-ne-sk-gqa8", (50, 0, 70), (90, 5, 40), 8, 1, 64, 32, 3),
+    Case("sq-ne-sk-gqa8-fp16-d128", (50, 0, 70), (90, 5, 40), 16, 2, 128, 16, 4, dtype="float16"),
+    # non-causal, topk above the chunk count
+    Case("noncausal-topk-above", (40, 200), (40, 200), 2, 2, 128, 48, 9, causal=False),
+    Case("noncausal-fp16-gqa8", (100, 7, 64, 0), (30, 129, 64, 9), 16, 2, 64, 16, 5, causal=False,
+         dtype="float16"),
+    # own chunk only (no gather pass)
+    Case("topk1", (100, 33), (100, 33), 4, 2, 64, 32, 1),
+    Case("topk1-noncausal", (100, 33), (120, 1), 4, 2, 128, 32, 1, causal=False, dtype="float16"),
+    # thousands of tiny sequences (separate chunk prep: more than PREP_FUSED_MAX_SEQS)
+    Case("tiny-2000", _cyc((1, 2, 3), 2000), _cyc((1, 2, 3), 2000), 2, 2, 64, 16, 2),
+    Case("tiny-1500-noncausal-fp16", _cyc((0, 1, 3, 2), 1500), _cyc((2, 0, 3, 1), 1500), 4, 1, 128, 16, 3,
+         causal=False, dtype="float16"),
+    # empty batches
+    Case("zero-tokens", (0,), (0,), 4, 2, 64, 16, 3),
+    Case("zero-tokens-many", (0, 0, 0), (0, 0, 0), 4, 2, 128, 16, 3, causal=False, dtype="float16"),
+    Case("no-queries", (0,), (37,), 4, 2, 64, 16, 3),
+    Case("no-keys", (19,), (0,), 4, 2, 64, 16, 3),
+    Case("no-keys-noncausal", (19, 5), (0, 3), 4, 2, 64, 16, 3, causal=False),
+    # top-k flavours (on sm90: warpgroup MMA at 4 CTAs/SM for short lists, 3 above
+    # TOPK_WGMMA_4CTA_MAX_CAP, shared-memory lists above 16; mma.sync two-stage tiles forced)
+    Case("topk-wgmma-3cta", (600, 333), (600, 333), 4, 2, 128, 32, 16),
+    Case("topk-smem-list64", (700, 64), (700, 64), 2, 2, 64, 16, 40, dtype="float16"),
+    Case("topk-smem-list32-noncausal", (300,), (300,), 2, 1, 128, 16, 20, causal=False),
+    Case("topk-mma-128x32", (257, 31), (257, 31), 4, 4, 64, 32, 8, topk_tile=(128, 32, 2, 32, 0, 0)),
+    Case("topk-mma-64x16-fp16", (129, 500), (129, 500), 4, 1, 128, 16, 6, dtype="float16",
+         topk_tile=(64, 16, 2, 16, 0, 0)),
+    Case("topk-mma-128x16-smem-list", (200, 90), (200, 90), 2, 2, 64, 16, 24, causal=False,
+         topk_tile=(128, 16, 2, 16, 0, 0)),
+    # routing-only head dims (mma.sync top-k; 192/256: query fragments not kept in registers)
+    Case("route-d96", (300, 1, 77), (300, 1, 77), 4, 2, 96, 32, 8, route_only=True),
+    Case("route-d192", (300, 1, 77), (300, 1, 77), 4, 2, 192, 32, 8, route_only=True, dtype="float16"),
+    Case("route-d256-noncausal", (90, 200), (150, 200), 4, 4, 256, 16, 32, causal=False, route_only=True),
+    # the sm80 forward slot passes (on Hopper too), one- and two-stage
+    Case("sm80fwd-odd", ODD, ODD, 4, 4, 64, 64, 4, fwd="sm80"),
+    Case("sm80fwd-sq-ne-sk-gqa8", (50, 0, 70), (90, 5, 40), 8, 1, 128, 32, 3, fwd="sm80", dtype="float16"),
+    Case("sm80fwd-noncausal", (40, 200), (40, 200), 2, 2, 128, 48, 9, causal=False, fwd="sm80"),
+    Case("sm80fwd-2stage", ODD, ODD, 4, 2, 64, 16, 4, fwd="sm80", stages=2, dtype="float16"),
+    Case("sm80fwd-tiny", _cyc((1, 2, 3), 1200), _cyc((1, 2, 3), 1200), 2, 2, 128, 16, 2, fwd="sm80"),
+    # NaN in q and k
+    Case("nan-inputs", (130, 70), (130, 70), 4, 2, 64, 16, 3, nan=True),
+    Case("nan-inputs-sm80fwd", (130, 70), (130, 70), 4, 2, 128, 16, 3, nan=True, fwd="sm80", causal=False),
+] + [
+    # wrong cu_seqlens values without strict checks: meaningless results, never out of bounds
+    Case(f"wrong-cu-{n}", WRONG_LENS, WRONG_LENS, 4, 2, 64, 16, 3, cu_q=cq, cu_k=ck)
+    for n, (cq, ck) in WRONG_CU.items()
+] + [
+    Case(f"wrong-cu-{n}-sm80fwd-noncausal", WRONG_LENS, WRONG_LENS, 4, 2, 128, 16, 3, causal=False, fwd="sm80",
+         dtype="float16", cu_q=cq, cu_k=ck)
+    for n, (cq, ck) in WRONG_CU.items()
 ]
 
 
+# --------------------------------------------------------------------------------------------
+# what a case covers (computed from its parameters; tests/test_sanitize_cases.py checks the union)
+
+
+def _nchunks(n, C):
+    return (n + C - 1) // C
+
+
+def topk_flavour(case: Case, fam: str = "sm90") -> str:
+    """The top-k tile family the routing of ``case`` gets on ``fam`` (configs/routing.py)."""
+    from moba_cute.configs import routing as cfg
+
+    llen = max(1, case.K - 1 if case.causal else case.K)
+    cap = cfg.list_cap(llen)
+    saved = cfg._TILE_OVERRIDE
+    try:
+        cfg._TILE_OVERRIDE = tuple(case.topk_tile)
+        bm, bn, st, mn, ctas, wg = cfg.topk_tile(fam, case.D, cap, case.causal)
+    finally:
+        cfg._TILE_OVERRIDE = saved
+    lists = "reglist" if cap <= 16 else "smemlist"
+    if wg:
+        return f"wgmma-{ctas or 3}cta-{lists}"
+    return f"mma-{bm}x{bn}-{st}stage-{lists}"
+
+
+def covers(case: Case, fam: str = "sm90") -> set:
+    """Properties of a case, computed from its parameters."""
+    from moba_cute.configs import routing as rcfg
+
+    t = set()
+    lq, lk = case.lens_q, case.lens_k
+    t.add(case.dtype)
+    t.add(f"D{case.D}")
+    t.add("causal" if case.causal else "noncausal")
+    if case.cu_q:
+        kind = next(n for n, v in WRONG_CU.items() if v == (case.cu_q, case.cu_k))
+        t.add(f"wrong-cu:{kind}")
+        t.add("fwd-sm80" if case.fwd == "sm80" else "fwd-device")
+        return t | {"grad"} if case.grad else t
+    if 0 in lq or 0 in lk:
+        t.add("empty-seq")
+    if 1 in lq or 1 in lk:
+        t.add("1-token")
+    if sum(lq) == 0:
+        t.add("zero-total-q")
+    if sum(lk) == 0:
+        t.add("zero-total-k")
+    if any(a > b for a, b in zip(lq, lk)):
+        t.add("sq>sk")
+    if any(a < b for a, b in zip(lq, lk)):
+        t.add("sq<sk")
+    if any(n % case.C for n in lk if n):
+        t.add("chunk-not-dividing")
+    if case.K > max([_nchunks(n, case.C) for n in lk] + [0]):
+        t.add("topk>chunks")
+    if case.H // case.Hk == 8:
+        t.add("gqa8")
+    if len(lq) >= 1000:
+        t.add("thousands-of-seqs")
+    if case.nan:
+        t.add("nan")
+    t.add("centroids-fused-prep" if len(lk) <= rcfg.PREP_FUSED_MAX_SEQS else "centroids-separate-prep")
+    t.add(f"topk:{topk_flavour(case, fam)}")
+    t.add("kmindex-vec16" if case.K % 4 == 0 else "kmindex-scalar")
+    if case.route_only:
+        t.add("route-only")
+        return t
+    t.add("fwd-sm80" if case.fwd == "sm80" else "fwd-device")
+    if case.fwd == "sm80" and case.stages == 2:
+        t.add("fwd-sm80-2stage")
+    if case.K == 1:
+        t.add("own-chunk-only")
+    t.add("grad" if case.grad else "fwd-only")
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
 def _cu(lens, dev):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=dev)
 
 
-def main():
+def build(case: Case, device="cuda", seed=0):
+    """(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) of a case."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = getattr(torch, case.dtype)
+    tq, tk = sum(case.lens_q), sum(case.lens_k)
+    q = torch.randn(tq, case.H, case.D, generator=g).to(device=device, dtype=dt)
+    k = torch.randn(tk, case.Hk, case.D, generator=g).to(device=device, dtype=dt)
+    v = torch.randn(tk, case.Hk, case.D, generator=g).to(device=device, dtype=dt)
+    if case.nan:
+        q[tq // 2, 0, 1] = float("nan")
+        k[tk // 3, 0, 2] = float("nan")
+    if case.cu_q:
+        cq = torch.tensor(case.cu_q, dtype=torch.int32, device=device)
+        ck = torch.tensor(case.cu_k, dtype=torch.int32, device=device)
+    else:
+        cq, ck = _cu(case.lens_q, device), _cu(case.lens_k, device)
+    return q, k, v, cq, ck, max(case.lens_q + (0,)), max(case.lens_k + (0,))
+
+
+@contextlib.contextmanager
+def _env(case: Case):
+    """The forward family / stages and top-k tile a case asks for (launch plans re-planned)."""
+    from moba_cute.kernels import attention_launch, route_launch
+
+    saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES")}
+    os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
+    if case.stages:
+        os.environ["MOBA_CUTE_FWD_STAGES"] = str(case.stages)
+    else:
+        os.environ.pop("MOBA_CUTE_FWD_STAGES", None)
+    attention_launch.FWD_PLANS.clear()
+    attention_launch.BWD_PLANS.clear()
+    tile = route_launch.topk_tile_override(case.topk_tile) if case.topk_tile else contextlib.nullcontext()
+    try:
+        with tile:
+            yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+        attention_launch.FWD_PLANS.clear()
+        attention_launch.BWD_PLANS.clear()
+
+
+def run_case(case: Case, device="cuda", backend="cute"):
+    import moba_cute
+
+    q, k, v, cq, ck, mq, mk = build(case, device)
+    with _env(case):
+        if case.route_only:
+            moba_cute.route(q, k, cq, ck, mq, mk, case.C, case.K, case.causal, backend=backend)
+        else:
+            if case.grad:
+                for t in (q, k, v):
+                    t.requires_grad_(True)
+            o, lse = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, case.C, case.K, case.causal,
+                                                return_lse=True, backend=backend)
+            if case.grad:
+                w = torch.linspace(-1, 1, o.shape[-1], device=o.device)
+                loss = (o.float() * w).nan_to_num().sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum()
+                loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="print the cases and what each covers")
+    ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    args = ap.parse_args(argv)
+    cases = [c for c in CASES if args.only in c.name]
+    if args.list:
+        for c in cases:
+            print(f"{c.name}: {' '.join(sorted(covers(c)))}")
+        return 0
     torch.manual_seed(0)
-    dev = "cuda"
-    for lq, lk, H, Hk, C, K, causal in CASES:
-        cq, ck = _cu(lq, dev), _cu(lk, dev)
-        q = torch.randn(sum(lq), H, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(sum(lk), Hk, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(sum(lk), Hk, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        o, lse = moba_cute.varlen_attention(q, k, v, cq, ck, max(lq), max(lk), C, K, causal, return_lse=True,
-                                            backend="cute")
-        (o.float().sum() + lse[torch.isfinite(lse)].sum()).backward()
-        torch.cuda.synchronize()
-        print(f"ok: lens_q={lq[:4]} lens_k={lk[:4]} H={H} Hk={Hk} C={C} K={K} causal={causal}", flush=True)
+    failed = 0
+    t_all = time.perf_counter()
+    for c in cases:
+        t0 = time.perf_counter()
+        try:
+            run_case(c)
+        except Exception as e:  # noqa: BLE001 (report every case; the exit status says it failed)
+            failed += 1
+            print(f"FAILED: {c.name}: {type(e).__name__}: {e}", flush=True)
+            continue
+        print(f"ok: {c.name} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(f"sanitize: {len(cases) - failed}/{len(cases)} cases ok in {time.perf_counter() - t_all:.1f} s",
+          flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

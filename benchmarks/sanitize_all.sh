@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The sanitizer sweep in one GPU command (issue 13; docs/reliability.md):
+#
+#   benchmarks/sanitize_all.sh OUT_DIR [arguments for benchmarks.sanitize, e.g. --only tiny]
+#
+# Runs `python3 -m benchmarks.sanitize` once without a sanitizer (every kernel compiles into the
+# DSL's disk cache, outside the sanitized runs), then under compute-sanitizer's memcheck,
+# racecheck, synccheck and initcheck (--report-api-errors no). Each run's output goes to
+# OUT_DIR/<tool>.log; OUT_DIR/summary.txt gets one line per run: exit status, the sanitizer's
+# own summary line, cases ok, seconds. The PyTorch caching allocator is off
+# (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so every tensor is its own allocation and an access past
+# its end is caught. Exit status: 0 when every run exited 0 with a zero error/hazard count.
+#
+# Environment: PYTHON (default python3), COMPUTE_SANITIZER (default: on PATH, else
+# /usr/local/cuda/bin/compute-sanitizer), SANITIZE_TIMEOUT (seconds per sanitized run, default 300),
+# SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck").
+set -u
+out=${1:?usage: benchmarks/sanitize_all.sh OUT_DIR [benchmarks.sanitize arguments]}
+shift
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+PY=${PYTHON:-python3}
+CS=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+TIMEOUT=${SANITIZE_TIMEOUT:-300}
+TOOLS=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+summary="$out/summary.txt"
+: > "$summary"
+status=0
+
+cases_ok() {  # "N/M cases ok" from a log
+  local line
+  line=$(grep -E '^sanitize: ' "$1" | tail -1)
+  if [ -n "$line" ]; then echo "${line#sanitize: }"; else echo "no case summary (killed or crashed)"; fi
+}
+
+{
+  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + local changes')"
+  echo "device $($PY -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null || echo unknown)"
+  echo "compute-sanitizer $("$CS" --version 2>/dev/null | grep -Eo 'Version [^ ]+' | head -1)"
+} >> "$summary"
+
+t0=$(date +%s)
+$PY -m benchmarks.sanitize "$@" > "$out/plain.log" 2>&1
+rc=$?
+echo "plain: exit $rc, $(cases_ok "$out/plain.log"), $(( $(date +%s) - t0 )) s" >> "$summary"
+[ "$rc" -eq 0 ] || status=1
+
+for tool in $TOOLS; do
+  t0=$(date +%s)
+  timeout "$TIMEOUT" "$CS" --tool "$tool" --report-api-errors no $PY -m benchmarks.sanitize "$@" \
+    > "$out/$tool.log" 2>&1
+  rc=$?
+  # memcheck/synccheck/initcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: N hazards
+  # displayed (E errors, W warnings)"
+  found=$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/$tool.log" | tail -1)
+  [ -n "$found" ] || found="no sanitizer summary"
+  note=""
+  [ "$rc" -eq 124 ] && note=" (timed out after ${TIMEOUT} s)"
+  echo "$tool: exit $rc$note, $found, $(cases_ok "$out/$tool.log"), $(( $(date +%s) - t0 )) s" >> "$summary"
+  if [ "$rc" -ne 0 ] || ! echo "$found" | grep -Eq 'SUMMARY: 0 (errors|hazards)'; then
+    status=1
+  fi
+done
+cat "$summary"
+exit $status
