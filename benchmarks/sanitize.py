@@ -269,20 +269,22 @@ def _env(case: Case):
         attention_launch.BWD_PLANS.clear()
 
 
-def run_case(case: Case, device="cuda", backend="cute"):
+def run_case(case: Case, device="cuda", backend="cute", grad=None):
+    """One case through the public API (``grad``: override the case's forward+backward)."""
     import moba_cute
 
+    grad = case.grad if grad is None else grad
     q, k, v, cq, ck, mq, mk = build(case, device)
     with _env(case):
         if case.route_only:
             moba_cute.route(q, k, cq, ck, mq, mk, case.C, case.K, case.causal, backend=backend)
         else:
-            if case.grad:
+            if grad:
                 for t in (q, k, v):
                     t.requires_grad_(True)
             o, lse = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, case.C, case.K, case.causal,
                                                 return_lse=True, backend=backend)
-            if case.grad:
+            if grad:
                 w = torch.linspace(-1, 1, o.shape[-1], device=o.device)
                 loss = (o.float() * w).nan_to_num().sum() + lse.nan_to_num(0.0, 0.0, 0.0).sum()
                 loss.backward()
