@@ -26,8 +26,10 @@ def _run(q, k, v, cq, ck, C, K, causal=True, backend="reference", grad=False):
     o, lse = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, C, K, causal, return_lse=True, backend=backend)
     if not grad:
         return o, lse, None
-    (o.float() * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum().backward()
-    return o, lse, (q.grad, k.grad, v.grad)
+    if o.requires_grad:
+        (o.float() * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum().backward()
+    # (an input no output depends on gets no gradient, as anywhere in autograd: None = zeros)
+    return o, lse, tuple(torch.zeros_like(t) if t.grad is None else t.grad for t in (q, k, v))
 
 
 def _positions(cq, ck):
@@ -228,8 +230,6 @@ def test_zero_tokens_give_empty_or_empty_row_results(lens, causal):
     q, k, v, cq, ck = make_batch(lq, lk, 4, 2, 16, dtype=torch.float32, seed=1)
     o, lse, g = _run(q, k, v, cq, ck, 16, 3, causal, grad=True)
     assert o.shape == q.shape and lse.shape == (4, q.shape[0])
-    # (an input no output depends on gets no gradient, as anywhere in autograd: None = zeros)
-    g = [torch.zeros_like(t) if gt is None else gt for t, gt in zip((q, k, v), g)]
     assert [t.shape for t in g] == [q.shape, k.shape, v.shape]
     # rows without any key: out 0, lse -inf, zero gradients
     _, seq = _positions(cq, ck)
@@ -432,9 +432,10 @@ def test_gpu_nan_in_q_and_k_matches_the_reference(dtype, D, causal):
         r = moba_cute.route(q, k, cq, ck, 100, 100, 16, 3, causal, backend="cute")
         rr = reference.route(q, k, cq, ck, 100, 100, 16, 3, causal)
         _check_selection_in_bounds(r, cq, ck, 16)
-        nan_rows = (slice(None), slice(0, 2)) if where == "k" else (77, 0)
-        assert torch.equal(r.selection[40:140][nan_rows[0], nan_rows[1]] if where == "k" else r.selection[77, 0],
-                           rr.selection[40:140][nan_rows[0], nan_rows[1]] if where == "k" else rr.selection[77, 0])
+        if where == "q":  # all scores +inf: the whole row is decided by the tie rule
+            assert torch.equal(r.selection[77, 0], rr.selection[77, 0])
+        else:  # the NaN chunk (2) is picked by the same rows (heads 0, 1 of the middle sequence)
+            assert torch.equal((r.selection[40:140, :2] == 2).any(-1), (rr.selection[40:140, :2] == 2).any(-1))
         o, lse = moba_cute.attention_with_routing(q, k, v, rr, return_lse=True, backend="cute")
         o_ref, lse_ref = reference.attention(q, k, v, rr)
         assert torch.equal(torch.isnan(o), torch.isnan(o_ref)), where
