@@ -20,7 +20,8 @@ topk above the chunk count, GQA 8:1, non-causal, thousands of tiny sequences, fp
 head dims 64 and 128, NaN inputs, and wrong ``cu_seqlens`` values without strict checks (the
 kernels must clamp, never read or write out of bounds). ``tests/test_sanitize_cases.py``
 checks on the CPU that the case list covers all of that. Each case prints ``ok: NAME (s)``;
-the exit status is 1 if any case raised.
+the exit status is 1 if any case raised. ``--shard K/N`` runs every N-th case (the driver's
+warm-up compiles in parallel processes; the DSL's disk cache is shared and written atomically).
 """
 
 from __future__ import annotations
@@ -76,61 +77,65 @@ WRONG_CU = {  # name -> (cu_seqlens_q, cu_seqlens_k)
     "all-past-end": ((0, 100, 200), (0, 100, 200)),
 }
 
+# Attention cases use four (dtype, head dim, mode) combinations, so that the warm-up run compiles
+# few kernel sets: A = bf16, D 64, causal (topk 4); B = fp16, D 128, non-causal (topk 3);
+# C = bf16, D 128, causal; N = fp16, D 64, non-causal.
+A = dict(D=64, dtype="bfloat16", causal=True)
+B = dict(D=128, dtype="float16", causal=False)
+Cc = dict(D=128, dtype="bfloat16", causal=True)
+N = dict(D=64, dtype="float16", causal=False)
+
 CASES = [
     # varlen with a 1-token sequence, chunk sizes that do not divide the lengths
-    Case("odd-bf16-d64", ODD, ODD, 4, 4, 64, 64, 4),
-    Case("odd-fp16-d128-gqa4", ODD, ODD, 8, 2, 128, 48, 5, dtype="float16"),
-    Case("odd-fwd-only", ODD, ODD, 4, 2, 128, 64, 4, grad=False),
+    Case("odd", ODD, ODD, 4, 4, C=64, K=4, **A),
+    Case("odd-gqa4-fwd-only", ODD, ODD, 8, 2, C=48, K=4, grad=False, **Cc),
     # Sq < Sk, an empty query sequence with keys, Sq > Sk (empty rows); GQA 8:1
-    Case("sq-ne-sk-gqa8", (50, 0, 70), (90, 5, 40), 8, 1, 64, 32, 3),
-    Case("sq-ne-sk-gqa8-fp16-d128", (50, 0, 70), (90, 5, 40), 16, 2, 128, 16, 4, dtype="float16"),
+    Case("sq-ne-sk-gqa8", (50, 0, 70), (90, 5, 40), 8, 1, C=32, K=4, **A),
+    Case("sq-ne-sk-gqa8-noncausal", (50, 0, 70), (90, 5, 40), 16, 2, C=16, K=3, **B),
     # non-causal, topk above the chunk count
-    Case("noncausal-topk-above", (40, 200), (40, 200), 2, 2, 128, 48, 9, causal=False),
-    Case("noncausal-fp16-gqa8", (100, 7, 64, 0), (30, 129, 64, 9), 16, 2, 64, 16, 5, causal=False,
-         dtype="float16"),
-    # own chunk only (no gather pass)
-    Case("topk1", (100, 33), (100, 33), 4, 2, 64, 32, 1),
-    Case("topk1-noncausal", (100, 33), (120, 1), 4, 2, 128, 32, 1, causal=False, dtype="float16"),
+    Case("noncausal-topk-above", (40, 90), (40, 90), 2, 2, C=48, K=3, **B),
+    Case("noncausal-gqa8", (100, 7, 64, 0), (30, 129, 64, 9), 16, 2, C=16, K=3, **N),
+    # own chunk only (no gather pass; non-causal: one slot)
+    Case("topk1", (100, 33), (100, 33), 4, 2, C=32, K=1, **A),
+    Case("topk1-noncausal", (100, 33), (120, 1), 4, 2, C=32, K=1, **B),
     # thousands of tiny sequences (separate chunk prep: more than PREP_FUSED_MAX_SEQS)
-    Case("tiny-2000", _cyc((1, 2, 3), 2000), _cyc((1, 2, 3), 2000), 2, 2, 64, 16, 2),
-    Case("tiny-1500-noncausal-fp16", _cyc((0, 1, 3, 2), 1500), _cyc((2, 0, 3, 1), 1500), 4, 1, 128, 16, 3,
-         causal=False, dtype="float16"),
+    Case("tiny-2000", _cyc((1, 2, 3), 2000), _cyc((1, 2, 3), 2000), 2, 2, C=16, K=2, **A),
+    Case("tiny-1500-noncausal", _cyc((0, 1, 3, 2), 1500), _cyc((2, 0, 3, 1), 1500), 4, 1, C=16, K=3, **B),
     # empty batches
-    Case("zero-tokens", (0,), (0,), 4, 2, 64, 16, 3),
-    Case("zero-tokens-many", (0, 0, 0), (0, 0, 0), 4, 2, 128, 16, 3, causal=False, dtype="float16"),
-    Case("no-queries", (0,), (37,), 4, 2, 64, 16, 3),
-    Case("no-keys", (19,), (0,), 4, 2, 64, 16, 3),
-    Case("no-keys-noncausal", (19, 5), (0, 3), 4, 2, 64, 16, 3, causal=False),
+    Case("zero-tokens", (0,), (0,), 4, 2, C=16, K=4, **A),
+    Case("zero-tokens-many", (0, 0, 0), (0, 0, 0), 4, 2, C=16, K=3, **B),
+    Case("no-queries", (0,), (37,), 4, 2, C=16, K=4, **A),
+    Case("no-keys", (19,), (0,), 4, 2, C=16, K=4, **A),
+    Case("no-keys-noncausal", (19, 5), (0, 3), 4, 2, C=16, K=3, **B),
     # top-k flavours (on sm90: warpgroup MMA at 4 CTAs/SM for short lists, 3 above
     # TOPK_WGMMA_4CTA_MAX_CAP, shared-memory lists above 16; mma.sync two-stage tiles forced)
-    Case("topk-wgmma-3cta", (600, 333), (600, 333), 4, 2, 128, 32, 16),
-    Case("topk-smem-list64", (700, 64), (700, 64), 2, 2, 64, 16, 40, dtype="float16"),
-    Case("topk-smem-list32-noncausal", (300,), (300,), 2, 1, 128, 16, 20, causal=False),
-    Case("topk-mma-128x32", (257, 31), (257, 31), 4, 4, 64, 32, 8, topk_tile=(128, 32, 2, 32, 0, 0)),
-    Case("topk-mma-64x16-fp16", (129, 500), (129, 500), 4, 1, 128, 16, 6, dtype="float16",
-         topk_tile=(64, 16, 2, 16, 0, 0)),
-    Case("topk-mma-128x16-smem-list", (200, 90), (200, 90), 2, 2, 64, 16, 24, causal=False,
-         topk_tile=(128, 16, 2, 16, 0, 0)),
+    Case("topk-wgmma-3cta", (600, 333), (600, 333), 4, 2, C=32, K=16, **Cc),
+    Case("topk-smem-list64", (700, 64), (700, 64), 2, 2, C=16, K=40, **A),
+    Case("topk-smem-list32-noncausal", (300,), (300,), 2, 1, C=16, K=20, **B),
+    Case("topk-mma-128x32", (257, 31), (257, 31), 4, 4, C=32, K=8, topk_tile=(128, 32, 2, 32, 0, 0), **A),
+    Case("topk-mma-64x16", (129, 500), (129, 500), 4, 1, C=16, K=6, topk_tile=(64, 16, 2, 16, 0, 0), **Cc),
+    Case("topk-mma-128x16-smem-list", (200, 90), (200, 90), 2, 2, C=16, K=24, topk_tile=(128, 16, 2, 16, 0, 0),
+         **N),
     # routing-only head dims (mma.sync top-k; 192/256: query fragments not kept in registers)
-    Case("route-d96", (300, 1, 77), (300, 1, 77), 4, 2, 96, 32, 8, route_only=True),
-    Case("route-d192", (300, 1, 77), (300, 1, 77), 4, 2, 192, 32, 8, route_only=True, dtype="float16"),
+    Case("route-d96", (300, 1, 77), (300, 1, 77), 4, 2, 96, 32, 4, route_only=True),
+    Case("route-d192", (300, 1, 77), (300, 1, 77), 4, 2, 192, 32, 4, route_only=True),
     Case("route-d256-noncausal", (90, 200), (150, 200), 4, 4, 256, 16, 32, causal=False, route_only=True),
     # the sm80 forward slot passes (on Hopper too), one- and two-stage
-    Case("sm80fwd-odd", ODD, ODD, 4, 4, 64, 64, 4, fwd="sm80"),
-    Case("sm80fwd-sq-ne-sk-gqa8", (50, 0, 70), (90, 5, 40), 8, 1, 128, 32, 3, fwd="sm80", dtype="float16"),
-    Case("sm80fwd-noncausal", (40, 200), (40, 200), 2, 2, 128, 48, 9, causal=False, fwd="sm80"),
-    Case("sm80fwd-2stage", ODD, ODD, 4, 2, 64, 16, 4, fwd="sm80", stages=2, dtype="float16"),
-    Case("sm80fwd-tiny", _cyc((1, 2, 3), 1200), _cyc((1, 2, 3), 1200), 2, 2, 128, 16, 2, fwd="sm80"),
+    Case("sm80fwd-odd", ODD, ODD, 4, 4, C=64, K=4, fwd="sm80", **A),
+    Case("sm80fwd-sq-ne-sk-gqa8", (50, 0, 70), (90, 5, 40), 8, 1, C=32, K=4, fwd="sm80", **A),
+    Case("sm80fwd-noncausal-topk-above", (40, 90), (40, 90), 2, 2, C=48, K=3, fwd="sm80", **B),
+    Case("sm80fwd-2stage", ODD, ODD, 4, 2, C=16, K=4, fwd="sm80", stages=2, **A),
+    Case("sm80fwd-tiny", _cyc((1, 2, 3), 1200), _cyc((1, 2, 3), 1200), 2, 2, C=16, K=4, fwd="sm80", **Cc),
     # NaN in q and k
-    Case("nan-inputs", (130, 70), (130, 70), 4, 2, 64, 16, 3, nan=True),
-    Case("nan-inputs-sm80fwd", (130, 70), (130, 70), 4, 2, 128, 16, 3, nan=True, fwd="sm80", causal=False),
+    Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
+    Case("nan-inputs-sm80fwd", (130, 70), (130, 70), 4, 2, C=16, K=3, nan=True, fwd="sm80", **B),
 ] + [
     # wrong cu_seqlens values without strict checks: meaningless results, never out of bounds
-    Case(f"wrong-cu-{n}", WRONG_LENS, WRONG_LENS, 4, 2, 64, 16, 3, cu_q=cq, cu_k=ck)
+    Case(f"wrong-cu-{n}", WRONG_LENS, WRONG_LENS, 4, 2, C=16, K=4, cu_q=cq, cu_k=ck, **A)
     for n, (cq, ck) in WRONG_CU.items()
 ] + [
-    Case(f"wrong-cu-{n}-sm80fwd-noncausal", WRONG_LENS, WRONG_LENS, 4, 2, 128, 16, 3, causal=False, fwd="sm80",
-         dtype="float16", cu_q=cq, cu_k=ck)
+    Case(f"wrong-cu-{n}-sm80fwd-noncausal", WRONG_LENS, WRONG_LENS, 4, 2, C=16, K=3, fwd="sm80", cu_q=cq, cu_k=ck,
+         **B)
     for n, (cq, ck) in WRONG_CU.items()
 ]
 
@@ -296,8 +301,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--list", action="store_true", help="print the cases and what each covers")
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
+    ap.add_argument("--shard", default="0/1", help="K/N: run every N-th case from the K-th (parallel warm-up)")
     args = ap.parse_args(argv)
-    cases = [c for c in CASES if args.only in c.name]
+    k, n = (int(x) for x in args.shard.split("/"))
+    cases = [c for i, c in enumerate(c for c in CASES if args.only in c.name) if i % n == k]
     if args.list:
         for c in cases:
             print(f"{c.name}: {' '.join(sorted(covers(c)))}")

@@ -3,17 +3,18 @@
 #
 #   benchmarks/sanitize_all.sh OUT_DIR [arguments for benchmarks.sanitize, e.g. --only tiny]
 #
-# Runs `python3 -m benchmarks.sanitize` once without a sanitizer (every kernel compiles into the
-# DSL's disk cache, outside the sanitized runs), then under compute-sanitizer's memcheck,
-# racecheck, synccheck and initcheck (--report-api-errors no). Each run's output goes to
-# OUT_DIR/<tool>.log; OUT_DIR/summary.txt gets one line per run: exit status, the sanitizer's
-# own summary line, cases ok, seconds. The PyTorch caching allocator is off
-# (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so every tensor is its own allocation and an access past
-# its end is caught. Exit status: 0 when every run exited 0 with a zero error/hazard count.
+# Runs `python3 -m benchmarks.sanitize` once without a sanitizer, in parallel shards (every
+# kernel compiles into the DSL's disk cache, outside the sanitized runs), then under
+# compute-sanitizer's memcheck, racecheck, synccheck and initcheck (--report-api-errors no).
+# Each run's output goes to OUT_DIR/<tool>.log (plain run: OUT_DIR/plain-<shard>.log);
+# OUT_DIR/summary.txt gets one line per run: exit status, the sanitizer's own summary line,
+# cases ok, seconds. The PyTorch caching allocator is off (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so
+# every tensor is its own allocation and an access past its end is caught. Exit status: 0 when every run exited 0 with a zero error/hazard count.
 #
 # Environment: PYTHON (default python3), COMPUTE_SANITIZER (default: on PATH, else
 # /usr/local/cuda/bin/compute-sanitizer), SANITIZE_TIMEOUT (seconds per sanitized run, default 300),
-# SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck").
+# SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_WARMUP_JOBS (parallel
+# processes of the plain run, default min(8, cores)).
 set -u
 out=${1:?usage: benchmarks/sanitize_all.sh OUT_DIR [benchmarks.sanitize arguments]}
 shift
@@ -23,6 +24,7 @@ PY=${PYTHON:-python3}
 CS=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 TIMEOUT=${SANITIZE_TIMEOUT:-300}
 TOOLS=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
+JOBS=${SANITIZE_WARMUP_JOBS:-$(( $(nproc) < 8 ? $(nproc) : 8 ))}
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 summary="$out/summary.txt"
 : > "$summary"
@@ -40,11 +42,23 @@ cases_ok() {  # "N/M cases ok" from a log
   echo "compute-sanitizer $("$CS" --version 2>/dev/null | grep -Eo 'Version [^ ]+' | head -1)"
 } >> "$summary"
 
+# plain run in JOBS parallel shards: compiles every kernel (~100) into the disk cache
 t0=$(date +%s)
-$PY -m benchmarks.sanitize "$@" > "$out/plain.log" 2>&1
-rc=$?
-echo "plain: exit $rc, $(cases_ok "$out/plain.log"), $(( $(date +%s) - t0 )) s" >> "$summary"
-[ "$rc" -eq 0 ] || status=1
+pids=()
+for ((i = 0; i < JOBS; i++)); do
+  $PY -m benchmarks.sanitize --shard "$i/$JOBS" "$@" > "$out/plain-$i.log" 2>&1 &
+  pids+=($!)
+done
+rcs=""
+for ((i = 0; i < JOBS; i++)); do
+  wait "${pids[$i]}"
+  rc=$?
+  rcs="$rcs $rc"
+  [ "$rc" -eq 0 ] || status=1
+done
+ok=$(cat "$out"/plain-*.log | grep -c '^ok: ')
+bad=$(cat "$out"/plain-*.log | grep -c '^FAILED: ')
+echo "plain ($JOBS shards): exit$rcs, $ok ok, $bad failed, $(( $(date +%s) - t0 )) s" >> "$summary"
 
 for tool in $TOOLS; do
   t0=$(date +%s)
