@@ -73,7 +73,7 @@ class MergeKernel:
                     cute.autovec_copy(cute.make_tensor(src.align(VEC * 2), cute.make_layout(VEC)), x)
                     acc.store(acc.load() + wj * x.load().to(Float32))
                 inv = Float32(0.0)
-                if wsum > Float32(0.0):
+                if (wsum > Float32(0.0)) | (wsum != wsum):  # NaN propagates
                     inv = cute.arch.rcp_approx(wsum)
                 y = cute.make_rmem_tensor(cute.make_layout(VEC), self.dtype)
                 y.store((acc.load() * inv).to(self.dtype))
@@ -81,7 +81,7 @@ class MergeKernel:
                 cute.autovec_copy(y, cute.make_tensor(dst.align(VEC * 2), cute.make_layout(VEC)))
                 if lane == 0:
                     val = -Float32.inf
-                    if wsum > Float32(0.0):
+                    if (wsum > Float32(0.0)) | (wsum != wsum):  # NaN propagates
                         val = (M_use + cute.math.log2(wsum, fastmath=False)) * LN2
                     i = w // H
                     _t(lse)[Int64(w - i * H) * Int64(total_q) + Int64(i)] = val

@@ -478,7 +478,7 @@ class MobaFwdSm80:
                     l = row_sum[r]
                     if last:
                         inv = Float32(0.0)
-                        if l > Float32(0.0):
+                        if (l > Float32(0.0)) | (l != l):  # NaN propagates
                             inv = cute.arch.rcp_approx(l)
                         obase = out + ridx * Int64(D)
                         for c in cutlass.range_constexpr(NCO // 2):
@@ -492,7 +492,7 @@ class MobaFwdSm80:
                             cute.autovec_copy(po, odst)
                         if lane % 4 == 0:
                             val = -Float32.inf
-                            if l > Float32(0.0):
+                            if (l > Float32(0.0)) | (l != l):  # NaN propagates
                                 val = (row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)) * LN2
                             tl[Int64(h) * Int64(total_q) + Int64(grow)] = val
                     else:
@@ -522,7 +522,7 @@ class MobaFwdSm80:
         tpl = _flat(part_lse)
         pbase = Int64(ridx) * Int64(KP)
         L_own = -Float32.inf
-        if l_own > Float32(0.0):
+        if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
             L_own = m_own * scale_log2 + cute.math.log2(l_own, fastmath=False)
         M = L_own
         for j in cutlass.range(npart, unroll=1):
@@ -531,11 +531,11 @@ class MobaFwdSm80:
         if M == -Float32.inf:
             M_use = Float32(0.0)
         w_own = Float32(0.0)
-        if l_own > Float32(0.0):
+        if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
             w_own = cute.math.exp2(L_own - M_use, fastmath=True)
         wsum = w_own
         own_scale = Float32(0.0)
-        if l_own > Float32(0.0):
+        if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
             own_scale = w_own / l_own
         for c in cutlass.range_constexpr(NCO):
             acc_O_mn[r, c] = acc_O_mn[r, c] * own_scale
@@ -551,7 +551,7 @@ class MobaFwdSm80:
                 acc_O_mn[r, (0, c)] = acc_O_mn[r, (0, c)] + w * pf[0]
                 acc_O_mn[r, (1, c)] = acc_O_mn[r, (1, c)] + w * pf[1]
         inv = Float32(0.0)
-        if wsum > Float32(0.0):
+        if (wsum > Float32(0.0)) | (wsum != wsum):  # NaN propagates
             inv = cute.arch.rcp_approx(wsum)
         obase = out + ridx * Int64(D)
         for c in cutlass.range_constexpr(NCO // 2):
@@ -564,7 +564,7 @@ class MobaFwdSm80:
             cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
         if lane % 4 == 0:
             val = -Float32.inf
-            if wsum > Float32(0.0):
+            if (wsum > Float32(0.0)) | (wsum != wsum):  # NaN propagates
                 val = (M_use + cute.math.log2(wsum, fastmath=False)) * LN2
             _flat(lse)[Int64(h) * Int64(total_q) + Int64(grow)] = val
 

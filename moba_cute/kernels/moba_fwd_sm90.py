@@ -427,7 +427,7 @@ class MobaFwdSm90:
                 if e_idx < nrows:
                     p = trl[r0 + e_idx]
                     inv = Float32(0.0)
-                    if l > Float32(0.0):
+                    if (l > Float32(0.0)) | (l != l):  # NaN propagates
                         inv = cute.arch.rcp_approx(l)
                     obase = part_o + Int64(p) * Int64(D)
                     for c in cutlass.range_constexpr(NCO // 2):
@@ -440,7 +440,7 @@ class MobaFwdSm90:
                         cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
                     if lane % 4 == 0:
                         val = -Float32.inf
-                        if l > Float32(0.0):
+                        if (l > Float32(0.0)) | (l != l):  # NaN propagates
                             val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
                         tpl[p] = val
 
