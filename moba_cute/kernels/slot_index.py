@@ -116,10 +116,11 @@ class SlotIndexKernel:
                 cc0 = tcc[b]
                 nb = tcc[b + 1] - cc0
             nu = Int32(0)
-            for s in cutlass.range(topk):
-                j = tsel[s]
-                if (nu == s) & (j >= 0) & (j < nb):
-                    nu = nu + 1
+            if nb > 0:  # (rows outside every sequence: garbage cu_seqlens; routing never wrote their slots)
+                for s in cutlass.range(topk):
+                    j = tsel[s]
+                    if (nu == s) & (j >= 0) & (j < nb):
+                        nu = nu + 1
             if cutlass.const_expr(not self.scatter):
                 _t(nused)[idx] = nu
                 if cutlass.const_expr(not self.causal):
