@@ -17,8 +17,9 @@ def _specs():
     for dtype in ("bfloat16", "float16"):
         for D in cfg90.SUPPORTED_HEAD_DIMS:
             for causal in (True, False):
-                for key, fac, fake in launch.kernel_specs_sm90(dtype, D, causal).values():
-                    seen.setdefault(key, (fac, fake))
+                for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
+                    for key, fac, fake in launch.kernel_specs_sm90(dtype, D, causal, tile).values():
+                        seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -38,10 +39,11 @@ def test_sm90_forward_compiles_without_spills(key, spec):
             assert instr in rep.ptx, instr
 
 
-def test_sm90_configs_fit_two_ctas_per_sm():
-    for D, (bn, sub, kst) in cfg90.FWD_TILES.items():
-        assert 2 * cfg90.fwd_smem_bytes(D, bn, kst) <= cfg90.SMEM_PER_SM, D
-        assert sub >= 1 and bn % 16 == 0
+def test_sm90_configs_fit_their_ctas_per_sm():
+    for D in cfg90.FWD_TILES:
+        for bn, sub, kst, nwg in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
+            assert cfg90.ctas_per_sm(nwg) * cfg90.fwd_smem_bytes(D, bn, kst, nwg) <= cfg90.SMEM_PER_SM, D
+            assert sub >= 1 and bn % 16 == 0 and nwg in (1, 2)
 
 
 def test_sm90_dispatch():

@@ -77,3 +77,23 @@ def test_unattended_inf_does_not_leak():
     err = (o[:200].double() - o32[:200].double()).abs().max().item()
     ref_err = (olp[:200].double() - o32[:200].double()).abs().max().item()
     assert err <= 2 * ref_err + 1e-5
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", [0, 2, 3, 5])
+def test_sm90_alternative_tiles(case, monkeypatch):
+    """The alternative tiles of configs/attention_sm90.py (two consumer warpgroups), on the
+    cases that stream K/V, zero V tails, use topk 64, and run non-causal."""
+    from moba_cute.configs import attention_sm90 as cfg90
+    from moba_cute.kernels import attention_launch as m
+
+    lq, lk, H, Hk, C, K, causal = CASES[case]
+    for D in (64, 128):
+        for tile in cfg90.ALT_TILES.get(D, ()):
+            monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(str(x) for x in tile))
+            m.FWD_PLANS.clear()
+            try:
+                _check(lq, lk, H, Hk, D, C, K, causal, torch.bfloat16, seed=200 + case)
+            finally:
+                monkeypatch.delenv("MOBA_CUTE_SM90_TILES")
+                m.FWD_PLANS.clear()

@@ -179,15 +179,16 @@ def uses_sm90(dtype_name, head_dim, arch):
 
 
 def sm90_tiles(head_dim):
-    """(bn, sub, kv_stages) of the sm90 segment kernel; ``MOBA_CUTE_SM90_TILES=bn,sub,stages``
-    overrides the table (tile sweeps)."""
+    """(bn, sub, kv_stages, consumers) of the sm90 segment kernel;
+    ``MOBA_CUTE_SM90_TILES=bn,sub,stages[,consumers]`` overrides the table (tile sweeps)."""
     env = os.environ.get("MOBA_CUTE_SM90_TILES")
     if env:
-        return tuple(int(x) for x in env.split(","))
+        t = tuple(int(x) for x in env.split(","))
+        return t + (1,) * (4 - len(t))
     return cfg90.FWD_TILES[head_dim]
 
 
-def kernel_specs_sm90(dtype_name, head_dim, causal):
+def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel)."""
     from .merge import MergeKernel
@@ -197,13 +198,14 @@ def kernel_specs_sm90(dtype_name, head_dim, causal):
 
     dt = _cdt(dtype_name)
     F = _cdt_f32()
-    bn, sub, kst = sm90_tiles(head_dim)
+    bn, sub, kst, nwg = tile if tile is not None else sm90_tiles(head_dim)
     unit = 64 * sub
     bm, dbn, nt, st = tiles(head_dim)
     causal = bool(causal)
     specs = {
-        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst),
-                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst), _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(7), 7, 1)),
+        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, nwg),
+                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, nwg),
+                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(7), 7, 1)),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
                        lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),

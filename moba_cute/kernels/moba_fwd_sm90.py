@@ -44,9 +44,10 @@ from cutlass.utils import LayoutEnum
 from .centroids import clamp_seq, find_segment
 
 BM = 64  # rows of one consumer warpgroup's wgmma (m64)
-THREADS = 256  # producer warpgroup + consumer warpgroup
 PRODUCER_REGS = 40
-CONSUMER_REGS = 216  # 40 + 216 = 2 * 128: two CTAs per SM
+# consumer warpgroups -> (registers after setmaxnreg, CTAs per SM): 40 + 216 = 2 * 128 (two CTAs
+# of 256 threads); 40 + 2 * 232 = 3 * 168 (one CTA of 384 threads)
+CONSUMER_REGS = {1: (216, 2), 2: (232, 1)}
 
 
 def _flat(ptr):
@@ -126,19 +127,26 @@ def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Poin
 class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
-    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1):
+    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
+                 consumers: int = 1):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
+        assert consumers in (1, 2)
         self.dtype = dtype
         self.D = head_dim
         self.BN = bn
         self.SUB = sub
         self.KS = kv_stages
-        self.QS = 2
+        # consumers = 2: one CTA per SM whose two consumer warpgroups take alternate sub-tiles
+        # (one's softmax and epilogue overlap the other's MMAs); 1: two CTAs per SM
+        self.NWG = consumers
+        self.QS = 2 * consumers  # two Q stages per consumer warpgroup
+        self.THREADS = 128 * (1 + consumers)
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int):
-        return ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, consumers: int = 1):
+        key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
+        return key if consumers == 1 else key + (int(consumers),)
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -201,7 +209,8 @@ class MobaFwdSm90:
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
             seg_off, tile_off, B, total_k, H, Hk, chunk_size, KP, scale_log2, sQ_layout, sKV_layout,
             tiled_mma_qk, tiled_mma_pv, Storage,
-        ).launch(grid=(grid_x, 1, 1), block=(THREADS, 1, 1), stream=stream, min_blocks_per_mp=2,
+        ).launch(grid=(grid_x, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
+                 min_blocks_per_mp=CONSUMER_REGS[self.NWG][1],
                                                                                preferred_smem_carveout=100)
 
     @cute.kernel
@@ -271,7 +280,7 @@ class MobaFwdSm90:
                 self.producer(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
                               nsub, nblk, h // (H // Hk), ks + kbeg, KP, tid, warp)
         else:
-            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            cute.arch.setmaxregister_increase(CONSUMER_REGS[self.NWG][0])
             if nrows > 0:
                 self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
                               r0, nrows, nsub, nblk, kend - kbeg, scale_log2, tid - 128)
@@ -330,8 +339,10 @@ class MobaFwdSm90:
                  tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
                  scale_log2: Float32, ctid: Int32):
         D, BN, dt = self.D, self.BN, self.dtype
-        thr_qk = tiled_mma_qk.get_slice(ctid)
-        thr_pv = tiled_mma_pv.get_slice(ctid)
+        wg = ctid // 128  # this consumer warpgroup: sub-tiles wg, wg + NWG, ...
+        wtid = ctid - wg * 128
+        thr_qk = tiled_mma_qk.get_slice(wtid)
+        thr_pv = tiled_mma_pv.get_slice(wtid)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
         tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))
         sVt = cute.composition(sV, cute.make_ordered_layout((D, BN, self.KS), order=(1, 0, 2)))
@@ -352,10 +363,22 @@ class MobaFwdSm90:
         trl = _flat(rows_list)
         tpl = _flat(part_lse)
         lane = ctid % 32
+        NWG = self.NWG
 
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.QS)
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
-        for t in cutlass.range(nsub, unroll=1):
+        kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
+        if nblk == 1:
+            # the chunk fits one n-block: loaded once for the whole unit, read by every consumer
+            # warpgroup, never released
+            pipe_kv.consumer_wait(kv_first)
+            if nkeys < BN:
+                # keys past the chunk (the next chunk or sequence, or TMA's zero fill) get
+                # probability 0; zero their V rows so that a non-finite value there cannot
+                # reach O as 0 * inf
+                self.zero_v_tail(sV, Int32(0), nkeys, ctid, 128 * NWG, 1)
+        for t in cutlass.range(wg, nsub, NWG, unroll=1):
+            # the producer fills the Q ring in sub-tile order: sub-tile t is stage t % QS, phase
+            # (t // QS) % 2; each stage is read by one warpgroup
+            q_state = pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2)
             pipe_q.consumer_wait(q_state)
             # the gathered rows were written by cp.async (generic proxy); wgmma reads them
             # through the async proxy
@@ -365,20 +388,21 @@ class MobaFwdSm90:
                 row_max[r] = -Float32.inf
                 row_sum[r] = Float32(0.0)
             for n in cutlass.range(nblk, unroll=1):
-                if (t == 0) | (nblk > 1):
-                    pipe_kv.consumer_wait(kv_state)
+                kv_idx = Int32(0)
+                if nblk > 1:
+                    # streamed n-blocks, in the producer's order: block t * nblk + n
+                    b = t * nblk + n
+                    pipe_kv.consumer_wait(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
+                    kv_idx = b % self.KS
                     nvalid = nkeys - n * BN
                     if nvalid < BN:
-                        # keys past the chunk (the next chunk or sequence, or TMA's zero fill)
-                        # get probability 0; zero their V rows so that a non-finite value there
-                        # cannot reach O as 0 * inf
-                        self.zero_v_tail(sV, kv_state.index, nvalid, ctid)
+                        self.zero_v_tail(sV, kv_idx, nvalid, wtid, 128, 2 + wg)
                 # ---- S = Q K^T
                 warpgroup.fence()
                 atom = cute.make_mma_atom(tiled_mma_qk.op)
                 atom.set(warpgroup.Field.ACCUMULATE, False)
                 for kb in cutlass.range_constexpr(cute.size(tSrQ.shape[2])):
-                    cute.gemm(atom, acc_S, tSrQ[None, None, kb, q_state.index], tSrK[None, None, kb, kv_state.index],
+                    cute.gemm(atom, acc_S, tSrQ[None, None, kb, q_state.index], tSrK[None, None, kb, kv_idx],
                               acc_S)
                     atom.set(warpgroup.Field.ACCUMULATE, True)
                 warpgroup.commit_group()
@@ -413,13 +437,12 @@ class MobaFwdSm90:
                 atom_pv = cute.make_mma_atom(tiled_mma_pv.op)
                 atom_pv.set(warpgroup.Field.ACCUMULATE, True)
                 for kb in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
-                    cute.gemm(atom_pv, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb, kv_state.index], acc_O)
+                    cute.gemm(atom_pv, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb, kv_idx], acc_O)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 if nblk > 1:
-                    pipe_kv.consumer_release(kv_state)
-                    kv_state.advance()
-            q_state.advance()
+                    b = t * nblk + n
+                    pipe_kv.consumer_release(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
             # ---- epilogue: normalized partial output and its log2-domain LSE
             for r in cutlass.range_constexpr(NR):
                 l = _quad_sum(row_sum[r])
@@ -445,13 +468,14 @@ class MobaFwdSm90:
                         tpl[p] = val
 
     @cute.jit
-    def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, ctid: Int32):
-        """Zero V rows ``[nvalid, BN)`` of a stage (consumer warpgroup; generic-proxy writes
-        fenced for the wgmma that reads them)."""
+    def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, tid: Int32, nthr: cutlass.Constexpr,
+                    bar_id: cutlass.Constexpr):
+        """Zero V rows ``[nvalid, BN)`` of a stage (``nthr`` consumer threads, then named barrier
+        ``bar_id`` among them; generic-proxy writes fenced for the wgmma that reads them)."""
         D, BN = self.D, self.BN
-        for i in cutlass.range(ctid, BN * D, 128):
+        for i in cutlass.range(tid, BN * D, nthr):
             rr = i // D
             if rr >= nvalid:
                 sV[rr, i - rr * D, stage] = self.dtype(0.0)
         cute.arch.fence_view_async_shared()
-        cute.arch.barrier(barrier_id=1, number_of_threads=128)
+        cute.arch.barrier(barrier_id=bar_id, number_of_threads=nthr)
