@@ -9,24 +9,26 @@ key-major index (:class:`~moba_cute.kernels.slot_index.SlotIndexKernel` with
 ``p = (row * H + h) * KP + slot - s0`` into the partial buffers. The CTA:
 
 * producer warpgroup (``setmaxnreg`` down): gathers each 64-row sub-tile of query rows with
-  16-byte ``cp.async`` into a two-stage swizzled Q ring (``PipelineCpAsync``); warp 0 loads
+  16-byte ``cp.async`` into a swizzled Q ring, two stages per consumer warpgroup
+  (``PipelineCpAsync``); warp 0 loads
   the chunk's K and V n-blocks with TMA (``cp.async.bulk.tensor``, ``PipelineTmaAsync``).
   A chunk that fits one n-block (``C <= BN``: the flashmoba shape) is loaded once for all
   sub-tiles of the unit;
-* consumer warpgroup (``setmaxnreg`` up): per sub-tile and n-block ``S = Q K^T`` (SS
+* consumer warpgroup(s) (``setmaxnreg`` up; with two, they take alternate sub-tiles): per sub-tile and n-block ``S = Q K^T`` (SS
   ``wgmma``), mask, online softmax (exp2, scale folded into the log2 domain), ``O += P V``
   (RS ``wgmma``: P stays in registers), then writes the pair's *normalized* partial output
   ``part_o[p] = O / l`` (input dtype) and ``part_lse[p] = m * scale_log2 + log2(l)`` (fp32,
   log2 domain).
 
-Two CTAs per SM (128 launch registers, 40 / 216 after ``setmaxnreg``) overlap one CTA's loads
-with the other's math. The partials are merged with the own chunk by the diagonal kernel
+One consumer warpgroup (shipped): two CTAs per SM (128 launch registers, 40 / 216 after
+``setmaxnreg``) overlap one CTA's loads with the other's math. Two (``consumers=2``, not yet
+measured): one CTA per SM (168 launch registers, 40 / 232 / 232). The partials are merged with the own chunk by the diagonal kernel
 (causal: :class:`~moba_cute.kernels.moba_fwd_sm80.MobaFwdSm80` with ``merge=True``) or by
 :class:`~moba_cute.kernels.merge.MergeKernel` (non-causal), which write ``out`` and ``lse``.
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
 partials in slot order, so the result is bitwise deterministic.
 
-Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)``; sizes are
+Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages[, consumers])``; sizes are
 runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors built per call on the host.
 """
 
@@ -302,7 +304,7 @@ class MobaFwdSm90:
         # Q gather: 16-byte pieces written at their swizzled offsets (128-byte swizzle applied by
         # hand: row tiles are whole 1024-byte swizzle periods)
         sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
-        q_outer = sQ.layout.outer if cutlass.const_expr(hasattr(sQ.layout, "outer")) else sQ.layout
+        q_outer = sQ.layout  # (the swizzle lives in the iterator)
         trl = _flat(rows_list)
         atom_g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
                                        num_bits_per_copy=128)
