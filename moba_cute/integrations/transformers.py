@@ -1,0 +1,153 @@
+"""Hugging Face ``transformers`` integration: ``attn_implementation="moba"``.
+
+    import moba_cute.integrations.transformers  # registers "moba"
+    cfg = AutoConfig.for_model("llama", ..., moba_chunk_size=4096, moba_topk=12)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="moba")
+
+Every attention layer of a model that calls transformers' attention interface (Llama, Qwen2/3,
+Mistral, ...) then runs :func:`moba_cute.varlen_attention` (CuTe kernels on the GPU, the
+PyTorch reference elsewhere; ``backend="auto"``). Model config keys:
+
+* ``moba_chunk_size`` (default 4096) and ``moba_topk`` (default 12): an int, or a list with one
+  entry per layer (``None`` in the list: that layer is dense);
+* ``moba_dense_last_layers`` (default 0): the last N layers attend densely (causal), as the MoBA
+  paper trains its last layers.
+
+Inputs handled: plain batches; padded batches with a 2-D ``attention_mask`` (left or right
+padding: the valid tokens are packed, no padded token is computed); packed batches, either
+with flash-attention's ``cu_seq_lens_q/k`` keyword arguments or with ``position_ids`` that
+restart at 0 (batch 1, no mask); decode steps against a KV cache (the ``Sq`` new queries are
+the last ``Sq`` positions of the keys: SPEC's bottom-right alignment, so a step computes what
+the full forward computes for those positions). GQA is passed through (no K/V repeat). A
+dense layer is MoBA with one chunk covering the whole sequence and ``topk = 1``. Attention
+dropout is not supported (a clear error when training with it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import interface
+
+NAME = "moba"
+DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_TOPK = 12
+
+__all__ = ["NAME", "register", "moba_attention_forward", "layer_settings", "DEFAULT_CHUNK_SIZE", "DEFAULT_TOPK"]
+
+
+def layer_settings(config, layer_idx: int):
+    """``(chunk_size, topk)`` of layer ``layer_idx`` from the model config, or None (dense)."""
+    n = int(getattr(config, "num_hidden_layers", 0) or 0)
+    dense_last = int(getattr(config, "moba_dense_last_layers", 0) or 0)
+    if dense_last < 0:
+        raise ValueError(f"moba_dense_last_layers must be >= 0, got {dense_last}")
+    if n and layer_idx >= n - dense_last:
+        return None
+
+    def pick(name, default):
+        val = getattr(config, name, None)
+        if val is None:
+            return default
+        if isinstance(val, (list, tuple)):
+            if len(val) != n:
+                raise ValueError(f"{name} has {len(val)} entries; the model has {n} layers")
+            val = val[layer_idx]
+            if val is None:
+                return None
+        return int(val)
+
+    chunk, topk = pick("moba_chunk_size", DEFAULT_CHUNK_SIZE), pick("moba_topk", DEFAULT_TOPK)
+    if chunk is None or topk is None:
+        return None
+    return chunk, topk
+
+
+def _attend(q, k, v, cu_q, cu_k, max_q, max_k, settings, scaling):
+    """varlen MoBA; ``settings`` None: dense causal (one chunk over the longest sequence)."""
+    if settings is None:
+        chunk, topk = max(16, -(-max(max_k, 1) // 16) * 16), 1
+    else:
+        chunk, topk = settings
+    return interface.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, chunk, topk, causal=True,
+                                      softmax_scale=scaling)
+
+
+def _cu(lens: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _packed_from_positions(position_ids, S):
+    """cu_seqlens of a batch-1 row whose ``position_ids`` restart (packed sequences), else None."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] != S:
+        return None
+    pos = position_ids[0]
+    restarts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
+    if restarts.numel() == 0:
+        return None
+    starts = torch.cat([torch.zeros(1, dtype=restarts.dtype, device=pos.device), restarts])
+    ends = torch.cat([starts[1:], torch.tensor([S], device=pos.device)])
+    return _cu(ends - starts)
+
+
+def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: ``query`` (B, H, Sq, D), ``key``/``value`` (B, Hk, Sk, D)
+    (after the cache update) -> ``(out (B, Sq, H, D), None)``."""
+    if dropout and getattr(module, "training", False):
+        raise ValueError(f"attn_implementation='moba' does not support attention dropout (got dropout={dropout})")
+    settings = layer_settings(module.config, int(getattr(module, "layer_idx", 0) or 0))
+    B, H, Sq, D = query.shape
+    Hk, Sk = key.shape[1], key.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, heads, D)
+    scale = None if scaling is None else float(scaling)
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:  # packed, flash-attention style (B == 1)
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        max_q = int(kwargs.get("max_length_q") or int((cu_q[1:] - cu_q[:-1]).max()))
+        max_k = int(kwargs.get("max_length_k") or int((cu_k[1:] - cu_k[:-1]).max()))
+        out = _attend(q.reshape(B * Sq, H, D), k.reshape(B * Sk, Hk, D), v.reshape(B * Sk, Hk, D), cu_q, cu_k,
+                      max_q, max_k, settings, scale)
+        return out.view(B, Sq, H, D), None
+
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape != (B, Sk):
+            raise ValueError(
+                f"attn_implementation='moba' takes a 2-D padding mask of shape (batch, keys) = ({B}, {Sk}); "
+                f"got shape {tuple(attention_mask.shape)}")
+        keep_k = attention_mask.bool()
+        if not bool(keep_k.all()):  # padded batch: pack the valid tokens
+            keep_q = keep_k[:, Sk - Sq:]
+            lens_q, lens_k = keep_q.sum(1), keep_k.sum(1)
+            out_v = _attend(q[keep_q], k[keep_k], v[keep_k], _cu(lens_q), _cu(lens_k), int(lens_q.max()),
+                            int(lens_k.max()), settings, scale)
+            out = query.new_zeros(B, Sq, H, D)
+            out[keep_q] = out_v
+            return out, None
+
+    if Sq == Sk:
+        cu = _packed_from_positions(kwargs.get("position_ids"), Sq) if B == 1 else None
+        if cu is not None:  # packed by restarting position_ids
+            max_len = int((cu[1:] - cu[:-1]).max())
+            out = _attend(q.reshape(Sq, H, D), k.reshape(Sk, Hk, D), v.reshape(Sk, Hk, D), cu, cu, max_len, max_len,
+                          settings, scale)
+            return out.view(B, Sq, H, D), None
+
+    dev = query.device
+    ar = torch.arange(B + 1, device=dev, dtype=torch.int32)
+    out = _attend(q.reshape(B * Sq, H, D), k.reshape(B * Sk, Hk, D), v.reshape(B * Sk, Hk, D), ar * Sq, ar * Sk,
+                  Sq, Sk, settings, scale)
+    return out.view(B, Sq, H, D), None
+
+
+def register() -> None:
+    """Register ``"moba"`` with transformers' attention interface, and its mask builder: the
+    2-D padding mask (None when nothing is padded), as for flash-attention (done on import)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, moba_attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+register()
