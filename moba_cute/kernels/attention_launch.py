@@ -1,8 +1,10 @@
-"""Host side of the CuTe MoBA attention forward and backward (sm80 mma.sync kernels; also run on sm90).
+"""Host side of the CuTe MoBA attention forward and backward: the sm80 (mma.sync) slot-pass
+forward and backward everywhere, and on Hopper the sm90 segment forward (:func:`_forward_sm90`,
+docs/design.md section 8) for the head dims it has tiles for.
 
 ``attention_cute(q, k, v, routing, softmax_scale, deterministic) -> (out, lse)`` runs, on the
 caller's stream and without host synchronization (every size comes from shapes and host-known
-bounds), only CuTe kernels:
+bounds), only CuTe kernels. sm80 schedule:
 
 1. the per-slot index (:mod:`moba_cute.kernels.slot_index`, 4 launches): zero the counters
    (+ the diagonal pass's query-tile offsets), count (``nused`` per (row, head), per-slot
@@ -12,6 +14,10 @@ bounds), only CuTe kernels:
 3. one gather pass per remaining routing slot, in slot order (``topk - 1`` causal, ``topk``
    non-causal launches), each read-modify-writing the fp32 running state of its rows; a row's
    last used slot writes ``out`` and ``lse``.
+
+sm90 schedule: the same index with all gather slots in one pass (entries are pair indices),
+the segment kernel (every gather pair's normalized partial), then the diagonal kernel merging
+each row's partials with its own chunk (causal) or the merge kernel (non-causal).
 
 ``attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale,
 deterministic) -> (dq, dk, dv)``: ``delta = rowsum(dO * O) - dlse`` and a zeroed fp32
@@ -220,14 +226,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
                          lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
     else:
         specs["merge"] = (("merge", dtype_name, head_dim), lambda: MergeKernel(dt, head_dim),
-                          _fake([(dt, 16), (F, 4), (cutlass_i32(), 4), (dt, 16), (F, 4)], 5))
+                          _fake([(dt, 16), (F, 4), *_i32p(1), (dt, 16), (F, 4)], 5))
     return specs
-
-
-def cutlass_i32():
-    import cutlass
-
-    return cutlass.Int32
 
 
 def bwd_kernel_specs(dtype_name, head_dim, causal):
