@@ -17,12 +17,10 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 
+from .moba_fwd_sm80 import _flat as _t
+
 THREADS = 256
 LN2 = 0.6931471805599453
-
-
-def _t(ptr):
-    return cute.make_tensor(ptr, cute.make_layout(1 << 30))
 
 
 def grid_blocks(rows: int) -> int:

@@ -469,7 +469,6 @@ class MobaFwdSm80:
             tnu = _flat(nused)
             tm = _flat(mst)
             tlst = _flat(lst)
-            tl = _flat(lse)
             for r in cutlass.range_constexpr(NR):
                 if r_lo[r] <= r_hi[r]:
                     grow = r_row[r]
@@ -477,24 +476,8 @@ class MobaFwdSm80:
                     last = slot + 1 >= tnu[ridx]
                     l = row_sum[r]
                     if last:
-                        inv = Float32(0.0)
-                        if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                            inv = cute.arch.rcp_approx(l)
-                        obase = out + ridx * Int64(D)
-                        for c in cutlass.range_constexpr(NCO // 2):
-                            col = tOcO_mn[r, (0, c)][1]
-                            pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                            pair[0] = acc_O_mn[r, (0, c)] * inv
-                            pair[1] = acc_O_mn[r, (1, c)] * inv
-                            po = cute.make_rmem_tensor(cute.make_layout(2), dt)
-                            po.store(pair.load().to(dt))
-                            odst = cute.make_tensor((obase + col).align(4), cute.make_layout(2))
-                            cute.autovec_copy(po, odst)
-                        if lane % 4 == 0:
-                            val = -Float32.inf
-                            if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                                val = (row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)) * LN2
-                            tl[Int64(h) * Int64(total_q) + Int64(grow)] = val
+                        self.finish_row(acc_O_mn, tOcO_mn, r, l, row_max[r] * scale_log2, out, lse, ridx, grow, h,
+                                        total_q, lane)
                     else:
                         if cutlass.const_expr(self.merge):
                             self.merge_row(acc_O_mn, tOcO_mn, r, row_max[r], l, out, lse, oacc, mst, ridx, grow, h,
@@ -550,10 +533,19 @@ class MobaFwdSm80:
                 pf = pv.load().to(Float32)
                 acc_O_mn[r, (0, c)] = acc_O_mn[r, (0, c)] + w * pf[0]
                 acc_O_mn[r, (1, c)] = acc_O_mn[r, (1, c)] + w * pf[1]
+        self.finish_row(acc_O_mn, tOcO_mn, r, wsum, M_use, out, lse, ridx, grow, h, total_q, lane)
+
+    @cute.jit
+    def finish_row(self, acc_O_mn: cute.Tensor, tOcO_mn: cute.Tensor, r: cutlass.Constexpr, l: Float32,
+                   base_log2: Float32, out: cute.Pointer, lse: cute.Pointer, ridx: Int64, grow: Int32, h: Int32,
+                   total_q: Int32, lane: Int32):
+        """Write row ``r``'s ``out = O / l`` (this thread's columns, input dtype) and
+        ``lse = (base_log2 + log2 l) * ln 2``; ``l = 0`` gives (0, -inf), a NaN ``l`` NaN."""
+        NCO = cute.size(acc_O_mn, mode=[1])
         inv = Float32(0.0)
-        if (wsum > Float32(0.0)) | (wsum != wsum):  # NaN propagates
-            inv = cute.arch.rcp_approx(wsum)
-        obase = out + ridx * Int64(D)
+        if (l > Float32(0.0)) | (l != l):  # NaN propagates
+            inv = cute.arch.rcp_approx(l)
+        obase = out + ridx * Int64(self.D)
         for c in cutlass.range_constexpr(NCO // 2):
             col = tOcO_mn[r, (0, c)][1]
             pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
@@ -564,8 +556,8 @@ class MobaFwdSm80:
             cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
         if lane % 4 == 0:
             val = -Float32.inf
-            if (wsum > Float32(0.0)) | (wsum != wsum):  # NaN propagates
-                val = (M_use + cute.math.log2(wsum, fastmath=False)) * LN2
+            if (l > Float32(0.0)) | (l != l):  # NaN propagates
+                val = (base_log2 + cute.math.log2(l, fastmath=False)) * LN2
             _flat(lse)[Int64(h) * Int64(total_q) + Int64(grow)] = val
 
     @cute.jit

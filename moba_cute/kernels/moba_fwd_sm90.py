@@ -44,30 +44,13 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
+from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum
 
 BM = 64  # rows of one consumer warpgroup's wgmma (m64)
 PRODUCER_REGS = 40
 # consumer warpgroups -> (registers after setmaxnreg, CTAs per SM): 40 + 216 = 2 * 128 (two CTAs
 # of 256 threads); 40 + 2 * 232 = 3 * 168 (one CTA of 384 threads)
 CONSUMER_REGS = {1: (216, 2), 2: (232, 1)}
-
-
-def _flat(ptr):
-    return cute.make_tensor(ptr, cute.make_layout(1 << 30))
-
-
-@cute.jit
-def _quad_max(x: Float32) -> Float32:
-    x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=2))
-    x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1))
-    return x
-
-
-@cute.jit
-def _quad_sum(x: Float32) -> Float32:
-    x = x + cute.arch.shuffle_sync_bfly(x, offset=2)
-    x = x + cute.arch.shuffle_sync_bfly(x, offset=1)
-    return x
 
 
 def acc_mn_view(t: cute.Tensor) -> cute.Tensor:
