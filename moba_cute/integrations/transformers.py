@@ -77,17 +77,51 @@ def _cu(lens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
 
 
+_MEMO = [None, None]  # (key, layout) of the last padding mask / position_ids seen
+
+
+def _once_per_forward(what, t, Sq, Sk, build):
+    """The varlen layout derived from ``t`` (the padding mask or the position_ids: the same
+    tensor object in every layer of one forward), built once per forward instead of once per
+    layer (it needs host synchronizations). Keyed by the tensor object and its version."""
+    key = _MEMO[0]
+    if key is not None and key[0] == what and key[1] is t and key[2:] == (t._version, Sq, Sk):
+        return _MEMO[1]
+    val = build()
+    _MEMO[0], _MEMO[1] = (what, t, t._version, Sq, Sk), val
+    return val
+
+
 def _packed_from_positions(position_ids, S):
-    """cu_seqlens of a batch-1 row whose ``position_ids`` restart (packed sequences), else None."""
+    """(cu_seqlens, longest) of a batch-1 row whose ``position_ids`` restart (packed
+    sequences), else None."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] != S:
         return None
-    pos = position_ids[0]
-    restarts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
-    if restarts.numel() == 0:
-        return None
-    starts = torch.cat([torch.zeros(1, dtype=restarts.dtype, device=pos.device), restarts])
-    ends = torch.cat([starts[1:], torch.tensor([S], device=pos.device)])
-    return _cu(ends - starts)
+
+    def build():
+        pos = position_ids[0]
+        restarts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
+        if restarts.numel() == 0:
+            return None
+        starts = torch.cat([torch.zeros(1, dtype=restarts.dtype, device=pos.device), restarts])
+        ends = torch.cat([starts[1:], torch.tensor([S], device=pos.device)])
+        return _cu(ends - starts), int((ends - starts).max())
+
+    return _once_per_forward("packed", position_ids, S, S, build)
+
+
+def _unpadding(attention_mask, Sq, Sk):
+    """(keep_q, keep_k, cu_q, cu_k, max_q, max_k) of a padded batch, or None (no padding)."""
+
+    def build():
+        keep_k = attention_mask.bool()
+        if bool(keep_k.all()):
+            return None
+        keep_q = keep_k[:, Sk - Sq:]
+        lens_q, lens_k = keep_q.sum(1), keep_k.sum(1)
+        return keep_q, keep_k, _cu(lens_q), _cu(lens_k), int(lens_q.max()), int(lens_k.max())
+
+    return _once_per_forward("padded", attention_mask, Sq, Sk, build)
 
 
 def moba_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -115,20 +149,18 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
             raise ValueError(
                 f"attn_implementation='moba' takes a 2-D padding mask of shape (batch, keys) = ({B}, {Sk}); "
                 f"got shape {tuple(attention_mask.shape)}")
-        keep_k = attention_mask.bool()
-        if not bool(keep_k.all()):  # padded batch: pack the valid tokens
-            keep_q = keep_k[:, Sk - Sq:]
-            lens_q, lens_k = keep_q.sum(1), keep_k.sum(1)
-            out_v = _attend(q[keep_q], k[keep_k], v[keep_k], _cu(lens_q), _cu(lens_k), int(lens_q.max()),
-                            int(lens_k.max()), settings, scale)
+        unpad = _unpadding(attention_mask, Sq, Sk)
+        if unpad is not None:  # padded batch: pack the valid tokens
+            keep_q, keep_k, cu_q, cu_k, max_q, max_k = unpad
+            out_v = _attend(q[keep_q], k[keep_k], v[keep_k], cu_q, cu_k, max_q, max_k, settings, scale)
             out = query.new_zeros(B, Sq, H, D)
             out[keep_q] = out_v
             return out, None
 
     if Sq == Sk:
-        cu = _packed_from_positions(kwargs.get("position_ids"), Sq) if B == 1 else None
-        if cu is not None:  # packed by restarting position_ids
-            max_len = int((cu[1:] - cu[:-1]).max())
+        packed = _packed_from_positions(kwargs.get("position_ids"), Sq) if B == 1 else None
+        if packed is not None:  # packed by restarting position_ids
+            cu, max_len = packed
             out = _attend(q.reshape(Sq, H, D), k.reshape(Sk, Hk, D), v.reshape(Sk, Hk, D), cu, cu, max_len, max_len,
                           settings, scale)
             return out.view(B, Sq, H, D), None
