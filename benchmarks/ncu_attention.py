@@ -58,8 +58,11 @@ def summarize(path, rows):
         key = (rec["ID"], rec["Kernel Name"][:60])
         val = float(rec["Metric Value"].replace(",", ""))
         unit = rec["Metric Unit"]
-        scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1e-6, "usecond": 1e-3,
-                 "msecond": 1.0}.get(unit, 1)
+        # ncu spells units either way depending on its version
+        scale = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9,
+                 "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "ns": 1e-6, "us": 1e-3, "ms": 1.0}.get(unit)
+        if scale is None:
+            raise ValueError(f"unknown ncu unit {unit!r} for {rec['Metric Name']}")
         kern.setdefault(key, {})[rec["Metric Name"]] = val * scale
     tot_t = tot_b = 0.0
     for (i, name), m in kern.items():

@@ -14,7 +14,7 @@
 # Environment: PYTHON (default python3), COMPUTE_SANITIZER (default: on PATH, else
 # /usr/local/cuda/bin/compute-sanitizer), SANITIZE_TIMEOUT (seconds per sanitized run, default 300),
 # SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_WARMUP_JOBS (parallel
-# processes of the plain run, default min(8, cores)).
+# processes of the plain run, default min(8, cores)), SANITIZE_PARALLEL (1: the tools run side by side).
 set -u
 out=${1:?usage: benchmarks/sanitize_all.sh OUT_DIR [benchmarks.sanitize arguments]}
 shift
@@ -60,9 +60,10 @@ ok=$(cat "$out"/plain-*.log | grep -c '^ok: ')
 bad=$(cat "$out"/plain-*.log | grep -c '^FAILED: ')
 echo "plain ($JOBS shards): exit$rcs, $ok ok, $bad failed, $(( $(date +%s) - t0 )) s" >> "$summary"
 
-for tool in $TOOLS; do
+run_tool() {  # one sanitized run; writes its summary line to OUT_DIR/<tool>.summary, returns 0 when clean
+  local tool=$1 t0 rc found note
   t0=$(date +%s)
-  timeout "$TIMEOUT" "$CS" --tool "$tool" --report-api-errors no $PY -m benchmarks.sanitize "$@" \
+  timeout "$TIMEOUT" "$CS" --tool "$tool" --report-api-errors no $PY -m benchmarks.sanitize "${@:2}" \
     > "$out/$tool.log" 2>&1
   rc=$?
   # memcheck/synccheck/initcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: N hazards
@@ -71,10 +72,22 @@ for tool in $TOOLS; do
   [ -n "$found" ] || found="no sanitizer summary"
   note=""
   [ "$rc" -eq 124 ] && note=" (timed out after ${TIMEOUT} s)"
-  echo "$tool: exit $rc$note, $found, $(cases_ok "$out/$tool.log"), $(( $(date +%s) - t0 )) s" >> "$summary"
-  if [ "$rc" -ne 0 ] || ! echo "$found" | grep -Eq 'SUMMARY: 0 (errors|hazards)'; then
-    status=1
+  echo "$tool: exit $rc$note, $found, $(cases_ok "$out/$tool.log"), $(( $(date +%s) - t0 )) s" > "$out/$tool.summary"
+  [ "$rc" -eq 0 ] && echo "$found" | grep -Eq 'SUMMARY: 0 (errors|hazards)'
+}
+
+# SANITIZE_PARALLEL=1 runs the tools side by side (each is one process on one GPU; the slowest,
+# racecheck, then bounds the wall time instead of the sum)
+pids=()
+for tool in $TOOLS; do
+  if [ "${SANITIZE_PARALLEL:-0}" = 1 ]; then
+    run_tool "$tool" "$@" &
+    pids+=($!)
+  else
+    run_tool "$tool" "$@" || status=1
   fi
 done
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for tool in $TOOLS; do cat "$out/$tool.summary" >> "$summary"; done
 cat "$summary"
 exit $status
