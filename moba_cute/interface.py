@@ -223,8 +223,11 @@ def kernel_size_limits(total_q, H, D, total_k, Hk, B, chunk_size, topk, causal, 
         out += [("total_k * num_kv_heads", total_k * Hk),
                 ("topk * num_chunks * num_heads + 1", K * nseg + 1)]
         # per-slot tile tables: sm80 slot passes (tiles of bm rows) and, on sm90, the merged
-        # index of the segment kernel (units of unit_rows entries)
-        bms = [min(t[0] for t in acfg.FWD_TILES.values())]
+        # index of the segment kernel (units of 64 * sub entries); over every tile a tuned table
+        # may pick (configs/tuned.py), so the bound holds whatever the plan's tile is
+        from .configs import tuned
+
+        bms = [min(t[0] for d in acfg.FWD_TILES for t in tuned.candidates("sm80_fwd", d))]
         if backward:
             bms.append(min(t[0] for t in acfg.BWD_DQ_TILES.values()))
         for bm_a in bms:
@@ -233,7 +236,7 @@ def kernel_size_limits(total_q, H, D, total_k, Hk, B, chunk_size, topk, causal, 
             try:
                 from .configs import attention_sm90 as cfg90
 
-                unit = min(cfg90.unit_rows(d) for d in cfg90.FWD_TILES)
+                unit = min(64 * t[1] for d in cfg90.FWD_TILES for t in tuned.candidates("sm90_fwd", d))
             except (ImportError, AttributeError):  # pragma: no cover (no sm90 forward)
                 unit = None
             if unit is not None:

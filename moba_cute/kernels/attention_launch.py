@@ -34,6 +34,7 @@ addresses. Extra memory: docs/design.md (sections 3 and 5).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -42,10 +43,11 @@ import torch
 
 from ..configs import attention_sm80 as cfg
 from ..configs import attention_sm90 as cfg90
+from ..configs import tuned
 from . import common
 
 __all__ = ["attention_cute", "attention_backward_cute", "attention_unsupported_reason", "kernel_specs",
-           "bwd_kernel_specs", "HAS_BACKWARD", "FWD_PLANS", "BWD_PLANS"]
+           "bwd_kernel_specs", "HAS_BACKWARD", "FWD_PLANS", "BWD_PLANS", "tile_override"]
 
 HAS_BACKWARD = True
 KERNEL_FAMILIES = ("sm80", "sm90")  # the forward has both; the backward is sm80 code everywhere
@@ -78,9 +80,18 @@ def attention_unsupported_reason(dtype, head_dim, chunk_size, topk, arch):
     return None
 
 
-def tiles(head_dim):
-    """(bm, bn, threads, stages) for a head dim; ``MOBA_CUTE_FWD_STAGES`` overrides stages."""
-    bm, bn, nt, st = cfg.FWD_TILES[head_dim]
+def tiles(head_dim, shape_class=None, device=None):
+    """(bm, bn, threads, stages) of the sm80 forward for a head dim. For a launch plan
+    (``shape_class`` given, ``device`` its CUDA device index): the tuner's override, else the
+    tuned tables' tile (configs/tuned.py); then, and without a shape class, configs/attention_sm80.py.
+    ``MOBA_CUTE_FWD_STAGES`` overrides the stages of all but the tuner's override."""
+    t = None
+    if shape_class is not None:
+        t = tuned.forced("sm80_fwd", head_dim)
+        if t is not None:
+            return t
+        t = tuned.lookup("sm80_fwd", head_dim, shape_class, device)
+    bm, bn, nt, st = t if t is not None else cfg.FWD_TILES[head_dim]
     env = os.environ.get("MOBA_CUTE_FWD_STAGES")
     if env:
         st = int(env)
@@ -158,12 +169,13 @@ def slot_index_specs(dtype_name, head_dim, causal, bm):
     }
 
 
-def kernel_specs(dtype_name, head_dim, causal, stages=None):
-    """Role -> (key, factory, fake args) of every kernel a forward call with this config runs."""
+def kernel_specs(dtype_name, head_dim, causal, stages=None, tile=None):
+    """Role -> (key, factory, fake args) of every kernel a forward call with this config runs
+    (``tile``: (bm, bn, threads, stages), default :func:`tiles`; ``stages`` replaces its stages)."""
     from .moba_fwd_sm80 import MobaFwdSm80
 
     dt = _cdt(dtype_name)
-    bm, bn, nt, st = tiles(head_dim)
+    bm, bn, nt, st = tile if tile is not None else tiles(head_dim)
     if stages is not None:
         st = stages
     roles = {"diag": (True, True), "pass": (False, False)} if causal else {"first": (False, True),
@@ -184,14 +196,43 @@ def uses_sm90(dtype_name, head_dim, arch):
             and os.environ.get("MOBA_CUTE_FWD_SM80", "0") in ("", "0"))
 
 
-def sm90_tiles(head_dim):
-    """(bn, sub, kv_stages, consumers) of the sm90 segment kernel;
-    ``MOBA_CUTE_SM90_TILES=bn,sub,stages[,consumers]`` overrides the table (tile sweeps)."""
+def sm90_tiles(head_dim, shape_class=None, device=None):
+    """(bn, sub, kv_stages, consumers) of the sm90 segment kernel: for a launch plan
+    (``shape_class`` given) the tuner's override first; then ``MOBA_CUTE_SM90_TILES=bn,sub,
+    stages[,consumers]`` (tile sweeps); then, for a plan, the tuned tables' tile for
+    ``shape_class`` on CUDA device index ``device`` (configs/tuned.py); else
+    configs/attention_sm90.py."""
+    t = None
+    if shape_class is not None:
+        t = tuned.forced("sm90_fwd", head_dim)
+        if t is not None:
+            return t
     env = os.environ.get("MOBA_CUTE_SM90_TILES")
     if env:
         t = tuple(int(x) for x in env.split(","))
         return t + (1,) * (4 - len(t))
-    return cfg90.FWD_TILES[head_dim]
+    if shape_class is not None:
+        t = tuned.lookup("sm90_fwd", head_dim, shape_class, device)
+    return t if t is not None else tuple(cfg90.FWD_TILES[head_dim])
+
+
+@contextlib.contextmanager
+def tile_override(family, tile):
+    """Within the block, every forward of ``family`` ("sm90_fwd" / "sm80_fwd") uses ``tile``, one
+    of its shipped candidates (configs/tuned.py), over the environment and the tuned tables:
+    what the tuner times. Forward plans are dropped on entry and exit, so calls re-plan (and
+    compile) with the tile in force."""
+    tile = tuple(int(x) for x in tile)
+    if not any(tile in tuned.candidates(family, d) for d in (cfg.FWD_TILES if family == "sm80_fwd"
+                                                             else cfg90.FWD_TILES)):
+        raise ValueError(f"tile_override: {tile} is not a shipped {family} tile")
+    saved = tuned.set_forced(family, tile)
+    try:
+        FWD_PLANS.clear()
+        yield
+    finally:
+        tuned.set_forced(family, saved)
+        FWD_PLANS.clear()
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
@@ -349,31 +390,38 @@ class _PlanBase:
 
 
 class FwdPlan(_PlanBase):
-    """Forward launch plan of one shape key (see the module docstring)."""
+    """Forward launch plan of one shape key (see the module docstring). Its tile (``tile``:
+    :func:`sm90_tiles` or :func:`tiles` for the key's shape class and device) is chosen here,
+    once per key, and is in every compile key of its kernel set."""
 
     def __init__(self, key, arch):
         super().__init__(key, arch)
+        self.shape_class = tuned.shape_class(self.dtype_name, self.D, self.causal, self.C, self.K, self.rows)
+        device = key[-1]
         bm = tiles(self.D)[0]
         self.sm90 = uses_sm90(self.dtype_name, self.D, arch)
         if str(arch).startswith("sm_90") and not self.sm90 and self.D not in cfg90.FWD_TILES:
             _warn_once(f"moba_cute: the sm90 forward has no tiles for head_dim={self.D} "
                        f"(it has {cfg90.SUPPORTED_HEAD_DIMS}); using the sm80 (mma.sync) forward")
         if self.sm90:
+            self.tile = sm90_tiles(self.D, self.shape_class, device)
             # partials of every gather pair: normalized o (input dtype) and log2-domain LSE
             self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm,
-                                        unit=64 * sm90_tiles(self.D)[1])
+                                        unit=64 * self.tile[1])
             npart = self.rows * self.index.kp
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
             self.merge_blocks = _merge_blocks(self.rows)
-            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal), arch)
+            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile), arch)
             return
+        self.tile = tiles(self.D, self.shape_class, device)
+        bm = self.tile[0]
         st = 1 if self.K > 1 else 0  # running state only when a row has more than one slot
         self.layout.add("oacc", st * self.rows * self.D * 4)
         self.layout.add("mst", st * self.rows * 4)
         self.layout.add("lst", st * self.rows * 4)
         self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm)
-        self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, self.causal), arch)
+        self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, self.causal, tile=self.tile), arch)
 
 
 _WARNED = set()
