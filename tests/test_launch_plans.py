@@ -82,7 +82,7 @@ def test_sm90_forward_plan_layout():
     assert plan.layout.offsets["part_lse"] >= rows * 4 * 128 * 2  # part_o first: (rows * KP, D) bf16
     assert plan.layout.nbytes >= rows * 4 * (128 * 2 + 4)
     assert ix.layout.nbytes >= 4 * (rows * 4 + ix.tiles_bound)
-    assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "slot_scatter"}
+    assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "pair_list"}
 
 
 def test_backward_reuses_the_forward_index_layout():

@@ -241,7 +241,7 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
     from .merge import MergeKernel
     from .moba_fwd_sm80 import MobaFwdSm80
     from .moba_fwd_sm90 import MobaFwdSm90
-    from .slot_index import SlotIndexKernel, SlotPrepKernel, SlotScanKernel
+    from .slot_index import PairListKernel, SlotIndexKernel, SlotPrepKernel, SlotScanKernel
 
     dt = _cdt(dtype_name)
     F = _cdt_f32()
@@ -252,13 +252,12 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
     specs = {
         "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, nwg),
                 lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, nwg),
-                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(7), 7, 1)),
+                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(8), 7, 1)),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
                        lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),
         "slot_scan": (("slotscan", unit), lambda: SlotScanKernel(unit), _fake(_i32p(5), 3)),
-        "slot_scatter": (("slotidx", True, causal, dtype_name, head_dim, "merged"),
-                         lambda: SlotIndexKernel(True, causal, dt, head_dim, True), fake_args_index(dt)),
+        "pair_list": (("pairlist", causal), lambda: PairListKernel(causal), _fake(_i32p(6), 6)),
     }
     if causal:
         # the diagonal kernel's state pointers carry the partials: oacc = part_o, mst = part_lse
@@ -306,7 +305,9 @@ class _SlotIndexPlan:
         self.bm = bm
         self.s0 = 1 if causal else 0
         self.kp = K - self.s0  # gather slots per (row, head)
-        self.merged = unit is not None  # all slots in one pass (sm90 segment kernel), units of `unit` rows
+        # all slots in one pass (sm90 segment kernel), units of `unit` rows; its lists come from the
+        # routing's key-major index (PairListKernel), packed at each segment's offset there
+        self.merged = unit is not None
         self.npass = min(self.kp, 1) if self.merged else self.kp
         self.nseg = nseg
         self.causal = causal
@@ -320,13 +321,17 @@ class _SlotIndexPlan:
         _i32(self.tiles_bound, "tile table")
         _i32(rows_tot * max(self.kp, 1), "per-slot row lists")
         self.idx_blocks = (rows_tot + 255) // 256
-        self.prep_blocks = max(1, min((self.n_counts + 255) // 256, 512))
+        # (the merged counts are written whole by PairListKernel: nothing to zero)
+        self.n_zero = 0 if self.merged else self.n_counts
+        self.prep_blocks = max(1, min((self.n_zero + 255) // 256, 512))
+        self.list_cap = rows_tot * K if self.merged else rows_tot * max(self.kp, 1)
+        _i32(self.list_cap, "pair lists")
         self.mt_bound = (total_q + B * (bm - 1)) // bm
         self.gather = self.npass > 0 and nseg > 0 and rows_tot > 0
         self.layout = layout = common.WorkspaceLayout()
         for name, n in (("nused", rows_tot), ("counts", self.n_counts), ("seg_off", self.n_counts + 1),
                         ("tile_off", self.n_counts + 1), ("tile_seg", self.tiles_bound),
-                        ("pass_tiles", self.npass + 1), ("rows_list", rows_tot * max(self.kp, 1)),
+                        ("pass_tiles", self.npass + 1), ("rows_list", self.list_cap),
                         ("cu_mt", B + 1)):
             layout.add(name, 4 * n)
 
@@ -334,17 +339,24 @@ class _SlotIndexPlan:
         return (self.bm, self.merged, self.npass, self.nseg, self.layout.offsets, self.layout.nbytes) == (
             other.bm, other.merged, other.npass, other.nseg, other.layout.offsets, other.layout.nbytes)
 
-    def launch(self, ks, p, sel, cu_q, cu_chunks, out, lse, B, total_q, H, K, stream):
+    def launch(self, ks, p, sel, cu_q, cu_chunks, out, lse, B, total_q, H, K, stream, offsets=None,
+               query_rows=None):
         """The index into workspace pieces ``p`` (name -> address). Non-causal rows with no usable
-        slot get ``out = 0, lse = -inf`` (the backward passes dq as ``out``: zero rows)."""
-        ks["slot_prep"](p["counts"], cu_q, p["cu_mt"], self.n_counts, B, total_q, self.prep_blocks, stream)
+        slot and causal rows outside every sequence get ``out = 0, lse = -inf`` (the backward
+        passes dq as ``out``: zero rows). The merged lists read the routing's key-major index
+        (``offsets``, ``query_rows``)."""
+        ks["slot_prep"](p["counts"], cu_q, p["cu_mt"], self.n_zero, B, total_q, self.prep_blocks, stream)
         idx_args = (sel, cu_q, cu_chunks, p["counts"], p["rows_list"], p["nused"], out, lse, B, total_q, H, K,
                     self.nseg, self.idx_blocks, stream)
         ks["slot_count"](*idx_args)
         if self.gather:
+            if self.merged:
+                ks["pair_list"](sel, cu_chunks, offsets, query_rows, p["rows_list"], p["counts"], B, total_q, H, K,
+                                self.nseg, self.list_cap, stream)
             ks["slot_scan"](p["counts"], p["seg_off"], p["tile_off"], p["tile_seg"], p["pass_tiles"], self.nseg,
                             self.npass, self.tiles_bound, stream)
-            ks["slot_scatter"](*idx_args)
+            if not self.merged:
+                ks["slot_scatter"](*idx_args)
 
     def pass_args(self, p, sp):
         """The index pointers of gather pass ``sp`` (0-based among the gather passes)."""
@@ -509,9 +521,9 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
     p_out, p_lse = out.data_ptr(), lse.data_ptr()
     B = plan.B
-    ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream)
+    ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream, p_offsets, p_rows)
     if plan.sm90:
-        _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, scale_log2, stream)
+        _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offsets, scale_log2, stream)
         return (out, lse, None) if want_index else (out, lse)
     head = (q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["oacc"], p["mst"], p["lst"], p["nused"],
             cu_q, cu_k, cu_chunks)
@@ -528,15 +540,15 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     return (out, lse, held[1]) if keep_index else (out, lse)
 
 
-def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, scale_log2, stream):
+def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offsets, scale_log2, stream):
     """The sm90 schedule after the index: the segment kernel writes every gather pair's
     partial; the diagonal kernel (causal) or the merge kernel writes out/lse."""
     ks, ix = plan.ks, plan.index
     B, total_q, H = plan.B, plan.total_q, plan.H
     if ix.gather:
         ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
-                  p["pass_tiles"], p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], B, plan.total_k, H,
-                  plan.Hk, plan.C, ix.kp, ix.bound_pass, scale_log2, stream)
+                  p["pass_tiles"], p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets, B,
+                  plan.total_k, H, plan.Hk, plan.C, ix.kp, ix.bound_pass, scale_log2, stream)
     if plan.causal:
         unused = p["nused"]
         ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,

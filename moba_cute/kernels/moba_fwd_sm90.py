@@ -4,8 +4,8 @@ warp specialization with ``setmaxnreg``).
 Schedule (docs/design.md, section 8): every selected (row, head, chunk) pair except the causal
 own chunk is computed by one launch of :class:`MobaFwdSm90`. Its work unit is up to
 ``SUB * 64`` consecutive entries of one (global chunk g, head h) segment of the all-slot
-key-major index (:class:`~moba_cute.kernels.slot_index.SlotIndexKernel` with
-``merged=True``): every row that chose chunk g in any slot. An entry is the pair's index
+pair lists (:class:`~moba_cute.kernels.slot_index.PairListKernel`, from the routing's
+key-major index): every row that chose chunk g in a gather slot. An entry is the pair's index
 ``p = (row * H + h) * KP + slot - s0`` into the partial buffers. The CTA:
 
 * producer warpgroup (``setmaxnreg`` down): gathers each 64-row sub-tile of query rows with
@@ -77,11 +77,13 @@ def acc_as_a_operand(t: cute.Tensor) -> cute.Tensor:
 
 @cute.jit
 def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer,
-                 cu_k: cute.Pointer, cu_chunks: cute.Pointer, T: Int32, rows_per_unit: Int32, seg_base: Int32,
-                 B: Int32, total_k: Int32, H: Int32, chunk_size: Int32):
+                 seg_start: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer, T: Int32,
+                 rows_per_unit: Int32, seg_base: Int32, B: Int32, total_k: Int32, H: Int32, chunk_size: Int32):
     """Work unit ``T`` of a key-major gather launch (``tiles`` = [first, end) units): its first
     index entry, entry count, head, and the chunk's key range ``[ks + kbeg, ks + kend)``.
-    ``nrows == 0`` for units past the end or of empty chunks (garbage cu_seqlens)."""
+    Segment ``sp`` holds ``seg_off[sp + 1] - seg_off[sp]`` entries from ``seg_start[sp]`` (the
+    same array as ``seg_off`` for packed lists). ``nrows == 0`` for units past the end or of
+    empty chunks (garbage cu_seqlens)."""
     tq = _flat(tiles)
     r0 = Int32(0)
     nrows = Int32(0)
@@ -92,8 +94,8 @@ def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Poin
     if T < tq[1]:
         sp = _flat(tile_seg)[T]
         tso = _flat(seg_off)
-        o = tso[sp]
-        n = tso[sp + 1] - o
+        o = _flat(seg_start)[sp]
+        n = tso[sp + 1] - tso[sp]
         r0 = o + (T - _flat(tile_off)[sp]) * rows_per_unit
         nrows = cutlass.min(rows_per_unit, o + n - r0)
         seg = sp - seg_base
@@ -155,6 +157,7 @@ class MobaFwdSm90:
         tile_seg: cute.Pointer,
         seg_off: cute.Pointer,
         tile_off: cute.Pointer,
+        seg_start: cute.Pointer,
         B: Int32,
         total_k: Int32,
         H: Int32,
@@ -192,7 +195,7 @@ class MobaFwdSm90:
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
-            seg_off, tile_off, B, total_k, H, Hk, chunk_size, KP, scale_log2, sQ_layout, sKV_layout,
+            seg_off, tile_off, seg_start, B, total_k, H, Hk, chunk_size, KP, scale_log2, sQ_layout, sKV_layout,
             tiled_mma_qk, tiled_mma_pv, Storage,
         ).launch(grid=(grid_x, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
                  min_blocks_per_mp=CONSUMER_REGS[self.NWG][1],
@@ -215,6 +218,7 @@ class MobaFwdSm90:
         tile_seg: cute.Pointer,
         seg_off: cute.Pointer,
         tile_off: cute.Pointer,
+        seg_start: cute.Pointer,
         B: Int32,
         total_k: Int32,
         H: Int32,
@@ -252,9 +256,9 @@ class MobaFwdSm90:
         sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
 
         UNIT = BM * self.SUB
-        r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, cu_k, cu_chunks,
-                                                    _flat(tiles)[0] + bid, Int32(UNIT), Int32(0), B, total_k,
-                                                    H, chunk_size)
+        r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k,
+                                                    cu_chunks, _flat(tiles)[0] + bid, Int32(UNIT), Int32(0), B,
+                                                    total_k, H, chunk_size)
         nsub = (nrows + BM - 1) // BM
         nblk = (kend - kbeg + self.BN - 1) // self.BN
         cute.arch.sync_threads()  # barrier init visible to both warpgroups

@@ -1,8 +1,9 @@
-"""Per-slot key-major index for the slot-pass MoBA forward (CuTe DSL).
+"""Per-slot key-major index for the slot-pass MoBA forward, and the all-slot pair lists of
+the sm90 segment forward (CuTe DSL).
 
 For every gather pass ``s' = s - s0`` (``s0 = 1`` causal: slot 0, the own chunk, is handled by
-the dense diagonal pass; ``s0 = 0`` non-causal) the forward needs the rows that chose each
-(global chunk g, head h) in routing slot ``s``. Segments are numbered
+the dense diagonal pass; ``s0 = 0`` non-causal) the slot-pass forward needs the rows that chose
+each (global chunk g, head h) in routing slot ``s``. Segments are numbered
 ``seg' = s' * nseg + g * H + h`` (``nseg = num_chunks_bound * H``), so one pass's segments are
 contiguous.
 
@@ -10,9 +11,10 @@ contiguous.
 
 * ``scatter=False``: ``nused[row, head]`` = number of leading usable slots (``0 <= chunk <
   chunks of the row's sequence``; the first unusable slot ends the list), ``counts[seg'] += 1``
-  for every gather slot (integer atomics: counts are exact), and, non-causal only, rows with no
-  usable slot get ``out = 0``, ``lse = -inf`` (causal empty rows are written by the diagonal
-  pass, which covers every row).
+  for every gather slot (integer atomics: counts are exact), and rows that no other kernel
+  writes get ``out = 0``, ``lse = -inf``: non-causal, rows with no usable slot; causal, rows
+  outside every sequence (only garbage ``cu_seqlens`` leave such rows; the diagonal pass covers
+  the rows of every sequence).
 * ``scatter=True``: after :class:`SlotScanKernel` turned ``counts`` into the segments' start
   offsets (the cursor), ``rows_list[atomic_add(counts[seg'], 1)] = row``.
 
@@ -24,6 +26,14 @@ each pass's tile range), scatter.
 The order of rows inside a segment depends on timing, but the forward's result for a row does
 not depend on its place in a tile, so the output is still bitwise deterministic. Everything is
 clamped: garbage ``cu_seqlens`` cannot make it write out of bounds.
+
+The sm90 segment forward (``merged``) takes one segment per (global chunk, head) for all gather
+slots. Its lists come from the routing's own key-major index, which already holds every
+segment's rows in ascending order: :class:`PairListKernel` (one CTA per segment) turns each
+entry into the pair index the segment kernel writes its partial to, with no global atomics
+(on the H200 the atomic count and scatter passes took 1.5 ms at 64K flashmoba, contending on
+~1000 increments per segment counter). The count pass then only writes ``nused`` and the empty
+rows.
 """
 
 from __future__ import annotations
@@ -47,11 +57,11 @@ def _t(ptr):
 class SlotIndexKernel:
     """Compile key: ("slotidx", scatter, causal, dtype_name, head_dim[, "merged"]).
 
-    ``merged=True`` (the sm90 segment forward, :mod:`moba_cute.kernels.moba_fwd_sm90`): one
-    segment per (global chunk, head) for all gather slots, ``seg = g * H + h``, and the entry is
-    the pair index ``(row * H + h) * KP + s - s0`` (``KP = topk - s0``) instead of the row."""
+    ``merged=True`` (the sm90 segment forward, :mod:`moba_cute.kernels.moba_fwd_sm90`): the
+    count pass alone, without segment counts (:class:`PairListKernel` builds the lists)."""
 
     def __init__(self, scatter: bool, causal: bool, dtype, head_dim: int, merged: bool = False):
+        assert not (merged and scatter), "the merged lists come from PairListKernel"
         self.merged = bool(merged)
         self.scatter = bool(scatter)
         self.causal = bool(causal)
@@ -123,25 +133,92 @@ class SlotIndexKernel:
                         nu = nu + 1
             if cutlass.const_expr(not self.scatter):
                 _t(nused)[idx] = nu
-                if cutlass.const_expr(not self.causal):
-                    if nu == 0:
-                        D = self.D
-                        tout = cute.make_tensor(out + Int64(idx) * Int64(D), cute.make_layout(D))
-                        for d in cutlass.range(D):
-                            tout[d] = self.dtype(0.0)
-                        _t(lse)[Int64(h) * Int64(total_q) + Int64(i)] = -Float32.inf
-            for s in cutlass.range(s0, nu):
-                seg = (cc0 + tsel[s]) * H + h
-                if cutlass.const_expr(not self.merged):
-                    seg = seg + (s - s0) * nseg
-                if cutlass.const_expr(self.scatter):
-                    pos = cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(1))
-                    if cutlass.const_expr(self.merged):
-                        _t(rows_list)[pos] = idx * (topk - s0) + (s - s0)
-                    else:
+                empty = nu == 0
+                if cutlass.const_expr(self.causal):
+                    empty = (i < qs) | (i >= qe)  # the diagonal pass writes every row of a sequence
+                if empty:
+                    D = self.D
+                    tout = cute.make_tensor(out + Int64(idx) * Int64(D), cute.make_layout(D))
+                    for d in cutlass.range(D):
+                        tout[d] = self.dtype(0.0)
+                    _t(lse)[Int64(h) * Int64(total_q) + Int64(i)] = -Float32.inf
+            if cutlass.const_expr(not self.merged):
+                for s in cutlass.range(s0, nu):
+                    seg = (cc0 + tsel[s]) * H + h + (s - s0) * nseg
+                    if cutlass.const_expr(self.scatter):
+                        pos = cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(1))
                         _t(rows_list)[pos] = i
-                else:
-                    cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(1))
+                    else:
+                        cute.arch.atomic_add((counts + seg).llvm_ptr, Int32(1))
+
+
+class PairListKernel:
+    """The sm90 segment forward's entry lists, from the routing's key-major index (``offsets``,
+    ``query_rows``: every (global chunk g, head h) segment's rows, ascending). One CTA per
+    segment ``seg = g * H + h``: for each entry (row ``i``) it finds the slot ``s`` of chunk g in
+    ``selection[i, h]`` and, for a gather slot (``s >= s0``: causal own chunks are the diagonal
+    kernel's), writes the pair index ``(i * H + h) * KP + s - s0`` to
+    ``rows_list[offsets[seg] + n]``, ``n`` counting the segment's pairs in row order (a block
+    scan per 256 entries); ``counts[seg]`` = the segment's pairs. Deterministic, no global
+    atomics. Entries whose row or slot does not check out (a routing built for other inputs)
+    are dropped, and every index is clamped: a wrong routing gives wrong results, never an
+    access out of bounds. Compile key: ("pairlist", causal)."""
+
+    def __init__(self, causal: bool):
+        self.causal = bool(causal)
+        self.nthr = THREADS
+
+    @cute.jit
+    def __call__(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
+                 rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32,
+                 nseg: Int32, cap: Int32, stream: cuda.CUstream):
+        self.kernel(sel, cu_chunks, offsets, query_rows, rows_list, counts, B, total_q, H, topk, cap).launch(
+            grid=(nseg, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
+               rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32,
+               cap: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        seg, _, _ = cute.arch.block_idx()
+        NW = self.nthr // 32
+        s0 = 1 if cutlass.const_expr(self.causal) else 0
+        smem = cutlass.utils.SmemAllocator()
+        s_w = smem.allocate_tensor(Int32, cute.make_layout(NW + 1), 16)
+        g = seg // H
+        h = seg - g * H
+        b = find_segment(cu_chunks, B, g)
+        gl = g - _t(cu_chunks)[b]  # the chunk's index in its sequence, as the selection holds it
+        to = _t(offsets)
+        o0 = cutlass.min(cutlass.max(to[seg], Int32(0)), cap)
+        o1 = cutlass.min(cutlass.max(to[seg + 1], o0), cap)
+        tqr = _t(query_rows)
+        trl = _t(rows_list)
+        kp = topk - s0
+        n = Int32(0)
+        for base in cutlass.range(o0, o1, self.nthr, unroll=1):
+            e = base + tid
+            pair = Int32(-1)
+            if e < o1:
+                i = tqr[e]
+                if (i >= 0) & (i < total_q):
+                    ridx = i * H + h
+                    tsel = _t(sel + Int64(ridx) * Int64(topk))
+                    slot = Int32(-1)
+                    for s in cutlass.range(topk, unroll=4):
+                        if (slot < 0) & (tsel[s] == gl):
+                            slot = s
+                    if slot >= s0:
+                        pair = ridx * kp + slot - s0
+            flag = Int32(0)
+            if pair >= 0:
+                flag = Int32(1)
+            pre, tot = block_exclusive_scan(flag, s_w, tid, NW)
+            if pair >= 0:
+                trl[o0 + n + pre] = pair
+            n = n + tot
+        if tid == 0:
+            _t(counts)[seg] = n
 
 
 class SlotPrepKernel:
