@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one public MoBA call (GPU machine), from the PyTorch profiler:
 
-    python -m benchmarks.kernel_times [--S 8192,65536] [--backward] [--tiles bn,sub,stages,consumers]
+    python -m benchmarks.kernel_times [--S 8192,65536] [--backward] [--tiles bn,sub,stages]
 
 flashmoba shape (B=2, H=Hk=16, D=128, C=128, K=8, bf16, causal), routing included, after
 warm-up. Prints each kernel's mean time over ``--reps`` calls, grouped by kernel name, and the

@@ -41,9 +41,9 @@ def test_sm90_forward_compiles_without_spills(key, spec):
 
 def test_sm90_configs_fit_their_ctas_per_sm():
     for D in cfg90.FWD_TILES:
-        for bn, sub, kst, nwg in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
-            assert cfg90.ctas_per_sm(nwg) * cfg90.fwd_smem_bytes(D, bn, kst, nwg) <= cfg90.SMEM_PER_SM, D
-            assert sub >= 1 and bn % 16 == 0 and nwg in (1, 2)
+        for bn, sub, kst in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
+            assert cfg90.CTAS_PER_SM * cfg90.fwd_smem_bytes(D, bn, kst) <= cfg90.SMEM_PER_SM, D
+            assert sub >= 1 and bn % 16 == 0 and kst >= 1
 
 
 def test_sm90_dispatch():

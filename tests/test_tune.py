@@ -216,13 +216,13 @@ def test_malformed_file_warns_once_and_is_ignored(isolated, on_device, body, wha
 def test_bad_entries_are_rejected_with_one_warning(isolated, on_device):
     body = _table({"sm90_fwd": {
         CLS: SM90_ALT,  # valid: kept
-        "bf16-d128-causal-c128-k8-rows2^21": (64, 4, 1, 1),  # not a shipped tile
+        "bf16-d128-causal-c128-k8-rows2^21": (64, 4, 1),  # not a shipped tile
         "bf16-d96-causal-c128-k8-rows2^21": SM90_DEFAULT,  # no sm90 tiles for D = 96
-        "bf16-d128-causal-c128-k8-rows2^22": (128, 8, 1),  # wrong length: not a candidate either
+        "bf16-d128-causal-c128-k8-rows2^22": (128, 8, 1, 1),  # wrong length: not a candidate either
         "bf16-d128-causal-c128-k8": SM90_ALT,  # no rows bucket
     }, "sm80_fwd": {"bf16-d64-causal-c128-k8-rows2^18": (64, 80, 128, 3)},  # stages not compiled
         "topk": {CLS: (128, 32, 1, 32, 4, 1)}})  # not a tuned family
-    body["devices"][DEV]["entries"]["sm90_fwd"]["bf16-d128-causal-c256-k8-rows2^18"] = {"tile": "128,8,1,2"}
+    body["devices"][DEV]["entries"]["sm90_fwd"]["bf16-d128-causal-c256-k8-rows2^18"] = {"tile": "128,8,1"}
     body["devices"]["Broken GPU"] = {"entries": []}
     _write(_user(isolated), body)
     with warnings.catch_warnings(record=True) as w:
@@ -235,14 +235,14 @@ def test_bad_entries_are_rejected_with_one_warning(isolated, on_device):
         assert tuned.lookup("sm90_fwd", 128, "bf16-d128-causal-c256-k8-rows2^18", 0) is None
     msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]
     assert len(msgs) == 1, msgs
-    assert "ignoring 8 entries" in msgs[0] and "[64, 4, 1, 1] is not a shipped sm90_fwd tile" in msgs[0]
+    assert "ignoring 8 entries" in msgs[0] and "[64, 4, 1] is not a shipped sm90_fwd tile" in msgs[0]
     good, problems = tuned.validate_table(body)
     assert good == {DEV: {"sm90_fwd": {CLS: SM90_ALT}}} and len(problems) == 8
 
 
 def test_tile_override_refuses_unshipped_tiles():
     with pytest.raises(ValueError, match="not a shipped sm90_fwd tile"):
-        with al.tile_override("sm90_fwd", (64, 4, 1, 1)):
+        with al.tile_override("sm90_fwd", (64, 4, 1)):
             pass
     with pytest.raises(ValueError, match="unknown tile family"):
         with al.tile_override("sm100_fwd", SM90_DEFAULT):

@@ -25,12 +25,12 @@ Table format (JSON)::
          "entries": {
            "sm90_fwd": {                               # kernel family
              "bf16-d128-causal-c128-k8-rows2^21": {    # shape class, see shape_class()
-               "tile": [128, 8, 1, 1],                 # required; the rest is informational
+               "tile": [128, 8, 1],                    # required; the rest is informational
                "ms": 8.52, "default_ms": 8.52,         # the tuner's medians: chosen, built-in
-               "times_ms": {"128,8,1,1": 8.52, ...},   # every candidate (null: failed)
+               "times_ms": {"128,8,1": 8.52, ...},   # every candidate (null: failed)
                "shape": "B=2 H=16/16 ...", "date": "2026-12-04"}}}}}}
 
-Families and their tiles: ``sm90_fwd`` (bn, sub, kv_stages, consumers) of the sm90 segment
+Families and their tiles: ``sm90_fwd`` (bn, sub, kv_stages) of the sm90 segment
 kernel; ``sm80_fwd`` (bm, bn, threads, stages) of the sm80 slot-pass forward. The user's
 entries replace the shipped ones class by class.
 

@@ -197,9 +197,9 @@ def uses_sm90(dtype_name, head_dim, arch):
 
 
 def sm90_tiles(head_dim, shape_class=None, device=None):
-    """(bn, sub, kv_stages, consumers) of the sm90 segment kernel: for a launch plan
+    """(bn, sub, kv_stages) of the sm90 segment kernel: for a launch plan
     (``shape_class`` given) the tuner's override first; then ``MOBA_CUTE_SM90_TILES=bn,sub,
-    stages[,consumers]`` (tile sweeps); then, for a plan, the tuned tables' tile for
+    stages`` (tile sweeps); then, for a plan, the tuned tables' tile for
     ``shape_class`` on CUDA device index ``device`` (configs/tuned.py); else
     configs/attention_sm90.py."""
     t = None
@@ -210,7 +210,9 @@ def sm90_tiles(head_dim, shape_class=None, device=None):
     env = os.environ.get("MOBA_CUTE_SM90_TILES")
     if env:
         t = tuple(int(x) for x in env.split(","))
-        return t + (1,) * (4 - len(t))
+        if len(t) != 3:
+            raise ValueError(f"MOBA_CUTE_SM90_TILES must be bn,sub,kv_stages (three integers), not {env!r}")
+        return t
     if shape_class is not None:
         t = tuned.lookup("sm90_fwd", head_dim, shape_class, device)
     return t if t is not None else tuple(cfg90.FWD_TILES[head_dim])
@@ -245,13 +247,13 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
 
     dt = _cdt(dtype_name)
     F = _cdt_f32()
-    bn, sub, kst, nwg = tile if tile is not None else sm90_tiles(head_dim)
+    bn, sub, kst = tile if tile is not None else sm90_tiles(head_dim)
     unit = 64 * sub
     bm, dbn, nt, st = tiles(head_dim)
     causal = bool(causal)
     specs = {
-        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, nwg),
-                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, nwg),
+        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst),
+                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst),
                 _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(8), 7, 1)),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),

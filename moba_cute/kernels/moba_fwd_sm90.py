@@ -14,21 +14,21 @@ key-major index): every row that chose chunk g in a gather slot. An entry is the
   the chunk's K and V n-blocks with TMA (``cp.async.bulk.tensor``, ``PipelineTmaAsync``).
   A chunk that fits one n-block (``C <= BN``: the flashmoba shape) is loaded once for all
   sub-tiles of the unit;
-* consumer warpgroup(s) (``setmaxnreg`` up; with two, they take alternate sub-tiles): per sub-tile and n-block ``S = Q K^T`` (SS
+* consumer warpgroup (``setmaxnreg`` up): per sub-tile and n-block ``S = Q K^T`` (SS
   ``wgmma``), mask, online softmax (exp2, scale folded into the log2 domain), ``O += P V``
   (RS ``wgmma``: P stays in registers), then writes the pair's *normalized* partial output
   ``part_o[p] = O / l`` (input dtype) and ``part_lse[p] = m * scale_log2 + log2(l)`` (fp32,
   log2 domain).
 
-One consumer warpgroup (shipped): two CTAs per SM (128 launch registers, 40 / 216 after
-``setmaxnreg``) overlap one CTA's loads with the other's math. Two (``consumers=2``, not yet
-measured): one CTA per SM (168 launch registers, 40 / 232 / 232). The partials are merged with the own chunk by the diagonal kernel
+Two CTAs run per SM (128 launch registers, 40 / 216 after ``setmaxnreg``), so one CTA's loads
+overlap the other's math. (A variant with two consumer warpgroups in one CTA per SM taking
+alternate sub-tiles measured slower on the H200: 5.1 against 4.1 ms at 64K flashmoba.) The partials are merged with the own chunk by the diagonal kernel
 (causal: :class:`~moba_cute.kernels.moba_fwd_sm80.MobaFwdSm80` with ``merge=True``) or by
 :class:`~moba_cute.kernels.merge.MergeKernel` (non-causal), which write ``out`` and ``lse``.
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
 partials in slot order, so the result is bitwise deterministic.
 
-Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages[, consumers])``; sizes are
+Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)``; sizes are
 runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors built per call on the host.
 """
 
@@ -48,9 +48,9 @@ from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum
 
 BM = 64  # rows of one consumer warpgroup's wgmma (m64)
 PRODUCER_REGS = 40
-# consumer warpgroups -> (registers after setmaxnreg, CTAs per SM): 40 + 216 = 2 * 128 (two CTAs
-# of 256 threads); 40 + 2 * 232 = 3 * 168 (one CTA of 384 threads)
-CONSUMER_REGS = {1: (216, 2), 2: (232, 1)}
+# consumer registers after setmaxnreg: 40 + 216 = 2 * 128 (two CTAs of 256 threads per SM)
+CONSUMER_REGS = 216
+CTAS_PER_SM = 2
 
 
 def acc_mn_view(t: cute.Tensor) -> cute.Tensor:
@@ -114,26 +114,20 @@ def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Poin
 class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
-    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
-                 consumers: int = 1):
+    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
-        assert consumers in (1, 2)
         self.dtype = dtype
         self.D = head_dim
         self.BN = bn
         self.SUB = sub
         self.KS = kv_stages
-        # consumers = 2: one CTA per SM whose two consumer warpgroups take alternate sub-tiles
-        # (one's softmax and epilogue overlap the other's MMAs); 1: two CTAs per SM
-        self.NWG = consumers
-        self.QS = 2 * consumers  # two Q stages per consumer warpgroup
-        self.THREADS = 128 * (1 + consumers)
+        self.QS = 2  # Q ring stages
+        self.THREADS = 256  # producer and consumer warpgroups
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, consumers: int = 1):
-        key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
-        return key if consumers == 1 else key + (int(consumers),)
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int):
+        return ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -198,8 +192,7 @@ class MobaFwdSm90:
             seg_off, tile_off, seg_start, B, total_k, H, Hk, chunk_size, KP, scale_log2, sQ_layout, sKV_layout,
             tiled_mma_qk, tiled_mma_pv, Storage,
         ).launch(grid=(grid_x, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
-                 min_blocks_per_mp=CONSUMER_REGS[self.NWG][1],
-                                                                               preferred_smem_carveout=100)
+                 min_blocks_per_mp=CTAS_PER_SM, preferred_smem_carveout=100)
 
     @cute.kernel
     def kernel(
@@ -269,7 +262,7 @@ class MobaFwdSm90:
                 self.producer(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
                               nsub, nblk, h // (H // Hk), ks + kbeg, KP, tid, warp)
         else:
-            cute.arch.setmaxregister_increase(CONSUMER_REGS[self.NWG][0])
+            cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nrows > 0:
                 self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
                               r0, nrows, nsub, nblk, kend - kbeg, scale_log2, tid - 128)
@@ -328,10 +321,8 @@ class MobaFwdSm90:
                  tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
                  scale_log2: Float32, ctid: Int32):
         D, BN, dt = self.D, self.BN, self.dtype
-        wg = ctid // 128  # this consumer warpgroup: sub-tiles wg, wg + NWG, ...
-        wtid = ctid - wg * 128
-        thr_qk = tiled_mma_qk.get_slice(wtid)
-        thr_pv = tiled_mma_pv.get_slice(wtid)
+        thr_qk = tiled_mma_qk.get_slice(ctid)
+        thr_pv = tiled_mma_pv.get_slice(ctid)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
         tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK))
         sVt = cute.composition(sV, cute.make_ordered_layout((D, BN, self.KS), order=(1, 0, 2)))
@@ -352,21 +343,19 @@ class MobaFwdSm90:
         trl = _flat(rows_list)
         tpl = _flat(part_lse)
         lane = ctid % 32
-        NWG = self.NWG
 
         kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
         if nblk == 1:
-            # the chunk fits one n-block: loaded once for the whole unit, read by every consumer
-            # warpgroup, never released
+            # the chunk fits one n-block: loaded once for the whole unit, never released
             pipe_kv.consumer_wait(kv_first)
             if nkeys < BN:
                 # keys past the chunk (the next chunk or sequence, or TMA's zero fill) get
                 # probability 0; zero their V rows so that a non-finite value there cannot
                 # reach O as 0 * inf
-                self.zero_v_tail(sV, Int32(0), nkeys, ctid, 128 * NWG, 1)
-        for t in cutlass.range(wg, nsub, NWG, unroll=1):
+                self.zero_v_tail(sV, Int32(0), nkeys, ctid, 1)
+        for t in cutlass.range(nsub, unroll=1):
             # the producer fills the Q ring in sub-tile order: sub-tile t is stage t % QS, phase
-            # (t // QS) % 2; each stage is read by one warpgroup
+            # (t // QS) % 2
             q_state = pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2)
             pipe_q.consumer_wait(q_state)
             # the gathered rows were written by cp.async (generic proxy); wgmma reads them
@@ -385,7 +374,7 @@ class MobaFwdSm90:
                     kv_idx = b % self.KS
                     nvalid = nkeys - n * BN
                     if nvalid < BN:
-                        self.zero_v_tail(sV, kv_idx, nvalid, wtid, 128, 2 + wg)
+                        self.zero_v_tail(sV, kv_idx, nvalid, ctid, 1)
                 # ---- S = Q K^T
                 warpgroup.fence()
                 atom = cute.make_mma_atom(tiled_mma_qk.op)
@@ -457,11 +446,13 @@ class MobaFwdSm90:
                         tpl[p] = val
 
     @cute.jit
-    def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, tid: Int32, nthr: cutlass.Constexpr,
+    def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, tid: Int32,
                     bar_id: cutlass.Constexpr):
-        """Zero V rows ``[nvalid, BN)`` of a stage (``nthr`` consumer threads, then named barrier
-        ``bar_id`` among them; generic-proxy writes fenced for the wgmma that reads them)."""
+        """Zero V rows ``[nvalid, BN)`` of a stage (the consumer warpgroup, then named barrier
+        ``bar_id`` among its 128 threads; generic-proxy writes fenced for the wgmma that reads
+        them)."""
         D, BN = self.D, self.BN
+        nthr = 128
         for i in cutlass.range(tid, BN * D, nthr):
             rr = i // D
             if rr >= nvalid:
