@@ -83,7 +83,11 @@ _MEMO = [None, None]  # (key, layout) of the last padding mask / position_ids se
 def _once_per_forward(what, t, Sq, Sk, build):
     """The varlen layout derived from ``t`` (the padding mask or the position_ids: the same
     tensor object in every layer of one forward), built once per forward instead of once per
-    layer (it needs host synchronizations). Keyed by the tensor object and its version."""
+    layer (it needs host synchronizations). Keyed by the tensor object and its version.
+    Inference tensors (made under ``torch.inference_mode``) have no version counter, so an
+    in-place change between two forwards could not be seen: their layout is built every time."""
+    if t.is_inference():
+        return build()
     key = _MEMO[0]
     if key is not None and key[0] == what and key[1] is t and key[2:] == (t._version, Sq, Sk):
         return _MEMO[1]
