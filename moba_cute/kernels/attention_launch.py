@@ -237,9 +237,11 @@ def tile_override(family, tile):
         FWD_PLANS.clear()
 
 
-def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
+def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
-    all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel)."""
+    all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
+    ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
+    (None: both variants, for the compile tests)."""
     from .merge import MergeKernel
     from .moba_fwd_sm80 import MobaFwdSm80
     from .moba_fwd_sm90 import MobaFwdSm90
@@ -259,8 +261,12 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None):
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
                        lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),
         "slot_scan": (("slotscan", unit), lambda: SlotScanKernel(unit), _fake(_i32p(5), 3)),
-        "pair_list": (("pairlist", causal), lambda: PairListKernel(causal), _fake(_i32p(6), 6)),
     }
+    for vec in (1, 4):
+        if topk is None or vec == (4 if topk % 4 == 0 else 1):
+            specs["pair_list" if topk is not None else f"pair_list_v{vec}"] = (
+                ("pairlist", causal, vec), lambda v=vec: PairListKernel(causal, v),
+                _fake([(_i32p(1)[0][0], 16 if vec == 4 else 4)] + _i32p(5), 6))
     if causal:
         # the diagonal kernel's state pointers carry the partials: oacc = part_o, mst = part_lse
         fake = _fake([(dt, 16)] * 4 + [(F, 4), (dt, 16), (F, 4), (F, 4)] + _i32p(9), 10, 1)
@@ -426,7 +432,8 @@ class FwdPlan(_PlanBase):
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
             self.merge_blocks = _merge_blocks(self.rows)
-            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile), arch)
+            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K),
+                                       arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)
         bm = self.tile[0]
@@ -477,8 +484,9 @@ BWD_PLANS = common.PlanCache(BwdPlan)
 def _routing_ptrs(routing):
     """The routing tensors the kernels read (contiguous; held by the caller while it launches)
     and their addresses: cu_seqlens_q, cu_seqlens_k, cu_chunks, selection, offsets, query_rows."""
-    ts = [common.contiguous(t) for t in (routing.cu_seqlens_q, routing.cu_seqlens_k, routing.cu_chunks,
-                                         routing.selection, routing.offsets, routing.query_rows)]
+    ts = [common.contiguous(t) for t in (routing.cu_seqlens_q, routing.cu_seqlens_k, routing.cu_chunks)]
+    ts += [common.kernel_input(routing.selection)]  # 16-byte aligned: the sm90 pair lists load vectors
+    ts += [common.contiguous(t) for t in (routing.offsets, routing.query_rows)]
     return ts, [t.data_ptr() for t in ts]
 
 

@@ -162,10 +162,14 @@ class PairListKernel:
     scan per 256 entries); ``counts[seg]`` = the segment's pairs. Deterministic, no global
     atomics. Entries whose row or slot does not check out (a routing built for other inputs)
     are dropped, and every index is clamped: a wrong routing gives wrong results, never an
-    access out of bounds. Compile key: ("pairlist", causal)."""
+    access out of bounds. ``vec = 4`` (``topk % 4 == 0``, ``selection`` 16-byte aligned) reads
+    a row's slots in 16-byte vectors: the lookup is latency-bound, one dependent load per slot
+    otherwise. Compile key: ("pairlist", causal, vec)."""
 
-    def __init__(self, causal: bool):
+    def __init__(self, causal: bool, vec: int = 1):
+        assert vec in (1, 4)
         self.causal = bool(causal)
+        self.vec = int(vec)
         self.nthr = THREADS
 
     @cute.jit
@@ -203,11 +207,20 @@ class PairListKernel:
                 i = tqr[e]
                 if (i >= 0) & (i < total_q):
                     ridx = i * H + h
-                    tsel = _t(sel + Int64(ridx) * Int64(topk))
                     slot = Int32(-1)
-                    for s in cutlass.range(topk, unroll=4):
-                        if (slot < 0) & (tsel[s] == gl):
-                            slot = s
+                    if cutlass.const_expr(self.vec == 4):
+                        for s4 in cutlass.range(topk // 4, unroll=2):
+                            x = cute.make_rmem_tensor(cute.make_layout(4), Int32)
+                            src = sel + (Int64(ridx) * Int64(topk) + Int64(s4 * 4))
+                            cute.autovec_copy(cute.make_tensor(src.align(16), cute.make_layout(4)), x)
+                            for u in cutlass.range_constexpr(4):
+                                if (slot < 0) & (x[u] == gl):
+                                    slot = s4 * 4 + u
+                    else:
+                        tsel = _t(sel + Int64(ridx) * Int64(topk))
+                        for s in cutlass.range(topk, unroll=4):
+                            if (slot < 0) & (tsel[s] == gl):
+                                slot = s
                     if slot >= s0:
                         pair = ridx * kp + slot - s0
             flag = Int32(0)
