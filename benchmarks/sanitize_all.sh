@@ -14,7 +14,8 @@
 # Environment: PYTHON (default python3), COMPUTE_SANITIZER (default: on PATH, else
 # /usr/local/cuda/bin/compute-sanitizer), SANITIZE_TIMEOUT (seconds per sanitized run, default 300),
 # SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_WARMUP_JOBS (parallel
-# processes of the plain run, default min(8, cores)), SANITIZE_PARALLEL (1: the tools run side by side).
+# processes of the plain run, default min(8, cores)), SANITIZE_PARALLEL (1: the tools run side by side),
+# SANITIZE_COMMIT (the commit to print, where the tree was copied without its .git).
 set -u
 out=${1:?usage: benchmarks/sanitize_all.sh OUT_DIR [benchmarks.sanitize arguments]}
 shift
@@ -37,7 +38,8 @@ cases_ok() {  # "N/M cases ok" from a log
 }
 
 {
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + local changes')"
+  # (SANITIZE_COMMIT names the code where the tree travels without an up-to-date .git)
+  echo "commit ${SANITIZE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' + local changes')}"
   echo "device $($PY -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null || echo unknown)"
   echo "compute-sanitizer $("$CS" --version 2>/dev/null | grep -Eo 'Version [^ ]+' | head -1)"
 } >> "$summary"
