@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .configs import format_size, parse_size
-from .results import _clean, _fmt, git_commit, results_path, write_results
+from .results import _clean, _fmt, git_commit, normalize_keys, results_path, write_results
 
 __all__ = ["DECODE_KEYS", "Shape", "DecodeInputs", "make_decode_inputs", "moba_call", "route_call", "sdpa_call",
            "fa4_call", "dense_math", "flat", "cpu_check", "normalize_decode_record", "main"]
@@ -306,13 +306,7 @@ def cpu_check(tol: float = 2e-5) -> list[tuple[str, float, bool]]:
 
 def normalize_decode_record(rec: dict) -> dict:
     """DECODE_KEYS in order (missing ones null), NaN/inf null, note a string; unknown keys are an error."""
-    unknown = set(rec) - set(DECODE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown decode record keys {sorted(unknown)}")
-    out = {k: _clean(rec.get(k)) for k in DECODE_KEYS}
-    if out["note"] is None:
-        out["note"] = ""
-    return out
+    return normalize_keys(rec, DECODE_KEYS, kind="decode")
 
 
 def _record(shape: Shape, impl: str, C=None, K=None, **figs) -> dict:

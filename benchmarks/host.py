@@ -30,7 +30,7 @@ import torch
 
 from .common import Unsupported, grad_fn, make_inputs
 from .configs import format_size
-from .results import _clean, _fmt, load_results, make_record, write_results
+from .results import _fmt, load_results, make_record, normalize_keys, write_results
 from .run import _short, output_path, suite_meta
 from .timing import free_memory, is_oom, time_idle
 
@@ -380,13 +380,7 @@ def _breakdowns(inp, device: str, reps: int, warmup: int, notes: list) -> tuple[
 
 def normalize_host_record(rec: dict) -> dict:
     """HOST_KEYS in order (missing ones null), NaN/inf null, note a string; unknown keys are an error."""
-    unknown = set(rec) - set(HOST_KEYS)
-    if unknown:
-        raise ValueError(f"unknown host record keys {sorted(unknown)}")
-    out = {k: _clean(rec.get(k)) for k in HOST_KEYS}
-    if out["note"] is None:
-        out["note"] = ""
-    return out
+    return normalize_keys(rec, HOST_KEYS, kind="host")
 
 
 def target_checks(rec: dict) -> list[tuple[str, bool | None]]:

@@ -195,15 +195,10 @@ def size_limit_tokens(fam: str, granularity: int, upper: int = 64 * M_) -> tuple
 
 
 def normalize_long_record(rec: dict) -> dict:
-    from .results import _clean
+    """LONG_KEYS in order (missing ones null), NaN/inf null, note a string; unknown keys are an error."""
+    from .results import normalize_keys
 
-    unknown = set(rec) - set(LONG_KEYS)
-    if unknown:
-        raise ValueError(f"unknown long_context record keys {sorted(unknown)}")
-    out = {k: _clean(rec.get(k)) for k in LONG_KEYS}
-    if out["note"] is None:
-        out["note"] = ""
-    return out
+    return normalize_keys(rec, LONG_KEYS, kind="long_context")
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,19 +82,25 @@ def _clean(x):
     return x
 
 
-def normalize_record(rec: dict) -> dict:
-    """SPEC keys first (missing ones null), then the known extras; NaN/inf become null; the
-    note is a string ("" when there is nothing to say)."""
-    unknown = set(rec) - set(RECORD_KEYS) - set(EXTRA_KEYS)
+def normalize_keys(rec: dict, keys, extra=(), kind: str = "") -> dict:
+    """``keys`` in order (missing ones null), then those of ``extra`` that ``rec`` has; NaN/inf
+    become null; the note is a string ("" when there is nothing to say); a key in neither list
+    is an error (``kind`` names the record type in it)."""
+    unknown = set(rec) - set(keys) - set(extra)
     if unknown:
-        raise ValueError(f"unknown record keys {sorted(unknown)}")
-    out = {k: _clean(rec.get(k)) for k in RECORD_KEYS}
-    if out["note"] is None:
+        raise ValueError(f"unknown {kind + ' ' if kind else ''}record keys {sorted(unknown)}")
+    out = {k: _clean(rec.get(k)) for k in keys}
+    if out.get("note", "") is None:
         out["note"] = ""
-    for k in EXTRA_KEYS:
+    for k in extra:
         if k in rec:
             out[k] = _clean(rec[k])
     return out
+
+
+def normalize_record(rec: dict) -> dict:
+    """A suite record: SPEC keys first, then the known extras (:func:`normalize_keys`)."""
+    return normalize_keys(rec, RECORD_KEYS, EXTRA_KEYS)
 
 
 def _config_key(rec: dict) -> tuple:
