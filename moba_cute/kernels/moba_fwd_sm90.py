@@ -22,8 +22,9 @@ key-major index): every row that chose chunk g in a gather slot. An entry is the
 
 Two CTAs run per SM (128 launch registers, 40 / 216 after ``setmaxnreg``), so one CTA's loads
 overlap the other's math. (A variant with two consumer warpgroups in one CTA per SM taking
-alternate sub-tiles measured slower on the H200: 5.1 against 4.1 ms at 64K flashmoba.) The partials are merged with the own chunk by the diagonal kernel
-(causal: :class:`~moba_cute.kernels.moba_fwd_sm80.MobaFwdSm80` with ``merge=True``) or by
+alternate sub-tiles measured slower on the H200: 5.1 against 4.1 ms at 64K flashmoba.) The
+partials are merged with the own chunk by the diagonal kernel (causal:
+:class:`~moba_cute.kernels.moba_fwd_sm80.MobaFwdSm80` with ``merge=True``) or by
 :class:`~moba_cute.kernels.merge.MergeKernel` (non-causal), which write ``out`` and ``lse``.
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
 partials in slot order, so the result is bitwise deterministic.
