@@ -15,9 +15,10 @@ bounds), only CuTe kernels. sm80 schedule:
    non-causal launches), each read-modify-writing the fp32 running state of its rows; a row's
    last used slot writes ``out`` and ``lse``.
 
-sm90 schedule: the same index with all gather slots in one pass (entries are pair indices),
-the segment kernel (every gather pair's normalized partial), then the diagonal kernel merging
-each row's partials with its own chunk (causal) or the merge kernel (non-causal).
+sm90 schedule: one index for all gather slots (4 launches: prep, count, the pair lists built
+from the routing's key-major index by ``PairListKernel``, scan), the segment kernel (every
+gather pair's normalized partial), then the diagonal kernel merging each row's partials with
+its own chunk (causal) or the merge kernel (non-causal).
 
 ``attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale,
 deterministic) -> (dq, dk, dv)``: ``delta = rowsum(dO * O) - dlse`` and a zeroed fp32
@@ -327,13 +328,13 @@ class _SlotIndexPlan:
         self.tiles_bound = max(self.npass, 1) * self.bound_pass
         self.n_counts = self.npass * nseg
         _i32(self.tiles_bound, "tile table")
-        _i32(rows_tot * max(self.kp, 1), "per-slot row lists")
         self.idx_blocks = (rows_tot + 255) // 256
         # (the merged counts are written whole by PairListKernel: nothing to zero)
         self.n_zero = 0 if self.merged else self.n_counts
         self.prep_blocks = max(1, min((self.n_zero + 255) // 256, 512))
+        # the per-slot row lists, or the pair lists (packed at the routing's segment offsets)
         self.list_cap = rows_tot * K if self.merged else rows_tot * max(self.kp, 1)
-        _i32(self.list_cap, "pair lists")
+        _i32(self.list_cap, "per-slot row lists / pair lists")
         self.mt_bound = (total_q + B * (bm - 1)) // bm
         self.gather = self.npass > 0 and nseg > 0 and rows_tot > 0
         self.layout = layout = common.WorkspaceLayout()
