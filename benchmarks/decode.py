@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .configs import format_size, parse_size
-from .results import _clean, _fmt, git_commit, normalize_keys, results_path, write_results
+from .results import _clean, _fmt, align_columns, git_commit, normalize_keys, results_path, write_results
 
 __all__ = ["DECODE_KEYS", "Shape", "DecodeInputs", "make_decode_inputs", "moba_call", "route_call", "sdpa_call",
            "fa4_call", "dense_math", "flat", "cpu_check", "normalize_decode_record", "main"]
@@ -503,13 +503,11 @@ def format_decode_table(records: list[dict], device: str = "") -> str:
         rows.append([str(r["B"]), format_size(r["L"]), str(r["Sq"]), r["impl"], ck, _fmt(r["routing_ms"], 3),
                      _fmt(r["eager_ms"], 3), _fmt(r["graph_ms"], 3),
                      f"{_fmt(r['vs_sdpa_eager'])}/{_fmt(r['vs_sdpa_graph'])}", chk, tag])
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = []
     if device:
         lines.append(f"device: {device}   (ms, median; xSDPA = sdpa ms / impl ms, eager/graph; check = max error "
                      "against the reference, FAIL above the SPEC bound)")
-    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    lines += align_columns(cols, rows)
     lines += [f"[{i}] {n}" for n, i in notes.items()]
     return "\n".join(lines)
 

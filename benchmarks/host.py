@@ -30,7 +30,7 @@ import torch
 
 from .common import Unsupported, grad_fn, make_inputs
 from .configs import format_size
-from .results import _fmt, load_results, make_record, normalize_keys, write_results
+from .results import _fmt, align_columns, load_results, make_record, normalize_keys, write_results
 from .run import _short, output_path, suite_meta
 from .timing import free_memory, is_oom, time_idle
 
@@ -442,14 +442,12 @@ def format_host_table(records: list[dict], device: str = "") -> str:
         if r["S"] == TARGET_S and r.get("fwd_kernel_count") is not None:
             extra += [f"  target {'met' if ok else 'MISSED' if ok is False else 'not measured'}: {label}"
                       for label, ok in target_checks(r)]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = []
     if device:
         how = "wall clock, not a performance figure" if device.startswith("cpu-dry-run") else "on an idle GPU"
         lines.append(f"device: {device}   (ms, median of single calls, {how}; host = eager - graph; "
                      "xFA4 = FA4 ms / moba_cute ms)")
-    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    lines += align_columns(cols, rows)
     lines += extra
     lines += [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     return "\n".join(lines)

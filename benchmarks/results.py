@@ -206,6 +206,12 @@ def _fmt_sp(x) -> str:
     return "-" if x is None else f"{x:.3g}"
 
 
+def align_columns(cols: list[str], rows: list[list[str]]) -> list[str]:
+    """The header and the rows as lines of right-aligned columns, each as wide as its widest cell."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    return ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in [cols, *rows]]
+
+
 def format_table(records: list[dict], device: str = "") -> str:
     """A plain-text table of the records (one line each, notes below)."""
     from .configs import format_size
@@ -233,14 +239,11 @@ def format_table(records: list[dict], device: str = "") -> str:
             _fmt(r["eff_tflops_fwd"], 1), _fmt(r["eff_tflops_fwdbwd"], 1),
             _fmt(r.get("sparsity"), 3), spd("fa2"), spd("fa4"), n,
         ])
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = []
     if device:
         lines.append(f"device: {device}   (times in ms, median; TF = effective TFLOP/s; "
                      "xFA2/xFA4 = speedup fwd/f+b)")
-    lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for row in rows:
-        lines.append("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    lines += align_columns(cols, rows)
     if any(r.get("seqlens") for r in records):
         lines.append("* varlen batch: S is the total number of tokens")
     for i, note in enumerate(notes, 1):
