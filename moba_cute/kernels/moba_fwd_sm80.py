@@ -27,7 +27,7 @@ import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
-from .centroids import clamp_seq, find_segment
+from .segments import diag_row_table, diag_tile, gather_row_table, segment_unit
 
 LOG2_E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -196,8 +196,6 @@ class MobaFwdSm80:
         sLo = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # first visible key (local)
         sHi = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # last visible key; < lo: no row
 
-        tq = _flat(tiles)
-        tcc = _flat(cu_chunks)
         valid = Int32(0)
         h = Int32(0)
         ks = Int32(0)
@@ -207,78 +205,33 @@ class MobaFwdSm80:
         # ------------------------------------------------------------------ tile -> rows, keys
         if cutlass.const_expr(self.diag):
             h = by
-            ntot = Int32(0)
-            if B > 0:
-                ntot = tq[B]
-            if bid < ntot:
-                b = find_segment(tiles, B, bid)
-                qs, qe = clamp_seq(cu_q, b, total_q)
-                ks, ke = clamp_seq(cu_k, b, total_k)
-                sq = qe - qs
-                shift = (ke - ks) - sq
-                m0 = (bid - tq[b]) * BM
-                i_hi = cutlass.min(m0 + BM, sq)
-                i_lo = cutlass.min(cutlass.max(m0, -shift), i_hi)
-                # rows with no key position (p < 0): out = 0, lse = -inf
-                n_empty = i_lo - m0
-                if n_empty > 0:
-                    tl = _flat(lse)
-                    for idx in cutlass.range(tid, n_empty * CV, NT):
-                        r = idx // CV
-                        cv = idx % CV
-                        zrow = qs + m0 + r
-                        zoff = (Int64(zrow) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
-                        zdst = cute.make_tensor(out + zoff, cute.make_layout(8))
-                        for e in cutlass.range_constexpr(8):
-                            zdst[e] = dt(0.0)
-                        if cv == 0:
-                            tl[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
-                if i_lo < i_hi:
-                    valid = Int32(1)
-                    kbeg = ((i_lo + shift) // chunk_size) * chunk_size
-                    kend = i_hi + shift
-                    if tid < BM:
-                        i = m0 + tid
-                        if (i >= i_lo) & (i < i_hi):
-                            p = i + shift
-                            sRow[tid] = qs + i
-                            sLo[tid] = (p // chunk_size) * chunk_size
-                            sHi[tid] = p
-                        else:
-                            sRow[tid] = qs + i_lo
-                            sLo[tid] = Int32(1)
-                            sHi[tid] = Int32(0)
+            qs, ks, shift, m0, i_lo, i_hi, kbeg, kend = diag_tile(tiles, cu_q, cu_k, B, total_q, total_k,
+                                                                  chunk_size, bid, BM)
+            # rows with no key position (p < 0): out = 0, lse = -inf
+            n_empty = i_lo - m0
+            if n_empty > 0:
+                tl = _flat(lse)
+                for idx in cutlass.range(tid, n_empty * CV, NT):
+                    r = idx // CV
+                    cv = idx % CV
+                    zrow = qs + m0 + r
+                    zoff = (Int64(zrow) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
+                    zdst = cute.make_tensor(out + zoff, cute.make_layout(8))
+                    for e in cutlass.range_constexpr(8):
+                        zdst[e] = dt(0.0)
+                    if cv == 0:
+                        tl[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
+            if i_lo < i_hi:
+                valid = Int32(1)
+                diag_row_table(sRow, sLo, sHi, tid, BM, qs, m0, i_lo, i_hi, shift, chunk_size)
         else:
-            t_lo = tq[0]
-            t_hi = tq[1]
-            T = t_lo + bid
-            if T < t_hi:
-                sp = _flat(tile_seg)[T]
-                tso = _flat(seg_off)
-                o = tso[sp]
-                n = tso[sp + 1] - o
-                r0 = o + (T - _flat(tile_off)[sp]) * BM
-                nrows = cutlass.min(Int32(BM), o + n - r0)
-                seg = sp - pass_rel * nseg
-                g = seg // H
-                h = seg - g * H
-                b = find_segment(cu_chunks, B, g)
-                ks, ke = clamp_seq(cu_k, b, total_k)
-                j = g - tcc[b]
-                kbeg = j * chunk_size
-                kend = cutlass.min(kbeg + chunk_size, ke - ks)
-                if (nrows > 0) & (kbeg < kend):
-                    valid = Int32(1)
-                    if tid < BM:
-                        trl = _flat(rows_list)
-                        if tid < nrows:
-                            sRow[tid] = trl[r0 + tid]
-                            sLo[tid] = kbeg
-                            sHi[tid] = kend - 1
-                        else:
-                            sRow[tid] = trl[r0]
-                            sLo[tid] = Int32(1)
-                            sHi[tid] = Int32(0)
+            T = _flat(tiles)[0] + bid
+            r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_off, cu_k,
+                                                        cu_chunks, T, Int32(BM), pass_rel * nseg, B, total_k, H,
+                                                        chunk_size)
+            if nrows > 0:
+                valid = Int32(1)
+                gather_row_table(sRow, sLo, sHi, tid, BM, rows_list, r0, nrows, kbeg, kend)
         cute.arch.sync_threads()
 
         if valid != 0:

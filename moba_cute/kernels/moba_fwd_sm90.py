@@ -44,8 +44,8 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
-from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum
+from .segments import segment_unit
 
 BM = 64  # rows of one consumer warpgroup's wgmma (m64)
 PRODUCER_REGS = 40
@@ -74,42 +74,6 @@ def acc_as_a_operand(t: cute.Tensor) -> cute.Tensor:
                 (lay.stride[0][2][1], lay.stride[2])),
     )
     return cute.make_tensor(t.iterator, a)
-
-
-@cute.jit
-def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer,
-                 seg_start: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer, T: Int32,
-                 rows_per_unit: Int32, seg_base: Int32, B: Int32, total_k: Int32, H: Int32, chunk_size: Int32):
-    """Work unit ``T`` of a key-major gather launch (``tiles`` = [first, end) units): its first
-    index entry, entry count, head, and the chunk's key range ``[ks + kbeg, ks + kend)``.
-    Segment ``sp`` holds ``seg_off[sp + 1] - seg_off[sp]`` entries from ``seg_start[sp]`` (the
-    same array as ``seg_off`` for packed lists). ``nrows == 0`` for units past the end or of
-    empty chunks (garbage cu_seqlens)."""
-    tq = _flat(tiles)
-    r0 = Int32(0)
-    nrows = Int32(0)
-    h = Int32(0)
-    ks = Int32(0)
-    kbeg = Int32(0)
-    kend = Int32(0)
-    if T < tq[1]:
-        sp = _flat(tile_seg)[T]
-        tso = _flat(seg_off)
-        o = _flat(seg_start)[sp]
-        n = tso[sp + 1] - tso[sp]
-        r0 = o + (T - _flat(tile_off)[sp]) * rows_per_unit
-        nrows = cutlass.min(rows_per_unit, o + n - r0)
-        seg = sp - seg_base
-        g = seg // H
-        h = seg - g * H
-        b = find_segment(cu_chunks, B, g)
-        ks, ke = clamp_seq(cu_k, b, total_k)
-        j = g - _flat(cu_chunks)[b]
-        kbeg = j * chunk_size
-        kend = cutlass.min(kbeg + chunk_size, ke - ks)
-        if kbeg >= kend:
-            nrows = Int32(0)
-    return r0, nrows, h, ks, kbeg, kend
 
 
 class MobaFwdSm90:
