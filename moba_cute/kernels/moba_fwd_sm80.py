@@ -461,7 +461,7 @@ class MobaFwdSm80:
         if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
             L_own = m_own * scale_log2 + cute.math.log2(l_own, fastmath=False)
         M = L_own
-        for j in cutlass.range(npart, unroll=1):
+        for j in cutlass.range(npart, unroll=4):
             M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
         M_use = M
         if M == -Float32.inf:
@@ -475,7 +475,7 @@ class MobaFwdSm80:
             own_scale = w_own / l_own
         for c in cutlass.range_constexpr(NCO):
             acc_O_mn[r, c] = acc_O_mn[r, c] * own_scale
-        for j in cutlass.range(npart, unroll=1):
+        for j in cutlass.range(npart, unroll=2):
             w = cute.math.exp2(tpl[pbase + Int64(j)] - M_use, fastmath=True)
             wsum = wsum + w
             obase = part_o + (pbase + Int64(j)) * Int64(D)
