@@ -195,6 +195,13 @@ class MobaFwdSm80:
         sRow = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # loadable global row
         sLo = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # first visible key (local)
         sHi = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)  # last visible key; < lo: no row
+        sP = sRow  # merge: the tile rows' partials merged among themselves (fp32, padded rows)
+        sPM = sRow  # merge: their log2-domain max, and weight sum relative to it
+        sPW = sRow
+        if cutlass.const_expr(self.merge):
+            sP = smem.allocate_tensor(Float32, cute.make_layout((BM, D), stride=(D + 8, 1)), 16)
+            sPM = smem.allocate_tensor(Float32, cute.make_layout(BM), 16)
+            sPW = smem.allocate_tensor(Float32, cute.make_layout(BM), 16)
 
         valid = Int32(0)
         h = Int32(0)
@@ -263,6 +270,11 @@ class MobaFwdSm80:
                     self.load_kv(atom_g2s, k, sK1, ks, kbeg, kend, Int32(BN), Hk, kvh, tid)
                     self.load_kv(atom_g2s, v, sV1, ks, kbeg, kend, Int32(BN), Hk, kvh, tid)
                 cute.arch.cp_async_commit_group()
+
+            if cutlass.const_expr(self.merge):
+                # the partials stream in while the Q/K/V copies are in flight; the diagonal's
+                # epilogue then reads one merged partial per row from shared memory
+                self.premerge(sP, sPM, sPW, sRow, sLo, sHi, oacc, mst, nused, h, H, pass_rel, tid)
 
             # ---- MMA partitions
             thr_mma = tiled_mma.get_slice(tid)
@@ -433,8 +445,8 @@ class MobaFwdSm80:
                                         total_q, lane)
                     else:
                         if cutlass.const_expr(self.merge):
-                            self.merge_row(acc_O_mn, tOcO_mn, r, row_max[r], l, out, lse, oacc, mst, ridx, grow, h,
-                                           total_q, tnu[ridx] - 1, pass_rel, scale_log2, lane)
+                            self.merge_row(acc_O_mn, tOcO_mn, r, row_max[r], l, out, lse, sP, sPM, sPW, ridx,
+                                           grow, h, total_q, scale_log2, lane)
                         else:
                             abase = oacc + ridx * Int64(D)
                             for c in cutlass.range_constexpr(NCO // 2):
@@ -446,46 +458,90 @@ class MobaFwdSm80:
                                 tlst[ridx] = l
 
     @cute.jit
+    def premerge(self, sP: cute.Tensor, sPM: cute.Tensor, sPW: cute.Tensor, sRow: cute.Tensor, sLo: cute.Tensor,
+                 sHi: cute.Tensor, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, h: Int32,
+                 H: Int32, KP: Int32, tid: Int32):
+        """Merge each tile row's ``nused - 1`` normalized partials ``part_o[(row * H + h) * KP + j]``
+        (log2-domain LSE ``part_lse``), in slot order, into ``sP[m] = sum_j 2^(L_j - M) o_j``,
+        ``sPM[m] = M = max_j L_j``, ``sPW[m] = sum_j 2^(L_j - M)`` (``M`` taken as 0 when every
+        ``L_j`` is -inf). Two threads per row, each 16-byte pieces ``2i + tid % 2`` (a thread pair
+        reads 32 contiguous bytes per load), two partials in flight."""
+        D = self.D
+        CV = D // 8
+        NP = CV // 2  # pieces per thread
+        tpl = _flat(part_lse)
+        tnu = _flat(nused)
+        for m in cutlass.range(tid // 2, self.BM, self.NT // 2):
+            half = tid % 2
+            npart = Int32(0)
+            pbase = Int64(0)
+            if sLo[m] <= sHi[m]:
+                ridx = Int64(sRow[m]) * Int64(H) + Int64(h)
+                npart = tnu[ridx] - 1
+                pbase = ridx * Int64(KP)
+            M = -Float32.inf
+            for j in cutlass.range(npart, unroll=4):
+                M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
+            M_use = M
+            if M == -Float32.inf:
+                M_use = Float32(0.0)
+            acc = cute.make_rmem_tensor(cute.make_layout(NP * 8), Float32)
+            acc.fill(0.0)
+            wsum = Float32(0.0)
+            for j in cutlass.range(npart, unroll=2):
+                w = cute.math.exp2(tpl[pbase + Int64(j)] - M_use, fastmath=True)
+                wsum = wsum + w
+                obase = part_o + (pbase + Int64(j)) * Int64(D)
+                for i in cutlass.range_constexpr(NP):
+                    pv = cute.make_rmem_tensor(cute.make_layout(8), self.dtype)
+                    src = cute.make_tensor(obase + cute.assume((2 * i + half) * 8, divby=8), cute.make_layout(8))
+                    cute.autovec_copy(src, pv)
+                    pf = pv.load().to(Float32)
+                    for e in cutlass.range_constexpr(8):
+                        acc[i * 8 + e] = acc[i * 8 + e] + w * pf[e]
+            for i in cutlass.range_constexpr(NP):
+                dst = cute.make_tensor(sP.iterator + cute.assume(m * (D + 8) + (2 * i + half) * 8, divby=8),
+                                       cute.make_layout(8))
+                cute.autovec_copy(cute.make_tensor(acc.iterator + i * 8, cute.make_layout(8)), dst)
+            if half == 0:
+                sPM[m] = M
+                sPW[m] = wsum
+
+    @cute.jit
     def merge_row(self, acc_O_mn: cute.Tensor, tOcO_mn: cute.Tensor, r: cutlass.Constexpr, m_own: Float32,
-                  l_own: Float32, out: cute.Pointer, lse: cute.Pointer, part_o: cute.Pointer, part_lse: cute.Pointer,
-                  ridx: Int64, grow: Int32, h: Int32, total_q: Int32, npart: Int32, KP: Int32, scale_log2: Float32,
+                  l_own: Float32, out: cute.Pointer, lse: cute.Pointer, sP: cute.Tensor, sPM: cute.Tensor,
+                  sPW: cute.Tensor, ridx: Int64, grow: Int32, h: Int32, total_q: Int32, scale_log2: Float32,
                   lane: Int32):
         """out/lse of row ``r`` (this thread's columns): the own chunk's (unnormalized O, m, l)
-        merged with the ``npart`` normalized partials ``part_o[ridx * KP + j]`` (log2-domain
-        LSE ``part_lse``), in slot order."""
-        D = self.D
+        merged with the row's pre-merged partials (``premerge``)."""
         NCO = cute.size(acc_O_mn, mode=[1])
-        tpl = _flat(part_lse)
-        pbase = Int64(ridx) * Int64(KP)
+        m = tOcO_mn[r, 0][0]
+        M_p = sPM[m]
         L_own = -Float32.inf
         if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
             L_own = m_own * scale_log2 + cute.math.log2(l_own, fastmath=False)
-        M = L_own
-        for j in cutlass.range(npart, unroll=4):
-            M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
+        M = cute.arch.fmax(L_own, M_p)
         M_use = M
         if M == -Float32.inf:
             M_use = Float32(0.0)
+        own_scale = Float32(0.0)
         w_own = Float32(0.0)
         if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
             w_own = cute.math.exp2(L_own - M_use, fastmath=True)
-        wsum = w_own
-        own_scale = Float32(0.0)
-        if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
             own_scale = w_own / l_own
-        for c in cutlass.range_constexpr(NCO):
-            acc_O_mn[r, c] = acc_O_mn[r, c] * own_scale
-        for j in cutlass.range(npart, unroll=2):
-            w = cute.math.exp2(tpl[pbase + Int64(j)] - M_use, fastmath=True)
-            wsum = wsum + w
-            obase = part_o + (pbase + Int64(j)) * Int64(D)
-            for c in cutlass.range_constexpr(NCO // 2):
-                col = tOcO_mn[r, (0, c)][1]
-                pv = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                cute.autovec_copy(cute.make_tensor((obase + col).align(4), cute.make_layout(2)), pv)
-                pf = pv.load().to(Float32)
-                acc_O_mn[r, (0, c)] = acc_O_mn[r, (0, c)] + w * pf[0]
-                acc_O_mn[r, (1, c)] = acc_O_mn[r, (1, c)] + w * pf[1]
+        # the partials were weighted relative to their own max (0 when all were -inf)
+        M_p_use = M_p
+        if M_p == -Float32.inf:
+            M_p_use = Float32(0.0)
+        a = cute.math.exp2(M_p_use - M_use, fastmath=True)
+        wsum = w_own + a * sPW[m]
+        for c in cutlass.range_constexpr(NCO // 2):
+            col = tOcO_mn[r, (0, c)][1]
+            pv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+            cute.autovec_copy(cute.make_tensor((sP.iterator + m * (self.D + 8) + col).align(8),
+                                               cute.make_layout(2)), pv)
+            acc_O_mn[r, (0, c)] = acc_O_mn[r, (0, c)] * own_scale + a * pv[0]
+            acc_O_mn[r, (1, c)] = acc_O_mn[r, (1, c)] * own_scale + a * pv[1]
         self.finish_row(acc_O_mn, tOcO_mn, r, wsum, M_use, out, lse, ridx, grow, h, total_q, lane)
 
     @cute.jit
