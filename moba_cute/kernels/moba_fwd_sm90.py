@@ -255,14 +255,20 @@ class MobaFwdSm90:
                                        num_bits_per_copy=128)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.KS)
+        # warp w gathers rows 16w .. 16w + 15, 32 // CV whole rows per copy (contiguous 256-byte
+        # rows: whole DRAM lines); lane j < 16 loads row 16w + j's entry once per sub-tile and the
+        # copies take it by shuffle (one dependent load per thread instead of one per piece)
+        lane = tid % 32
+        RPI = 32 // CV  # rows per copy instruction of a warp
         for t in cutlass.range(nsub, unroll=1):
+            e = cutlass.min(t * BM + warp * 16 + lane % 16, nrows - 1)  # padding rows repeat the last entry
+            my_ridx = trl[r0 + e] // KP  # issued before the wait for a free stage
             pipe_q.producer_acquire(q_state)
-            for it in cutlass.range_constexpr(BM * CV // 128):
-                idx = tid + it * 128
-                r = idx // CV
-                cv = idx - r * CV
-                e = cutlass.min(t * BM + r, nrows - 1)  # padding rows repeat the last entry
-                ridx = trl[r0 + e] // KP
+            for it in cutlass.range_constexpr(16 // RPI):
+                rl = it * RPI + lane // CV
+                r = warp * 16 + rl
+                cv = lane % CV
+                ridx = cute.arch.shuffle_sync(my_ridx, rl)
                 src = cute.make_tensor(q + cute.assume(Int64(ridx) * Int64(D) + Int64(cv * 8), divby=8),
                                        cute.make_layout(8))
                 sb = cute.crd2idx((r, cv * 8, 0), q_outer) * 2
