@@ -546,3 +546,20 @@ def test_host_cli_list_and_no_cuda(tmp_path):
         res = _run_cli("--suite", "host", "--out", str(tmp_path))
         assert res.returncode == 2 and "no CUDA device" in res.stderr
         assert not os.listdir(tmp_path)
+
+
+def test_routing_cli_lives_in_benchmarks(capsys):
+    """Command-line tools live in benchmarks/ (issue 11, point 7): no kernel module has a
+    ``__main__`` entry or parses arguments; the routing timings are ``python -m benchmarks.routing``."""
+    import pathlib
+
+    kernels = pathlib.Path(__file__).resolve().parents[1] / "moba_cute" / "kernels"
+    for f in sorted(kernels.glob("*.py")):
+        src = f.read_text()
+        assert "__main__" not in src and "argparse" not in src, f.name
+    from benchmarks import routing
+
+    routing.main([])  # no mode: prints the usage (no GPU needed)
+    out = capsys.readouterr().out
+    for flag in ("--check", "--profile", "--bench", "--json"):
+        assert flag in out
