@@ -25,25 +25,30 @@ def _random_inputs(B, H, Hk, D, S, dtype, dev="cuda"):
     return q, k, cu
 
 
-def _bench_one(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True, iters=30):
-    """Median of ``iters`` single calls, each between CUDA events with the GPU idle before it
-    (so it includes the host's ~20 us before the first kernel starts; 30 samples because that
-    part varies with the host)."""
-    q, k, cu = _random_inputs(B, H, Hk, D, S, dtype)
+def _median_ms(fn, iters):
+    """Median of ``iters`` single calls of ``fn``, each between CUDA events with the GPU idle
+    before it (so it includes the host's time before the first kernel starts), after 3
+    warm-up calls."""
     for _ in range(3):
-        route_cute(q, k, cu, cu, S, S, C, K, causal)
+        fn()
     torch.cuda.synchronize()
     ts = []
     for _ in range(iters):
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
-        route_cute(q, k, cu, cu, S, S, C, K, causal)
+        fn()
         b.record()
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b))
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def _bench_one(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True, iters=30):
+    """Routing alone, median of ``iters`` calls (30 samples: the host part varies)."""
+    q, k, cu = _random_inputs(B, H, Hk, D, S, dtype)
+    return _median_ms(lambda: route_cute(q, k, cu, cu, S, S, C, K, causal), iters)
 
 
 def _bench_fa4(S, B=2, H=16, D=128, iters=30):
@@ -54,20 +59,7 @@ def _bench_fa4(S, B=2, H=16, D=128, iters=30):
     q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn_like(q)
     v = torch.randn_like(q)
-    for _ in range(3):
-        flash_attn_func(q, k, v, causal=True)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        flash_attn_func(q, k, v, causal=True)
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return _median_ms(lambda: flash_attn_func(q, k, v, causal=True), iters)
 
 
 def _profile(B, H, Hk, D, C, K, S, dtype=torch.bfloat16, causal=True):
