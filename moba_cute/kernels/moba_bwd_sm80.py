@@ -35,7 +35,7 @@ from cutlass.cute.nvgpu import cpasync, warp
 
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, _mn_view
-from .segments import diag_row_table, diag_tile, gather_row_table, segment_unit
+from .segments import pass_rows
 
 LOG2_E = 1.4426950408889634
 
@@ -484,28 +484,10 @@ class MobaBwdDqSm80:
         sLo = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)
         sHi = smem.allocate_tensor(Int32, cute.make_layout(BM), 16)
 
-        valid = Int32(0)
-        h = Int32(0)
-        ks = Int32(0)
-        kbeg = Int32(0)
-        kend = Int32(0)
-
         # ------------------------------------------------------------------ tile -> rows, keys
-        if cutlass.const_expr(self.diag):
-            h = by
-            qs, ks, shift, m0, i_lo, i_hi, kbeg, kend = diag_tile(tiles, cu_q, cu_k, B, total_q, total_k,
-                                                                  chunk_size, bid, BM)
-            if i_lo < i_hi:
-                valid = Int32(1)
-                diag_row_table(sRow, sLo, sHi, tid, BM, qs, m0, i_lo, i_hi, shift, chunk_size)
-        else:
-            T = _flat(tiles)[0] + bid
-            r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_off, cu_k,
-                                                        cu_chunks, T, Int32(BM), pass_rel * nseg, B, total_k, H,
-                                                        chunk_size)
-            if nrows > 0:
-                valid = Int32(1)
-                gather_row_table(sRow, sLo, sHi, tid, BM, rows_list, r0, nrows, kbeg, kend)
+        valid, h, ks, kbeg, kend, _, _, _ = pass_rows(
+            self.diag, sRow, sLo, sHi, tid, BM, tiles, cu_q, cu_k, cu_chunks, tile_seg, seg_off, tile_off,
+            rows_list, B, total_q, total_k, H, chunk_size, bid, by, pass_rel * nseg)
         cute.arch.sync_threads()
 
         if valid != 0:

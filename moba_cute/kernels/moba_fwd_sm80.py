@@ -27,7 +27,7 @@ import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
-from .segments import diag_row_table, diag_tile, gather_row_table, segment_unit
+from .segments import pass_rows
 
 LOG2_E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -203,17 +203,11 @@ class MobaFwdSm80:
             sPM = smem.allocate_tensor(Float32, cute.make_layout(BM), 16)
             sPW = smem.allocate_tensor(Float32, cute.make_layout(BM), 16)
 
-        valid = Int32(0)
-        h = Int32(0)
-        ks = Int32(0)
-        kbeg = Int32(0)
-        kend = Int32(0)
-
         # ------------------------------------------------------------------ tile -> rows, keys
+        valid, h, ks, kbeg, kend, qs, m0, i_lo = pass_rows(
+            self.diag, sRow, sLo, sHi, tid, BM, tiles, cu_q, cu_k, cu_chunks, tile_seg, seg_off, tile_off,
+            rows_list, B, total_q, total_k, H, chunk_size, bid, by, pass_rel * nseg)
         if cutlass.const_expr(self.diag):
-            h = by
-            qs, ks, shift, m0, i_lo, i_hi, kbeg, kend = diag_tile(tiles, cu_q, cu_k, B, total_q, total_k,
-                                                                  chunk_size, bid, BM)
             # rows with no key position (p < 0): out = 0, lse = -inf
             n_empty = i_lo - m0
             if n_empty > 0:
@@ -228,17 +222,6 @@ class MobaFwdSm80:
                         zdst[e] = dt(0.0)
                     if cv == 0:
                         tl[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
-            if i_lo < i_hi:
-                valid = Int32(1)
-                diag_row_table(sRow, sLo, sHi, tid, BM, qs, m0, i_lo, i_hi, shift, chunk_size)
-        else:
-            T = _flat(tiles)[0] + bid
-            r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_off, cu_k,
-                                                        cu_chunks, T, Int32(BM), pass_rel * nseg, B, total_k, H,
-                                                        chunk_size)
-            if nrows > 0:
-                valid = Int32(1)
-                gather_row_table(sRow, sLo, sHi, tid, BM, rows_list, r0, nrows, kbeg, kend)
         cute.arch.sync_threads()
 
         if valid != 0:

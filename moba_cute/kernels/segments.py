@@ -126,3 +126,39 @@ def gather_row_table(sRow: cute.Tensor, sLo: cute.Tensor, sHi: cute.Tensor, tid:
             sRow[tid] = trl[r0]
             sLo[tid] = Int32(1)
             sHi[tid] = Int32(0)
+
+
+@cute.jit
+def pass_rows(diag: cutlass.Constexpr, sRow: cute.Tensor, sLo: cute.Tensor, sHi: cute.Tensor, tid: Int32,
+              BM: cutlass.Constexpr, tiles: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+              cu_chunks: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer,
+              rows_list: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32, H: Int32, chunk_size: Int32,
+              bid: Int32, by: Int32, seg_base: Int32):
+    """Tile ``bid`` of an sm80 slot pass (forward or dQ): the causal diagonal (``diag``: query
+    tile ``bid`` of head ``by``) or gather unit ``tiles[0] + bid`` of segments from
+    ``seg_base``. Writes the tile's row table and returns ``(valid, h, ks, kbeg, kend, qs, m0,
+    i_lo)``; for the diagonal, tile rows ``m0 .. i_lo`` of the sequence starting at ``qs`` have
+    no key position (the forward writes them ``out = 0``, ``lse = -inf``)."""
+    valid = Int32(0)
+    h = Int32(0)
+    ks = Int32(0)
+    kbeg = Int32(0)
+    kend = Int32(0)
+    qs = Int32(0)
+    m0 = Int32(0)
+    i_lo = Int32(0)
+    if cutlass.const_expr(diag):
+        h = by
+        qs, ks, shift, m0, i_lo, i_hi, kbeg, kend = diag_tile(tiles, cu_q, cu_k, B, total_q, total_k, chunk_size,
+                                                              bid, BM)
+        if i_lo < i_hi:
+            valid = Int32(1)
+            diag_row_table(sRow, sLo, sHi, tid, BM, qs, m0, i_lo, i_hi, shift, chunk_size)
+    else:
+        T = _flat(tiles)[0] + bid
+        r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_off, cu_k, cu_chunks, T,
+                                                    Int32(BM), seg_base, B, total_k, H, chunk_size)
+        if nrows > 0:
+            valid = Int32(1)
+            gather_row_table(sRow, sLo, sHi, tid, BM, rows_list, r0, nrows, kbeg, kend)
+    return valid, h, ks, kbeg, kend, qs, m0, i_lo
