@@ -17,7 +17,7 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 
-from .moba_fwd_sm80 import _flat as _t
+from .moba_fwd_sm80 import _flat as _t, partials_max
 
 THREADS = 256
 LN2 = 0.6931471805599453
@@ -54,12 +54,7 @@ class MergeKernel:
             if nu > 0:
                 tpl = _t(part_lse)
                 pbase = Int64(w) * Int64(KP)
-                M = -Float32.inf
-                for j in cutlass.range(nu, unroll=1):
-                    M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
-                M_use = M
-                if M == -Float32.inf:
-                    M_use = Float32(0.0)
+                M, M_use = partials_max(tpl, pbase, nu, 1)
                 acc = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
                 acc.fill(0.0)
                 wsum = Float32(0.0)

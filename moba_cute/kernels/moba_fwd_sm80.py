@@ -38,6 +38,19 @@ def _flat(ptr):
 
 
 @cute.jit
+def partials_max(tpl: cute.Tensor, pbase: Int64, n: Int32, unroll: cutlass.Constexpr):
+    """``(M, M_use)`` of ``n`` log2-domain partial LSEs ``tpl[pbase + j]``: their max (fmax:
+    a NaN does not win) and the base to weight them by (0 when every one is -inf)."""
+    M = -Float32.inf
+    for j in cutlass.range(n, unroll=unroll):
+        M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
+    M_use = M
+    if M == -Float32.inf:
+        M_use = Float32(0.0)
+    return M, M_use
+
+
+@cute.jit
 def _quad_max(x: Float32) -> Float32:
     x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=2))
     x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1))
@@ -454,20 +467,15 @@ class MobaFwdSm80:
         NP = CV // 2  # pieces per thread
         tpl = _flat(part_lse)
         tnu = _flat(nused)
+        half = tid % 2
         for m in cutlass.range(tid // 2, self.BM, self.NT // 2):
-            half = tid % 2
             npart = Int32(0)
             pbase = Int64(0)
             if sLo[m] <= sHi[m]:
                 ridx = Int64(sRow[m]) * Int64(H) + Int64(h)
                 npart = tnu[ridx] - 1
                 pbase = ridx * Int64(KP)
-            M = -Float32.inf
-            for j in cutlass.range(npart, unroll=4):
-                M = cute.arch.fmax(M, tpl[pbase + Int64(j)])
-            M_use = M
-            if M == -Float32.inf:
-                M_use = Float32(0.0)
+            M, M_use = partials_max(tpl, pbase, npart, 4)
             acc = cute.make_rmem_tensor(cute.make_layout(NP * 8), Float32)
             acc.fill(0.0)
             wsum = Float32(0.0)
