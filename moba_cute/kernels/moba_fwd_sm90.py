@@ -324,6 +324,53 @@ class MobaFwdSm90:
                 # probability 0; zero their V rows so that a non-finite value there cannot
                 # reach O as 0 * inf
                 self.zero_v_tail(sV, Int32(0), nkeys, ctid, 1)
+            # one n-block per sub-tile: no running state, and the sub-tiles overlap. Sub-tile t's
+            # PV and sub-tile t + 1's QK^T are issued back to back; t's epilogue (global stores)
+            # runs while t + 1's QK^T is on the tensor cores.
+            self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, Int32(0))
+            warpgroup.wait_group(0)
+            pipe_q.consumer_release(pipeline.PipelineState(self.QS, 0, 0, 0))
+            self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
+            rP.store(acc_S.load().to(dt))
+            for t in cutlass.range(nsub, unroll=1):
+                warpgroup.fence()
+                atom_pv = cute.make_mma_atom(tiled_mma_pv.op)
+                atom_pv.set(warpgroup.Field.ACCUMULATE, False)
+                for kb in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
+                    cute.gemm(atom_pv, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb, 0], acc_O)
+                    atom_pv.set(warpgroup.Field.ACCUMULATE, True)
+                warpgroup.commit_group()
+                if t + 1 < nsub:
+                    self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, t + 1)
+                    warpgroup.wait_group(1)  # PV(t) done; QK^T(t + 1) may still run
+                else:
+                    warpgroup.wait_group(0)
+                self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, scale_log2, lane)
+                if t + 1 < nsub:
+                    warpgroup.wait_group(0)
+                    t1 = t + 1
+                    pipe_q.consumer_release(pipeline.PipelineState(self.QS, t1, t1 % self.QS, (t1 // self.QS) % 2))
+                    self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
+                    rP.store(acc_S.load().to(dt))
+        else:
+            self.consumer_streamed(part_o, tpl, trl, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
+                                   tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, cO_mn, row_max, row_sum, r0,
+                                   nrows, nsub, nblk, nkeys, scale_log2, ctid)
+
+    @cute.jit
+    def consumer_streamed(self, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, sV: cute.Tensor, pipe_q,
+                          pipe_kv, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, tSrQ: cute.Tensor,
+                          tSrK: cute.Tensor, tOrVt: cute.Tensor, acc_S: cute.Tensor, acc_O: cute.Tensor,
+                          rP: cute.Tensor, tOrP: cute.Tensor, S_mn: cute.Tensor, O_mn: cute.Tensor,
+                          cS_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                          r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32, scale_log2: Float32,
+                          ctid: Int32):
+        """Chunks longer than one n-block: K/V n-blocks streamed per sub-tile, online softmax,
+        one sub-tile after the other."""
+        BN, dt = self.BN, self.dtype
+        NR = cute.size(O_mn, mode=[0])
+        NCS = cute.size(S_mn, mode=[1])
+        lane = ctid % 32
         for t in cutlass.range(nsub, unroll=1):
             # the producer fills the Q ring in sub-tile order: sub-tile t is stage t % QS, phase
             # (t // QS) % 2
@@ -337,15 +384,13 @@ class MobaFwdSm90:
                 row_max[r] = -Float32.inf
                 row_sum[r] = Float32(0.0)
             for n in cutlass.range(nblk, unroll=1):
-                kv_idx = Int32(0)
-                if nblk > 1:
-                    # streamed n-blocks, in the producer's order: block t * nblk + n
-                    b = t * nblk + n
-                    pipe_kv.consumer_wait(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
-                    kv_idx = b % self.KS
-                    nvalid = nkeys - n * BN
-                    if nvalid < BN:
-                        self.zero_v_tail(sV, kv_idx, nvalid, ctid, 1)
+                # streamed n-blocks, in the producer's order: block t * nblk + n
+                b = t * nblk + n
+                pipe_kv.consumer_wait(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
+                kv_idx = b % self.KS
+                nvalid = nkeys - n * BN
+                if nvalid < BN:
+                    self.zero_v_tail(sV, kv_idx, nvalid, ctid, 1)
                 # ---- S = Q K^T
                 warpgroup.fence()
                 atom = cute.make_mma_atom(tiled_mma_qk.op)
@@ -389,32 +434,77 @@ class MobaFwdSm90:
                     cute.gemm(atom_pv, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb, kv_idx], acc_O)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
-                if nblk > 1:
-                    b = t * nblk + n
-                    pipe_kv.consumer_release(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
-            # ---- epilogue: normalized partial output and its log2-domain LSE
-            for r in cutlass.range_constexpr(NR):
-                l = _quad_sum(row_sum[r])
-                e_idx = t * BM + cO_mn[r, 0][0]
-                if e_idx < nrows:
-                    p = trl[r0 + e_idx]
-                    inv = Float32(0.0)
+                pipe_kv.consumer_release(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
+            self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, scale_log2, lane)
+
+    @cute.jit
+    def qk(self, pipe_q, tiled_mma_qk: cute.TiledMma, acc_S: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
+           t: Int32):
+        """Wait for sub-tile ``t``'s gathered Q and issue ``S = Q K^T`` (n-block stage 0) as one
+        committed wgmma group; the caller waits for it and releases the Q stage."""
+        pipe_q.consumer_wait(pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2))
+        cute.arch.fence_view_async_shared()  # cp.async wrote Q (generic proxy); wgmma reads it (async)
+        warpgroup.fence()
+        atom = cute.make_mma_atom(tiled_mma_qk.op)
+        atom.set(warpgroup.Field.ACCUMULATE, False)
+        for kb in cutlass.range_constexpr(cute.size(tSrQ.shape[2])):
+            cute.gemm(atom, acc_S, tSrQ[None, None, kb, t % self.QS], tSrK[None, None, kb, 0], acc_S)
+            atom.set(warpgroup.Field.ACCUMULATE, True)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def softmax_one_block(self, S_mn: cute.Tensor, cS_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                          nkeys: Int32, scale_log2: Float32):
+        """Softmax numerator of a sub-tile's only n-block in place (keys past ``nkeys`` masked),
+        its row max and this thread's part of the row sum."""
+        NR = cute.size(S_mn, mode=[0])
+        NCS = cute.size(S_mn, mode=[1])
+        if nkeys < self.BN:
+            for c in cutlass.range_constexpr(NCS):
+                if cS_mn[0, c][1] >= nkeys:
+                    for r in cutlass.range_constexpr(NR):
+                        S_mn[r, c] = -Float32.inf
+        for r in cutlass.range_constexpr(NR):
+            srow = S_mn[r, None].load()
+            m = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
+            m_use = m
+            if m == -Float32.inf:
+                m_use = Float32(0.0)
+            e = cute.math.exp2(srow * scale_log2 - m_use * scale_log2, fastmath=True)
+            row_sum[r] = e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+            row_max[r] = m
+            S_mn[r, None] = e
+
+    @cute.jit
+    def epilogue(self, O_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                 part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, r0: Int32, t: Int32, nrows: Int32,
+                 scale_log2: Float32, lane: Int32):
+        """Sub-tile ``t``'s normalized partial outputs (input dtype) and log2-domain LSEs."""
+        D, dt = self.D, self.dtype
+        NR = cute.size(O_mn, mode=[0])
+        NCO = cute.size(O_mn, mode=[1])
+        for r in cutlass.range_constexpr(NR):
+            l = _quad_sum(row_sum[r])
+            e_idx = t * BM + cO_mn[r, 0][0]
+            if e_idx < nrows:
+                p = trl[r0 + e_idx]
+                inv = Float32(0.0)
+                if (l > Float32(0.0)) | (l != l):  # NaN propagates
+                    inv = cute.arch.rcp_approx(l)
+                obase = part_o + Int64(p) * Int64(D)
+                for c in cutlass.range_constexpr(NCO // 2):
+                    col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+                    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                    pair[0] = O_mn[r, 2 * c] * inv
+                    pair[1] = O_mn[r, 2 * c + 1] * inv
+                    po = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                    po.store(pair.load().to(dt))
+                    cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
+                if lane % 4 == 0:
+                    val = -Float32.inf
                     if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                        inv = cute.arch.rcp_approx(l)
-                    obase = part_o + Int64(p) * Int64(D)
-                    for c in cutlass.range_constexpr(NCO // 2):
-                        col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                        pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                        pair[0] = O_mn[r, 2 * c] * inv
-                        pair[1] = O_mn[r, 2 * c + 1] * inv
-                        po = cute.make_rmem_tensor(cute.make_layout(2), dt)
-                        po.store(pair.load().to(dt))
-                        cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
-                    if lane % 4 == 0:
-                        val = -Float32.inf
-                        if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                            val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
-                        tpl[p] = val
+                        val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
+                    tpl[p] = val
 
     @cute.jit
     def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, tid: Int32,
