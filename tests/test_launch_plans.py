@@ -85,14 +85,30 @@ def test_sm90_forward_plan_layout():
     assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "pair_list"}
 
 
-def test_backward_reuses_the_forward_index_layout():
+def test_backward_reuses_the_forward_index_layout(monkeypatch):
     """The backward reads the forward's kept index (sm80 forward): same tile height, same layout;
-    the sm90 forward's all-slot index is a different one (not kept for the backward)."""
+    the sm90 forward's all-slot index is a different one (not kept for the backward). The sm90
+    backward (chunks <= 128, head dim 64 / 128) has no per-slot index at all."""
     q, k, r = _batch([1000, 17, 513], H=8, Hk=2, D=128, C=128, K=5)
     key = al._plan_key(q, k, r)
     assert al.BwdPlan(key, "sm_80").index.same_as(al.FwdPlan(key, "sm_80").index)
-    assert not al.BwdPlan(key, "sm_90a").index.same_as(al.FwdPlan(key, "sm_90a").index)
-    assert not al.BwdPlan(key, "sm_90a").index.same_as(al._SlotIndexPlan(3, 1530, 8, 5, 100, True, 32))
+    plan = al.BwdPlan(key, "sm_90a")
+    assert plan.sm90 and plan.index is None
+    assert set(plan.layout.offsets) == {"delta", "part_dq", "pairs", "counts"}
+    assert plan.layout.nbytes >= q.shape[0] * 8 * 5 * 128 * 4  # an fp32 dQ partial per pair
+    monkeypatch.setenv("MOBA_CUTE_BWD_SM80", "1")
+    plan = al.BwdPlan(key, "sm_90a")
+    assert not plan.sm90
+    assert not plan.index.same_as(al.FwdPlan(key, "sm_90a").index)
+    assert not plan.index.same_as(al._SlotIndexPlan(3, 1530, 8, 5, 100, True, 32))
+
+
+def test_sm90_backward_dispatch():
+    assert al.uses_sm90_bwd("bfloat16", 128, 128, "sm_90a")
+    assert al.uses_sm90_bwd("float16", 64, 64, "sm_90a")
+    assert not al.uses_sm90_bwd("bfloat16", 128, 256, "sm_90a")  # one key tile per CTA: C <= 128
+    assert not al.uses_sm90_bwd("bfloat16", 96, 128, "sm_90a")
+    assert not al.uses_sm90_bwd("bfloat16", 128, 128, "sm_80")
 
 
 def test_plans_refuse_int32_overflow():

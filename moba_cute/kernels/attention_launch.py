@@ -303,6 +303,41 @@ def bwd_kernel_specs(dtype_name, head_dim, causal):
     return specs
 
 
+def uses_sm90_bwd(dtype_name, head_dim, chunk_size, arch):
+    """The sm90 backward (:class:`~moba_cute.kernels.moba_bwd_sm90.MobaBwdSm90`) serves this call:
+    Hopper, head dim 64 or 128, chunks of at most 128 keys (one key tile per CTA), unless
+    ``MOBA_CUTE_BWD_SM80=1`` asks for the sm80 kernels."""
+    return (str(arch).startswith("sm_90") and head_dim in (64, 128) and chunk_size <= 128
+            and os.environ.get("MOBA_CUTE_BWD_SM80", "0") in ("", "0"))
+
+
+def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
+    """Role -> (key, factory, fake args) of the sm90 backward's kernels: delta, the pair lists
+    of every selected pair (own chunks included), the key-major kernel, the dQ reduction."""
+    from .bwd_rowwise import BwdPrepKernel, DqReduceKernel
+    from .moba_bwd_sm90 import MobaBwdSm90
+    from .slot_index import PairListKernel
+
+    dt = _cdt(dtype_name)
+    F = _cdt_f32()
+    I = _i32p(1)[0][0]
+    vec = 4 if topk % 4 == 0 else 1
+    specs = {
+        "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
+                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (F, 16)] + _i32p(6), 8, 2)),
+        # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
+        "pair_list": (("pairlist", False, vec), lambda: PairListKernel(False, vec),
+                      _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 6)),
+        "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
+                      _fake([(F, 16), (I, 4), (dt, 16)], 3)),
+    }
+    for role, has_dlse in (("bwd_prep", False), ("bwd_prep_dlse", True)):
+        specs[role] = (("bwdprep", dtype_name, head_dim, has_dlse, "nozero"),
+                       (lambda h=has_dlse: BwdPrepKernel(dt, head_dim, h, zero_dq=False)),
+                       _fake([(dt, 16), (dt, 16), (F, 4), (F, 4), (F, 16)], 4))
+    return specs
+
+
 # --- launch plans: everything of a call that depends only on its shapes ----------------------
 
 class _SlotIndexPlan:
@@ -399,6 +434,9 @@ class _PlanBase:
         an index tensor built earlier (the forward's, reused by the backward) or the string
         "separate" (the index gets an allocation of its own, to be kept past the call)."""
         n_own = self.layout.nbytes
+        if self.index is None:  # the sm90 backward: no per-slot index
+            ws = torch.empty(n_own, dtype=torch.uint8, device=device)
+            return [ws], {n: ws.data_ptr() + o for n, o in self.layout.offsets.items()}
         ws = torch.empty(n_own + (self.index.layout.nbytes if kept is None else 0), dtype=torch.uint8,
                          device=device)
         base = ws.data_ptr()
@@ -468,6 +506,19 @@ class BwdPlan(_PlanBase):
         super().__init__(key, arch)
         from .bwd_rowwise import grid_blocks
 
+        self.row_blocks = grid_blocks(self.rows, self.D)
+        self.sm90 = uses_sm90_bwd(self.dtype_name, self.D, self.C, arch) and self.K > 0
+        if self.sm90:
+            npair = self.rows * self.K
+            self.layout.add("delta", self.rows * 4)
+            self.layout.add("part_dq", npair * self.D * 4)  # fp32 dQ partial of every pair
+            self.layout.add("pairs", npair * 4)
+            self.layout.add("counts", (self.nseg + 1) * 4)
+            self.list_cap = _i32(npair, "pair lists")
+            self.bwd_grid = _i32(self.nbound, "sm90 backward grid")
+            self.index = None
+            self.ks = common.KernelSet(bwd_kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.K), arch)
+            return
         kbm, kbn, _ = cfg.BWD_DKV_TILES[self.D]
         qbm, _, _ = cfg.BWD_DQ_TILES[self.D]
         self.tiles_per_chunk = (self.C + kbn - 1) // kbn
@@ -600,7 +651,7 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     scale, scale_log2 = _scale_log2(softmax_scale, D)
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
-    if index is not None and not ix.same_as(FWD_PLANS.get(key, key, common.arch_of(dev)).index):
+    if plan.sm90 or (index is not None and not ix.same_as(FWD_PLANS.get(key, key, common.arch_of(dev)).index)):
         index = None
     held, p = plan.workspace(dev, kept=index)
     rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
@@ -608,6 +659,10 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     B, Hk, C = plan.B, plan.Hk, plan.C
     rows = plan.rows
 
+    if plan.sm90:
+        _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, cu_k, cu_chunks, sel, p_offsets,
+                       p_rows, scale, scale_log2, stream)
+        return dq, dk, dv
     # delta = rowsum(dO * O) - dlse, dQ_acc = 0
     role = "bwd_prep" if dlse is None else "bwd_prep_dlse"
     ks[role](out.data_ptr(), p_do, p_lse if dlse is None else dlse.data_ptr(), p["delta"], p["dq_acc"], rows,
@@ -631,3 +686,25 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
             ks["dq_pass"](*head, *ix.pass_args(p, sp), *sizes, sp, ix.bound_pass, scale, scale_log2, stream)
     ks["dq_convert"](p["dq_acc"], dq.data_ptr(), rows, plan.row_blocks, stream)
     return dq, dk, dv
+
+
+def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, cu_k, cu_chunks, sel, p_offsets,
+                   p_rows, scale, scale_log2, stream):
+    """delta; the pair lists of every selected pair; the key-major kernel (dK, dV, per-pair dQ
+    partials); the dQ reduction in slot order."""
+    ks = plan.ks
+    rows, H, K = plan.rows, plan.H, plan.K
+    total_q, total_k = q.shape[0], k.shape[0]
+    role = "bwd_prep" if dlse is None else "bwd_prep_dlse"
+    # (dq_acc is not zeroed: the pointer is unused)
+    ks[role](out.data_ptr(), dout.data_ptr(), p_lse if dlse is None else dlse.data_ptr(), p["delta"], p["delta"],
+             rows, total_q, H, plan.row_blocks, stream)
+    if plan.nseg > 0:
+        ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], plan.B, total_q, H, K, plan.nseg,
+                        plan.list_cap, stream)
+    if plan.bwd_grid > 0:
+        ks["bwd90"](q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), p_lse, p["delta"],
+                    dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"],
+                    p["counts"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, plan.bwd_grid, scale, scale_log2,
+                    stream)
+    ks["dq_reduce"](p["part_dq"], sel, dq.data_ptr(), rows, K, plan.row_blocks, stream)

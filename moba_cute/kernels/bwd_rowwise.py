@@ -42,13 +42,14 @@ def grid_blocks(rows: int, head_dim: int) -> int:
 
 class BwdPrepKernel:
     """delta and zeroed dQ_acc; see the module docstring. Compile key:
-    ("bwdprep", dtype_name, head_dim, has_dlse)."""
+    ("bwdprep", dtype_name, head_dim, has_dlse), plus "nozero" without the dQ_acc zeroing."""
 
-    def __init__(self, dtype, head_dim: int, has_dlse: bool):
+    def __init__(self, dtype, head_dim: int, has_dlse: bool, zero_dq: bool = True):
         assert head_dim % 8 == 0
         self.dtype = dtype
         self.D = head_dim
         self.has_dlse = bool(has_dlse)
+        self.zero_dq = bool(zero_dq)  # False: the sm90 backward (no dQ_acc)
         self.GS = group_size(head_dim)
         self.NV = head_dim // 8 // self.GS
 
@@ -77,8 +78,9 @@ class BwdPrepKernel:
                 d = cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)).load().to(Float32)
                 for e in cutlass.range_constexpr(8):
                     acc = acc + o[e] * d[e]
-                z = cute.make_tensor(dq_acc + cute.assume(off, divby=8), cute.make_layout(8))
-                z.fill(0.0)
+                if cutlass.const_expr(self.zero_dq):
+                    z = cute.make_tensor(dq_acc + cute.assume(off, divby=8), cute.make_layout(8))
+                    z.fill(0.0)
         for i in cutlass.range_constexpr(GS.bit_length() - 1):
             acc = acc + cute.arch.shuffle_sync_bfly(acc, offset=1 << i)
         if (g < rows) & (lane == 0):
@@ -117,3 +119,46 @@ class DqConvertKernel:
                 off = base + Int64((v * GS + lane) * 8)
                 x = cute.make_tensor(dq_acc + cute.assume(off, divby=8), cute.make_layout(8)).load()
                 cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(x.to(self.dtype))
+
+
+class DqReduceKernel:
+    """dq (input dtype) from the sm90 backward's per-pair fp32 partials: ``dq[g] = sum_s
+    part_dq[g * K + s]`` over the slots ``s`` whose selection entry is a chunk (``sel[g * K + s]
+    >= 0``; padding slots have no partial), in slot order (bitwise deterministic). Compile key:
+    ("dqreduce", dtype_name, head_dim)."""
+
+    def __init__(self, dtype, head_dim: int):
+        assert head_dim % 8 == 0
+        self.dtype = dtype
+        self.D = head_dim
+        self.GS = group_size(head_dim)
+        self.NV = head_dim // 8 // self.GS
+
+    @cute.jit
+    def __call__(self, part_dq: cute.Pointer, sel: cute.Pointer, dq: cute.Pointer, rows: Int32, topk: Int32,
+                 nblocks: Int32, stream: cuda.CUstream):
+        self.kernel(part_dq, sel, dq, rows, topk).launch(grid=(nblocks, 1, 1), block=(THREADS, 1, 1),
+                                                          stream=stream)
+
+    @cute.kernel
+    def kernel(self, part_dq: cute.Pointer, sel: cute.Pointer, dq: cute.Pointer, rows: Int32, topk: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        GS = self.GS
+        D = self.D
+        g = bid * (THREADS // GS) + tid // GS
+        lane = tid % GS
+        if g < rows:
+            tsel = _t(sel)
+            for v in cutlass.range_constexpr(self.NV):
+                col = (v * GS + lane) * 8
+                acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+                acc.fill(0.0)
+                for s in cutlass.range(topk, unroll=2):
+                    pidx = Int64(g) * Int64(topk) + Int64(s)
+                    if tsel[pidx] >= 0:
+                        x = cute.make_tensor(part_dq + cute.assume(pidx * Int64(D) + Int64(col), divby=8),
+                                             cute.make_layout(8)).load()
+                        acc.store(acc.load() + x)
+                off = Int64(g) * Int64(D) + Int64(col)
+                cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(acc.load().to(self.dtype))

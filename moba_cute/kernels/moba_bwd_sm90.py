@@ -1,0 +1,497 @@
+"""MoBA attention backward for Hopper (sm90): one key-major kernel per (global chunk, KV head)
+that computes dK, dV and every pair's dQ contribution (TMA, wgmma, warp specialization).
+
+Schedule (docs/design.md, section 9): the CTA of chunk ``g`` and KV head ``kvh`` keeps the
+chunk's K and V (``C <= BN = 128`` keys, one TMA box each) in shared memory and walks the
+pairs of the segments ``g * H + kvh * G + j`` (``G = H // Hk`` query heads of the KV group;
+own-chunk pairs included, which get the causal mask) in 64-row sub-tiles. The entries are
+pair indices ``p = (row * H + h) * K + slot`` (``PairListKernel(causal=False)`` over the
+routing's key-major index: every selected pair, own chunk in slot 0).
+
+* producer warpgroup (``setmaxnreg`` down): gathers each sub-tile's Q and dO rows with 16-byte
+  ``cp.async`` into swizzled rings, and the rows' pair index, LSE and ``delta`` with 4-byte
+  ``cp.async`` (``PipelineCpAsync``, two stages); warp 0 loads K and V with TMA once;
+* two consumer warpgroups (``setmaxnreg`` up), each owning 64 of the chunk's keys (the M
+  dimension of the swapped products, FA3's ``SdP_swapAB``): ``S^T = K Q^T`` and
+  ``dP^T = V dO^T`` (SS wgmma), ``P^T = exp2(S^T * scale_log2 - lse_log2)`` (masked:
+  padding rows, keys past the chunk, causal ``t <= pos`` on own-chunk pairs),
+  ``dS^T = P^T (dP^T - delta) * scale``; ``dV += P^T dO`` and ``dK += dS^T Q`` with ``P^T``,
+  ``dS^T`` as register A operands (RS wgmma); ``dS^T`` is also stored transposed to shared
+  memory, and the two warpgroups compute ``dQ_p = dS K`` for the sub-tile, each for half of
+  the head dim, writing the fp32 partial of pair ``p`` to ``part_dq[p]``.
+
+dK and dV are written once, in the input dtype, when the CTA ends. A row-wise kernel
+(:class:`~moba_cute.kernels.bwd_rowwise.DqReduceKernel`) sums a row's partials in slot order:
+no atomics, bitwise deterministic (a pair's arithmetic does not depend on its place in the
+sub-tile). Compile key: ``(dtype, head_dim, causal)``.
+
+NOT YET RUN ON A GPU (branch work for issue 12): compiles for sm_90a.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+import cutlass.pipeline as pipeline
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import Float32, Int32, Int64
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.utils import LayoutEnum
+
+from .centroids import clamp_seq, find_segment
+from .moba_fwd_sm80 import _flat
+from .moba_fwd_sm90 import acc_as_a_operand, acc_mn_view
+
+BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
+BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
+QS = 2  # Q / dO / row-data ring stages
+PRODUCER_REGS = 24
+CONSUMER_REGS = 240  # 40 * 128 + 2 * 232 * 128 <= 64K registers: one CTA per SM
+BAR_META = 1  # named barriers among the 256 consumer threads
+BAR_DS = 2
+
+
+class MobaBwdSm90:
+    """dK, dV and per-pair dQ partials of one (chunk, KV head). See the module docstring."""
+
+    def __init__(self, dtype, head_dim: int, causal: bool):
+        assert head_dim in (64, 128), "128-byte swizzled rows"
+        self.dtype = dtype
+        self.D = head_dim
+        self.causal = bool(causal)
+        self.THREADS = 384  # producer + two consumer warpgroups
+
+    @staticmethod
+    def compile_key(dtype_name: str, head_dim: int, causal: bool):
+        return ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
+
+    def _layouts(self):
+        dt, D = self.dtype, self.D
+        atom_d = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, D), dt)
+        sQ = cute.tile_to_shape(atom_d, (BM, D, QS), order=(0, 1, 2))
+        sK = cute.tile_to_shape(atom_d, (BN, D, 1), order=(0, 1, 2))
+        # dS (rows x keys, keys contiguous): the K-major A operand of dQ = dS K
+        atom_s = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, BN), dt)
+        sdS = cute.tile_to_shape(atom_s, (BM, BN), order=(0, 1))
+        return sQ, sK, sdS
+
+    @cute.jit
+    def __call__(
+        self,
+        q: cute.Pointer,
+        k: cute.Pointer,
+        v: cute.Pointer,
+        dout: cute.Pointer,
+        lse: cute.Pointer,
+        delta: cute.Pointer,
+        dk: cute.Pointer,
+        dv: cute.Pointer,
+        part_dq: cute.Pointer,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        offsets: cute.Pointer,
+        pairs: cute.Pointer,
+        counts: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        topk: Int32,
+        nchunks: Int32,
+        scale: Float32,
+        scale_log2: Float32,
+        stream: cuda.CUstream,
+    ):
+        dt, D = self.dtype, self.D
+        K_, MN_ = warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN
+        # keys split over the two consumer warpgroups (M); dQ's head dim split over them (N)
+        mma_sdp = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, K_, Float32, (2, 1, 1), (64, BM))
+        mma_dkv = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, MN_, Float32, (2, 1, 1), (64, D),
+                                                    a_source=warpgroup.OperandSource.RMEM)
+        mma_dq = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, MN_, Float32, (1, 2, 1), (BM, D // 2))
+        sQ_layout, sK_layout, sdS_layout = self._layouts()
+        kv_layout = cute.make_layout((total_k, D, Hk), stride=(Hk * D, 1, D))
+        mK = cute.make_tensor(k, kv_layout)
+        mV = cute.make_tensor(v, kv_layout)
+        smem_kv = cute.select(sK_layout, mode=[0, 1])
+        tma_op = cpasync.CopyBulkTensorTileG2SOp()
+        atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, mK, smem_kv, (BN, D))
+        atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, mV, smem_kv, (BN, D))
+        self.kv_bytes = 2 * cute.size_in_bytes(dt, smem_kv)
+
+        @cute.struct
+        class Storage:
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * QS]
+            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
+            sPidx: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
+            sLse: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
+            sDel: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
+            sHi: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
+            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sdO: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
+            sdS: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sdS_layout)], 1024]
+
+        self.kernel(
+            tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, cu_q, cu_k, cu_chunks, offsets,
+            pairs, counts, B, total_q, total_k, H, Hk, chunk_size, topk, scale, scale_log2, sQ_layout, sK_layout,
+            sdS_layout, mma_sdp, mma_dkv, mma_dq, Storage,
+        ).launch(grid=(nchunks, Hk, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
+
+    @cute.kernel
+    def kernel(
+        self,
+        tma_k: cute.Tensor,
+        tma_v: cute.Tensor,
+        atom_k: cute.CopyAtom,
+        atom_v: cute.CopyAtom,
+        q: cute.Pointer,
+        dout: cute.Pointer,
+        lse: cute.Pointer,
+        delta: cute.Pointer,
+        dk: cute.Pointer,
+        dv: cute.Pointer,
+        part_dq: cute.Pointer,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_chunks: cute.Pointer,
+        offsets: cute.Pointer,
+        pairs: cute.Pointer,
+        counts: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        topk: Int32,
+        scale: Float32,
+        scale_log2: Float32,
+        sQ_layout: cute.ComposedLayout,
+        sK_layout: cute.ComposedLayout,
+        sdS_layout: cute.ComposedLayout,
+        mma_sdp: cute.TiledMma,
+        mma_dkv: cute.TiledMma,
+        mma_dq: cute.TiledMma,
+        Storage: cutlass.Constexpr,
+    ):
+        tid, _, _ = cute.arch.thread_idx()
+        g, kvh, _ = cute.arch.block_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        if warp == 0:
+            cpasync.prefetch_descriptor(atom_k)
+            cpasync.prefetch_descriptor(atom_v)
+        smem = cutlass.utils.SmemAllocator()
+        st = smem.allocate(Storage)
+        group = pipeline.CooperativeGroup
+        pipe_q = pipeline.PipelineCpAsync.create(
+            barrier_storage=st.mbar_q.data_ptr(), num_stages=QS,
+            producer_group=group(pipeline.Agent.Thread, 128), consumer_group=group(pipeline.Agent.Thread, 256),
+            defer_sync=True)
+        pipe_kv = pipeline.PipelineTmaAsync.create(
+            barrier_storage=st.mbar_kv.data_ptr(), num_stages=1,
+            producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, 8),
+            tx_count=self.kv_bytes, defer_sync=True)
+        cute.arch.mbarrier_init_fence()
+        sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sdO = st.sdO.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = st.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = st.sV.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sdS = st.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
+
+        # the chunk: sequence, keys [kbeg, kend) of the sequence, the rows' position shift
+        tcc = _flat(cu_chunks)
+        b = find_segment(cu_chunks, B, g)
+        qs, qe = clamp_seq(cu_q, b, total_q)
+        ks, ke = clamp_seq(cu_k, b, total_k)
+        shift = (ke - ks) - (qe - qs)
+        kbeg = (g - tcc[b]) * chunk_size
+        nkeys = cutlass.max(cutlass.min(chunk_size, (ke - ks) - kbeg), Int32(0))
+        G = H // Hk
+        seg_lo = g * H + kvh * G
+        e_lo = Int32(0)
+        e_hi = Int32(0)
+        if g < tcc[B]:  # the grid covers a bound on the chunk count
+            toff = _flat(offsets)
+            e_lo = toff[seg_lo]
+            e_hi = cutlass.max(toff[seg_lo + G], e_lo)
+        else:
+            nkeys = Int32(0)
+        nsub = (e_hi - e_lo + BM - 1) // BM
+        cute.arch.sync_threads()  # barrier init visible to all warpgroups
+
+        if warp < 4:
+            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            if nkeys > 0:
+                self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, st, sQ, sdO, sK, sV, pipe_q,
+                              pipe_kv, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk, tid, warp)
+        else:
+            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            if nkeys > 0:
+                self.consumer(dk, dv, part_dq, offsets, counts, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp,
+                              mma_dkv, mma_dq, seg_lo, G, e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift,
+                              kbeg, H, topk, total_q, scale, scale_log2, tid - 128)
+
+    @cute.jit
+    def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
+                 q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer, pairs: cute.Pointer,
+                 st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv,
+                 e_lo: Int32, e_hi: Int32, nsub: Int32, kvh: Int32, key0: Int32, total_q: Int32, H: Int32,
+                 topk: Int32, tid: Int32, warp: Int32):
+        D = self.D
+        CV = D // 8
+        if warp == 0:
+            # K and V of the chunk, once (keys past the chunk are masked by the consumers; past
+            # the tensor, TMA fills zeros)
+            gK = cute.local_tile(cute.domain_offset((key0, 0), tma_k[None, None, kvh]), (BN, D), (None, 0))
+            gV = cute.local_tile(cute.domain_offset((key0, 0), tma_v[None, None, kvh]), (BN, D), (None, 0))
+            tKsK, tKgK = cpasync.tma_partition(atom_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
+                                               cute.group_modes(gK, 0, 2))
+            tVsV, tVgV = cpasync.tma_partition(atom_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
+                                               cute.group_modes(gV, 0, 2))
+            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+            pipe_kv.producer_acquire(kv_state)
+            bar = pipe_kv.producer_get_barrier(kv_state)
+            cute.copy(atom_k, tKgK[None, 0], tKsK[None, 0], tma_bar_ptr=bar)
+            cute.copy(atom_v, tVgV[None, 0], tVsV[None, 0], tma_bar_ptr=bar)
+        sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
+        so_base = cute.recast_ptr(sdO.iterator, None, self.dtype)
+        q_outer = sQ.layout
+        tpairs = _flat(pairs)
+        atom_row = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                       num_bits_per_copy=128)
+        atom_i = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.ALWAYS), Int32,
+                                     num_bits_per_copy=32)
+        atom_f = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.ALWAYS), Float32,
+                                     num_bits_per_copy=32)
+        sPidx = st.sPidx.get_tensor(cute.make_layout(BM * QS))
+        sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
+        sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, QS)
+        lane = tid % 32
+        RPI = 32 // CV  # whole rows per copy instruction of a warp
+        rows_h = total_q * H
+        for t in cutlass.range(nsub, unroll=1):
+            # warp w gathers rows 16w .. 16w + 15 of the sub-tile; lane j < 16 reads row 16w + j's
+            # entry (past the segment end: the last entry; the consumers mask it)
+            rr = warp * 16 + lane % 16
+            e = cutlass.min(e_lo + t * BM + rr, e_hi - 1)
+            p = tpairs[e]
+            ridx = cutlass.min(cutlass.max(p // topk, Int32(0)), rows_h - 1)  # clamped: memory safe
+            row = ridx // H
+            h = ridx - row * H
+            pipe_q.producer_acquire(q_state)
+            stage = q_state.index
+            if lane < 16:
+                cute.copy(atom_i, cute.make_tensor(pairs + e, cute.make_layout(1)),
+                          cute.make_tensor(sPidx.iterator + stage * BM + rr, cute.make_layout(1)))
+                cute.copy(atom_f, cute.make_tensor(lse + (Int64(h) * Int64(total_q) + Int64(row)), cute.make_layout(1)),
+                          cute.make_tensor(sLse.iterator + stage * BM + rr, cute.make_layout(1)))
+                cute.copy(atom_f, cute.make_tensor(delta + Int64(ridx), cute.make_layout(1)),
+                          cute.make_tensor(sDel.iterator + stage * BM + rr, cute.make_layout(1)))
+            for it in cutlass.range_constexpr(16 // RPI):
+                rl = it * RPI + lane // CV
+                r = warp * 16 + rl
+                cv = lane % CV
+                src_r = cute.arch.shuffle_sync(ridx, rl)
+                off = Int64(src_r) * Int64(D) + Int64(cv * 8)
+                sb = cute.crd2idx((r, cv * 8, 0), q_outer) * 2
+                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
+                cute.copy(atom_row, cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8)),
+                          cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8)))
+                cute.copy(atom_row, cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)),
+                          cute.make_tensor(so_base + cute.assume(so, divby=8), cute.make_layout(8)))
+            pipe_q.producer_commit(q_state)
+            q_state.advance()
+
+    @cute.jit
+    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, part_dq: cute.Pointer, offsets: cute.Pointer,
+                 counts: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+                 sdS: cute.Tensor, pipe_q, pipe_kv, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
+                 mma_dq: cute.TiledMma, seg_lo: Int32, G: Int32, e_lo: Int32, e_hi: Int32, nsub: Int32,
+                 nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
+                 topk: Int32, total_q: Int32, scale: Float32, scale_log2: Float32, ctid: Int32):
+        D, dt = self.D, self.dtype
+        LOG2E = 1.4426950408889634
+        thr_sdp = mma_sdp.get_slice(ctid)
+        thr_dkv = mma_dkv.get_slice(ctid)
+        thr_dq = mma_dq.get_slice(ctid)
+        # S^T = K Q^T, dP^T = V dO^T (keys x rows)
+        tSrK = thr_sdp.make_fragment_A(thr_sdp.partition_A(sK))
+        tSrV = thr_sdp.make_fragment_A(thr_sdp.partition_A(sV))
+        tSrQ = thr_sdp.make_fragment_B(thr_sdp.partition_B(sQ))
+        tSrdO = thr_sdp.make_fragment_B(thr_sdp.partition_B(sdO))
+        # dV += P^T dO, dK += dS^T Q: B = dO^T / Q^T (head dim x rows, MN-major views)
+        sdOt = cute.composition(sdO, cute.make_ordered_layout((D, BM, QS), order=(1, 0, 2)))
+        sQt = cute.composition(sQ, cute.make_ordered_layout((D, BM, QS), order=(1, 0, 2)))
+        tVrdOt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sdOt))
+        tKrQt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sQt))
+        # dQ = dS K: A = dS (rows x keys), B = K^T (head dim x keys, MN-major view)
+        sKt = cute.composition(sK, cute.make_ordered_layout((D, BN, 1), order=(1, 0, 2)))
+        tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
+        tQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt))
+
+        acc_S = cute.make_rmem_tensor(thr_sdp.partition_shape_C((BN, BM)), Float32)
+        acc_dP = cute.make_rmem_tensor(thr_sdp.partition_shape_C((BN, BM)), Float32)
+        acc_dK = cute.make_rmem_tensor(thr_dkv.partition_shape_C((BN, D)), Float32)
+        acc_dV = cute.make_rmem_tensor(thr_dkv.partition_shape_C((BN, D)), Float32)
+        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, D)), Float32)
+        acc_dK.fill(0.0)
+        acc_dV.fill(0.0)
+        rP = cute.make_rmem_tensor(acc_S.layout.shape, dt)
+        rdS = cute.make_rmem_tensor(acc_S.layout.shape, dt)
+        tPa = acc_as_a_operand(rP)
+        tdSa = acc_as_a_operand(rdS)
+        S_mn = acc_mn_view(acc_S)
+        dP_mn = acc_mn_view(acc_dP)
+        cS_mn = acc_mn_view(thr_sdp.partition_C(cute.make_identity_tensor((BN, BM))))
+        dQ_mn = acc_mn_view(acc_dQ)
+        cQ_mn = acc_mn_view(thr_dq.partition_C(cute.make_identity_tensor((BM, D))))
+        NR = cute.size(S_mn, mode=[0])  # keys per thread
+        NC = cute.size(S_mn, mode=[1])  # rows (columns of S^T) per thread
+        NQR = cute.size(dQ_mn, mode=[0])
+        NQC = cute.size(dQ_mn, mode=[1])
+        sPidx = st.sPidx.get_tensor(cute.make_layout(BM * QS))
+        sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
+        sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
+        sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
+        toff = _flat(offsets)
+        tcnt = _flat(counts)
+
+        pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
+        if nkeys < BN:
+            # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
+            # there cannot reach dQ as 0 * inf
+            for i in cutlass.range(ctid, BN * D, 256):
+                rr = i // D
+                if rr >= nkeys:
+                    sK[rr, i - rr * D, 0] = dt(0.0)
+            cute.arch.fence_view_async_shared()
+        for t in cutlass.range(nsub, unroll=1):
+            q_state = pipeline.PipelineState(QS, t, t % QS, (t // QS) % 2)
+            stage = t % QS
+            pipe_q.consumer_wait(q_state)
+            # row data: the last visible key of each row (-1: padding or dropped entry), one
+            # buffer per stage: the other warpgroup may still read the previous sub-tile's
+            if ctid < BM:
+                e = e_lo + t * BM + ctid
+                hi = Int32(-1)
+                if e < e_hi:
+                    # entries past a segment's pair count were dropped by the index: padding
+                    j = Int32(0)
+                    for jj in cutlass.range(1, G):
+                        if e >= toff[seg_lo + jj]:
+                            j = jj
+                    if e < toff[seg_lo + j] + tcnt[seg_lo + j]:
+                        p = sPidx[stage * BM + ctid]
+                        hi = nkeys - 1
+                        if cutlass.const_expr(self.causal):
+                            slot = p - (p // topk) * topk
+                            if slot == 0:  # the own chunk: keys up to the row's position
+                                row = (p // topk) // H
+                                hi = cutlass.min(hi, row - qs + shift - kbeg)
+                sHi[stage * BM + ctid] = hi
+            # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
+
+            # ---- S^T = K Q^T, dP^T = V dO^T
+            warpgroup.fence()
+            atom = cute.make_mma_atom(mma_sdp.op)
+            atom.set(warpgroup.Field.ACCUMULATE, False)
+            for kb in cutlass.range_constexpr(cute.size(tSrK.shape[2])):
+                cute.gemm(atom, acc_S, tSrK[None, None, kb, 0], tSrQ[None, None, kb, stage], acc_S)
+                atom.set(warpgroup.Field.ACCUMULATE, True)
+            atom.set(warpgroup.Field.ACCUMULATE, False)
+            for kb in cutlass.range_constexpr(cute.size(tSrV.shape[2])):
+                cute.gemm(atom, acc_dP, tSrV[None, None, kb, 0], tSrdO[None, None, kb, stage], acc_dP)
+                atom.set(warpgroup.Field.ACCUMULATE, True)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+
+            # ---- P^T, dS^T (masked by select: a non-finite S or dP of a masked key stays out)
+            for c in cutlass.range_constexpr(NC):
+                n = cS_mn[0, c][1]
+                hi = sHi[stage * BM + n]
+                l2 = sLse[stage * BM + n] * LOG2E
+                dl = sDel[stage * BM + n]
+                for r in cutlass.range_constexpr(NR):
+                    m = cS_mn[r, 0][0]
+                    pv = cute.math.exp2(S_mn[r, c] * scale_log2 - l2, fastmath=True)
+                    ok = m <= hi
+                    S_mn[r, c] = cutlass.select_(ok, pv, Float32(0.0))
+                    dP_mn[r, c] = cutlass.select_(ok, pv * (dP_mn[r, c] - dl) * scale, Float32(0.0))
+            rP.store(acc_S.load().to(dt))
+            rdS.store(acc_dP.load().to(dt))
+            # ---- dV += P^T dO (register A), issued before dS^T is staged for dQ
+            warpgroup.fence()
+            atom_kv = cute.make_mma_atom(mma_dkv.op)
+            atom_kv.set(warpgroup.Field.ACCUMULATE, True)
+            for kb in cutlass.range_constexpr(cute.size(tPa.shape[2])):
+                cute.gemm(atom_kv, acc_dV, tPa[None, None, kb], tVrdOt[None, None, kb, stage], acc_dV)
+            warpgroup.commit_group()
+            # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both warpgroups
+            dS_mn = acc_mn_view(rdS)
+            for c in cutlass.range_constexpr(NC):
+                n = cS_mn[0, c][1]
+                for r in cutlass.range_constexpr(NR):
+                    sdS[n, cS_mn[r, 0][0]] = dS_mn[r, c]
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
+            # ---- dK += dS^T Q (register A); then dQ_p = dS K (this warpgroup's head-dim half)
+            # once P^T and dS^T are no longer needed (register pressure: dK, dV and dQ
+            # accumulators are live together)
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(cute.size(tdSa.shape[2])):
+                cute.gemm(atom_kv, acc_dK, tdSa[None, None, kb], tKrQt[None, None, kb, stage], acc_dK)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            warpgroup.fence()
+            atom_q = cute.make_mma_atom(mma_dq.op)
+            atom_q.set(warpgroup.Field.ACCUMULATE, False)
+            for kb in cutlass.range_constexpr(cute.size(tQrdS.shape[2])):
+                cute.gemm(atom_q, acc_dQ, tQrdS[None, None, kb], tQrKt[None, None, kb, 0], acc_dQ)
+                atom_q.set(warpgroup.Field.ACCUMULATE, True)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            # ---- the pairs' dQ partials (fp32), rows of real entries only
+            for r in cutlass.range_constexpr(NQR):
+                n = cQ_mn[r, 0][0]
+                if sHi[stage * BM + n] >= 0:
+                    base = part_dq + Int64(sPidx[stage * BM + n]) * Int64(D)
+                    for c in cutlass.range_constexpr(NQC // 2):
+                        col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+                        pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                        pair[0] = dQ_mn[r, 2 * c]
+                        pair[1] = dQ_mn[r, 2 * c + 1]
+                        cute.autovec_copy(pair, cute.make_tensor((base + col).align(8), cute.make_layout(2)))
+            pipe_q.consumer_release(q_state)
+
+        # ---- dK, dV of the chunk's keys, input dtype
+        dK_mn = acc_mn_view(acc_dK)
+        dV_mn = acc_mn_view(acc_dV)
+        cK_mn = acc_mn_view(thr_dkv.partition_C(cute.make_identity_tensor((BN, D))))
+        NKC = cute.size(dK_mn, mode=[1])
+        for r in cutlass.range_constexpr(cute.size(dK_mn, mode=[0])):
+            m = cK_mn[r, 0][0]
+            if m < nkeys:
+                base = (Int64(key0 + m) * Int64(Hk) + Int64(kvh)) * Int64(D)
+                for c in cutlass.range_constexpr(NKC // 2):
+                    col = cK_mn[r, 2 * c][1]
+                    pk = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                    pk[0] = dK_mn[r, 2 * c]
+                    pk[1] = dK_mn[r, 2 * c + 1]
+                    ok = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                    ok.store(pk.load().to(dt))
+                    cute.autovec_copy(ok, cute.make_tensor((dk + base + col).align(4), cute.make_layout(2)))
+                    pv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                    pv[0] = dV_mn[r, 2 * c]
+                    pv[1] = dV_mn[r, 2 * c + 1]
+                    ov = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                    ov.store(pv.load().to(dt))
+                    cute.autovec_copy(ov, cute.make_tensor((dv + base + col).align(4), cute.make_layout(2)))
