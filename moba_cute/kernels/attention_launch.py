@@ -324,12 +324,12 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     vec = 4 if topk % 4 == 0 else 1
     specs = {
         "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
-                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (F, 16)] + _i32p(6), 8, 2)),
+                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(6), 8, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (("pairlist", False, vec), lambda: PairListKernel(False, vec),
                       _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 6)),
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
-                      _fake([(F, 16), (I, 4), (dt, 16)], 3)),
+                      _fake([(dt, 16), (I, 4), (dt, 16)], 3)),
     }
     for role, has_dlse in (("bwd_prep", False), ("bwd_prep_dlse", True)):
         specs[role] = (("bwdprep", dtype_name, head_dim, has_dlse, "nozero"),
@@ -511,7 +511,7 @@ class BwdPlan(_PlanBase):
         if self.sm90:
             npair = self.rows * self.K
             self.layout.add("delta", self.rows * 4)
-            self.layout.add("part_dq", npair * self.D * 4)  # fp32 dQ partial of every pair
+            self.layout.add("part_dq", npair * self.D * 2)  # dQ partial of every pair, input dtype
             self.layout.add("pairs", npair * 4)
             self.layout.add("counts", (self.nseg + 1) * 4)
             self.list_cap = _i32(npair, "pair lists")

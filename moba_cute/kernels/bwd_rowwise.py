@@ -122,10 +122,10 @@ class DqConvertKernel:
 
 
 class DqReduceKernel:
-    """dq (input dtype) from the sm90 backward's per-pair fp32 partials: ``dq[g] = sum_s
-    part_dq[g * K + s]`` over the slots ``s`` whose selection entry is a chunk (``sel[g * K + s]
-    >= 0``; padding slots have no partial), in slot order (bitwise deterministic). Compile key:
-    ("dqreduce", dtype_name, head_dim)."""
+    """dq (input dtype) from the sm90 backward's per-pair partials (input dtype): ``dq[g] =
+    sum_s part_dq[g * K + s]`` in fp32 over the slots ``s`` whose selection entry is a chunk
+    (``sel[g * K + s] >= 0``; padding slots have no partial), in slot order (bitwise
+    deterministic). Compile key: ("dqreduce", dtype_name, head_dim)."""
 
     def __init__(self, dtype, head_dim: int):
         assert head_dim % 8 == 0
@@ -159,6 +159,6 @@ class DqReduceKernel:
                     if tsel[pidx] >= 0:
                         x = cute.make_tensor(part_dq + cute.assume(pidx * Int64(D) + Int64(col), divby=8),
                                              cute.make_layout(8)).load()
-                        acc.store(acc.load() + x)
+                        acc.store(acc.load() + x.to(Float32))
                 off = Int64(g) * Int64(D) + Int64(col)
                 cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(acc.load().to(self.dtype))

@@ -18,7 +18,7 @@ routing's key-major index: every selected pair, own chunk in slot 0).
   ``dS^T = P^T (dP^T - delta) * scale``; ``dV += P^T dO`` and ``dK += dS^T Q`` with ``P^T``,
   ``dS^T`` as register A operands (RS wgmma); ``dS^T`` is also stored transposed to shared
   memory, and the two warpgroups compute ``dQ_p = dS K`` for the sub-tile, each for half of
-  the head dim, writing the fp32 partial of pair ``p`` to ``part_dq[p]``.
+  the head dim, writing pair ``p``'s partial to ``part_dq[p]`` in the input dtype.
 
 dK and dV are written once, in the input dtype, when the CTA ends. A row-wise kernel
 (:class:`~moba_cute.kernels.bwd_rowwise.DqReduceKernel`) sums a row's partials in slot order:
@@ -459,7 +459,9 @@ class MobaBwdSm90:
                 atom_q.set(warpgroup.Field.ACCUMULATE, True)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
-            # ---- the pairs' dQ partials (fp32), rows of real entries only
+            # ---- the pairs' dQ partials in the input dtype (a CPU study, tests/
+            # test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound), rows of
+            # real entries only
             for r in cutlass.range_constexpr(NQR):
                 n = cQ_mn[r, 0][0]
                 if sHi[stage * BM + n] >= 0:
@@ -469,7 +471,9 @@ class MobaBwdSm90:
                         pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
                         pair[0] = dQ_mn[r, 2 * c]
                         pair[1] = dQ_mn[r, 2 * c + 1]
-                        cute.autovec_copy(pair, cute.make_tensor((base + col).align(8), cute.make_layout(2)))
+                        po = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                        po.store(pair.load().to(dt))
+                        cute.autovec_copy(po, cute.make_tensor((base + col).align(4), cute.make_layout(2)))
             pipe_q.consumer_release(q_state)
 
         # ---- dK, dV of the chunk's keys, input dtype
