@@ -23,7 +23,7 @@ def _specs():
 
 
 # head dim 128: 2 x 64 keys x 128 dims of dK and dV accumulators plus S^T, dP^T and the dQ partial
-# sit at setmaxnreg's 240 registers; ptxas spills 0-36 bytes depending on the variant. Bounded
+# sit at setmaxnreg's 240 registers; ptxas spills 4-32 bytes depending on the variant. Bounded
 # here (not hidden) until the kernel has run on a GPU and the register budget is reworked.
 SPILL_BOUND = {("moba_bwd_sm90", 128): 64}  # bytes (ptxas reports spill bytes)
 

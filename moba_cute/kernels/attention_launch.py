@@ -324,9 +324,9 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     vec = 4 if topk % 4 == 0 else 1
     specs = {
         "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
-                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(6), 8, 2)),
+                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 8, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
-        "pair_list": (("pairlist", False, vec), lambda: PairListKernel(False, vec),
+        "pair_list": (("pairlist", False, vec, "fill"), lambda: PairListKernel(False, vec, fill_tail=True),
                       _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 6)),
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
                       _fake([(dt, 16), (I, 4), (dt, 16)], 3)),
@@ -704,7 +704,6 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
                         plan.list_cap, stream)
     if plan.bwd_grid > 0:
         ks["bwd90"](q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), p_lse, p["delta"],
-                    dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"],
-                    p["counts"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, plan.bwd_grid, scale, scale_log2,
-                    stream)
+                    dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"], plan.B,
+                    total_q, total_k, H, plan.Hk, plan.C, K, plan.bwd_grid, scale, scale_log2, stream)
     ks["dq_reduce"](p["part_dq"], sel, dq.data_ptr(), rows, K, plan.row_blocks, stream)

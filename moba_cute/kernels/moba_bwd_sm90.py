@@ -5,8 +5,9 @@ Schedule (docs/design.md, section 9): the CTA of chunk ``g`` and KV head ``kvh``
 chunk's K and V (``C <= BN = 128`` keys, one TMA box each) in shared memory and walks the
 pairs of the segments ``g * H + kvh * G + j`` (``G = H // Hk`` query heads of the KV group;
 own-chunk pairs included, which get the causal mask) in 64-row sub-tiles. The entries are
-pair indices ``p = (row * H + h) * K + slot`` (``PairListKernel(causal=False)`` over the
-routing's key-major index: every selected pair, own chunk in slot 0).
+pair indices ``p = (row * H + h) * K + slot`` (``PairListKernel(causal=False,
+fill_tail=True)`` over the routing's key-major index: every selected pair, own chunk in slot 0;
+-1 for an entry it dropped).
 
 * producer warpgroup (``setmaxnreg`` down): gathers each sub-tile's Q and dO rows with 16-byte
   ``cp.async`` into swizzled rings, and the rows' pair index, LSE and ``delta`` with 4-byte
@@ -93,7 +94,6 @@ class MobaBwdSm90:
         cu_chunks: cute.Pointer,
         offsets: cute.Pointer,
         pairs: cute.Pointer,
-        counts: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -139,7 +139,7 @@ class MobaBwdSm90:
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, cu_q, cu_k, cu_chunks, offsets,
-            pairs, counts, B, total_q, total_k, H, Hk, chunk_size, topk, scale, scale_log2, sQ_layout, sK_layout,
+            pairs, B, total_q, total_k, H, Hk, chunk_size, topk, scale, scale_log2, sQ_layout, sK_layout,
             sdS_layout, mma_sdp, mma_dkv, mma_dq, Storage,
         ).launch(grid=(nchunks, Hk, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
 
@@ -162,7 +162,6 @@ class MobaBwdSm90:
         cu_chunks: cute.Pointer,
         offsets: cute.Pointer,
         pairs: cute.Pointer,
-        counts: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -233,9 +232,9 @@ class MobaBwdSm90:
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nkeys > 0:
-                self.consumer(dk, dv, part_dq, offsets, counts, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp,
-                              mma_dkv, mma_dq, seg_lo, G, e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift,
-                              kbeg, H, topk, total_q, scale, scale_log2, tid - 128)
+                self.consumer(dk, dv, part_dq, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp, mma_dkv, mma_dq,
+                              e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, topk, total_q, scale,
+                              scale_log2, tid - 128)
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -310,10 +309,9 @@ class MobaBwdSm90:
             q_state.advance()
 
     @cute.jit
-    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, part_dq: cute.Pointer, offsets: cute.Pointer,
-                 counts: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, part_dq: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
                  sdS: cute.Tensor, pipe_q, pipe_kv, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
-                 mma_dq: cute.TiledMma, seg_lo: Int32, G: Int32, e_lo: Int32, e_hi: Int32, nsub: Int32,
+                 mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32, nsub: Int32,
                  nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
                  topk: Int32, total_q: Int32, scale: Float32, scale_log2: Float32, ctid: Int32):
         D, dt = self.D, self.dtype
@@ -360,9 +358,6 @@ class MobaBwdSm90:
         sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
         sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
         sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
-        toff = _flat(offsets)
-        tcnt = _flat(counts)
-
         pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         if nkeys < BN:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
@@ -379,22 +374,16 @@ class MobaBwdSm90:
             # row data: the last visible key of each row (-1: padding or dropped entry), one
             # buffer per stage: the other warpgroup may still read the previous sub-tile's
             if ctid < BM:
-                e = e_lo + t * BM + ctid
                 hi = Int32(-1)
-                if e < e_hi:
-                    # entries past a segment's pair count were dropped by the index: padding
-                    j = Int32(0)
-                    for jj in cutlass.range(1, G):
-                        if e >= toff[seg_lo + jj]:
-                            j = jj
-                    if e < toff[seg_lo + j] + tcnt[seg_lo + j]:
-                        p = sPidx[stage * BM + ctid]
-                        hi = nkeys - 1
-                        if cutlass.const_expr(self.causal):
-                            slot = p - (p // topk) * topk
-                            if slot == 0:  # the own chunk: keys up to the row's position
-                                row = (p // topk) // H
-                                hi = cutlass.min(hi, row - qs + shift - kbeg)
+                p = sPidx[stage * BM + ctid]
+                # past the segments, or an entry the index dropped (-1): padding
+                if (e_lo + t * BM + ctid < e_hi) & (p >= 0):
+                    hi = nkeys - 1
+                    if cutlass.const_expr(self.causal):
+                        slot = p - (p // topk) * topk
+                        if slot == 0:  # the own chunk: keys up to the row's position
+                            row = (p // topk) // H
+                            hi = cutlass.min(hi, row - qs + shift - kbeg)
                 sHi[stage * BM + ctid] = hi
             # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
             cute.arch.fence_view_async_shared()

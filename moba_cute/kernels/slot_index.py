@@ -164,12 +164,14 @@ class PairListKernel:
     are dropped, and every index is clamped: a wrong routing gives wrong results, never an
     access out of bounds. ``vec = 4`` (``topk % 4 == 0``, ``selection`` 16-byte aligned) reads
     a row's slots in 16-byte vectors: the lookup is latency-bound, one dependent load per slot
-    otherwise. Compile key: ("pairlist", causal, vec)."""
+    otherwise. Compile key: ("pairlist", causal, vec), plus "fill" with ``fill_tail``."""
 
-    def __init__(self, causal: bool, vec: int = 1):
+    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False):
         assert vec in (1, 4)
         self.causal = bool(causal)
         self.vec = int(vec)
+        # fill_tail (the sm90 backward, which walks whole segments): entries past the pairs get -1
+        self.fill_tail = bool(fill_tail)
         self.nthr = THREADS
 
     @cute.jit
@@ -230,6 +232,9 @@ class PairListKernel:
             if pair >= 0:
                 trl[o0 + n + pre] = pair
             n = n + tot
+        if cutlass.const_expr(self.fill_tail):
+            for e in cutlass.range(o0 + n + tid, o1, self.nthr, unroll=1):
+                trl[e] = Int32(-1)
         if tid == 0:
             _t(counts)[seg] = n
 
