@@ -329,7 +329,7 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
         "pair_list": (("pairlist", False, vec, "fill"), lambda: PairListKernel(False, vec, fill_tail=True),
                       _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 6)),
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
-                      _fake([(dt, 16), (I, 4), (dt, 16)], 3)),
+                      _fake([(dt, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 5)),
     }
     for role, has_dlse in (("bwd_prep", False), ("bwd_prep_dlse", True)):
         specs[role] = (("bwdprep", dtype_name, head_dim, has_dlse, "nozero"),
@@ -706,4 +706,5 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
         ks["bwd90"](q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), p_lse, p["delta"],
                     dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"], plan.B,
                     total_q, total_k, H, plan.Hk, plan.C, K, plan.bwd_grid, scale, scale_log2, stream)
-    ks["dq_reduce"](p["part_dq"], sel, dq.data_ptr(), rows, K, plan.row_blocks, stream)
+    ks["dq_reduce"](p["part_dq"], sel, cu_q, cu_chunks, dq.data_ptr(), plan.B, total_q, H, K, plan.row_blocks,
+                    stream)

@@ -19,6 +19,8 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 
+from .centroids import clamp_seq, find_segment
+
 THREADS = 256
 
 
@@ -123,9 +125,11 @@ class DqConvertKernel:
 
 class DqReduceKernel:
     """dq (input dtype) from the sm90 backward's per-pair partials (input dtype): ``dq[g] =
-    sum_s part_dq[g * K + s]`` in fp32 over the slots ``s`` whose selection entry is a chunk
-    (``sel[g * K + s] >= 0``; padding slots have no partial), in slot order (bitwise
-    deterministic). Compile key: ("dqreduce", dtype_name, head_dim)."""
+    sum_s part_dq[g * K + s]`` in fp32 over the slots ``s`` whose selection entry is a chunk of
+    the row's sequence (``0 <= sel[g * K + s] < chunks``; other slots have no partial), in slot
+    order (bitwise deterministic). Rows outside every sequence (garbage ``cu_seqlens``: the
+    routing never wrote their slots) get ``dq = 0`` without reading their selection.
+    Compile key: ("dqreduce", dtype_name, head_dim)."""
 
     def __init__(self, dtype, head_dim: int):
         assert head_dim % 8 == 0
@@ -135,30 +139,40 @@ class DqReduceKernel:
         self.NV = head_dim // 8 // self.GS
 
     @cute.jit
-    def __call__(self, part_dq: cute.Pointer, sel: cute.Pointer, dq: cute.Pointer, rows: Int32, topk: Int32,
-                 nblocks: Int32, stream: cuda.CUstream):
-        self.kernel(part_dq, sel, dq, rows, topk).launch(grid=(nblocks, 1, 1), block=(THREADS, 1, 1),
-                                                          stream=stream)
+    def __call__(self, part_dq: cute.Pointer, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer,
+                 dq: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32, nblocks: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(part_dq, sel, cu_q, cu_chunks, dq, B, total_q, H, topk).launch(
+            grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.kernel
-    def kernel(self, part_dq: cute.Pointer, sel: cute.Pointer, dq: cute.Pointer, rows: Int32, topk: Int32):
+    def kernel(self, part_dq: cute.Pointer, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer,
+               dq: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32):
         tid, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         GS = self.GS
         D = self.D
         g = bid * (THREADS // GS) + tid // GS
         lane = tid % GS
-        if g < rows:
+        if g < total_q * H:
+            i = g // H
+            b = find_segment(cu_q, B, i)
+            qs, qe = clamp_seq(cu_q, b, total_q)
+            nb = Int32(0)  # chunks of the row's sequence; 0 outside every sequence
+            if (i >= qs) & (i < qe):
+                nb = _t(cu_chunks)[b + 1] - _t(cu_chunks)[b]
             tsel = _t(sel)
             for v in cutlass.range_constexpr(self.NV):
                 col = (v * GS + lane) * 8
                 acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
                 acc.fill(0.0)
-                for s in cutlass.range(topk, unroll=2):
-                    pidx = Int64(g) * Int64(topk) + Int64(s)
-                    if tsel[pidx] >= 0:
-                        x = cute.make_tensor(part_dq + cute.assume(pidx * Int64(D) + Int64(col), divby=8),
-                                             cute.make_layout(8)).load()
-                        acc.store(acc.load() + x.to(Float32))
+                if nb > 0:
+                    for s in cutlass.range(topk, unroll=2):
+                        pidx = Int64(g) * Int64(topk) + Int64(s)
+                        j = tsel[pidx]
+                        if (j >= 0) & (j < nb):
+                            x = cute.make_tensor(part_dq + cute.assume(pidx * Int64(D) + Int64(col), divby=8),
+                                                 cute.make_layout(8)).load()
+                            acc.store(acc.load() + x.to(Float32))
                 off = Int64(g) * Int64(D) + Int64(col)
                 cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(acc.load().to(self.dtype))
