@@ -177,3 +177,34 @@ def test_interface_backward():
     (o2.float() * dout.float()).sum().backward()
     for t in (q, k, v):
         assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+
+def test_backward_dq_windows(monkeypatch):
+    """sm90 backward: the dQ partials of one KV-head window at a time (forced: one KV head per
+    window) give the reference's gradients, bitwise those of a single window."""
+    from moba_cute.kernels import common
+
+    m = _launch()
+    arch = common.arch_of(torch.device("cuda"))
+    if not m.uses_sm90_bwd("bfloat16", 128, 128, arch):
+        pytest.skip("the sm90 backward runs on Hopper")
+    q, k, v, cq, ck = make_batch([700, 90, 333], [700, 90, 333], 8, 4, 128, dtype=torch.bfloat16, device="cuda",
+                                 seed=21)
+    r = reference.route(q, k, cq, ck, 700, 700, 128, 4, True)
+    out, lse = m.attention_cute(q, k, v, r, None, True)
+    dout = torch.randn_like(q)
+    key = m._plan_key(q, k, r)
+    m.BWD_PLANS.clear()
+    one = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
+    assert len(m.BWD_PLANS.get(key, key, arch).dq_windows) == 1
+    monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", "1")
+    m.BWD_PLANS.clear()
+    try:
+        got = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
+        assert len(m.BWD_PLANS.get(key, key, arch).dq_windows) == 4
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_DQ_PARTIAL_BYTES")
+        m.BWD_PLANS.clear()
+    _grad_errs(got, q, k, v, r, dout, None, None, torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(got, one))

@@ -103,6 +103,25 @@ def test_backward_reuses_the_forward_index_layout(monkeypatch):
     assert not plan.index.same_as(al._SlotIndexPlan(3, 1530, 8, 5, 100, True, 32))
 
 
+def test_sm90_backward_dq_windows(monkeypatch):
+    """The dQ partial buffer holds one window of KV heads: bounded by the sm80 path's fp32 dQ
+    accumulator (or 1 GiB), the windows cover every KV head once, in order."""
+    assert al.dq_window_kv_heads(2 * 8192, 16, 16, 128, 8) == 16  # 0.5 GB: one window
+    assert al.dq_window_kv_heads(2 * 65536, 16, 16, 128, 8) == 4  # 4.3 GB over 4 windows
+    assert al.dq_window_kv_heads(1 << 20, 16, 16, 128, 8) == 4  # 512K B=2: 8.6 GB, as sm80's fp32 dQ
+    assert al.dq_window_kv_heads(1 << 20, 16, 1, 128, 64) == 1  # MQA: a window is the one KV head
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=4, D=128, C=128, K=5)
+    key = al._plan_key(q, k, r)
+    one = al.BwdPlan(key, "sm_90a")
+    assert [w[:2] for w in one.dq_windows] == [(0, 4)]
+    monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", str(1530 * 2 * 5 * 128 * 2 * 3 // 2))
+    plan = al.BwdPlan(key, "sm_90a")  # one and a half KV heads' partials fit: windows of one
+    assert [w[:2] for w in plan.dq_windows] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    assert plan.layout.nbytes < one.layout.nbytes - 3 * 1530 * 2 * 5 * 128 * 2 + 4096
+    monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", str(1530 * 2 * 5 * 128 * 2 * 3))
+    assert [w[:2] for w in al.BwdPlan(key, "sm_90a").dq_windows] == [(0, 3), (3, 1)]
+
+
 def test_sm90_backward_dispatch():
     assert al.uses_sm90_bwd("bfloat16", 128, 128, "sm_90a")
     assert al.uses_sm90_bwd("float16", 64, 64, "sm_90a")

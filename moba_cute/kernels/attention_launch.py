@@ -311,6 +311,21 @@ def uses_sm90_bwd(dtype_name, head_dim, chunk_size, arch):
             and os.environ.get("MOBA_CUTE_BWD_SM80", "0") in ("", "0"))
 
 
+DQ_PARTIALS_MIN_BYTES = 1 << 30
+
+
+def dq_window_kv_heads(total_q, H, Hk, D, K):
+    """KV heads per window of the sm90 backward's dQ partial buffer (``total_q * G * K * D * 2``
+    bytes per KV head). Its bound: the sm80 backward's fp32 dQ accumulator (``total_q * H * D *
+    4`` bytes), so the peak memory is no higher than that path's (README: 1.04x FA2's at 512K),
+    or 1 GiB where that is larger, so that short sequences keep one window (one launch each).
+    ``MOBA_CUTE_DQ_PARTIAL_BYTES`` replaces the bound (tests force several windows with it)."""
+    env = os.environ.get("MOBA_CUTE_DQ_PARTIAL_BYTES")
+    cap = max(DQ_PARTIALS_MIN_BYTES, total_q * H * D * 4) if env in (None, "") else int(env)
+    per_kv = total_q * (H // Hk) * max(K, 1) * D * 2
+    return max(1, min(Hk, cap // max(per_kv, 1)))
+
+
 def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     """Role -> (key, factory, fake args) of the sm90 backward's kernels: delta, the pair lists
     of every selected pair (own chunks included), the key-major kernel, the dQ reduction."""
@@ -324,12 +339,12 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     vec = 4 if topk % 4 == 0 else 1
     specs = {
         "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
-                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 8, 2)),
+                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 11, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (("pairlist", False, vec, "fill"), lambda: PairListKernel(False, vec, fill_tail=True),
                       _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 6)),
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
-                      _fake([(dt, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 5)),
+                      _fake([(dt, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7)),
     }
     for role, has_dlse in (("bwd_prep", False), ("bwd_prep_dlse", True)):
         specs[role] = (("bwdprep", dtype_name, head_dim, has_dlse, "nozero"),
@@ -510,8 +525,15 @@ class BwdPlan(_PlanBase):
         self.sm90 = uses_sm90_bwd(self.dtype_name, self.D, self.C, arch) and self.K > 0
         if self.sm90:
             npair = self.rows * self.K
+            G = self.H // self.Hk
+            nkv = dq_window_kv_heads(self.total_q, self.H, self.Hk, self.D, self.K)
+            # KV-head windows (kv0, nkv, first dq-reduce block count): the dQ partials of one window
+            # at a time, so the buffer stays within dq_window_kv_heads' bound
+            self.dq_windows = tuple((kv0, n, grid_blocks(self.total_q * n * G, self.D))
+                                    for kv0, n in ((kv0, min(nkv, self.Hk - kv0)) for kv0 in range(0, self.Hk, nkv)))
             self.layout.add("delta", self.rows * 4)
-            self.layout.add("part_dq", npair * self.D * 2)  # dQ partial of every pair, input dtype
+            # dQ partial of every pair of a window (input dtype)
+            self.layout.add("part_dq", self.total_q * nkv * G * self.K * self.D * 2)
             self.layout.add("pairs", npair * 4)
             self.layout.add("counts", (self.nseg + 1) * 4)
             self.list_cap = _i32(npair, "pair lists")
@@ -690,8 +712,8 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
 
 def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, cu_k, cu_chunks, sel, p_offsets,
                    p_rows, scale, scale_log2, stream):
-    """delta; the pair lists of every selected pair; the key-major kernel (dK, dV, per-pair dQ
-    partials); the dQ reduction in slot order."""
+    """delta; the pair lists of every selected pair; per window of KV heads, the key-major
+    kernel (dK, dV, per-pair dQ partials) and the dQ reduction in slot order."""
     ks = plan.ks
     rows, H, K = plan.rows, plan.H, plan.K
     total_q, total_k = q.shape[0], k.shape[0]
@@ -702,9 +724,12 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
     if plan.nseg > 0:
         ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], plan.B, total_q, H, K, plan.nseg,
                         plan.list_cap, stream)
-    if plan.bwd_grid > 0:
-        ks["bwd90"](q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), p_lse, p["delta"],
-                    dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"], plan.B,
-                    total_q, total_k, H, plan.Hk, plan.C, K, plan.bwd_grid, scale, scale_log2, stream)
-    ks["dq_reduce"](p["part_dq"], sel, cu_q, cu_chunks, dq.data_ptr(), plan.B, total_q, H, K, plan.row_blocks,
-                    stream)
+    G = H // plan.Hk
+    for kv0, nkv, blocks in plan.dq_windows:
+        if plan.bwd_grid > 0:
+            ks["bwd90"](q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), p_lse, p["delta"],
+                        dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"],
+                        plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0, nkv * G, plan.bwd_grid, nkv, scale,
+                        scale_log2, stream)
+        ks["dq_reduce"](p["part_dq"], sel, cu_q, cu_chunks, dq.data_ptr(), plan.B, total_q, H, kv0 * G, nkv * G, K,
+                        blocks, stream)

@@ -124,12 +124,13 @@ class DqConvertKernel:
 
 
 class DqReduceKernel:
-    """dq (input dtype) from the sm90 backward's per-pair partials (input dtype): ``dq[g] =
-    sum_s part_dq[g * K + s]`` in fp32 over the slots ``s`` whose selection entry is a chunk of
-    the row's sequence (``0 <= sel[g * K + s] < chunks``; other slots have no partial), in slot
-    order (bitwise deterministic). Rows outside every sequence (garbage ``cu_seqlens``: the
-    routing never wrote their slots) get ``dq = 0`` without reading their selection.
-    Compile key: ("dqreduce", dtype_name, head_dim)."""
+    """dq (input dtype) of one window of query heads ``[h0, h0 + Hw)`` from the sm90
+    backward's per-pair partials (input dtype, the window's buffer: row-major over (row, head of
+    the window, slot)): ``dq[row, h] = sum_s part_dq[(row * Hw + h - h0) * K + s]`` in fp32 over
+    the slots ``s`` whose selection entry is a chunk of the row's sequence (``0 <= sel < chunks``;
+    other slots have no partial), in slot order (bitwise deterministic). Rows outside every
+    sequence (garbage ``cu_seqlens``: the routing never wrote their slots) get ``dq = 0``
+    without reading their selection. Compile key: ("dqreduce", dtype_name, head_dim)."""
 
     def __init__(self, dtype, head_dim: int):
         assert head_dim % 8 == 0
@@ -140,22 +141,23 @@ class DqReduceKernel:
 
     @cute.jit
     def __call__(self, part_dq: cute.Pointer, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer,
-                 dq: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32, nblocks: Int32,
-                 stream: cuda.CUstream):
-        self.kernel(part_dq, sel, cu_q, cu_chunks, dq, B, total_q, H, topk).launch(
+                 dq: cute.Pointer, B: Int32, total_q: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32,
+                 nblocks: Int32, stream: cuda.CUstream):
+        self.kernel(part_dq, sel, cu_q, cu_chunks, dq, B, total_q, H, h0, Hw, topk).launch(
             grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, part_dq: cute.Pointer, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer,
-               dq: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32):
+               dq: cute.Pointer, B: Int32, total_q: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32):
         tid, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         GS = self.GS
         D = self.D
-        g = bid * (THREADS // GS) + tid // GS
+        gl = bid * (THREADS // GS) + tid // GS  # (row, head of the window)
         lane = tid % GS
-        if g < total_q * H:
-            i = g // H
+        if gl < total_q * Hw:
+            i = gl // Hw
+            g = i * H + h0 + (gl - i * Hw)  # (row, head)
             b = find_segment(cu_q, B, i)
             qs, qe = clamp_seq(cu_q, b, total_q)
             nb = Int32(0)  # chunks of the row's sequence; 0 outside every sequence
@@ -168,11 +170,10 @@ class DqReduceKernel:
                 acc.fill(0.0)
                 if nb > 0:
                     for s in cutlass.range(topk, unroll=2):
-                        pidx = Int64(g) * Int64(topk) + Int64(s)
-                        j = tsel[pidx]
+                        j = tsel[Int64(g) * Int64(topk) + Int64(s)]
                         if (j >= 0) & (j < nb):
-                            x = cute.make_tensor(part_dq + cute.assume(pidx * Int64(D) + Int64(col), divby=8),
-                                                 cute.make_layout(8)).load()
+                            po = (Int64(gl) * Int64(topk) + Int64(s)) * Int64(D) + Int64(col)
+                            x = cute.make_tensor(part_dq + cute.assume(po, divby=8), cute.make_layout(8)).load()
                             acc.store(acc.load() + x.to(Float32))
                 off = Int64(g) * Int64(D) + Int64(col)
                 cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(acc.load().to(self.dtype))

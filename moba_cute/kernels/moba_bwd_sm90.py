@@ -19,14 +19,17 @@ fill_tail=True)`` over the routing's key-major index: every selected pair, own c
   ``dS^T = P^T (dP^T - delta) * scale``; ``dV += P^T dO`` and ``dK += dS^T Q`` with ``P^T``,
   ``dS^T`` as register A operands (RS wgmma); ``dS^T`` is also stored transposed to shared
   memory, and the two warpgroups compute ``dQ_p = dS K`` for the sub-tile, each for half of
-  the head dim, writing pair ``p``'s partial to ``part_dq[p]`` in the input dtype.
+  the head dim, writing pair ``p``'s partial in the input dtype.
+
+The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
+(grid ``(chunks, nkv)``; ``Hw = nkv * G`` query heads) and stores pair ``(row, h, slot)`` at
+``((row * Hw + h - kv0 * G) * K + slot) * D``, so the launch plan bounds the buffer's size
+(docs/design.md, section 9) by running the key-major kernel and the reduction once per window.
 
 dK and dV are written once, in the input dtype, when the CTA ends. A row-wise kernel
 (:class:`~moba_cute.kernels.bwd_rowwise.DqReduceKernel`) sums a row's partials in slot order:
 no atomics, bitwise deterministic (a pair's arithmetic does not depend on its place in the
 sub-tile). Compile key: ``(dtype, head_dim, causal)``.
-
-NOT YET RUN ON A GPU (branch work for issue 12): compiles for sm_90a.
 """
 
 from __future__ import annotations
@@ -101,7 +104,10 @@ class MobaBwdSm90:
         Hk: Int32,
         chunk_size: Int32,
         topk: Int32,
+        kv0: Int32,
+        Hw: Int32,
         nchunks: Int32,
+        nkv: Int32,
         scale: Float32,
         scale_log2: Float32,
         stream: cuda.CUstream,
@@ -131,6 +137,7 @@ class MobaBwdSm90:
             sLse: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
             sDel: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
             sHi: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
+            sLoc: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
             sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
             sdO: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
@@ -139,9 +146,9 @@ class MobaBwdSm90:
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, cu_q, cu_k, cu_chunks, offsets,
-            pairs, B, total_q, total_k, H, Hk, chunk_size, topk, scale, scale_log2, sQ_layout, sK_layout,
-            sdS_layout, mma_sdp, mma_dkv, mma_dq, Storage,
-        ).launch(grid=(nchunks, Hk, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
+            pairs, B, total_q, total_k, H, Hk, chunk_size, topk, kv0, Hw, scale, scale_log2, sQ_layout,
+            sK_layout, sdS_layout, mma_sdp, mma_dkv, mma_dq, Storage,
+        ).launch(grid=(nchunks, nkv, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
 
     @cute.kernel
     def kernel(
@@ -169,6 +176,8 @@ class MobaBwdSm90:
         Hk: Int32,
         chunk_size: Int32,
         topk: Int32,
+        kv0: Int32,
+        Hw: Int32,
         scale: Float32,
         scale_log2: Float32,
         sQ_layout: cute.ComposedLayout,
@@ -180,7 +189,8 @@ class MobaBwdSm90:
         Storage: cutlass.Constexpr,
     ):
         tid, _, _ = cute.arch.thread_idx()
-        g, kvh, _ = cute.arch.block_idx()
+        g, kvw, _ = cute.arch.block_idx()
+        kvh = kv0 + kvw  # this launch covers KV heads [kv0, kv0 + nkv) (the partial buffer's window)
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp == 0:
             cpasync.prefetch_descriptor(atom_k)
@@ -233,8 +243,8 @@ class MobaBwdSm90:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nkeys > 0:
                 self.consumer(dk, dv, part_dq, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp, mma_dkv, mma_dq,
-                              e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, topk, total_q, scale,
-                              scale_log2, tid - 128)
+                              e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, kv0 * G, Hw, topk,
+                              total_q, scale, scale_log2, tid - 128)
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -313,7 +323,8 @@ class MobaBwdSm90:
                  sdS: cute.Tensor, pipe_q, pipe_kv, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
                  mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32, nsub: Int32,
                  nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
-                 topk: Int32, total_q: Int32, scale: Float32, scale_log2: Float32, ctid: Int32):
+                 h0: Int32, Hw: Int32, topk: Int32, total_q: Int32, scale: Float32, scale_log2: Float32,
+                 ctid: Int32):
         D, dt = self.D, self.dtype
         LOG2E = 1.4426950408889634
         thr_sdp = mma_sdp.get_slice(ctid)
@@ -358,6 +369,7 @@ class MobaBwdSm90:
         sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
         sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
         sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
+        sLoc = st.sLoc.get_tensor(cute.make_layout(BM * QS))
         pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         if nkeys < BN:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
@@ -373,18 +385,23 @@ class MobaBwdSm90:
             pipe_q.consumer_wait(q_state)
             # row data: the last visible key of each row (-1: padding or dropped entry), one
             # buffer per stage: the other warpgroup may still read the previous sub-tile's
+            # and the pair's place in the window's partial buffer, (row * Hw + h - h0) * K + slot
             if ctid < BM:
                 hi = Int32(-1)
+                loc = Int32(0)
                 p = sPidx[stage * BM + ctid]
                 # past the segments, or an entry the index dropped (-1): padding
                 if (e_lo + t * BM + ctid < e_hi) & (p >= 0):
                     hi = nkeys - 1
+                    ridx = p // topk
+                    slot = p - ridx * topk
+                    row = ridx // H
+                    loc = (row * Hw + (ridx - row * H - h0)) * topk + slot
                     if cutlass.const_expr(self.causal):
-                        slot = p - (p // topk) * topk
                         if slot == 0:  # the own chunk: keys up to the row's position
-                            row = (p // topk) // H
                             hi = cutlass.min(hi, row - qs + shift - kbeg)
                 sHi[stage * BM + ctid] = hi
+                sLoc[stage * BM + ctid] = loc
             # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
             cute.arch.fence_view_async_shared()
             cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
@@ -454,7 +471,7 @@ class MobaBwdSm90:
             for r in cutlass.range_constexpr(NQR):
                 n = cQ_mn[r, 0][0]
                 if sHi[stage * BM + n] >= 0:
-                    base = part_dq + Int64(sPidx[stage * BM + n]) * Int64(D)
+                    base = part_dq + Int64(sLoc[stage * BM + n]) * Int64(D)
                     for c in cutlass.range_constexpr(NQC // 2):
                         col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
                         pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
