@@ -51,7 +51,9 @@ BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
 QS = 2  # Q / dO / row-data ring stages
 PRODUCER_REGS = 24
-CONSUMER_REGS = 240  # 40 * 128 + 2 * 232 * 128 <= 64K registers: one CTA per SM
+# the launch gives 168 registers to each of 384 threads: the producer's 128 threads hand back
+# 144 each, which are exactly the 72 more that each of the 256 consumer threads takes
+CONSUMER_REGS = 240
 BAR_META = 1  # named barriers among the 256 consumer threads
 BAR_DS = 2
 
@@ -244,7 +246,7 @@ class MobaBwdSm90:
             if nkeys > 0:
                 self.consumer(dk, dv, part_dq, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp, mma_dkv, mma_dq,
                               e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, kv0 * G, Hw, topk,
-                              total_q, scale, scale_log2, tid - 128)
+                              scale, scale_log2, tid - 128)
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -319,14 +321,13 @@ class MobaBwdSm90:
             q_state.advance()
 
     @cute.jit
-    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, part_dq: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
-                 sdS: cute.Tensor, pipe_q, pipe_kv, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
-                 mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32, nsub: Int32,
-                 nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
-                 h0: Int32, Hw: Int32, topk: Int32, total_q: Int32, scale: Float32, scale_log2: Float32,
+    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, part_dq: cute.Pointer, st, sQ: cute.Tensor,
+                 sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv,
+                 mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32,
+                 nsub: Int32, nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32,
+                 kbeg: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32, scale: Float32, scale_log2: Float32,
                  ctid: Int32):
         D, dt = self.D, self.dtype
-        LOG2E = 1.4426950408889634
         thr_sdp = mma_sdp.get_slice(ctid)
         thr_dkv = mma_dkv.get_slice(ctid)
         thr_dq = mma_dq.get_slice(ctid)
@@ -361,15 +362,6 @@ class MobaBwdSm90:
         cS_mn = acc_mn_view(thr_sdp.partition_C(cute.make_identity_tensor((BN, BM))))
         dQ_mn = acc_mn_view(acc_dQ)
         cQ_mn = acc_mn_view(thr_dq.partition_C(cute.make_identity_tensor((BM, D))))
-        NR = cute.size(S_mn, mode=[0])  # keys per thread
-        NC = cute.size(S_mn, mode=[1])  # rows (columns of S^T) per thread
-        NQR = cute.size(dQ_mn, mode=[0])
-        NQC = cute.size(dQ_mn, mode=[1])
-        sPidx = st.sPidx.get_tensor(cute.make_layout(BM * QS))
-        sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
-        sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
-        sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
-        sLoc = st.sLoc.get_tensor(cute.make_layout(BM * QS))
         pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         if nkeys < BN:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
@@ -383,55 +375,18 @@ class MobaBwdSm90:
             q_state = pipeline.PipelineState(QS, t, t % QS, (t // QS) % 2)
             stage = t % QS
             pipe_q.consumer_wait(q_state)
-            # row data: the last visible key of each row (-1: padding or dropped entry), one
-            # buffer per stage: the other warpgroup may still read the previous sub-tile's
-            # and the pair's place in the window's partial buffer, (row * Hw + h - h0) * K + slot
             if ctid < BM:
-                hi = Int32(-1)
-                loc = Int32(0)
-                p = sPidx[stage * BM + ctid]
-                # past the segments, or an entry the index dropped (-1): padding
-                if (e_lo + t * BM + ctid < e_hi) & (p >= 0):
-                    hi = nkeys - 1
-                    ridx = p // topk
-                    slot = p - ridx * topk
-                    row = ridx // H
-                    loc = (row * Hw + (ridx - row * H - h0)) * topk + slot
-                    if cutlass.const_expr(self.causal):
-                        if slot == 0:  # the own chunk: keys up to the row's position
-                            hi = cutlass.min(hi, row - qs + shift - kbeg)
-                sHi[stage * BM + ctid] = hi
-                sLoc[stage * BM + ctid] = loc
+                self.row_meta(st, stage, ctid, e_lo + t * BM + ctid < e_hi, nkeys, qs, shift, kbeg, H, h0, Hw, topk)
             # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
             cute.arch.fence_view_async_shared()
             cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
-
             # ---- S^T = K Q^T, dP^T = V dO^T
             warpgroup.fence()
-            atom = cute.make_mma_atom(mma_sdp.op)
-            atom.set(warpgroup.Field.ACCUMULATE, False)
-            for kb in cutlass.range_constexpr(cute.size(tSrK.shape[2])):
-                cute.gemm(atom, acc_S, tSrK[None, None, kb, 0], tSrQ[None, None, kb, stage], acc_S)
-                atom.set(warpgroup.Field.ACCUMULATE, True)
-            atom.set(warpgroup.Field.ACCUMULATE, False)
-            for kb in cutlass.range_constexpr(cute.size(tSrV.shape[2])):
-                cute.gemm(atom, acc_dP, tSrV[None, None, kb, 0], tSrdO[None, None, kb, stage], acc_dP)
-                atom.set(warpgroup.Field.ACCUMULATE, True)
+            self.gemm_zero(mma_sdp, acc_S, tSrK, tSrQ, stage)
+            self.gemm_zero(mma_sdp, acc_dP, tSrV, tSrdO, stage)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
-
-            # ---- P^T, dS^T (masked by select: a non-finite S or dP of a masked key stays out)
-            for c in cutlass.range_constexpr(NC):
-                n = cS_mn[0, c][1]
-                hi = sHi[stage * BM + n]
-                l2 = sLse[stage * BM + n] * LOG2E
-                dl = sDel[stage * BM + n]
-                for r in cutlass.range_constexpr(NR):
-                    m = cS_mn[r, 0][0]
-                    pv = cute.math.exp2(S_mn[r, c] * scale_log2 - l2, fastmath=True)
-                    ok = m <= hi
-                    S_mn[r, c] = cutlass.select_(ok, pv, Float32(0.0))
-                    dP_mn[r, c] = cutlass.select_(ok, pv * (dP_mn[r, c] - dl) * scale, Float32(0.0))
+            self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2)
             rP.store(acc_S.load().to(dt))
             rdS.store(acc_dP.load().to(dt))
             # ---- dV += P^T dO (register A), issued before dS^T is staged for dQ
@@ -442,11 +397,7 @@ class MobaBwdSm90:
                 cute.gemm(atom_kv, acc_dV, tPa[None, None, kb], tVrdOt[None, None, kb, stage], acc_dV)
             warpgroup.commit_group()
             # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both warpgroups
-            dS_mn = acc_mn_view(rdS)
-            for c in cutlass.range_constexpr(NC):
-                n = cS_mn[0, c][1]
-                for r in cutlass.range_constexpr(NR):
-                    sdS[n, cS_mn[r, 0][0]] = dS_mn[r, c]
+            self.store_ds(sdS, acc_mn_view(rdS), cS_mn)
             cute.arch.fence_view_async_shared()
             cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
             # ---- dK += dS^T Q (register A); then dQ_p = dS K (this warpgroup's head-dim half)
@@ -465,43 +416,112 @@ class MobaBwdSm90:
                 atom_q.set(warpgroup.Field.ACCUMULATE, True)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
-            # ---- the pairs' dQ partials in the input dtype (a CPU study, tests/
-            # test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound), rows of
-            # real entries only
-            for r in cutlass.range_constexpr(NQR):
-                n = cQ_mn[r, 0][0]
-                if sHi[stage * BM + n] >= 0:
-                    base = part_dq + Int64(sLoc[stage * BM + n]) * Int64(D)
-                    for c in cutlass.range_constexpr(NQC // 2):
-                        col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                        pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                        pair[0] = dQ_mn[r, 2 * c]
-                        pair[1] = dQ_mn[r, 2 * c + 1]
-                        po = cute.make_rmem_tensor(cute.make_layout(2), dt)
-                        po.store(pair.load().to(dt))
-                        cute.autovec_copy(po, cute.make_tensor((base + col).align(4), cute.make_layout(2)))
+            self.store_dq_partials(st, stage, part_dq, dQ_mn, cQ_mn)
             pipe_q.consumer_release(q_state)
 
         # ---- dK, dV of the chunk's keys, input dtype
-        dK_mn = acc_mn_view(acc_dK)
-        dV_mn = acc_mn_view(acc_dV)
         cK_mn = acc_mn_view(thr_dkv.partition_C(cute.make_identity_tensor((BN, D))))
-        NKC = cute.size(dK_mn, mode=[1])
+        self.store_dkv(dk, dv, acc_mn_view(acc_dK), acc_mn_view(acc_dV), cK_mn, nkeys, key0, kvh, Hk)
+
+    @cute.jit
+    def gemm_zero(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor, stage):
+        """acc = A B over the k-blocks (shared-memory operands: A of the chunk's K or V, B of ring
+        stage ``stage``)."""
+        atom = cute.make_mma_atom(tiled_mma.op)
+        atom.set(warpgroup.Field.ACCUMULATE, False)
+        for kb in cutlass.range_constexpr(cute.size(tA.shape[2])):
+            cute.gemm(atom, acc, tA[None, None, kb, 0], tB[None, None, kb, stage], acc)
+            atom.set(warpgroup.Field.ACCUMULATE, True)
+
+    @cute.jit
+    def row_meta(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
+                 h0: Int32, Hw: Int32, topk: Int32):
+        """Sub-tile row ``n``'s last visible key (-1: padding past the segments or an entry the
+        index dropped) and its pair's place in the window's partial buffer,
+        ``(row * Hw + h - h0) * K + slot``. One buffer per stage: the other warpgroup may still
+        read the previous sub-tile's."""
+        sPidx = st.sPidx.get_tensor(cute.make_layout(BM * QS))
+        hi = Int32(-1)
+        loc = Int32(0)
+        p = sPidx[stage * BM + n]
+        if inside & (p >= 0):
+            hi = nkeys - 1
+            ridx = p // topk
+            slot = p - ridx * topk
+            row = ridx // H
+            loc = (row * Hw + (ridx - row * H - h0)) * topk + slot
+            if cutlass.const_expr(self.causal):
+                if slot == 0:  # the own chunk: keys up to the row's position
+                    hi = cutlass.min(hi, row - qs + shift - kbeg)
+        st.sHi.get_tensor(cute.make_layout(BM * QS))[stage * BM + n] = hi
+        st.sLoc.get_tensor(cute.make_layout(BM * QS))[stage * BM + n] = loc
+
+    @cute.jit
+    def probs_and_ds(self, st, stage, S_mn: cute.Tensor, dP_mn: cute.Tensor, cS_mn: cute.Tensor, scale: Float32,
+                     scale_log2: Float32):
+        """In place: S^T -> P^T = exp2(S^T * scale_log2 - lse_log2), dP^T -> dS^T = P^T (dP^T -
+        delta) * scale; masked keys (past the row's last visible key) by select, so that a
+        non-finite S or dP there stays out."""
+        LOG2E = 1.4426950408889634
+        sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
+        sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
+        sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
+        for c in cutlass.range_constexpr(cute.size(S_mn, mode=[1])):
+            n = cS_mn[0, c][1]
+            hi = sHi[stage * BM + n]
+            l2 = sLse[stage * BM + n] * LOG2E
+            dl = sDel[stage * BM + n]
+            for r in cutlass.range_constexpr(cute.size(S_mn, mode=[0])):
+                m = cS_mn[r, 0][0]
+                pv = cute.math.exp2(S_mn[r, c] * scale_log2 - l2, fastmath=True)
+                ok = m <= hi
+                S_mn[r, c] = cutlass.select_(ok, pv, Float32(0.0))
+                dP_mn[r, c] = cutlass.select_(ok, pv * (dP_mn[r, c] - dl) * scale, Float32(0.0))
+
+    @cute.jit
+    def store_ds(self, sdS: cute.Tensor, dS_mn: cute.Tensor, cS_mn: cute.Tensor):
+        """dS^T (keys x rows, registers) -> sdS (rows x keys)."""
+        for c in cutlass.range_constexpr(cute.size(dS_mn, mode=[1])):
+            n = cS_mn[0, c][1]
+            for r in cutlass.range_constexpr(cute.size(dS_mn, mode=[0])):
+                sdS[n, cS_mn[r, 0][0]] = dS_mn[r, c]
+
+    @cute.jit
+    def store_dq_partials(self, st, stage, part_dq: cute.Pointer, dQ_mn: cute.Tensor, cQ_mn: cute.Tensor):
+        """The sub-tile's dQ partials in the input dtype (a CPU study, tests/
+        test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound), rows of
+        real entries only."""
+        D = self.D
+        sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
+        sLoc = st.sLoc.get_tensor(cute.make_layout(BM * QS))
+        for r in cutlass.range_constexpr(cute.size(dQ_mn, mode=[0])):
+            n = cQ_mn[r, 0][0]
+            if sHi[stage * BM + n] >= 0:
+                base = part_dq + Int64(sLoc[stage * BM + n]) * Int64(D)
+                for c in cutlass.range_constexpr(cute.size(dQ_mn, mode=[1]) // 2):
+                    col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+                    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                    pair[0] = dQ_mn[r, 2 * c]
+                    pair[1] = dQ_mn[r, 2 * c + 1]
+                    po = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                    po.store(pair.load().to(self.dtype))
+                    cute.autovec_copy(po, cute.make_tensor((base + col).align(4), cute.make_layout(2)))
+
+    @cute.jit
+    def store_dkv(self, dk: cute.Pointer, dv: cute.Pointer, dK_mn: cute.Tensor, dV_mn: cute.Tensor,
+                  cK_mn: cute.Tensor, nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32):
+        """dK and dV of the chunk's keys (rows < nkeys) in the input dtype, (total_k, Hk, D)."""
+        D = self.D
         for r in cutlass.range_constexpr(cute.size(dK_mn, mode=[0])):
             m = cK_mn[r, 0][0]
             if m < nkeys:
                 base = (Int64(key0 + m) * Int64(Hk) + Int64(kvh)) * Int64(D)
-                for c in cutlass.range_constexpr(NKC // 2):
-                    col = cK_mn[r, 2 * c][1]
-                    pk = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                    pk[0] = dK_mn[r, 2 * c]
-                    pk[1] = dK_mn[r, 2 * c + 1]
-                    ok = cute.make_rmem_tensor(cute.make_layout(2), dt)
-                    ok.store(pk.load().to(dt))
-                    cute.autovec_copy(ok, cute.make_tensor((dk + base + col).align(4), cute.make_layout(2)))
-                    pv = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                    pv[0] = dV_mn[r, 2 * c]
-                    pv[1] = dV_mn[r, 2 * c + 1]
-                    ov = cute.make_rmem_tensor(cute.make_layout(2), dt)
-                    ov.store(pv.load().to(dt))
-                    cute.autovec_copy(ov, cute.make_tensor((dv + base + col).align(4), cute.make_layout(2)))
+                for c in cutlass.range_constexpr(cute.size(dK_mn, mode=[1]) // 2):
+                    col = cK_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+                    for acc_mn, out in ((dK_mn, dk), (dV_mn, dv)):
+                        pk = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                        pk[0] = acc_mn[r, 2 * c]
+                        pk[1] = acc_mn[r, 2 * c + 1]
+                        o = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                        o.store(pk.load().to(self.dtype))
+                        cute.autovec_copy(o, cute.make_tensor((out + base + col).align(4), cute.make_layout(2)))
