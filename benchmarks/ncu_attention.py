@@ -1,8 +1,9 @@
-"""One warm CuTe attention forward between profiler start/stop, for Nsight Compute (GPU machine):
+"""One warm CuTe attention forward (or backward) between profiler start/stop, for Nsight Compute
+(GPU machine):
 
     ncu --clock-control none --profile-from-start off --csv \\
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \\
-        python3 -m benchmarks.ncu_attention [--S 65536] [--sm80]
+        python3 -m benchmarks.ncu_attention [--S 65536] [--sm80] [--backward]
 
 flashmoba shape (B=2, H=Hk=16, D=128, C=128, K=8, bf16, causal); the routing comes from the
 reference so that only the attention's kernels are profiled. Divide the bytes by
@@ -21,7 +22,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", type=int, default=65536)
     ap.add_argument("--B", type=int, default=2)
-    ap.add_argument("--sm80", action="store_true", help="the sm80 slot passes instead of the sm90 forward")
+    ap.add_argument("--sm80", action="store_true", help="the sm80 kernels instead of the sm90 ones")
+    ap.add_argument("--backward", action="store_true",
+                    help="profile the backward (attention_backward_cute: delta, pair lists, key-major kernel, dQ)")
     ap.add_argument("--summarize", default=None, help="print per-kernel ms / GB of an ncu --csv log and exit")
     args = ap.parse_args(argv)
     if args.summarize:
@@ -29,19 +32,29 @@ def main(argv=None):
         return
     if args.sm80:
         os.environ["MOBA_CUTE_FWD_SM80"] = "1"
+        os.environ["MOBA_CUTE_BWD_SM80"] = "1"
     from moba_cute import reference
-    from moba_cute.kernels.attention_launch import attention_cute
+    from moba_cute.kernels.attention_launch import attention_backward_cute, attention_cute
 
     B, S, H, D, C, K = args.B, args.S, 16, 128, 128, 8
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B * S, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * S
     r = reference.route(q, k, cu, cu, S, S, C, K, True)
+    if args.backward:
+        out, lse = attention_cute(q, k, v, r, None, True)
+        dout = torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g)
+
+        def step():
+            attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
+    else:
+        def step():
+            attention_cute(q, k, v, r, None, False)
     for _ in range(2):
-        attention_cute(q, k, v, r, None, False)
+        step()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
-    attention_cute(q, k, v, r, None, False)
+    step()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
     print(f"rows*heads = {B * S * H}")
