@@ -26,12 +26,12 @@ def kernel_paths(device=None) -> dict:
         mc = import_moba()
         fn = getattr(mc, "kernel_paths", None)
         if fn is None:
-            return {"route": None, "attention": None}
+            return {"route": None, "attention": None, "attention_backward": None}
         paths = fn(device)
         return {"route": paths.get("route"), "attention": paths.get("attention")}
     except Exception as e:  # noqa: BLE001 - a broken kernel module must not stop the baselines
         print(f"moba_cute.kernel_paths() failed ({type(e).__name__}: {e}): no kernel path used")
-        return {"route": None, "attention": None}
+        return {"route": None, "attention": None, "attention_backward": None}
 
 
 def cute_impl_name(paths: dict) -> str | None:

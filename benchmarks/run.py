@@ -128,7 +128,7 @@ def suite_meta(args, device: str) -> tuple[str, dict, dict]:
     else:
         name = f"cpu-dry-run ({platform.processor() or platform.machine()})"
         hw = {}
-        paths = {"route": None, "attention": None}
+        paths = {"route": None, "attention": None, "attention_backward": None}
     meta = {"device": name, **_versions(), "commit": git_commit(),
             "suite": args.suite, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),

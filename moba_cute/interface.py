@@ -364,25 +364,29 @@ def _attention_kernel_module():
 def kernel_paths(device=None) -> dict:
     """Which CuTe kernel family serves ``device`` (default: the current CUDA device).
 
-    Returns ``{"route": "sm90" | "sm80" | None, "attention": ...}``: the instruction family of
-    the kernels that run (``"sm80"``: mma.sync/cp.async code, which also runs on Hopper;
-    ``"sm90"``: Hopper-only wgmma/TMA code); None where no kernel serves that device (or no
-    CUDA device is present).
+    Returns ``{"route": "sm90" | "sm80" | None, "attention": ..., "attention_backward": ...}``:
+    the instruction family of the kernels that run (``"sm80"``: mma.sync/cp.async code, which
+    also runs on Hopper; ``"sm90"``: Hopper-only wgmma/TMA code); None where no kernel serves
+    that device (or no CUDA device is present). A configuration the device's family does not
+    cover (e.g. the sm90 backward with chunks over 128 keys) runs the sm80 code, with a
+    one-time warning naming the reason.
     """
     if device is None:
         if not torch.cuda.is_available():
-            return {"route": None, "attention": None}
+            return {"route": None, "attention": None, "attention_backward": None}
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
     arch = _arch(device)
     out = {}
-    for key, mod in (("route", _route_kernel_module()), ("attention", _attention_kernel_module())):
+    att = _attention_kernel_module()
+    for key, mod, attr in (("route", _route_kernel_module(), "KERNEL_FAMILIES"), ("attention", att, "KERNEL_FAMILIES"),
+                           ("attention_backward", att, "BWD_KERNEL_FAMILIES")):
         if mod is None or arch is None:
             out[key] = None
             continue
         # a kernel module lists the families it has (default: sm80 mma.sync code only); a
         # device runs its own family if present, else the sm80 code
-        families = getattr(mod, "KERNEL_FAMILIES", ("sm80",))
+        families = getattr(mod, attr, ("sm80",))
         out[key] = arch if arch in families else ("sm80" if "sm80" in families else None)
     return out
 

@@ -18,6 +18,8 @@ def _inputs(seed=0, requires_grad=False):
 def test_kernel_paths_report_the_device():
     paths = moba_cute.kernel_paths()
     assert paths["route"] in ("sm90", "sm80") and paths["attention"] in ("sm90", "sm80")
+    major = torch.cuda.get_device_capability()[0]
+    assert paths["attention_backward"] == ("sm90" if major == 9 else "sm80")
 
 
 def test_cuda_graph_capture_and_replay():

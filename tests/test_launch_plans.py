@@ -122,6 +122,21 @@ def test_sm90_backward_dq_windows(monkeypatch):
     assert [w[:2] for w in al.BwdPlan(key, "sm_90a").dq_windows] == [(0, 3), (3, 1)]
 
 
+def test_sm80_backward_fallback_on_hopper_warns_once(monkeypatch):
+    """Chunks over 128 keys: the sm80 backward on Hopper, with one warning naming the reason."""
+    monkeypatch.setattr(al, "_WARNED", set())
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=64, C=256, K=2)
+    key = al._plan_key(q, k, r)
+    with pytest.warns(UserWarning, match="chunk_size=256"):
+        assert not al.BwdPlan(key, "sm_90a").sm90
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        al.BwdPlan(key, "sm_90a")  # once
+        al.BwdPlan(key, "sm_80")  # Ampere: its own family, no warning
+
+
 def test_sm90_backward_dispatch():
     assert al.uses_sm90_bwd("bfloat16", 128, 128, "sm_90a")
     assert al.uses_sm90_bwd("float16", 64, 64, "sm_90a")

@@ -51,7 +51,8 @@ __all__ = ["attention_cute", "attention_backward_cute", "attention_unsupported_r
            "bwd_kernel_specs", "HAS_BACKWARD", "FWD_PLANS", "BWD_PLANS", "tile_override"]
 
 HAS_BACKWARD = True
-KERNEL_FAMILIES = ("sm80", "sm90")  # the forward has both; the backward is sm80 code everywhere
+KERNEL_FAMILIES = ("sm80", "sm90")  # the forward's
+BWD_KERNEL_FAMILIES = ("sm80", "sm90")  # the backward's (sm90: head dim 64/128, chunks <= 128)
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INT32_MAX = 2**31 - 1
@@ -523,6 +524,11 @@ class BwdPlan(_PlanBase):
 
         self.row_blocks = grid_blocks(self.rows, self.D)
         self.sm90 = uses_sm90_bwd(self.dtype_name, self.D, self.C, arch) and self.K > 0
+        if (str(arch).startswith("sm_90") and not self.sm90 and self.K > 0
+                and os.environ.get("MOBA_CUTE_BWD_SM80", "0") in ("", "0")):
+            why = (f"head_dim={self.D} (it has 64 and 128)" if self.D not in (64, 128)
+                   else f"chunk_size={self.C} (it takes chunks of at most 128 keys)")
+            _warn_once(f"moba_cute: the sm90 backward does not cover {why}; using the sm80 (mma.sync) backward")
         if self.sm90:
             npair = self.rows * self.K
             G = self.H // self.Hk
