@@ -551,7 +551,6 @@ class BwdPlan(_PlanBase):
         qbm, _, _ = cfg.BWD_DQ_TILES[self.D]
         self.tiles_per_chunk = (self.C + kbn - 1) // kbn
         self.dkv_grid = _i32(self.nbound * self.tiles_per_chunk, "dK/dV grid")
-        self.row_blocks = grid_blocks(self.rows, self.D)
         self.layout.add("delta", self.rows * 4)
         self.layout.add("dq_acc", self.rows * self.D * 4)
         self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, qbm)

@@ -5,8 +5,10 @@ each cost a launch and a pass over memory:
   optional) and, in the same pass, ``dQ_acc[row, h, :] = 0`` (the dQ slot passes
   read-modify-write it).
 * :class:`DqConvertKernel`: ``dq = dQ_acc`` in the input dtype.
+* :class:`DqReduceKernel`: ``dq`` from the sm90 backward's per-pair partials, summed in slot
+  order.
 
-Both map a group of ``GS`` lanes to one (row, head): each lane handles ``D / (8 GS)``
+All three map a group of ``GS`` lanes to one (row, head): each lane handles ``D / (8 GS)``
 16-byte pieces, the group reduces with butterfly shuffles. ``GS`` is the largest power of two
 <= 16 dividing ``D / 8``, so a warp reads whole 16-byte pieces of consecutive rows (rows of one
 token are contiguous: ``(total_q, H, D)``).
