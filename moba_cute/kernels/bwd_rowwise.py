@@ -9,7 +9,7 @@ each cost a launch and a pass over memory:
   order.
 
 All three map a group of ``GS`` lanes to one (row, head): each lane handles ``D / (8 GS)``
-16-byte pieces, the group reduces with butterfly shuffles. ``GS`` is the largest power of two
+16-byte pieces (:class:`BwdPrepKernel`'s group reduces with butterfly shuffles). ``GS`` is the largest power of two
 <= 16 dividing ``D / 8``, so a warp reads whole 16-byte pieces of consecutive rows (rows of one
 token are contiguous: ``(total_q, H, D)``).
 """
