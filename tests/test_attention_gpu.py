@@ -146,6 +146,23 @@ def test_backward(case, D, dtype):
     _check_bwd(lq, lk, H, Hk, D, C, K, causal, dtype, seed=case)
 
 
+LONG_CHUNK_CASES = [
+    # chunks over 128 keys (on Hopper: dK/dV by the sm90 kernel per 128-key tile, dQ by sm80 passes)
+    ([3000, 1100], [3000, 1100], 2, 2, 256, 6, True),
+    ([2500], [2500], 4, 2, 512, 3, True),  # GQA 2:1, 4 key tiles per chunk
+    ([1500, 900], [1200, 900], 4, 4, 200, 3, False),  # a partial last key tile, Sq != Sk
+    ([600, 7], [600, 7], 2, 1, 256, 40, True),  # topk above the chunk count, a 7-token sequence
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(LONG_CHUNK_CASES)))
+def test_backward_long_chunks(case, D, dtype):
+    lq, lk, H, Hk, C, K, causal = LONG_CHUNK_CASES[case]
+    _check_bwd(lq, lk, H, Hk, D, C, K, causal, dtype, seed=40 + case)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_lse_grad(causal):
     """The loss uses the LSE too: dS = P * (dP - rowsum(dO * O) + dlse)."""
