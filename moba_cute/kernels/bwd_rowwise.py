@@ -44,18 +44,25 @@ def grid_blocks(rows: int, head_dim: int) -> int:
     return (rows + per - 1) // per
 
 
-class BwdPrepKernel:
+class _RowwiseKernel:
+    """The shared static configuration: dtype, head dim, the lane group per (row, head)."""
+
+    def __init__(self, dtype, head_dim: int):
+        assert head_dim % 8 == 0
+        self.dtype = dtype
+        self.D = head_dim
+        self.GS = group_size(head_dim)
+        self.NV = head_dim // 8 // self.GS  # 16-byte pieces per lane
+
+
+class BwdPrepKernel(_RowwiseKernel):
     """delta and zeroed dQ_acc; see the module docstring. Compile key:
     ("bwdprep", dtype_name, head_dim, has_dlse), plus "nozero" without the dQ_acc zeroing."""
 
     def __init__(self, dtype, head_dim: int, has_dlse: bool, zero_dq: bool = True):
-        assert head_dim % 8 == 0
-        self.dtype = dtype
-        self.D = head_dim
+        super().__init__(dtype, head_dim)
         self.has_dlse = bool(has_dlse)
         self.zero_dq = bool(zero_dq)  # False: the sm90 backward (no dQ_acc)
-        self.GS = group_size(head_dim)
-        self.NV = head_dim // 8 // self.GS
 
     @cute.jit
     def __call__(self, out: cute.Pointer, dout: cute.Pointer, dlse: cute.Pointer, delta: cute.Pointer,
@@ -95,15 +102,8 @@ class BwdPrepKernel:
             _t(delta)[g] = acc
 
 
-class DqConvertKernel:
+class DqConvertKernel(_RowwiseKernel):
     """dq (input dtype) from the fp32 dQ_acc. Compile key: ("dqconvert", dtype_name, head_dim)."""
-
-    def __init__(self, dtype, head_dim: int):
-        assert head_dim % 8 == 0
-        self.dtype = dtype
-        self.D = head_dim
-        self.GS = group_size(head_dim)
-        self.NV = head_dim // 8 // self.GS
 
     @cute.jit
     def __call__(self, dq_acc: cute.Pointer, dq: cute.Pointer, rows: Int32, nblocks: Int32,
@@ -125,7 +125,7 @@ class DqConvertKernel:
                 cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(x.to(self.dtype))
 
 
-class DqReduceKernel:
+class DqReduceKernel(_RowwiseKernel):
     """dq (input dtype) of one window of query heads ``[h0, h0 + Hw)`` from the sm90
     backward's per-pair partials (input dtype, the window's buffer: row-major over (row, head of
     the window, slot)): ``dq[row, h] = sum_s part_dq[(row * Hw + h - h0) * K + s]`` in fp32 over
@@ -133,13 +133,6 @@ class DqReduceKernel:
     other slots have no partial), in slot order (bitwise deterministic). Rows outside every
     sequence (garbage ``cu_seqlens``: the routing never wrote their slots) get ``dq = 0``
     without reading their selection. Compile key: ("dqreduce", dtype_name, head_dim)."""
-
-    def __init__(self, dtype, head_dim: int):
-        assert head_dim % 8 == 0
-        self.dtype = dtype
-        self.D = head_dim
-        self.GS = group_size(head_dim)
-        self.NV = head_dim // 8 // self.GS
 
     @cute.jit
     def __call__(self, part_dq: cute.Pointer, sel: cute.Pointer, cu_q: cute.Pointer, cu_chunks: cute.Pointer,

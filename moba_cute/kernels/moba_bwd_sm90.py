@@ -45,7 +45,7 @@ from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat
-from .moba_fwd_sm90 import acc_as_a_operand, acc_mn_view
+from .moba_fwd_sm90 import acc_as_a_operand, acc_mn_view, kv_tma_atoms
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -122,14 +122,8 @@ class MobaBwdSm90:
                                                     a_source=warpgroup.OperandSource.RMEM)
         mma_dq = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, MN_, Float32, (1, 2, 1), (BM, D // 2))
         sQ_layout, sK_layout, sdS_layout = self._layouts()
-        kv_layout = cute.make_layout((total_k, D, Hk), stride=(Hk * D, 1, D))
-        mK = cute.make_tensor(k, kv_layout)
-        mV = cute.make_tensor(v, kv_layout)
-        smem_kv = cute.select(sK_layout, mode=[0, 1])
-        tma_op = cpasync.CopyBulkTensorTileG2SOp()
-        atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, mK, smem_kv, (BN, D))
-        atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, mV, smem_kv, (BN, D))
-        self.kv_bytes = 2 * cute.size_in_bytes(dt, smem_kv)
+        atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
+                                                                   cute.select(sK_layout, mode=[0, 1]), BN)
 
         @cute.struct
         class Storage:

@@ -76,6 +76,17 @@ def acc_as_a_operand(t: cute.Tensor) -> cute.Tensor:
     return cute.make_tensor(t.iterator, a)
 
 
+def kv_tma_atoms(k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32, D: int, smem_kv, BN: int):
+    """TMA atoms for K and V seen as (keys, dim, kv head) tensors, a box = ``BN`` keys x ``D`` of
+    one KV head into ``smem_kv`` (one stage's layout); returns (atom_k, tma_k, atom_v, tma_v,
+    bytes of one K + V box). Shared by the sm90 forward and backward."""
+    kv_layout = cute.make_layout((total_k, D, Hk), stride=(Hk * D, 1, D))
+    tma_op = cpasync.CopyBulkTensorTileG2SOp()
+    atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, cute.make_tensor(k, kv_layout), smem_kv, (BN, D))
+    atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, cute.make_tensor(v, kv_layout), smem_kv, (BN, D))
+    return atom_k, tma_k, atom_v, tma_v, 2 * cute.size_in_bytes(k.dtype, smem_kv)
+
+
 class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
@@ -134,15 +145,9 @@ class MobaFwdSm90:
             dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN, Float32, (1, 1, 1), (BM, D),
             a_source=warpgroup.OperandSource.RMEM)
         sQ_layout, sKV_layout = self._layouts()
-        # K, V as (keys, dim, kv head) tensors for TMA; a box is one n-block of one KV head
-        kv_layout = cute.make_layout((total_k, D, Hk), stride=(Hk * D, 1, D))
-        mK = cute.make_tensor(k, kv_layout)
-        mV = cute.make_tensor(v, kv_layout)
-        smem_kv = cute.select(sKV_layout, mode=[0, 1])
-        tma_op = cpasync.CopyBulkTensorTileG2SOp()
-        atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, mK, smem_kv, (BN, D))
-        atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, mV, smem_kv, (BN, D))
-        self.kv_bytes = 2 * cute.size_in_bytes(dt, smem_kv)
+        # K, V for TMA; a box is one n-block of one KV head
+        atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
+                                                                   cute.select(sKV_layout, mode=[0, 1]), BN)
 
         @cute.struct
         class Storage:
