@@ -312,8 +312,6 @@ class MobaFwdSm90:
         cS_mn = acc_mn_view(thr_qk.partition_C(cute.make_identity_tensor((BM, BN))))
         cO_mn = acc_mn_view(thr_pv.partition_C(cute.make_identity_tensor((BM, D))))
         NR = cute.size(O_mn, mode=[0])
-        NCO = cute.size(O_mn, mode=[1])
-        NCS = cute.size(S_mn, mode=[1])
         row_max = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
         row_sum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
         trl = _flat(rows_list)
