@@ -372,7 +372,6 @@ class MobaFwdSm90:
         one sub-tile after the other."""
         BN, dt = self.BN, self.dtype
         NR = cute.size(O_mn, mode=[0])
-        NCS = cute.size(S_mn, mode=[1])
         lane = ctid % 32
         for t in cutlass.range(nsub, unroll=1):
             # the producer fills the Q ring in sub-tile order: sub-tile t is stage t % QS, phase
@@ -407,12 +406,7 @@ class MobaFwdSm90:
                 if n == nblk - 1:
                     pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
                 # ---- mask the keys past the chunk end, online softmax
-                lim = nkeys - n * BN
-                if lim < BN:
-                    for c in cutlass.range_constexpr(NCS):
-                        if cS_mn[0, c][1] >= lim:
-                            for r in cutlass.range_constexpr(NR):
-                                S_mn[r, c] = -Float32.inf
+                self.mask_keys_from(S_mn, cS_mn, nkeys - n * BN)
                 for r in cutlass.range_constexpr(NR):
                     srow = S_mn[r, None].load()
                     cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
@@ -456,17 +450,21 @@ class MobaFwdSm90:
         warpgroup.commit_group()
 
     @cute.jit
+    def mask_keys_from(self, S_mn: cute.Tensor, cS_mn: cute.Tensor, lim: Int32):
+        """S = -inf for the n-block's keys from ``lim`` on (past the chunk's end)."""
+        if lim < self.BN:
+            for c in cutlass.range_constexpr(cute.size(S_mn, mode=[1])):
+                if cS_mn[0, c][1] >= lim:
+                    for r in cutlass.range_constexpr(cute.size(S_mn, mode=[0])):
+                        S_mn[r, c] = -Float32.inf
+
+    @cute.jit
     def softmax_one_block(self, S_mn: cute.Tensor, cS_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
                           nkeys: Int32, scale_log2: Float32):
         """Softmax numerator of a sub-tile's only n-block in place (keys past ``nkeys`` masked),
         its row max and this thread's part of the row sum."""
         NR = cute.size(S_mn, mode=[0])
-        NCS = cute.size(S_mn, mode=[1])
-        if nkeys < self.BN:
-            for c in cutlass.range_constexpr(NCS):
-                if cS_mn[0, c][1] >= nkeys:
-                    for r in cutlass.range_constexpr(NR):
-                        S_mn[r, c] = -Float32.inf
+        self.mask_keys_from(S_mn, cS_mn, nkeys)
         for r in cutlass.range_constexpr(NR):
             srow = S_mn[r, None].load()
             m = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
