@@ -304,12 +304,16 @@ def bwd_kernel_specs(dtype_name, head_dim, causal):
     return specs
 
 
+def _bwd_sm80_forced():
+    """``MOBA_CUTE_BWD_SM80=1``: the sm80 backward kernels on Hopper too."""
+    return os.environ.get("MOBA_CUTE_BWD_SM80", "0") not in ("", "0")
+
+
 def uses_sm90_bwd(dtype_name, head_dim, chunk_size, arch):
     """The sm90 backward (:class:`~moba_cute.kernels.moba_bwd_sm90.MobaBwdSm90`) serves this call:
     Hopper, head dim 64 or 128, chunks of at most 128 keys (one key tile per CTA), unless
     ``MOBA_CUTE_BWD_SM80=1`` asks for the sm80 kernels."""
-    return (str(arch).startswith("sm_90") and head_dim in (64, 128) and chunk_size <= 128
-            and os.environ.get("MOBA_CUTE_BWD_SM80", "0") in ("", "0"))
+    return str(arch).startswith("sm_90") and head_dim in (64, 128) and chunk_size <= 128 and not _bwd_sm80_forced()
 
 
 DQ_PARTIALS_MIN_BYTES = 1 << 30
@@ -524,8 +528,7 @@ class BwdPlan(_PlanBase):
 
         self.row_blocks = grid_blocks(self.rows, self.D)
         self.sm90 = uses_sm90_bwd(self.dtype_name, self.D, self.C, arch) and self.K > 0
-        if (str(arch).startswith("sm_90") and not self.sm90 and self.K > 0
-                and os.environ.get("MOBA_CUTE_BWD_SM80", "0") in ("", "0")):
+        if str(arch).startswith("sm_90") and not self.sm90 and self.K > 0 and not _bwd_sm80_forced():
             why = (f"head_dim={self.D} (it has 64 and 128)" if self.D not in (64, 128)
                    else f"chunk_size={self.C} (it takes chunks of at most 128 keys)")
             _warn_once(f"moba_cute: the sm90 backward does not cover {why}; using the sm80 (mma.sync) backward")
