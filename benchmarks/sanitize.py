@@ -126,6 +126,11 @@ CASES = [
     Case("sm80fwd-noncausal-topk-above", (40, 90), (40, 90), 2, 2, C=48, K=3, fwd="sm80", **B),
     Case("sm80fwd-2stage", ODD, ODD, 4, 2, C=16, K=4, fwd="sm80", stages=2, **A),
     Case("sm80fwd-tiny", _cyc((1, 2, 3), 1200), _cyc((1, 2, 3), 1200), 2, 2, C=16, K=4, fwd="sm80", **Cc),
+    # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
+    # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
+    Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
+    Case("long-chunks-512-noncausal-gqa4", (700, 1, 260), (600, 90, 300), 8, 2, C=512, K=2, **B),
+    Case("long-chunks-nan", (400, 130), (400, 130), 4, 2, C=144, K=3, nan=True, **Cc),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     Case("nan-inputs-sm80fwd", (130, 70), (130, 70), 4, 2, C=16, K=3, nan=True, fwd="sm80", **B),
@@ -213,6 +218,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
         t.add("fwd-sm80-2stage")
     if case.K == 1:
         t.add("own-chunk-only")
+    if case.C > 128:
+        t.add("chunk>128")
     t.add("grad" if case.grad else "fwd-only")
     return t
 

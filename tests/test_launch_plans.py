@@ -122,12 +122,25 @@ def test_sm90_backward_dq_windows(monkeypatch):
     assert [w[:2] for w in al.BwdPlan(key, "sm_90a").dq_windows] == [(0, 3), (3, 1)]
 
 
-def test_sm80_backward_fallback_on_hopper_warns_once(monkeypatch):
-    """Chunks over 128 keys: the sm80 backward on Hopper, with one warning naming the reason."""
-    monkeypatch.setattr(al, "_WARNED", set())
+def test_sm90_backward_long_chunks_plan():
+    """Chunks over 128 keys on Hopper: dK/dV per 128-key tile and the dQ kernel that streams a
+    chunk's tiles, its (chunk, KV head) pairs split over several CTAs."""
     q, k, r = _batch([600, 300], H=4, Hk=2, D=64, C=256, K=2)
     key = al._plan_key(q, k, r)
-    with pytest.warns(UserWarning, match="chunk_size=256"):
+    plan = al.BwdPlan(key, "sm_90a")
+    assert plan.sm90 and plan.ktiles == 2 and plan.zsplit >= 1
+    assert {"bwd90_dkv", "dq90", "dq_reduce", "pair_list"} <= set(plan.ks.specs) and "bwd90" not in plan.ks.specs
+    q2, k2, r2 = _batch([600, 300], H=4, Hk=2, D=64, C=128, K=2)
+    short = al.BwdPlan(al._plan_key(q2, k2, r2), "sm_90a")
+    assert short.ktiles == 1 and "bwd90" in short.ks.specs and "dq90" not in short.ks.specs
+
+
+def test_sm80_backward_fallback_on_hopper_warns_once(monkeypatch):
+    """Head dims without sm90 tiles: the sm80 backward on Hopper, one warning naming the reason."""
+    monkeypatch.setattr(al, "_WARNED", set())
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=96, C=128, K=2)
+    key = al._plan_key(q, k, r)
+    with pytest.warns(UserWarning, match="head_dim=96"):
         assert not al.BwdPlan(key, "sm_90a").sm90
     import warnings
 
@@ -140,7 +153,7 @@ def test_sm80_backward_fallback_on_hopper_warns_once(monkeypatch):
 def test_sm90_backward_dispatch():
     assert al.uses_sm90_bwd("bfloat16", 128, 128, "sm_90a")
     assert al.uses_sm90_bwd("float16", 64, 64, "sm_90a")
-    assert not al.uses_sm90_bwd("bfloat16", 128, 256, "sm_90a")  # one key tile per CTA: C <= 128
+    assert al.uses_sm90_bwd("bfloat16", 128, 4096, "sm_90a")  # long chunks: dK/dV per key tile + dQ kernel
     assert not al.uses_sm90_bwd("bfloat16", 96, 128, "sm_90a")
     assert not al.uses_sm90_bwd("bfloat16", 128, 128, "sm_80")
 

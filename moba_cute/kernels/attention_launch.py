@@ -52,7 +52,7 @@ __all__ = ["attention_cute", "attention_backward_cute", "attention_unsupported_r
 
 HAS_BACKWARD = True
 KERNEL_FAMILIES = ("sm80", "sm90")  # the forward's
-BWD_KERNEL_FAMILIES = ("sm80", "sm90")  # the backward's (sm90: head dim 64/128, chunks <= 128)
+BWD_KERNEL_FAMILIES = ("sm80", "sm90")  # the backward's (sm90: head dim 64/128)
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INT32_MAX = 2**31 - 1
@@ -310,10 +310,11 @@ def _bwd_sm80_forced():
 
 
 def uses_sm90_bwd(dtype_name, head_dim, chunk_size, arch):
-    """The sm90 backward (:class:`~moba_cute.kernels.moba_bwd_sm90.MobaBwdSm90`) serves this call:
-    Hopper, head dim 64 or 128, chunks of at most 128 keys (one key tile per CTA), unless
-    ``MOBA_CUTE_BWD_SM80=1`` asks for the sm80 kernels."""
-    return str(arch).startswith("sm_90") and head_dim in (64, 128) and chunk_size <= 128 and not _bwd_sm80_forced()
+    """The sm90 backward serves this call: Hopper, head dim 64 or 128, unless
+    ``MOBA_CUTE_BWD_SM80=1`` asks for the sm80 kernels. Chunks of at most 128 keys: the one-pass
+    :class:`~moba_cute.kernels.moba_bwd_sm90.MobaBwdSm90`; longer chunks: its dK/dV-only variant
+    per 128-key tile and :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90` for dQ."""
+    return str(arch).startswith("sm_90") and head_dim in (64, 128) and not _bwd_sm80_forced()
 
 
 DQ_PARTIALS_MIN_BYTES = 1 << 30
@@ -344,7 +345,7 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     vec = 4 if topk % 4 == 0 else 1
     specs = {
         "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
-                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 11, 2)),
+                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 12, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (("pairlist", False, vec, "fill"), lambda: PairListKernel(False, vec, fill_tail=True),
                       _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 6)),
@@ -356,6 +357,28 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
                        (lambda h=has_dlse: BwdPrepKernel(dt, head_dim, h, zero_dq=False)),
                        _fake([(dt, 16), (dt, 16), (F, 4), (F, 4), (F, 16)], 4))
     return specs
+
+
+def bwd_kernel_specs_sm90_long(dtype_name, head_dim, causal, topk):
+    """The sm90 backward's kernels for chunks over 128 keys: those of
+    :func:`bwd_kernel_specs_sm90` but the one-pass kernel, plus the dK/dV-only kernel (one CTA per
+    128-key tile) and the dQ kernel that streams a chunk's key tiles."""
+    from .moba_bwd_dq_sm90 import MobaBwdDqSm90
+    from .moba_bwd_sm90 import MobaBwdSm90
+
+    specs = bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk)
+    dt = _cdt(dtype_name)
+    F = _cdt_f32()
+    one_pass = specs.pop("bwd90")
+    specs["bwd90_dkv"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, with_dq=False),
+                          lambda: MobaBwdSm90(dt, head_dim, causal, with_dq=False), one_pass[2])
+    specs["dq90"] = (MobaBwdDqSm90.compile_key(dtype_name, head_dim, causal),
+                     lambda: MobaBwdDqSm90(dt, head_dim, causal),
+                     _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16)] + _i32p(5), 12, 2))
+    return specs
+
+
+DQ90_TARGET_CTAS = 528  # 4 waves of one CTA per SM on a 132-SM H100/H200
 
 
 # --- launch plans: everything of a call that depends only on its shapes ----------------------
@@ -529,9 +552,8 @@ class BwdPlan(_PlanBase):
         self.row_blocks = grid_blocks(self.rows, self.D)
         self.sm90 = uses_sm90_bwd(self.dtype_name, self.D, self.C, arch) and self.K > 0
         if str(arch).startswith("sm_90") and not self.sm90 and self.K > 0 and not _bwd_sm80_forced():
-            why = (f"head_dim={self.D} (it has 64 and 128)" if self.D not in (64, 128)
-                   else f"chunk_size={self.C} (it takes chunks of at most 128 keys)")
-            _warn_once(f"moba_cute: the sm90 backward does not cover {why}; using the sm80 (mma.sync) backward")
+            _warn_once(f"moba_cute: the sm90 backward does not cover head_dim={self.D} (it has 64 and 128); "
+                       "using the sm80 (mma.sync) backward")
         if self.sm90:
             npair = self.rows * self.K
             G = self.H // self.Hk
@@ -548,7 +570,17 @@ class BwdPlan(_PlanBase):
             self.list_cap = _i32(npair, "pair lists")
             self.bwd_grid = _i32(self.nbound, "sm90 backward grid")
             self.index = None
-            self.ks = common.KernelSet(bwd_kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.K), arch)
+            # chunks over 128 keys: dK/dV per 128-key tile, dQ by a kernel streaming the tiles, its
+            # (chunk, KV head) pairs split over zsplit CTAs
+            self.ktiles = (self.C + 127) // 128
+            if self.ktiles > 1:
+                _i32(self.nbound * self.ktiles, "sm90 dK/dV grid")
+                self.zsplit = max(1, min(64, -(-DQ90_TARGET_CTAS // max(self.nbound * nkv, 1))))
+                _i32(self.nbound * self.zsplit, "sm90 dQ grid")
+                specs = bwd_kernel_specs_sm90_long(self.dtype_name, self.D, self.causal, self.K)
+            else:
+                specs = bwd_kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.K)
+            self.ks = common.KernelSet(specs, arch)
             return
         kbm, kbn, _ = cfg.BWD_DKV_TILES[self.D]
         qbm, _, _ = cfg.BWD_DQ_TILES[self.D]
@@ -733,11 +765,20 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
         ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], plan.B, total_q, H, K, plan.nseg,
                         plan.list_cap, stream)
     G = H // plan.Hk
+    p_q, p_k, p_v, p_do = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr()
+    if plan.ktiles > 1 and plan.bwd_grid > 0:
+        # dK/dV per 128-key tile, every KV head at once (no dQ partials: dk stands in for them)
+        ks["bwd90_dkv"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), dk.data_ptr(), cu_q,
+                        cu_k, cu_chunks, p_offsets, p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, 0,
+                        H, plan.ktiles, plan.bwd_grid, plan.Hk, scale, scale_log2, stream)
     for kv0, nkv, blocks in plan.dq_windows:
-        if plan.bwd_grid > 0:
-            ks["bwd90"](q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), p_lse, p["delta"],
-                        dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"],
-                        plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0, nkv * G, plan.bwd_grid, nkv, scale,
-                        scale_log2, stream)
+        if plan.ktiles > 1 and plan.bwd_grid > 0:
+            ks["dq90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets,
+                       p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0, nkv * G, plan.zsplit,
+                       plan.bwd_grid, nkv, scale, scale_log2, stream)
+        elif plan.bwd_grid > 0:
+            ks["bwd90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q,
+                        cu_k, cu_chunks, p_offsets, p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0,
+                        nkv * G, 1, plan.bwd_grid, nkv, scale, scale_log2, stream)
         ks["dq_reduce"](p["part_dq"], sel, cu_q, cu_chunks, dq.data_ptr(), plan.B, total_q, H, kv0 * G, nkv * G, K,
                         blocks, stream)

@@ -50,37 +50,55 @@ from .moba_fwd_sm90 import acc_as_a_operand, acc_mn_view, kv_tma_atoms
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
 QS = 2  # Q / dO / row-data ring stages
-PRODUCER_REGS = 24
 # the launch gives 168 registers to each of 384 threads: the producer's 128 threads hand back
-# 144 each, which are exactly the 72 more that each of the 256 consumer threads takes
-CONSUMER_REGS = 240
+# 136 each (17408), of which each of the 256 consumer threads takes 64 more (16384). 32 for the
+# producer: with 24, ptxas spills one of its gather offsets
+PRODUCER_REGS = 32
+CONSUMER_REGS = 232
 BAR_META = 1  # named barriers among the 256 consumer threads
 BAR_DS = 2
+# dQ staging handoff, consumers -> producer (384 threads; + buffer 0/1): FULL when a sub-tile's
+# partials are staged, EMPTY when the producer has copied them out
+BAR_DQ_FULL = 3
+BAR_DQ_EMPTY = 5
 
 
 class MobaBwdSm90:
-    """dK, dV and per-pair dQ partials of one (chunk, KV head). See the module docstring."""
+    """dK, dV and per-pair dQ partials of one (chunk, KV head); see the module docstring.
+    ``with_dq=False``: dK and dV only, for chunks longer than one key tile (one CTA per 128-key
+    tile of a chunk; their dQ comes from
+    :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`)."""
 
-    def __init__(self, dtype, head_dim: int, causal: bool):
+    def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         self.dtype = dtype
         self.D = head_dim
         self.causal = bool(causal)
+        self.with_dq = bool(with_dq)
         self.THREADS = 384  # producer + two consumer warpgroups
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, causal: bool):
-        return ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
+    def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True):
+        key = ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
+        return key if with_dq else key + ("dkv",)
 
     def _layouts(self):
         dt, D = self.dtype, self.D
         atom_d = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, D), dt)
         sQ = cute.tile_to_shape(atom_d, (BM, D, QS), order=(0, 1, 2))
         sK = cute.tile_to_shape(atom_d, (BN, D, 1), order=(0, 1, 2))
-        # dS (rows x keys, keys contiguous): the K-major A operand of dQ = dS K
-        atom_s = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, BN), dt)
-        sdS = cute.tile_to_shape(atom_s, (BM, BN), order=(0, 1))
+        # dS (rows x keys, rows contiguous): the MN-major A operand of dQ = dS K, so that the
+        # fragment of dS^T (keys x rows) is stored as pairs of adjacent rows (4-byte stores)
+        atom_s = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.COL_MAJOR, dt, BM), dt)
+        sdS = cute.tile_to_shape(atom_s, (BM, BN), order=(1, 0))
         return sQ, sK, sdS
+
+    def _mma_dq(self):
+        """dQ = dS K: A = sdS (MN-major, :meth:`_layouts`), B = K^T (MN-major view of sK); the
+        head dim split over the two consumer warpgroups."""
+        MN_ = warpgroup.OperandMajorMode.MN
+        return sm90_utils.make_trivial_tiled_mma(self.dtype, self.dtype, MN_, MN_, Float32, (1, 2, 1),
+                                                 (BM, self.D // 2))
 
     @cute.jit
     def __call__(
@@ -108,6 +126,7 @@ class MobaBwdSm90:
         topk: Int32,
         kv0: Int32,
         Hw: Int32,
+        ktiles: Int32,
         nchunks: Int32,
         nkv: Int32,
         scale: Float32,
@@ -120,7 +139,7 @@ class MobaBwdSm90:
         mma_sdp = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, K_, Float32, (2, 1, 1), (64, BM))
         mma_dkv = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, MN_, Float32, (2, 1, 1), (64, D),
                                                     a_source=warpgroup.OperandSource.RMEM)
-        mma_dq = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, MN_, Float32, (1, 2, 1), (BM, D // 2))
+        mma_dq = self._mma_dq()
         sQ_layout, sK_layout, sdS_layout = self._layouts()
         atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
                                                                    cute.select(sK_layout, mode=[0, 1]), BN)
@@ -139,12 +158,15 @@ class MobaBwdSm90:
             sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
             sdS: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sdS_layout)], 1024]
+            # dQ partials of two sub-tiles (rows padded by 16 bytes) and their rows' places (-1: none)
+            sdQ: cute.struct.Align[cute.struct.MemRange[dt, 2 * BM * (D + 8)], 128]
+            sLocQ: cute.struct.Align[cute.struct.MemRange[Int32, 2 * BM], 16]
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, cu_q, cu_k, cu_chunks, offsets,
-            pairs, B, total_q, total_k, H, Hk, chunk_size, topk, kv0, Hw, scale, scale_log2, sQ_layout,
+            pairs, B, total_q, total_k, H, Hk, chunk_size, topk, kv0, Hw, ktiles, scale, scale_log2, sQ_layout,
             sK_layout, sdS_layout, mma_sdp, mma_dkv, mma_dq, Storage,
-        ).launch(grid=(nchunks, nkv, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
+        ).launch(grid=(nchunks * ktiles, nkv, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
 
     @cute.kernel
     def kernel(
@@ -174,6 +196,7 @@ class MobaBwdSm90:
         topk: Int32,
         kv0: Int32,
         Hw: Int32,
+        ktiles: Int32,
         scale: Float32,
         scale_log2: Float32,
         sQ_layout: cute.ComposedLayout,
@@ -185,7 +208,9 @@ class MobaBwdSm90:
         Storage: cutlass.Constexpr,
     ):
         tid, _, _ = cute.arch.thread_idx()
-        g, kvw, _ = cute.arch.block_idx()
+        gt, kvw, _ = cute.arch.block_idx()
+        g = gt // ktiles  # the chunk and its 128-key tile
+        kt = gt - g * ktiles
         kvh = kv0 + kvw  # this launch covers KV heads [kv0, kv0 + nkv) (the partial buffer's window)
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp == 0:
@@ -215,8 +240,8 @@ class MobaBwdSm90:
         qs, qe = clamp_seq(cu_q, b, total_q)
         ks, ke = clamp_seq(cu_k, b, total_k)
         shift = (ke - ks) - (qe - qs)
-        kbeg = (g - tcc[b]) * chunk_size
-        nkeys = cutlass.max(cutlass.min(chunk_size, (ke - ks) - kbeg), Int32(0))
+        kbeg = (g - tcc[b]) * chunk_size + kt * BN
+        nkeys = cutlass.max(cutlass.min(cutlass.min(chunk_size - kt * BN, BN), (ke - ks) - kbeg), Int32(0))
         G = H // Hk
         seg_lo = g * H + kvh * G
         e_lo = Int32(0)
@@ -233,23 +258,23 @@ class MobaBwdSm90:
         if warp < 4:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if nkeys > 0:
-                self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, st, sQ, sdO, sK, sV, pipe_q,
-                              pipe_kv, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk, tid, warp)
+                self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO, sK,
+                              sV, pipe_q, pipe_kv, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk, tid, warp)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nkeys > 0:
-                self.consumer(dk, dv, part_dq, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp, mma_dkv, mma_dq,
+                self.consumer(dk, dv, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp, mma_dkv, mma_dq,
                               e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, kv0 * G, Hw, topk,
                               scale, scale_log2, tid - 128)
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
                  q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer, pairs: cute.Pointer,
-                 st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv,
+                 part_dq: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+                 pipe_q, pipe_kv,
                  e_lo: Int32, e_hi: Int32, nsub: Int32, kvh: Int32, key0: Int32, total_q: Int32, H: Int32,
                  topk: Int32, tid: Int32, warp: Int32):
         D = self.D
-        CV = D // 8
         if warp == 0:
             # K and V of the chunk, once (keys past the chunk are masked by the consumers; past
             # the tensor, TMA fills zeros)
@@ -264,6 +289,35 @@ class MobaBwdSm90:
             bar = pipe_kv.producer_get_barrier(kv_state)
             cute.copy(atom_k, tKgK[None, 0], tKsK[None, 0], tma_bar_ptr=bar)
             cute.copy(atom_v, tVgV[None, 0], tVsV[None, 0], tma_bar_ptr=bar)
+        if cutlass.const_expr(self.with_dq):
+            # the two dQ staging buffers start empty
+            for b in cutlass.range_constexpr(2):
+                if b < nsub:
+                    cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + b, number_of_threads=384)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, QS)
+        for t in cutlass.range(nsub, unroll=1):
+            self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q, q_state, e_lo, e_hi, t, total_q, H,
+                                topk, tid, warp)
+            q_state.advance()
+            if cutlass.const_expr(self.with_dq):
+                # the previous sub-tile's dQ partials, staged by the consumers meanwhile: the next
+                # gather is issued when the consumers work on this one (one sub-tile of lookahead)
+                if t > 0:
+                    self.copy_out_dq(st, part_dq, t - 1, nsub, tid)
+        if cutlass.const_expr(self.with_dq):
+            if nsub > 0:
+                self.copy_out_dq(st, part_dq, nsub - 1, nsub, tid)
+
+    @cute.jit
+    def gather_subtile(self, q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer,
+                       pairs: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, pipe_q, q_state, e_lo: Int32,
+                       e_hi: Int32, t: Int32, total_q: Int32, H: Int32, topk: Int32, tid: Int32, warp: Int32):
+        """Producer warpgroup: sub-tile ``t``'s Q and dO rows (16-byte cp.async into the swizzled
+        ring stage) and each row's pair index, LSE and delta; warp w gathers rows 16w .. 16w + 15,
+        lane j < 16 reads row 16w + j's entry (past the segment end: the last entry; the consumers
+        mask it)."""
+        D = self.D
+        CV = D // 8
         sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
         so_base = cute.recast_ptr(sdO.iterator, None, self.dtype)
         q_outer = sQ.layout
@@ -277,45 +331,64 @@ class MobaBwdSm90:
         sPidx = st.sPidx.get_tensor(cute.make_layout(BM * QS))
         sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
         sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, QS)
         lane = tid % 32
         RPI = 32 // CV  # whole rows per copy instruction of a warp
         rows_h = total_q * H
-        for t in cutlass.range(nsub, unroll=1):
-            # warp w gathers rows 16w .. 16w + 15 of the sub-tile; lane j < 16 reads row 16w + j's
-            # entry (past the segment end: the last entry; the consumers mask it)
-            rr = warp * 16 + lane % 16
-            e = cutlass.min(e_lo + t * BM + rr, e_hi - 1)
-            p = tpairs[e]
-            ridx = cutlass.min(cutlass.max(p // topk, Int32(0)), rows_h - 1)  # clamped: memory safe
-            row = ridx // H
-            h = ridx - row * H
-            pipe_q.producer_acquire(q_state)
-            stage = q_state.index
-            if lane < 16:
-                cute.copy(atom_i, cute.make_tensor(pairs + e, cute.make_layout(1)),
-                          cute.make_tensor(sPidx.iterator + stage * BM + rr, cute.make_layout(1)))
-                cute.copy(atom_f, cute.make_tensor(lse + (Int64(h) * Int64(total_q) + Int64(row)), cute.make_layout(1)),
-                          cute.make_tensor(sLse.iterator + stage * BM + rr, cute.make_layout(1)))
-                cute.copy(atom_f, cute.make_tensor(delta + Int64(ridx), cute.make_layout(1)),
-                          cute.make_tensor(sDel.iterator + stage * BM + rr, cute.make_layout(1)))
-            for it in cutlass.range_constexpr(16 // RPI):
-                rl = it * RPI + lane // CV
-                r = warp * 16 + rl
-                cv = lane % CV
-                src_r = cute.arch.shuffle_sync(ridx, rl)
-                off = Int64(src_r) * Int64(D) + Int64(cv * 8)
-                sb = cute.crd2idx((r, cv * 8, 0), q_outer) * 2
-                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
-                cute.copy(atom_row, cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8)),
-                          cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8)))
-                cute.copy(atom_row, cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)),
-                          cute.make_tensor(so_base + cute.assume(so, divby=8), cute.make_layout(8)))
-            pipe_q.producer_commit(q_state)
-            q_state.advance()
+        rr = warp * 16 + lane % 16
+        e = cutlass.min(e_lo + t * BM + rr, e_hi - 1)
+        p = tpairs[e]
+        ridx = cutlass.min(cutlass.max(p // topk, Int32(0)), rows_h - 1)  # clamped: memory safe
+        row = ridx // H
+        h = ridx - row * H
+        pipe_q.producer_acquire(q_state)
+        stage = q_state.index
+        if lane < 16:
+            cute.copy(atom_i, cute.make_tensor(pairs + e, cute.make_layout(1)),
+                      cute.make_tensor(sPidx.iterator + stage * BM + rr, cute.make_layout(1)))
+            cute.copy(atom_f, cute.make_tensor(lse + (Int64(h) * Int64(total_q) + Int64(row)), cute.make_layout(1)),
+                      cute.make_tensor(sLse.iterator + stage * BM + rr, cute.make_layout(1)))
+            cute.copy(atom_f, cute.make_tensor(delta + Int64(ridx), cute.make_layout(1)),
+                      cute.make_tensor(sDel.iterator + stage * BM + rr, cute.make_layout(1)))
+        for it in cutlass.range_constexpr(16 // RPI):
+            rl = it * RPI + lane // CV
+            r = warp * 16 + rl
+            cv = lane % CV
+            src_r = cute.arch.shuffle_sync(ridx, rl)
+            off = Int64(src_r) * Int64(D) + Int64(cv * 8)
+            sb = cute.crd2idx((r, cv * 8, 0), q_outer) * 2
+            so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
+            cute.copy(atom_row, cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8)),
+                      cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8)))
+            cute.copy(atom_row, cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)),
+                      cute.make_tensor(so_base + cute.assume(so, divby=8), cute.make_layout(8)))
+        pipe_q.producer_commit(q_state)
 
     @cute.jit
-    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, part_dq: cute.Pointer, st, sQ: cute.Tensor,
+    def copy_out_dq(self, st, part_dq: cute.Pointer, u: Int32, nsub: Int32, tid: Int32):
+        """Producer warpgroup: sub-tile ``u``'s staged dQ partials to their places in the window's
+        buffer, whole 16-byte pieces (a warp writes 2 rows of 256 bytes at D = 128); then the
+        staging buffer is free for sub-tile ``u + 2``."""
+        D = self.D
+        RS = D + 8
+        CV = D // 8
+        b = u % 2
+        cute.arch.barrier(barrier_id=BAR_DQ_FULL + b, number_of_threads=384)
+        sdq = st.sdQ.get_tensor(cute.make_layout(2 * BM * RS)).iterator
+        sloc = st.sLocQ.get_tensor(cute.make_layout(2 * BM))
+        for i in cutlass.range_constexpr(BM * CV // 128):
+            idx = i * 128 + tid
+            n = idx // CV
+            piece = idx - n * CV
+            loc = sloc[b * BM + n]
+            if loc >= 0:
+                v = cute.make_tensor((sdq + (b * BM * RS + n * RS + piece * 8)).align(16), cute.make_layout(8)).load()
+                dst = part_dq + (Int64(loc) * Int64(D) + Int64(piece * 8))
+                cute.make_tensor(dst.align(16), cute.make_layout(8)).store(v)
+        if u + 2 < nsub:
+            cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + b, number_of_threads=384)
+
+    @cute.jit
+    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, st, sQ: cute.Tensor,
                  sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv,
                  mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32,
                  nsub: Int32, nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32,
@@ -357,7 +430,7 @@ class MobaBwdSm90:
         dQ_mn = acc_mn_view(acc_dQ)
         cQ_mn = acc_mn_view(thr_dq.partition_C(cute.make_identity_tensor((BM, D))))
         pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
-        if nkeys < BN:
+        if cutlass.const_expr(self.with_dq) and nkeys < BN:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
             # there cannot reach dQ as 0 * inf
             for i in cutlass.range(ctid, BN * D, 256):
@@ -390,10 +463,12 @@ class MobaBwdSm90:
             for kb in cutlass.range_constexpr(cute.size(tPa.shape[2])):
                 cute.gemm(atom_kv, acc_dV, tPa[None, None, kb], tVrdOt[None, None, kb, stage], acc_dV)
             warpgroup.commit_group()
-            # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both warpgroups
-            self.store_ds(sdS, acc_mn_view(rdS), cS_mn)
-            cute.arch.fence_view_async_shared()
-            cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
+            if cutlass.const_expr(self.with_dq):
+                # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both
+                # warpgroups
+                self.store_ds(sdS, acc_mn_view(rdS), cS_mn)
+                cute.arch.fence_view_async_shared()
+                cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
             # ---- dK += dS^T Q (register A); then dQ_p = dS K (this warpgroup's head-dim half)
             # once P^T and dS^T are no longer needed (register pressure: dK, dV and dQ
             # accumulators are live together)
@@ -402,15 +477,16 @@ class MobaBwdSm90:
                 cute.gemm(atom_kv, acc_dK, tdSa[None, None, kb], tKrQt[None, None, kb, stage], acc_dK)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
-            warpgroup.fence()
-            atom_q = cute.make_mma_atom(mma_dq.op)
-            atom_q.set(warpgroup.Field.ACCUMULATE, False)
-            for kb in cutlass.range_constexpr(cute.size(tQrdS.shape[2])):
-                cute.gemm(atom_q, acc_dQ, tQrdS[None, None, kb], tQrKt[None, None, kb, 0], acc_dQ)
-                atom_q.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.commit_group()
-            warpgroup.wait_group(0)
-            self.store_dq_partials(st, stage, part_dq, dQ_mn, cQ_mn)
+            if cutlass.const_expr(self.with_dq):
+                warpgroup.fence()
+                atom_q = cute.make_mma_atom(mma_dq.op)
+                atom_q.set(warpgroup.Field.ACCUMULATE, False)
+                for kb in cutlass.range_constexpr(cute.size(tQrdS.shape[2])):
+                    cute.gemm(atom_q, acc_dQ, tQrdS[None, None, kb], tQrKt[None, None, kb, 0], acc_dQ)
+                    atom_q.set(warpgroup.Field.ACCUMULATE, True)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                self.stage_dq(st, stage, t, dQ_mn, cQ_mn, ctid)
             pipe_q.consumer_release(q_state)
 
         # ---- dK, dV of the chunk's keys, input dtype
@@ -452,17 +528,17 @@ class MobaBwdSm90:
 
     @cute.jit
     def probs_and_ds(self, st, stage, S_mn: cute.Tensor, dP_mn: cute.Tensor, cS_mn: cute.Tensor, scale: Float32,
-                     scale_log2: Float32):
+                     scale_log2: Float32, koff: Int32 = 0):
         """In place: S^T -> P^T = exp2(S^T * scale_log2 - lse_log2), dP^T -> dS^T = P^T (dP^T -
-        delta) * scale; masked keys (past the row's last visible key) by select, so that a
-        non-finite S or dP there stays out."""
+        delta) * scale; masked keys (past the row's last visible key; the tile's keys start at
+        ``koff`` of the chunk) by select, so that a non-finite S or dP there stays out."""
         LOG2E = 1.4426950408889634
         sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
         sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
         sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
         for c in cutlass.range_constexpr(cute.size(S_mn, mode=[1])):
             n = cS_mn[0, c][1]
-            hi = sHi[stage * BM + n]
+            hi = sHi[stage * BM + n] - koff
             l2 = sLse[stage * BM + n] * LOG2E
             dl = sDel[stage * BM + n]
             for r in cutlass.range_constexpr(cute.size(S_mn, mode=[0])):
@@ -474,32 +550,48 @@ class MobaBwdSm90:
 
     @cute.jit
     def store_ds(self, sdS: cute.Tensor, dS_mn: cute.Tensor, cS_mn: cute.Tensor):
-        """dS^T (keys x rows, registers) -> sdS (rows x keys)."""
-        for c in cutlass.range_constexpr(cute.size(dS_mn, mode=[1])):
-            n = cS_mn[0, c][1]
+        """dS^T (keys x rows, registers) -> sdS (rows x keys, rows contiguous): fragment columns
+        2c, 2c + 1 are adjacent rows, one 4-byte store per pair (the 128-byte swizzle moves
+        16-byte pieces only)."""
+        base = cute.recast_ptr(sdS.iterator, None, self.dtype)
+        for c in cutlass.range_constexpr(cute.size(dS_mn, mode=[1]) // 2):
+            n = cS_mn[0, 2 * c][1]
             for r in cutlass.range_constexpr(cute.size(dS_mn, mode=[0])):
-                sdS[n, cS_mn[r, 0][0]] = dS_mn[r, c]
+                sb = cute.crd2idx((n, cS_mn[r, 0][0]), sdS.layout) * 2
+                so = (sb ^ ((sb & 0x380) >> 3)) // 2
+                pr = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                pr[0] = dS_mn[r, 2 * c]
+                pr[1] = dS_mn[r, 2 * c + 1]
+                cute.autovec_copy(pr, cute.make_tensor((base + so).align(4), cute.make_layout(2)))
 
     @cute.jit
-    def store_dq_partials(self, st, stage, part_dq: cute.Pointer, dQ_mn: cute.Tensor, cQ_mn: cute.Tensor):
+    def stage_dq(self, st, stage, t: Int32, dQ_mn: cute.Tensor, cQ_mn: cute.Tensor, ctid: Int32):
         """The sub-tile's dQ partials in the input dtype (a CPU study, tests/
-        test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound), rows of
-        real entries only."""
+        test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound) to staging
+        buffer ``t % 2`` with their rows' places (-1: padding), for the producer warpgroup to
+        copy out (:meth:`copy_out_dq`) while the consumers go on. Rows are padded by 16 bytes:
+        the 8 rows of a fragment store fall in distinct banks."""
         D = self.D
-        sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
-        sLoc = st.sLoc.get_tensor(cute.make_layout(BM * QS))
+        RS = D + 8
+        b = t % 2
+        cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + b, number_of_threads=384)  # sub-tile t - 2 copied out
+        sdq = st.sdQ.get_tensor(cute.make_layout(2 * BM * RS)).iterator + b * BM * RS
         for r in cutlass.range_constexpr(cute.size(dQ_mn, mode=[0])):
             n = cQ_mn[r, 0][0]
-            if sHi[stage * BM + n] >= 0:
-                base = part_dq + Int64(sLoc[stage * BM + n]) * Int64(D)
-                for c in cutlass.range_constexpr(cute.size(dQ_mn, mode=[1]) // 2):
-                    col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                    pair[0] = dQ_mn[r, 2 * c]
-                    pair[1] = dQ_mn[r, 2 * c + 1]
-                    po = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                    po.store(pair.load().to(self.dtype))
-                    cute.autovec_copy(po, cute.make_tensor((base + col).align(4), cute.make_layout(2)))
+            for c in cutlass.range_constexpr(cute.size(dQ_mn, mode=[1]) // 2):
+                col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+                pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                pair[0] = dQ_mn[r, 2 * c]
+                pair[1] = dQ_mn[r, 2 * c + 1]
+                po = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+                po.store(pair.load().to(self.dtype))
+                cute.autovec_copy(po, cute.make_tensor((sdq + (n * RS + col)).align(4), cute.make_layout(2)))
+        if ctid < BM:
+            loc = Int32(-1)
+            if st.sHi.get_tensor(cute.make_layout(BM * QS))[stage * BM + ctid] >= 0:
+                loc = st.sLoc.get_tensor(cute.make_layout(BM * QS))[stage * BM + ctid]
+            st.sLocQ.get_tensor(cute.make_layout(2 * BM))[b * BM + ctid] = loc
+        cute.arch.barrier_arrive(barrier_id=BAR_DQ_FULL + b, number_of_threads=384)
 
     @cute.jit
     def store_dkv(self, dk: cute.Pointer, dv: cute.Pointer, dK_mn: cute.Tensor, dV_mn: cute.Tensor,
