@@ -18,8 +18,15 @@ fill_tail=True)`` over the routing's key-major index: every selected pair, own c
   padding rows, keys past the chunk, causal ``t <= pos`` on own-chunk pairs),
   ``dS^T = P^T (dP^T - delta) * scale``; ``dV += P^T dO`` and ``dK += dS^T Q`` with ``P^T``,
   ``dS^T`` as register A operands (RS wgmma); ``dS^T`` is also stored transposed to shared
-  memory, and the two warpgroups compute ``dQ_p = dS K`` for the sub-tile, each for half of
-  the head dim, writing pair ``p``'s partial in the input dtype.
+  memory (rows contiguous: the MN-major A operand), and the two warpgroups compute
+  ``dQ_p = dS K`` for the sub-tile, each for half of the head dim, and stage pair ``p``'s
+  partial in the input dtype in one of two shared buffers; the producer warpgroup copies a
+  staged sub-tile out in 16-byte pieces while the consumers go on with the next one
+  (``PipelineAsync`` of two stages, consumers -> producer).
+
+``with_dq=False`` (chunks over 128 keys): one CTA per 128-key tile of a chunk computes dK and
+dV only (grid ``(chunks * ktiles, Hk)``); the chunk's dQ partials come from
+:class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`, which streams the key tiles.
 
 The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
 (grid ``(chunks, nkv)``; ``Hw = nkv * G`` query heads) and stores pair ``(row, h, slot)`` at
@@ -29,7 +36,7 @@ The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0
 dK and dV are written once, in the input dtype, when the CTA ends. A row-wise kernel
 (:class:`~moba_cute.kernels.bwd_rowwise.DqReduceKernel`) sums a row's partials in slot order:
 no atomics, bitwise deterministic (a pair's arithmetic does not depend on its place in the
-sub-tile). Compile key: ``(dtype, head_dim, causal)``.
+sub-tile). Compile key: ``(dtype, head_dim, causal)``, plus ``"dkv"`` for ``with_dq=False``.
 """
 
 from __future__ import annotations
@@ -57,10 +64,6 @@ PRODUCER_REGS = 32
 CONSUMER_REGS = 232
 BAR_META = 1  # named barriers among the 256 consumer threads
 BAR_DS = 2
-# dQ staging handoff, consumers -> producer (384 threads; + buffer 0/1): FULL when a sub-tile's
-# partials are staged, EMPTY when the producer has copied them out
-BAR_DQ_FULL = 3
-BAR_DQ_EMPTY = 5
 
 
 class MobaBwdSm90:
@@ -148,6 +151,7 @@ class MobaBwdSm90:
         class Storage:
             mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * QS]
             mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_dq: cute.struct.MemRange[cutlass.Int64, 4]  # dQ staging handoff, 2 buffers
             sPidx: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
             sLse: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
             sDel: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
@@ -227,6 +231,12 @@ class MobaBwdSm90:
             barrier_storage=st.mbar_kv.data_ptr(), num_stages=1,
             producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, 8),
             tx_count=self.kv_bytes, defer_sync=True)
+        # dQ staging buffers: the consumer warpgroups fill them, the producer warpgroup copies them
+        # out (mbarriers: ordered for compute-sanitizer's racecheck too, unlike bar.arrive)
+        pipe_dq = pipeline.PipelineAsync.create(
+            barrier_storage=st.mbar_dq.data_ptr(), num_stages=2,
+            producer_group=group(pipeline.Agent.Thread, 256), consumer_group=group(pipeline.Agent.Thread, 128),
+            defer_sync=True)
         cute.arch.mbarrier_init_fence()
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sdO = st.sdO.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
@@ -259,11 +269,11 @@ class MobaBwdSm90:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if nkeys > 0:
                 self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO, sK,
-                              sV, pipe_q, pipe_kv, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk, tid, warp)
+                              sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk, tid, warp)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nkeys > 0:
-                self.consumer(dk, dv, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, mma_sdp, mma_dkv, mma_dq,
+                self.consumer(dk, dv, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, pipe_dq, mma_sdp, mma_dkv, mma_dq,
                               e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, kv0 * G, Hw, topk,
                               scale, scale_log2, tid - 128)
 
@@ -271,7 +281,7 @@ class MobaBwdSm90:
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
                  q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer, pairs: cute.Pointer,
                  part_dq: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
-                 pipe_q, pipe_kv,
+                 pipe_q, pipe_kv, pipe_dq,
                  e_lo: Int32, e_hi: Int32, nsub: Int32, kvh: Int32, key0: Int32, total_q: Int32, H: Int32,
                  topk: Int32, tid: Int32, warp: Int32):
         D = self.D
@@ -289,11 +299,6 @@ class MobaBwdSm90:
             bar = pipe_kv.producer_get_barrier(kv_state)
             cute.copy(atom_k, tKgK[None, 0], tKsK[None, 0], tma_bar_ptr=bar)
             cute.copy(atom_v, tVgV[None, 0], tVsV[None, 0], tma_bar_ptr=bar)
-        if cutlass.const_expr(self.with_dq):
-            # the two dQ staging buffers start empty
-            for b in cutlass.range_constexpr(2):
-                if b < nsub:
-                    cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + b, number_of_threads=384)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, QS)
         for t in cutlass.range(nsub, unroll=1):
             self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q, q_state, e_lo, e_hi, t, total_q, H,
@@ -303,10 +308,10 @@ class MobaBwdSm90:
                 # the previous sub-tile's dQ partials, staged by the consumers meanwhile: the next
                 # gather is issued when the consumers work on this one (one sub-tile of lookahead)
                 if t > 0:
-                    self.copy_out_dq(st, part_dq, t - 1, nsub, tid)
+                    self.copy_out_dq(st, pipe_dq, part_dq, t - 1, tid)
         if cutlass.const_expr(self.with_dq):
             if nsub > 0:
-                self.copy_out_dq(st, part_dq, nsub - 1, nsub, tid)
+                self.copy_out_dq(st, pipe_dq, part_dq, nsub - 1, tid)
 
     @cute.jit
     def gather_subtile(self, q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer,
@@ -364,7 +369,7 @@ class MobaBwdSm90:
         pipe_q.producer_commit(q_state)
 
     @cute.jit
-    def copy_out_dq(self, st, part_dq: cute.Pointer, u: Int32, nsub: Int32, tid: Int32):
+    def copy_out_dq(self, st, pipe_dq, part_dq: cute.Pointer, u: Int32, tid: Int32):
         """Producer warpgroup: sub-tile ``u``'s staged dQ partials to their places in the window's
         buffer, whole 16-byte pieces (a warp writes 2 rows of 256 bytes at D = 128); then the
         staging buffer is free for sub-tile ``u + 2``."""
@@ -372,7 +377,8 @@ class MobaBwdSm90:
         RS = D + 8
         CV = D // 8
         b = u % 2
-        cute.arch.barrier(barrier_id=BAR_DQ_FULL + b, number_of_threads=384)
+        dq_state = pipeline.PipelineState(2, u, b, (u // 2) % 2)
+        pipe_dq.consumer_wait(dq_state)
         sdq = st.sdQ.get_tensor(cute.make_layout(2 * BM * RS)).iterator
         sloc = st.sLocQ.get_tensor(cute.make_layout(2 * BM))
         for i in cutlass.range_constexpr(BM * CV // 128):
@@ -384,12 +390,11 @@ class MobaBwdSm90:
                 v = cute.make_tensor((sdq + (b * BM * RS + n * RS + piece * 8)).align(16), cute.make_layout(8)).load()
                 dst = part_dq + (Int64(loc) * Int64(D) + Int64(piece * 8))
                 cute.make_tensor(dst.align(16), cute.make_layout(8)).store(v)
-        if u + 2 < nsub:
-            cute.arch.barrier_arrive(barrier_id=BAR_DQ_EMPTY + b, number_of_threads=384)
+        pipe_dq.consumer_release(dq_state)
 
     @cute.jit
     def consumer(self, dk: cute.Pointer, dv: cute.Pointer, st, sQ: cute.Tensor,
-                 sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv,
+                 sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv, pipe_dq,
                  mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32,
                  nsub: Int32, nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32,
                  kbeg: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32, scale: Float32, scale_log2: Float32,
@@ -486,7 +491,7 @@ class MobaBwdSm90:
                     atom_q.set(warpgroup.Field.ACCUMULATE, True)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
-                self.stage_dq(st, stage, t, dQ_mn, cQ_mn, ctid)
+                self.stage_dq(st, pipe_dq, stage, t, dQ_mn, cQ_mn, ctid)
             pipe_q.consumer_release(q_state)
 
         # ---- dK, dV of the chunk's keys, input dtype
@@ -565,7 +570,7 @@ class MobaBwdSm90:
                 cute.autovec_copy(pr, cute.make_tensor((base + so).align(4), cute.make_layout(2)))
 
     @cute.jit
-    def stage_dq(self, st, stage, t: Int32, dQ_mn: cute.Tensor, cQ_mn: cute.Tensor, ctid: Int32):
+    def stage_dq(self, st, pipe_dq, stage, t: Int32, dQ_mn: cute.Tensor, cQ_mn: cute.Tensor, ctid: Int32):
         """The sub-tile's dQ partials in the input dtype (a CPU study, tests/
         test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound) to staging
         buffer ``t % 2`` with their rows' places (-1: padding), for the producer warpgroup to
@@ -574,7 +579,8 @@ class MobaBwdSm90:
         D = self.D
         RS = D + 8
         b = t % 2
-        cute.arch.barrier(barrier_id=BAR_DQ_EMPTY + b, number_of_threads=384)  # sub-tile t - 2 copied out
+        dq_state = pipeline.PipelineState(2, t, b, ((t // 2) % 2) ^ 1)
+        pipe_dq.producer_acquire(dq_state)  # sub-tile t - 2 copied out
         sdq = st.sdQ.get_tensor(cute.make_layout(2 * BM * RS)).iterator + b * BM * RS
         for r in cutlass.range_constexpr(cute.size(dQ_mn, mode=[0])):
             n = cQ_mn[r, 0][0]
@@ -591,7 +597,7 @@ class MobaBwdSm90:
             if st.sHi.get_tensor(cute.make_layout(BM * QS))[stage * BM + ctid] >= 0:
                 loc = st.sLoc.get_tensor(cute.make_layout(BM * QS))[stage * BM + ctid]
             st.sLocQ.get_tensor(cute.make_layout(2 * BM))[b * BM + ctid] = loc
-        cute.arch.barrier_arrive(barrier_id=BAR_DQ_FULL + b, number_of_threads=384)
+        pipe_dq.producer_commit(dq_state)
 
     @cute.jit
     def store_dkv(self, dk: cute.Pointer, dv: cute.Pointer, dK_mn: cute.Tensor, dV_mn: cute.Tensor,
