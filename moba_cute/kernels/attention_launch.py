@@ -569,12 +569,13 @@ class BwdPlan(_PlanBase):
             self.layout.add("counts", (self.nseg + 1) * 4)
             self.list_cap = _i32(npair, "pair lists")
             self.bwd_grid = _i32(self.nbound, "sm90 backward grid")
+            self.ktiles = (self.C + 127) // 128
+            # the key-major kernel's linear grid: chunks x key tiles x KV heads of a launch
+            _i32(self.nbound * self.ktiles * self.Hk, "sm90 backward grid")
             self.index = None
             # chunks over 128 keys: dK/dV per 128-key tile, dQ by a kernel streaming the tiles, its
             # (chunk, KV head) pairs split over zsplit CTAs
-            self.ktiles = (self.C + 127) // 128
             if self.ktiles > 1:
-                _i32(self.nbound * self.ktiles, "sm90 dK/dV grid")
                 self.zsplit = max(1, min(64, -(-DQ90_TARGET_CTAS // max(self.nbound * nkv, 1))))
                 _i32(self.nbound * self.zsplit, "sm90 dQ grid")
                 specs = bwd_kernel_specs_sm90_long(self.dtype_name, self.D, self.causal, self.K)

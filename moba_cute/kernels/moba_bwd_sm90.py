@@ -25,11 +25,11 @@ fill_tail=True)`` over the routing's key-major index: every selected pair, own c
   (``PipelineAsync`` of two stages, consumers -> producer).
 
 ``with_dq=False`` (chunks over 128 keys): one CTA per 128-key tile of a chunk computes dK and
-dV only (grid ``(chunks * ktiles, Hk)``); the chunk's dQ partials come from
+dV only (``chunks * ktiles * Hk`` CTAs); the chunk's dQ partials come from
 :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`, which streams the key tiles.
 
 The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
-(grid ``(chunks, nkv)``; ``Hw = nkv * G`` query heads) and stores pair ``(row, h, slot)`` at
+(a linear grid of ``chunks * nkv`` CTAs, chunk-major; ``Hw = nkv * G`` query heads) and stores pair ``(row, h, slot)`` at
 ``((row * Hw + h - kv0 * G) * K + slot) * D``, so the launch plan bounds the buffer's size
 (docs/design.md, section 9) by running the key-major kernel and the reduction once per window.
 
@@ -170,7 +170,7 @@ class MobaBwdSm90:
             tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, cu_q, cu_k, cu_chunks, offsets,
             pairs, B, total_q, total_k, H, Hk, chunk_size, topk, kv0, Hw, ktiles, scale, scale_log2, sQ_layout,
             sK_layout, sdS_layout, mma_sdp, mma_dkv, mma_dq, Storage,
-        ).launch(grid=(nchunks * ktiles, nkv, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
+        ).launch(grid=(nchunks * ktiles * nkv, 1, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
 
     @cute.kernel
     def kernel(
@@ -212,7 +212,13 @@ class MobaBwdSm90:
         Storage: cutlass.Constexpr,
     ):
         tid, _, _ = cute.arch.thread_idx()
-        gt, kvw, _ = cute.arch.block_idx()
+        # one linear grid, chunk-major: a chunk's KV heads run side by side, so the heavy segments
+        # (causal: the early chunks of a sequence, chosen by most later rows) start in the first
+        # waves for every head instead of the last heads' heavy chunks starting in the last wave
+        bid, _, _ = cute.arch.block_idx()
+        nkv = Hw // (H // Hk)
+        gt = bid // nkv
+        kvw = bid - gt * nkv
         g = gt // ktiles  # the chunk and its 128-key tile
         kt = gt - g * ktiles
         kvh = kv0 + kvw  # this launch covers KV heads [kv0, kv0 + nkv) (the partial buffer's window)
