@@ -40,8 +40,8 @@ KS = 2  # K/V tile stages
 # the consumers (no dK/dV accumulators here) take 64 more each
 PRODUCER_REGS = 40
 CONSUMER_REGS = 232
-# both warpgroups' dQ GEMMs have read sdS (256 consumer threads; an id apart from the one-pass
-# kernel's dQ handoff barriers, which this kernel does not use)
+# both warpgroups' dQ GEMMs have read sdS (256 consumer threads; an id apart from BAR_META and
+# BAR_DS, which this kernel uses too)
 BAR_SDS_FREE = 7
 
 
