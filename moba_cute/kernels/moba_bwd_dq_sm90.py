@@ -30,10 +30,8 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
-from .centroids import clamp_seq, find_segment
 from .moba_bwd_sm90 import BAR_DS, BAR_META, BM, BN, QS, MobaBwdSm90
-from .moba_fwd_sm80 import _flat
-from .moba_fwd_sm90 import acc_mn_view, kv_tma_atoms
+from .moba_fwd_sm90 import acc_mn_view, gather_tma_pipelines, gemm_zero_init, kv_tma_atoms
 
 KS = 2  # K/V tile stages
 # 168 x 384 registers at launch: the producer (gathers and the K/V stream) hands back 128 x 128,
@@ -116,41 +114,14 @@ class MobaBwdDqSm90(MobaBwdSm90):
             cpasync.prefetch_descriptor(atom_v)
         smem = cutlass.utils.SmemAllocator()
         st = smem.allocate(Storage)
-        group = pipeline.CooperativeGroup
-        pipe_q = pipeline.PipelineCpAsync.create(
-            barrier_storage=st.mbar_q.data_ptr(), num_stages=QS,
-            producer_group=group(pipeline.Agent.Thread, 128), consumer_group=group(pipeline.Agent.Thread, 256),
-            defer_sync=True)
-        pipe_kv = pipeline.PipelineTmaAsync.create(
-            barrier_storage=st.mbar_kv.data_ptr(), num_stages=KS,
-            producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, 8),
-            tx_count=self.kv_bytes, defer_sync=True)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, QS, 256, KS, 8, self.kv_bytes)
         cute.arch.mbarrier_init_fence()
-        sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
-        sdO = st.sdO.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
-        sK = st.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sV = st.sV.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sdS = st.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
-
-        # the chunk: sequence, its keys [kbeg, kbeg + ckeys) of the sequence, the rows' shift
-        tcc = _flat(cu_chunks)
-        b = find_segment(cu_chunks, B, g)
-        qs, qe = clamp_seq(cu_q, b, total_q)
-        ks, ke = clamp_seq(cu_k, b, total_k)
-        shift = (ke - ks) - (qe - qs)
-        kbeg = (g - tcc[b]) * chunk_size
-        ckeys = cutlass.max(cutlass.min(chunk_size, (ke - ks) - kbeg), Int32(0))
+        sQ, sdO, sK, sV, sdS = self.smem_views(st, sQ_layout, sK_layout, sdS_layout)
+        # the whole chunk: its keys [kbeg, kbeg + ckeys) of the sequence
+        qs, shift, ks, kbeg, ckeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
+                                                                   total_k, H, Hk, chunk_size, g, kvh, Int32(0),
+                                                                   chunk_size)
         G = H // Hk
-        seg_lo = g * H + kvh * G
-        e_lo = Int32(0)
-        e_hi = Int32(0)
-        if g < tcc[B]:  # the grid covers a bound on the chunk count
-            toff = _flat(offsets)
-            e_lo = toff[seg_lo]
-            e_hi = cutlass.max(toff[seg_lo + G], e_lo)
-        else:
-            ckeys = Int32(0)
-        nsub = (e_hi - e_lo + BM - 1) // BM
         nmine = Int32(0)  # this CTA's sub-tiles: z, z + Z, ...
         if z < nsub:
             nmine = (nsub - z + zsplit - 1) // zsplit
@@ -249,15 +220,8 @@ class MobaBwdDqSm90(MobaBwdSm90):
                     cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)  # before any wgmma reads
                 # ---- S^T = K Q^T, dP^T = V dO^T over this tile
                 warpgroup.fence()
-                atom = cute.make_mma_atom(mma_sdp.op)
-                atom.set(warpgroup.Field.ACCUMULATE, False)
-                for kb in cutlass.range_constexpr(cute.size(tSrK.shape[2])):
-                    cute.gemm(atom, acc_S, tSrK[None, None, kb, ks_], tSrQ[None, None, kb, stage], acc_S)
-                    atom.set(warpgroup.Field.ACCUMULATE, True)
-                atom.set(warpgroup.Field.ACCUMULATE, False)
-                for kb in cutlass.range_constexpr(cute.size(tSrV.shape[2])):
-                    cute.gemm(atom, acc_dP, tSrV[None, None, kb, ks_], tSrdO[None, None, kb, stage], acc_dP)
-                    atom.set(warpgroup.Field.ACCUMULATE, True)
+                gemm_zero_init(mma_sdp, acc_S, tSrK, tSrQ, ks_, stage)
+                gemm_zero_init(mma_sdp, acc_dP, tSrV, tSrdO, ks_, stage)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2, kt * BN)

@@ -52,7 +52,7 @@ from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat
-from .moba_fwd_sm90 import acc_as_a_operand, acc_mn_view, kv_tma_atoms
+from .moba_fwd_sm90 import acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_zero_init, kv_tma_atoms
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -228,47 +228,19 @@ class MobaBwdSm90:
             cpasync.prefetch_descriptor(atom_v)
         smem = cutlass.utils.SmemAllocator()
         st = smem.allocate(Storage)
-        group = pipeline.CooperativeGroup
-        pipe_q = pipeline.PipelineCpAsync.create(
-            barrier_storage=st.mbar_q.data_ptr(), num_stages=QS,
-            producer_group=group(pipeline.Agent.Thread, 128), consumer_group=group(pipeline.Agent.Thread, 256),
-            defer_sync=True)
-        pipe_kv = pipeline.PipelineTmaAsync.create(
-            barrier_storage=st.mbar_kv.data_ptr(), num_stages=1,
-            producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, 8),
-            tx_count=self.kv_bytes, defer_sync=True)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, QS, 256, 1, 8, self.kv_bytes)
         # dQ staging buffers: the consumer warpgroups fill them, the producer warpgroup copies them
         # out (mbarriers: ordered for compute-sanitizer's racecheck too, unlike bar.arrive)
+        group = pipeline.CooperativeGroup
         pipe_dq = pipeline.PipelineAsync.create(
             barrier_storage=st.mbar_dq.data_ptr(), num_stages=2,
             producer_group=group(pipeline.Agent.Thread, 256), consumer_group=group(pipeline.Agent.Thread, 128),
             defer_sync=True)
         cute.arch.mbarrier_init_fence()
-        sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
-        sdO = st.sdO.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
-        sK = st.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sV = st.sV.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sdS = st.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner)
-
-        # the chunk: sequence, keys [kbeg, kend) of the sequence, the rows' position shift
-        tcc = _flat(cu_chunks)
-        b = find_segment(cu_chunks, B, g)
-        qs, qe = clamp_seq(cu_q, b, total_q)
-        ks, ke = clamp_seq(cu_k, b, total_k)
-        shift = (ke - ks) - (qe - qs)
-        kbeg = (g - tcc[b]) * chunk_size + kt * BN
-        nkeys = cutlass.max(cutlass.min(cutlass.min(chunk_size - kt * BN, BN), (ke - ks) - kbeg), Int32(0))
+        sQ, sdO, sK, sV, sdS = self.smem_views(st, sQ_layout, sK_layout, sdS_layout)
+        qs, shift, ks, kbeg, nkeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
+                                                                   total_k, H, Hk, chunk_size, g, kvh, kt * BN, BN)
         G = H // Hk
-        seg_lo = g * H + kvh * G
-        e_lo = Int32(0)
-        e_hi = Int32(0)
-        if g < tcc[B]:  # the grid covers a bound on the chunk count
-            toff = _flat(offsets)
-            e_lo = toff[seg_lo]
-            e_hi = cutlass.max(toff[seg_lo + G], e_lo)
-        else:
-            nkeys = Int32(0)
-        nsub = (e_hi - e_lo + BM - 1) // BM
         cute.arch.sync_threads()  # barrier init visible to all warpgroups
 
         if warp < 4:
@@ -282,6 +254,43 @@ class MobaBwdSm90:
                 self.consumer(dk, dv, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, pipe_dq, mma_sdp, mma_dkv, mma_dq,
                               e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, kv0 * G, Hw, topk,
                               scale, scale_log2, tid - 128)
+
+    def smem_views(self, st, sQ_layout, sK_layout, sdS_layout):
+        """The shared-memory tensors (swizzled): Q and dO rings, K, V, dS."""
+        return (st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner),
+                st.sdO.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner),
+                st.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner),
+                st.sV.get_tensor(sK_layout.outer, swizzle=sK_layout.inner),
+                st.sdS.get_tensor(sdS_layout.outer, swizzle=sdS_layout.inner))
+
+    @cute.jit
+    def locate(self, cu_q: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer,
+               B: Int32, total_q: Int32, total_k: Int32, H: Int32, Hk: Int32, chunk_size: Int32, g: Int32,
+               kvh: Int32, koff: Int32, span: Int32):
+        """Global chunk ``g``, keys ``[koff, koff + span)`` of it, KV head ``kvh``: the sequence's
+        first query row ``qs`` and first key ``ks``, the rows' position shift (bottom-right),
+        the first key ``kbeg`` (of the sequence) and how many keys there are (``nkeys``, 0 past
+        the grid's chunk bound), and the entries ``[e_lo, e_hi)`` of the GQA group's segments in
+        ``nsub`` sub-tiles."""
+        tcc = _flat(cu_chunks)
+        b = find_segment(cu_chunks, B, g)
+        qs, qe = clamp_seq(cu_q, b, total_q)
+        ks, ke = clamp_seq(cu_k, b, total_k)
+        shift = (ke - ks) - (qe - qs)
+        kbeg = (g - tcc[b]) * chunk_size + koff
+        nkeys = cutlass.max(cutlass.min(cutlass.min(chunk_size - koff, span), (ke - ks) - kbeg), Int32(0))
+        G = H // Hk
+        seg_lo = g * H + kvh * G
+        e_lo = Int32(0)
+        e_hi = Int32(0)
+        if g < tcc[B]:  # the grid covers a bound on the chunk count
+            toff = _flat(offsets)
+            e_lo = toff[seg_lo]
+            e_hi = cutlass.max(toff[seg_lo + G], e_lo)
+        else:
+            nkeys = Int32(0)
+        nsub = (e_hi - e_lo + BM - 1) // BM
+        return qs, shift, ks, kbeg, nkeys, e_lo, e_hi, nsub
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -460,8 +469,8 @@ class MobaBwdSm90:
             cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
             # ---- S^T = K Q^T, dP^T = V dO^T
             warpgroup.fence()
-            self.gemm_zero(mma_sdp, acc_S, tSrK, tSrQ, stage)
-            self.gemm_zero(mma_sdp, acc_dP, tSrV, tSrdO, stage)
+            gemm_zero_init(mma_sdp, acc_S, tSrK, tSrQ, 0, stage)
+            gemm_zero_init(mma_sdp, acc_dP, tSrV, tSrdO, 0, stage)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
             self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2)
@@ -490,11 +499,7 @@ class MobaBwdSm90:
             warpgroup.wait_group(0)
             if cutlass.const_expr(self.with_dq):
                 warpgroup.fence()
-                atom_q = cute.make_mma_atom(mma_dq.op)
-                atom_q.set(warpgroup.Field.ACCUMULATE, False)
-                for kb in cutlass.range_constexpr(cute.size(tQrdS.shape[2])):
-                    cute.gemm(atom_q, acc_dQ, tQrdS[None, None, kb], tQrKt[None, None, kb, 0], acc_dQ)
-                    atom_q.set(warpgroup.Field.ACCUMULATE, True)
+                gemm_zero_init(mma_dq, acc_dQ, tQrdS, tQrKt, None, 0)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 self.stage_dq(st, pipe_dq, stage, t, dQ_mn, cQ_mn, ctid)
@@ -503,16 +508,6 @@ class MobaBwdSm90:
         # ---- dK, dV of the chunk's keys, input dtype
         cK_mn = acc_mn_view(thr_dkv.partition_C(cute.make_identity_tensor((BN, D))))
         self.store_dkv(dk, dv, acc_mn_view(acc_dK), acc_mn_view(acc_dV), cK_mn, nkeys, key0, kvh, Hk)
-
-    @cute.jit
-    def gemm_zero(self, tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor, stage):
-        """acc = A B over the k-blocks (shared-memory operands: A of the chunk's K or V, B of ring
-        stage ``stage``)."""
-        atom = cute.make_mma_atom(tiled_mma.op)
-        atom.set(warpgroup.Field.ACCUMULATE, False)
-        for kb in cutlass.range_constexpr(cute.size(tA.shape[2])):
-            cute.gemm(atom, acc, tA[None, None, kb, 0], tB[None, None, kb, stage], acc)
-            atom.set(warpgroup.Field.ACCUMULATE, True)
 
     @cute.jit
     def row_meta(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,

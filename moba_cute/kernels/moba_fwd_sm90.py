@@ -87,6 +87,39 @@ def kv_tma_atoms(k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32, D:
     return atom_k, tma_k, atom_v, tma_v, 2 * cute.size_in_bytes(k.dtype, smem_kv)
 
 
+def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int):
+    """The two pipelines of the sm90 kernels: the producer warpgroup's ``cp.async`` row ring
+    (128 threads -> ``q_consumers`` threads; mbarriers ``st.mbar_q``) and warp 0's TMA K/V stages
+    (one thread -> ``kv_consumers`` warps, ``kv_bytes`` per stage; ``st.mbar_kv``). Initialized
+    without a sync: the caller fences and syncs once for all its pipelines."""
+    group = pipeline.CooperativeGroup
+    pipe_q = pipeline.PipelineCpAsync.create(
+        barrier_storage=st.mbar_q.data_ptr(), num_stages=q_stages,
+        producer_group=group(pipeline.Agent.Thread, 128), consumer_group=group(pipeline.Agent.Thread, q_consumers),
+        defer_sync=True)
+    pipe_kv = pipeline.PipelineTmaAsync.create(
+        barrier_storage=st.mbar_kv.data_ptr(), num_stages=kv_stages,
+        producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, kv_consumers),
+        tx_count=kv_bytes, defer_sync=True)
+    return pipe_q, pipe_kv
+
+
+@cute.jit
+def gemm_zero_init(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor, a_stage,
+                   b_stage):
+    """``acc = A B``: one wgmma per k-block (mode 2 of the partitions), the first without
+    accumulation; ``a_stage`` / ``b_stage`` pick a shared-memory operand's ring stage (mode 3),
+    ``a_stage=None`` for a register A operand. The caller fences, commits and waits."""
+    atom = cute.make_mma_atom(tiled_mma.op)
+    atom.set(warpgroup.Field.ACCUMULATE, False)
+    for kb in cutlass.range_constexpr(cute.size(tA.shape[2])):
+        if cutlass.const_expr(a_stage is None):
+            cute.gemm(atom, acc, tA[None, None, kb], tB[None, None, kb, b_stage], acc)
+        else:
+            cute.gemm(atom, acc, tA[None, None, kb, a_stage], tB[None, None, kb, b_stage], acc)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+
+
 class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
@@ -204,15 +237,7 @@ class MobaFwdSm90:
 
         smem = cutlass.utils.SmemAllocator()
         st = smem.allocate(Storage)
-        group = pipeline.CooperativeGroup
-        pipe_q = pipeline.PipelineCpAsync.create(
-            barrier_storage=st.mbar_q.data_ptr(), num_stages=self.QS,
-            producer_group=group(pipeline.Agent.Thread, 128), consumer_group=group(pipeline.Agent.Thread, 128),
-            defer_sync=True)
-        pipe_kv = pipeline.PipelineTmaAsync.create(
-            barrier_storage=st.mbar_kv.data_ptr(), num_stages=self.KS,
-            producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, 4),
-            tx_count=self.kv_bytes, defer_sync=True)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4, self.kv_bytes)
         cute.arch.mbarrier_init_fence()
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
@@ -337,11 +362,7 @@ class MobaFwdSm90:
             rP.store(acc_S.load().to(dt))
             for t in cutlass.range(nsub, unroll=1):
                 warpgroup.fence()
-                atom_pv = cute.make_mma_atom(tiled_mma_pv.op)
-                atom_pv.set(warpgroup.Field.ACCUMULATE, False)
-                for kb in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
-                    cute.gemm(atom_pv, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb, 0], acc_O)
-                    atom_pv.set(warpgroup.Field.ACCUMULATE, True)
+                gemm_zero_init(tiled_mma_pv, acc_O, tOrP, tOrVt, None, 0)
                 warpgroup.commit_group()
                 if t + 1 < nsub:
                     self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, t + 1)
@@ -395,12 +416,7 @@ class MobaFwdSm90:
                     self.zero_v_tail(sV, kv_idx, nvalid, ctid, 1)
                 # ---- S = Q K^T
                 warpgroup.fence()
-                atom = cute.make_mma_atom(tiled_mma_qk.op)
-                atom.set(warpgroup.Field.ACCUMULATE, False)
-                for kb in cutlass.range_constexpr(cute.size(tSrQ.shape[2])):
-                    cute.gemm(atom, acc_S, tSrQ[None, None, kb, q_state.index], tSrK[None, None, kb, kv_idx],
-                              acc_S)
-                    atom.set(warpgroup.Field.ACCUMULATE, True)
+                gemm_zero_init(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 if n == nblk - 1:
@@ -442,11 +458,7 @@ class MobaFwdSm90:
         pipe_q.consumer_wait(pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2))
         cute.arch.fence_view_async_shared()  # cp.async wrote Q (generic proxy); wgmma reads it (async)
         warpgroup.fence()
-        atom = cute.make_mma_atom(tiled_mma_qk.op)
-        atom.set(warpgroup.Field.ACCUMULATE, False)
-        for kb in cutlass.range_constexpr(cute.size(tSrQ.shape[2])):
-            cute.gemm(atom, acc_S, tSrQ[None, None, kb, t % self.QS], tSrK[None, None, kb, 0], acc_S)
-            atom.set(warpgroup.Field.ACCUMULATE, True)
+        gemm_zero_init(tiled_mma_qk, acc_S, tSrQ, tSrK, t % self.QS, 0)
         warpgroup.commit_group()
 
     @cute.jit
