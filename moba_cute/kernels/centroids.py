@@ -422,9 +422,6 @@ class CentroidsKernel:
         for e in cutlass.range_constexpr(8):
             sred[ty * D + cv * 8 + e] = acc[e]
         cute.arch.sync_threads()
-        inv = Float32(0.0)
-        if length > 0:
-            inv = Float32(1.0) / Float32(length)
         for d in cutlass.range(tid, D, self.nthr):
             s = Float32(0.0)
             for r in cutlass.range_constexpr(R):
@@ -432,7 +429,6 @@ class CentroidsKernel:
             mean = Float32(0.0)
             if length > 0:
                 mean = s / Float32(length)
-            oc = cute.make_tensor(cent, cute.make_layout(1 << 30))
             ob = Int64(g) * row_stride + Int64(hk) * Int64(D) + Int64(d)
             ocent = cute.make_tensor(cent + ob, cute.make_layout(1))
             ocent[0] = mean

@@ -14,7 +14,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Tuple
 
 _CACHE: Dict[Hashable, Any] = {}
 _LOCK = threading.Lock()

@@ -31,7 +31,8 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
 from .moba_bwd_sm90 import BAR_DS, BAR_META, BM, BN, QS, MobaBwdSm90
-from .moba_fwd_sm90 import acc_mn_view, gather_tma_pipelines, gemm_zero_init, kv_tma_atoms
+from .moba_fwd_sm80 import store_pair
+from .moba_fwd_sm90 import acc_mn_view, gather_tma_pipelines, gemm_kblocks, kv_tma_atoms
 
 KS = 2  # K/V tile stages
 # 168 x 384 registers at launch: the producer (gathers and the K/V stream) hands back 128 x 128,
@@ -72,21 +73,7 @@ class MobaBwdDqSm90(MobaBwdSm90):
         sQ_layout, sK_layout, sdS_layout = self._layouts()
         atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
                                                                    cute.select(sK_layout, mode=[0, 1]), BN)
-
-        @cute.struct
-        class Storage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * QS]
-            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * KS]
-            sPidx: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
-            sLse: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
-            sDel: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
-            sHi: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
-            sLoc: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
-            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
-            sdO: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
-            sdS: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sdS_layout)], 1024]
+        Storage = self._storage(sQ_layout, sK_layout, sdS_layout, kv_stages=KS, dq_staging=False)
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, part_dq, cu_q, cu_k, cu_chunks, offsets, pairs, B,
@@ -150,24 +137,6 @@ class MobaBwdDqSm90(MobaBwdSm90):
                                  scale_log2, tid - 128)
 
     @cute.jit
-    def load_kv_tile(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
-                     sK: cute.Tensor, sV: cute.Tensor, pipe_kv, kv_state, kvh: Int32, key0: Int32):
-        """Warp 0: one 128-key K and V tile into the ring stage of ``kv_state`` (past the tensor,
-        TMA fills zeros; keys past the chunk are masked, and zeroed in K for dQ, by the
-        consumers)."""
-        D = self.D
-        gK = cute.local_tile(cute.domain_offset((key0, 0), tma_k[None, None, kvh]), (BN, D), (None, 0))
-        gV = cute.local_tile(cute.domain_offset((key0, 0), tma_v[None, None, kvh]), (BN, D), (None, 0))
-        tKsK, tKgK = cpasync.tma_partition(atom_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
-                                           cute.group_modes(gK, 0, 2))
-        tVsV, tVgV = cpasync.tma_partition(atom_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
-                                           cute.group_modes(gV, 0, 2))
-        pipe_kv.producer_acquire(kv_state)
-        bar = pipe_kv.producer_get_barrier(kv_state)
-        cute.copy(atom_k, tKgK[None, 0], tKsK[None, kv_state.index], tma_bar_ptr=bar)
-        cute.copy(atom_v, tVgV[None, 0], tVsV[None, kv_state.index], tma_bar_ptr=bar)
-
-    @cute.jit
     def dq_consumer(self, part_dq: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor,
                     sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv, mma_sdp: cute.TiledMma,
                     mma_dq: cute.TiledMma, nmine: Int32, z: Int32, zsplit: Int32, e_lo: Int32, e_hi: Int32,
@@ -176,10 +145,7 @@ class MobaBwdDqSm90(MobaBwdSm90):
         D, dt = self.D, self.dtype
         thr_sdp = mma_sdp.get_slice(ctid)
         thr_dq = mma_dq.get_slice(ctid)
-        tSrK = thr_sdp.make_fragment_A(thr_sdp.partition_A(sK))
-        tSrV = thr_sdp.make_fragment_A(thr_sdp.partition_A(sV))
-        tSrQ = thr_sdp.make_fragment_B(thr_sdp.partition_B(sQ))
-        tSrdO = thr_sdp.make_fragment_B(thr_sdp.partition_B(sdO))
+        tSrK, tSrV, tSrQ, tSrdO = self.sdp_fragments(thr_sdp, sK, sV, sQ, sdO)
         # dQ = dS K: A = dS (rows x keys), B = K^T (head dim x keys, MN-major view of each stage)
         sKt = cute.composition(sK, cute.make_ordered_layout((D, BN, KS), order=(1, 0, 2)))
         tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
@@ -220,8 +186,8 @@ class MobaBwdDqSm90(MobaBwdSm90):
                     cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)  # before any wgmma reads
                 # ---- S^T = K Q^T, dP^T = V dO^T over this tile
                 warpgroup.fence()
-                gemm_zero_init(mma_sdp, acc_S, tSrK, tSrQ, ks_, stage)
-                gemm_zero_init(mma_sdp, acc_dP, tSrV, tSrdO, ks_, stage)
+                gemm_kblocks(mma_sdp, acc_S, tSrK, tSrQ, ks_, stage)
+                gemm_kblocks(mma_sdp, acc_dP, tSrV, tSrdO, ks_, stage)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2, kt * BN)
@@ -231,10 +197,7 @@ class MobaBwdDqSm90(MobaBwdSm90):
                 cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
                 # ---- dQ += dS K (this warpgroup's head-dim half)
                 warpgroup.fence()
-                atom_q = cute.make_mma_atom(mma_dq.op)
-                atom_q.set(warpgroup.Field.ACCUMULATE, True)
-                for kb in cutlass.range_constexpr(cute.size(tQrdS.shape[2])):
-                    cute.gemm(atom_q, acc_dQ, tQrdS[None, None, kb], tQrKt[None, None, kb, ks_], acc_dQ)
+                gemm_kblocks(mma_dq, acc_dQ, tQrdS, tQrKt, None, ks_, zero_init=False)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 pipe_kv.consumer_release(kv_state)
@@ -259,9 +222,4 @@ class MobaBwdDqSm90(MobaBwdSm90):
                 base = part_dq + Int64(sLoc[stage * BM + n]) * Int64(D)
                 for c in cutlass.range_constexpr(cute.size(dQ_mn, mode=[1]) // 2):
                     col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                    pair[0] = dQ_mn[r, 2 * c]
-                    pair[1] = dQ_mn[r, 2 * c + 1]
-                    po = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                    po.store(pair.load().to(self.dtype))
-                    cute.autovec_copy(po, cute.make_tensor((base + col).align(4), cute.make_layout(2)))
+                    store_pair(self.dtype, dQ_mn[r, 2 * c], dQ_mn[r, 2 * c + 1], base + col)

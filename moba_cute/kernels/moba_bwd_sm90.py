@@ -51,8 +51,9 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
-from .moba_fwd_sm80 import _flat
-from .moba_fwd_sm90 import acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_zero_init, kv_tma_atoms
+from .moba_fwd_sm80 import _flat, store_pair
+from .moba_fwd_sm90 import (acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks, kv_tma_atoms,
+                           kv_tma_views)
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -95,6 +96,26 @@ class MobaBwdSm90:
         atom_s = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.COL_MAJOR, dt, BM), dt)
         sdS = cute.tile_to_shape(atom_s, (BM, BN), order=(1, 0))
         return sQ, sK, sdS
+
+    def _storage(self, sQ_layout, sK_layout, sdS_layout, kv_stages: int, dq_staging: bool):
+        """The shared-memory struct of both backward kernels: mbarriers, each ring stage's row
+        data, the Q/dO rings, K/V (``kv_stages``), dS; with ``dq_staging`` the one-pass kernel's
+        dQ staging buffers and their mbarriers."""
+        dt, D = self.dtype, self.D
+        MR, AL = cute.struct.MemRange, cute.struct.Align
+        fields = {"mbar_q": MR[cutlass.Int64, 2 * QS], "mbar_kv": MR[cutlass.Int64, 2 * kv_stages]}
+        if dq_staging:
+            fields["mbar_dq"] = MR[cutlass.Int64, 4]  # dQ staging handoff, 2 buffers
+        for name in ("sPidx", "sLse", "sDel", "sHi", "sLoc"):  # row data of each ring stage
+            fields[name] = AL[MR[Float32 if name in ("sLse", "sDel") else Int32, BM * QS], 16]
+        for name, layout in (("sQ", sQ_layout), ("sdO", sQ_layout), ("sK", sK_layout), ("sV", sK_layout),
+                             ("sdS", sdS_layout)):
+            fields[name] = AL[MR[dt, cute.cosize(layout)], 1024]
+        if dq_staging:
+            # dQ partials of two sub-tiles (rows padded by 16 bytes), their rows' places (-1: none)
+            fields["sdQ"] = AL[MR[dt, 2 * BM * (D + 8)], 128]
+            fields["sLocQ"] = AL[MR[Int32, 2 * BM], 16]
+        return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
     def _mma_dq(self):
         """dQ = dS K: A = sdS (MN-major, :meth:`_layouts`), B = K^T (MN-major view of sK); the
@@ -146,25 +167,7 @@ class MobaBwdSm90:
         sQ_layout, sK_layout, sdS_layout = self._layouts()
         atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
                                                                    cute.select(sK_layout, mode=[0, 1]), BN)
-
-        @cute.struct
-        class Storage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * QS]
-            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2]
-            mbar_dq: cute.struct.MemRange[cutlass.Int64, 4]  # dQ staging handoff, 2 buffers
-            sPidx: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
-            sLse: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
-            sDel: cute.struct.Align[cute.struct.MemRange[Float32, BM * QS], 16]
-            sHi: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
-            sLoc: cute.struct.Align[cute.struct.MemRange[Int32, BM * QS], 16]
-            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
-            sdO: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sK_layout)], 1024]
-            sdS: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sdS_layout)], 1024]
-            # dQ partials of two sub-tiles (rows padded by 16 bytes) and their rows' places (-1: none)
-            sdQ: cute.struct.Align[cute.struct.MemRange[dt, 2 * BM * (D + 8)], 128]
-            sLocQ: cute.struct.Align[cute.struct.MemRange[Int32, 2 * BM], 16]
+        Storage = self._storage(sQ_layout, sK_layout, sdS_layout, kv_stages=1, dq_staging=True)
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, cu_q, cu_k, cu_chunks, offsets,
@@ -299,21 +302,9 @@ class MobaBwdSm90:
                  pipe_q, pipe_kv, pipe_dq,
                  e_lo: Int32, e_hi: Int32, nsub: Int32, kvh: Int32, key0: Int32, total_q: Int32, H: Int32,
                  topk: Int32, tid: Int32, warp: Int32):
-        D = self.D
-        if warp == 0:
-            # K and V of the chunk, once (keys past the chunk are masked by the consumers; past
-            # the tensor, TMA fills zeros)
-            gK = cute.local_tile(cute.domain_offset((key0, 0), tma_k[None, None, kvh]), (BN, D), (None, 0))
-            gV = cute.local_tile(cute.domain_offset((key0, 0), tma_v[None, None, kvh]), (BN, D), (None, 0))
-            tKsK, tKgK = cpasync.tma_partition(atom_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
-                                               cute.group_modes(gK, 0, 2))
-            tVsV, tVgV = cpasync.tma_partition(atom_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
-                                               cute.group_modes(gV, 0, 2))
-            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-            pipe_kv.producer_acquire(kv_state)
-            bar = pipe_kv.producer_get_barrier(kv_state)
-            cute.copy(atom_k, tKgK[None, 0], tKsK[None, 0], tma_bar_ptr=bar)
-            cute.copy(atom_v, tVgV[None, 0], tVsV[None, 0], tma_bar_ptr=bar)
+        if warp == 0:  # K and V of the chunk's key tile, once
+            self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv,
+                              pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1), kvh, key0)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, QS)
         for t in cutlass.range(nsub, unroll=1):
             self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q, q_state, e_lo, e_hi, t, total_q, H,
@@ -327,6 +318,24 @@ class MobaBwdSm90:
         if cutlass.const_expr(self.with_dq):
             if nsub > 0:
                 self.copy_out_dq(st, pipe_dq, part_dq, nsub - 1, tid)
+
+    @cute.jit
+    def load_kv_tile(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
+                     sK: cute.Tensor, sV: cute.Tensor, pipe_kv, kv_state, kvh: Int32, key0: Int32):
+        """Warp 0: one 128-key K and V tile from key ``key0`` into the ring stage of ``kv_state``
+        (past the tensor, TMA fills zeros; keys past the chunk are masked, and zeroed in K for
+        dQ, by the consumers)."""
+        tKsK, tKgK, tVsV, tVgV = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, kvh, key0, BN, self.D)
+        pipe_kv.producer_acquire(kv_state)
+        bar = pipe_kv.producer_get_barrier(kv_state)
+        cute.copy(atom_k, tKgK[None, 0], tKsK[None, kv_state.index], tma_bar_ptr=bar)
+        cute.copy(atom_v, tVgV[None, 0], tVsV[None, kv_state.index], tma_bar_ptr=bar)
+
+    def sdp_fragments(self, thr_sdp, sK: cute.Tensor, sV: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor):
+        """This thread's wgmma fragments (shared-memory descriptors) of ``S^T = K Q^T`` and
+        ``dP^T = V dO^T``: A = K, V; B = Q, dO."""
+        return (thr_sdp.make_fragment_A(thr_sdp.partition_A(sK)), thr_sdp.make_fragment_A(thr_sdp.partition_A(sV)),
+                thr_sdp.make_fragment_B(thr_sdp.partition_B(sQ)), thr_sdp.make_fragment_B(thr_sdp.partition_B(sdO)))
 
     @cute.jit
     def gather_subtile(self, q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer,
@@ -419,10 +428,7 @@ class MobaBwdSm90:
         thr_dkv = mma_dkv.get_slice(ctid)
         thr_dq = mma_dq.get_slice(ctid)
         # S^T = K Q^T, dP^T = V dO^T (keys x rows)
-        tSrK = thr_sdp.make_fragment_A(thr_sdp.partition_A(sK))
-        tSrV = thr_sdp.make_fragment_A(thr_sdp.partition_A(sV))
-        tSrQ = thr_sdp.make_fragment_B(thr_sdp.partition_B(sQ))
-        tSrdO = thr_sdp.make_fragment_B(thr_sdp.partition_B(sdO))
+        tSrK, tSrV, tSrQ, tSrdO = self.sdp_fragments(thr_sdp, sK, sV, sQ, sdO)
         # dV += P^T dO, dK += dS^T Q: B = dO^T / Q^T (head dim x rows, MN-major views)
         sdOt = cute.composition(sdO, cute.make_ordered_layout((D, BM, QS), order=(1, 0, 2)))
         sQt = cute.composition(sQ, cute.make_ordered_layout((D, BM, QS), order=(1, 0, 2)))
@@ -469,8 +475,8 @@ class MobaBwdSm90:
             cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
             # ---- S^T = K Q^T, dP^T = V dO^T
             warpgroup.fence()
-            gemm_zero_init(mma_sdp, acc_S, tSrK, tSrQ, 0, stage)
-            gemm_zero_init(mma_sdp, acc_dP, tSrV, tSrdO, 0, stage)
+            gemm_kblocks(mma_sdp, acc_S, tSrK, tSrQ, 0, stage)
+            gemm_kblocks(mma_sdp, acc_dP, tSrV, tSrdO, 0, stage)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
             self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2)
@@ -499,7 +505,7 @@ class MobaBwdSm90:
             warpgroup.wait_group(0)
             if cutlass.const_expr(self.with_dq):
                 warpgroup.fence()
-                gemm_zero_init(mma_dq, acc_dQ, tQrdS, tQrKt, None, 0)
+                gemm_kblocks(mma_dq, acc_dQ, tQrdS, tQrKt, None, 0)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 self.stage_dq(st, pipe_dq, stage, t, dQ_mn, cQ_mn, ctid)
@@ -587,12 +593,7 @@ class MobaBwdSm90:
             n = cQ_mn[r, 0][0]
             for c in cutlass.range_constexpr(cute.size(dQ_mn, mode=[1]) // 2):
                 col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                pair[0] = dQ_mn[r, 2 * c]
-                pair[1] = dQ_mn[r, 2 * c + 1]
-                po = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                po.store(pair.load().to(self.dtype))
-                cute.autovec_copy(po, cute.make_tensor((sdq + (n * RS + col)).align(4), cute.make_layout(2)))
+                store_pair(self.dtype, dQ_mn[r, 2 * c], dQ_mn[r, 2 * c + 1], sdq + (n * RS + col))
         if ctid < BM:
             loc = Int32(-1)
             if st.sHi.get_tensor(cute.make_layout(BM * QS))[stage * BM + ctid] >= 0:
@@ -612,9 +613,4 @@ class MobaBwdSm90:
                 for c in cutlass.range_constexpr(cute.size(dK_mn, mode=[1]) // 2):
                     col = cK_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
                     for acc_mn, out in ((dK_mn, dk), (dV_mn, dv)):
-                        pk = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                        pk[0] = acc_mn[r, 2 * c]
-                        pk[1] = acc_mn[r, 2 * c + 1]
-                        o = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-                        o.store(pk.load().to(self.dtype))
-                        cute.autovec_copy(o, cute.make_tensor((out + base + col).align(4), cute.make_layout(2)))
+                        store_pair(self.dtype, acc_mn[r, 2 * c], acc_mn[r, 2 * c + 1], out + base + col)

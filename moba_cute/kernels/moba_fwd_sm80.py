@@ -51,6 +51,18 @@ def partials_max(tpl: cute.Tensor, pbase: Int64, n: Int32, unroll: cutlass.Const
 
 
 @cute.jit
+def store_pair(dtype: cutlass.Constexpr, x0: Float32, x1: Float32, dst: cute.Pointer):
+    """Two fp32 values (adjacent columns of an accumulator row) to ``dtype`` and one 4-byte
+    store at ``dst``."""
+    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+    pair[0] = x0
+    pair[1] = x1
+    po = cute.make_rmem_tensor(cute.make_layout(2), dtype)
+    po.store(pair.load().to(dtype))
+    cute.autovec_copy(po, cute.make_tensor(dst.align(4), cute.make_layout(2)))
+
+
+@cute.jit
 def _quad_max(x: Float32) -> Float32:
     x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=2))
     x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=1))
@@ -548,12 +560,7 @@ class MobaFwdSm80:
         obase = out + ridx * Int64(self.D)
         for c in cutlass.range_constexpr(NCO // 2):
             col = tOcO_mn[r, (0, c)][1]
-            pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-            pair[0] = acc_O_mn[r, (0, c)] * inv
-            pair[1] = acc_O_mn[r, (1, c)] * inv
-            po = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
-            po.store(pair.load().to(self.dtype))
-            cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
+            store_pair(self.dtype, acc_O_mn[r, (0, c)] * inv, acc_O_mn[r, (1, c)] * inv, obase + col)
         if lane % 4 == 0:
             val = -Float32.inf
             if (l > Float32(0.0)) | (l != l):  # NaN propagates

@@ -44,7 +44,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
-from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum
+from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum, store_pair
 from .segments import segment_unit
 
 BM = 64  # rows of one consumer warpgroup's wgmma (m64)
@@ -87,6 +87,19 @@ def kv_tma_atoms(k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32, D:
     return atom_k, tma_k, atom_v, tma_v, 2 * cute.size_in_bytes(k.dtype, smem_kv)
 
 
+def kv_tma_views(atom_k: cute.CopyAtom, tma_k: cute.Tensor, atom_v: cute.CopyAtom, tma_v: cute.Tensor,
+                 sK: cute.Tensor, sV: cute.Tensor, kvh: Int32, key0: Int32, BN: int, D: int):
+    """TMA partitions of KV head ``kvh``'s keys from ``key0`` on, in boxes of ``BN`` keys:
+    (tKsK, tKgK, tVsV, tVgV), the global side indexed by box, the shared side by ring stage."""
+    gK = cute.local_tile(cute.domain_offset((key0, 0), tma_k[None, None, kvh]), (BN, D), (None, 0))
+    gV = cute.local_tile(cute.domain_offset((key0, 0), tma_v[None, None, kvh]), (BN, D), (None, 0))
+    tKsK, tKgK = cpasync.tma_partition(atom_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
+                                       cute.group_modes(gK, 0, 2))
+    tVsV, tVgV = cpasync.tma_partition(atom_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
+                                       cute.group_modes(gV, 0, 2))
+    return tKsK, tKgK, tVsV, tVgV
+
+
 def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int):
     """The two pipelines of the sm90 kernels: the producer warpgroup's ``cp.async`` row ring
     (128 threads -> ``q_consumers`` threads; mbarriers ``st.mbar_q``) and warp 0's TMA K/V stages
@@ -105,19 +118,20 @@ def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv
 
 
 @cute.jit
-def gemm_zero_init(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor, a_stage,
-                   b_stage):
-    """``acc = A B``: one wgmma per k-block (mode 2 of the partitions), the first without
-    accumulation; ``a_stage`` / ``b_stage`` pick a shared-memory operand's ring stage (mode 3),
+def gemm_kblocks(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor, a_stage, b_stage,
+                 zero_init: cutlass.Constexpr = True):
+    """``acc = A B`` (``zero_init``) or ``acc += A B``: one wgmma per k-block (mode 2 of the
+    partitions); ``a_stage`` / ``b_stage`` pick a shared-memory operand's ring stage (mode 3),
     ``a_stage=None`` for a register A operand. The caller fences, commits and waits."""
     atom = cute.make_mma_atom(tiled_mma.op)
-    atom.set(warpgroup.Field.ACCUMULATE, False)
+    atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
     for kb in cutlass.range_constexpr(cute.size(tA.shape[2])):
         if cutlass.const_expr(a_stage is None):
             cute.gemm(atom, acc, tA[None, None, kb], tB[None, None, kb, b_stage], acc)
         else:
             cute.gemm(atom, acc, tA[None, None, kb, a_stage], tB[None, None, kb, b_stage], acc)
-        atom.set(warpgroup.Field.ACCUMULATE, True)
+        if cutlass.const_expr(zero_init):
+            atom.set(warpgroup.Field.ACCUMULATE, True)
 
 
 class MobaFwdSm90:
@@ -270,12 +284,7 @@ class MobaFwdSm90:
         D, BN = self.D, self.BN
         CV = D // 8
         # TMA views: this KV head's keys from the chunk start, in n-blocks of BN
-        gK = cute.local_tile(cute.domain_offset((key0, 0), tma_k[None, None, kvh]), (BN, D), (None, 0))
-        gV = cute.local_tile(cute.domain_offset((key0, 0), tma_v[None, None, kvh]), (BN, D), (None, 0))
-        tKsK, tKgK = cpasync.tma_partition(atom_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
-                                           cute.group_modes(gK, 0, 2))
-        tVsV, tVgV = cpasync.tma_partition(atom_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
-                                           cute.group_modes(gV, 0, 2))
+        tKsK, tKgK, tVsV, tVgV = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, kvh, key0, BN, D)
         # Q gather: 16-byte pieces written at their swizzled offsets (128-byte swizzle applied by
         # hand: row tiles are whole 1024-byte swizzle periods)
         sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
@@ -362,7 +371,7 @@ class MobaFwdSm90:
             rP.store(acc_S.load().to(dt))
             for t in cutlass.range(nsub, unroll=1):
                 warpgroup.fence()
-                gemm_zero_init(tiled_mma_pv, acc_O, tOrP, tOrVt, None, 0)
+                gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, 0)
                 warpgroup.commit_group()
                 if t + 1 < nsub:
                     self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, t + 1)
@@ -416,7 +425,7 @@ class MobaFwdSm90:
                     self.zero_v_tail(sV, kv_idx, nvalid, ctid, 1)
                 # ---- S = Q K^T
                 warpgroup.fence()
-                gemm_zero_init(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
+                gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 if n == nblk - 1:
@@ -441,10 +450,7 @@ class MobaFwdSm90:
                 rP.store(acc_S.load().to(dt))
                 # ---- O += P V
                 warpgroup.fence()
-                atom_pv = cute.make_mma_atom(tiled_mma_pv.op)
-                atom_pv.set(warpgroup.Field.ACCUMULATE, True)
-                for kb in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
-                    cute.gemm(atom_pv, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb, kv_idx], acc_O)
+                gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, kv_idx, zero_init=False)
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 pipe_kv.consumer_release(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
@@ -458,7 +464,7 @@ class MobaFwdSm90:
         pipe_q.consumer_wait(pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2))
         cute.arch.fence_view_async_shared()  # cp.async wrote Q (generic proxy); wgmma reads it (async)
         warpgroup.fence()
-        gemm_zero_init(tiled_mma_qk, acc_S, tSrQ, tSrK, t % self.QS, 0)
+        gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, t % self.QS, 0)
         warpgroup.commit_group()
 
     @cute.jit
@@ -507,12 +513,7 @@ class MobaFwdSm90:
                 obase = part_o + Int64(p) * Int64(D)
                 for c in cutlass.range_constexpr(NCO // 2):
                     col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                    pair[0] = O_mn[r, 2 * c] * inv
-                    pair[1] = O_mn[r, 2 * c + 1] * inv
-                    po = cute.make_rmem_tensor(cute.make_layout(2), dt)
-                    po.store(pair.load().to(dt))
-                    cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
+                    store_pair(dt, O_mn[r, 2 * c] * inv, O_mn[r, 2 * c + 1] * inv, obase + col)
                 if lane % 4 == 0:
                     val = -Float32.inf
                     if (l > Float32(0.0)) | (l != l):  # NaN propagates
