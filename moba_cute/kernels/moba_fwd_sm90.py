@@ -44,7 +44,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
-from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum, store_pair
+from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum
 from .segments import segment_unit
 
 BM = 64  # rows of one consumer warpgroup's wgmma (m64)
@@ -513,7 +513,12 @@ class MobaFwdSm90:
                 obase = part_o + Int64(p) * Int64(D)
                 for c in cutlass.range_constexpr(NCO // 2):
                     col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                    store_pair(dt, O_mn[r, 2 * c] * inv, O_mn[r, 2 * c + 1] * inv, obase + col)
+                    pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                    pair[0] = O_mn[r, 2 * c] * inv
+                    pair[1] = O_mn[r, 2 * c + 1] * inv
+                    po = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                    po.store(pair.load().to(dt))
+                    cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
                 if lane % 4 == 0:
                     val = -Float32.inf
                     if (l > Float32(0.0)) | (l != l):  # NaN propagates
