@@ -27,12 +27,13 @@ import cuda.bindings.driver as cuda
 import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Int64
-from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.cute.nvgpu import warpgroup
 from cutlass.utils import LayoutEnum
 
 from .moba_bwd_sm90 import BAR_DS, BAR_META, BM, BN, QS, MobaBwdSm90
 from .moba_fwd_sm80 import store_pair
-from .moba_fwd_sm90 import acc_mn_view, gather_tma_pipelines, gemm_kblocks, kv_tma_atoms
+from .moba_fwd_sm90 import (acc_mn_view, gather_tma_pipelines, gemm_kblocks, kernel_prologue, kv_tma_atoms,
+                           zero_rows_from)
 
 KS = 2  # K/V tile stages
 # 168 x 384 registers at launch: the producer (gathers and the K/V stream) hands back 128 x 128,
@@ -95,12 +96,7 @@ class MobaBwdDqSm90(MobaBwdSm90):
         g = gz // zsplit
         z = gz - g * zsplit
         kvh = kv0 + kvw
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        if warp == 0:
-            cpasync.prefetch_descriptor(atom_k)
-            cpasync.prefetch_descriptor(atom_v)
-        smem = cutlass.utils.SmemAllocator()
-        st = smem.allocate(Storage)
+        warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, QS, 256, KS, 8, self.kv_bytes)
         cute.arch.mbarrier_init_fence()
         sQ, sdO, sK, sV, sdS = self.smem_views(st, sQ_layout, sK_layout, sdS_layout)
@@ -178,11 +174,7 @@ class MobaBwdDqSm90(MobaBwdSm90):
                 if nk < BN:
                     # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a
                     # non-finite key there cannot reach dQ as 0 * inf
-                    for i in cutlass.range(ctid, BN * D, 256):
-                        rr = i // D
-                        if rr >= nk:
-                            sK[rr, i - rr * D, ks_] = dt(0.0)
-                    cute.arch.fence_view_async_shared()
+                    zero_rows_from(sK, ks_, nk, ctid, 256, BN, D, dt)
                     cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)  # before any wgmma reads
                 # ---- S^T = K Q^T, dP^T = V dO^T over this tile
                 warpgroup.fence()

@@ -52,8 +52,8 @@ from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, store_pair
-from .moba_fwd_sm90 import (acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks, kv_tma_atoms,
-                           kv_tma_views)
+from .moba_fwd_sm90 import (acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks, kernel_prologue,
+                           kv_tma_atoms, kv_tma_views, zero_rows_from)
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -225,12 +225,7 @@ class MobaBwdSm90:
         g = gt // ktiles  # the chunk and its 128-key tile
         kt = gt - g * ktiles
         kvh = kv0 + kvw  # this launch covers KV heads [kv0, kv0 + nkv) (the partial buffer's window)
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        if warp == 0:
-            cpasync.prefetch_descriptor(atom_k)
-            cpasync.prefetch_descriptor(atom_v)
-        smem = cutlass.utils.SmemAllocator()
-        st = smem.allocate(Storage)
+        warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, QS, 256, 1, 8, self.kv_bytes)
         # dQ staging buffers: the consumer warpgroups fill them, the producer warpgroup copies them
         # out (mbarriers: ordered for compute-sanitizer's racecheck too, unlike bar.arrive)
@@ -458,12 +453,8 @@ class MobaBwdSm90:
         pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         if cutlass.const_expr(self.with_dq) and nkeys < BN:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
-            # there cannot reach dQ as 0 * inf
-            for i in cutlass.range(ctid, BN * D, 256):
-                rr = i // D
-                if rr >= nkeys:
-                    sK[rr, i - rr * D, 0] = dt(0.0)
-            cute.arch.fence_view_async_shared()
+            # there cannot reach dQ as 0 * inf (synced by BAR_META before the first wgmma)
+            zero_rows_from(sK, 0, nkeys, ctid, 256, BN, D, dt)
         for t in cutlass.range(nsub, unroll=1):
             q_state = pipeline.PipelineState(QS, t, t % QS, (t // QS) % 2)
             stage = t % QS

@@ -118,6 +118,31 @@ def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv
 
 
 @cute.jit
+def kernel_prologue(atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, Storage: cutlass.Constexpr):
+    """The sm90 kernels' start: the warp index (warp-uniform), warp 0 prefetching the K/V TMA
+    descriptors, the shared-memory struct; returns (warp, st)."""
+    warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+    if warp == 0:
+        cpasync.prefetch_descriptor(atom_k)
+        cpasync.prefetch_descriptor(atom_v)
+    smem = cutlass.utils.SmemAllocator()
+    return warp, smem.allocate(Storage)
+
+
+@cute.jit
+def zero_rows_from(s: cute.Tensor, stage, nvalid: Int32, tid: Int32, nthr: cutlass.Constexpr,
+                   rows: cutlass.Constexpr, D: cutlass.Constexpr, dtype: cutlass.Constexpr):
+    """Zero rows ``[nvalid, rows)`` of ring stage ``stage`` of a (rows, D, stages) shared
+    tensor (``nthr`` threads from ``tid``) and fence the generic-proxy writes for the wgmma that
+    reads them; the caller syncs the threads."""
+    for i in cutlass.range(tid, rows * D, nthr):
+        rr = i // D
+        if rr >= nvalid:
+            s[rr, i - rr * D, stage] = dtype(0.0)
+    cute.arch.fence_view_async_shared()
+
+
+@cute.jit
 def gemm_kblocks(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB: cute.Tensor, a_stage, b_stage,
                  zero_init: cutlass.Constexpr = True):
     """``acc = A B`` (``zero_init``) or ``acc += A B``: one wgmma per k-block (mode 2 of the
@@ -244,13 +269,7 @@ class MobaFwdSm90:
     ):
         tid, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        if warp == 0:
-            cpasync.prefetch_descriptor(atom_k)
-            cpasync.prefetch_descriptor(atom_v)
-
-        smem = cutlass.utils.SmemAllocator()
-        st = smem.allocate(Storage)
+        warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4, self.kv_bytes)
         cute.arch.mbarrier_init_fence()
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
@@ -531,11 +550,5 @@ class MobaFwdSm90:
         """Zero V rows ``[nvalid, BN)`` of a stage (the consumer warpgroup, then named barrier
         ``bar_id`` among its 128 threads; generic-proxy writes fenced for the wgmma that reads
         them)."""
-        D, BN = self.D, self.BN
-        nthr = 128
-        for i in cutlass.range(tid, BN * D, nthr):
-            rr = i // D
-            if rr >= nvalid:
-                sV[rr, i - rr * D, stage] = self.dtype(0.0)
-        cute.arch.fence_view_async_shared()
-        cute.arch.barrier(barrier_id=bar_id, number_of_threads=nthr)
+        zero_rows_from(sV, stage, nvalid, tid, 128, self.BN, self.D, self.dtype)
+        cute.arch.barrier(barrier_id=bar_id, number_of_threads=128)
