@@ -206,7 +206,7 @@ def test_backward_dq_windows(monkeypatch):
 
     m = _launch()
     arch = common.arch_of(torch.device("cuda"))
-    if not m.uses_sm90_bwd("bfloat16", 128, 128, arch):
+    if not m.uses_sm90_bwd("bfloat16", 128, arch):
         pytest.skip("the sm90 backward runs on Hopper")
     q, k, v, cq, ck = make_batch([700, 90, 333], [700, 90, 333], 8, 4, 128, dtype=torch.bfloat16, device="cuda",
                                  seed=21)

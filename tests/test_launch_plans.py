@@ -151,11 +151,12 @@ def test_sm80_backward_fallback_on_hopper_warns_once(monkeypatch):
 
 
 def test_sm90_backward_dispatch():
-    assert al.uses_sm90_bwd("bfloat16", 128, 128, "sm_90a")
-    assert al.uses_sm90_bwd("float16", 64, 64, "sm_90a")
-    assert al.uses_sm90_bwd("bfloat16", 128, 4096, "sm_90a")  # long chunks: dK/dV per key tile + dQ kernel
-    assert not al.uses_sm90_bwd("bfloat16", 96, 128, "sm_90a")
-    assert not al.uses_sm90_bwd("bfloat16", 128, 128, "sm_80")
+    assert al.uses_sm90_bwd("bfloat16", 128, "sm_90a")
+    assert al.uses_sm90_bwd("float16", 64, "sm_90a")
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=4096, K=2)
+    assert al.BwdPlan(al._plan_key(q, k, r), "sm_90a").sm90  # long chunks: dK/dV per key tile + dQ kernel
+    assert not al.uses_sm90_bwd("bfloat16", 96, "sm_90a")
+    assert not al.uses_sm90_bwd("bfloat16", 128, "sm_80")
 
 
 def test_plans_refuse_int32_overflow():

@@ -309,8 +309,8 @@ def _bwd_sm80_forced():
     return os.environ.get("MOBA_CUTE_BWD_SM80", "0") not in ("", "0")
 
 
-def uses_sm90_bwd(dtype_name, head_dim, chunk_size, arch):
-    """The sm90 backward serves this call: Hopper, head dim 64 or 128, unless
+def uses_sm90_bwd(dtype_name, head_dim, arch):
+    """The sm90 backward serves this call: Hopper, head dim 64 or 128 (any chunk size), unless
     ``MOBA_CUTE_BWD_SM80=1`` asks for the sm80 kernels. Chunks of at most 128 keys: the one-pass
     :class:`~moba_cute.kernels.moba_bwd_sm90.MobaBwdSm90`; longer chunks: its dK/dV-only variant
     per 128-key tile and :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90` for dQ."""
@@ -550,7 +550,7 @@ class BwdPlan(_PlanBase):
         from .bwd_rowwise import grid_blocks
 
         self.row_blocks = grid_blocks(self.rows, self.D)
-        self.sm90 = uses_sm90_bwd(self.dtype_name, self.D, self.C, arch) and self.K > 0
+        self.sm90 = uses_sm90_bwd(self.dtype_name, self.D, arch) and self.K > 0
         if str(arch).startswith("sm_90") and not self.sm90 and self.K > 0 and not _bwd_sm80_forced():
             _warn_once(f"moba_cute: the sm90 backward does not cover head_dim={self.D} (it has 64 and 128); "
                        "using the sm80 (mma.sync) backward")
@@ -568,10 +568,10 @@ class BwdPlan(_PlanBase):
             self.layout.add("pairs", npair * 4)
             self.layout.add("counts", (self.nseg + 1) * 4)
             self.list_cap = _i32(npair, "pair lists")
-            self.bwd_grid = _i32(self.nbound, "sm90 backward grid")
             self.ktiles = (self.C + 127) // 128
             # the key-major kernel's linear grid: chunks x key tiles x KV heads of a launch
             _i32(self.nbound * self.ktiles * self.Hk, "sm90 backward grid")
+            self.bwd_grid = self.nbound  # chunks the grid covers (a bound on the chunk count)
             self.index = None
             # chunks over 128 keys: dK/dV per 128-key tile, dQ by a kernel streaming the tiles, its
             # (chunk, KV head) pairs split over zsplit CTAs
