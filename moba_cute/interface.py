@@ -40,6 +40,7 @@ __all__ = [
     "attention_with_routing",
     "kernel_paths",
     "set_strict_checks",
+    "set_decode_path",
     "UnsupportedError",
 ]
 
@@ -49,6 +50,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT32_MAX = 2**31 - 1
 
 _strict = os.environ.get("MOBA_CUTE_STRICT_CHECKS", "0") not in ("", "0", "false", "False")
+_decode = os.environ.get("MOBA_CUTE_DECODE", "1") not in ("", "0", "false", "False")
 _warned: set[str] = set()
 
 
@@ -60,6 +62,14 @@ def set_strict_checks(enabled: bool) -> None:
     """Check cu_seqlens values on CUDA too (one host synchronization per call)."""
     global _strict
     _strict = bool(enabled)
+
+
+def set_decode_path(enabled: bool) -> None:
+    """Use the decode-step kernels for calls with few queries per sequence (default on; the
+    environment variable ``MOBA_CUTE_DECODE=0`` turns it off). Off, such calls run the general
+    routing + attention kernels: same results up to rounding (tests compare both)."""
+    global _decode
+    _decode = bool(enabled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,10 +371,21 @@ def _attention_kernel_module():
     return attention_launch
 
 
+def _decode_kernel_module():
+    try:
+        from .kernels import decode_launch
+    except ImportError:
+        return None
+    return decode_launch
+
+
 def kernel_paths(device=None) -> dict:
     """Which CuTe kernel family serves ``device`` (default: the current CUDA device).
 
-    Returns ``{"route": "sm90" | "sm80" | None, "attention": ..., "attention_backward": ...}``:
+    Returns ``{"route": "sm90" | "sm80" | None, "attention": ..., "attention_backward": ...,
+    "decode": ...}`` (``decode``: the decode-step kernels of calls with at most
+    ``configs/decode.py: MAX_QUERIES`` queries per sequence and no gradient, CUDA-core code
+    built for the device's family):
     the instruction family of the kernels that run (``"sm80"``: mma.sync/cp.async code, which
     also runs on Hopper; ``"sm90"``: Hopper-only wgmma/TMA code); None where no kernel serves
     that device (or no CUDA device is present). A configuration the device's family does not
@@ -373,7 +394,7 @@ def kernel_paths(device=None) -> dict:
     """
     if device is None:
         if not torch.cuda.is_available():
-            return {"route": None, "attention": None, "attention_backward": None}
+            return {"route": None, "attention": None, "attention_backward": None, "decode": None}
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device)
     arch = _arch(device)
@@ -388,6 +409,7 @@ def kernel_paths(device=None) -> dict:
         # device runs its own family if present, else the sm80 code
         families = getattr(mod, attr, ("sm80",))
         out[key] = arch if arch in families else ("sm80" if "sm80" in families else None)
+    out["decode"] = arch if (arch is not None and _decode_kernel_module() is not None) else None
     return out
 
 
@@ -427,6 +449,17 @@ def _use_kernel(what: str, module, backend: str, device, reason_fn, config=None)
         raise UnsupportedError(f"backend='cute': {reason}")
     _warn_once(f"moba_cute: using the PyTorch reference for {what}: {reason}")
     return False
+
+
+def _uses_decode(q, k, v, H, D, max_q, max_k, chunk_size, topk, backend) -> bool:
+    """Whether a call runs the decode-step kernels (few queries per sequence, no gradient: see
+    configs/decode.py); otherwise the general path (or the reference) decides as usual."""
+    if not _decode or backend == "reference" or q.device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    if _needs_grad(q, k, v) or _arch(q.device) is None:
+        return False
+    mod = _decode_kernel_module()
+    return mod is not None and mod.decode_unsupported_reason(q.dtype, D, H, chunk_size, topk, max_q, max_k) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,6 +595,12 @@ def varlen_attention(
     _check_scalars(chunk_size, topk, causal, softmax_scale, backend, return_lse=return_lse,
                    deterministic=deterministic)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if _uses_decode(q, k, v, q.shape[1], q.shape[2], max_seqlen_q, max_seqlen_k, chunk_size, topk, backend):
+        from .kernels.decode_launch import decode_cute
+
+        out, lse = decode_cute(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                               int(chunk_size), int(topk), causal, softmax_scale, False)
+        return (out, lse) if return_lse else out
     use_kernel = _attention_uses_kernel(q, k, v, int(chunk_size), int(topk), causal, cu_seqlens_q.shape[0] - 1,
                                         backend)
     r = _route(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk,
@@ -616,10 +655,16 @@ def attention(
         raise ValueError(f"q must hold at least one sequence (batch >= 1), got batch {b}")
     cu_q = _padded_cu_seqlens(b, sq, q.device)
     cu_k = _padded_cu_seqlens(b, sk, q.device)
-    res = varlen_attention(
-        q.reshape(b * sq, h, d), k.reshape(b * sk, hk, d), v.reshape(b * sk, hk, d), cu_q, cu_k, sq, sk,
-        chunk_size, topk, causal, softmax_scale, True, deterministic, backend,
-    )
+    if _uses_decode(q, k, v, h, d, sq, sk, chunk_size, topk, backend):
+        # (strided q/k/v read in place, e.g. transformers' (B, Hk, S, D) cache transposed)
+        from .kernels.decode_launch import decode_cute
+
+        res = decode_cute(q, k, v, cu_q, cu_k, sq, sk, int(chunk_size), int(topk), causal, softmax_scale, True)
+    else:
+        res = varlen_attention(
+            q.reshape(b * sq, h, d), k.reshape(b * sk, hk, d), v.reshape(b * sk, hk, d), cu_q, cu_k, sq, sk,
+            chunk_size, topk, causal, softmax_scale, True, deterministic, backend,
+        )
     out = res[0].view(b, sq, h, d)
     if not return_lse:
         return out

@@ -127,7 +127,8 @@ def test_reference_backend_is_explicitly_selectable():
     out_auto = call()
     out_ref = call(backend="reference")
     assert torch.equal(out_auto, out_ref)
-    assert moba_cute.kernel_paths("cpu") == {"route": None, "attention": None, "attention_backward": None}
+    assert moba_cute.kernel_paths("cpu") == {"route": None, "attention": None, "attention_backward": None,
+                                             "decode": None}
 
 
 def test_nothing_is_computed_before_validation(monkeypatch):

@@ -18,7 +18,10 @@ padding: the valid tokens are packed, no padded token is computed); packed batch
 with flash-attention's ``cu_seq_lens_q/k`` keyword arguments or with ``position_ids`` that
 restart at 0 (batch 1, no mask); decode steps against a KV cache (the ``Sq`` new queries are
 the last ``Sq`` positions of the keys: SPEC's bottom-right alignment, so a step computes what
-the full forward computes for those positions). GQA is passed through (no K/V repeat). A
+the full forward computes for those positions). GQA is passed through (no K/V repeat). Plain
+batches go to the padded :func:`moba_cute.attention` as ``(B, S, heads, D)`` views of
+transformers' ``(B, heads, S, D)`` tensors: a decode step (few queries, no gradient) runs the
+decode kernels on the KV cache in place, without a copy. A
 dense layer is MoBA with one chunk covering the whole sequence and ``topk = 1``. Attention
 dropout is not supported (a clear error when training with it).
 """
@@ -63,12 +66,17 @@ def layer_settings(config, layer_idx: int):
     return chunk, topk
 
 
-def _attend(q, k, v, cu_q, cu_k, max_q, max_k, settings, scaling):
-    """varlen MoBA; ``settings`` None: dense causal (one chunk over the longest sequence)."""
+def _chunk_topk(settings, max_k):
+    """(chunk_size, topk) of a layer; ``settings`` None: dense causal (one chunk over the longest
+    sequence)."""
     if settings is None:
-        chunk, topk = max(16, -(-max(max_k, 1) // 16) * 16), 1
-    else:
-        chunk, topk = settings
+        return max(16, -(-max(max_k, 1) // 16) * 16), 1
+    return settings
+
+
+def _attend(q, k, v, cu_q, cu_k, max_q, max_k, settings, scaling):
+    """varlen MoBA (see :func:`_chunk_topk`)."""
+    chunk, topk = _chunk_topk(settings, max_k)
     return interface.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, chunk, topk, causal=True,
                                       softmax_scale=scaling)
 
@@ -169,11 +177,11 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
                           settings, scale)
             return out.view(B, Sq, H, D), None
 
-    dev = query.device
-    ar = torch.arange(B + 1, device=dev, dtype=torch.int32)
-    out = _attend(q.reshape(B * Sq, H, D), k.reshape(B * Sk, Hk, D), v.reshape(B * Sk, Hk, D), ar * Sq, ar * Sk,
-                  Sq, Sk, settings, scale)
-    return out.view(B, Sq, H, D), None
+    # a plain batch: the padded API on the (B, S, heads, D) views of transformers' tensors (the
+    # decode kernels read those strides in place; the general path packs them)
+    chunk, topk = _chunk_topk(settings, Sk)
+    out = interface.attention(q, k, v, chunk, topk, causal=True, softmax_scale=scale)
+    return out, None
 
 
 def register() -> None:

@@ -1,0 +1,26 @@
+"""Limits and launch shape of the decode-step kernels (:mod:`moba_cute.kernels.decode`), the same
+on sm80 and sm90 (CUDA-core code: a decode step is bound by memory and latency, not by MMA).
+
+A call takes the decode path when it needs no gradient, has at most ``MAX_QUERIES`` queries
+per sequence, ``1 <= topk <= MAX_TOPK``, at most ``MAX_CHUNKS`` chunks per sequence (the attend
+kernel holds one row's chunk scores in shared memory: 32 KB), a head dim in
+``SUPPORTED_HEAD_DIMS`` and ``max_seqlen_q * num_heads <= MAX_GRID_Y``; else the general path.
+"""
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+MAX_QUERIES = 16
+MAX_TOPK = 64
+MAX_CHUNKS = 8192
+MAX_GRID_Y = 65535
+
+SCORE_THREADS = 128  # centroid + score kernel: one CTA per (sequence, chunk, KV head)
+SCORE_UNROLL = 4  # key rows per thread in flight in the centroid sum
+ATTEND_WARPS = 8  # attend kernel: one CTA per (sequence, row x head, key split)
+#: launch bound of the attend kernel (ptxas otherwise caps it at 64 registers and spills)
+ATTEND_MIN_CTAS = 2
+KEYS_PER_PIECE = 32  # keys per warp step (one per lane in QK^T)
+MERGE_THREADS = 128
+MAX_SPLITS = 64
+#: CTAs the split heuristic aims for, per SM (two waves), and the fewest pieces per warp
+WAVES = 2
+MIN_PIECES_PER_WARP = 2

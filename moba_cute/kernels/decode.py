@@ -1,0 +1,451 @@
+"""Decode-step MoBA forward (CuTe DSL): a few new queries per sequence against a long KV cache.
+
+The general path (routing into a key-major index, then segment kernels) scales its index work
+with the number of (chunk, head) segments, not with the rows: at one query per sequence its
+seven routing launches and index passes cost more than dense attention over the whole cache.
+Here two kernels do the whole step, reading K once and only the selected chunks of V:
+
+* :class:`DecodeScoresKernel`, one CTA per (chunk, KV head, sequence): the chunk's centroid (fp32
+  sum of its real keys in a fixed order, divided by its length: SPEC section 1.2) and its exact
+  fp32 score with every query row of the sequence for the query heads of that KV head, written to
+  ``scores[b, i, h, j]``. Cost: all of K once (the floor when centroids are not cached) plus
+  ``4 * rows * heads * chunks`` bytes.
+* :class:`DecodeAttendKernel`, one CTA per (query row, head, sequence): the selection (own chunk
+  forced when causal; the best ``topk - 1`` past chunks by repeated arg-max over the scores in
+  shared memory, NaN ranked as +inf, ties to the larger chunk: the reference's rule), then
+  attention over the selected keys, split over the CTA's warps in 32-key pieces (each warp keeps
+  an online softmax), merged in a fixed warp order (bitwise deterministic). Cost: the selected
+  chunks' K and V once per (row, head).
+
+Query, key and value are read in place through (batch, token, head) strides: the packed varlen
+layout (``padded=False``: token ``cu_seqlens[b] + t``) and the padded one (``padded=True``:
+``b * batch_stride + t * token_stride``), which covers transformers' ``(B, Hk, S, D)`` cache seen
+as ``(B, S, Hk, D)`` without a copy. Output ``(total_q, H, D)`` and LSE ``(H, total_q)`` as the
+other forward kernels write them (row ``cu_seqlens_q[b] + i``).
+
+Compile keys: ("decode_scores", dtype, D, padded) and ("decode_attend", dtype, D, padded, causal).
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+from cutlass import Float32, Int32, Int64
+
+from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_WARPS, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK, MERGE_THREADS, SCORE_THREADS,
+                              SCORE_UNROLL)
+from .centroids import clamp_seq
+
+ATTEND_THREADS = 32 * ATTEND_WARPS
+LN2 = 0.6931471805599453
+
+
+def _g(ptr):
+    return cute.make_tensor(ptr, cute.make_layout(1 << 30))
+
+
+@cute.jit
+def _warp_sum(x: Float32):
+    for i in cutlass.range_constexpr(5):
+        x = x + cute.arch.shuffle_sync_bfly(x, offset=16 >> i)
+    return x
+
+
+@cute.jit
+def _warp_max(x: Float32):
+    for i in cutlass.range_constexpr(5):
+        x = cute.arch.fmax(x, cute.arch.shuffle_sync_bfly(x, offset=16 >> i))
+    return x
+
+
+@cute.jit
+def _better(v: Float32, j: Int32, bv: Float32, bj: Int32):
+    """Whether chunk ``j`` with score ``v`` ranks before chunk ``bj`` with ``bv`` (ties: larger
+    index; ``bj == -1``: nothing yet)."""
+    return (bj < 0) | (v > bv) | ((v == bv) & (j > bj))
+
+
+@cute.jit
+def _warp_argmax(v: Float32, j: Int32):
+    for i in cutlass.range_constexpr(5):
+        ov = cute.arch.shuffle_sync_bfly(v, offset=16 >> i)
+        oj = cute.arch.shuffle_sync_bfly(j, offset=16 >> i)
+        if (oj >= 0) & _better(ov, oj, v, j):
+            v = ov
+            j = oj
+    return v, j
+
+
+class DecodeScoresKernel:
+    """Chunk centroids and their scores with the sequence's query rows (see the module doc).
+    Grid (B, chunk bound, Hk); rows of the sequence past ``max_q`` are not scored."""
+
+    def __init__(self, dtype, head_dim: int, padded: bool):
+        assert head_dim % 32 == 0 and head_dim <= 256
+        self.dtype = dtype
+        self.D = head_dim
+        self.padded = padded
+        self.CV = head_dim // 8  # threads per key row (16-byte pieces)
+        self.R = SCORE_THREADS // self.CV  # key rows summed side by side
+        self.VEC = head_dim // 32  # query elements per lane in the dot products
+
+    @cute.jit
+    def __call__(self, q: cute.Pointer, k: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+                 scores: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
+                 k_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32, max_q: Int32,
+                 chunk: Int32, nchunks: Int32, stream: cuda.CUstream):
+        self.kernel(q, k, cu_q, cu_k, scores, q_sb, q_st, q_sh, k_sb, k_st, k_sh, H, Hk, total_q, total_k, max_q,
+                    chunk, nchunks).launch(grid=(B, nchunks, Hk), block=(SCORE_THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, q: cute.Pointer, k: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, scores: cute.Pointer,
+               q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64, H: Int32, Hk: Int32,
+               total_q: Int32, total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        b, j, hk = cute.arch.block_idx()
+        D = self.D
+        CV = self.CV
+        R = self.R
+        VEC = self.VEC
+        smem = cutlass.utils.SmemAllocator()
+        sred = smem.allocate_tensor(Float32, cute.make_layout(R * D), 16)
+        scent = smem.allocate_tensor(Float32, cute.make_layout(D), 16)
+
+        qs, qe = clamp_seq(cu_q, b, total_q)
+        ks, ke = clamp_seq(cu_k, b, total_k)
+        nq = cutlass.min(qe - qs, max_q)
+        kst = Int64(j) * Int64(chunk)
+        length = Int32(cutlass.max(cutlass.min(Int64(ke - ks) - kst, Int64(chunk)), Int64(0)))
+        if (length > 0) & (nq > 0):
+            kbase = Int64(ks)
+            qbase = Int64(qs)
+            if cutlass.const_expr(self.padded):
+                kbase = Int64(0)
+                qbase = Int64(0)
+            # fp32 sum of the chunk's keys: CV threads per key row, R rows side by side
+            ty = tid // CV
+            cv = tid - ty * CV
+            acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+            acc.fill(0.0)
+            # (strides and offsets are whole 16-byte pieces: the host checks the strides)
+            base = k + cute.assume(Int64(b) * k_sb + (kbase + kst) * k_st + Int64(hk) * k_sh + Int64(cv * 8),
+                                   divby=8)
+            for t in cutlass.range(ty, length, R, unroll=SCORE_UNROLL):
+                src = cute.make_tensor(base + cute.assume(Int64(t) * k_st, divby=8), cute.make_layout(8))
+                acc.store(acc.load() + src.load().to(Float32))
+            for e in cutlass.range_constexpr(8):
+                sred[ty * D + cv * 8 + e] = acc[e]
+            cute.arch.sync_threads()
+            for d in cutlass.range(tid, D, SCORE_THREADS):
+                s = Float32(0.0)
+                for r in cutlass.range_constexpr(R):
+                    s = s + sred[r * D + d]
+                scent[d] = s / Float32(length)
+            cute.arch.sync_threads()
+            # one warp per (query row, query head of this KV head): exact fp32 dot products
+            lane = tid % 32
+            warp = tid // 32
+            G = H // Hk
+            cen = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
+            for e in cutlass.range_constexpr(VEC):
+                cen[e] = scent[lane * VEC + e]
+            for r in cutlass.range(warp, nq * G, SCORE_THREADS // 32, unroll=1):
+                i = r // G
+                h = hk * G + (r - i * G)
+                qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
+                qv = cute.make_tensor((qp + Int64(lane * VEC)).align(VEC * 2), cute.make_layout(VEC)).load().to(Float32)
+                part = Float32(0.0)
+                for e in cutlass.range_constexpr(VEC):
+                    part = part + qv[e] * cen[e]
+                tot = _warp_sum(part)
+                if lane == 0:
+                    _g(scores)[((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
+                               + Int64(j)] = tot
+
+
+
+@cute.jit
+def merge_states(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D: cutlass.Constexpr, tid: Int32,
+                 nthreads: cutlass.Constexpr, out: cute.Pointer, lse: cute.Pointer, row: Int64, h: Int32, H: Int32,
+                 total_q: Int32, dtype: cutlass.Constexpr):
+    """Merge ``n`` online-softmax states (log2-domain max ``tm[s]``, sum ``tl[s]``, unnormalized
+    ``tacc[s * D + d]``) in order ``s = 0 .. n-1`` and write the row's output and LSE (a state
+    with nothing attended has ``tm = -inf``, ``tl = 0``; an empty row gets 0 and -inf, a NaN
+    sum propagates)."""
+    M = -Float32.inf
+    for s in cutlass.range(n, unroll=1):
+        M = cute.arch.fmax(M, tm[s])
+    M_use = cutlass.select_(M == -Float32.inf, Float32(0.0), M)
+    L = Float32(0.0)
+    for s in cutlass.range(n, unroll=1):
+        L = L + tl[s] * cute.math.exp2(tm[s] - M_use, fastmath=True)
+    live = (L > Float32(0.0)) | (L != L)
+    inv = Float32(0.0)
+    if live:
+        inv = cute.arch.rcp_approx(L)
+    for d in cutlass.range(tid, D, nthreads, unroll=1):
+        o = Float32(0.0)
+        for s in cutlass.range(n, unroll=1):
+            o = o + tacc[s * D + d] * cute.math.exp2(tm[s] - M_use, fastmath=True)
+        _g(out)[(row * Int64(H) + Int64(h)) * Int64(D) + Int64(d)] = (o * inv).to(dtype)
+    if tid == 0:
+        val = -Float32.inf
+        if live:
+            val = (M_use + cute.math.log2(L, fastmath=False)) * LN2
+        _g(lse)[Int64(h) * Int64(total_q) + row] = val
+
+
+class DecodeAttendKernel:
+    """Selection and attention of one (sequence, query row x head, key split) per CTA (see the
+    module doc). Grid (B, max_q * H, splits). The selected chunks' 32-key pieces are numbered
+    slot by slot; split ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to
+    its warps. One split: the CTA writes ``out``/``lse``; several: its merged state goes to
+    ``part_ml`` (max, sum) / ``part_acc`` (unnormalized output) for :class:`DecodeMergeKernel`.
+    Every split recomputes the selection (a few microseconds, the scores are in L2)."""
+
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool):
+        assert head_dim % 32 == 0 and head_dim <= 256
+        self.dtype = dtype
+        self.D = head_dim
+        self.padded = padded
+        self.causal = causal
+        self.VEC = head_dim // 32  # output elements per lane
+        self.PIECES = head_dim // 8  # 16-byte pieces of a key row
+
+    @cute.jit
+    def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+                 scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
+                 part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
+                 k_sh: Int64, v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
+                 total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+                 scale_log2: Float32, stream: cuda.CUstream):
+        self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
+                    v_sb, v_st, v_sh, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
+                    scale_log2).launch(grid=(B, max_q * H, splits), block=(ATTEND_THREADS, 1, 1), stream=stream,
+                                       min_blocks_per_mp=ATTEND_MIN_CTAS, preferred_smem_carveout=100)
+
+    @cute.jit
+    def select(self, scores: cute.Pointer, srow: Int64, ncand: Int32, take: Int32, first: Int32, ssc: cute.Tensor,
+               sarg: cute.Tensor, ssel: cute.Tensor, tid: Int32):
+        """The ``take`` best of chunks ``[0, ncand)`` into ``ssel[first:]`` (all of them when
+        ``take == ncand``). Contains barriers; the caller syncs before reading ``ssel``."""
+        lane = tid % 32
+        warp = tid // 32
+        if take >= ncand:
+            for c in cutlass.range(tid, ncand, ATTEND_THREADS, unroll=1):
+                ssel[first + c] = c
+        else:
+            gs = _g(scores)
+            for c in cutlass.range(tid, ncand, ATTEND_THREADS, unroll=1):
+                x = gs[srow + Int64(c)]
+                ssc[c] = cutlass.select_(x != x, Float32.inf, x)  # NaN ranks as +inf
+            # a thread only reads the entries c == tid (mod threads), which it loaded and marks
+            # taken itself, so one barrier per round (for the warp results) suffices
+            for rnd in cutlass.range(take, unroll=1):
+                bv = -Float32.inf
+                bj = Int32(-1)
+                for c in cutlass.range(tid, ncand, ATTEND_THREADS, unroll=1):
+                    x = ssc[c]
+                    if (x == x) & _better(x, c, bv, bj):
+                        bv = x
+                        bj = c
+                bv, bj = _warp_argmax(bv, bj)
+                par = (rnd % 2) * ATTEND_WARPS
+                if lane == 0:
+                    sarg[2 * (par + warp)] = bv
+                    sarg[2 * (par + warp) + 1] = Float32(bj)  # (exact: chunk ids < 2^24)
+                cute.arch.sync_threads()
+                wv = -Float32.inf
+                wj = Int32(-1)
+                for w in cutlass.range_constexpr(ATTEND_WARPS):
+                    ov = sarg[2 * (par + w)]
+                    oj = Int32(sarg[2 * (par + w) + 1])
+                    if (oj >= 0) & _better(ov, oj, wv, wj):
+                        wv = ov
+                        wj = oj
+                if wj >= 0:
+                    if wj % ATTEND_THREADS == tid:
+                        ssc[wj] = Float32.nan  # taken
+                if tid == 0:
+                    ssel[first + rnd] = wj
+
+    @cute.jit
+    def attend_piece(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
+                     t0: Int32, nkeys: Int32, sq: cute.Tensor, lane: Int32, m: Float32, lsum: Float32,
+                     acc: cute.Tensor):
+        """Online softmax of one warp over keys ``t0 .. t0 + nkeys - 1`` (``1 <= nkeys <= 32``):
+        lane ``t`` computes key ``t0 + t``'s score, then every lane accumulates its ``D / 32``
+        output elements. ``krow0`` / ``vrow0``: element offsets of key 0 of this KV head."""
+        t = t0 + cutlass.min(lane, nkeys - 1)  # (lanes past the end re-read the last key)
+        kp = k + cute.assume(krow0 + Int64(t) * k_st, divby=8)
+        kr = cute.make_rmem_tensor(cute.make_layout((8, self.PIECES)), self.dtype)
+        for c in cutlass.range_constexpr(self.PIECES):
+            kr[None, c].store(cute.make_tensor(kp + c * 8, cute.make_layout(8)).load())
+        s = Float32(0.0)
+        kf = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+        for c in cutlass.range_constexpr(self.PIECES):
+            kf.store(kr[None, c].load().to(Float32))
+            for e in cutlass.range_constexpr(8):
+                s = s + sq[c * 8 + e] * kf[e]
+        if lane >= nkeys:
+            s = -Float32.inf
+        m_new = cute.arch.fmax(m, _warp_max(s))
+        m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
+        corr = cute.math.exp2(m - m_use, fastmath=True)
+        p = cute.math.exp2(s - m_use, fastmath=True)
+        lsum = lsum * corr + p
+        a = acc.load() * corr
+        for kk in cutlass.range(nkeys, unroll=8):
+            pk = cute.arch.shuffle_sync(p, kk)
+            vp = v + cute.assume(vrow0 + Int64(t0 + kk) * v_st, divby=8)
+            vv = cute.make_tensor((vp + lane * self.VEC).align(self.VEC * 2), cute.make_layout(self.VEC)).load().to(
+                Float32)
+            a = a + pk * vv
+        acc.store(a)
+        return m_new, lsum
+
+    @cute.kernel
+    def kernel(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+               scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
+               part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
+               v_sb: Int64, v_st: Int64, v_sh: Int64, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32,
+               max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+               scale_log2: Float32):
+        tid, _, _ = cute.arch.thread_idx()
+        b, ih, sp = cute.arch.block_idx()
+        D = self.D
+        VEC = self.VEC
+        NW = ATTEND_WARPS
+        lane = tid % 32
+        warp = tid // 32
+        smem = cutlass.utils.SmemAllocator()
+        ssc = smem.allocate_tensor(Float32, cute.make_layout(MAX_CHUNKS), 16)
+        sarg = smem.allocate_tensor(Float32, cute.make_layout(4 * NW), 16)
+        ssel = smem.allocate_tensor(Int32, cute.make_layout(MAX_TOPK), 16)
+        sq = smem.allocate_tensor(Float32, cute.make_layout(D), 16)
+        sm = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)
+        sl = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)
+        sacc = smem.allocate_tensor(Float32, cute.make_layout(NW * D), 16)
+
+        i = ih // H
+        h = ih - i * H
+        qs, qe = clamp_seq(cu_q, b, total_q)
+        ks, ke = clamp_seq(cu_k, b, total_k)
+        nq = cutlass.min(qe - qs, max_q)
+        if i < nq:
+            lk = ke - ks
+            hk = h // (H // Hk)
+            kbase = Int64(ks)
+            qbase = Int64(qs)
+            if cutlass.const_expr(self.padded):
+                kbase = Int64(0)
+                qbase = Int64(0)
+            nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
+            # selection: slots [0, first + take); causal: slot 0 is the own chunk
+            p = i + lk - (qe - qs)  # the query's key position (bottom-right aligned)
+            first = Int32(0)
+            ncand = nch
+            take = cutlass.min(topk, nch)
+            if cutlass.const_expr(self.causal):
+                first = Int32(1)
+                ncand = cutlass.min(cutlass.max(p, Int32(0)) // chunk, nch)
+                take = cutlass.min(topk - 1, ncand)
+                if p < 0:
+                    first = Int32(0)
+                    ncand = Int32(0)
+                    take = Int32(0)
+                elif tid == 0:
+                    ssel[0] = p // chunk
+            nslots = first + take
+            srow = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
+            self.select(scores, srow, ncand, take, first, ssc, sarg, ssel, tid)
+            # the query row, scaled into the log2 domain
+            qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
+            for d in cutlass.range(tid, D, ATTEND_THREADS, unroll=1):
+                sq[d] = _g(qp)[d].to(Float32) * scale_log2
+            cute.arch.sync_threads()
+
+            # this split's 32-key pieces of the selected chunks, round-robin over the warps
+            krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
+            vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
+            per = (chunk + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE
+            lo = sp * pps
+            hi = cutlass.min(lo + pps, nslots * per)
+            m = -Float32.inf
+            lsum = Float32(0.0)
+            acc = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
+            acc.fill(0.0)
+            for it in cutlass.range(lo + warp, hi, NW, unroll=1):
+                s = it // per
+                c0 = ssel[s] * chunk
+                t0 = c0 + (it - s * per) * KEYS_PER_PIECE
+                end = cutlass.min(c0 + chunk, lk)
+                if cutlass.const_expr(self.causal):
+                    end = cutlass.min(end, p + 1)
+                nkeys = cutlass.min(end - t0, Int32(KEYS_PER_PIECE))
+                if nkeys > 0:
+                    m, lsum = self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
+
+            lsum = _warp_sum(lsum)
+            if lane == 0:
+                sm[warp] = m
+                sl[warp] = lsum
+            for e in cutlass.range_constexpr(VEC):
+                sacc[warp * D + lane * VEC + e] = acc[e]
+            cute.arch.sync_threads()
+            row = Int64(qs) + Int64(i)
+            if splits == 1:
+                merge_states(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h, H, total_q,
+                             self.dtype)
+            else:
+                # this split's state, merged over its warps in warp order (max, sum, output)
+                M = -Float32.inf
+                for w in cutlass.range_constexpr(NW):
+                    M = cute.arch.fmax(M, sm[w])
+                M_use = cutlass.select_(M == -Float32.inf, Float32(0.0), M)
+                pidx = (row * Int64(H) + Int64(h)) * Int64(splits) + Int64(sp)
+                for d in cutlass.range(tid, D, ATTEND_THREADS, unroll=1):
+                    o = Float32(0.0)
+                    for w in cutlass.range_constexpr(NW):
+                        o = o + sacc[w * D + d] * cute.math.exp2(sm[w] - M_use, fastmath=True)
+                    _g(part_acc)[pidx * Int64(D) + Int64(d)] = o
+                if tid == 0:
+                    L = Float32(0.0)
+                    for w in cutlass.range_constexpr(NW):
+                        L = L + sl[w] * cute.math.exp2(sm[w] - M_use, fastmath=True)
+                    _g(part_ml)[pidx * Int64(2)] = M
+                    _g(part_ml)[pidx * Int64(2) + Int64(1)] = L
+
+
+class DecodeMergeKernel:
+    """The splits' states of every (row, head) merged in split order into ``out``/``lse``.
+    Grid (B, max_q * H), one CTA of ``MERGE_THREADS``."""
+
+    def __init__(self, dtype, head_dim: int):
+        self.dtype = dtype
+        self.D = head_dim
+
+    @cute.jit
+    def __call__(self, cu_q: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer, out: cute.Pointer,
+                 lse: cute.Pointer, B: Int32, H: Int32, total_q: Int32, max_q: Int32, splits: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(cu_q, part_ml, part_acc, out, lse, H, total_q, max_q, splits).launch(
+            grid=(B, max_q * H, 1), block=(MERGE_THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, cu_q: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer, out: cute.Pointer,
+               lse: cute.Pointer, H: Int32, total_q: Int32, max_q: Int32, splits: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        b, ih, _ = cute.arch.block_idx()
+        i = ih // H
+        h = ih - i * H
+        qs, qe = clamp_seq(cu_q, b, total_q)
+        if i < cutlass.min(qe - qs, max_q):
+            row = Int64(qs) + Int64(i)
+            base = (row * Int64(H) + Int64(h)) * Int64(splits)
+            tm = cute.make_tensor(part_ml + base * Int64(2), cute.make_layout(1 << 20, stride=2))
+            tl = cute.make_tensor(part_ml + base * Int64(2) + Int64(1), cute.make_layout(1 << 20, stride=2))
+            tacc = _g(part_acc + base * Int64(self.D))
+            merge_states(tm, tl, tacc, splits, self.D, tid, MERGE_THREADS, out, lse, row, h, H, total_q,
+                         self.dtype)

@@ -1,0 +1,63 @@
+"""CPU/CI: every configuration of the decode-step kernels (kernels/decode.py: scores, attend,
+merge; dtype x head dim x varlen/padded x causal) compiles for sm_80 and sm_90a with 16-byte
+vector loads of K and no spills; the decode path's limits (configs/decode.py)."""
+
+import pytest
+
+pytest.importorskip("cutlass")
+
+import torch  # noqa: E402
+
+from moba_cute.configs import decode as cfg  # noqa: E402
+from moba_cute.kernels import common, decode_launch  # noqa: E402
+
+
+def _specs():
+    seen = {}
+    for dtype in ("bfloat16", "float16"):
+        for D in cfg.SUPPORTED_HEAD_DIMS:
+            for padded in (False, True):
+                for causal in (True, False):
+                    for key, fac, fake in decode_launch.kernel_specs(dtype, D, padded, causal).values():
+                        seen.setdefault(key, (fac, fake))
+    return sorted(seen.items(), key=lambda kv: str(kv[0]))
+
+
+CASES = [pytest.param(key, spec, arch, id=f"{key}-{arch}") for key, spec in _specs() for arch in ("sm_80", "sm_90a")]
+
+
+@pytest.mark.parametrize("key,spec,arch", CASES)
+def test_decode_kernels_compile_without_spills(key, spec, arch):
+    fac, fake = spec
+    rep = common.compile_for_arch(fac(), fake, arch)
+    assert "Used" in rep.ptxas, "no ptxas report"
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, rep.ptxas[-600:]
+    assert rep.stack_frame == 0, rep.ptxas[-600:]
+    if key[0] in ("decode_scores", "decode_attend"):
+        assert "ld.global.v4" in rep.ptx  # K rows in 16-byte pieces
+
+
+def test_decode_limits():
+    r = decode_launch.decode_unsupported_reason
+    assert r(torch.bfloat16, 128, 32, 128, 8, 1, 131072) is None
+    assert r(torch.float16, 64, 8, 4096, 64, 16, 1 << 20) is None
+    assert "float16" in r(torch.float32, 128, 32, 128, 8, 1, 1000)
+    assert "head dims" in r(torch.bfloat16, 96, 32, 128, 8, 1, 1000)
+    assert "topk" in r(torch.bfloat16, 128, 32, 128, 65, 1, 1000)
+    assert "queries" in r(torch.bfloat16, 128, 32, 128, 8, cfg.MAX_QUERIES + 1, 1000)
+    assert "chunks" in r(torch.bfloat16, 128, 32, 16, 8, 1, 16 * cfg.MAX_CHUNKS + 1)
+    assert "num_heads" in r(torch.bfloat16, 128, 8192, 128, 8, 16, 1000)
+
+
+def test_decode_splits():
+    """Key splits fill two waves of the GPU with a few 32-key pieces per warp, from the shape key
+    alone (not the cache length, which grows every step)."""
+    def plan(B, H, C, K):
+        return decode_launch.DecodePlan(("bfloat16", B, 1, H, 8, 128, C, K, True, False, 132), "sm_90a")
+
+    p = plan(1, 32, 128, 8)  # 32 pieces per row: two splits of 16
+    assert (p.splits, p.pps) == (2, 16) and p.part_words == 2 * 130
+    p = plan(1, 32, 4096, 12)  # 1536 pieces: nine splits (288 CTAs)
+    assert (p.splits, p.pps) == (9, 171)
+    p = plan(64, 32, 128, 8)  # 2048 (row, head) pairs fill the GPU: one split, no merge
+    assert (p.splits, p.part_words) == (1, 0)

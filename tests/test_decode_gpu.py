@@ -1,0 +1,161 @@
+"""GPU: the decode-step kernels (kernels/decode.py) through the public API -- few queries per
+sequence against longer caches, varlen and padded (strided, transformers' cache layout read in
+place) -- against the fp32 reference (SPEC section 3 bound), bitwise deterministic, equal to the
+general path up to rounding, and inside a CUDA graph."""
+
+import random
+
+import pytest
+import torch
+
+import moba_cute
+from moba_cute import interface, reference
+from helpers import make_batch
+from test_attention_gpu import _lse_err
+
+pytestmark = pytest.mark.gpu
+
+_rng = random.Random(5)
+_MANY_K = [_rng.randint(1, 3000) for _ in range(40)]
+
+CASES = [
+    # lens_q, lens_k, H, Hk, C, K, causal
+    ([1], [4097], 8, 2, 128, 8, True),
+    ([1, 1, 1, 1], [1, 17, 113, 1000], 4, 4, 64, 4, True),  # odd lengths
+    ([3, 16], [113, 5000], 8, 1, 48, 5, True),  # several queries, GQA 8, uneven chunks
+    ([4, 2], [2, 300], 4, 2, 16, 64, True),  # Sq > Sk: empty rows; topk above the chunk count
+    ([1] * 40, _MANY_K, 8, 2, 32, 3, True),  # many sequences
+    ([2, 1], [700, 129], 4, 2, 128, 1, True),  # own chunk only
+    ([5, 1], [900, 40], 4, 4, 64, 3, False),  # non-causal
+    ([1, 3], [0, 70], 2, 1, 16, 2, False),  # non-causal, a sequence without keys
+    ([1, 1], [20000, 9000], 16, 4, 4096, 3, True),  # large chunks: key splits + merge
+    ([1], [3000], 4, 4, 3008, 1, True),  # one chunk over the whole cache (a dense layer)
+    ([16], [16], 4, 2, 16, 2, True),  # a short prefill (Sq = Sk) also takes the path
+]
+
+
+def _plans():
+    from moba_cute.kernels import decode_launch
+
+    return decode_launch.DECODE_PLANS
+
+
+def _reference(q, k, v, cq, ck, mq, mk, C, K, causal, scale, dtype):
+    r = reference.route(q, k, cq, ck, mq, mk, C, K, causal)
+    o32, l32 = reference.attention(q, k, v, r, softmax_scale=scale)
+    olp, llp = reference.attention(q, k, v, r, softmax_scale=scale, compute_dtype=dtype)
+    return o32, l32, olp, llp
+
+
+def _compare(o, l, ref):
+    o32, l32, olp, llp = ref
+    assert not torch.isnan(o).any() and not torch.isnan(l).any()
+    err = (o.double() - o32.double()).abs().max().item()
+    ref_err = (olp.double() - o32.double()).abs().max().item()
+    assert err <= 2 * ref_err + 1e-5, f"out err {err} > 2 * {ref_err} + 1e-5"
+    lerr = _lse_err(l, l32)
+    lref = _lse_err(llp.float(), l32)
+    assert lerr <= 2 * lref + 1e-5, f"lse err {lerr} > 2 * {lref} + 1e-5"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_decode_varlen(case, D, dtype):
+    lq, lk, H, Hk, C, K, causal = CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=dtype, device="cuda", seed=300 + case)
+    mq, mk = max(lq), max(lk)
+    plans = _plans()
+    before = plans.hits + plans.misses
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, C, K, causal, return_lse=True, backend="cute")
+    assert plans.hits + plans.misses == before + 1, "the call did not take the decode path"
+    _compare(o, l, _reference(q, k, v, cq, ck, mq, mk, C, K, causal, None, dtype))
+    o2, l2 = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, C, K, causal, return_lse=True, backend="cute")
+    assert torch.equal(o, o2) and torch.equal(l, l2), "not bitwise deterministic"
+
+
+@pytest.mark.parametrize("D", [32, 256])
+def test_decode_other_head_dims(D):
+    lq, lk = [1, 2], [1500, 333]
+    q, k, v, cq, ck = make_batch(lq, lk, 4, 2, D, dtype=torch.bfloat16, device="cuda", seed=7)
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 2, 1500, 64, 4, return_lse=True, softmax_scale=0.2,
+                                      backend="cute")
+    _compare(o, l, _reference(q, k, v, cq, ck, 2, 1500, 64, 4, True, 0.2, torch.bfloat16))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_decode_padded_cache_layout_in_place(n):
+    """transformers' cache (B, Hk, S, D) and query (B, H, n, D), transposed views: read in place."""
+    B, H, Hk, D, S, C, K = 3, 8, 2, 128, 2500, 128, 4
+    g = torch.Generator(device="cuda").manual_seed(11)
+    kc = torch.randn(B, Hk, S, D, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn(B, Hk, S, D, device="cuda", generator=g).to(torch.bfloat16)
+    qh = torch.randn(B, H, n, D, device="cuda", generator=g).to(torch.bfloat16)
+    q4, k4, v4 = (t.transpose(1, 2) for t in (qh, kc, vc))
+    assert not k4.is_contiguous()
+    out, lse = moba_cute.attention(q4, k4, v4, C, K, return_lse=True, backend="cute")
+    assert out.shape == (B, n, H, D) and lse.shape == (B, H, n)
+    qv, kv, vv = (t.reshape(-1, t.shape[2], D) for t in (q4.contiguous(), k4.contiguous(), v4.contiguous()))
+    cq = torch.arange(B + 1, dtype=torch.int32, device="cuda") * n
+    ck = torch.arange(B + 1, dtype=torch.int32, device="cuda") * S
+    ref = _reference(qv, kv, vv, cq, ck, n, S, C, K, True, None, torch.bfloat16)
+    _compare(out.reshape(-1, H, D), lse.permute(1, 0, 2).reshape(H, -1), ref)
+    # the varlen call on the packed copies gives the same bits
+    o2, l2 = moba_cute.varlen_attention(qv, kv, vv, cq, ck, n, S, C, K, return_lse=True, backend="cute")
+    assert torch.equal(o2, out.reshape(-1, H, D))
+
+
+def test_decode_matches_general_path():
+    lq, lk = [2, 1, 4], [3000, 1200, 64]
+    q, k, v, cq, ck = make_batch(lq, lk, 8, 2, 128, dtype=torch.bfloat16, device="cuda", seed=21)
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 4, 3000, 64, 6, return_lse=True)
+    interface.set_decode_path(False)
+    try:
+        plans = _plans()
+        before = plans.hits + plans.misses
+        og, lg = moba_cute.varlen_attention(q, k, v, cq, ck, 4, 3000, 64, 6, return_lse=True)
+        assert plans.hits + plans.misses == before
+    finally:
+        interface.set_decode_path(True)
+    assert (o.float() - og.float()).abs().max().item() < 2e-2
+    assert (l - lg).abs().max().item() < 1e-3
+
+
+def test_decode_with_grad_uses_general_path():
+    q, k, v, cq, ck = make_batch([1], [500], 2, 2, 64, dtype=torch.bfloat16, device="cuda", seed=3,
+                                 requires_grad=True)
+    plans = _plans()
+    before = plans.hits + plans.misses
+    out = moba_cute.varlen_attention(q, k, v, cq, ck, 1, 500, 64, 3)
+    out.float().sum().backward()
+    assert plans.hits + plans.misses == before
+    assert q.grad is not None and k.grad is not None
+
+
+def test_decode_cuda_graph():
+    lq, lk = [1, 1], [5000, 700]
+    q, k, v, cq, ck = make_batch(lq, lk, 8, 2, 128, dtype=torch.bfloat16, device="cuda", seed=9)
+    eager = moba_cute.varlen_attention(q, k, v, cq, ck, 1, 5000, 128, 8)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        moba_cute.varlen_attention(q, k, v, cq, ck, 1, 5000, 128, 8)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moba_cute.varlen_attention(q, k, v, cq, ck, 1, 5000, 128, 8)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_decode_nan_key_reaches_rows_that_see_it():
+    """A NaN key makes its chunk's score NaN (ranked first, as in the reference) and every row
+    attending it NaN; rows of other sequences stay finite."""
+    lq, lk = [1, 1], [1000, 1000]
+    q, k, v, cq, ck = make_batch(lq, lk, 2, 2, 64, dtype=torch.bfloat16, device="cuda", seed=4)
+    k[100, 0, 5] = float("nan")  # sequence 0, chunk 1, KV head 0
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 1, 1000, 64, 3, return_lse=True, backend="cute")
+    o32, l32 = reference.attention(q, k, v, reference.route(q, k, cq, ck, 1, 1000, 64, 3))
+    assert torch.equal(torch.isnan(o), torch.isnan(o32))
+    assert torch.isnan(o[0, 0]).all() and not torch.isnan(o[1]).any()
