@@ -133,6 +133,11 @@ CASES = [
     Case("long-chunks-nan", (400, 130), (400, 130), 4, 2, C=144, K=3, nan=True, **Cc),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
+    # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with
+    # GQA, every chunk selected (head groups), several key splits + merge with NaN inputs
+    Case("decode-gqa4", (1, 3, 16), (4097, 700, 16), 8, 2, C=128, K=8, grad=False, **Cc),
+    Case("decode-every-chunk-noncausal", (2, 1), (300, 50), 8, 2, C=32, K=16, grad=False, **B),
+    Case("decode-splits-nan", (1, 1), (9000, 5000), 8, 2, C=1024, K=3, grad=False, nan=True, **A),
     Case("nan-inputs-sm80fwd", (130, 70), (130, 70), 4, 2, C=16, K=3, nan=True, fwd="sm80", **B),
 ] + [
     # wrong cu_seqlens values without strict checks: meaningless results, never out of bounds

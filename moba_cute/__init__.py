@@ -14,6 +14,7 @@ from .interface import (
     attention_with_routing,
     kernel_paths,
     route,
+    set_decode_path,
     set_strict_checks,
     varlen_attention,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Routing",
     "kernel_paths",
     "set_strict_checks",
+    "set_decode_path",
     "UnsupportedError",
     "__version__",
 ]

@@ -18,8 +18,9 @@ def _specs():
         for D in cfg.SUPPORTED_HEAD_DIMS:
             for padded in (False, True):
                 for causal in (True, False):
-                    for key, fac, fake in decode_launch.kernel_specs(dtype, D, padded, causal).values():
-                        seen.setdefault(key, (fac, fake))
+                    for g in decode_launch.group_sizes(D):
+                        for key, fac, fake in decode_launch.kernel_specs(dtype, D, padded, causal, g).values():
+                            seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -33,7 +34,7 @@ def test_decode_kernels_compile_without_spills(key, spec, arch):
     assert "Used" in rep.ptxas, "no ptxas report"
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep.ptxas[-600:]
     assert rep.stack_frame == 0, rep.ptxas[-600:]
-    if key[0] in ("decode_scores", "decode_attend"):
+    if key[0] in ("decode_scores", "decode_attend", "decode_attend_all"):
         assert "ld.global.v4" in rep.ptx  # K rows in 16-byte pieces
 
 
@@ -49,15 +50,14 @@ def test_decode_limits():
     assert "num_heads" in r(torch.bfloat16, 128, 8192, 128, 8, 16, 1000)
 
 
-def test_decode_splits():
-    """Key splits fill two waves of the GPU with a few 32-key pieces per warp, from the shape key
-    alone (not the cache length, which grows every step)."""
-    def plan(B, H, C, K):
-        return decode_launch.DecodePlan(("bfloat16", B, 1, H, 8, 128, C, K, True, False, 132), "sm_90a")
-
-    p = plan(1, 32, 128, 8)  # 32 pieces per row: two splits of 16
-    assert (p.splits, p.pps) == (2, 16) and p.part_words == 2 * 130
-    p = plan(1, 32, 4096, 12)  # 1536 pieces: nine splits (288 CTAs)
-    assert (p.splits, p.pps) == (9, 171)
-    p = plan(64, 32, 128, 8)  # 2048 (row, head) pairs fill the GPU: one split, no merge
-    assert (p.splits, p.part_words) == (1, 0)
+def test_decode_splits_and_groups():
+    """Key splits aim at two CTAs per SM with a few 32-key pieces per warp; head groups take
+    the largest divisor of the GQA group that fits."""
+    f = decode_launch.splits_for
+    assert f(32, 8 * 4, 132) == 2  # one sequence, C=128, K=8: 32 pieces, two splits of 16
+    assert f(32, 12 * 128, 132) == 9  # one sequence, C=4096, K=12: 9 splits, 288 CTAs
+    assert f(2048, 32, 132) == 1  # enough (row, head) pairs: no split, no merge
+    assert f(1, 10 ** 6, 132) == cfg.MAX_SPLITS
+    g = decode_launch.head_group
+    assert g(32, 8, 128) == 4 and g(32, 8, 64) == 4 and g(32, 4, 64) == 8 and g(32, 4, 128) == 4
+    assert g(32, 32, 128) == 1 and g(28, 4, 128) == 1 and g(28, 4, 64) == 7 and g(16, 1, 256) == 1

@@ -31,6 +31,10 @@ CASES = [
     ([1, 1], [20000, 9000], 16, 4, 4096, 3, True),  # large chunks: key splits + merge
     ([1], [3000], 4, 4, 3008, 1, True),  # one chunk over the whole cache (a dense layer)
     ([16], [16], 4, 2, 16, 2, True),  # a short prefill (Sq = Sk) also takes the path
+    ([1], [40000], 8, 2, 16, 4, True),  # 2500 chunks: over the grouped kernel's 2048, per-head kernel
+    ([2, 1], [33000, 5000], 32, 4, 4096, 12, True),  # GQA 8, every chunk selected: head groups
+    ([1], [70000], 8, 8, 4096, 12, False),  # no GQA, non-causal, large chunks
+    ([2, 3], [50, 1000], 8, 2, 64, 16, False),  # non-causal, topk covers every chunk
 ]
 
 
@@ -159,3 +163,19 @@ def test_decode_nan_key_reaches_rows_that_see_it():
     o32, l32 = reference.attention(q, k, v, reference.route(q, k, cq, ck, 1, 1000, 64, 3))
     assert torch.equal(torch.isnan(o), torch.isnan(o32))
     assert torch.isnan(o[0, 0]).all() and not torch.isnan(o[1]).any()
+
+
+@pytest.mark.parametrize("K", [3, 16], ids=["selective", "every-chunk"])
+def test_decode_rows_outside_the_sequences_get_zero(K):
+    """Invalid cu_seqlens_q (rows past its end) or a too small max_seqlen_q (not checked on CUDA
+    outside strict mode): those rows get out = 0 and lse = -inf, never uninitialized memory."""
+    q, k, v, _, ck = make_batch([3, 3], [500, 300], 4, 2, 64, dtype=torch.bfloat16, device="cuda", seed=13)
+    cq = torch.tensor([0, 2, 3], dtype=torch.int32, device="cuda")  # rows 3..5 in no sequence
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 2, 500, 32, K, return_lse=True, backend="cute")
+    assert torch.equal(o[3:], torch.zeros_like(o[3:])) and bool(torch.isneginf(l[:, 3:]).all())
+    ref = _reference(q[:3], k, v, cq, ck, 2, 500, 32, K, True, None, torch.bfloat16)
+    _compare(o[:3], l[:, :3], ref)
+    cq = torch.tensor([0, 3, 6], dtype=torch.int32, device="cuda")
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 2, 500, 32, K, return_lse=True, backend="cute")  # max_q < 3
+    for r in (2, 5):
+        assert torch.equal(o[r], torch.zeros_like(o[r])) and bool(torch.isneginf(l[:, r]).all())

@@ -204,15 +204,31 @@ def kernels(monkeypatch):
     """The integration's bf16/fp16 calls run with backend KERNEL_BACKEND, fp32 ones (the fp32 twin)
     with the reference; returns the call counts."""
     counts = {"kernel": 0, "reference": 0}
-    orig = mt.interface.varlen_attention
+    orig_varlen, orig_padded = mt.interface.varlen_attention, mt.interface.attention
+    inside = [0]  # > 0: within a padded call (its inner varlen call is not counted again)
 
-    def forced(q, *args, **kwargs):
+    def backend_of(q):
         low = q.dtype in (torch.float16, torch.bfloat16)
-        kwargs["backend"] = KERNEL_BACKEND if low else "reference"
-        counts["kernel" if low else "reference"] += 1
-        return orig(q, *args, **kwargs)
+        if not inside[0]:
+            counts["kernel" if low else "reference"] += 1
+        return KERNEL_BACKEND if low else "reference"
 
-    monkeypatch.setattr(mt.interface, "varlen_attention", forced)
+    def forced_varlen(q, *args, **kwargs):
+        if len(args) == 13:  # (the padded API passes every argument positionally, backend last)
+            args = args[:-1]
+        kwargs["backend"] = backend_of(q)
+        return orig_varlen(q, *args, **kwargs)
+
+    def forced_padded(q, *args, **kwargs):
+        kwargs["backend"] = backend_of(q)
+        inside[0] += 1
+        try:
+            return orig_padded(q, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(mt.interface, "varlen_attention", forced_varlen)
+    monkeypatch.setattr(mt.interface, "attention", forced_padded)
     return counts
 
 

@@ -20,7 +20,21 @@ ATTEND_WARPS = 8  # attend kernel: one CTA per (sequence, row x head, key split)
 ATTEND_MIN_CTAS = 2
 KEYS_PER_PIECE = 32  # keys per warp step (one per lane in QK^T)
 MERGE_THREADS = 128
+#: every-chunk kernel: per-lane output registers of its heads (GT * D / 32) at most
+GROUP_ACC_REGS = 16
+
+
+def all_v_unroll(dtype_name: str, head_dim: int, group: int) -> int:
+    """Value rows in flight per warp in the every-chunk kernel: 4 (H200, B=1, 32K cached, C=4096,
+    4 heads per CTA: 0.080 ms; 2: 0.129 ms), 2 where 4 spills at 128 registers (ptxas: fp16
+    with 4 heads of 128 or 7 of 64, bf16 with 8 heads of 64)."""
+    if group * head_dim >= 448 and (dtype_name == "float16" or head_dim < 128):
+        return 2
+    return 4
+#: and head dims up to this (D = 256: a key piece alone takes 128 registers)
+GROUP_MAX_HEAD_DIM = 128
 MAX_SPLITS = 64
-#: CTAs the split heuristic aims for, per SM (two waves), and the fewest pieces per warp
+#: CTAs per SM the key splits aim for (8 measured no faster on the H200), and the fewest 32-key
+#: pieces per warp of a split
 WAVES = 2
 MIN_PIECES_PER_WARP = 2

@@ -10,7 +10,7 @@ Here two kernels do the whole step, reading K once and only the selected chunks 
   fp32 score with every query row of the sequence for the query heads of that KV head, written to
   ``scores[b, i, h, j]``. Cost: all of K once (the floor when centroids are not cached) plus
   ``4 * rows * heads * chunks`` bytes.
-* :class:`DecodeAttendKernel`, one CTA per (query row, head, sequence): the selection (own chunk
+* :class:`DecodeAttendKernel`, one CTA per (query row, head, key split): the selection (own chunk
   forced when causal; the best ``topk - 1`` past chunks by repeated arg-max over the scores in
   shared memory, NaN ranked as +inf, ties to the larger chunk: the reference's rule), then
   attention over the selected keys, split over the CTA's warps in 32-key pieces (each warp keeps
@@ -33,9 +33,9 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 
-from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_WARPS, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK, MERGE_THREADS, SCORE_THREADS,
-                              SCORE_UNROLL)
-from .centroids import clamp_seq
+from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_WARPS, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK,
+                              MERGE_THREADS, SCORE_THREADS, SCORE_UNROLL, all_v_unroll)
+from .centroids import clamp_seq, find_segment
 
 ATTEND_THREADS = 32 * ATTEND_WARPS
 LN2 = 0.6931471805599453
@@ -166,6 +166,20 @@ class DecodeScoresKernel:
 
 
 @cute.jit
+def locate_row(cu_q: cute.Pointer, cu_k: cute.Pointer, B: Int32, r: Int32, total_q: Int32, total_k: Int32,
+               max_q: Int32):
+    """Sequence ``b`` of output row ``r``, its index ``i`` there, the clamped query and key ranges
+    of ``b``, and whether ``r`` is a row the call computes (inside a clamped sequence, ``i <
+    max_q``); other rows (only with invalid ``cu_seqlens`` / ``max_seqlen_q``) get 0 and -inf."""
+    b = find_segment(cu_q, B, r)
+    qs, qe = clamp_seq(cu_q, b, total_q)
+    ks, ke = clamp_seq(cu_k, b, total_k)
+    i = r - qs
+    valid = (r >= qs) & (r < qe) & (i < max_q)
+    return b, i, qs, qe, ks, ke, valid
+
+
+@cute.jit
 def merge_states(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D: cutlass.Constexpr, tid: Int32,
                  nthreads: cutlass.Constexpr, out: cute.Pointer, lse: cute.Pointer, row: Int64, h: Int32, H: Int32,
                  total_q: Int32, dtype: cutlass.Constexpr):
@@ -196,10 +210,32 @@ def merge_states(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, 
         _g(lse)[Int64(h) * Int64(total_q) + row] = val
 
 
+@cute.jit
+def store_state(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D: cutlass.Constexpr, tid: Int32,
+                nthreads: cutlass.Constexpr, part_ml: cute.Pointer, part_acc: cute.Pointer, pidx: Int64):
+    """``n`` states (as for :func:`merge_states`) merged in order into one unnormalized state,
+    written as split ``pidx``'s (max, sum) and output for :class:`DecodeMergeKernel`."""
+    M = -Float32.inf
+    for s in cutlass.range(n, unroll=1):
+        M = cute.arch.fmax(M, tm[s])
+    M_use = cutlass.select_(M == -Float32.inf, Float32(0.0), M)
+    for d in cutlass.range(tid, D, nthreads, unroll=1):
+        o = Float32(0.0)
+        for s in cutlass.range(n, unroll=1):
+            o = o + tacc[s * D + d] * cute.math.exp2(tm[s] - M_use, fastmath=True)
+        _g(part_acc)[pidx * Int64(D) + Int64(d)] = o
+    if tid == 0:
+        L = Float32(0.0)
+        for s in cutlass.range(n, unroll=1):
+            L = L + tl[s] * cute.math.exp2(tm[s] - M_use, fastmath=True)
+        _g(part_ml)[pidx * Int64(2)] = M
+        _g(part_ml)[pidx * Int64(2) + Int64(1)] = L
+
+
 class DecodeAttendKernel:
-    """Selection and attention of one (sequence, query row x head, key split) per CTA (see the
-    module doc). Grid (B, max_q * H, splits). The selected chunks' 32-key pieces are numbered
-    slot by slot; split ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to
+    """Selection and attention of one (output row, head, key split) per CTA (see the module
+    doc), grid (total_q, H, splits); the row's sequence comes from a binary search of
+    ``cu_seqlens_q``. The selected chunks' 32-key pieces are numbered slot by slot; split ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to
     its warps. One split: the CTA writes ``out``/``lse``; several: its merged state goes to
     ``part_ml`` (max, sum) / ``part_acc`` (unnormalized output) for :class:`DecodeMergeKernel`.
     Every split recomputes the selection (a few microseconds, the scores are in L2)."""
@@ -221,8 +257,8 @@ class DecodeAttendKernel:
                  total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
                  scale_log2: Float32, stream: cuda.CUstream):
         self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                    v_sb, v_st, v_sh, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
-                    scale_log2).launch(grid=(B, max_q * H, splits), block=(ATTEND_THREADS, 1, 1), stream=stream,
+                    v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
+                    scale_log2).launch(grid=(total_q, H, splits), block=(ATTEND_THREADS, 1, 1), stream=stream,
                                        min_blocks_per_mp=ATTEND_MIN_CTAS, preferred_smem_carveout=100)
 
     @cute.jit
@@ -309,11 +345,11 @@ class DecodeAttendKernel:
     def kernel(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
                scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
                part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
-               v_sb: Int64, v_st: Int64, v_sh: Int64, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32,
-               max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+               v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
+               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
                scale_log2: Float32):
         tid, _, _ = cute.arch.thread_idx()
-        b, ih, sp = cute.arch.block_idx()
+        r, h, sp = cute.arch.block_idx()
         D = self.D
         VEC = self.VEC
         NW = ATTEND_WARPS
@@ -328,124 +364,259 @@ class DecodeAttendKernel:
         sl = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)
         sacc = smem.allocate_tensor(Float32, cute.make_layout(NW * D), 16)
 
-        i = ih // H
-        h = ih - i * H
-        qs, qe = clamp_seq(cu_q, b, total_q)
-        ks, ke = clamp_seq(cu_k, b, total_k)
-        nq = cutlass.min(qe - qs, max_q)
-        if i < nq:
-            lk = ke - ks
-            hk = h // (H // Hk)
-            kbase = Int64(ks)
-            qbase = Int64(qs)
-            if cutlass.const_expr(self.padded):
-                kbase = Int64(0)
-                qbase = Int64(0)
-            nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
-            # selection: slots [0, first + take); causal: slot 0 is the own chunk
-            p = i + lk - (qe - qs)  # the query's key position (bottom-right aligned)
-            first = Int32(0)
-            ncand = nch
-            take = cutlass.min(topk, nch)
-            if cutlass.const_expr(self.causal):
-                first = Int32(1)
-                ncand = cutlass.min(cutlass.max(p, Int32(0)) // chunk, nch)
-                take = cutlass.min(topk - 1, ncand)
-                if p < 0:
-                    first = Int32(0)
-                    ncand = Int32(0)
-                    take = Int32(0)
-                elif tid == 0:
-                    ssel[0] = p // chunk
-            nslots = first + take
-            srow = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
-            self.select(scores, srow, ncand, take, first, ssc, sarg, ssel, tid)
-            # the query row, scaled into the log2 domain
+        b, i, qs, qe, ks, ke, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q)
+        # every row writes its output: rows outside the sequences get 0 and -inf
+        lk = ke - ks
+        hk = h // (H // Hk)
+        kbase = Int64(ks)
+        qbase = Int64(qs)
+        if cutlass.const_expr(self.padded):
+            kbase = Int64(0)
+            qbase = Int64(0)
+        nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
+        # selection: slots [0, first + take); causal: slot 0 is the own chunk
+        p = i + lk - (qe - qs)  # the query's key position (bottom-right aligned)
+        first = Int32(0)
+        ncand = nch
+        take = cutlass.min(topk, nch)
+        if cutlass.const_expr(self.causal):
+            first = Int32(1)
+            ncand = cutlass.min(cutlass.max(p, Int32(0)) // chunk, nch)
+            take = cutlass.min(topk - 1, ncand)
+            if p < 0:
+                first = Int32(0)
+                ncand = Int32(0)
+                take = Int32(0)
+            elif valid & (tid == 0):
+                ssel[0] = p // chunk
+        ncand = cutlass.select_(valid, ncand, Int32(0))
+        take = cutlass.select_(valid, take, Int32(0))
+        nslots = cutlass.select_(valid, first + take, Int32(0))
+        srow = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
+        self.select(scores, srow, ncand, take, first, ssc, sarg, ssel, tid)
+        # the query row, scaled into the log2 domain
+        if valid:
             qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
             for d in cutlass.range(tid, D, ATTEND_THREADS, unroll=1):
                 sq[d] = _g(qp)[d].to(Float32) * scale_log2
-            cute.arch.sync_threads()
+        cute.arch.sync_threads()
 
-            # this split's 32-key pieces of the selected chunks, round-robin over the warps
-            krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
-            vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
-            per = (chunk + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE
-            lo = sp * pps
-            hi = cutlass.min(lo + pps, nslots * per)
-            m = -Float32.inf
-            lsum = Float32(0.0)
-            acc = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
-            acc.fill(0.0)
-            for it in cutlass.range(lo + warp, hi, NW, unroll=1):
-                s = it // per
-                c0 = ssel[s] * chunk
-                t0 = c0 + (it - s * per) * KEYS_PER_PIECE
-                end = cutlass.min(c0 + chunk, lk)
-                if cutlass.const_expr(self.causal):
-                    end = cutlass.min(end, p + 1)
-                nkeys = cutlass.min(end - t0, Int32(KEYS_PER_PIECE))
-                if nkeys > 0:
-                    m, lsum = self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
+        # this split's 32-key pieces of the selected chunks, round-robin over the warps
+        krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
+        vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
+        per = (chunk + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE
+        lo = sp * pps
+        hi = cutlass.min(lo + pps, nslots * per)
+        m = -Float32.inf
+        lsum = Float32(0.0)
+        acc = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
+        acc.fill(0.0)
+        for it in cutlass.range(lo + warp, hi, NW, unroll=1):
+            s = it // per
+            c0 = ssel[s] * chunk
+            t0 = c0 + (it - s * per) * KEYS_PER_PIECE
+            end = cutlass.min(c0 + chunk, lk)
+            if cutlass.const_expr(self.causal):
+                end = cutlass.min(end, p + 1)
+            nkeys = cutlass.min(end - t0, Int32(KEYS_PER_PIECE))
+            if nkeys > 0:
+                m, lsum = self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
 
-            lsum = _warp_sum(lsum)
+        lsum = _warp_sum(lsum)
+        if lane == 0:
+            sm[warp] = m
+            sl[warp] = lsum
+        for e in cutlass.range_constexpr(VEC):
+            sacc[warp * D + lane * VEC + e] = acc[e]
+        cute.arch.sync_threads()
+        row = Int64(r)
+        if splits == 1:
+            merge_states(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h, H, total_q,
+                         self.dtype)
+        else:
+            store_state(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
+                        (row * Int64(H) + Int64(h)) * Int64(splits) + Int64(sp))
+
+
+class DecodeAttendAllKernel:
+    """The decode attention when ``topk`` covers every chunk of the longest sequence, so each row
+    attends to all its visible keys (causal: keys ``0 .. p``; else all): no scores and no
+    selection, and ``GT`` query heads of one KV head share each key and value they read (with
+    GQA the per-head kernel would read them ``GT`` times). One CTA per (output row, head group,
+    key split), grid (total_q, H / GT, splits); the visible keys are cut into 32-key
+    pieces, split ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, round-robin over its warps.
+    Outputs and split states as :class:`DecodeAttendKernel`'s."""
+
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int):
+        assert head_dim % 32 == 0 and head_dim <= 256 and 1 <= group <= ATTEND_WARPS
+        self.dtype = dtype
+        self.D = head_dim
+        self.padded = padded
+        self.causal = causal
+        self.GT = group
+        self.VEC = head_dim // 32
+        self.PIECES = head_dim // 8
+        self.v_unroll = all_v_unroll("float16" if dtype == cutlass.Float16 else "bfloat16", head_dim, group)
+
+    @cute.jit
+    def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+                 scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
+                 part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
+                 k_sh: Int64, v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
+                 total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+                 scale_log2: Float32, stream: cuda.CUstream):
+        # (the same arguments as DecodeAttendKernel; scores, chunk, nchunks and topk are unused)
+        self.kernel(q, k, v, cu_q, cu_k, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st,
+                    v_sh, B, H, Hk, total_q, total_k, max_q, splits, pps, scale_log2).launch(
+            grid=(total_q, H // self.GT, splits), block=(ATTEND_THREADS, 1, 1), stream=stream,
+            min_blocks_per_mp=ATTEND_MIN_CTAS, preferred_smem_carveout=100)
+
+    @cute.jit
+    def attend_piece(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
+                     t0: Int32, nkeys: Int32, sq: cute.Tensor, lane: Int32, m: cute.Tensor, lsum: cute.Tensor,
+                     acc: cute.Tensor):
+        """:meth:`DecodeAttendKernel.attend_piece` for the GT heads at once (head ``g``'s state:
+        ``m[g]``, ``lsum[g]``, ``acc[None, g]``); each key and value row is loaded once."""
+        GT = self.GT
+        VEC = self.VEC
+        t = t0 + cutlass.min(lane, nkeys - 1)
+        kp = k + cute.assume(krow0 + Int64(t) * k_st, divby=8)
+        kr = cute.make_rmem_tensor(cute.make_layout((8, self.PIECES)), self.dtype)
+        for c in cutlass.range_constexpr(self.PIECES):
+            kr[None, c].store(cute.make_tensor(kp + c * 8, cute.make_layout(8)).load())
+        # every head's score, one key piece after the other (its registers free up as it is used)
+        sv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        sv.fill(0.0)
+        kf = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+        for c in cutlass.range_constexpr(self.PIECES):
+            kf.store(kr[None, c].load().to(Float32))
+            for g in cutlass.range_constexpr(GT):
+                x = sv[g]
+                for e in cutlass.range_constexpr(8):
+                    x = x + sq[g * self.D + c * 8 + e] * kf[e]
+                sv[g] = x
+        pv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        for g in cutlass.range_constexpr(GT):
+            s = sv[g]
+            if lane >= nkeys:
+                s = -Float32.inf
+            m_new = cute.arch.fmax(m[g], _warp_max(s))
+            m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
+            corr = cute.math.exp2(m[g] - m_use, fastmath=True)
+            p = cute.math.exp2(s - m_use, fastmath=True)
+            lsum[g] = lsum[g] * corr + p
+            acc[None, g].store(acc[None, g].load() * corr)
+            m[g] = m_new
+            pv[g] = p
+        for kk in cutlass.range(nkeys, unroll=self.v_unroll):
+            vp = v + cute.assume(vrow0 + Int64(t0 + kk) * v_st, divby=8)
+            vv = cute.make_tensor((vp + lane * VEC).align(VEC * 2), cute.make_layout(VEC)).load().to(Float32)
+            for g in cutlass.range_constexpr(GT):
+                pk = cute.arch.shuffle_sync(pv[g], kk)
+                acc[None, g].store(acc[None, g].load() + pk * vv)
+
+    @cute.kernel
+    def kernel(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+               out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer, q_sb: Int64,
+               q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64, v_sb: Int64, v_st: Int64,
+               v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32, max_q: Int32,
+               splits: Int32, pps: Int32, scale_log2: Float32):
+        tid, _, _ = cute.arch.thread_idx()
+        r, hg, sp = cute.arch.block_idx()
+        D = self.D
+        GT = self.GT
+        VEC = self.VEC
+        NW = ATTEND_WARPS
+        lane = tid % 32
+        warp = tid // 32
+        smem = cutlass.utils.SmemAllocator()
+        sq = smem.allocate_tensor(Float32, cute.make_layout(GT * D), 16)
+        sm = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
+        sl = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
+        sacc = smem.allocate_tensor(Float32, cute.make_layout(GT * NW * D), 16)
+
+        h0 = hg * GT  # the group's first query head (GT divides H / Hk: one KV head)
+        b, i, qs, qe, ks, ke, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q)
+        # every row writes its output: rows outside the sequences get 0 and -inf
+        lk = ke - ks
+        hk = h0 // (H // Hk)
+        kbase = Int64(ks)
+        qbase = Int64(qs)
+        if cutlass.const_expr(self.padded):
+            kbase = Int64(0)
+            qbase = Int64(0)
+        end = lk  # visible keys [0, end)
+        if cutlass.const_expr(self.causal):
+            end = cutlass.max(cutlass.min(i + lk - (qe - qs) + 1, lk), Int32(0))
+        end = cutlass.select_(valid, end, Int32(0))
+        if valid:
+            for x in cutlass.range(tid, GT * D, ATTEND_THREADS, unroll=1):
+                g = x // D
+                qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h0 + g) * q_sh,
+                                     divby=8)
+                sq[x] = _g(qp)[x - g * D].to(Float32) * scale_log2
+        cute.arch.sync_threads()
+
+        krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
+        vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
+        lo = sp * pps
+        hi = cutlass.min(lo + pps, (end + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE)
+        m = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        lsum = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        acc = cute.make_rmem_tensor(cute.make_layout((VEC, GT)), Float32)
+        m.fill(-Float32.inf)
+        lsum.fill(0.0)
+        acc.fill(0.0)
+        for it in cutlass.range(lo + warp, hi, NW, unroll=1):
+            t0 = it * KEYS_PER_PIECE
+            nkeys = cutlass.min(end - t0, Int32(KEYS_PER_PIECE))
+            if nkeys > 0:
+                self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
+
+        # per head g: the warps' states at sm[g * NW + w], sl[...], sacc[(g * NW + w) * D + d]
+        for g in cutlass.range_constexpr(GT):
+            tot = _warp_sum(lsum[g])
             if lane == 0:
-                sm[warp] = m
-                sl[warp] = lsum
+                sm[g * NW + warp] = m[g]
+                sl[g * NW + warp] = tot
             for e in cutlass.range_constexpr(VEC):
-                sacc[warp * D + lane * VEC + e] = acc[e]
-            cute.arch.sync_threads()
-            row = Int64(qs) + Int64(i)
+                sacc[(g * NW + warp) * D + lane * VEC + e] = acc[e, g]
+        cute.arch.sync_threads()
+        row = Int64(r)
+        for g in cutlass.range_constexpr(GT):
+            tm = cute.make_tensor(sm.iterator + g * NW, cute.make_layout(NW))
+            tl = cute.make_tensor(sl.iterator + g * NW, cute.make_layout(NW))
+            tacc = cute.make_tensor(sacc.iterator + g * NW * D, cute.make_layout(NW * D))
             if splits == 1:
-                merge_states(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h, H, total_q,
-                             self.dtype)
+                merge_states(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H,
+                             total_q, self.dtype)
             else:
-                # this split's state, merged over its warps in warp order (max, sum, output)
-                M = -Float32.inf
-                for w in cutlass.range_constexpr(NW):
-                    M = cute.arch.fmax(M, sm[w])
-                M_use = cutlass.select_(M == -Float32.inf, Float32(0.0), M)
-                pidx = (row * Int64(H) + Int64(h)) * Int64(splits) + Int64(sp)
-                for d in cutlass.range(tid, D, ATTEND_THREADS, unroll=1):
-                    o = Float32(0.0)
-                    for w in cutlass.range_constexpr(NW):
-                        o = o + sacc[w * D + d] * cute.math.exp2(sm[w] - M_use, fastmath=True)
-                    _g(part_acc)[pidx * Int64(D) + Int64(d)] = o
-                if tid == 0:
-                    L = Float32(0.0)
-                    for w in cutlass.range_constexpr(NW):
-                        L = L + sl[w] * cute.math.exp2(sm[w] - M_use, fastmath=True)
-                    _g(part_ml)[pidx * Int64(2)] = M
-                    _g(part_ml)[pidx * Int64(2) + Int64(1)] = L
+                store_state(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
+                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
 
 
 class DecodeMergeKernel:
     """The splits' states of every (row, head) merged in split order into ``out``/``lse``.
-    Grid (B, max_q * H), one CTA of ``MERGE_THREADS``."""
+    Grid (total_q, H), one CTA of ``MERGE_THREADS``."""
 
     def __init__(self, dtype, head_dim: int):
         self.dtype = dtype
         self.D = head_dim
 
     @cute.jit
-    def __call__(self, cu_q: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer, out: cute.Pointer,
-                 lse: cute.Pointer, B: Int32, H: Int32, total_q: Int32, max_q: Int32, splits: Int32,
-                 stream: cuda.CUstream):
-        self.kernel(cu_q, part_ml, part_acc, out, lse, H, total_q, max_q, splits).launch(
-            grid=(B, max_q * H, 1), block=(MERGE_THREADS, 1, 1), stream=stream)
+    def __call__(self, part_ml: cute.Pointer, part_acc: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, H: Int32,
+                 total_q: Int32, splits: Int32, stream: cuda.CUstream):
+        self.kernel(part_ml, part_acc, out, lse, H, total_q, splits).launch(
+            grid=(total_q, H, 1), block=(MERGE_THREADS, 1, 1), stream=stream)
 
     @cute.kernel
-    def kernel(self, cu_q: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer, out: cute.Pointer,
-               lse: cute.Pointer, H: Int32, total_q: Int32, max_q: Int32, splits: Int32):
+    def kernel(self, part_ml: cute.Pointer, part_acc: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, H: Int32,
+               total_q: Int32, splits: Int32):
         tid, _, _ = cute.arch.thread_idx()
-        b, ih, _ = cute.arch.block_idx()
-        i = ih // H
-        h = ih - i * H
-        qs, qe = clamp_seq(cu_q, b, total_q)
-        if i < cutlass.min(qe - qs, max_q):
-            row = Int64(qs) + Int64(i)
-            base = (row * Int64(H) + Int64(h)) * Int64(splits)
-            tm = cute.make_tensor(part_ml + base * Int64(2), cute.make_layout(1 << 20, stride=2))
-            tl = cute.make_tensor(part_ml + base * Int64(2) + Int64(1), cute.make_layout(1 << 20, stride=2))
-            tacc = _g(part_acc + base * Int64(self.D))
-            merge_states(tm, tl, tacc, splits, self.D, tid, MERGE_THREADS, out, lse, row, h, H, total_q,
-                         self.dtype)
+        r, h, _ = cute.arch.block_idx()
+        row = Int64(r)
+        base = (row * Int64(H) + Int64(h)) * Int64(splits)
+        tm = cute.make_tensor(part_ml + base * Int64(2), cute.make_layout(1 << 20, stride=2))
+        tl = cute.make_tensor(part_ml + base * Int64(2) + Int64(1), cute.make_layout(1 << 20, stride=2))
+        tacc = _g(part_acc + base * Int64(self.D))
+        merge_states(tm, tl, tacc, splits, self.D, tid, MERGE_THREADS, out, lse, row, h, H, total_q, self.dtype)

@@ -7,10 +7,13 @@ D), k/v (total_k, Hk, D); ``padded=True``: q (B, Sq, H, D), k/v (B, Sk, Hk, D), 
 (batch, token, head) strides that are whole 16-byte pieces (transformers' ``(B, Hk, S, D)`` cache
 transposed is read in place). No host synchronization; CUDA-graph capturable.
 
-Launches: scores (grid B x chunks x Hk), attend (B x max_q*H x splits), and, with several key
-splits, merge (B x max_q*H). ``splits`` spreads a row's selected keys over CTAs when there are
-too few (row, head) pairs to fill the GPU (one sequence) or a row selects many keys (large
-chunks); it depends only on shapes (:class:`DecodePlan`, cached per shape key).
+Launches: scores (grid B x chunks x Hk) and attend (total_q x H x splits), or, when topk covers
+every chunk of the longest sequence, the every-chunk attend alone (total_q x H/GT x splits: GT
+query heads of one KV head per CTA, :func:`head_group`, sharing every key they read); with
+several key splits, then merge (total_q x H). Every output row is written (rows outside the
+sequences, possible only with invalid cu_seqlens / max_seqlen_q, get 0 and -inf). ``splits`` spreads a
+row's selected keys over CTAs when there are too few (row, head) pairs to fill the GPU (one
+sequence) or a row selects many keys (large chunks): :func:`splits_for`, per call from shapes.
 """
 
 from __future__ import annotations
@@ -53,11 +56,23 @@ def _cdt(name):
     return {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[name]
 
 
-def kernel_specs(dtype_name, head_dim, padded, causal):
-    """Role -> (compile key, factory, fake args) of the decode kernels of one configuration."""
+def head_group(num_heads, num_kv_heads, head_dim):
+    """Query heads of one KV head that one CTA of the every-chunk kernel serves together: the
+    largest divisor of the GQA group size within ``ATTEND_WARPS`` whose output state fits
+    ``GROUP_ACC_REGS`` registers per lane (1 for head dims over ``GROUP_MAX_HEAD_DIM``)."""
+    if head_dim > cfg.GROUP_MAX_HEAD_DIM:
+        return 1
+    G = num_heads // num_kv_heads
+    vec = head_dim // 32
+    return max(g for g in range(1, min(G, cfg.ATTEND_WARPS) + 1) if G % g == 0 and g * vec <= cfg.GROUP_ACC_REGS)
+
+
+def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
+    """Role -> (compile key, factory, fake args) of the decode kernels of one configuration
+    (``group``: query heads per CTA of the every-chunk kernel, :func:`head_group`)."""
     import cutlass
 
-    from .decode import DecodeAttendKernel, DecodeMergeKernel, DecodeScoresKernel
+    from .decode import DecodeAttendAllKernel, DecodeAttendKernel, DecodeMergeKernel, DecodeScoresKernel
 
     dt = _cdt(dtype_name)
     P = common.fake_gptr
@@ -65,15 +80,34 @@ def kernel_specs(dtype_name, head_dim, padded, causal):
     L = tuple(cutlass.Int64(8) for _ in range(3))
     I = lambda n: tuple(cutlass.Int32(1) for _ in range(n))  # noqa: E731
     s = common.fake_stream()
-    scores = ((("decode_scores", dtype_name, head_dim, padded), lambda: DecodeScoresKernel(dt, head_dim, padded),
-               (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4)) + L + L + I(8) + (s,)))
-    attend = ((("decode_attend", dtype_name, head_dim, padded, causal),
-               lambda: DecodeAttendKernel(dt, head_dim, padded, causal),
-               (P(dt), P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(dt), P(f32, 4), P(f32, 4), P(f32, 4))
-               + L + L + L + I(11) + (f32(1.0), s)))
-    merge = ((("decode_merge", dtype_name, head_dim), lambda: DecodeMergeKernel(dt, head_dim),
-              (P(i32, 4), P(f32, 4), P(f32, 4), P(dt), P(f32, 4)) + I(5) + (s,)))
-    return {"scores": scores, "attend": attend, "merge": merge}
+    attend_args = ((P(dt), P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(dt), P(f32, 4), P(f32, 4), P(f32, 4))
+                   + L + L + L + I(11) + (f32(1.0), s))
+    specs = {
+        "scores": (("decode_scores", dtype_name, head_dim, padded), lambda: DecodeScoresKernel(dt, head_dim, padded),
+                   (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4)) + L + L + I(8) + (s,)),
+        "attend": (("decode_attend", dtype_name, head_dim, padded, causal),
+                   lambda: DecodeAttendKernel(dt, head_dim, padded, causal), attend_args),
+        "merge": (("decode_merge", dtype_name, head_dim), lambda: DecodeMergeKernel(dt, head_dim),
+                  (P(f32, 4), P(f32, 4), P(dt), P(f32, 4)) + I(3) + (s,)),
+    }
+    specs["attend_all"] = (("decode_attend_all", dtype_name, head_dim, padded, causal, group),
+                           lambda: DecodeAttendAllKernel(dt, head_dim, padded, causal, group), attend_args)
+    return specs
+
+
+def group_sizes(head_dim):
+    """Every head-group size :func:`head_group` can pick for ``head_dim`` (the compile tests)."""
+    if head_dim > cfg.GROUP_MAX_HEAD_DIM:
+        return [1]
+    vec = head_dim // 32
+    return [g for g in range(1, cfg.ATTEND_WARPS + 1) if g * vec <= cfg.GROUP_ACC_REGS]
+
+
+def splits_for(pairs, pieces, sms):
+    """Key splits of one row: about ``WAVES`` CTAs per SM over ``pairs`` (row, head group)
+    CTAs, at least ``MIN_PIECES_PER_WARP`` 32-key pieces per warp, at most ``MAX_SPLITS``."""
+    return max(1, min(-(-cfg.WAVES * sms // max(pairs, 1)),
+                      -(-pieces // (cfg.MIN_PIECES_PER_WARP * cfg.ATTEND_WARPS)), cfg.MAX_SPLITS))
 
 
 _SM_COUNT: dict = {}
@@ -88,19 +122,14 @@ def _sm_count(dev) -> int:
 
 
 class DecodePlan:
-    """Everything of a decode call that depends only on its shape key: not on the cache length,
-    which grows every step (the chunk count is per call)."""
+    """The kernels of a decode call's shape key (not of the cache length, which grows every step:
+    the chunk count and the key splits are computed per call)."""
 
     def __init__(self, key, arch):
-        (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, K, causal, padded, sms) = key
-        pieces = K * -(-self.C // cfg.KEYS_PER_PIECE)  # a row's 32-key pieces at most
-        pairs = max(1, self.B * self.max_q * self.H)
-        # enough CTAs for the waves, each giving every warp a few pieces
-        self.splits = max(1, min(-(-cfg.WAVES * sms // pairs), -(-pieces // (cfg.MIN_PIECES_PER_WARP * cfg.ATTEND_WARPS)),
-                                 cfg.MAX_SPLITS))
-        self.pps = -(-pieces // self.splits)
-        self.part_words = self.splits * (self.D + 2) if self.splits > 1 else 0  # per (row, head)
-        self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, causal), arch)
+        (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, K, causal, padded, self.sms) = key
+        self.group = head_group(self.H, self.Hk, self.D)
+        self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk
+        self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, causal, self.group), arch)
 
 
 DECODE_PLANS = common.PlanCache(DecodePlan)
@@ -145,23 +174,32 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     plan = DECODE_PLANS.get(key, key, common.arch_of(dev))
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     nch = max(1, -(-max_k // chunk_size))
+    # topk covers every chunk of the longest sequence: no scores, no selection, and the heads of
+    # a KV head group share what they read (DecodeAttendAllKernel)
+    every = topk >= nch
+    gt = plan.group if every else 1
+    pieces = -(-max_k // cfg.KEYS_PER_PIECE) if every else min(topk, nch) * plan.per  # a row's at most
+    splits = splits_for(total_q * H // gt, pieces, plan.sms)
+    pps = -(-pieces // splits)
     # one fp32 workspace: chunk scores (B, max_q, H, chunks), then the splits' states
-    nsc = B * max_q * H * nch
-    work = torch.empty(nsc + total_q * H * plan.part_words, dtype=torch.float32, device=dev)
+    nsc = 0 if every else B * max_q * H * nch
+    npart = total_q * H * splits * (D + 2) if splits > 1 else 0
+    work = torch.empty(max(nsc + npart, 1), dtype=torch.float32, device=dev)
     p_sc = work.data_ptr()
     stream = common.raw_stream(dev)
     pq, pk, pv = q.data_ptr(), k.data_ptr(), v.data_ptr()
     pcq, pck = cu_q.data_ptr(), cu_k.data_ptr()
     (qsb, qst, qsh), (ksb, kst, ksh), (vsb, vst, vsh) = strides
     ks = plan.ks
-    ks["scores"](pq, pk, pcq, pck, p_sc, qsb, qst, qsh, ksb, kst, ksh, B, H, Hk, total_q, total_k,
-                 max_q, chunk_size, nch, stream)
-    splits = plan.splits
+    if not every:
+        ks["scores"](pq, pk, pcq, pck, p_sc, qsb, qst, qsh, ksb, kst, ksh, B, H, Hk, total_q, total_k, max_q,
+                     chunk_size, nch, stream)
     p_ml = p_sc + 4 * nsc  # (max, sum) per (row, head, split); then the unnormalized outputs
     p_acc = p_ml + 4 * 2 * total_q * H * splits
-    ks["attend"](pq, pk, pv, pcq, pck, p_sc, out.data_ptr(), lse.data_ptr(), p_ml, p_acc, qsb, qst,
-                 qsh, ksb, kst, ksh, vsb, vst, vsh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch,
-                 topk, splits, plan.pps, float(scale * LOG2_E), stream)
+    ks["attend_all" if every else "attend"](
+        pq, pk, pv, pcq, pck, p_sc, out.data_ptr(), lse.data_ptr(), p_ml, p_acc, qsb, qst, qsh, ksb, kst, ksh, vsb,
+        vst, vsh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch, topk, splits, pps, float(scale * LOG2_E),
+        stream)
     if splits > 1:
-        ks["merge"](pcq, p_ml, p_acc, out.data_ptr(), lse.data_ptr(), B, H, total_q, max_q, splits, stream)
+        ks["merge"](p_ml, p_acc, out.data_ptr(), lse.data_ptr(), H, total_q, splits, stream)
     return out, lse
