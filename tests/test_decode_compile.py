@@ -47,7 +47,8 @@ def test_decode_limits():
     assert "topk" in r(torch.bfloat16, 128, 32, 128, 65, 1, 1000)
     assert "queries" in r(torch.bfloat16, 128, 32, 128, 8, cfg.MAX_QUERIES + 1, 1000)
     assert "chunks" in r(torch.bfloat16, 128, 32, 16, 8, 1, 16 * cfg.MAX_CHUNKS + 1)
-    assert "num_heads" in r(torch.bfloat16, 128, 8192, 128, 8, 16, 1000)
+    assert "num_heads" in r(torch.bfloat16, 128, 65536, 128, 8, 16, 1000)
+    assert r(torch.bfloat16, 128, 8192, 128, 8, 16, 1000) is None
 
 
 def test_decode_splits_and_groups():

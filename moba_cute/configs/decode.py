@@ -4,7 +4,7 @@ on sm80 and sm90 (CUDA-core code: a decode step is bound by memory and latency, 
 A call takes the decode path when it needs no gradient, has at most ``MAX_QUERIES`` queries
 per sequence, ``1 <= topk <= MAX_TOPK``, at most ``MAX_CHUNKS`` chunks per sequence (the attend
 kernel holds one row's chunk scores in shared memory: 32 KB), a head dim in
-``SUPPORTED_HEAD_DIMS`` and ``max_seqlen_q * num_heads <= MAX_GRID_Y``; else the general path.
+``SUPPORTED_HEAD_DIMS`` and ``num_heads <= MAX_GRID_Y``; else the general path.
 """
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)

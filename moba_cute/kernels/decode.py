@@ -3,7 +3,7 @@
 The general path (routing into a key-major index, then segment kernels) scales its index work
 with the number of (chunk, head) segments, not with the rows: at one query per sequence its
 seven routing launches and index passes cost more than dense attention over the whole cache.
-Here two kernels do the whole step, reading K once and only the selected chunks of V:
+Here two kernels do the step, reading K once and K/V only of the selected chunks:
 
 * :class:`DecodeScoresKernel`, one CTA per (chunk, KV head, sequence): the chunk's centroid (fp32
   sum of its real keys in a fixed order, divided by its length: SPEC section 1.2) and its exact
@@ -17,13 +17,21 @@ Here two kernels do the whole step, reading K once and only the selected chunks 
   an online softmax), merged in a fixed warp order (bitwise deterministic). Cost: the selected
   chunks' K and V once per (row, head).
 
+* :class:`DecodeAttendAllKernel` instead of both when ``topk`` covers every chunk (dense layers,
+  short caches): every visible key, no scores, ``GT`` query heads of a KV head per CTA sharing
+  each row they load.
+* :class:`DecodeMergeKernel` when a row's keys were split over several CTAs: the splits' states
+  in split order.
+
 Query, key and value are read in place through (batch, token, head) strides: the packed varlen
 layout (``padded=False``: token ``cu_seqlens[b] + t``) and the padded one (``padded=True``:
 ``b * batch_stride + t * token_stride``), which covers transformers' ``(B, Hk, S, D)`` cache seen
 as ``(B, S, Hk, D)`` without a copy. Output ``(total_q, H, D)`` and LSE ``(H, total_q)`` as the
-other forward kernels write them (row ``cu_seqlens_q[b] + i``).
+other forward kernels write them; the attend kernels run one CTA per output row (and head, key
+split), so every row is written. Cost model and figures: docs/design.md section 10.
 
-Compile keys: ("decode_scores", dtype, D, padded) and ("decode_attend", dtype, D, padded, causal).
+Compile keys: ("decode_scores", dtype, D, padded), ("decode_attend", dtype, D, padded, causal),
+("decode_attend_all", dtype, D, padded, causal, GT), ("decode_merge", dtype, D).
 """
 
 from __future__ import annotations

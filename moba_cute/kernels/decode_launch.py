@@ -43,8 +43,8 @@ def decode_unsupported_reason(dtype, head_dim, num_heads, chunk_size, topk, max_
         return f"decode kernels support 1 <= topk <= {cfg.MAX_TOPK}, not {topk}"
     if not 1 <= max_seqlen_q <= cfg.MAX_QUERIES:
         return f"decode kernels take 1 to {cfg.MAX_QUERIES} queries per sequence, not max_seqlen_q={max_seqlen_q}"
-    if max_seqlen_q * num_heads > cfg.MAX_GRID_Y:
-        return f"decode kernels take max_seqlen_q * num_heads <= {cfg.MAX_GRID_Y}"
+    if num_heads > cfg.MAX_GRID_Y:
+        return f"decode kernels take num_heads <= {cfg.MAX_GRID_Y}"
     if -(-max_seqlen_k // chunk_size) > cfg.MAX_CHUNKS:
         return f"decode kernels take up to {cfg.MAX_CHUNKS} chunks per sequence"
     return None
@@ -158,7 +158,7 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     dev = q.device
     out = torch.empty((total_q, H, D), dtype=q.dtype, device=dev)
     lse = torch.empty((H, total_q), dtype=torch.float32, device=dev)
-    if total_q == 0 or B == 0:
+    if total_q == 0:  # (B >= 1: the caller checked cu_seqlens)
         return out, lse
     strides = []
     tensors = []
