@@ -451,7 +451,7 @@ def _use_kernel(what: str, module, backend: str, device, reason_fn, config=None)
     return False
 
 
-def _uses_decode(q, k, v, H, D, max_q, max_k, chunk_size, topk, backend) -> bool:
+def _uses_decode(q, k, v, B, H, D, max_q, max_k, chunk_size, topk, backend) -> bool:
     """Whether a call runs the decode-step kernels (few queries per sequence, no gradient: see
     configs/decode.py); otherwise the general path (or the reference) decides as usual."""
     if not _decode or backend == "reference" or q.device.type != "cuda" or torch.compiler.is_compiling():
@@ -459,7 +459,7 @@ def _uses_decode(q, k, v, H, D, max_q, max_k, chunk_size, topk, backend) -> bool
     if _needs_grad(q, k, v) or _arch(q.device) is None:
         return False
     mod = _decode_kernel_module()
-    return mod is not None and mod.decode_unsupported_reason(q.dtype, D, H, chunk_size, topk, max_q, max_k) is None
+    return mod is not None and mod.decode_unsupported_reason(q.dtype, D, H, chunk_size, topk, max_q, max_k, B) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,7 +595,8 @@ def varlen_attention(
     _check_scalars(chunk_size, topk, causal, softmax_scale, backend, return_lse=return_lse,
                    deterministic=deterministic)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if _uses_decode(q, k, v, q.shape[1], q.shape[2], max_seqlen_q, max_seqlen_k, chunk_size, topk, backend):
+    if _uses_decode(q, k, v, cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2], max_seqlen_q, max_seqlen_k,
+                    chunk_size, topk, backend):
         from .kernels.decode_launch import decode_cute
 
         out, lse = decode_cute(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
@@ -655,7 +656,7 @@ def attention(
         raise ValueError(f"q must hold at least one sequence (batch >= 1), got batch {b}")
     cu_q = _padded_cu_seqlens(b, sq, q.device)
     cu_k = _padded_cu_seqlens(b, sk, q.device)
-    if _uses_decode(q, k, v, h, d, sq, sk, chunk_size, topk, backend):
+    if _uses_decode(q, k, v, b, h, d, sq, sk, chunk_size, topk, backend):
         # (strided q/k/v read in place, e.g. transformers' (B, Hk, S, D) cache transposed)
         from .kernels.decode_launch import decode_cute
 

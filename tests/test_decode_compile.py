@@ -49,6 +49,11 @@ def test_decode_limits():
     assert "chunks" in r(torch.bfloat16, 128, 32, 16, 8, 1, 16 * cfg.MAX_CHUNKS + 1)
     assert "num_heads" in r(torch.bfloat16, 128, 65536, 128, 8, 16, 1000)
     assert r(torch.bfloat16, 128, 8192, 128, 8, 16, 1000) is None
+    # chunk scores sized by the longest sequence: refused past 1 GiB, unless topk covers every
+    # chunk (no scores then)
+    assert "scores" in r(torch.bfloat16, 128, 64, 128, 8, 16, 1 << 20, batch=1000)
+    assert r(torch.bfloat16, 128, 64, 128, 8, 16, 1 << 20, batch=10) is None
+    assert r(torch.bfloat16, 128, 64, 4096, 64, 16, 1 << 18, batch=10 ** 6) is None
 
 
 def test_decode_splits_and_groups():

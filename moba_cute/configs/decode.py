@@ -4,7 +4,8 @@ on sm80 and sm90 (CUDA-core code: a decode step is bound by memory and latency, 
 A call takes the decode path when it needs no gradient, has at most ``MAX_QUERIES`` queries
 per sequence, ``1 <= topk <= MAX_TOPK``, at most ``MAX_CHUNKS`` chunks per sequence (the attend
 kernel holds one row's chunk scores in shared memory: 32 KB), a head dim in
-``SUPPORTED_HEAD_DIMS`` and ``num_heads <= MAX_GRID_Y``; else the general path.
+``SUPPORTED_HEAD_DIMS``, ``num_heads <= MAX_GRID_Y`` and at most ``MAX_SCORES`` chunk scores;
+else the general path.
 """
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
@@ -12,6 +13,9 @@ MAX_QUERIES = 16
 MAX_TOPK = 64
 MAX_CHUNKS = 8192
 MAX_GRID_Y = 65535
+#: chunk scores of a call (batch * max_seqlen_q * num_heads * chunks, fp32) at most: 1 GiB (a
+#: varlen batch of many sequences with one long one would size them by the longest)
+MAX_SCORES = 1 << 28
 
 SCORE_THREADS = 128  # centroid + score kernel: one CTA per (sequence, chunk, KV head)
 SCORE_UNROLL = 4  # key rows per thread in flight in the centroid sum

@@ -32,7 +32,7 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 LOG2_E = 1.4426950408889634
 
 
-def decode_unsupported_reason(dtype, head_dim, num_heads, chunk_size, topk, max_seqlen_q, max_seqlen_k):
+def decode_unsupported_reason(dtype, head_dim, num_heads, chunk_size, topk, max_seqlen_q, max_seqlen_k, batch=1):
     """None if the decode kernels take this call (configs/decode.py), else a short reason (the
     caller then runs the general path)."""
     if dtype not in _DTYPES:
@@ -45,8 +45,11 @@ def decode_unsupported_reason(dtype, head_dim, num_heads, chunk_size, topk, max_
         return f"decode kernels take 1 to {cfg.MAX_QUERIES} queries per sequence, not max_seqlen_q={max_seqlen_q}"
     if num_heads > cfg.MAX_GRID_Y:
         return f"decode kernels take num_heads <= {cfg.MAX_GRID_Y}"
-    if -(-max_seqlen_k // chunk_size) > cfg.MAX_CHUNKS:
+    nch = -(-max_seqlen_k // chunk_size)
+    if nch > cfg.MAX_CHUNKS:
         return f"decode kernels take up to {cfg.MAX_CHUNKS} chunks per sequence"
+    if topk < nch and batch * max_seqlen_q * num_heads * nch > cfg.MAX_SCORES:
+        return f"the decode kernels' chunk scores (batch * max_seqlen_q * num_heads * chunks) exceed {cfg.MAX_SCORES}"
     return None
 
 
