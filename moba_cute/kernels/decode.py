@@ -175,16 +175,23 @@ class DecodeScoresKernel:
 
 @cute.jit
 def locate_row(cu_q: cute.Pointer, cu_k: cute.Pointer, B: Int32, r: Int32, total_q: Int32, total_k: Int32,
-               max_q: Int32):
-    """Sequence ``b`` of output row ``r``, its index ``i`` there, the clamped query and key ranges
-    of ``b``, and whether ``r`` is a row the call computes (inside a clamped sequence, ``i <
-    max_q``); other rows (only with invalid ``cu_seqlens`` / ``max_seqlen_q``) get 0 and -inf."""
+               max_q: Int32, padded: cutlass.Constexpr):
+    """Output row ``r``: its sequence ``b`` and index ``i`` there, the sequence's query count
+    ``nq`` and key count ``lk``, the token offsets of its first query and key (0 when
+    ``padded``: the batch stride places them), and whether ``r`` is a row the call computes
+    (inside a clamped sequence, ``i < max_q``); other rows (only with invalid ``cu_seqlens`` /
+    ``max_seqlen_q``) get 0 and -inf."""
     b = find_segment(cu_q, B, r)
     qs, qe = clamp_seq(cu_q, b, total_q)
     ks, ke = clamp_seq(cu_k, b, total_k)
     i = r - qs
     valid = (r >= qs) & (r < qe) & (i < max_q)
-    return b, i, qs, qe, ks, ke, valid
+    qbase = Int64(qs)
+    kbase = Int64(ks)
+    if cutlass.const_expr(padded):
+        qbase = Int64(0)
+        kbase = Int64(0)
+    return b, i, qe - qs, ke - ks, qbase, kbase, valid
 
 
 @cute.jit
@@ -372,18 +379,12 @@ class DecodeAttendKernel:
         sl = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)
         sacc = smem.allocate_tensor(Float32, cute.make_layout(NW * D), 16)
 
-        b, i, qs, qe, ks, ke, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q)
         # every row writes its output: rows outside the sequences get 0 and -inf
-        lk = ke - ks
+        b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
         hk = h // (H // Hk)
-        kbase = Int64(ks)
-        qbase = Int64(qs)
-        if cutlass.const_expr(self.padded):
-            kbase = Int64(0)
-            qbase = Int64(0)
         nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
         # selection: slots [0, first + take); causal: slot 0 is the own chunk
-        p = i + lk - (qe - qs)  # the query's key position (bottom-right aligned)
+        p = i + lk - nq  # the query's key position (bottom-right aligned)
         first = Int32(0)
         ncand = nch
         take = cutlass.min(topk, nch)
@@ -544,18 +545,12 @@ class DecodeAttendAllKernel:
         sacc = smem.allocate_tensor(Float32, cute.make_layout(GT * NW * D), 16)
 
         h0 = hg * GT  # the group's first query head (GT divides H / Hk: one KV head)
-        b, i, qs, qe, ks, ke, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q)
         # every row writes its output: rows outside the sequences get 0 and -inf
-        lk = ke - ks
+        b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
         hk = h0 // (H // Hk)
-        kbase = Int64(ks)
-        qbase = Int64(qs)
-        if cutlass.const_expr(self.padded):
-            kbase = Int64(0)
-            qbase = Int64(0)
         end = lk  # visible keys [0, end)
         if cutlass.const_expr(self.causal):
-            end = cutlass.max(cutlass.min(i + lk - (qe - qs) + 1, lk), Int32(0))
+            end = cutlass.max(cutlass.min(i + lk - nq + 1, lk), Int32(0))
         end = cutlass.select_(valid, end, Int32(0))
         if valid:
             for x in cutlass.range(tid, GT * D, ATTEND_THREADS, unroll=1):
