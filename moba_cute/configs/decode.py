@@ -23,6 +23,7 @@ ATTEND_WARPS = 8  # attend kernel: one CTA per (sequence, row x head, key split)
 #: launch bound of the attend kernel (ptxas otherwise caps it at 64 registers and spills)
 ATTEND_MIN_CTAS = 2
 KEYS_PER_PIECE = 32  # keys per warp step (one per lane in QK^T)
+ATTEND_V_UNROLL = 8  # value rows in flight per warp in the per-head attend kernel
 MERGE_THREADS = 128
 #: every-chunk kernel: per-lane output registers of its heads (GT * D / 32) at most
 GROUP_ACC_REGS = 16

@@ -41,8 +41,8 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 
-from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_WARPS, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK,
-                              MERGE_THREADS, SCORE_THREADS, SCORE_UNROLL, all_v_unroll)
+from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_V_UNROLL, ATTEND_WARPS, KEYS_PER_PIECE, MAX_CHUNKS,
+                              MAX_TOPK, MERGE_THREADS, SCORE_THREADS, SCORE_UNROLL, all_v_unroll)
 from .centroids import clamp_seq, find_segment
 
 ATTEND_THREADS = 32 * ATTEND_WARPS
@@ -126,11 +126,7 @@ class DecodeScoresKernel:
         kst = Int64(j) * Int64(chunk)
         length = Int32(cutlass.max(cutlass.min(Int64(ke - ks) - kst, Int64(chunk)), Int64(0)))
         if (length > 0) & (nq > 0):
-            kbase = Int64(ks)
-            qbase = Int64(qs)
-            if cutlass.const_expr(self.padded):
-                kbase = Int64(0)
-                qbase = Int64(0)
+            qbase, kbase = token_bases(qs, ks, self.padded)
             # fp32 sum of the chunk's keys: CV threads per key row, R rows side by side
             ty = tid // CV
             cv = tid - ty * CV
@@ -174,6 +170,18 @@ class DecodeScoresKernel:
 
 
 @cute.jit
+def token_bases(qs: Int32, ks: Int32, padded: cutlass.Constexpr):
+    """Token offsets of a sequence's first query and key: its ``cu_seqlens`` starts (varlen), or 0
+    (padded: the batch stride places the sequence)."""
+    qbase = Int64(qs)
+    kbase = Int64(ks)
+    if cutlass.const_expr(padded):
+        qbase = Int64(0)
+        kbase = Int64(0)
+    return qbase, kbase
+
+
+@cute.jit
 def locate_row(cu_q: cute.Pointer, cu_k: cute.Pointer, B: Int32, r: Int32, total_q: Int32, total_k: Int32,
                max_q: Int32, padded: cutlass.Constexpr):
     """Output row ``r``: its sequence ``b`` and index ``i`` there, the sequence's query count
@@ -186,11 +194,7 @@ def locate_row(cu_q: cute.Pointer, cu_k: cute.Pointer, B: Int32, r: Int32, total
     ks, ke = clamp_seq(cu_k, b, total_k)
     i = r - qs
     valid = (r >= qs) & (r < qe) & (i < max_q)
-    qbase = Int64(qs)
-    kbase = Int64(ks)
-    if cutlass.const_expr(padded):
-        qbase = Int64(0)
-        kbase = Int64(0)
+    qbase, kbase = token_bases(qs, ks, padded)
     return b, i, qe - qs, ke - ks, qbase, kbase, valid
 
 
@@ -247,22 +251,143 @@ def store_state(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D
         _g(part_ml)[pidx * Int64(2) + Int64(1)] = L
 
 
-class DecodeAttendKernel:
-    """Selection and attention of one (output row, head, key split) per CTA (see the module
-    doc), grid (total_q, H, splits); the row's sequence comes from a binary search of
-    ``cu_seqlens_q``. The selected chunks' 32-key pieces are numbered slot by slot; split ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to
-    its warps. One split: the CTA writes ``out``/``lse``; several: its merged state goes to
-    ``part_ml`` (max, sum) / ``part_acc`` (unnormalized output) for :class:`DecodeMergeKernel`.
-    Every split recomputes the selection (a few microseconds, the scores are in L2)."""
+class _AttendBase:
+    """What the two attend kernels share: ``GT`` query heads of one KV head per CTA (1 for the
+    per-head kernel), the query rows in shared memory, the warp step over one 32-key piece, and
+    the end (the warps' states merged into the output, or stored as the split's state)."""
 
-    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool):
-        assert head_dim % 32 == 0 and head_dim <= 256
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, v_unroll: int):
+        assert head_dim % 32 == 0 and head_dim <= 256 and 1 <= group <= ATTEND_WARPS
         self.dtype = dtype
         self.D = head_dim
         self.padded = padded
         self.causal = causal
+        self.GT = group
         self.VEC = head_dim // 32  # output elements per lane
         self.PIECES = head_dim // 8  # 16-byte pieces of a key row
+        self.v_unroll = v_unroll  # value rows in flight per warp
+
+    @cute.jit
+    def load_q(self, q: cute.Pointer, qrow: Int64, h0: Int32, q_sh: Int64, scale_log2: Float32, sq: cute.Tensor,
+               tid: Int32):
+        """The GT query rows (heads ``h0 ..``, row offset ``qrow``) into ``sq``, scaled into the
+        log2 domain."""
+        D = self.D
+        for x in cutlass.range(tid, self.GT * D, ATTEND_THREADS, unroll=1):
+            g = x // D
+            qp = q + cute.assume(qrow + Int64(h0 + g) * q_sh, divby=8)
+            sq[x] = _g(qp)[x - g * D].to(Float32) * scale_log2
+
+    @cute.jit
+    def attend_piece(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
+                     t0: Int32, nkeys: Int32, sq: cute.Tensor, lane: Int32, m: cute.Tensor, lsum: cute.Tensor,
+                     acc: cute.Tensor):
+        """Online softmax of one warp over keys ``t0 .. t0 + nkeys - 1`` (``1 <= nkeys <= 32``)
+        for the GT heads (head ``g``'s state: ``m[g]``, ``lsum[g]``, ``acc[None, g]``): lane
+        ``t`` loads key ``t0 + t`` once and computes its score for every head, then every lane
+        accumulates its ``D / 32`` output elements from each value row, loaded once.
+        ``krow0`` / ``vrow0``: element offsets of key 0 of this KV head."""
+        GT = self.GT
+        VEC = self.VEC
+        t = t0 + cutlass.min(lane, nkeys - 1)  # (lanes past the end re-read the last key)
+        kp = k + cute.assume(krow0 + Int64(t) * k_st, divby=8)
+        kr = cute.make_rmem_tensor(cute.make_layout((8, self.PIECES)), self.dtype)
+        for c in cutlass.range_constexpr(self.PIECES):
+            kr[None, c].store(cute.make_tensor(kp + c * 8, cute.make_layout(8)).load())
+        # every head's score, one key piece after the other (its registers free up as it is used)
+        sv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        sv.fill(0.0)
+        kf = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+        for c in cutlass.range_constexpr(self.PIECES):
+            kf.store(kr[None, c].load().to(Float32))
+            for g in cutlass.range_constexpr(GT):
+                x = sv[g]
+                for e in cutlass.range_constexpr(8):
+                    x = x + sq[g * self.D + c * 8 + e] * kf[e]
+                sv[g] = x
+        pv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        for g in cutlass.range_constexpr(GT):
+            s = sv[g]
+            if lane >= nkeys:
+                s = -Float32.inf
+            m_new = cute.arch.fmax(m[g], _warp_max(s))
+            m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
+            corr = cute.math.exp2(m[g] - m_use, fastmath=True)
+            p = cute.math.exp2(s - m_use, fastmath=True)
+            lsum[g] = lsum[g] * corr + p
+            acc[None, g].store(acc[None, g].load() * corr)
+            m[g] = m_new
+            pv[g] = p
+        for kk in cutlass.range(nkeys, unroll=self.v_unroll):
+            vp = v + cute.assume(vrow0 + Int64(t0 + kk) * v_st, divby=8)
+            vv = cute.make_tensor((vp + lane * VEC).align(VEC * 2), cute.make_layout(VEC)).load().to(Float32)
+            for g in cutlass.range_constexpr(GT):
+                pk = cute.arch.shuffle_sync(pv[g], kk)
+                acc[None, g].store(acc[None, g].load() + pk * vv)
+
+    @cute.jit
+    def finish(self, m: cute.Tensor, lsum: cute.Tensor, acc: cute.Tensor, sm: cute.Tensor, sl: cute.Tensor,
+               sacc: cute.Tensor, tid: Int32, r: Int32, h0: Int32, H: Int32, total_q: Int32, splits: Int32, sp: Int32,
+               out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer):
+        """Every head's warp states into shared memory (head ``g``: ``sm[g * NW + w]``,
+        ``sl[...]``, ``sacc[(g * NW + w) * D + d]``), then merged in warp order into row ``r``'s
+        output (one split) or stored as split ``sp``'s state. Contains barriers."""
+        D = self.D
+        VEC = self.VEC
+        NW = ATTEND_WARPS
+        lane = tid % 32
+        warp = tid // 32
+        for g in cutlass.range_constexpr(self.GT):
+            tot = _warp_sum(lsum[g])
+            if lane == 0:
+                sm[g * NW + warp] = m[g]
+                sl[g * NW + warp] = tot
+            for e in cutlass.range_constexpr(VEC):
+                sacc[(g * NW + warp) * D + lane * VEC + e] = acc[e, g]
+        cute.arch.sync_threads()
+        row = Int64(r)
+        for g in cutlass.range_constexpr(self.GT):
+            tm = cute.make_tensor(sm.iterator + g * NW, cute.make_layout(NW))
+            tl = cute.make_tensor(sl.iterator + g * NW, cute.make_layout(NW))
+            tacc = cute.make_tensor(sacc.iterator + g * NW * D, cute.make_layout(NW * D))
+            if splits == 1:
+                merge_states(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H,
+                             total_q, self.dtype)
+            else:
+                store_state(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
+                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
+
+    def shared_tensors(self, smem):
+        """The query rows and the warps' states in shared memory: (sq, sm, sl, sacc)."""
+        GT, D, NW = self.GT, self.D, ATTEND_WARPS
+        sq = smem.allocate_tensor(Float32, cute.make_layout(GT * D), 16)
+        sm = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
+        sl = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
+        sacc = smem.allocate_tensor(Float32, cute.make_layout(GT * NW * D), 16)
+        return sq, sm, sl, sacc
+
+    @cute.jit
+    def states(self):
+        """Fresh online-softmax states of the GT heads: (max, sum, output) per lane."""
+        m = cute.make_rmem_tensor(cute.make_layout(self.GT), Float32)
+        lsum = cute.make_rmem_tensor(cute.make_layout(self.GT), Float32)
+        acc = cute.make_rmem_tensor(cute.make_layout((self.VEC, self.GT)), Float32)
+        m.fill(-Float32.inf)
+        lsum.fill(0.0)
+        acc.fill(0.0)
+        return m, lsum, acc
+
+
+class DecodeAttendKernel(_AttendBase):
+    """Selection and attention of one (output row, head, key split) per CTA (see the module
+    doc), grid (total_q, H, splits); the row's sequence comes from a binary search of
+    ``cu_seqlens_q``. The selected chunks' 32-key pieces are numbered slot by slot; split
+    ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to its warps. One split: the CTA writes ``out``/``lse``; several: its merged state goes to
+    ``part_ml`` (max, sum) / ``part_acc`` (unnormalized output) for :class:`DecodeMergeKernel`.
+    Every split recomputes the selection (a few microseconds, the scores are in L2)."""
+
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool):
+        super().__init__(dtype, head_dim, padded, causal, 1, ATTEND_V_UNROLL)
 
     @cute.jit
     def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
@@ -321,41 +446,6 @@ class DecodeAttendKernel:
                 if tid == 0:
                     ssel[first + rnd] = wj
 
-    @cute.jit
-    def attend_piece(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
-                     t0: Int32, nkeys: Int32, sq: cute.Tensor, lane: Int32, m: Float32, lsum: Float32,
-                     acc: cute.Tensor):
-        """Online softmax of one warp over keys ``t0 .. t0 + nkeys - 1`` (``1 <= nkeys <= 32``):
-        lane ``t`` computes key ``t0 + t``'s score, then every lane accumulates its ``D / 32``
-        output elements. ``krow0`` / ``vrow0``: element offsets of key 0 of this KV head."""
-        t = t0 + cutlass.min(lane, nkeys - 1)  # (lanes past the end re-read the last key)
-        kp = k + cute.assume(krow0 + Int64(t) * k_st, divby=8)
-        kr = cute.make_rmem_tensor(cute.make_layout((8, self.PIECES)), self.dtype)
-        for c in cutlass.range_constexpr(self.PIECES):
-            kr[None, c].store(cute.make_tensor(kp + c * 8, cute.make_layout(8)).load())
-        s = Float32(0.0)
-        kf = cute.make_rmem_tensor(cute.make_layout(8), Float32)
-        for c in cutlass.range_constexpr(self.PIECES):
-            kf.store(kr[None, c].load().to(Float32))
-            for e in cutlass.range_constexpr(8):
-                s = s + sq[c * 8 + e] * kf[e]
-        if lane >= nkeys:
-            s = -Float32.inf
-        m_new = cute.arch.fmax(m, _warp_max(s))
-        m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
-        corr = cute.math.exp2(m - m_use, fastmath=True)
-        p = cute.math.exp2(s - m_use, fastmath=True)
-        lsum = lsum * corr + p
-        a = acc.load() * corr
-        for kk in cutlass.range(nkeys, unroll=8):
-            pk = cute.arch.shuffle_sync(p, kk)
-            vp = v + cute.assume(vrow0 + Int64(t0 + kk) * v_st, divby=8)
-            vv = cute.make_tensor((vp + lane * self.VEC).align(self.VEC * 2), cute.make_layout(self.VEC)).load().to(
-                Float32)
-            a = a + pk * vv
-        acc.store(a)
-        return m_new, lsum
-
     @cute.kernel
     def kernel(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
                scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
@@ -365,8 +455,6 @@ class DecodeAttendKernel:
                scale_log2: Float32):
         tid, _, _ = cute.arch.thread_idx()
         r, h, sp = cute.arch.block_idx()
-        D = self.D
-        VEC = self.VEC
         NW = ATTEND_WARPS
         lane = tid % 32
         warp = tid // 32
@@ -374,10 +462,7 @@ class DecodeAttendKernel:
         ssc = smem.allocate_tensor(Float32, cute.make_layout(MAX_CHUNKS), 16)
         sarg = smem.allocate_tensor(Float32, cute.make_layout(4 * NW), 16)
         ssel = smem.allocate_tensor(Int32, cute.make_layout(MAX_TOPK), 16)
-        sq = smem.allocate_tensor(Float32, cute.make_layout(D), 16)
-        sm = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)
-        sl = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)
-        sacc = smem.allocate_tensor(Float32, cute.make_layout(NW * D), 16)
+        sq, sm, sl, sacc = self.shared_tensors(smem)
 
         # every row writes its output: rows outside the sequences get 0 and -inf
         b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
@@ -403,11 +488,8 @@ class DecodeAttendKernel:
         nslots = cutlass.select_(valid, first + take, Int32(0))
         srow = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
         self.select(scores, srow, ncand, take, first, ssc, sarg, ssel, tid)
-        # the query row, scaled into the log2 domain
         if valid:
-            qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
-            for d in cutlass.range(tid, D, ATTEND_THREADS, unroll=1):
-                sq[d] = _g(qp)[d].to(Float32) * scale_log2
+            self.load_q(q, Int64(b) * q_sb + (qbase + Int64(i)) * q_st, h, q_sh, scale_log2, sq, tid)
         cute.arch.sync_threads()
 
         # this split's 32-key pieces of the selected chunks, round-robin over the warps
@@ -416,10 +498,7 @@ class DecodeAttendKernel:
         per = (chunk + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE
         lo = sp * pps
         hi = cutlass.min(lo + pps, nslots * per)
-        m = -Float32.inf
-        lsum = Float32(0.0)
-        acc = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
-        acc.fill(0.0)
+        m, lsum, acc = self.states()
         for it in cutlass.range(lo + warp, hi, NW, unroll=1):
             s = it // per
             c0 = ssel[s] * chunk
@@ -429,25 +508,12 @@ class DecodeAttendKernel:
                 end = cutlass.min(end, p + 1)
             nkeys = cutlass.min(end - t0, Int32(KEYS_PER_PIECE))
             if nkeys > 0:
-                m, lsum = self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
+                self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
 
-        lsum = _warp_sum(lsum)
-        if lane == 0:
-            sm[warp] = m
-            sl[warp] = lsum
-        for e in cutlass.range_constexpr(VEC):
-            sacc[warp * D + lane * VEC + e] = acc[e]
-        cute.arch.sync_threads()
-        row = Int64(r)
-        if splits == 1:
-            merge_states(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h, H, total_q,
-                         self.dtype)
-        else:
-            store_state(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
-                        (row * Int64(H) + Int64(h)) * Int64(splits) + Int64(sp))
+        self.finish(m, lsum, acc, sm, sl, sacc, tid, r, h, H, total_q, splits, sp, out, lse, part_ml, part_acc)
 
 
-class DecodeAttendAllKernel:
+class DecodeAttendAllKernel(_AttendBase):
     """The decode attention when ``topk`` covers every chunk of the longest sequence, so each row
     attends to all its visible keys (causal: keys ``0 .. p``; else all): no scores and no
     selection, and ``GT`` query heads of one KV head share each key and value they read (with
@@ -457,15 +523,8 @@ class DecodeAttendAllKernel:
     Outputs and split states as :class:`DecodeAttendKernel`'s."""
 
     def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int):
-        assert head_dim % 32 == 0 and head_dim <= 256 and 1 <= group <= ATTEND_WARPS
-        self.dtype = dtype
-        self.D = head_dim
-        self.padded = padded
-        self.causal = causal
-        self.GT = group
-        self.VEC = head_dim // 32
-        self.PIECES = head_dim // 8
-        self.v_unroll = all_v_unroll("float16" if dtype == cutlass.Float16 else "bfloat16", head_dim, group)
+        name = "float16" if dtype == cutlass.Float16 else "bfloat16"
+        super().__init__(dtype, head_dim, padded, causal, group, all_v_unroll(name, head_dim, group))
 
     @cute.jit
     def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
@@ -480,50 +539,6 @@ class DecodeAttendAllKernel:
             grid=(total_q, H // self.GT, splits), block=(ATTEND_THREADS, 1, 1), stream=stream,
             min_blocks_per_mp=ATTEND_MIN_CTAS, preferred_smem_carveout=100)
 
-    @cute.jit
-    def attend_piece(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
-                     t0: Int32, nkeys: Int32, sq: cute.Tensor, lane: Int32, m: cute.Tensor, lsum: cute.Tensor,
-                     acc: cute.Tensor):
-        """:meth:`DecodeAttendKernel.attend_piece` for the GT heads at once (head ``g``'s state:
-        ``m[g]``, ``lsum[g]``, ``acc[None, g]``); each key and value row is loaded once."""
-        GT = self.GT
-        VEC = self.VEC
-        t = t0 + cutlass.min(lane, nkeys - 1)
-        kp = k + cute.assume(krow0 + Int64(t) * k_st, divby=8)
-        kr = cute.make_rmem_tensor(cute.make_layout((8, self.PIECES)), self.dtype)
-        for c in cutlass.range_constexpr(self.PIECES):
-            kr[None, c].store(cute.make_tensor(kp + c * 8, cute.make_layout(8)).load())
-        # every head's score, one key piece after the other (its registers free up as it is used)
-        sv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
-        sv.fill(0.0)
-        kf = cute.make_rmem_tensor(cute.make_layout(8), Float32)
-        for c in cutlass.range_constexpr(self.PIECES):
-            kf.store(kr[None, c].load().to(Float32))
-            for g in cutlass.range_constexpr(GT):
-                x = sv[g]
-                for e in cutlass.range_constexpr(8):
-                    x = x + sq[g * self.D + c * 8 + e] * kf[e]
-                sv[g] = x
-        pv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
-        for g in cutlass.range_constexpr(GT):
-            s = sv[g]
-            if lane >= nkeys:
-                s = -Float32.inf
-            m_new = cute.arch.fmax(m[g], _warp_max(s))
-            m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
-            corr = cute.math.exp2(m[g] - m_use, fastmath=True)
-            p = cute.math.exp2(s - m_use, fastmath=True)
-            lsum[g] = lsum[g] * corr + p
-            acc[None, g].store(acc[None, g].load() * corr)
-            m[g] = m_new
-            pv[g] = p
-        for kk in cutlass.range(nkeys, unroll=self.v_unroll):
-            vp = v + cute.assume(vrow0 + Int64(t0 + kk) * v_st, divby=8)
-            vv = cute.make_tensor((vp + lane * VEC).align(VEC * 2), cute.make_layout(VEC)).load().to(Float32)
-            for g in cutlass.range_constexpr(GT):
-                pk = cute.arch.shuffle_sync(pv[g], kk)
-                acc[None, g].store(acc[None, g].load() + pk * vv)
-
     @cute.kernel
     def kernel(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
                out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer, q_sb: Int64,
@@ -532,19 +547,13 @@ class DecodeAttendAllKernel:
                splits: Int32, pps: Int32, scale_log2: Float32):
         tid, _, _ = cute.arch.thread_idx()
         r, hg, sp = cute.arch.block_idx()
-        D = self.D
-        GT = self.GT
-        VEC = self.VEC
         NW = ATTEND_WARPS
         lane = tid % 32
         warp = tid // 32
         smem = cutlass.utils.SmemAllocator()
-        sq = smem.allocate_tensor(Float32, cute.make_layout(GT * D), 16)
-        sm = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
-        sl = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
-        sacc = smem.allocate_tensor(Float32, cute.make_layout(GT * NW * D), 16)
+        sq, sm, sl, sacc = self.shared_tensors(smem)
 
-        h0 = hg * GT  # the group's first query head (GT divides H / Hk: one KV head)
+        h0 = hg * self.GT  # the group's first query head (GT divides H / Hk: one KV head)
         # every row writes its output: rows outside the sequences get 0 and -inf
         b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
         hk = h0 // (H // Hk)
@@ -553,49 +562,21 @@ class DecodeAttendAllKernel:
             end = cutlass.max(cutlass.min(i + lk - nq + 1, lk), Int32(0))
         end = cutlass.select_(valid, end, Int32(0))
         if valid:
-            for x in cutlass.range(tid, GT * D, ATTEND_THREADS, unroll=1):
-                g = x // D
-                qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h0 + g) * q_sh,
-                                     divby=8)
-                sq[x] = _g(qp)[x - g * D].to(Float32) * scale_log2
+            self.load_q(q, Int64(b) * q_sb + (qbase + Int64(i)) * q_st, h0, q_sh, scale_log2, sq, tid)
         cute.arch.sync_threads()
 
         krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
         vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
         lo = sp * pps
         hi = cutlass.min(lo + pps, (end + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE)
-        m = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
-        lsum = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
-        acc = cute.make_rmem_tensor(cute.make_layout((VEC, GT)), Float32)
-        m.fill(-Float32.inf)
-        lsum.fill(0.0)
-        acc.fill(0.0)
+        m, lsum, acc = self.states()
         for it in cutlass.range(lo + warp, hi, NW, unroll=1):
             t0 = it * KEYS_PER_PIECE
             nkeys = cutlass.min(end - t0, Int32(KEYS_PER_PIECE))
             if nkeys > 0:
                 self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
 
-        # per head g: the warps' states at sm[g * NW + w], sl[...], sacc[(g * NW + w) * D + d]
-        for g in cutlass.range_constexpr(GT):
-            tot = _warp_sum(lsum[g])
-            if lane == 0:
-                sm[g * NW + warp] = m[g]
-                sl[g * NW + warp] = tot
-            for e in cutlass.range_constexpr(VEC):
-                sacc[(g * NW + warp) * D + lane * VEC + e] = acc[e, g]
-        cute.arch.sync_threads()
-        row = Int64(r)
-        for g in cutlass.range_constexpr(GT):
-            tm = cute.make_tensor(sm.iterator + g * NW, cute.make_layout(NW))
-            tl = cute.make_tensor(sl.iterator + g * NW, cute.make_layout(NW))
-            tacc = cute.make_tensor(sacc.iterator + g * NW * D, cute.make_layout(NW * D))
-            if splits == 1:
-                merge_states(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H,
-                             total_q, self.dtype)
-            else:
-                store_state(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
-                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
+        self.finish(m, lsum, acc, sm, sl, sacc, tid, r, h0, H, total_q, splits, sp, out, lse, part_ml, part_acc)
 
 
 class DecodeMergeKernel:

@@ -18,10 +18,7 @@ sequence) or a row selects many keys (large chunks): :func:`splits_for`, per cal
 
 from __future__ import annotations
 
-
 import torch
-
-from . import common
 
 from ..configs import decode as cfg
 from . import common
@@ -63,11 +60,8 @@ def head_group(num_heads, num_kv_heads, head_dim):
     """Query heads of one KV head that one CTA of the every-chunk kernel serves together: the
     largest divisor of the GQA group size within ``ATTEND_WARPS`` whose output state fits
     ``GROUP_ACC_REGS`` registers per lane (1 for head dims over ``GROUP_MAX_HEAD_DIM``)."""
-    if head_dim > cfg.GROUP_MAX_HEAD_DIM:
-        return 1
     G = num_heads // num_kv_heads
-    vec = head_dim // 32
-    return max(g for g in range(1, min(G, cfg.ATTEND_WARPS) + 1) if G % g == 0 and g * vec <= cfg.GROUP_ACC_REGS)
+    return max(g for g in group_sizes(head_dim) if G % g == 0)
 
 
 def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
@@ -99,11 +93,12 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
 
 
 def group_sizes(head_dim):
-    """Every head-group size :func:`head_group` can pick for ``head_dim`` (the compile tests)."""
+    """Every head-group size :func:`head_group` can pick for ``head_dim`` (1 always): at most
+    ``ATTEND_WARPS`` heads whose output state fits ``GROUP_ACC_REGS`` registers per lane, only 1
+    over ``GROUP_MAX_HEAD_DIM``."""
     if head_dim > cfg.GROUP_MAX_HEAD_DIM:
         return [1]
-    vec = head_dim // 32
-    return [g for g in range(1, cfg.ATTEND_WARPS + 1) if g * vec <= cfg.GROUP_ACC_REGS]
+    return [g for g in range(1, cfg.ATTEND_WARPS + 1) if g * (head_dim // 32) <= cfg.GROUP_ACC_REGS]
 
 
 def splits_for(pairs, pieces, sms):
@@ -167,8 +162,8 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     tensors = []
     for t in (q, k, v):
         st, ok = _strides(t, padded)
-        if not ok:
-            t = t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+        if not ok:  # (a copy, contiguous and 16-byte aligned)
+            t = common.kernel_input(t)
             st, _ = _strides(t, padded)
         strides.append(st)
         tensors.append(t)
