@@ -35,6 +35,11 @@ CASES = [
     ([2, 1], [33000, 5000], 32, 4, 4096, 12, True),  # GQA 8, every chunk selected: head groups
     ([1], [70000], 8, 8, 4096, 12, False),  # no GQA, non-causal, large chunks
     ([2, 3], [50, 1000], 8, 2, 64, 16, False),  # non-causal, topk covers every chunk
+    # chunks of 1024+ keys: the group kernel over the union of the heads' selections
+    ([3, 1], [9000, 5000], 12, 4, 1024, 4, True),  # 3 heads per CTA, several queries
+    ([1, 2], [6000, 3000], 8, 4, 1024, 2, False),  # 2 heads per CTA, non-causal
+    ([2], [2000], 8, 2, 1024, 1, True),  # own chunk only
+    ([1, 1], [7000, 2100], 8, 2, 1030, 3, True),  # chunks not a multiple of the key tile
 ]
 
 
@@ -66,19 +71,21 @@ def test_decode_varlen(case, D, dtype):
     assert torch.equal(o, o2) and torch.equal(l, l2), "not bitwise deterministic"
 
 
+@pytest.mark.parametrize("C,K", [(64, 4), (1024, 2), (4096, 2)], ids=["per-head", "group-select", "every-chunk"])
 @pytest.mark.parametrize("D", [32, 256])
-def test_decode_other_head_dims(D):
-    lq, lk = [1, 2], [1500, 333]
+def test_decode_other_head_dims(D, C, K):
+    lq, lk = [1, 2], [5000, 333]
     q, k, v, cq, ck = make_batch(lq, lk, 4, 2, D, dtype=torch.bfloat16, device="cuda", seed=7)
-    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 2, 1500, 64, 4, return_lse=True, softmax_scale=0.2,
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 2, 5000, C, K, return_lse=True, softmax_scale=0.2,
                                       backend="cute")
-    _compare(o, l, q, k, v, cq, ck, 2, 1500, 64, 4, True, 0.2, torch.bfloat16)
+    _compare(o, l, q, k, v, cq, ck, 2, 5000, C, K, True, 0.2, torch.bfloat16)
 
 
+@pytest.mark.parametrize("C,K", [(128, 4), (1024, 2), (1024, 3)], ids=["per-head", "group-select", "every-chunk"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_decode_padded_cache_layout_in_place(n):
+def test_decode_padded_cache_layout_in_place(n, C, K):
     """transformers' cache (B, Hk, S, D) and query (B, H, n, D), transposed views: read in place."""
-    B, H, Hk, D, S, C, K = 3, 8, 2, 128, 2500, 128, 4
+    B, H, Hk, D, S = 3, 8, 2, 128, 2500
     g = torch.Generator(device="cuda").manual_seed(11)
     kc = torch.randn(B, Hk, S, D, device="cuda", generator=g).to(torch.bfloat16)
     vc = torch.randn(B, Hk, S, D, device="cuda", generator=g).to(torch.bfloat16)
@@ -141,14 +148,15 @@ def test_decode_cuda_graph():
     assert torch.equal(out, eager)
 
 
-def test_decode_nan_key_reaches_rows_that_see_it():
+@pytest.mark.parametrize("C,L,H", [(64, 1000, 2), (1024, 6000, 4)], ids=["per-head", "group-select"])
+def test_decode_nan_key_reaches_rows_that_see_it(C, L, H):
     """A NaN key makes its chunk's score NaN (ranked first, as in the reference) and every row
     attending it NaN; rows of other sequences stay finite."""
-    lq, lk = [1, 1], [1000, 1000]
-    q, k, v, cq, ck = make_batch(lq, lk, 2, 2, 64, dtype=torch.bfloat16, device="cuda", seed=4)
-    k[100, 0, 5] = float("nan")  # sequence 0, chunk 1, KV head 0
-    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 1, 1000, 64, 3, return_lse=True, backend="cute")
-    o32, l32 = reference.attention(q, k, v, reference.route(q, k, cq, ck, 1, 1000, 64, 3))
+    lq, lk = [1, 1], [L, L]
+    q, k, v, cq, ck = make_batch(lq, lk, H, 2, 64, dtype=torch.bfloat16, device="cuda", seed=4)
+    k[C + 36, 0, 5] = float("nan")  # sequence 0, chunk 1, KV head 0
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 1, L, C, 3, return_lse=True, backend="cute")
+    o32, l32 = reference.attention(q, k, v, reference.route(q, k, cq, ck, 1, L, C, 3))
     assert torch.equal(torch.isnan(o), torch.isnan(o32))
     assert torch.isnan(o[0, 0]).all() and not torch.isnan(o[1]).any()
 

@@ -18,26 +18,32 @@ MAX_GRID_Y = 65535
 MAX_SCORES = 1 << 28
 
 SCORE_THREADS = 128  # centroid + score kernel: one CTA per (sequence, chunk, KV head)
+#: ... and from this chunk size 1024 threads (few CTAs, each streaming a long chunk; H200, B = 1,
+#: 128K cached, C = 4096, Nsight Compute: 223 us with 128 threads, 121 with 256; the whole step
+#: 0.290 -> 0.247 ms from 256 to 1024)
+SCORE_WIDE_THREADS = 1024
+SCORE_WIDE_MIN_CHUNK = 1024
 SCORE_UNROLL = 4  # key rows per thread in flight in the centroid sum
-ATTEND_WARPS = 8  # attend kernel: one CTA per (sequence, row x head, key split)
-#: launch bound of the attend kernel (ptxas otherwise caps it at 64 registers and spills)
+ATTEND_WARPS = 8  # attend kernels: one CTA per (query row, head or head group, key split)
+#: launch bound of the attend kernels (ptxas otherwise caps them at 64 registers and spills)
 ATTEND_MIN_CTAS = 2
-KEYS_PER_PIECE = 32  # keys per warp step (one per lane in QK^T)
-ATTEND_V_UNROLL = 8  # value rows in flight per warp in the per-head attend kernel
+KEYS_PER_PIECE = 32  # keys per warp step of the per-head kernel (one per lane in QK^T)
+ATTEND_V_UNROLL = 8  # value rows in flight per warp in the per-head kernel
 MERGE_THREADS = 128
-#: every-chunk kernel: per-lane output registers of its heads (GT * D / 32) at most
-GROUP_ACC_REGS = 16
-
-
-def all_v_unroll(dtype_name: str, head_dim: int, group: int) -> int:
-    """Value rows in flight per warp in the every-chunk kernel: 4 (H200, B=1, 32K cached, C=4096,
-    4 heads per CTA: 0.080 ms; 2: 0.129 ms), 2 where 4 spills at 128 registers (ptxas: fp16
-    with 4 heads of 128 or 7 of 64, bf16 with 8 heads of 64)."""
-    if group * head_dim >= 448 and (dtype_name == "float16" or head_dim < 128):
-        return 2
-    return 4
-#: and head dims up to this (D = 256: a key piece alone takes 128 registers)
-GROUP_MAX_HEAD_DIM = 128
+#: group kernel (the query heads of a KV head per CTA): heads per CTA at most (a lane keeps 8
+#: dims of each head's query and output in fp32 registers)
+GROUP_MAX_HEADS = 4
+#: keys per lane and tile, and tiles in a lane's cp.async ring (one in flight while one is used:
+#: 128 KB of shared memory, so one CTA per SM, which also lifts the register cap). H200, graph
+#: replay, ms per step at B = 1 / 8, 128K cached, C = 4096, K = 12: (8, 2) 0.247 / 1.725, (8, 3)
+#: 0.247 / 1.721, (4, 3) 0.267 / 1.898, (4, 4) 0.267 / 1.902 (fits sm80's 163 KB too)
+GROUP_KEYS_PER_LANE = 8
+GROUP_STAGES = 2
+GROUP_MIN_CTAS = 1
+#: selective calls take the group kernel (the union of a head group's chunks read once) from
+#: this chunk size, with at most GROUP_MAX_CHUNKS chunks; smaller chunks the per-head kernel
+GROUP_SELECT_MIN_CHUNK = 1024
+GROUP_MAX_CHUNKS = 512
 MAX_SPLITS = 64
 #: CTAs per SM the key splits aim for (8 measured no faster on the H200), and the fewest 32-key
 #: pieces per warp of a split

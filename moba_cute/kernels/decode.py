@@ -9,7 +9,7 @@ Here two kernels do the step, reading K once and K/V only of the selected chunks
   sum of its real keys in a fixed order, divided by its length: SPEC section 1.2) and its exact
   fp32 score with every query row of the sequence for the query heads of that KV head, written to
   ``scores[b, i, h, j]``. Cost: all of K once (the floor when centroids are not cached) plus
-  ``4 * rows * heads * chunks`` bytes.
+  ``4 * rows * heads * chunks`` bytes. 128 threads, or 1024 for long chunks (few CTAs).
 * :class:`DecodeAttendKernel`, one CTA per (query row, head, key split): the selection (own chunk
   forced when causal; the best ``topk - 1`` past chunks by repeated arg-max over the scores in
   shared memory, NaN ranked as +inf, ties to the larger chunk: the reference's rule), then
@@ -17,9 +17,11 @@ Here two kernels do the step, reading K once and K/V only of the selected chunks
   an online softmax), merged in a fixed warp order (bitwise deterministic). Cost: the selected
   chunks' K and V once per (row, head).
 
-* :class:`DecodeAttendAllKernel` instead of both when ``topk`` covers every chunk (dense layers,
-  short caches): every visible key, no scores, ``GT`` query heads of a KV head per CTA sharing
-  each row they load.
+* :class:`DecodeGroupKernel`, one CTA per (query row, group of ``GT`` query heads of one KV head,
+  key split), reading each key and value row once for the group: when ``topk`` covers every
+  chunk (dense layers, short caches: no scores, every visible key) and, after the scores, for
+  long chunks (each head's selection, then the union of the group's chunks with per-head masks).
+  K/V pieces are staged per lane with cp.async.
 * :class:`DecodeMergeKernel` when a row's keys were split over several CTAs: the splits' states
   in split order.
 
@@ -30,8 +32,8 @@ as ``(B, S, Hk, D)`` without a copy. Output ``(total_q, H, D)`` and LSE ``(H, to
 other forward kernels write them; the attend kernels run one CTA per output row (and head, key
 split), so every row is written. Cost model and figures: docs/design.md section 10.
 
-Compile keys: ("decode_scores", dtype, D, padded), ("decode_attend", dtype, D, padded, causal),
-("decode_attend_all", dtype, D, padded, causal, GT), ("decode_merge", dtype, D).
+Compile keys: ("decode_scores", dtype, D, padded, threads), ("decode_attend", dtype, D, padded,
+causal), ("decode_group", dtype, D, padded, causal, GT, select), ("decode_merge", dtype, D).
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 
-from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_V_UNROLL, ATTEND_WARPS, KEYS_PER_PIECE, MAX_CHUNKS,
-                              MAX_TOPK, MERGE_THREADS, SCORE_THREADS, SCORE_UNROLL, all_v_unroll)
+from cutlass.cute.nvgpu import cpasync
+
+from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_V_UNROLL, ATTEND_WARPS, GROUP_KEYS_PER_LANE, GROUP_MAX_CHUNKS,
+                              GROUP_MAX_HEADS, GROUP_MIN_CTAS, GROUP_STAGES, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK, MERGE_THREADS,
+                              SCORE_UNROLL)
 from .centroids import clamp_seq, find_segment
 
 ATTEND_THREADS = 32 * ATTEND_WARPS
@@ -89,13 +94,14 @@ class DecodeScoresKernel:
     """Chunk centroids and their scores with the sequence's query rows (see the module doc).
     Grid (B, chunk bound, Hk); rows of the sequence past ``max_q`` are not scored."""
 
-    def __init__(self, dtype, head_dim: int, padded: bool):
-        assert head_dim % 32 == 0 and head_dim <= 256
+    def __init__(self, dtype, head_dim: int, padded: bool, threads: int):
+        assert head_dim % 32 == 0 and head_dim <= 256 and threads % 32 == 0
         self.dtype = dtype
         self.D = head_dim
         self.padded = padded
+        self.threads = threads
         self.CV = head_dim // 8  # threads per key row (16-byte pieces)
-        self.R = SCORE_THREADS // self.CV  # key rows summed side by side
+        self.R = threads // self.CV  # key rows summed side by side
         self.VEC = head_dim // 32  # query elements per lane in the dot products
 
     @cute.jit
@@ -104,7 +110,7 @@ class DecodeScoresKernel:
                  k_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32, max_q: Int32,
                  chunk: Int32, nchunks: Int32, stream: cuda.CUstream):
         self.kernel(q, k, cu_q, cu_k, scores, q_sb, q_st, q_sh, k_sb, k_st, k_sh, H, Hk, total_q, total_k, max_q,
-                    chunk, nchunks).launch(grid=(B, nchunks, Hk), block=(SCORE_THREADS, 1, 1), stream=stream)
+                    chunk, nchunks).launch(grid=(B, nchunks, Hk), block=(self.threads, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, q: cute.Pointer, k: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, scores: cute.Pointer,
@@ -117,7 +123,7 @@ class DecodeScoresKernel:
         R = self.R
         VEC = self.VEC
         smem = cutlass.utils.SmemAllocator()
-        sred = smem.allocate_tensor(Float32, cute.make_layout(R * D), 16)
+        sred = smem.allocate_tensor(Float32, cute.make_layout(R * D), 16)  # (up to 64 KB)
         scent = smem.allocate_tensor(Float32, cute.make_layout(D), 16)
 
         qs, qe = clamp_seq(cu_q, b, total_q)
@@ -141,7 +147,7 @@ class DecodeScoresKernel:
             for e in cutlass.range_constexpr(8):
                 sred[ty * D + cv * 8 + e] = acc[e]
             cute.arch.sync_threads()
-            for d in cutlass.range(tid, D, SCORE_THREADS):
+            for d in cutlass.range(tid, D, self.threads):
                 s = Float32(0.0)
                 for r in cutlass.range_constexpr(R):
                     s = s + sred[r * D + d]
@@ -154,7 +160,7 @@ class DecodeScoresKernel:
             cen = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
             for e in cutlass.range_constexpr(VEC):
                 cen[e] = scent[lane * VEC + e]
-            for r in cutlass.range(warp, nq * G, SCORE_THREADS // 32, unroll=1):
+            for r in cutlass.range(warp, nq * G, self.threads // 32, unroll=1):
                 i = r // G
                 h = hk * G + (r - i * G)
                 qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
@@ -207,11 +213,11 @@ def merge_states(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, 
     with nothing attended has ``tm = -inf``, ``tl = 0``; an empty row gets 0 and -inf, a NaN
     sum propagates)."""
     M = -Float32.inf
-    for s in cutlass.range(n, unroll=1):
+    for s in cutlass.range(n, unroll=8):
         M = cute.arch.fmax(M, tm[s])
     M_use = cutlass.select_(M == -Float32.inf, Float32(0.0), M)
     L = Float32(0.0)
-    for s in cutlass.range(n, unroll=1):
+    for s in cutlass.range(n, unroll=8):
         L = L + tl[s] * cute.math.exp2(tm[s] - M_use, fastmath=True)
     live = (L > Float32(0.0)) | (L != L)
     inv = Float32(0.0)
@@ -219,7 +225,7 @@ def merge_states(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, 
         inv = cute.arch.rcp_approx(L)
     for d in cutlass.range(tid, D, nthreads, unroll=1):
         o = Float32(0.0)
-        for s in cutlass.range(n, unroll=1):
+        for s in cutlass.range(n, unroll=8):  # (loads in flight: the states may be in L2)
             o = o + tacc[s * D + d] * cute.math.exp2(tm[s] - M_use, fastmath=True)
         _g(out)[(row * Int64(H) + Int64(h)) * Int64(D) + Int64(d)] = (o * inv).to(dtype)
     if tid == 0:
@@ -235,26 +241,27 @@ def store_state(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D
     """``n`` states (as for :func:`merge_states`) merged in order into one unnormalized state,
     written as split ``pidx``'s (max, sum) and output for :class:`DecodeMergeKernel`."""
     M = -Float32.inf
-    for s in cutlass.range(n, unroll=1):
+    for s in cutlass.range(n, unroll=8):
         M = cute.arch.fmax(M, tm[s])
     M_use = cutlass.select_(M == -Float32.inf, Float32(0.0), M)
     for d in cutlass.range(tid, D, nthreads, unroll=1):
         o = Float32(0.0)
-        for s in cutlass.range(n, unroll=1):
+        for s in cutlass.range(n, unroll=8):  # (loads in flight: the states may be in L2)
             o = o + tacc[s * D + d] * cute.math.exp2(tm[s] - M_use, fastmath=True)
         _g(part_acc)[pidx * Int64(D) + Int64(d)] = o
     if tid == 0:
         L = Float32(0.0)
-        for s in cutlass.range(n, unroll=1):
+        for s in cutlass.range(n, unroll=8):
             L = L + tl[s] * cute.math.exp2(tm[s] - M_use, fastmath=True)
         _g(part_ml)[pidx * Int64(2)] = M
         _g(part_ml)[pidx * Int64(2) + Int64(1)] = L
 
 
 class _AttendBase:
-    """What the two attend kernels share: ``GT`` query heads of one KV head per CTA (1 for the
-    per-head kernel), the query rows in shared memory, the warp step over one 32-key piece, and
-    the end (the warps' states merged into the output, or stored as the split's state)."""
+    """The per-head kernel's parts, written for ``GT`` query heads of one KV head per CTA (the
+    per-head kernel uses 1; :class:`DecodeGroupKernel` is the faster way to share rows): the query
+    rows in shared memory, the warp step over one 32-key piece, and the end (the warps' states
+    merged into the output, or stored as the split's state)."""
 
     def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, v_unroll: int):
         assert head_dim % 32 == 0 and head_dim <= 256 and 1 <= group <= ATTEND_WARPS
@@ -513,18 +520,42 @@ class DecodeAttendKernel(_AttendBase):
         self.finish(m, lsum, acc, sm, sl, sacc, tid, r, h, H, total_q, splits, sp, out, lse, part_ml, part_acc)
 
 
-class DecodeAttendAllKernel(_AttendBase):
-    """The decode attention when ``topk`` covers every chunk of the longest sequence, so each row
-    attends to all its visible keys (causal: keys ``0 .. p``; else all): no scores and no
-    selection, and ``GT`` query heads of one KV head share each key and value they read (with
-    GQA the per-head kernel would read them ``GT`` times). One CTA per (output row, head group,
-    key split), grid (total_q, H / GT, splits); the visible keys are cut into 32-key
-    pieces, split ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, round-robin over its warps.
-    Outputs and split states as :class:`DecodeAttendKernel`'s."""
+class DecodeGroupKernel:
+    """The ``GT`` query heads of one KV head per CTA (grid (total_q, H / GT, splits), 8 warps),
+    reading each key and value row once for all of them. ``select=False`` (``topk`` covers every
+    chunk of the longest sequence: dense layers, short caches): every visible key. ``select=True``
+    (large chunks, few of them): warp ``g`` selects head ``g``'s chunks (the per-head rule, in
+    warp-wide arg-max rounds), warp 0 lists the union of the heads' selections in chunk order with
+    each chunk's head mask, and the CTA attends over the union's keys, each head masked to its own
+    chunks (the bytes of the union, not of each head's selection).
 
-    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int):
-        name = "float16" if dtype == cutlass.Float16 else "bfloat16"
-        super().__init__(dtype, head_dim, padded, causal, group, all_v_unroll(name, head_dim, group))
+    Key rows are split over lanes: ``LPR = D / 8`` lanes hold 16 bytes each of one key, ``RW =
+    32 / LPR`` keys per warp step. Each lane copies its own pieces of the next tiles into a private
+    shared-memory ring with cp.async (``GROUP_STAGES`` tiles of ``GROUP_KEYS_PER_LANE`` keys in
+    flight, no barriers: a lane reads back only what it copied), and keeps its 8 dims of every
+    head's query (fp32, log2 domain) and output state in registers; a key's scores are summed over
+    its ``LPR`` lanes by butterfly shuffles. Tiles of ``T = RW * U`` keys are dealt round-robin to
+    the warps, split ``sp`` taking tiles ``[sp * pps, (sp + 1) * pps)``; each lane group keeps an
+    online softmax, and the ``8 * RW`` states per head merge in a fixed order (bitwise
+    deterministic). Outputs and split states as :class:`DecodeAttendKernel`'s."""
+
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, select: bool):
+        assert head_dim % 32 == 0 and head_dim <= 256 and 1 <= group <= GROUP_MAX_HEADS
+        self.dtype = dtype
+        self.D = head_dim
+        self.padded = padded
+        self.causal = causal
+        self.GT = group
+        self.select = select
+        self.LPR = head_dim // 8  # lanes per key row
+        self.RW = 32 // self.LPR  # key rows per warp step
+        self.U = GROUP_KEYS_PER_LANE
+        self.T = self.RW * self.U  # keys per warp tile
+        self.S = GROUP_STAGES
+        self.NS = ATTEND_WARPS * self.RW  # online-softmax states per head
+        self.RING = self.S * self.U * 2 * ATTEND_THREADS * 8  # ring elements (K and V pieces)
+        # the merge reuses the ring for the states' outputs
+        assert self.GT * self.NS * self.D * 4 <= self.RING * 2
 
     @cute.jit
     def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
@@ -533,50 +564,258 @@ class DecodeAttendAllKernel(_AttendBase):
                  k_sh: Int64, v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
                  total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
                  scale_log2: Float32, stream: cuda.CUstream):
-        # (the same arguments as DecodeAttendKernel; scores, chunk, nchunks and topk are unused)
-        self.kernel(q, k, v, cu_q, cu_k, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st,
-                    v_sh, B, H, Hk, total_q, total_k, max_q, splits, pps, scale_log2).launch(
-            grid=(total_q, H // self.GT, splits), block=(ATTEND_THREADS, 1, 1), stream=stream,
-            min_blocks_per_mp=ATTEND_MIN_CTAS, preferred_smem_carveout=100)
+        self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
+                    v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
+                    scale_log2).launch(grid=(total_q, H // self.GT, splits), block=(ATTEND_THREADS, 1, 1),
+                                       stream=stream, min_blocks_per_mp=GROUP_MIN_CTAS, preferred_smem_carveout=100)
+
+    @cute.jit
+    def union(self, scores: cute.Pointer, srow0: Int64, nchunks: Int32, ncand: Int32, take: Int32, own: Int32,
+              ssc: cute.Tensor, slist: cute.Tensor, tid: Int32):
+        """Head ``g``'s best ``take`` of chunks ``[0, ncand)`` (warp ``g``; scores of head ``g`` at
+        ``srow0 + g * nchunks``), then the union over the heads (plus the own chunk ``ncand`` when
+        ``own``) into ``slist`` in chunk order as ``chunk * 256 + head mask``; returns its length.
+        Contains barriers."""
+        lane = tid % 32
+        warp = tid // 32
+        MC = GROUP_MAX_CHUNKS
+        if warp < self.GT:
+            g = warp
+            gs = _g(scores)
+            srow = srow0 + Int64(g) * Int64(nchunks)
+            # lane c % 32 owns entry c: it loads it, ranks it and marks it taken (NaN)
+            for c in cutlass.range(lane, ncand, 32, unroll=1):
+                x = gs[srow + Int64(c)]
+                ssc[g * MC + c] = cutlass.select_(x != x, Float32.inf, x)  # NaN ranks as +inf
+                if take >= ncand:
+                    ssc[g * MC + c] = Float32.nan
+            if take < ncand:
+                for rnd in cutlass.range(take, unroll=1):
+                    bv = -Float32.inf
+                    bj = Int32(-1)
+                    for c in cutlass.range(lane, ncand, 32, unroll=1):
+                        x = ssc[g * MC + c]
+                        if (x == x) & _better(x, c, bv, bj):
+                            bv = x
+                            bj = c
+                    bv, bj = _warp_argmax(bv, bj)
+                    if bj >= 0:
+                        if bj % 32 == lane:
+                            ssc[g * MC + bj] = Float32.nan
+        cute.arch.sync_threads()
+        n = ncand + cutlass.select_(own != 0, Int32(1), Int32(0))
+        if warp == 0:
+            count = Int32(0)
+            below = cute.arch.lanemask_lt()
+            for base in cutlass.range(0, n, 32, unroll=1):
+                c = base + lane
+                bits = Int32(0)
+                if c < ncand:
+                    for g in cutlass.range_constexpr(self.GT):
+                        x = ssc[g * MC + c]
+                        bits = bits | cutlass.select_(x != x, Int32(1 << g), Int32(0))
+                elif c < n:
+                    bits = Int32((1 << self.GT) - 1)  # the own chunk: every head
+                ball = cute.arch.vote_ballot_sync(bits != 0)
+                if bits != 0:
+                    slist[count + cute.arch.popc(Int32(ball & Int32(below)))] = c * 256 + bits
+                count = count + cute.arch.popc(ball)
+            if lane == 0:
+                slist[MC] = count
+        cute.arch.sync_threads()
+        return slist[MC]
+
+    @cute.jit
+    def tile_keys(self, tile: Int32, end: Int32, chunk: Int32, tps: Int32, slist: cute.Tensor):
+        """Tile ``tile``'s first token, the end of its visible keys and the mask of heads that
+        attend to them (select: a chunk of the union takes ``tps`` tiles, the last one padded)."""
+        tbase = tile * self.T
+        limit = end
+        bits = Int32((1 << self.GT) - 1)
+        if cutlass.const_expr(self.select):
+            slot = tile // tps
+            ent = slist[cutlass.min(slot, Int32(GROUP_MAX_CHUNKS - 1))]
+            c0 = (ent >> 8) * chunk
+            tbase = c0 + (tile - slot * tps) * self.T
+            limit = cutlass.min(c0 + chunk, end)
+            bits = ent & 255
+        return tbase, limit, bits
+
+    @cute.jit
+    def issue(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
+              tile: Int32, stage: Int32, end: Int32, chunk: Int32, tps: Int32, slist: cute.Tensor, ring: cute.Tensor,
+              tid: Int32, atom: cutlass.Constexpr):
+        """This lane's K and V pieces of ``tile`` into ring ``stage`` (cp.async; keys past the end
+        copy key 0, masked later)."""
+        lane = tid % 32
+        kg = lane // self.LPR
+        dx = lane - kg * self.LPR
+        tbase, limit, _ = self.tile_keys(tile, end, chunk, tps, slist)
+        for u in cutlass.range_constexpr(self.U):
+            t = tbase + u * self.RW + kg
+            t = cutlass.select_(t < limit, t, Int32(0))
+            slot = cute.assume(((stage * self.U + u) * 2 * ATTEND_THREADS + tid) * 8, divby=8)
+            cute.copy(atom, cute.make_tensor(k + cute.assume(krow0 + Int64(t) * k_st + Int64(dx * 8), divby=8),
+                                             cute.make_layout(8)),
+                      cute.make_tensor(ring.iterator + slot, cute.make_layout(8)))
+            cute.copy(atom, cute.make_tensor(v + cute.assume(vrow0 + Int64(t) * v_st + Int64(dx * 8), divby=8),
+                                             cute.make_layout(8)),
+                      cute.make_tensor(ring.iterator + slot + ATTEND_THREADS * 8, cute.make_layout(8)))
+
+    @cute.jit
+    def compute(self, tile: Int32, stage: Int32, end: Int32, chunk: Int32, tps: Int32, slist: cute.Tensor,
+                ring: cute.Tensor, qr: cute.Tensor, m: cute.Tensor, lsum: cute.Tensor, acc: cute.Tensor, tid: Int32):
+        """The online-softmax step of this lane group over its ``U`` keys of ``tile`` (ring
+        ``stage``), for every head."""
+        GT, U = self.GT, self.U
+        lane = tid % 32
+        kg = lane // self.LPR
+        s = cute.make_rmem_tensor(cute.make_layout((U, GT)), Float32)
+        tbase, limit, tbits = self.tile_keys(tile, end, chunk, tps, slist)
+        for u in cutlass.range_constexpr(U):
+            bits = cutlass.select_(tbase + u * self.RW + kg < limit, tbits, Int32(0))
+            slot = cute.assume(((stage * U + u) * 2 * ATTEND_THREADS + tid) * 8, divby=8)
+            kf = cute.make_tensor(ring.iterator + slot, cute.make_layout(8)).load().to(Float32)
+            for g in cutlass.range_constexpr(GT):
+                part = Float32(0.0)
+                for e in cutlass.range_constexpr(8):
+                    part = part + qr[e, g] * kf[e]
+                for i in cutlass.range_constexpr(self.LPR.bit_length() - 1):  # sum over the row's lanes
+                    part = part + cute.arch.shuffle_sync_bfly(part, offset=self.LPR >> (i + 1))
+                s[u, g] = cutlass.select_(((bits >> g) & 1) != 0, part, -Float32.inf)
+        # scores -> probabilities (s reused), states rescaled
+        for g in cutlass.range_constexpr(GT):
+            mt = s[0, g]
+            for u in cutlass.range_constexpr(1, U):
+                mt = cute.arch.fmax(mt, s[u, g])
+            m_new = cute.arch.fmax(m[g], mt)
+            m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
+            corr = cute.math.exp2(m[g] - m_use, fastmath=True)
+            acc[None, g].store(acc[None, g].load() * corr)
+            ls = lsum[g] * corr
+            for u in cutlass.range_constexpr(U):
+                s[u, g] = cute.math.exp2(s[u, g] - m_use, fastmath=True)
+                ls = ls + s[u, g]
+            lsum[g] = ls
+            m[g] = m_new
+        for u in cutlass.range_constexpr(U):
+            slot = cute.assume(((stage * U + u) * 2 * ATTEND_THREADS + tid) * 8 + ATTEND_THREADS * 8, divby=8)
+            vf = cute.make_tensor(ring.iterator + slot, cute.make_layout(8)).load().to(Float32)
+            for g in cutlass.range_constexpr(GT):
+                acc[None, g].store(acc[None, g].load() + s[u, g] * vf)
 
     @cute.kernel
     def kernel(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
-               out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer, q_sb: Int64,
-               q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64, v_sb: Int64, v_st: Int64,
-               v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32, max_q: Int32,
-               splits: Int32, pps: Int32, scale_log2: Float32):
+               scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
+               part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
+               v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
+               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+               scale_log2: Float32):
         tid, _, _ = cute.arch.thread_idx()
         r, hg, sp = cute.arch.block_idx()
-        NW = ATTEND_WARPS
+        GT, D, NW, NS, S = self.GT, self.D, ATTEND_WARPS, self.NS, self.S
         lane = tid % 32
         warp = tid // 32
+        kg = lane // self.LPR
+        dx = lane - kg * self.LPR
         smem = cutlass.utils.SmemAllocator()
-        sq, sm, sl, sacc = self.shared_tensors(smem)
+        ring = smem.allocate_tensor(self.dtype, cute.make_layout(self.RING), 16)
+        sq = smem.allocate_tensor(Float32, cute.make_layout(GT * D), 16)
+        sm = smem.allocate_tensor(Float32, cute.make_layout(GT * NS), 16)
+        sl = smem.allocate_tensor(Float32, cute.make_layout(GT * NS), 16)
+        ssc = None
+        slist = None
+        if cutlass.const_expr(self.select):
+            ssc = smem.allocate_tensor(Float32, cute.make_layout(GT * GROUP_MAX_CHUNKS), 16)
+            slist = smem.allocate_tensor(Int32, cute.make_layout(GROUP_MAX_CHUNKS + 1), 16)
 
-        h0 = hg * self.GT  # the group's first query head (GT divides H / Hk: one KV head)
+        h0 = hg * GT  # the group's first query head (GT divides H / Hk: one KV head)
         # every row writes its output: rows outside the sequences get 0 and -inf
         b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
         hk = h0 // (H // Hk)
+        p = i + lk - nq  # the query's key position (bottom-right aligned)
         end = lk  # visible keys [0, end)
         if cutlass.const_expr(self.causal):
-            end = cutlass.max(cutlass.min(i + lk - nq + 1, lk), Int32(0))
+            end = cutlass.max(cutlass.min(p + 1, lk), Int32(0))
         end = cutlass.select_(valid, end, Int32(0))
+        ntiles = (end + self.T - 1) // self.T  # the CTA's key tiles: every visible key, or the union's chunks
+        tps = (chunk + self.T - 1) // self.T  # (select: tiles per chunk)
+        if cutlass.const_expr(self.select):
+            nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
+            ncand = nch
+            take = cutlass.min(topk, nch)
+            own = Int32(0)  # (causal: 1, the own chunk joins every head's selection)
+            if cutlass.const_expr(self.causal):
+                ncand = cutlass.min(cutlass.max(p, Int32(0)) // chunk, nch)
+                take = cutlass.min(topk - 1, ncand)
+                own = cutlass.select_(valid & (p >= 0), Int32(1), Int32(0))
+                if p < 0:
+                    ncand = Int32(0)
+                    take = Int32(0)
+            ncand = cutlass.select_(valid, ncand, Int32(0))
+            take = cutlass.select_(valid, take, Int32(0))
+            srow0 = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h0)) * Int64(nchunks)
+            ntiles = self.union(scores, srow0, nchunks, ncand, take, own, ssc, slist, tid) * tps
         if valid:
-            self.load_q(q, Int64(b) * q_sb + (qbase + Int64(i)) * q_st, h0, q_sh, scale_log2, sq, tid)
+            for x in cutlass.range(tid, GT * D, ATTEND_THREADS, unroll=1):
+                g = x // D
+                qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h0 + g) * q_sh, divby=8)
+                sq[x] = _g(qp)[x - g * D].to(Float32) * scale_log2
         cute.arch.sync_threads()
+        qr = cute.make_rmem_tensor(cute.make_layout((8, GT)), Float32)
+        for g in cutlass.range_constexpr(GT):
+            for e in cutlass.range_constexpr(8):
+                qr[e, g] = sq[g * D + dx * 8 + e]
+        m = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        lsum = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
+        acc = cute.make_rmem_tensor(cute.make_layout((8, GT)), Float32)
+        m.fill(-Float32.inf)
+        lsum.fill(0.0)
+        acc.fill(0.0)
 
         krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
         vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
         lo = sp * pps
-        hi = cutlass.min(lo + pps, (end + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE)
-        m, lsum, acc = self.states()
-        for it in cutlass.range(lo + warp, hi, NW, unroll=1):
-            t0 = it * KEYS_PER_PIECE
-            nkeys = cutlass.min(end - t0, Int32(KEYS_PER_PIECE))
-            if nkeys > 0:
-                self.attend_piece(k, v, krow0, vrow0, k_st, v_st, t0, nkeys, sq, lane, m, lsum, acc)
+        hi = cutlass.min(lo + pps, ntiles)
+        nw = cutlass.max((hi - lo - warp + NW - 1) // NW, Int32(0))  # this warp's tiles
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                   num_bits_per_copy=128)
+        for st in cutlass.range_constexpr(S - 1):
+            if st < nw:
+                self.issue(k, v, krow0, vrow0, k_st, v_st, lo + warp + st * NW, Int32(st), end, chunk, tps, slist,
+                           ring, tid, atom)
+            cute.arch.cp_async_commit_group()
+        for j in cutlass.range(nw, unroll=1):
+            jn = j + S - 1
+            if jn < nw:
+                self.issue(k, v, krow0, vrow0, k_st, v_st, lo + warp + jn * NW, jn % S, end, chunk, tps, slist, ring,
+                           tid, atom)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(S - 1)
+            self.compute(lo + warp + j * NW, j % S, end, chunk, tps, slist, ring, qr, m, lsum, acc, tid)
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.sync_threads()  # (the ring becomes the states' outputs)
 
-        self.finish(m, lsum, acc, sm, sl, sacc, tid, r, h0, H, total_q, splits, sp, out, lse, part_ml, part_acc)
+        sacc = cute.make_tensor(cute.recast_ptr(ring.iterator, dtype=Float32), cute.make_layout(GT * NS * D))
+        sidx = warp * self.RW + kg
+        for g in cutlass.range_constexpr(GT):
+            if dx == 0:
+                sm[g * NS + sidx] = m[g]
+                sl[g * NS + sidx] = lsum[g]
+            for e in cutlass.range_constexpr(8):
+                sacc[(g * NS + sidx) * D + dx * 8 + e] = acc[e, g]
+        cute.arch.sync_threads()
+        row = Int64(r)
+        for g in cutlass.range_constexpr(GT):
+            tm = cute.make_tensor(sm.iterator + g * NS, cute.make_layout(NS))
+            tl = cute.make_tensor(sl.iterator + g * NS, cute.make_layout(NS))
+            tacc = cute.make_tensor(sacc.iterator + g * NS * D, cute.make_layout(NS * D))
+            if splits == 1:
+                merge_states(tm, tl, tacc, Int32(NS), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H, total_q,
+                             self.dtype)
+            else:
+                store_state(tm, tl, tacc, Int32(NS), D, tid, ATTEND_THREADS, part_ml, part_acc,
+                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
 
 
 class DecodeMergeKernel:

@@ -7,10 +7,12 @@ D), k/v (total_k, Hk, D); ``padded=True``: q (B, Sq, H, D), k/v (B, Sk, Hk, D), 
 (batch, token, head) strides that are whole 16-byte pieces (transformers' ``(B, Hk, S, D)`` cache
 transposed is read in place). No host synchronization; CUDA-graph capturable.
 
-Launches: scores (grid B x chunks x Hk) and attend (total_q x H x splits), or, when topk covers
-every chunk of the longest sequence, the every-chunk attend alone (total_q x H/GT x splits: GT
-query heads of one KV head per CTA, :func:`head_group`, sharing every key they read); with
-several key splits, then merge (total_q x H). Every output row is written (rows outside the
+Launches: scores (grid B x chunks x Hk), then attend: the per-head kernel (total_q x H x
+splits) for chunks under ``GROUP_SELECT_MIN_CHUNK``, else the group kernel over the union of a
+head group's selections (total_q x H/GT x splits: GT query heads of one KV head per CTA,
+:func:`head_group`, sharing every key they read); when topk covers every chunk of the longest
+sequence, the group kernel alone over every visible key. With several key splits, then merge
+(total_q x H). Every output row is written (rows outside the
 sequences, possible only with invalid cu_seqlens / max_seqlen_q, get 0 and -inf). ``splits`` spreads a
 row's selected keys over CTAs when there are too few (row, head) pairs to fill the GPU (one
 sequence) or a row selects many keys (large chunks): :func:`splits_for`, per call from shapes.
@@ -56,20 +58,19 @@ def _cdt(name):
     return {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[name]
 
 
-def head_group(num_heads, num_kv_heads, head_dim):
-    """Query heads of one KV head that one CTA of the every-chunk kernel serves together: the
-    largest divisor of the GQA group size within ``ATTEND_WARPS`` whose output state fits
-    ``GROUP_ACC_REGS`` registers per lane (1 for head dims over ``GROUP_MAX_HEAD_DIM``)."""
+def head_group(num_heads, num_kv_heads):
+    """Query heads of one KV head that one CTA of the group kernel serves together: the largest
+    divisor of the GQA group size up to ``GROUP_MAX_HEADS``."""
     G = num_heads // num_kv_heads
-    return max(g for g in group_sizes(head_dim) if G % g == 0)
+    return max(g for g in group_sizes() if G % g == 0)
 
 
 def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
     """Role -> (compile key, factory, fake args) of the decode kernels of one configuration
-    (``group``: query heads per CTA of the every-chunk kernel, :func:`head_group`)."""
+    (``group``: query heads per CTA of the group kernel, :func:`head_group`)."""
     import cutlass
 
-    from .decode import DecodeAttendAllKernel, DecodeAttendKernel, DecodeMergeKernel, DecodeScoresKernel
+    from .decode import DecodeAttendKernel, DecodeGroupKernel, DecodeMergeKernel, DecodeScoresKernel
 
     dt = _cdt(dtype_name)
     P = common.fake_gptr
@@ -79,26 +80,28 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
     s = common.fake_stream()
     attend_args = ((P(dt), P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(dt), P(f32, 4), P(f32, 4), P(f32, 4))
                    + L + L + L + I(11) + (f32(1.0), s))
+    score_args = (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4)) + L + L + I(8) + (s,)
     specs = {
-        "scores": (("decode_scores", dtype_name, head_dim, padded), lambda: DecodeScoresKernel(dt, head_dim, padded),
-                   (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4)) + L + L + I(8) + (s,)),
+        role: (("decode_scores", dtype_name, head_dim, padded, n), lambda n=n: DecodeScoresKernel(dt, head_dim, padded, n),
+               score_args)
+        for role, n in (("scores", cfg.SCORE_THREADS), ("scores_wide", cfg.SCORE_WIDE_THREADS))
+    }
+    specs.update({
         "attend": (("decode_attend", dtype_name, head_dim, padded, causal),
                    lambda: DecodeAttendKernel(dt, head_dim, padded, causal), attend_args),
         "merge": (("decode_merge", dtype_name, head_dim), lambda: DecodeMergeKernel(dt, head_dim),
                   (P(f32, 4), P(f32, 4), P(dt), P(f32, 4)) + I(3) + (s,)),
-    }
-    specs["attend_all"] = (("decode_attend_all", dtype_name, head_dim, padded, causal, group),
-                           lambda: DecodeAttendAllKernel(dt, head_dim, padded, causal, group), attend_args)
+    })
+    for role, select in (("group", False), ("group_select", True)):
+        specs[role] = (("decode_group", dtype_name, head_dim, padded, causal, group, select),
+                       lambda select=select: DecodeGroupKernel(dt, head_dim, padded, causal, group, select),
+                       attend_args)
     return specs
 
 
-def group_sizes(head_dim):
-    """Every head-group size :func:`head_group` can pick for ``head_dim`` (1 always): at most
-    ``ATTEND_WARPS`` heads whose output state fits ``GROUP_ACC_REGS`` registers per lane, only 1
-    over ``GROUP_MAX_HEAD_DIM``."""
-    if head_dim > cfg.GROUP_MAX_HEAD_DIM:
-        return [1]
-    return [g for g in range(1, cfg.ATTEND_WARPS + 1) if g * (head_dim // 32) <= cfg.GROUP_ACC_REGS]
+def group_sizes():
+    """Every head-group size :func:`head_group` can pick."""
+    return list(range(1, cfg.GROUP_MAX_HEADS + 1))
 
 
 def splits_for(pairs, pieces, sms):
@@ -125,8 +128,9 @@ class DecodePlan:
 
     def __init__(self, key, arch):
         (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, K, causal, padded, self.sms) = key
-        self.group = head_group(self.H, self.Hk, self.D)
-        self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk
+        self.group = head_group(self.H, self.Hk)
+        self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk (per-head kernel)
+        self.tile = 32 // (self.D // 8) * cfg.GROUP_KEYS_PER_LANE  # keys per warp tile (group kernel)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, causal, self.group), arch)
 
 
@@ -173,12 +177,22 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     nch = max(1, -(-max_k // chunk_size))
     # topk covers every chunk of the longest sequence: no scores, no selection, and the heads of
-    # a KV head group share what they read (DecodeAttendAllKernel)
+    # a KV head share what they read (DecodeGroupKernel); large chunks: the union of the heads'
+    # selections read once (group_select); else one CTA per (row, head)
     every = topk >= nch
-    gt = plan.group if every else 1
-    pieces = -(-max_k // cfg.KEYS_PER_PIECE) if every else min(topk, nch) * plan.per  # a row's at most
-    splits = splits_for(total_q * H // gt, pieces, plan.sms)
-    pps = -(-pieces // splits)
+    group = every or (chunk_size >= cfg.GROUP_SELECT_MIN_CHUNK and nch <= cfg.GROUP_MAX_CHUNKS)
+    gt = plan.group if group else 1
+    if group:
+        # a row's key tiles at most (select: each head's topk chunks in the union, a chunk taking
+        # whole tiles)
+        tiles = (-(-max_k // plan.tile) if every
+                 else min(nch, gt * topk) * -(-chunk_size // plan.tile))
+        splits = splits_for(total_q * H // gt, -(-tiles * plan.tile // cfg.KEYS_PER_PIECE), plan.sms)
+        pps = -(-tiles // splits)  # tiles of the group kernel per split
+    else:
+        pieces = min(topk, nch) * plan.per  # a row's 32-key pieces at most
+        splits = splits_for(total_q * H, pieces, plan.sms)
+        pps = -(-pieces // splits)
     # one fp32 workspace: chunk scores (B, max_q, H, chunks), then the splits' states
     nsc = 0 if every else B * max_q * H * nch
     npart = total_q * H * splits * (D + 2) if splits > 1 else 0
@@ -190,11 +204,12 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     (qsb, qst, qsh), (ksb, kst, ksh), (vsb, vst, vsh) = strides
     ks = plan.ks
     if not every:
-        ks["scores"](pq, pk, pcq, pck, p_sc, qsb, qst, qsh, ksb, kst, ksh, B, H, Hk, total_q, total_k, max_q,
-                     chunk_size, nch, stream)
+        ks["scores_wide" if chunk_size >= cfg.SCORE_WIDE_MIN_CHUNK else "scores"](
+            pq, pk, pcq, pck, p_sc, qsb, qst, qsh, ksb, kst, ksh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch,
+            stream)
     p_ml = p_sc + 4 * nsc  # (max, sum) per (row, head, split); then the unnormalized outputs
     p_acc = p_ml + 4 * 2 * total_q * H * splits
-    ks["attend_all" if every else "attend"](
+    ks["group" if every else "group_select" if group else "attend"](
         pq, pk, pv, pcq, pck, p_sc, out.data_ptr(), lse.data_ptr(), p_ml, p_acc, qsb, qst, qsh, ksb, kst, ksh, vsb,
         vst, vsh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch, topk, splits, pps, float(scale * LOG2_E),
         stream)
