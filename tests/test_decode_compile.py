@@ -69,3 +69,33 @@ def test_decode_splits_and_groups():
     g = decode_launch.head_group
     assert g(32, 8) == 4 and g(32, 4) == 4 and g(24, 8) == 3 and g(32, 16) == 2
     assert g(32, 32) == 1 and g(28, 4) == 1 and g(16, 1) == 4
+
+
+def test_decode_attend_launch():
+    """Which attend kernel a call runs, and splits that cover every key tile / piece a row can
+    attend to."""
+    from types import SimpleNamespace
+
+    def plan(D=128, C=4096, group=4):
+        tile = 32 // (D // 8) * cfg.GROUP_KEYS_PER_LANE
+        return SimpleNamespace(group=group, tile=tile, per=-(-C // cfg.KEYS_PER_PIECE), sms=132)
+
+    f = decode_launch.attend_launch
+    L = 128 * 1024 + 1
+    # C=4096, K=12 at 128K: 33 chunks, the union of 4 heads' selections
+    role, gt, splits, pps = f(12, 33, 4096, L, 1, 32, plan())
+    assert (role, gt) == ("group_select", 4) and splits * pps * plan().tile >= 33 * 4096
+    # the union bound: 2 heads of 3 chunks each out of 33 -> at most 6 chunks of whole tiles
+    role, gt, splits, pps = f(3, 33, 4096, L, 1, 32, plan(group=2))
+    assert gt == 2 and splits * pps >= 6 * -(-4096 // plan().tile)
+    # topk covers every chunk: no selection, every key
+    role, gt, splits, pps = f(12, 8, 4096, 32 * 1024 + 1, 8, 32, plan())
+    assert role == "group" and splits * pps * plan().tile >= 32 * 1024 + 1
+    assert f(1, 1, 32785, 32785, 1, 32, plan(C=32785))[0] == "group"  # a dense layer
+    # small chunks, or too many chunks for the group kernel's shared memory: one CTA per head
+    role, gt, splits, pps = f(8, 1025, 128, L, 8, 32, plan(C=128))
+    assert (role, gt) == ("attend", 1) and splits * pps >= 8 * 4
+    assert f(8, cfg.GROUP_MAX_CHUNKS + 1, 1024, (cfg.GROUP_MAX_CHUNKS + 1) * 1024, 1, 32, plan(C=1024))[0] == "attend"
+    assert f(8, 64, cfg.GROUP_SELECT_MIN_CHUNK - 1, L, 1, 32, plan(C=1023))[0] == "attend"
+    for D in (32, 64, 256):  # tiles of 8 keys per lane group
+        assert plan(D=D).tile == 32 // (D // 8) * 8

@@ -257,144 +257,86 @@ def store_state(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D
         _g(part_ml)[pidx * Int64(2) + Int64(1)] = L
 
 
-class _AttendBase:
-    """The per-head kernel's parts, written for ``GT`` query heads of one KV head per CTA (the
-    per-head kernel uses 1; :class:`DecodeGroupKernel` is the faster way to share rows): the query
-    rows in shared memory, the warp step over one 32-key piece, and the end (the warps' states
-    merged into the output, or stored as the split's state)."""
+class DecodeAttendKernel:
+    """Selection and attention of one (output row, head, key split) per CTA (see the module
+    doc), grid (total_q, H, splits); the row's sequence comes from a binary search of
+    ``cu_seqlens_q``. The selected chunks' 32-key pieces are numbered slot by slot; split ``sp``
+    takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to its warps (lane ``t`` scores
+    key ``t`` of a piece from its whole row, then every lane accumulates ``D / 32`` output
+    elements from each value row). One split: the CTA writes ``out``/``lse``; several: its merged
+    state goes to ``part_ml`` (max, sum) / ``part_acc`` (unnormalized output) for
+    :class:`DecodeMergeKernel`. Every split recomputes the selection (a few microseconds, the
+    scores are in L2)."""
 
-    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, v_unroll: int):
-        assert head_dim % 32 == 0 and head_dim <= 256 and 1 <= group <= ATTEND_WARPS
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool):
+        assert head_dim % 32 == 0 and head_dim <= 256
         self.dtype = dtype
         self.D = head_dim
         self.padded = padded
         self.causal = causal
-        self.GT = group
         self.VEC = head_dim // 32  # output elements per lane
         self.PIECES = head_dim // 8  # 16-byte pieces of a key row
-        self.v_unroll = v_unroll  # value rows in flight per warp
-
-    @cute.jit
-    def load_q(self, q: cute.Pointer, qrow: Int64, h0: Int32, q_sh: Int64, scale_log2: Float32, sq: cute.Tensor,
-               tid: Int32):
-        """The GT query rows (heads ``h0 ..``, row offset ``qrow``) into ``sq``, scaled into the
-        log2 domain."""
-        D = self.D
-        for x in cutlass.range(tid, self.GT * D, ATTEND_THREADS, unroll=1):
-            g = x // D
-            qp = q + cute.assume(qrow + Int64(h0 + g) * q_sh, divby=8)
-            sq[x] = _g(qp)[x - g * D].to(Float32) * scale_log2
 
     @cute.jit
     def attend_piece(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
                      t0: Int32, nkeys: Int32, sq: cute.Tensor, lane: Int32, m: cute.Tensor, lsum: cute.Tensor,
                      acc: cute.Tensor):
-        """Online softmax of one warp over keys ``t0 .. t0 + nkeys - 1`` (``1 <= nkeys <= 32``)
-        for the GT heads (head ``g``'s state: ``m[g]``, ``lsum[g]``, ``acc[None, g]``): lane
-        ``t`` loads key ``t0 + t`` once and computes its score for every head, then every lane
-        accumulates its ``D / 32`` output elements from each value row, loaded once.
+        """Online softmax of one warp over keys ``t0 .. t0 + nkeys - 1`` (``1 <= nkeys <= 32``;
+        state ``m[0]``, ``lsum[0]``, ``acc``): lane ``t`` loads key ``t0 + t`` and computes its
+        score, then every lane accumulates its ``D / 32`` output elements from each value row.
         ``krow0`` / ``vrow0``: element offsets of key 0 of this KV head."""
-        GT = self.GT
         VEC = self.VEC
         t = t0 + cutlass.min(lane, nkeys - 1)  # (lanes past the end re-read the last key)
         kp = k + cute.assume(krow0 + Int64(t) * k_st, divby=8)
         kr = cute.make_rmem_tensor(cute.make_layout((8, self.PIECES)), self.dtype)
         for c in cutlass.range_constexpr(self.PIECES):
             kr[None, c].store(cute.make_tensor(kp + c * 8, cute.make_layout(8)).load())
-        # every head's score, one key piece after the other (its registers free up as it is used)
-        sv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
-        sv.fill(0.0)
+        # the score, one key piece after the other (its registers free up as it is used)
+        s = Float32(0.0)
         kf = cute.make_rmem_tensor(cute.make_layout(8), Float32)
         for c in cutlass.range_constexpr(self.PIECES):
             kf.store(kr[None, c].load().to(Float32))
-            for g in cutlass.range_constexpr(GT):
-                x = sv[g]
-                for e in cutlass.range_constexpr(8):
-                    x = x + sq[g * self.D + c * 8 + e] * kf[e]
-                sv[g] = x
-        pv = cute.make_rmem_tensor(cute.make_layout(GT), Float32)
-        for g in cutlass.range_constexpr(GT):
-            s = sv[g]
-            if lane >= nkeys:
-                s = -Float32.inf
-            m_new = cute.arch.fmax(m[g], _warp_max(s))
-            m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
-            corr = cute.math.exp2(m[g] - m_use, fastmath=True)
-            p = cute.math.exp2(s - m_use, fastmath=True)
-            lsum[g] = lsum[g] * corr + p
-            acc[None, g].store(acc[None, g].load() * corr)
-            m[g] = m_new
-            pv[g] = p
-        for kk in cutlass.range(nkeys, unroll=self.v_unroll):
+            for e in cutlass.range_constexpr(8):
+                s = s + sq[c * 8 + e] * kf[e]
+        if lane >= nkeys:
+            s = -Float32.inf
+        m_new = cute.arch.fmax(m[0], _warp_max(s))
+        m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
+        corr = cute.math.exp2(m[0] - m_use, fastmath=True)
+        p = cute.math.exp2(s - m_use, fastmath=True)
+        lsum[0] = lsum[0] * corr + p
+        acc.store(acc.load() * corr)
+        m[0] = m_new
+        for kk in cutlass.range(nkeys, unroll=ATTEND_V_UNROLL):
             vp = v + cute.assume(vrow0 + Int64(t0 + kk) * v_st, divby=8)
             vv = cute.make_tensor((vp + lane * VEC).align(VEC * 2), cute.make_layout(VEC)).load().to(Float32)
-            for g in cutlass.range_constexpr(GT):
-                pk = cute.arch.shuffle_sync(pv[g], kk)
-                acc[None, g].store(acc[None, g].load() + pk * vv)
+            acc.store(acc.load() + cute.arch.shuffle_sync(p, kk) * vv)
 
     @cute.jit
     def finish(self, m: cute.Tensor, lsum: cute.Tensor, acc: cute.Tensor, sm: cute.Tensor, sl: cute.Tensor,
-               sacc: cute.Tensor, tid: Int32, r: Int32, h0: Int32, H: Int32, total_q: Int32, splits: Int32, sp: Int32,
+               sacc: cute.Tensor, tid: Int32, r: Int32, h: Int32, H: Int32, total_q: Int32, splits: Int32, sp: Int32,
                out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer):
-        """Every head's warp states into shared memory (head ``g``: ``sm[g * NW + w]``,
-        ``sl[...]``, ``sacc[(g * NW + w) * D + d]``), then merged in warp order into row ``r``'s
-        output (one split) or stored as split ``sp``'s state. Contains barriers."""
+        """The warps' states into shared memory (warp ``w``: ``sm[w]``, ``sl[w]``, ``sacc[w * D +
+        d]``), then merged in warp order into row ``r``'s output (one split) or stored as split
+        ``sp``'s state. Contains barriers."""
         D = self.D
         VEC = self.VEC
         NW = ATTEND_WARPS
         lane = tid % 32
         warp = tid // 32
-        for g in cutlass.range_constexpr(self.GT):
-            tot = _warp_sum(lsum[g])
-            if lane == 0:
-                sm[g * NW + warp] = m[g]
-                sl[g * NW + warp] = tot
-            for e in cutlass.range_constexpr(VEC):
-                sacc[(g * NW + warp) * D + lane * VEC + e] = acc[e, g]
+        tot = _warp_sum(lsum[0])
+        if lane == 0:
+            sm[warp] = m[0]
+            sl[warp] = tot
+        for e in cutlass.range_constexpr(VEC):
+            sacc[warp * D + lane * VEC + e] = acc[e]
         cute.arch.sync_threads()
         row = Int64(r)
-        for g in cutlass.range_constexpr(self.GT):
-            tm = cute.make_tensor(sm.iterator + g * NW, cute.make_layout(NW))
-            tl = cute.make_tensor(sl.iterator + g * NW, cute.make_layout(NW))
-            tacc = cute.make_tensor(sacc.iterator + g * NW * D, cute.make_layout(NW * D))
-            if splits == 1:
-                merge_states(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H,
-                             total_q, self.dtype)
-            else:
-                store_state(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
-                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
-
-    def shared_tensors(self, smem):
-        """The query rows and the warps' states in shared memory: (sq, sm, sl, sacc)."""
-        GT, D, NW = self.GT, self.D, ATTEND_WARPS
-        sq = smem.allocate_tensor(Float32, cute.make_layout(GT * D), 16)
-        sm = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
-        sl = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
-        sacc = smem.allocate_tensor(Float32, cute.make_layout(GT * NW * D), 16)
-        return sq, sm, sl, sacc
-
-    @cute.jit
-    def states(self):
-        """Fresh online-softmax states of the GT heads: (max, sum, output) per lane."""
-        m = cute.make_rmem_tensor(cute.make_layout(self.GT), Float32)
-        lsum = cute.make_rmem_tensor(cute.make_layout(self.GT), Float32)
-        acc = cute.make_rmem_tensor(cute.make_layout((self.VEC, self.GT)), Float32)
-        m.fill(-Float32.inf)
-        lsum.fill(0.0)
-        acc.fill(0.0)
-        return m, lsum, acc
-
-
-class DecodeAttendKernel(_AttendBase):
-    """Selection and attention of one (output row, head, key split) per CTA (see the module
-    doc), grid (total_q, H, splits); the row's sequence comes from a binary search of
-    ``cu_seqlens_q``. The selected chunks' 32-key pieces are numbered slot by slot; split
-    ``sp`` takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to its warps. One split: the CTA writes ``out``/``lse``; several: its merged state goes to
-    ``part_ml`` (max, sum) / ``part_acc`` (unnormalized output) for :class:`DecodeMergeKernel`.
-    Every split recomputes the selection (a few microseconds, the scores are in L2)."""
-
-    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool):
-        super().__init__(dtype, head_dim, padded, causal, 1, ATTEND_V_UNROLL)
+        if splits == 1:
+            merge_states(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h, H, total_q, self.dtype)
+        else:
+            store_state(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
+                        (row * Int64(H) + Int64(h)) * Int64(splits) + Int64(sp))
 
     @cute.jit
     def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
@@ -469,7 +411,10 @@ class DecodeAttendKernel(_AttendBase):
         ssc = smem.allocate_tensor(Float32, cute.make_layout(MAX_CHUNKS), 16)
         sarg = smem.allocate_tensor(Float32, cute.make_layout(4 * NW), 16)
         ssel = smem.allocate_tensor(Int32, cute.make_layout(MAX_TOPK), 16)
-        sq, sm, sl, sacc = self.shared_tensors(smem)
+        sq = smem.allocate_tensor(Float32, cute.make_layout(self.D), 16)  # the query row, log2 domain
+        sm = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)  # the warps' states
+        sl = smem.allocate_tensor(Float32, cute.make_layout(NW), 16)
+        sacc = smem.allocate_tensor(Float32, cute.make_layout(NW * self.D), 16)
 
         # every row writes its output: rows outside the sequences get 0 and -inf
         b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
@@ -496,7 +441,9 @@ class DecodeAttendKernel(_AttendBase):
         srow = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
         self.select(scores, srow, ncand, take, first, ssc, sarg, ssel, tid)
         if valid:
-            self.load_q(q, Int64(b) * q_sb + (qbase + Int64(i)) * q_st, h, q_sh, scale_log2, sq, tid)
+            qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
+            for x in cutlass.range(tid, self.D, ATTEND_THREADS, unroll=1):
+                sq[x] = _g(qp)[x].to(Float32) * scale_log2
         cute.arch.sync_threads()
 
         # this split's 32-key pieces of the selected chunks, round-robin over the warps
@@ -505,7 +452,12 @@ class DecodeAttendKernel(_AttendBase):
         per = (chunk + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE
         lo = sp * pps
         hi = cutlass.min(lo + pps, nslots * per)
-        m, lsum, acc = self.states()
+        m = cute.make_rmem_tensor(cute.make_layout(1), Float32)
+        lsum = cute.make_rmem_tensor(cute.make_layout(1), Float32)
+        acc = cute.make_rmem_tensor(cute.make_layout(self.VEC), Float32)
+        m.fill(-Float32.inf)
+        lsum.fill(0.0)
+        acc.fill(0.0)
         for it in cutlass.range(lo + warp, hi, NW, unroll=1):
             s = it // per
             c0 = ssel[s] * chunk

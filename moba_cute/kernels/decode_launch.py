@@ -25,7 +25,7 @@ import torch
 from ..configs import decode as cfg
 from . import common
 
-__all__ = ["decode_cute", "decode_unsupported_reason", "kernel_specs", "DECODE_PLANS"]
+__all__ = ["decode_cute", "decode_unsupported_reason", "kernel_specs", "attend_launch", "DECODE_PLANS"]
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 LOG2_E = 1.4426950408889634
@@ -111,6 +111,26 @@ def splits_for(pairs, pieces, sms):
                       -(-pieces // (cfg.MIN_PIECES_PER_WARP * cfg.ATTEND_WARPS)), cfg.MAX_SPLITS))
 
 
+def attend_launch(topk, nch, chunk, max_k, total_q, H, plan):
+    """Which attend kernel a call runs and how: ``(role, heads per CTA, splits, work units per
+    split)``. topk covering every chunk of the longest sequence: ``"group"`` (no scores, no
+    selection, the heads of a KV head share what they read); chunks of ``GROUP_SELECT_MIN_CHUNK``
+    keys and more, at most ``GROUP_MAX_CHUNKS`` of them: ``"group_select"`` (the union of the
+    heads' selections read once); else ``"attend"``, one CTA per (row, head). Work units: key
+    tiles of the group kernel (``plan.tile`` keys; with selection a chunk takes whole tiles),
+    32-key pieces of the per-head kernel; both bounded by what a row can attend to."""
+    if topk >= nch or (chunk >= cfg.GROUP_SELECT_MIN_CHUNK and nch <= cfg.GROUP_MAX_CHUNKS):
+        role = "group" if topk >= nch else "group_select"
+        gt = plan.group
+        tiles = (-(-max_k // plan.tile) if role == "group"
+                 else min(nch, gt * topk) * -(-chunk // plan.tile))
+        splits = splits_for(total_q * H // gt, -(-tiles * plan.tile // cfg.KEYS_PER_PIECE), plan.sms)
+        return role, gt, splits, -(-tiles // splits)
+    pieces = min(topk, nch) * plan.per  # a row's 32-key pieces at most
+    splits = splits_for(total_q * H, pieces, plan.sms)
+    return "attend", 1, splits, -(-pieces // splits)
+
+
 _SM_COUNT: dict = {}
 
 
@@ -176,23 +196,8 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     plan = DECODE_PLANS.get(key, key, common.arch_of(dev))
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     nch = max(1, -(-max_k // chunk_size))
-    # topk covers every chunk of the longest sequence: no scores, no selection, and the heads of
-    # a KV head share what they read (DecodeGroupKernel); large chunks: the union of the heads'
-    # selections read once (group_select); else one CTA per (row, head)
-    every = topk >= nch
-    group = every or (chunk_size >= cfg.GROUP_SELECT_MIN_CHUNK and nch <= cfg.GROUP_MAX_CHUNKS)
-    gt = plan.group if group else 1
-    if group:
-        # a row's key tiles at most (select: each head's topk chunks in the union, a chunk taking
-        # whole tiles)
-        tiles = (-(-max_k // plan.tile) if every
-                 else min(nch, gt * topk) * -(-chunk_size // plan.tile))
-        splits = splits_for(total_q * H // gt, -(-tiles * plan.tile // cfg.KEYS_PER_PIECE), plan.sms)
-        pps = -(-tiles // splits)  # tiles of the group kernel per split
-    else:
-        pieces = min(topk, nch) * plan.per  # a row's 32-key pieces at most
-        splits = splits_for(total_q * H, pieces, plan.sms)
-        pps = -(-pieces // splits)
+    role, _, splits, pps = attend_launch(topk, nch, chunk_size, max_k, total_q, H, plan)
+    every = role == "group"
     # one fp32 workspace: chunk scores (B, max_q, H, chunks), then the splits' states
     nsc = 0 if every else B * max_q * H * nch
     npart = total_q * H * splits * (D + 2) if splits > 1 else 0
@@ -209,7 +214,7 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
             stream)
     p_ml = p_sc + 4 * nsc  # (max, sum) per (row, head, split); then the unnormalized outputs
     p_acc = p_ml + 4 * 2 * total_q * H * splits
-    ks["group" if every else "group_select" if group else "attend"](
+    ks[role](
         pq, pk, pv, pcq, pck, p_sc, out.data_ptr(), lse.data_ptr(), p_ml, p_acc, qsb, qst, qsh, ksb, kst, ksh, vsb,
         vst, vsh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch, topk, splits, pps, float(scale * LOG2_E),
         stream)
