@@ -602,12 +602,18 @@ def varlen_attention(
         out, lse = decode_cute(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                int(chunk_size), int(topk), causal, softmax_scale, False)
         return (out, lse) if return_lse else out
-    use_kernel = _attention_uses_kernel(q, k, v, int(chunk_size), int(topk), causal, cu_seqlens_q.shape[0] - 1,
-                                        backend)
-    r = _route(q.detach(), k.detach(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk,
-               causal, backend)
-    out, lse = _attend(q, k, v, r, softmax_scale, deterministic, backend, use_kernel)
+    out, lse = _varlen_general(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk,
+                               causal, softmax_scale, deterministic, backend)
     return (out, lse) if return_lse else out
+
+
+def _varlen_general(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, softmax_scale, deterministic,
+                    backend):
+    """:func:`varlen_attention` on validated arguments that do not take the decode path: routing,
+    then attention; ``(out, lse)``."""
+    use_kernel = _attention_uses_kernel(q, k, v, int(chunk_size), int(topk), causal, cu_q.shape[0] - 1, backend)
+    r = _route(q.detach(), k.detach(), cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, backend)
+    return _attend(q, k, v, r, softmax_scale, deterministic, backend, use_kernel)
 
 
 _PADDED_CU: dict = {}
@@ -661,10 +667,10 @@ def attention(
         from .kernels.decode_launch import decode_cute
 
         res = decode_cute(q, k, v, cu_q, cu_k, sq, sk, int(chunk_size), int(topk), causal, softmax_scale, True)
-    else:
-        res = varlen_attention(
+    else:  # (checked above: the packed views and their cu_seqlens are valid by construction)
+        res = _varlen_general(
             q.reshape(b * sq, h, d), k.reshape(b * sk, hk, d), v.reshape(b * sk, hk, d), cu_q, cu_k, sq, sk,
-            chunk_size, topk, causal, softmax_scale, True, deterministic, backend,
+            chunk_size, topk, causal, softmax_scale, deterministic, backend,
         )
     out = res[0].view(b, sq, h, d)
     if not return_lse:
