@@ -42,12 +42,11 @@ import cutlass
 import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
-
 from cutlass.cute.nvgpu import cpasync
 
 from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_V_UNROLL, ATTEND_WARPS, GROUP_KEYS_PER_LANE, GROUP_MAX_CHUNKS,
-                              GROUP_MAX_HEADS, GROUP_MIN_CTAS, GROUP_STAGES, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK, MERGE_THREADS,
-                              SCORE_UNROLL)
+                              GROUP_MAX_HEADS, GROUP_MIN_CTAS, GROUP_STAGES, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK,
+                              MERGE_THREADS, SCORE_UNROLL)
 from .centroids import clamp_seq, find_segment
 
 ATTEND_THREADS = 32 * ATTEND_WARPS
@@ -482,9 +481,10 @@ class DecodeGroupKernel:
     chunks (the bytes of the union, not of each head's selection).
 
     Key rows are split over lanes: ``LPR = D / 8`` lanes hold 16 bytes each of one key, ``RW =
-    32 / LPR`` keys per warp step. Each lane copies its own pieces of the next tiles into a private
-    shared-memory ring with cp.async (``GROUP_STAGES`` tiles of ``GROUP_KEYS_PER_LANE`` keys in
-    flight, no barriers: a lane reads back only what it copied), and keeps its 8 dims of every
+    32 / LPR`` keys per warp step. Each lane copies its own pieces of the next tile into a private
+    shared-memory ring of ``GROUP_STAGES`` tiles (``GROUP_KEYS_PER_LANE`` keys per lane group)
+    with cp.async while it computes on the current one (no barriers: a lane reads back only what
+    it copied), and keeps its 8 dims of every
     head's query (fp32, log2 domain) and output state in registers; a key's scores are summed over
     its ``LPR`` lanes by butterfly shuffles. Tiles of ``T = RW * U`` keys are dealt round-robin to
     the warps, split ``sp`` taking tiles ``[sp * pps, (sp + 1) * pps)``; each lane group keeps an

@@ -82,8 +82,8 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
                    + L + L + L + I(11) + (f32(1.0), s))
     score_args = (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4)) + L + L + I(8) + (s,)
     specs = {
-        role: (("decode_scores", dtype_name, head_dim, padded, n), lambda n=n: DecodeScoresKernel(dt, head_dim, padded, n),
-               score_args)
+        role: (("decode_scores", dtype_name, head_dim, padded, n),
+               lambda n=n: DecodeScoresKernel(dt, head_dim, padded, n), score_args)
         for role, n in (("scores", cfg.SCORE_THREADS), ("scores_wide", cfg.SCORE_WIDE_THREADS))
     }
     specs.update({
