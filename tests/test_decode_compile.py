@@ -76,9 +76,9 @@ def test_decode_attend_launch():
     attend to."""
     from types import SimpleNamespace
 
-    def plan(D=128, C=4096, group=4):
+    def plan(D=128, C=4096, group=4, group_ok=True):
         tile = 32 // (D // 8) * cfg.GROUP_KEYS_PER_LANE
-        return SimpleNamespace(group=group, tile=tile, per=-(-C // cfg.KEYS_PER_PIECE), sms=132)
+        return SimpleNamespace(group=group, tile=tile, per=-(-C // cfg.KEYS_PER_PIECE), sms=132, group_ok=group_ok)
 
     f = decode_launch.attend_launch
     L = 128 * 1024 + 1
@@ -97,5 +97,10 @@ def test_decode_attend_launch():
     assert (role, gt) == ("attend", 1) and splits * pps >= 8 * 4
     assert f(8, cfg.GROUP_MAX_CHUNKS + 1, 1024, (cfg.GROUP_MAX_CHUNKS + 1) * 1024, 1, 32, plan(C=1024))[0] == "attend"
     assert f(8, 64, cfg.GROUP_SELECT_MIN_CHUNK - 1, L, 1, 32, plan(C=1023))[0] == "attend"
+    # GPUs with 99 KB of shared memory per block: the per-head kernel, also over every chunk
+    assert f(12, 8, 4096, 32 * 1024 + 1, 8, 32, plan(group_ok=False))[:2] == ("attend", 1)
+    assert f(12, 33, 4096, L, 1, 32, plan(group_ok=False))[:2] == ("attend", 1)
+    assert decode_launch.group_smem_bytes(128, 4) <= 166912 < 2 * decode_launch.group_smem_bytes(128, 4)  # A100
+    assert all(decode_launch.group_smem_bytes(D, g) > 101376 for D in cfg.SUPPORTED_HEAD_DIMS for g in (1, 4))
     for D in (32, 64, 256):  # tiles of 8 keys per lane group
         assert plan(D=D).tile == 32 // (D // 8) * 8

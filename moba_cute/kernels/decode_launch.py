@@ -118,8 +118,11 @@ def attend_launch(topk, nch, chunk, max_k, total_q, H, plan):
     keys and more, at most ``GROUP_MAX_CHUNKS`` of them: ``"group_select"`` (the union of the
     heads' selections read once); else ``"attend"``, one CTA per (row, head). Work units: key
     tiles of the group kernel (``plan.tile`` keys; with selection a chunk takes whole tiles),
-    32-key pieces of the per-head kernel; both bounded by what a row can attend to."""
-    if topk >= nch or (chunk >= cfg.GROUP_SELECT_MIN_CHUNK and nch <= cfg.GROUP_MAX_CHUNKS):
+    32-key pieces of the per-head kernel; both bounded by what a row can attend to. Without
+    ``plan.group_ok`` (too little shared memory) always ``"attend"``, which selects every chunk
+    without reading scores when topk covers them."""
+    group = topk >= nch or (chunk >= cfg.GROUP_SELECT_MIN_CHUNK and nch <= cfg.GROUP_MAX_CHUNKS)
+    if group and plan.group_ok:
         role = "group" if topk >= nch else "group_select"
         gt = plan.group
         tiles = (-(-max_k // plan.tile) if role == "group"
@@ -131,15 +134,30 @@ def attend_launch(topk, nch, chunk, max_k, total_q, H, plan):
     return "attend", 1, splits, -(-pieces // splits)
 
 
-_SM_COUNT: dict = {}
+_DEVICE: dict = {}
+#: opt-in shared memory per block by compute capability, where the device properties lack it
+_SMEM_OPTIN = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448}
 
 
-def _sm_count(dev) -> int:
+def _device_info(dev):
+    """``(SM count, opt-in shared memory per block in bytes)`` of a CUDA device, cached."""
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
+    info = _DEVICE.get(idx)
+    if info is None:
+        prop = torch.cuda.get_device_properties(idx)
+        smem = getattr(prop, "shared_memory_per_block_optin", None)
+        if not smem:
+            smem = _SMEM_OPTIN.get((prop.major, prop.minor), 101376)  # (sm86/89/120: 99 KB)
+        info = _DEVICE[idx] = (prop.multi_processor_count, int(smem))
+    return info
+
+
+def group_smem_bytes(head_dim, group):
+    """Shared memory of the group kernel (a bound: ring, query rows, states, selection)."""
+    ring = cfg.GROUP_STAGES * cfg.GROUP_KEYS_PER_LANE * 2 * 32 * cfg.ATTEND_WARPS * 16
+    states = 2 * group * cfg.ATTEND_WARPS * (32 // (head_dim // 8)) * 4
+    select = group * cfg.GROUP_MAX_CHUNKS * 4 + (cfg.GROUP_MAX_CHUNKS + 1) * 4
+    return ring + group * head_dim * 4 + states + select + 6 * 128  # (+ alignment)
 
 
 class DecodePlan:
@@ -147,8 +165,12 @@ class DecodePlan:
     the chunk count and the key splits are computed per call)."""
 
     def __init__(self, key, arch):
-        (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, K, causal, padded, self.sms) = key
+        (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, K, causal, padded, self.sms,
+         smem) = key
         self.group = head_group(self.H, self.Hk)
+        # the group kernel's ring needs datacenter GPUs' shared memory (A100 and up); others
+        # (99 KB per block: sm86/89/120) run the per-head kernel
+        self.group_ok = group_smem_bytes(self.D, self.group) <= smem
         self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk (per-head kernel)
         self.tile = 32 // (self.D // 8) * cfg.GROUP_KEYS_PER_LANE  # keys per warp tile (group kernel)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, causal, self.group), arch)
@@ -192,12 +214,12 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
         strides.append(st)
         tensors.append(t)
     q, k, v = tensors
-    key = (_DTYPES[q.dtype], B, max_q, H, Hk, D, chunk_size, topk, causal, padded, _sm_count(dev))
+    key = (_DTYPES[q.dtype], B, max_q, H, Hk, D, chunk_size, topk, causal, padded) + _device_info(dev)
     plan = DECODE_PLANS.get(key, key, common.arch_of(dev))
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     nch = max(1, -(-max_k // chunk_size))
     role, _, splits, pps = attend_launch(topk, nch, chunk_size, max_k, total_q, H, plan)
-    every = role == "group"
+    every = topk >= nch  # (no scores: the group kernel or the per-head one selects every chunk)
     # one fp32 workspace: chunk scores (B, max_q, H, chunks), then the splits' states
     nsc = 0 if every else B * max_q * H * nch
     npart = total_q * H * splits * (D + 2) if splits > 1 else 0
