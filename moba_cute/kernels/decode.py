@@ -187,6 +187,26 @@ def token_bases(qs: Int32, ks: Int32, padded: cutlass.Constexpr):
 
 
 @cute.jit
+def selection_bounds(p: Int32, lk: Int32, chunk: Int32, nchunks: Int32, topk: Int32, valid, causal: cutlass.Constexpr):
+    """A row's selection (SPEC 1.3) for the query at key position ``p`` of a sequence of ``lk``
+    keys: ``(ncand, take, own)``, the best ``take`` of candidate chunks ``[0, ncand)`` and
+    ``own = 1`` when the own chunk ``p // chunk`` is forced in (causal, ``p >= 0``). Rows that
+    are not ``valid`` select nothing."""
+    nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
+    ncand = nch
+    take = cutlass.min(topk, nch)
+    own = Int32(0)
+    if cutlass.const_expr(causal):
+        ncand = cutlass.min(cutlass.max(p, Int32(0)) // chunk, nch)
+        take = cutlass.min(topk - 1, ncand)
+        own = cutlass.select_(valid & (p >= 0), Int32(1), Int32(0))
+        if p < 0:
+            ncand = Int32(0)
+            take = Int32(0)
+    return cutlass.select_(valid, ncand, Int32(0)), cutlass.select_(valid, take, Int32(0)), own
+
+
+@cute.jit
 def locate_row(cu_q: cute.Pointer, cu_k: cute.Pointer, B: Int32, r: Int32, total_q: Int32, total_k: Int32,
                max_q: Int32, padded: cutlass.Constexpr):
     """Output row ``r``: its sequence ``b`` and index ``i`` there, the sequence's query count
@@ -418,25 +438,12 @@ class DecodeAttendKernel:
         # every row writes its output: rows outside the sequences get 0 and -inf
         b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
         hk = h // (H // Hk)
-        nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
         # selection: slots [0, first + take); causal: slot 0 is the own chunk
         p = i + lk - nq  # the query's key position (bottom-right aligned)
-        first = Int32(0)
-        ncand = nch
-        take = cutlass.min(topk, nch)
-        if cutlass.const_expr(self.causal):
-            first = Int32(1)
-            ncand = cutlass.min(cutlass.max(p, Int32(0)) // chunk, nch)
-            take = cutlass.min(topk - 1, ncand)
-            if p < 0:
-                first = Int32(0)
-                ncand = Int32(0)
-                take = Int32(0)
-            elif valid & (tid == 0):
-                ssel[0] = p // chunk
-        ncand = cutlass.select_(valid, ncand, Int32(0))
-        take = cutlass.select_(valid, take, Int32(0))
-        nslots = cutlass.select_(valid, first + take, Int32(0))
+        ncand, take, first = selection_bounds(p, lk, chunk, nchunks, topk, valid, self.causal)
+        if (first != 0) & (tid == 0):
+            ssel[0] = p // chunk
+        nslots = first + take
         srow = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
         self.select(scores, srow, ncand, take, first, ssc, sarg, ssel, tid)
         if valid:
@@ -693,19 +700,7 @@ class DecodeGroupKernel:
         ntiles = (end + self.T - 1) // self.T  # the CTA's key tiles: every visible key, or the union's chunks
         tps = (chunk + self.T - 1) // self.T  # (select: tiles per chunk)
         if cutlass.const_expr(self.select):
-            nch = cutlass.min((lk + chunk - 1) // chunk, nchunks)
-            ncand = nch
-            take = cutlass.min(topk, nch)
-            own = Int32(0)  # (causal: 1, the own chunk joins every head's selection)
-            if cutlass.const_expr(self.causal):
-                ncand = cutlass.min(cutlass.max(p, Int32(0)) // chunk, nch)
-                take = cutlass.min(topk - 1, ncand)
-                own = cutlass.select_(valid & (p >= 0), Int32(1), Int32(0))
-                if p < 0:
-                    ncand = Int32(0)
-                    take = Int32(0)
-            ncand = cutlass.select_(valid, ncand, Int32(0))
-            take = cutlass.select_(valid, take, Int32(0))
+            ncand, take, own = selection_bounds(p, lk, chunk, nchunks, topk, valid, self.causal)
             srow0 = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h0)) * Int64(nchunks)
             ntiles = self.union(scores, srow0, nchunks, ncand, take, own, ssc, slist, tid) * tps
         if valid:
