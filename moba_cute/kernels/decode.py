@@ -276,7 +276,27 @@ def store_state(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D
         _g(part_ml)[pidx * Int64(2) + Int64(1)] = L
 
 
-class DecodeAttendKernel:
+class _AttendLaunch:
+    """The attend kernels' host entry (one argument list for both): grid (total_q, H / GT,
+    splits) of ``ATTEND_THREADS``, ``MIN_CTAS`` CTAs per SM as the launch bound."""
+
+    GT = 1  # query heads per CTA
+    MIN_CTAS = ATTEND_MIN_CTAS
+
+    @cute.jit
+    def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+                 scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
+                 part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
+                 k_sh: Int64, v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
+                 total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+                 scale_log2: Float32, stream: cuda.CUstream):
+        self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
+                    v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
+                    scale_log2).launch(grid=(total_q, H // self.GT, splits), block=(ATTEND_THREADS, 1, 1),
+                                       stream=stream, min_blocks_per_mp=self.MIN_CTAS, preferred_smem_carveout=100)
+
+
+class DecodeAttendKernel(_AttendLaunch):
     """Selection and attention of one (output row, head, key split) per CTA (see the module
     doc), grid (total_q, H, splits); the row's sequence comes from a binary search of
     ``cu_seqlens_q``. The selected chunks' 32-key pieces are numbered slot by slot; split ``sp``
@@ -356,18 +376,6 @@ class DecodeAttendKernel:
         else:
             store_state(sm, sl, sacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
                         (row * Int64(H) + Int64(h)) * Int64(splits) + Int64(sp))
-
-    @cute.jit
-    def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
-                 scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
-                 part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
-                 k_sh: Int64, v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
-                 total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
-                 scale_log2: Float32, stream: cuda.CUstream):
-        self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                    v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
-                    scale_log2).launch(grid=(total_q, H, splits), block=(ATTEND_THREADS, 1, 1), stream=stream,
-                                       min_blocks_per_mp=ATTEND_MIN_CTAS, preferred_smem_carveout=100)
 
     @cute.jit
     def select(self, scores: cute.Pointer, srow: Int64, ncand: Int32, take: Int32, first: Int32, ssc: cute.Tensor,
@@ -478,7 +486,7 @@ class DecodeAttendKernel:
         self.finish(m, lsum, acc, sm, sl, sacc, tid, r, h, H, total_q, splits, sp, out, lse, part_ml, part_acc)
 
 
-class DecodeGroupKernel:
+class DecodeGroupKernel(_AttendLaunch):
     """The ``GT`` query heads of one KV head per CTA (grid (total_q, H / GT, splits), 8 warps),
     reading each key and value row once for all of them. ``select=False`` (``topk`` covers every
     chunk of the longest sequence: dense layers, short caches): every visible key. ``select=True``
@@ -498,6 +506,8 @@ class DecodeGroupKernel:
     online softmax, and the ``8 * RW`` states per head merge in a fixed order (bitwise
     deterministic). Outputs and split states as :class:`DecodeAttendKernel`'s."""
 
+    MIN_CTAS = GROUP_MIN_CTAS
+
     def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, select: bool):
         assert head_dim % 32 == 0 and head_dim <= 256 and 1 <= group <= GROUP_MAX_HEADS
         self.dtype = dtype
@@ -515,18 +525,6 @@ class DecodeGroupKernel:
         self.RING = self.S * self.U * 2 * ATTEND_THREADS * 8  # ring elements (K and V pieces)
         # the merge reuses the ring for the states' outputs
         assert self.GT * self.NS * self.D * 4 <= self.RING * 2
-
-    @cute.jit
-    def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
-                 scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
-                 part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
-                 k_sh: Int64, v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
-                 total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
-                 scale_log2: Float32, stream: cuda.CUstream):
-        self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                    v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
-                    scale_log2).launch(grid=(total_q, H // self.GT, splits), block=(ATTEND_THREADS, 1, 1),
-                                       stream=stream, min_blocks_per_mp=GROUP_MIN_CTAS, preferred_smem_carveout=100)
 
     @cute.jit
     def union(self, scores: cute.Pointer, srow0: Int64, nchunks: Int32, ncand: Int32, take: Int32, own: Int32,
