@@ -70,7 +70,8 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
     (``group``: query heads per CTA of the group kernel, :func:`head_group`)."""
     import cutlass
 
-    from .decode import DecodeAttendKernel, DecodeGroupKernel, DecodeGroupMmaKernel, DecodeMergeKernel, DecodeScoresKernel
+    from .decode import (DecodeAttendKernel, DecodeGroupKernel, DecodeGroupMmaKernel, DecodeMergeKernel,
+                         DecodeScoresKernel)
 
     dt = _cdt(dtype_name)
     P = common.fake_gptr
