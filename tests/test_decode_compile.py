@@ -18,7 +18,7 @@ def _specs():
         for D in cfg.SUPPORTED_HEAD_DIMS:
             for padded in (False, True):
                 for causal in (True, False):
-                    for g in decode_launch.group_sizes():
+                    for g in decode_launch.group_sizes(D):
                         for key, fac, fake in decode_launch.kernel_specs(dtype, D, padded, causal, g).values():
                             seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
@@ -36,8 +36,10 @@ def test_decode_kernels_compile_without_spills(key, spec, arch):
     assert rep.stack_frame == 0, rep.ptxas[-600:]
     if key[0] in ("decode_scores", "decode_attend"):
         assert "ld.global.v4" in rep.ptx  # K rows in 16-byte pieces
-    if key[0] == "decode_group":
+    if key[0] in ("decode_group", "decode_group_mma"):
         assert "cp.async.cg.shared.global" in rep.ptx and ", 16;" in rep.ptx  # 16-byte K/V copies
+    if key[0] == "decode_group_mma":
+        assert "mma.sync.aligned.m16n8k16" in rep.ptx and "ldmatrix" in rep.ptx
 
 
 def test_decode_limits():
@@ -67,8 +69,11 @@ def test_decode_splits_and_groups():
     assert f(2048, 32, 132) == 1  # enough (row, head) pairs: no split, no merge
     assert f(1, 10 ** 6, 132) == cfg.MAX_SPLITS
     g = decode_launch.head_group
-    assert g(32, 8) == 4 and g(32, 4) == 4 and g(24, 8) == 3 and g(32, 16) == 2
-    assert g(32, 32) == 1 and g(28, 4) == 1 and g(16, 1) == 4
+    assert g(32, 8, 256) == 4 and g(32, 4, 256) == 4 and g(24, 8, 256) == 3 and g(32, 16, 256) == 2
+    assert g(32, 32, 256) == 1 and g(28, 4, 256) == 1 and g(16, 1, 256) == 4
+    # tensor cores: up to 16 heads, powers of two
+    assert g(32, 8, 128) == 4 and g(32, 4, 64) == 8 and g(32, 2, 128) == 16 and g(64, 1, 32) == 16
+    assert g(24, 8, 128) == 1 and g(48, 4, 128) == 4
 
 
 def test_decode_attend_launch():
@@ -77,7 +82,7 @@ def test_decode_attend_launch():
     from types import SimpleNamespace
 
     def plan(D=128, C=4096, group=4, group_ok=True):
-        tile = 32 // (D // 8) * cfg.GROUP_KEYS_PER_LANE
+        tile = decode_launch.group_tile(D)
         return SimpleNamespace(group=group, tile=tile, per=-(-C // cfg.KEYS_PER_PIECE), sms=132, group_ok=group_ok)
 
     f = decode_launch.attend_launch
@@ -100,7 +105,8 @@ def test_decode_attend_launch():
     # GPUs with 99 KB of shared memory per block: the per-head kernel, also over every chunk
     assert f(12, 8, 4096, 32 * 1024 + 1, 8, 32, plan(group_ok=False))[:2] == ("attend", 1)
     assert f(12, 33, 4096, L, 1, 32, plan(group_ok=False))[:2] == ("attend", 1)
-    assert decode_launch.group_smem_bytes(128, 4) <= 166912 < 2 * decode_launch.group_smem_bytes(128, 4)  # A100
-    assert all(decode_launch.group_smem_bytes(D, g) > 101376 for D in cfg.SUPPORTED_HEAD_DIMS for g in (1, 4))
-    for D in (32, 64, 256):  # tiles of 8 keys per lane group
-        assert plan(D=D).tile == 32 // (D // 8) * 8
+    for D in cfg.SUPPORTED_HEAD_DIMS:
+        for g in decode_launch.group_sizes(D):
+            assert decode_launch.group_smem_bytes(D, g) <= 166912  # within an A100's block
+    assert plan(D=256).tile == 32 // (256 // 8) * cfg.GROUP_KEYS_PER_LANE  # 8 keys per lane group
+    assert all(plan(D=D).tile == 16 for D in cfg.GROUP_MMA_HEAD_DIMS)  # the m16n8k16 key tile

@@ -40,6 +40,8 @@ CASES = [
     ([1, 2], [6000, 3000], 8, 4, 1024, 2, False),  # 2 heads per CTA, non-causal
     ([2], [2000], 8, 2, 1024, 1, True),  # own chunk only
     ([1, 1], [7000, 2100], 8, 2, 1030, 3, True),  # chunks not a multiple of the key tile
+    ([1, 2], [5000, 3000], 32, 2, 1024, 3, True),  # 16 heads per CTA (tensor cores: the whole m16 tile)
+    ([2, 1], [3000, 700], 16, 2, 4096, 2, False),  # 8 heads per CTA, every chunk, non-causal
 ]
 
 

@@ -40,6 +40,10 @@ GROUP_MAX_HEADS = 4
 GROUP_KEYS_PER_LANE = 8
 GROUP_STAGES = 2
 GROUP_MIN_CTAS = 1
+#: head dims whose group kernel runs on tensor cores (DecodeGroupMmaKernel: mma.sync with up to 16
+#: query heads of a KV head as the m16 tile's rows), and its head-group sizes
+GROUP_MMA_HEAD_DIMS = (32, 64, 128)
+GROUP_MMA_SIZES = (1, 2, 4, 8, 16)
 #: selective calls take the group kernel (the union of a head group's chunks read once) from
 #: this chunk size, with at most GROUP_MAX_CHUNKS chunks; smaller chunks the per-head kernel
 GROUP_SELECT_MIN_CHUNK = 1024

@@ -43,11 +43,13 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync
+from cutlass.cute.nvgpu import warp as nvwarp
 
 from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_V_UNROLL, ATTEND_WARPS, GROUP_KEYS_PER_LANE, GROUP_MAX_CHUNKS,
                               GROUP_MAX_HEADS, GROUP_MIN_CTAS, GROUP_STAGES, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK,
                               MERGE_THREADS, SCORE_UNROLL)
 from .centroids import clamp_seq, find_segment
+from .moba_fwd_sm80 import _mn_view, _quad_max, _quad_sum
 
 ATTEND_THREADS = 32 * ATTEND_WARPS
 LN2 = 0.6931471805599453
@@ -277,7 +279,7 @@ def store_state(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D
 
 
 class _AttendLaunch:
-    """The attend kernels' host entry (one argument list for both): grid (total_q, H / GT,
+    """The attend kernels' host entry (one argument list for all): grid (total_q, H / GT,
     splits) of ``ATTEND_THREADS``, ``MIN_CTAS`` CTAs per SM as the launch bound."""
 
     GT = 1  # query heads per CTA
@@ -292,8 +294,13 @@ class _AttendLaunch:
                  scale_log2: Float32, stream: cuda.CUstream):
         self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
                     v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
-                    scale_log2).launch(grid=(total_q, H // self.GT, splits), block=(ATTEND_THREADS, 1, 1),
-                                       stream=stream, min_blocks_per_mp=self.MIN_CTAS, preferred_smem_carveout=100)
+                    scale_log2, *self.extras()).launch(grid=(total_q, H // self.GT, splits),
+                                                       block=(ATTEND_THREADS, 1, 1), stream=stream,
+                                                       min_blocks_per_mp=self.MIN_CTAS, preferred_smem_carveout=100)
+
+    def extras(self):
+        """Kernel arguments past the common list (built at trace time)."""
+        return ()
 
 
 class DecodeAttendKernel(_AttendLaunch):
@@ -527,38 +534,44 @@ class DecodeGroupKernel(_AttendLaunch):
         assert self.GT * self.NS * self.D * 4 <= self.RING * 2
 
     @cute.jit
+    def select_head(self, scores: cute.Pointer, srow: Int64, ncand: Int32, take: Int32, ssc: cute.Tensor, base: Int32,
+                    lane: Int32):
+        """One warp: the best ``take`` of chunks ``[0, ncand)`` by the scores at ``srow``, marked
+        taken (NaN) in ``ssc[base + c]`` (all of them when ``take >= ncand``). Lane ``c % 32`` owns
+        entry ``c``: it loads it, ranks it and marks it, so no barrier is needed."""
+        gs = _g(scores)
+        for c in cutlass.range(lane, ncand, 32, unroll=1):
+            x = gs[srow + Int64(c)]
+            ssc[base + c] = cutlass.select_(x != x, Float32.inf, x)  # NaN ranks as +inf
+            if take >= ncand:
+                ssc[base + c] = Float32.nan
+        if take < ncand:
+            for rnd in cutlass.range(take, unroll=1):
+                bv = -Float32.inf
+                bj = Int32(-1)
+                for c in cutlass.range(lane, ncand, 32, unroll=1):
+                    x = ssc[base + c]
+                    if (x == x) & _better(x, c, bv, bj):
+                        bv = x
+                        bj = c
+                bv, bj = _warp_argmax(bv, bj)
+                if bj >= 0:
+                    if bj % 32 == lane:
+                        ssc[base + bj] = Float32.nan
+
+    @cute.jit
     def union(self, scores: cute.Pointer, srow0: Int64, nchunks: Int32, ncand: Int32, take: Int32, own: Int32,
               ssc: cute.Tensor, slist: cute.Tensor, tid: Int32):
-        """Head ``g``'s best ``take`` of chunks ``[0, ncand)`` (warp ``g``; scores of head ``g`` at
-        ``srow0 + g * nchunks``), then the union over the heads (plus the own chunk ``ncand`` when
-        ``own``) into ``slist`` in chunk order as ``chunk * 256 + head mask``; returns its length.
-        Contains barriers."""
+        """Head ``g``'s best ``take`` of chunks ``[0, ncand)`` (warp ``g % 8``; scores of head
+        ``g`` at ``srow0 + g * nchunks``), then the union over the heads (plus the own chunk
+        ``ncand`` when ``own``) into ``slist`` in chunk order as ``chunk * 65536 + head mask``;
+        returns its length. Contains barriers."""
         lane = tid % 32
         warp = tid // 32
         MC = GROUP_MAX_CHUNKS
-        if warp < self.GT:
-            g = warp
-            gs = _g(scores)
-            srow = srow0 + Int64(g) * Int64(nchunks)
-            # lane c % 32 owns entry c: it loads it, ranks it and marks it taken (NaN)
-            for c in cutlass.range(lane, ncand, 32, unroll=1):
-                x = gs[srow + Int64(c)]
-                ssc[g * MC + c] = cutlass.select_(x != x, Float32.inf, x)  # NaN ranks as +inf
-                if take >= ncand:
-                    ssc[g * MC + c] = Float32.nan
-            if take < ncand:
-                for rnd in cutlass.range(take, unroll=1):
-                    bv = -Float32.inf
-                    bj = Int32(-1)
-                    for c in cutlass.range(lane, ncand, 32, unroll=1):
-                        x = ssc[g * MC + c]
-                        if (x == x) & _better(x, c, bv, bj):
-                            bv = x
-                            bj = c
-                    bv, bj = _warp_argmax(bv, bj)
-                    if bj >= 0:
-                        if bj % 32 == lane:
-                            ssc[g * MC + bj] = Float32.nan
+        for g in cutlass.range_constexpr(self.GT):
+            if warp == g % ATTEND_WARPS:
+                self.select_head(scores, srow0 + Int64(g) * Int64(nchunks), ncand, take, ssc, g * MC, lane)
         cute.arch.sync_threads()
         n = ncand + cutlass.select_(own != 0, Int32(1), Int32(0))
         if warp == 0:
@@ -575,12 +588,34 @@ class DecodeGroupKernel(_AttendLaunch):
                     bits = Int32((1 << self.GT) - 1)  # the own chunk: every head
                 ball = cute.arch.vote_ballot_sync(bits != 0)
                 if bits != 0:
-                    slist[count + cute.arch.popc(Int32(ball & Int32(below)))] = c * 256 + bits
+                    slist[count + cute.arch.popc(Int32(ball & Int32(below)))] = c * 65536 + bits
                 count = count + cute.arch.popc(ball)
             if lane == 0:
                 slist[MC] = count
         cute.arch.sync_threads()
         return slist[MC]
+
+    @cute.jit
+    def row_tiles(self, cu_q: cute.Pointer, cu_k: cute.Pointer, scores: cute.Pointer, B: Int32, H: Int32, Hk: Int32,
+                  total_q: Int32, total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, r: Int32,
+                  h0: Int32, ssc: cute.Tensor, slist: cute.Tensor, tid: Int32):
+        """Output row ``r``'s sequence, its KV head, the end of its visible keys and the CTA's key
+        tiles: every visible key, or (select) the union's chunks, ``tps`` tiles each. Every row
+        writes its output: rows outside the sequences get 0 and -inf (``valid`` false, no tiles)."""
+        b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
+        hk = h0 // (H // Hk)
+        p = i + lk - nq  # the query's key position (bottom-right aligned)
+        end = lk  # visible keys [0, end)
+        if cutlass.const_expr(self.causal):
+            end = cutlass.max(cutlass.min(p + 1, lk), Int32(0))
+        end = cutlass.select_(valid, end, Int32(0))
+        ntiles = (end + self.T - 1) // self.T
+        tps = (chunk + self.T - 1) // self.T
+        if cutlass.const_expr(self.select):
+            ncand, take, own = selection_bounds(p, lk, chunk, nchunks, topk, valid, self.causal)
+            srow0 = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h0)) * Int64(nchunks)
+            ntiles = self.union(scores, srow0, nchunks, ncand, take, own, ssc, slist, tid) * tps
+        return b, i, lk, qbase, kbase, valid, hk, end, ntiles, tps
 
     @cute.jit
     def tile_keys(self, tile: Int32, end: Int32, chunk: Int32, tps: Int32, slist: cute.Tensor):
@@ -592,10 +627,10 @@ class DecodeGroupKernel(_AttendLaunch):
         if cutlass.const_expr(self.select):
             slot = tile // tps
             ent = slist[cutlass.min(slot, Int32(GROUP_MAX_CHUNKS - 1))]
-            c0 = (ent >> 8) * chunk
+            c0 = (ent >> 16) * chunk
             tbase = c0 + (tile - slot * tps) * self.T
             limit = cutlass.min(c0 + chunk, end)
-            bits = ent & 255
+            bits = ent & 65535
         return tbase, limit, bits
 
     @cute.jit
@@ -687,20 +722,8 @@ class DecodeGroupKernel(_AttendLaunch):
             slist = smem.allocate_tensor(Int32, cute.make_layout(GROUP_MAX_CHUNKS + 1), 16)
 
         h0 = hg * GT  # the group's first query head (GT divides H / Hk: one KV head)
-        # every row writes its output: rows outside the sequences get 0 and -inf
-        b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
-        hk = h0 // (H // Hk)
-        p = i + lk - nq  # the query's key position (bottom-right aligned)
-        end = lk  # visible keys [0, end)
-        if cutlass.const_expr(self.causal):
-            end = cutlass.max(cutlass.min(p + 1, lk), Int32(0))
-        end = cutlass.select_(valid, end, Int32(0))
-        ntiles = (end + self.T - 1) // self.T  # the CTA's key tiles: every visible key, or the union's chunks
-        tps = (chunk + self.T - 1) // self.T  # (select: tiles per chunk)
-        if cutlass.const_expr(self.select):
-            ncand, take, own = selection_bounds(p, lk, chunk, nchunks, topk, valid, self.causal)
-            srow0 = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h0)) * Int64(nchunks)
-            ntiles = self.union(scores, srow0, nchunks, ncand, take, own, ssc, slist, tid) * tps
+        b, i, lk, qbase, kbase, valid, hk, end, ntiles, tps = self.row_tiles(
+            cu_q, cu_k, scores, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, r, h0, ssc, slist, tid)
         if valid:
             for x in cutlass.range(tid, GT * D, ATTEND_THREADS, unroll=1):
                 g = x // D
@@ -760,6 +783,230 @@ class DecodeGroupKernel(_AttendLaunch):
                              self.dtype)
             else:
                 store_state(tm, tl, tacc, Int32(NS), D, tid, ATTEND_THREADS, part_ml, part_acc,
+                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
+
+
+class DecodeGroupMmaKernel(DecodeGroupKernel):
+    """:class:`DecodeGroupKernel` on tensor cores (mma.sync m16n8k16), for up to 16 query heads
+    of one KV head per CTA (the rows of the m16 tile; rows past ``GT`` are zero and masked).
+    Each warp takes 16-key tiles (round-robin over the CTA's tiles, as the CUDA-core kernel's
+    warps do), copies them into its own two-stage K/V ring with cp.async (warp barriers only),
+    computes ``S = Q K^T`` and ``O += P V`` with ldmatrix'd fragments, as the sm80 forward does,
+    and keeps an online softmax per row; the 8 warps' states merge in warp order. Selection,
+    union and tile numbering as :class:`DecodeGroupKernel`'s (``T = 16``)."""
+
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, select: bool):
+        assert head_dim in (32, 64, 128) and 1 <= group <= 16
+        self.dtype = dtype
+        self.D = head_dim
+        self.padded = padded
+        self.causal = causal
+        self.GT = group
+        self.select = select
+        self.T = 16  # keys per warp tile
+        self.S = 2  # ring stages per warp
+        self.DP = head_dim + 8  # padded smem rows: conflict-free ldmatrix without swizzle
+        self.TILE = self.T * self.DP  # elements of one K (or V) tile
+        self.RING = ATTEND_WARPS * self.S * 2 * self.TILE
+        # (the ring also holds the selection's scores, then the warps' output states)
+        assert self.GT * GROUP_MAX_CHUNKS * 4 <= self.RING * 2
+        assert self.GT * ATTEND_WARPS * self.D * 4 <= self.RING * 2
+
+    def extras(self):
+        """The m16n8k16 MMA the kernel partitions its fragments by."""
+        return (cute.make_tiled_mma(nvwarp.MmaF16BF16Op(self.dtype, Float32, (16, 8, 16)), (1, 1, 1),
+                                    permutation_mnk=(16, 16, 16)),)
+
+    @cute.jit
+    def issue_mma(self, k: cute.Pointer, v: cute.Pointer, krow0: Int64, vrow0: Int64, k_st: Int64, v_st: Int64,
+                  tile: Int32, sK: cute.Tensor, sV: cute.Tensor, end: Int32, chunk: Int32, tps: Int32,
+                  slist: cute.Tensor, lane: Int32, atom: cutlass.Constexpr):
+        """The warp's cp.async copies of ``tile``'s 16 K and V rows into ``sK``/``sV`` (keys past
+        the tile's visible end copy key 0, masked later)."""
+        CV = self.D // 8
+        tbase, limit, _ = self.tile_keys(tile, end, chunk, tps, slist)
+        for it in cutlass.range_constexpr(self.T * CV // 32):
+            idx = lane + it * 32
+            rr = idx // CV
+            cv = idx - rr * CV
+            t = tbase + rr
+            t = cutlass.select_(t < limit, t, Int32(0))
+            dst = cute.assume(rr * self.DP + cv * 8, divby=8)
+            cute.copy(atom, cute.make_tensor(k + cute.assume(krow0 + Int64(t) * k_st + Int64(cv * 8), divby=8),
+                                             cute.make_layout(8)),
+                      cute.make_tensor(sK.iterator + dst, cute.make_layout(8)))
+            cute.copy(atom, cute.make_tensor(v + cute.assume(vrow0 + Int64(t) * v_st + Int64(cv * 8), divby=8),
+                                             cute.make_layout(8)),
+                      cute.make_tensor(sV.iterator + dst, cute.make_layout(8)))
+
+    @cute.kernel
+    def kernel(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+               scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
+               part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
+               v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
+               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+               scale_log2: Float32, tiled_mma: cute.TiledMma):
+        tid, _, _ = cute.arch.thread_idx()
+        r, hg, sp = cute.arch.block_idx()
+        GT, D, NW, T, DP = self.GT, self.D, ATTEND_WARPS, self.T, self.DP
+        dt = self.dtype
+        lane = tid % 32
+        warp = tid // 32
+        smem = cutlass.utils.SmemAllocator()
+        ring = smem.allocate_tensor(dt, cute.make_layout(self.RING), 16)
+        sQ = smem.allocate_tensor(dt, cute.make_layout((16, D), stride=(DP, 1)), 16)
+        sm = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
+        sl = smem.allocate_tensor(Float32, cute.make_layout(GT * NW), 16)
+        ringf = cute.make_tensor(cute.recast_ptr(ring.iterator, dtype=Float32), cute.make_layout(self.RING // 2))
+        slist = None
+        if cutlass.const_expr(self.select):
+            slist = smem.allocate_tensor(Int32, cute.make_layout(GROUP_MAX_CHUNKS + 1), 16)
+
+        h0 = hg * GT
+        b, i, lk, qbase, kbase, valid, hk, end, ntiles, tps = self.row_tiles(
+            cu_q, cu_k, scores, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, r, h0, ringf, slist, tid)
+        # the query rows (unscaled: the scores are scaled in fp32), zero past the group
+        for x in cutlass.range(tid, 16 * D, ATTEND_THREADS, unroll=1):
+            g = x // D
+            d = x - g * D
+            val = dt(0.0)
+            if valid & (g < GT):
+                qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h0 + g) * q_sh, divby=8)
+                val = _g(qp)[d]
+            sQ[g, d] = val
+        cute.arch.sync_threads()  # (also: the selection's scores in the ring are consumed)
+
+        thr_mma = tiled_mma.get_slice(lane)
+        kv_layout = cute.make_layout((T, D), stride=(DP, 1))
+        sK0 = cute.make_tensor(ring.iterator, kv_layout)
+        sVt0 = cute.composition(sK0, cute.make_layout((D, T), stride=(T, 1)))
+        tSrQ = thr_mma.make_fragment_A(thr_mma.partition_A(sQ))
+        tSrK = thr_mma.make_fragment_B(thr_mma.partition_B(sK0))
+        tOrVt = thr_mma.make_fragment_B(thr_mma.partition_B(sVt0))
+        acc_O = cute.make_rmem_tensor(thr_mma.partition_shape_C((16, D)), Float32)
+        acc_S = cute.make_rmem_tensor(thr_mma.partition_shape_C((16, T)), Float32)
+        ld = cute.make_copy_atom(nvwarp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt)
+        ldt = cute.make_copy_atom(nvwarp.LdMatrix8x8x16bOp(transpose=True, num_matrices=4), dt)
+        s2r_Q = cute.make_tiled_copy_A(ld, tiled_mma).get_slice(lane)
+        s2r_K = cute.make_tiled_copy_B(ld, tiled_mma).get_slice(lane)
+        s2r_V = cute.make_tiled_copy_B(ldt, tiled_mma).get_slice(lane)
+        tSsQ = s2r_Q.partition_S(sQ)
+        tSrQ_v = s2r_Q.retile(tSrQ)
+        tSrK_v = s2r_K.retile(tSrK)
+        tOrVt_v = s2r_V.retile(tOrVt)
+        for kb in cutlass.range_constexpr(cute.size(tSsQ.shape[2])):
+            cute.copy(s2r_Q, tSsQ[None, None, kb], tSrQ_v[None, None, kb])
+        acc_O_mn = _mn_view(acc_O)
+        acc_S_mn = _mn_view(acc_S)
+        tOcO_mn = _mn_view(thr_mma.partition_C(cute.make_identity_tensor((16, D))))
+        tScS_mn = _mn_view(thr_mma.partition_C(cute.make_identity_tensor((16, T))))
+        NR = cute.size(acc_O_mn, mode=[0])  # rows per thread (2)
+        NCO = cute.size(acc_O_mn, mode=[1])
+        NCS = cute.size(acc_S_mn, mode=[1])
+        row_max = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        row_sum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        acc_O.fill(0.0)
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+
+        krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
+        vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
+        lo = sp * pps
+        hi = cutlass.min(lo + pps, ntiles)
+        nw = cutlass.max((hi - lo - warp + NW - 1) // NW, Int32(0))  # this warp's tiles
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
+                                   num_bits_per_copy=128)
+        wbase = warp * (self.S * 2 * self.TILE)  # the warp's ring: stage s holds K at 2s, V at 2s + 1
+        if nw > 0:
+            self.issue_mma(k, v, krow0, vrow0, k_st, v_st, lo + warp,
+                           cute.make_tensor(ring.iterator + cute.assume(wbase, divby=8), kv_layout),
+                           cute.make_tensor(ring.iterator + cute.assume(wbase + self.TILE, divby=8), kv_layout),
+                           end, chunk, tps, slist, lane, atom)
+        cute.arch.cp_async_commit_group()
+        for j in cutlass.range(nw, unroll=1):
+            tile = lo + warp + j * NW
+            if j + 1 < nw:
+                nb = wbase + ((j + 1) % 2) * 2 * self.TILE
+                self.issue_mma(k, v, krow0, vrow0, k_st, v_st, tile + NW,
+                               cute.make_tensor(ring.iterator + cute.assume(nb, divby=8), kv_layout),
+                               cute.make_tensor(ring.iterator + cute.assume(nb + self.TILE, divby=8), kv_layout),
+                               end, chunk, tps, slist, lane, atom)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(1)
+            cute.arch.sync_warp()
+            cb = wbase + (j % 2) * 2 * self.TILE
+            sKc = cute.make_tensor(ring.iterator + cute.assume(cb, divby=8), kv_layout)
+            sVc = cute.make_tensor(ring.iterator + cute.assume(cb + self.TILE, divby=8), kv_layout)
+            tSsK = s2r_K.partition_S(sKc)
+            tOsVt = s2r_V.partition_S(cute.composition(sVc, cute.make_layout((D, T), stride=(T, 1))))
+            # S = Q K^T
+            acc_S.fill(0.0)
+            nk = cute.size(tSsK.shape[2])
+            cute.copy(s2r_K, tSsK[None, None, 0], tSrK_v[None, None, 0])
+            for kb in cutlass.range_constexpr(nk):
+                if cutlass.const_expr(kb + 1 < nk):
+                    cute.copy(s2r_K, tSsK[None, None, kb + 1], tSrK_v[None, None, kb + 1])
+                cute.gemm(tiled_mma, acc_S, tSrQ[None, None, kb], tSrK[None, None, kb], acc_S)
+            # mask: keys past the tile's visible end, heads that did not select its chunk
+            tbase, limit, bits = self.tile_keys(tile, end, chunk, tps, slist)
+            nvis = limit - tbase
+            for rr in cutlass.range_constexpr(NR):
+                g = tOcO_mn[rr, 0][0]
+                off = ((bits >> g) & 1) == 0
+                for c in cutlass.range_constexpr(NCS):
+                    if off | (tScS_mn[0, c][1] >= nvis):
+                        acc_S_mn[rr, c] = -Float32.inf
+            # online softmax (rows: heads)
+            for rr in cutlass.range_constexpr(NR):
+                srow = acc_S_mn[rr, None].load()
+                cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
+                m_old = row_max[rr]
+                m_new = cute.arch.fmax(m_old, cur)
+                m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
+                m_scaled = m_use * scale_log2
+                e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
+                corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
+                row_sum[rr] = row_sum[rr] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                acc_O_mn[rr, None] = acc_O_mn[rr, None].load() * corr
+                row_max[rr] = m_new
+                acc_S_mn[rr, None] = e
+            # O += P V
+            rP = cute.make_fragment_like(acc_S, dt)
+            rP.store(acc_S.load().to(dt))
+            pl = cute.logical_divide(rP.layout, (None, None, 2))
+            tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
+                ((pl.shape[0], pl.shape[2][0]), pl.shape[1], pl.shape[2][1]),
+                stride=((pl.stride[0], pl.stride[2][0]), pl.stride[1], pl.stride[2][1])))
+            nkv = cute.size(tOrP.shape[2])
+            cute.copy(s2r_V, tOsVt[None, None, 0], tOrVt_v[None, None, 0])
+            for kb in cutlass.range_constexpr(nkv):
+                if cutlass.const_expr(kb + 1 < nkv):
+                    cute.copy(s2r_V, tOsVt[None, None, kb + 1], tOrVt_v[None, None, kb + 1])
+                cute.gemm(tiled_mma, acc_O, tOrP[None, None, kb], tOrVt[None, None, kb], acc_O)
+            cute.arch.sync_warp()  # (the stage is refilled next iteration)
+        cute.arch.cp_async_wait_group(0)
+        cute.arch.sync_threads()  # (the ring becomes the states' outputs)
+
+        # the warps' states (log2-domain max, sum, unnormalized output) per head, merged in warp order
+        for rr in cutlass.range_constexpr(NR):
+            row_sum[rr] = _quad_sum(row_sum[rr])
+            g = tOcO_mn[rr, 0][0]
+            if g < GT:
+                if lane % 4 == 0:
+                    sm[g * NW + warp] = row_max[rr] * scale_log2
+                    sl[g * NW + warp] = row_sum[rr]
+                for c in cutlass.range_constexpr(NCO):
+                    ringf[(g * NW + warp) * D + tOcO_mn[rr, c][1]] = acc_O_mn[rr, c]
+        cute.arch.sync_threads()
+        row = Int64(r)
+        for g in cutlass.range_constexpr(GT):
+            tm = cute.make_tensor(sm.iterator + g * NW, cute.make_layout(NW))
+            tl = cute.make_tensor(sl.iterator + g * NW, cute.make_layout(NW))
+            tacc = cute.make_tensor(ringf.iterator + g * NW * D, cute.make_layout(NW * D))
+            if splits == 1:
+                merge_states(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H, total_q, dt)
+            else:
+                store_state(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
                             (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
 
 

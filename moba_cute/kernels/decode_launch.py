@@ -58,11 +58,11 @@ def _cdt(name):
     return {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[name]
 
 
-def head_group(num_heads, num_kv_heads):
+def head_group(num_heads, num_kv_heads, head_dim):
     """Query heads of one KV head that one CTA of the group kernel serves together: the largest
-    divisor of the GQA group size up to ``GROUP_MAX_HEADS``."""
+    of :func:`group_sizes` dividing the GQA group size."""
     G = num_heads // num_kv_heads
-    return max(g for g in group_sizes() if G % g == 0)
+    return max(g for g in group_sizes(head_dim) if G % g == 0)
 
 
 def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
@@ -70,7 +70,8 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
     (``group``: query heads per CTA of the group kernel, :func:`head_group`)."""
     import cutlass
 
-    from .decode import DecodeAttendKernel, DecodeGroupKernel, DecodeMergeKernel, DecodeScoresKernel
+    from .decode import (DecodeAttendKernel, DecodeGroupKernel, DecodeGroupMmaKernel, DecodeMergeKernel,
+                         DecodeScoresKernel)
 
     dt = _cdt(dtype_name)
     P = common.fake_gptr
@@ -92,16 +93,30 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
         "merge": (("decode_merge", dtype_name, head_dim), lambda: DecodeMergeKernel(dt, head_dim),
                   (P(f32, 4), P(f32, 4), P(dt), P(f32, 4)) + I(3) + (s,)),
     })
+    # the group kernel: on tensor cores for the head dims mma.sync takes, else on CUDA cores
+    mma = head_dim in cfg.GROUP_MMA_HEAD_DIMS
+    cls = DecodeGroupMmaKernel if mma else DecodeGroupKernel
     for role, select in (("group", False), ("group_select", True)):
-        specs[role] = (("decode_group", dtype_name, head_dim, padded, causal, group, select),
-                       lambda select=select: DecodeGroupKernel(dt, head_dim, padded, causal, group, select),
-                       attend_args)
+        specs[role] = (("decode_group_mma" if mma else "decode_group", dtype_name, head_dim, padded, causal, group,
+                        select),
+                       lambda select=select: cls(dt, head_dim, padded, causal, group, select), attend_args)
     return specs
 
 
-def group_sizes():
-    """Every head-group size :func:`head_group` can pick."""
+def group_sizes(head_dim):
+    """Every head-group size :func:`head_group` can pick: powers of two up to the m16 tile's 16
+    rows on tensor cores (``GROUP_MMA_HEAD_DIMS``), else 1 .. ``GROUP_MAX_HEADS``."""
+    if head_dim in cfg.GROUP_MMA_HEAD_DIMS:
+        return list(cfg.GROUP_MMA_SIZES)
     return list(range(1, cfg.GROUP_MAX_HEADS + 1))
+
+
+def group_tile(head_dim):
+    """Keys per warp tile of the group kernel: 16 on tensor cores, else ``GROUP_KEYS_PER_LANE``
+    per lane group."""
+    if head_dim in cfg.GROUP_MMA_HEAD_DIMS:
+        return 16
+    return 32 // (head_dim // 8) * cfg.GROUP_KEYS_PER_LANE
 
 
 def splits_for(pairs, pieces, sms):
@@ -154,6 +169,10 @@ def _device_info(dev):
 
 def group_smem_bytes(head_dim, group):
     """Shared memory of the group kernel (a bound: ring, query rows, states, selection)."""
+    if head_dim in cfg.GROUP_MMA_HEAD_DIMS:  # per-warp K/V rings of 16-key tiles (the scores alias them)
+        tile = 16 * (head_dim + 8) * 2
+        return (cfg.ATTEND_WARPS * 2 * 2 * tile + tile + 2 * group * cfg.ATTEND_WARPS * 4
+                + (cfg.GROUP_MAX_CHUNKS + 1) * 4 + 5 * 128)
     ring = cfg.GROUP_STAGES * cfg.GROUP_KEYS_PER_LANE * 2 * 32 * cfg.ATTEND_WARPS * 16
     states = 2 * group * cfg.ATTEND_WARPS * (32 // (head_dim // 8)) * 4
     select = group * cfg.GROUP_MAX_CHUNKS * 4 + (cfg.GROUP_MAX_CHUNKS + 1) * 4
@@ -167,12 +186,12 @@ class DecodePlan:
     def __init__(self, key, arch):
         (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, K, causal, padded, self.sms,
          smem) = key
-        self.group = head_group(self.H, self.Hk)
+        self.group = head_group(self.H, self.Hk, self.D)
         # the group kernel's ring needs datacenter GPUs' shared memory (A100 and up); others
         # (99 KB per block: sm86/89/120) run the per-head kernel
         self.group_ok = group_smem_bytes(self.D, self.group) <= smem
         self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk (per-head kernel)
-        self.tile = 32 // (self.D // 8) * cfg.GROUP_KEYS_PER_LANE  # keys per warp tile (group kernel)
+        self.tile = group_tile(self.D)  # keys per warp tile (group kernel)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, causal, self.group), arch)
 
 
