@@ -1,23 +1,27 @@
 """Per-GPU tile tuner: ``python -m moba_cute.tune``.
 
-On the current CUDA GPU, for each shape (default: the benchmark suites' shapes, :data:`PRESETS`),
-times every shipped tile of the forward kernel family that serves the shape on this device
-(:func:`moba_cute.configs.tuned.candidates`: the tiles the CPU compile tests prove), picks the
-fastest, and writes a table that dispatch reads before the built-in tiles (format, lookup and
-precedence: :mod:`moba_cute.configs.tuned`)::
+On the current CUDA GPU, for each shape (default: the benchmark suites' shapes and decode steps,
+:data:`PRESETS`), times every shipped tile of the kernel family that serves the shape on this
+device (:func:`moba_cute.configs.tuned.candidates`: the tiles the CPU compile tests prove; the
+forward families ``sm90_fwd`` / ``sm80_fwd``, and ``decode``, the decode-step kernels' key-split
+waves), picks the fastest, and writes a table that dispatch reads before the built-in tiles
+(format, lookup and precedence: :mod:`moba_cute.configs.tuned`)::
 
     python -m moba_cute.tune                                   # all presets -> ~/.cache/moba_cute/tuned.json
     python -m moba_cute.tune --shapes flashmoba-8K,flashmoba-64K --out tuned.json
     python -m moba_cute.tune --shape B=1,H=32,Hk=8,D=128,C=1024,K=8,S=64K
+    python -m moba_cute.tune --shape B=8,H=32,Hk=8,D=128,C=4096,K=12,S=32K,new=1   # a decode step
     python -m moba_cute.tune --list                            # presets, shape classes, candidates (no GPU)
 
-A candidate is timed through the public path (``moba_cute.attention_with_routing`` with
-``backend="cute"`` on one routing, under ``torch.no_grad``), with the tile forced by
-:func:`moba_cute.kernels.attention_launch.tile_override`, the hook dispatch itself reads: CUDA
-events around each call, the L2 flushed before each, warm-up (compilation included) excluded,
-rounds interleaving the candidates so that clock drift hits them alike, the median of all runs.
-Each candidate's output is compared with the built-in tile's; one that disagrees is reported
-and never chosen. Routing and backward are not timed: their tiles do not depend on the forward's.
+A forward candidate is timed through the public path (``moba_cute.attention_with_routing`` with
+``backend="cute"`` on one routing, under ``torch.no_grad``), a decode candidate as a decode step
+(``moba_cute.varlen_attention``: ``new`` queries per sequence against ``S`` cached keys plus
+themselves, routing included), with the tile forced by ``attention_launch.tile_override`` /
+``decode_launch.tile_override``, the hooks dispatch itself reads: CUDA events around each call,
+the L2 flushed before each, warm-up (compilation included) excluded, rounds interleaving the
+candidates so that clock drift hits them alike, the median of all runs. Each candidate's output
+is compared with the built-in tile's; one that disagrees is reported and never chosen. The
+backward kernels and the routing ship one configuration per head dim: nothing to time.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ KI = 1024
 
 @dataclass(frozen=True)
 class Shape:
-    """One tuning shape: ``B`` sequences of ``S`` tokens (Sq = Sk), as the benchmark suites."""
+    """One tuning shape: ``B`` sequences of ``S`` tokens (Sq = Sk), as the benchmark suites; with
+    ``new`` > 0 a decode step: ``new`` queries per sequence against ``S`` cached keys and
+    themselves (Sk = S + new, bottom-right aligned), as benchmarks/decode.py."""
 
     name: str
     B: int
@@ -59,10 +65,24 @@ class Shape:
     S: int
     dtype: str = "bfloat16"
     causal: bool = True
+    new: int = 0
+
+    @property
+    def decode(self) -> bool:
+        return self.new > 0
+
+    @property
+    def Sq(self) -> int:
+        return self.new if self.decode else self.S
+
+    @property
+    def Sk(self) -> int:
+        return self.S + self.new
 
     @property
     def rows(self) -> int:
-        return self.B * self.S * self.H
+        """The shape class's rows: (query, head) pairs."""
+        return self.B * self.Sq * self.H
 
     @property
     def shape_class(self) -> str:
@@ -70,7 +90,8 @@ class Shape:
 
     def label(self) -> str:
         mode = "" if self.causal else " non-causal"
-        return (f"B={self.B} H={self.H}/{self.Hk} D={self.D} C={self.C} K={self.K} S={_fmt_size(self.S)} "
+        step = f" +{self.new} (decode)" if self.decode else ""
+        return (f"B={self.B} H={self.H}/{self.Hk} D={self.D} C={self.C} K={self.K} S={_fmt_size(self.S)}{step} "
                 f"{self.dtype}{mode}")
 
 
@@ -88,13 +109,16 @@ def _parse_size(text: str) -> int:
 
 
 # the shapes of benchmarks/configs.py (SPEC section 4): flashmoba at its smallest and at 64K,
-# moba-large at both of its (C, K) settings
+# moba-large at both of its (C, K) settings; decode steps of benchmarks/decode.py (H=32/8, D=128,
+# one new token, 64K cached: the middle of its 32K-128K) at 1 and 8 sequences, with the
+# integration's default (C, K) = (4096, 12) (the group kernel) and with (128, 8) (the per-head one)
 PRESETS: Dict[str, Shape] = {s.name: s for s in (
     Shape("flashmoba-8K", 2, 16, 16, 128, 128, 8, 8 * KI),
     Shape("flashmoba-64K", 2, 16, 16, 128, 128, 8, 64 * KI),
     Shape("moba-large-32K", 1, 32, 8, 128, 512, 3, 32 * KI),
     Shape("moba-large-128K", 1, 32, 8, 128, 4096, 12, 128 * KI),
-)}
+) + tuple(Shape(f"decode-B{b}-C{c}", b, 32, 8, 128, c, k, 64 * KI, new=1)
+          for c, k in ((4096, 12), (128, 8)) for b in (1, 8))}
 
 
 def parse_shape(spec: str) -> Shape:
@@ -107,13 +131,16 @@ def parse_shape(spec: str) -> Shape:
             if not sep:
                 raise ValueError(f"shape {spec!r}: {part!r} is not key=value")
             fields[key.strip()] = val.strip()
-    unknown = set(fields) - {"B", "H", "Hk", "D", "C", "K", "S", "dtype", "causal"}
+    unknown = set(fields) - {"B", "H", "Hk", "D", "C", "K", "S", "dtype", "causal", "new"}
     missing = {"B", "H", "D", "C", "K", "S"} - set(fields)
     if unknown or missing:
         raise ValueError(f"shape {spec!r}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
     try:
         ints = {k: _parse_size(fields[k]) for k in ("B", "H", "D", "C", "K", "S")}
         hk = _parse_size(fields.get("Hk", fields["H"]))
+        new = int(fields.get("new", "0"))
+        if new < 0:
+            raise ValueError("new must be >= 0")
     except ValueError as e:
         raise ValueError(f"shape {spec!r}: {e}") from None
     dtype = fields.get("dtype", "bfloat16")
@@ -122,15 +149,23 @@ def parse_shape(spec: str) -> Shape:
     causal = fields.get("causal", "1") not in ("0", "false", "False")
     if ints["H"] % hk:
         raise ValueError(f"shape {spec!r}: H must be a multiple of Hk")
-    name = f"custom-D{ints['D']}-{_fmt_size(ints['S'])}-C{ints['C']}-K{ints['K']}"
-    return Shape(name, ints["B"], ints["H"], hk, ints["D"], ints["C"], ints["K"], ints["S"], dtype, causal)
+    name = f"custom-D{ints['D']}-{_fmt_size(ints['S'])}-C{ints['C']}-K{ints['K']}" + (f"-new{new}" if new else "")
+    return Shape(name, ints["B"], ints["H"], hk, ints["D"], ints["C"], ints["K"], ints["S"], dtype, causal, new)
 
 
 def family_for(shape: Shape, arch: str) -> Tuple[Optional[str], Optional[str]]:
-    """(family, None) of the forward that dispatch runs for ``shape`` on ``arch``, or (None,
-    reason) when the CuTe forward does not support it."""
+    """(family, None) of the kernels that dispatch runs for ``shape`` on ``arch``, or (None,
+    reason) when the CuTe kernels do not support it."""
     import torch
 
+    if shape.decode:
+        from .kernels import decode_launch as dl
+
+        reason = dl.decode_unsupported_reason(getattr(torch, shape.dtype), shape.D, shape.H, shape.C, shape.K,
+                                              shape.Sq, shape.Sk, shape.B)
+        if reason is None and shape.H % shape.Hk:
+            reason = "num_heads must be a multiple of num_kv_heads"
+        return (None, reason) if reason is not None else ("decode", None)
     from .kernels import attention_launch as al
 
     reason = al.attention_unsupported_reason(getattr(torch, shape.dtype), shape.D, shape.C, shape.K, arch)
@@ -281,7 +316,9 @@ class CudaMeasure:
         l2 = getattr(torch.cuda.get_device_properties(self.dev), "L2_cache_size", 0) or (50 << 20)
         self._flush = torch.empty(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device=self.dev)
 
-    def _inputs(self, shape: Shape):
+    def _call(self, shape: Shape):
+        """The timed call of ``shape`` on fresh random inputs, returning (out, lse): a forward on
+        one routing, or a decode step (routing included)."""
         import torch
 
         import moba_cute
@@ -289,29 +326,43 @@ class CudaMeasure:
         dt = getattr(torch, shape.dtype)
         g = torch.Generator(device=self.dev)
         g.manual_seed(0)
-        n = shape.B * shape.S
-        q = torch.randn(n, shape.H, shape.D, generator=g, device=self.dev, dtype=dt)
-        k = torch.randn(n, shape.Hk, shape.D, generator=g, device=self.dev, dtype=dt)
-        v = torch.randn(n, shape.Hk, shape.D, generator=g, device=self.dev, dtype=dt)
-        cu = torch.arange(shape.B + 1, device=self.dev, dtype=torch.int32) * shape.S
-        r = moba_cute.route(q, k, cu, cu, shape.S, shape.S, shape.C, shape.K, shape.causal, backend="cute")
-        return q, k, v, r
-
-    def __call__(self, shape: Shape, family: str, tiles: List[Tile]) -> Dict[Tile, Measurement]:
-        import torch
-
-        import moba_cute
-        from .kernels.attention_launch import tile_override
-
-        try:
-            q, k, v, r = self._inputs(shape)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return {t: "out of memory" for t in tiles}
+        nq, nk = shape.B * shape.Sq, shape.B * shape.Sk
+        q = torch.randn(nq, shape.H, shape.D, generator=g, device=self.dev, dtype=dt)
+        k = torch.randn(nk, shape.Hk, shape.D, generator=g, device=self.dev, dtype=dt)
+        v = torch.randn(nk, shape.Hk, shape.D, generator=g, device=self.dev, dtype=dt)
+        cu_q = torch.arange(shape.B + 1, device=self.dev, dtype=torch.int32) * shape.Sq
+        cu_k = torch.arange(shape.B + 1, device=self.dev, dtype=torch.int32) * shape.Sk
+        if shape.decode:
+            def call():
+                with torch.no_grad():
+                    return moba_cute.varlen_attention(q, k, v, cu_q, cu_k, shape.Sq, shape.Sk, shape.C, shape.K,
+                                                      shape.causal, return_lse=True, backend="cute")
+            return call
+        r = moba_cute.route(q, k, cu_q, cu_k, shape.S, shape.S, shape.C, shape.K, shape.causal, backend="cute")
 
         def call():
             with torch.no_grad():
                 return moba_cute.attention_with_routing(q, k, v, r, return_lse=True, backend="cute")
+        return call
+
+    @staticmethod
+    def _override(family: str, tile: Tile):
+        if family == "decode":
+            from .kernels import decode_launch
+
+            return decode_launch.tile_override(tile)
+        from .kernels import attention_launch
+
+        return attention_launch.tile_override(family, tile)
+
+    def __call__(self, shape: Shape, family: str, tiles: List[Tile]) -> Dict[Tile, Measurement]:
+        import torch
+
+        try:
+            call = self._call(shape)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return {t: "out of memory" for t in tiles}
 
         out: Dict[Tile, Measurement] = {}
         reps = self.reps
@@ -320,7 +371,7 @@ class CudaMeasure:
         live = []
         for t in tiles:  # warm-up: compile, check, and learn how long one call takes
             try:
-                with tile_override(family, t):
+                with self._override(family, t):
                     t0 = time.perf_counter()
                     res = call()
                     torch.cuda.synchronize()
@@ -348,7 +399,7 @@ class CudaMeasure:
         for _ in range(self.rounds):
             for t in [t for t in live if t not in out]:
                 try:
-                    with tile_override(family, t):
+                    with self._override(family, t):
                         call()  # re-plans under the tile (host work outside the timed runs)
                         samples[t] += self._time_runs(call, reps)
                 except Exception as e:  # noqa: BLE001
@@ -356,7 +407,7 @@ class CudaMeasure:
         for t in live:
             if t not in out:
                 out[t] = float(statistics.median(samples[t]))
-        del q, k, v, r
+        del call
         torch.cuda.empty_cache()
         return out
 
@@ -415,7 +466,7 @@ def _versions() -> dict:
 def _list(shapes: List[Shape]) -> None:
     for s in shapes:
         print(f"{s.name}: {s.label()}\n    class {s.shape_class}")
-        for fam in tuned.FAMILIES:
+        for fam in (("decode",) if s.decode else ("sm90_fwd", "sm80_fwd")):
             c = tuned.candidates(fam, s.D)
             if c:
                 print(f"    {fam}: " + " ".join(_fmt_tile(t) for t in c) + "  (built-in first)")
@@ -438,13 +489,14 @@ def _summary(results: List[Result], device: str, path: Optional[str]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moba_cute.tune",
-                                 description="Time the shipped tiles of the moba_cute forward on this GPU and "
-                                             "write the fastest per shape class to the table dispatch reads.")
+                                 description="Time the shipped tiles of the moba_cute forward and decode kernels "
+                                             "on this GPU and write the fastest per shape class to the table "
+                                             "dispatch reads.")
     ap.add_argument("--shapes", default=None,
                     help=f"comma-separated presets (default: all unless --shape is given): {', '.join(PRESETS)}")
     ap.add_argument("--shape", action="append", default=[], metavar="SPEC",
                     help="a custom shape, e.g. B=2,H=16,Hk=16,D=128,C=128,K=8,S=8K[,dtype=float16][,causal=0] "
-                         "(repeatable)")
+                         "(repeatable); with new=N a decode step: N queries per sequence, S cached keys")
     ap.add_argument("--out", default=None,
                     help=f"table to update (default: $MOBA_CUTE_TUNE_FILE or {tuned.user_table_path()})")
     ap.add_argument("--reps", type=int, default=10, help="timed calls per candidate per round (default 10)")
@@ -478,7 +530,7 @@ def main(argv=None) -> int:
         print("moba_cute.tune: needs a CUDA GPU (the table is per device)", file=sys.stderr)
         return 2
     from .kernels import attention_launch as al
-    from .kernels import common
+    from .kernels import common, decode_launch
 
     path = os.path.expanduser(args.out) if args.out else tuned.user_table_path()
     try:  # refuse to overwrite a file that is not a table before spending minutes timing
@@ -502,6 +554,7 @@ def main(argv=None) -> int:
         results = tune(shapes, measure, arch, args.min_gain)
     finally:
         al.FWD_PLANS.clear()
+        decode_launch.DECODE_PLANS.clear()
     written = [r for r in results if r.chosen is not None]
     if written:
         # re-read: another tuner may have written the file meanwhile (keep its devices/classes)
@@ -512,6 +565,7 @@ def main(argv=None) -> int:
     # this process's next plans read the tables again
     tuned.reset()
     al.FWD_PLANS.clear()
+    decode_launch.DECODE_PLANS.clear()
     return 0 if written else 1
 
 

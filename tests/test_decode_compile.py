@@ -83,7 +83,8 @@ def test_decode_attend_launch():
 
     def plan(D=128, C=4096, group=4, group_ok=True):
         tile = decode_launch.group_tile(D)
-        return SimpleNamespace(group=group, tile=tile, per=-(-C // cfg.KEYS_PER_PIECE), sms=132, group_ok=group_ok)
+        return SimpleNamespace(group=group, tile=tile, per=-(-C // cfg.KEYS_PER_PIECE), sms=132, group_ok=group_ok,
+                               waves=cfg.WAVES)
 
     f = decode_launch.attend_launch
     L = 128 * 1024 + 1
@@ -110,3 +111,16 @@ def test_decode_attend_launch():
             assert decode_launch.group_smem_bytes(D, g) <= 166912  # within an A100's block
     assert plan(D=256).tile == 32 // (256 // 8) * cfg.GROUP_KEYS_PER_LANE  # 8 keys per lane group
     assert all(plan(D=D).tile == 16 for D in cfg.GROUP_MMA_HEAD_DIMS)  # the m16n8k16 key tile
+
+
+def test_decode_group_mma_three_stages_compile():
+    """GROUP_MMA_STAGES = 3 (two 16-key tiles in flight per warp; measured no faster than 2 on the
+    H200) still fits: the largest configuration compiles without spills within sm90's shared memory."""
+    pytest.importorskip("cutlass")
+    assert decode_launch.group_smem_bytes(128, 16, 3) <= 232448
+    specs = decode_launch.kernel_specs("bfloat16", 128, False, True, 16, stages=3)
+    for role in ("group", "group_select"):
+        key, fac, fake = specs[role]
+        assert key[-1] == 3
+        rep = common.compile_for_arch(fac(), fake, "sm_90a")
+        assert rep.spill_stores == 0 and rep.spill_loads == 0 and rep.stack_frame == 0, rep.ptxas[-600:]

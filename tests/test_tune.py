@@ -14,6 +14,7 @@ import torch
 from moba_cute import interface, tune
 from moba_cute.configs import attention_sm80 as cfg80
 from moba_cute.configs import attention_sm90 as cfg90
+from moba_cute.configs import decode as cfg_decode
 from moba_cute.configs import tuned
 from moba_cute.kernels import attention_launch as al
 
@@ -95,8 +96,16 @@ def test_presets_are_the_benchmark_shapes_and_have_distinct_classes():
 
     suite_shapes = {(c.B, c.H, c.Hk, c.D, c.C, c.K, c.S, c.dtype, c.causal) for cs in SUITES.values() for c in cs
                     if not c.varlen}
+    decode = [s for s in tune.PRESETS.values() if s.decode]
     for s in tune.PRESETS.values():
-        assert (s.B, s.H, s.Hk, s.D, s.C, s.K, s.S, s.dtype, s.causal) in suite_shapes, s
+        if not s.decode:
+            assert (s.B, s.H, s.Hk, s.D, s.C, s.K, s.S, s.dtype, s.causal) in suite_shapes, s
+    # decode steps: benchmarks/decode.py's defaults (H=32/8, D=128, one new token, B in 1/8, a
+    # cached length of its range, (C, K) of its --moba list)
+    assert {(s.B, s.C, s.K) for s in decode} == {(b, c, k) for b in (1, 8) for c, k in ((4096, 12), (128, 8))}
+    for s in decode:
+        assert (s.H, s.Hk, s.D, s.new, s.S, s.Sq, s.Sk, s.rows) == (32, 8, 128, 1, 65536, 1, 65537, s.B * 32)
+        assert tune.family_for(s, "sm_90a") == ("decode", None) == tune.family_for(s, "sm_80")
     assert len({s.shape_class for s in tune.PRESETS.values()}) == len(tune.PRESETS)
     assert tune.PRESETS["flashmoba-8K"].shape_class == CLS
 
@@ -131,6 +140,13 @@ def test_candidates_are_compiled_by_the_compile_tests():
                 for t in cands:
                     assert {k for k, _, _ in al.kernel_specs_sm90(dtype, D, causal, t).values()} <= sm90_keys, t
     assert tuned.candidates("sm90_fwd", 96) == ()
+    # decode: key-split waves, host-side only (every choice runs the kernels the decode compile
+    # tests build), the built-in WAVES first
+    for D in cfg_decode.SUPPORTED_HEAD_DIMS:
+        cands = tuned.candidates("decode", D)
+        assert cands[0] == (cfg_decode.WAVES,) and {t[0] for t in cands} == set(cfg_decode.WAVE_CHOICES)
+        assert len(cands) == len(set(cands)) and all(len(t) == 1 and t[0] >= 1 for t in cands)
+    assert tuned.candidates("decode", 96) == ()
     with pytest.raises(ValueError, match="unknown tile family"):
         tuned.candidates("topk", 128)
 
@@ -447,6 +463,79 @@ def test_cli_needs_a_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def _decode_key(B=8, max_q=1, H=32, Hk=8, D=128, C=4096, K=12, device=0):
+    return ("bfloat16", B, max_q, H, Hk, D, C, K, True, False, 132, 232448, device)
+
+
+def test_tuned_waves_reach_the_decode_plan(isolated, on_device):
+    """A decode plan takes its key-split waves from the tuner's override, else the table's entry
+    for its class, else WAVES; the splits of a call follow them."""
+    pytest.importorskip("cutlass")
+    from moba_cute.kernels import decode_launch as dl
+
+    key = _decode_key()
+    plan = dl.DecodePlan(key, "sm_90a")
+    cls = "bf16-d128-causal-c4096-k16-rows2^8"
+    assert plan.shape_class == cls and plan.waves == cfg_decode.WAVES
+    alt = next(t for t in tuned.candidates("decode", 128) if t[0] != cfg_decode.WAVES)
+    _write(_user(isolated), _table({"decode": {cls: alt}}))
+    tuned.reset()
+    dl.DECODE_PLANS.clear()
+    plan = dl.DECODE_PLANS.get(key, key, "sm_90a")
+    assert plan.waves == alt[0]
+    assert dl.DecodePlan(key[:-1] + (None,), "sm_90a").waves == cfg_decode.WAVES  # no device: no table
+    # one sequence of 32K (every chunk): the splits aim at waves x SMs CTAs over 8 (row, head group) pairs
+    for w in cfg_decode.WAVE_CHOICES:
+        with dl.tile_override((w,)):
+            p = dl.DECODE_PLANS.get(key, key, "sm_90a")
+            assert p is not plan and p.waves == w
+            role, gt, splits, pps = dl.attend_launch(12, 8, 4096, 32 * 1024 + 1, 8, 32, p)
+            assert role == "group" and splits == dl.splits_for(64, -(-(32 * 1024 + 1) // 32), 132, w)
+            assert splits * pps * p.tile >= 32 * 1024 + 1
+    assert dl.DECODE_PLANS.get(key, key, "sm_90a").waves == alt[0]
+    with pytest.raises(ValueError, match="not a shipped decode tile"):
+        with dl.tile_override((7,)):
+            pass
+    assert tuned._FORCED == {}
+
+
+def test_tune_decode_with_fake_timer(isolated, on_device):
+    pytest.importorskip("cutlass")
+    from moba_cute.kernels import decode_launch as dl
+
+    s = tune.PRESETS["decode-B8-C4096"]
+    dflt, alt = tuned.candidates("decode", 128)[:2]
+    fake = FakeMeasure({s.name: {dflt: 0.30, alt: 0.25}})
+    lines = []
+    (res,) = tune.tune([s], fake, "sm_90a", 0.01, log=lines.append)
+    assert fake.calls == [(s.name, "decode", list(tuned.candidates("decode", 128)))]
+    assert res.family == "decode" and res.chosen == alt and res.speedup == pytest.approx(0.30 / 0.25)
+    assert f"decode {_fmt(alt)}" in "\n".join(lines)
+    path = isolated / "user.json"
+    tune.write_table(str(path), tune.update_table({}, DEV, {}, [res], "2026-12-04"))
+    tuned.reset()
+    dl.DECODE_PLANS.clear()
+    assert tuned.validate_table(tuned.read_table(str(path)))[1] == []
+    key = _decode_key(B=s.B)
+    assert dl.DECODE_PLANS.get(key, key, "sm_90a").waves == alt[0]
+    # the nearest rows bucket: 4 sequences (rows 2^7) use the 8-sequence entry (2^8)
+    assert dl.DecodePlan(_decode_key(B=4), "sm_90a").waves == alt[0]
+    dl.DECODE_PLANS.clear()
+
+
+def test_parse_decode_shape():
+    s = tune.parse_shape("B=8,H=32,Hk=8,D=128,C=4096,K=12,S=32K,new=4")
+    assert s.decode and (s.Sq, s.Sk, s.rows) == (4, 32 * 1024 + 4, 8 * 4 * 32)
+    assert "+4 (decode)" in s.label() and s.name.endswith("-new4")
+    assert not tune.parse_shape("B=8,H=32,Hk=8,D=128,C=4096,K=12,S=32K").decode
+    with pytest.raises(ValueError):
+        tune.parse_shape("B=8,H=32,Hk=8,D=128,C=4096,K=12,S=32K,new=-1")
+    fam, why = tune.family_for(tune.parse_shape("B=1,H=32,Hk=8,D=128,C=4096,K=12,S=32K,new=17"), "sm_90a")
+    assert fam is None and "queries per sequence" in why
+    fam, why = tune.family_for(tune.parse_shape("B=1,H=32,Hk=8,D=96,C=4096,K=12,S=32K,new=1"), "sm_90a")
+    assert fam is None and "head dims" in why
+
+
 # --- GPU -------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -475,3 +564,34 @@ def test_tuner_smoke_on_gpu(isolated, monkeypatch):
     moba_cute.varlen_attention(q, k, k, cu, cu, 2048, 2048, 64, 3, backend="cute")
     (plan,) = al.FWD_PLANS.plans.values()
     assert plan.shape_class == shape.shape_class and plan.tile == tuple(ent["tile"])
+
+
+@pytest.mark.gpu
+def test_decode_tuner_smoke_on_gpu(isolated, monkeypatch):
+    """The tuner on a small decode step: every waves candidate runs and agrees with the built-in,
+    the table is written, and a decode call in the same process then plans with the chosen waves."""
+    import moba_cute
+    from moba_cute.kernels import decode_launch as dl
+
+    out = isolated / "tuned.json"
+    spec = "B=2,H=8,Hk=2,D=128,C=1024,K=4,S=8K,new=1"
+    assert tune.main(["--shape", spec, "--reps", "3", "--rounds", "1", "--warmup", "1", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    name = torch.cuda.get_device_name()
+    assert tuned.validate_table(table)[1] == []
+    shape = tune.parse_shape(spec)
+    ent = table["devices"][name]["entries"]["decode"][shape.shape_class]
+    assert len(ent["times_ms"]) == len(tuned.candidates("decode", 128))
+    assert all(isinstance(ms, float) and ms > 0 for ms in ent["times_ms"].values()), ent
+    monkeypatch.setenv("MOBA_CUTE_TUNE_FILE", str(out))
+    tuned.reset()
+    dl.DECODE_PLANS.clear()
+    Sk = shape.Sk
+    q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2 * Sk, 2, 128, device="cuda", dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, 1, 2], device="cuda", dtype=torch.int32)
+    cu_k = cu_q * Sk
+    moba_cute.varlen_attention(q, k, k, cu_q, cu_k, 1, Sk, 1024, 4, backend="cute")
+    (plan,) = dl.DECODE_PLANS.plans.values()
+    assert plan.shape_class == shape.shape_class and plan.waves == ent["tile"][0]
+    dl.DECODE_PLANS.clear()

@@ -44,6 +44,10 @@ GROUP_MIN_CTAS = 1
 #: query heads of a KV head as the m16 tile's rows), and its head-group sizes
 GROUP_MMA_HEAD_DIMS = (32, 64, 128)
 GROUP_MMA_SIZES = (1, 2, 4, 8, 16)
+#: cp.async ring stages per warp of the tensor-core group kernel (stages - 1 tiles of 16 keys in
+#: flight per warp while one is used). H200, B = 1 / 8, 32K / 128K cached, C = 4096 / 1024 /
+#: dense: 3 stages within -3 % .. +2 % of 2 (1 CTA per SM either way: ~240 registers a thread)
+GROUP_MMA_STAGES = 2
 #: selective calls take the group kernel (the union of a head group's chunks read once) from
 #: this chunk size, with at most GROUP_MAX_CHUNKS chunks; smaller chunks the per-head kernel
 GROUP_SELECT_MIN_CHUNK = 1024
@@ -53,3 +57,6 @@ MAX_SPLITS = 64
 #: pieces per warp of a split
 WAVES = 2
 MIN_PIECES_PER_WARP = 2
+#: the decode family's tiles for the tuner (moba_cute.tune, configs/tuned.py): CTAs per SM the
+#: key splits aim for (host-side only: every choice runs the same compiled kernels); WAVES first
+WAVE_CHOICES = (2, 1, 3, 4)

@@ -1,15 +1,18 @@
 """Per-GPU tuned tiles: the tables ``python -m moba_cute.tune`` writes, and their lookup.
 
 A forward launch plan (``kernels/attention_launch.py``) asks :func:`lookup` for its tile once,
-when it is built; plans are cached per call shape, so a call pays nothing for the table. The
-tile of a plan comes from, first to last:
+when it is built; plans are cached per call shape, so a call pays nothing for the table (a
+decode plan, ``kernels/decode_launch.py``, likewise). The tile of a plan comes from, first to
+last:
 
-1. :func:`forced` (the tuner's in-process override: ``attention_launch.tile_override``);
+1. :func:`forced` (the tuner's in-process override: ``attention_launch.tile_override``,
+   ``decode_launch.tile_override``);
 2. the environment overrides ``MOBA_CUTE_SM90_TILES`` / ``MOBA_CUTE_FWD_STAGES``;
 3. the user's table: ``$MOBA_CUTE_TUNE_FILE``, else ``$XDG_CACHE_HOME/moba_cute/tuned.json``
    (``~/.cache/moba_cute/tuned.json``);
 4. the table shipped with the package (``tuned_defaults.json`` next to this file);
-5. the built-in constants (``attention_sm90.FWD_TILES``, ``attention_sm80.FWD_TILES``).
+5. the built-in constants (``attention_sm90.FWD_TILES``, ``attention_sm80.FWD_TILES``,
+   ``decode.WAVES``).
 
 ``MOBA_CUTE_TUNED=0`` skips both tables (3 and 4). Both are read once per process, on the first
 lookup; an unreadable or malformed file, or an entry whose tile is not one of the shipped
@@ -31,13 +34,17 @@ Table format (JSON)::
                "shape": "B=2 H=16/16 ...", "date": "2026-12-04"}}}}}}
 
 Families and their tiles: ``sm90_fwd`` (bn, sub, kv_stages) of the sm90 segment
-kernel; ``sm80_fwd`` (bm, bn, threads, stages) of the sm80 slot-pass forward. The user's
-entries replace the shipped ones class by class.
+kernel; ``sm80_fwd`` (bm, bn, threads, stages) of the sm80 slot-pass forward; ``decode``
+(waves,) of the decode-step kernels (``configs/decode.py: WAVE_CHOICES``, the CTAs per SM their
+key splits aim for). The user's entries replace the shipped
+ones class by class. The backward kernels and the routing ship one configuration per head dim
+(nothing to choose), so they have no family here.
 
 Shape class: what a plan knows from its shape key, bucketed so that one tuned shape serves its
 neighbours: ``{bf16|fp16}-d{head_dim}-{causal|noncausal}-c{C}-k{K}-rows2^{r}`` with the chunk
 size ``C`` and ``topk`` ``K`` rounded up to powers of two, and ``r`` = log2 of ``total_q *
-num_heads`` (the (query, head) rows of the call) rounded to the nearest integer. A lookup needs
+num_heads`` (the (query, head) rows of the call; a decode plan: ``batch * max_seqlen_q *
+num_heads``) rounded to the nearest integer. A lookup needs
 every field but ``r`` to match; among the entries that do, it takes the nearest ``r`` (ties:
 the larger), so a table tuned at 8K and 64K also serves 16K and 32K.
 """
@@ -52,13 +59,14 @@ import warnings
 
 from . import attention_sm80 as cfg80
 from . import attention_sm90 as cfg90
+from . import decode as cfgdec
 
 __all__ = ["FAMILIES", "FORMAT", "candidates", "builtin", "shape_class", "parse_shape_class", "lookup",
            "forced", "set_forced", "user_table_path", "shipped_table_path", "read_table", "validate_table", "reset",
            "device_name"]
 
 FORMAT = 1
-FAMILIES = ("sm90_fwd", "sm80_fwd")
+FAMILIES = ("sm90_fwd", "sm80_fwd", "decode")
 
 # stage counts of the sm80 forward that tests/test_attention_compile.py compiles (spill-free)
 # for every head dim: the shipped value and the MOBA_CUTE_FWD_STAGES alternative
@@ -81,6 +89,10 @@ def candidates(family: str, head_dim: int) -> tuple:
             return ()
         bm, bn, nt, st = cfg80.FWD_TILES[head_dim]
         return ((bm, bn, nt, st),) + tuple((bm, bn, nt, s) for s in SM80_FWD_STAGES if s != st)
+    if family == "decode":
+        if head_dim not in cfgdec.SUPPORTED_HEAD_DIMS:
+            return ()
+        return ((cfgdec.WAVES,),) + tuple((w,) for w in cfgdec.WAVE_CHOICES if w != cfgdec.WAVES)
     raise ValueError(f"unknown tile family {family!r}; choose one of {FAMILIES}")
 
 

@@ -795,8 +795,8 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
     and keeps an online softmax per row; the 8 warps' states merge in warp order. Selection,
     union and tile numbering as :class:`DecodeGroupKernel`'s (``T = 16``)."""
 
-    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, select: bool):
-        assert head_dim in (32, 64, 128) and 1 <= group <= 16
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, select: bool, stages: int):
+        assert head_dim in (32, 64, 128) and 1 <= group <= 16 and stages >= 2
         self.dtype = dtype
         self.D = head_dim
         self.padded = padded
@@ -804,7 +804,7 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
         self.GT = group
         self.select = select
         self.T = 16  # keys per warp tile
-        self.S = 2  # ring stages per warp
+        self.S = stages  # ring stages per warp (stages - 1 tiles in flight while one is used)
         self.DP = head_dim + 8  # padded smem rows: conflict-free ldmatrix without swizzle
         self.TILE = self.T * self.DP  # elements of one K (or V) tile
         self.RING = ATTEND_WARPS * self.S * 2 * self.TILE
@@ -917,24 +917,28 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
         atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
                                    num_bits_per_copy=128)
         wbase = warp * (self.S * 2 * self.TILE)  # the warp's ring: stage s holds K at 2s, V at 2s + 1
-        if nw > 0:
-            self.issue_mma(k, v, krow0, vrow0, k_st, v_st, lo + warp,
-                           cute.make_tensor(ring.iterator + cute.assume(wbase, divby=8), kv_layout),
-                           cute.make_tensor(ring.iterator + cute.assume(wbase + self.TILE, divby=8), kv_layout),
-                           end, chunk, tps, slist, lane, atom)
-        cute.arch.cp_async_commit_group()
-        for j in cutlass.range(nw, unroll=1):
-            tile = lo + warp + j * NW
-            if j + 1 < nw:
-                nb = wbase + ((j + 1) % 2) * 2 * self.TILE
-                self.issue_mma(k, v, krow0, vrow0, k_st, v_st, tile + NW,
+        # tiles j + 1 .. j + S - 1 in flight while tile j is used (one commit group per tile, empty
+        # past the warp's last, so that wait_group(S - 1) always means "tile j has landed")
+        for j0 in cutlass.range_constexpr(self.S - 1):
+            if j0 < nw:
+                nb = wbase + j0 * 2 * self.TILE
+                self.issue_mma(k, v, krow0, vrow0, k_st, v_st, lo + warp + j0 * NW,
                                cute.make_tensor(ring.iterator + cute.assume(nb, divby=8), kv_layout),
                                cute.make_tensor(ring.iterator + cute.assume(nb + self.TILE, divby=8), kv_layout),
                                end, chunk, tps, slist, lane, atom)
             cute.arch.cp_async_commit_group()
-            cute.arch.cp_async_wait_group(1)
+        for j in cutlass.range(nw, unroll=1):
+            tile = lo + warp + j * NW
+            if j + self.S - 1 < nw:
+                nb = wbase + ((j + self.S - 1) % self.S) * 2 * self.TILE
+                self.issue_mma(k, v, krow0, vrow0, k_st, v_st, tile + (self.S - 1) * NW,
+                               cute.make_tensor(ring.iterator + cute.assume(nb, divby=8), kv_layout),
+                               cute.make_tensor(ring.iterator + cute.assume(nb + self.TILE, divby=8), kv_layout),
+                               end, chunk, tps, slist, lane, atom)
+            cute.arch.cp_async_commit_group()
+            cute.arch.cp_async_wait_group(self.S - 1)
             cute.arch.sync_warp()
-            cb = wbase + (j % 2) * 2 * self.TILE
+            cb = wbase + (j % self.S) * 2 * self.TILE
             sKc = cute.make_tensor(ring.iterator + cute.assume(cb, divby=8), kv_layout)
             sVc = cute.make_tensor(ring.iterator + cute.assume(cb + self.TILE, divby=8), kv_layout)
             tSsK = s2r_K.partition_S(sKc)

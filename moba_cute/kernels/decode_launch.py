@@ -15,17 +15,23 @@ sequence, the group kernel alone over every visible key. With several key splits
 (total_q x H). Every output row is written (rows outside the
 sequences, possible only with invalid cu_seqlens / max_seqlen_q, get 0 and -inf). ``splits`` spreads a
 row's selected keys over CTAs when there are too few (row, head) pairs to fill the GPU (one
-sequence) or a row selects many keys (large chunks): :func:`splits_for`, per call from shapes.
+sequence) or a row selects many keys (large chunks): :func:`splits_for`, per call from shapes,
+aiming at the plan's waves (CTAs per SM: ``configs/decode.py: WAVES``, or the per-GPU tuned
+table's ``decode`` entry for the call's shape class, :mod:`moba_cute.configs.tuned`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..configs import decode as cfg
+from ..configs import tuned
 from . import common
 
-__all__ = ["decode_cute", "decode_unsupported_reason", "kernel_specs", "attend_launch", "DECODE_PLANS"]
+__all__ = ["decode_cute", "decode_unsupported_reason", "kernel_specs", "attend_launch", "DECODE_PLANS",
+           "tile_override"]
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 LOG2_E = 1.4426950408889634
@@ -65,9 +71,10 @@ def head_group(num_heads, num_kv_heads, head_dim):
     return max(g for g in group_sizes(head_dim) if G % g == 0)
 
 
-def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
+def kernel_specs(dtype_name, head_dim, padded, causal, group=1, stages=None):
     """Role -> (compile key, factory, fake args) of the decode kernels of one configuration
-    (``group``: query heads per CTA of the group kernel, :func:`head_group`)."""
+    (``group``: query heads per CTA of the group kernel, :func:`head_group`; ``stages``: ring
+    stages of the tensor-core group kernel, default ``GROUP_MMA_STAGES``)."""
     import cutlass
 
     from .decode import (DecodeAttendKernel, DecodeGroupKernel, DecodeGroupMmaKernel, DecodeMergeKernel,
@@ -95,11 +102,16 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1):
     })
     # the group kernel: on tensor cores for the head dims mma.sync takes, else on CUDA cores
     mma = head_dim in cfg.GROUP_MMA_HEAD_DIMS
-    cls = DecodeGroupMmaKernel if mma else DecodeGroupKernel
+    stages = cfg.GROUP_MMA_STAGES if stages is None else stages
     for role, select in (("group", False), ("group_select", True)):
-        specs[role] = (("decode_group_mma" if mma else "decode_group", dtype_name, head_dim, padded, causal, group,
-                        select),
-                       lambda select=select: cls(dt, head_dim, padded, causal, group, select), attend_args)
+        if mma:
+            specs[role] = (("decode_group_mma", dtype_name, head_dim, padded, causal, group, select, stages),
+                           lambda select=select: DecodeGroupMmaKernel(dt, head_dim, padded, causal, group, select,
+                                                                      stages), attend_args)
+        else:
+            specs[role] = (("decode_group", dtype_name, head_dim, padded, causal, group, select),
+                           lambda select=select: DecodeGroupKernel(dt, head_dim, padded, causal, group, select),
+                           attend_args)
     return specs
 
 
@@ -119,10 +131,12 @@ def group_tile(head_dim):
     return 32 // (head_dim // 8) * cfg.GROUP_KEYS_PER_LANE
 
 
-def splits_for(pairs, pieces, sms):
-    """Key splits of one row: about ``WAVES`` CTAs per SM over ``pairs`` (row, head group)
-    CTAs, at least ``MIN_PIECES_PER_WARP`` 32-key pieces per warp, at most ``MAX_SPLITS``."""
-    return max(1, min(-(-cfg.WAVES * sms // max(pairs, 1)),
+def splits_for(pairs, pieces, sms, waves=None):
+    """Key splits of one row: about ``waves`` (default ``WAVES``) CTAs per SM over ``pairs``
+    (row, head group) CTAs, at least ``MIN_PIECES_PER_WARP`` 32-key pieces per warp, at most
+    ``MAX_SPLITS``."""
+    waves = cfg.WAVES if waves is None else waves
+    return max(1, min(-(-waves * sms // max(pairs, 1)),
                       -(-pieces // (cfg.MIN_PIECES_PER_WARP * cfg.ATTEND_WARPS)), cfg.MAX_SPLITS))
 
 
@@ -142,10 +156,11 @@ def attend_launch(topk, nch, chunk, max_k, total_q, H, plan):
         gt = plan.group
         tiles = (-(-max_k // plan.tile) if role == "group"
                  else min(nch, gt * topk) * -(-chunk // plan.tile))
-        splits = splits_for(total_q * H // gt, -(-tiles * plan.tile // cfg.KEYS_PER_PIECE), plan.sms)
+        splits = splits_for(total_q * H // gt, -(-tiles * plan.tile // cfg.KEYS_PER_PIECE), plan.sms,
+                            plan.waves)
         return role, gt, splits, -(-tiles // splits)
     pieces = min(topk, nch) * plan.per  # a row's 32-key pieces at most
-    splits = splits_for(total_q * H, pieces, plan.sms)
+    splits = splits_for(total_q * H, pieces, plan.sms, plan.waves)
     return "attend", 1, splits, -(-pieces // splits)
 
 
@@ -155,7 +170,8 @@ _SMEM_OPTIN = {(8, 0): 166912, (8, 7): 166912, (9, 0): 232448, (10, 0): 232448}
 
 
 def _device_info(dev):
-    """``(SM count, opt-in shared memory per block in bytes)`` of a CUDA device, cached."""
+    """``(SM count, opt-in shared memory per block in bytes, device index)`` of a CUDA device,
+    cached."""
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
     info = _DEVICE.get(idx)
     if info is None:
@@ -163,15 +179,16 @@ def _device_info(dev):
         smem = getattr(prop, "shared_memory_per_block_optin", None)
         if not smem:
             smem = _SMEM_OPTIN.get((prop.major, prop.minor), 101376)  # (sm86/89/120: 99 KB)
-        info = _DEVICE[idx] = (prop.multi_processor_count, int(smem))
+        info = _DEVICE[idx] = (prop.multi_processor_count, int(smem), idx)
     return info
 
 
-def group_smem_bytes(head_dim, group):
+def group_smem_bytes(head_dim, group, stages=None):
     """Shared memory of the group kernel (a bound: ring, query rows, states, selection)."""
     if head_dim in cfg.GROUP_MMA_HEAD_DIMS:  # per-warp K/V rings of 16-key tiles (the scores alias them)
+        stages = cfg.GROUP_MMA_STAGES if stages is None else stages
         tile = 16 * (head_dim + 8) * 2
-        return (cfg.ATTEND_WARPS * 2 * 2 * tile + tile + 2 * group * cfg.ATTEND_WARPS * 4
+        return (cfg.ATTEND_WARPS * stages * 2 * tile + tile + 2 * group * cfg.ATTEND_WARPS * 4
                 + (cfg.GROUP_MAX_CHUNKS + 1) * 4 + 5 * 128)
     ring = cfg.GROUP_STAGES * cfg.GROUP_KEYS_PER_LANE * 2 * 32 * cfg.ATTEND_WARPS * 16
     states = 2 * group * cfg.ATTEND_WARPS * (32 // (head_dim // 8)) * 4
@@ -184,18 +201,45 @@ class DecodePlan:
     the chunk count and the key splits are computed per call)."""
 
     def __init__(self, key, arch):
-        (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, K, causal, padded, self.sms,
-         smem) = key
+        (self.dtype_name, self.B, self.max_q, self.H, self.Hk, self.D, self.C, self.K, self.causal, padded,
+         self.sms, smem, self.device) = key
         self.group = head_group(self.H, self.Hk, self.D)
         # the group kernel's ring needs datacenter GPUs' shared memory (A100 and up); others
         # (99 KB per block: sm86/89/120) run the per-head kernel
-        self.group_ok = group_smem_bytes(self.D, self.group) <= smem
+        self.stages = cfg.GROUP_MMA_STAGES
+        self.group_ok = group_smem_bytes(self.D, self.group, self.stages) <= smem
         self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk (per-head kernel)
         self.tile = group_tile(self.D)  # keys per warp tile (group kernel)
-        self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, causal, self.group), arch)
+        self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, self.causal, self.group,
+                                                self.stages), arch)
+        # CTAs per SM the key splits aim for: the tuner's override, else the tuned table's entry
+        # for the shape class ((query, head) rows: B * max_q * H), else WAVES
+        self.shape_class = tuned.shape_class(self.dtype_name, self.D, self.causal, self.C, self.K,
+                                             self.B * self.max_q * self.H)
+        t = tuned.forced("decode", self.D)
+        if t is None:
+            t = tuned.lookup("decode", self.D, self.shape_class, self.device)
+        self.waves = t[0] if t is not None else cfg.WAVES
 
 
 DECODE_PLANS = common.PlanCache(DecodePlan)
+
+
+@contextlib.contextmanager
+def tile_override(tile):
+    """Within the block, every decode call uses ``tile`` (``(waves,)``, one of the shipped
+    ``decode`` candidates, configs/tuned.py) over the tuned tables: what the tuner times. Decode
+    plans are dropped on entry and exit."""
+    tile = tuple(int(x) for x in tile)
+    if not any(tile in tuned.candidates("decode", d) for d in cfg.SUPPORTED_HEAD_DIMS):
+        raise ValueError(f"tile_override: {tile} is not a shipped decode tile")
+    saved = tuned.set_forced("decode", tile)
+    try:
+        DECODE_PLANS.clear()
+        yield
+    finally:
+        tuned.set_forced("decode", saved)
+        DECODE_PLANS.clear()
 
 
 def _strides(t, padded):
