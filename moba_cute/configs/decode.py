@@ -48,6 +48,11 @@ GROUP_MMA_SIZES = (1, 2, 4, 8, 16)
 #: flight per warp while one is used). H200, B = 1 / 8, 32K / 128K cached, C = 4096 / 1024 /
 #: dense: 3 stages within -3 % .. +2 % of 2 (1 CTA per SM either way: ~240 registers a thread)
 GROUP_MMA_STAGES = 2
+#: warps per CTA of the tensor-core group kernel (8: one CTA per SM; 4: two). H200, graph replay,
+#: x SDPA with 8 / 4 warps at their best waves: B = 1, 32K 0.90 / 0.94, B = 8, 32K 0.91 / 0.93
+#: (dense layers), B = 1, 128K, C = 4096, K = 12 0.56 / 0.56, B = 8 0.64 / 0.62: within a few %,
+#: so one configuration ships (4 warps at D = 32 would also need a larger selection buffer)
+GROUP_MMA_WARPS = 8
 #: selective calls take the group kernel (the union of a head group's chunks read once) from
 #: this chunk size, with at most GROUP_MAX_CHUNKS chunks; smaller chunks the per-head kernel
 GROUP_SELECT_MIN_CHUNK = 1024

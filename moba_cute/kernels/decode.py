@@ -280,10 +280,12 @@ def store_state(tm: cute.Tensor, tl: cute.Tensor, tacc: cute.Tensor, n: Int32, D
 
 class _AttendLaunch:
     """The attend kernels' host entry (one argument list for all): grid (total_q, H / GT,
-    splits) of ``ATTEND_THREADS``, ``MIN_CTAS`` CTAs per SM as the launch bound."""
+    splits) of ``THREADS``, ``MIN_CTAS`` CTAs per SM as the launch bound."""
 
     GT = 1  # query heads per CTA
     MIN_CTAS = ATTEND_MIN_CTAS
+    NW = ATTEND_WARPS  # warps per CTA
+    THREADS = ATTEND_THREADS
 
     @cute.jit
     def __call__(self, q: cute.Pointer, k: cute.Pointer, v: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
@@ -295,7 +297,7 @@ class _AttendLaunch:
         self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
                     v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
                     scale_log2, *self.extras()).launch(grid=(total_q, H // self.GT, splits),
-                                                       block=(ATTEND_THREADS, 1, 1), stream=stream,
+                                                       block=(self.THREADS, 1, 1), stream=stream,
                                                        min_blocks_per_mp=self.MIN_CTAS, preferred_smem_carveout=100)
 
     def extras(self):
@@ -562,7 +564,7 @@ class DecodeGroupKernel(_AttendLaunch):
     @cute.jit
     def union(self, scores: cute.Pointer, srow0: Int64, nchunks: Int32, ncand: Int32, take: Int32, own: Int32,
               ssc: cute.Tensor, slist: cute.Tensor, tid: Int32):
-        """Head ``g``'s best ``take`` of chunks ``[0, ncand)`` (warp ``g % 8``; scores of head
+        """Head ``g``'s best ``take`` of chunks ``[0, ncand)`` (warp ``g % NW``; scores of head
         ``g`` at ``srow0 + g * nchunks``), then the union over the heads (plus the own chunk
         ``ncand`` when ``own``) into ``slist`` in chunk order as ``chunk * 65536 + head mask``;
         returns its length. Contains barriers."""
@@ -570,7 +572,7 @@ class DecodeGroupKernel(_AttendLaunch):
         warp = tid // 32
         MC = GROUP_MAX_CHUNKS
         for g in cutlass.range_constexpr(self.GT):
-            if warp == g % ATTEND_WARPS:
+            if warp == g % self.NW:
                 self.select_head(scores, srow0 + Int64(g) * Int64(nchunks), ncand, take, ssc, g * MC, lane)
         cute.arch.sync_threads()
         n = ncand + cutlass.select_(own != 0, Int32(1), Int32(0))
@@ -795,8 +797,12 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
     and keeps an online softmax per row; the 8 warps' states merge in warp order. Selection,
     union and tile numbering as :class:`DecodeGroupKernel`'s (``T = 16``)."""
 
-    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, select: bool, stages: int):
-        assert head_dim in (32, 64, 128) and 1 <= group <= 16 and stages >= 2
+    def __init__(self, dtype, head_dim: int, padded: bool, causal: bool, group: int, select: bool, stages: int,
+                 warps: int = ATTEND_WARPS):
+        assert head_dim in (32, 64, 128) and 1 <= group <= 16 and stages >= 2 and warps in (4, 8)
+        self.NW = warps
+        self.THREADS = 32 * warps
+        self.MIN_CTAS = ATTEND_WARPS // warps  # (the CUDA-core kernel's one CTA of 8 warps per SM)
         self.dtype = dtype
         self.D = head_dim
         self.padded = padded
@@ -807,10 +813,10 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
         self.S = stages  # ring stages per warp (stages - 1 tiles in flight while one is used)
         self.DP = head_dim + 8  # padded smem rows: conflict-free ldmatrix without swizzle
         self.TILE = self.T * self.DP  # elements of one K (or V) tile
-        self.RING = ATTEND_WARPS * self.S * 2 * self.TILE
+        self.RING = self.NW * self.S * 2 * self.TILE
         # (the ring also holds the selection's scores, then the warps' output states)
         assert self.GT * GROUP_MAX_CHUNKS * 4 <= self.RING * 2
-        assert self.GT * ATTEND_WARPS * self.D * 4 <= self.RING * 2
+        assert self.GT * self.NW * self.D * 4 <= self.RING * 2
 
     def extras(self):
         """The m16n8k16 MMA the kernel partitions its fragments by."""
@@ -848,7 +854,7 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
                scale_log2: Float32, tiled_mma: cute.TiledMma):
         tid, _, _ = cute.arch.thread_idx()
         r, hg, sp = cute.arch.block_idx()
-        GT, D, NW, T, DP = self.GT, self.D, ATTEND_WARPS, self.T, self.DP
+        GT, D, NW, T, DP = self.GT, self.D, self.NW, self.T, self.DP
         dt = self.dtype
         lane = tid % 32
         warp = tid // 32
@@ -866,7 +872,7 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
         b, i, lk, qbase, kbase, valid, hk, end, ntiles, tps = self.row_tiles(
             cu_q, cu_k, scores, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, r, h0, ringf, slist, tid)
         # the query rows (unscaled: the scores are scaled in fp32), zero past the group
-        for x in cutlass.range(tid, 16 * D, ATTEND_THREADS, unroll=1):
+        for x in cutlass.range(tid, 16 * D, self.THREADS, unroll=1):
             g = x // D
             d = x - g * D
             val = dt(0.0)
@@ -1008,9 +1014,9 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
             tl = cute.make_tensor(sl.iterator + g * NW, cute.make_layout(NW))
             tacc = cute.make_tensor(ringf.iterator + g * NW * D, cute.make_layout(NW * D))
             if splits == 1:
-                merge_states(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H, total_q, dt)
+                merge_states(tm, tl, tacc, Int32(NW), D, tid, self.THREADS, out, lse, row, h0 + g, H, total_q, dt)
             else:
-                store_state(tm, tl, tacc, Int32(NW), D, tid, ATTEND_THREADS, part_ml, part_acc,
+                store_state(tm, tl, tacc, Int32(NW), D, tid, self.THREADS, part_ml, part_acc,
                             (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
 
 

@@ -71,10 +71,11 @@ def head_group(num_heads, num_kv_heads, head_dim):
     return max(g for g in group_sizes(head_dim) if G % g == 0)
 
 
-def kernel_specs(dtype_name, head_dim, padded, causal, group=1, stages=None):
+def kernel_specs(dtype_name, head_dim, padded, causal, group=1, stages=None, warps=None):
     """Role -> (compile key, factory, fake args) of the decode kernels of one configuration
     (``group``: query heads per CTA of the group kernel, :func:`head_group`; ``stages``: ring
-    stages of the tensor-core group kernel, default ``GROUP_MMA_STAGES``)."""
+    stages and warps of the tensor-core group kernel, default ``GROUP_MMA_STAGES`` and
+    ``GROUP_MMA_WARPS``)."""
     import cutlass
 
     from .decode import (DecodeAttendKernel, DecodeGroupKernel, DecodeGroupMmaKernel, DecodeMergeKernel,
@@ -103,11 +104,12 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1, stages=None):
     # the group kernel: on tensor cores for the head dims mma.sync takes, else on CUDA cores
     mma = head_dim in cfg.GROUP_MMA_HEAD_DIMS
     stages = cfg.GROUP_MMA_STAGES if stages is None else stages
+    warps = cfg.GROUP_MMA_WARPS if warps is None else warps
     for role, select in (("group", False), ("group_select", True)):
         if mma:
-            specs[role] = (("decode_group_mma", dtype_name, head_dim, padded, causal, group, select, stages),
+            specs[role] = (("decode_group_mma", dtype_name, head_dim, padded, causal, group, select, stages, warps),
                            lambda select=select: DecodeGroupMmaKernel(dt, head_dim, padded, causal, group, select,
-                                                                      stages), attend_args)
+                                                                      stages, warps), attend_args)
         else:
             specs[role] = (("decode_group", dtype_name, head_dim, padded, causal, group, select),
                            lambda select=select: DecodeGroupKernel(dt, head_dim, padded, causal, group, select),
@@ -183,12 +185,13 @@ def _device_info(dev):
     return info
 
 
-def group_smem_bytes(head_dim, group, stages=None):
+def group_smem_bytes(head_dim, group, stages=None, warps=None):
     """Shared memory of the group kernel (a bound: ring, query rows, states, selection)."""
     if head_dim in cfg.GROUP_MMA_HEAD_DIMS:  # per-warp K/V rings of 16-key tiles (the scores alias them)
         stages = cfg.GROUP_MMA_STAGES if stages is None else stages
+        warps = cfg.GROUP_MMA_WARPS if warps is None else warps
         tile = 16 * (head_dim + 8) * 2
-        return (cfg.ATTEND_WARPS * stages * 2 * tile + tile + 2 * group * cfg.ATTEND_WARPS * 4
+        return (warps * stages * 2 * tile + tile + 2 * group * warps * 4
                 + (cfg.GROUP_MAX_CHUNKS + 1) * 4 + 5 * 128)
     ring = cfg.GROUP_STAGES * cfg.GROUP_KEYS_PER_LANE * 2 * 32 * cfg.ATTEND_WARPS * 16
     states = 2 * group * cfg.ATTEND_WARPS * (32 // (head_dim // 8)) * 4
@@ -206,12 +209,12 @@ class DecodePlan:
         self.group = head_group(self.H, self.Hk, self.D)
         # the group kernel's ring needs datacenter GPUs' shared memory (A100 and up); others
         # (99 KB per block: sm86/89/120) run the per-head kernel
-        self.stages = cfg.GROUP_MMA_STAGES
-        self.group_ok = group_smem_bytes(self.D, self.group, self.stages) <= smem
+        self.stages, self.warps = cfg.GROUP_MMA_STAGES, cfg.GROUP_MMA_WARPS
+        self.group_ok = group_smem_bytes(self.D, self.group, self.stages, self.warps) <= smem
         self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk (per-head kernel)
         self.tile = group_tile(self.D)  # keys per warp tile (group kernel)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, self.causal, self.group,
-                                                self.stages), arch)
+                                                self.stages, self.warps), arch)
         # CTAs per SM the key splits aim for: the tuner's override, else the tuned table's entry
         # for the shape class ((query, head) rows: B * max_q * H), else WAVES
         self.shape_class = tuned.shape_class(self.dtype_name, self.D, self.causal, self.C, self.K,
