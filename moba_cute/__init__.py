@@ -6,6 +6,7 @@ Public API (see SPEC section 2 and the README):
 * :func:`attention`: the same on padded (B, S, H, D) batches.
 * :func:`route`: the routing alone, as a :class:`Routing` (query-major and key-major).
 * :func:`attention_with_routing`: attention with a given routing.
+* :func:`key_centroids`: the full chunks' centroids, a cache that decode steps read instead of K.
 """
 
 from .interface import (
@@ -13,6 +14,7 @@ from .interface import (
     attention,
     attention_with_routing,
     kernel_paths,
+    key_centroids,
     route,
     set_decode_path,
     set_strict_checks,
@@ -27,6 +29,7 @@ __all__ = [
     "attention",
     "route",
     "attention_with_routing",
+    "key_centroids",
     "Routing",
     "kernel_paths",
     "set_strict_checks",

@@ -38,6 +38,7 @@ __all__ = [
     "attention",
     "route",
     "attention_with_routing",
+    "key_centroids",
     "kernel_paths",
     "set_strict_checks",
     "set_decode_path",
@@ -182,6 +183,25 @@ def _check_varlen(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
     if q.device.type == "cpu" or _strict:
         _check_cu_values("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_q)
         _check_cu_values("cu_seqlens_k", cu_k, k.shape[0], "max_seqlen_k", max_k)
+
+
+def _check_centroids(cent, name, batch, num_kv_heads, head_dim, max_k, chunk_size, device) -> None:
+    """A chunk-centroid cache (see :func:`key_centroids`): fp32 ``(batch, n, Hk, D)`` on the
+    keys' device with ``n >= max_seqlen_k // chunk_size`` (every full chunk) and unit stride in
+    the head dim."""
+    if not isinstance(cent, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cent).__name__}")
+    if cent.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 (chunk centroids are summed in fp32), got {cent.dtype}")
+    if cent.device != device:
+        raise ValueError(f"{name} is on {cent.device}, the keys on {device}")
+    need = int(max_k) // int(chunk_size)
+    if (cent.dim() != 4 or cent.shape[0] != batch or cent.shape[2] != num_kv_heads or cent.shape[3] != head_dim
+            or cent.shape[1] < need):
+        raise ValueError(f"{name} must have shape (batch, n >= max_seqlen_k // chunk_size, num_kv_heads, head_dim) "
+                         f"= ({batch}, >= {need}, {num_kv_heads}, {head_dim}), got {tuple(cent.shape)}")
+    if cent.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dim, got strides {cent.stride()}")
 
 
 def kernel_size_limits(total_q, H, D, total_k, Hk, B, chunk_size, topk, causal, fam="sm80", attention=True,
@@ -466,6 +486,84 @@ def _uses_decode(q, k, v, B, H, D, max_q, max_k, chunk_size, topk, backend) -> b
 # public API
 
 
+def key_centroids(k, chunk_size, cu_seqlens_k=None, max_seqlen_k=None, out=None, start_chunk=0, backend="auto"):
+    """The centroids (fp32 means) of every full chunk of the keys: the cache that
+    :func:`varlen_attention` / :func:`attention` take as ``key_centroids`` so that a decode step
+    reads a few centroids instead of all of K for its routing.
+
+    ``k``: packed (total_k, Hk, D) with ``cu_seqlens_k`` and ``max_seqlen_k``, or padded
+    (B, S, Hk, D) without them. Returns ``out`` (B, n, Hk, D) fp32, allocated (zeros, ``n =
+    max_seqlen_k // chunk_size``) when None; only chunks ``start_chunk <= j < len_k // chunk_size``
+    of each sequence are written, so a decode loop extends its cache as chunks fill up::
+
+        cent = key_centroids(k_cache, C, out=torch.zeros(B, max_len // C, Hk, D, device=dev))
+        ...  # the cache grows past a chunk boundary: n_before full chunks were cached
+        key_centroids(k_cache, C, out=cent, start_chunk=n_before)
+        out = attention(q, k_cache, v_cache, C, K, key_centroids=cent)
+
+    On the GPU (fp16/bf16) the decode scores kernel writes them with its own summation (bitwise
+    what a step computes from K for chunks under 1024 keys, fp32 rounding apart for longer ones);
+    elsewhere PyTorch (the reference).
+    """
+    if not _is_int(chunk_size) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if not _is_int(start_chunk) or start_chunk < 0:
+        raise ValueError(f"start_chunk must be a non-negative integer, got {start_chunk!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
+    padded = k.dim() == 4
+    if padded:
+        if cu_seqlens_k is not None or max_seqlen_k is not None:
+            raise ValueError("key_centroids: padded k (B, S, Hk, D) takes no cu_seqlens_k / max_seqlen_k")
+        B, max_k, hk, d = k.shape
+        cu = _padded_cu_seqlens(B, max_k, k.device)
+    elif k.dim() == 3:
+        if cu_seqlens_k is None or max_seqlen_k is None:
+            raise ValueError("key_centroids: packed k (total_k, Hk, D) needs cu_seqlens_k and max_seqlen_k")
+        cu_k = cu_seqlens_k
+        if not isinstance(cu_k, torch.Tensor) or cu_k.dtype != torch.int32 or cu_k.dim() != 1 or cu_k.numel() < 2:
+            raise ValueError("cu_seqlens_k must be a 1-D int32 tensor of batch+1 >= 2 offsets")
+        if cu_k.device != k.device:
+            raise ValueError(f"cu_seqlens_k must be on the keys' device ({k.device}), got {cu_k.device}")
+        if not _is_int(max_seqlen_k) or max_seqlen_k < 0:
+            raise ValueError(f"max_seqlen_k must be a non-negative integer, got {max_seqlen_k!r}")
+        if k.device.type == "cpu" or _strict:
+            _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+        B, max_k, hk, d = cu_seqlens_k.shape[0] - 1, int(max_seqlen_k), k.shape[1], k.shape[2]
+        cu = cu_seqlens_k
+    else:
+        raise ValueError(f"k must be (total_k, Hk, D) with cu_seqlens_k or (B, S, Hk, D), got shape {tuple(k.shape)}")
+    if k.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"k must be a floating tensor (fp16/bf16/fp32/fp64), got {k.dtype}")
+    if min(hk, d) < 1:
+        raise ValueError(f"k must have at least one head and head dim >= 1, got shape {tuple(k.shape)}")
+    if out is None:
+        out = torch.zeros(B, max_k // chunk_size, hk, d, dtype=torch.float32, device=k.device)
+    else:
+        _check_centroids(out, "out", B, hk, d, max_k, chunk_size, k.device)
+    from .configs import decode as dcfg
+
+    if (backend != "reference" and k.device.type == "cuda" and k.dtype in (torch.float16, torch.bfloat16)
+            and d in dcfg.SUPPORTED_HEAD_DIMS and not torch.compiler.is_compiling()):
+        from .kernels.decode_launch import key_centroids_cute
+
+        return key_centroids_cute(k, cu, max_k, int(chunk_size), out, int(start_chunk), padded)
+    if backend == "cute":
+        raise UnsupportedError(f"key_centroids: the CuTe kernel takes fp16/bf16 CUDA keys with head dim in "
+                               f"{dcfg.SUPPORTED_HEAD_DIMS}")
+    kv = k.reshape(-1, hk, d)
+    starts = cu.tolist()
+    for b in range(B):
+        lk = starts[b + 1] - starts[b]
+        n = lk // chunk_size
+        if n > start_chunk:
+            rows = kv[starts[b] + start_chunk * chunk_size: starts[b] + n * chunk_size]
+            out[b, start_chunk:n] = rows.to(torch.float32).view(n - start_chunk, chunk_size, hk, d).mean(1)
+    return out
+
+
 def route(
     q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk, causal=True, backend="auto"
 ) -> Routing:
@@ -584,6 +682,7 @@ def varlen_attention(
     return_lse=False,
     deterministic=False,
     backend="auto",
+    key_centroids=None,
 ):
     """MoBA attention over a packed variable-length batch (FlashAttention's varlen layout).
 
@@ -591,16 +690,24 @@ def varlen_attention(
     int32 (B+1,) offsets. Each query attends to the keys of its top-k chunks (own chunk
     forced when causal); see SPEC section 1. Returns ``out`` (total_q, H, D) in q's dtype,
     and the fp32 log-sum-exp ``(H, total_q)`` as well if ``return_lse``.
+
+    ``key_centroids``: a cache of the full chunks' centroids, fp32 (B, n, Hk, D), as
+    :func:`key_centroids` computes them; decode steps on the GPU read it instead of K for the
+    routing (other calls compute the centroids from k). Entries ``j < len_k // chunk_size`` of
+    each sequence must hold its chunk means.
     """
     _check_scalars(chunk_size, topk, causal, softmax_scale, backend, return_lse=return_lse,
                    deterministic=deterministic)
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if key_centroids is not None:
+        _check_centroids(key_centroids, "key_centroids", cu_seqlens_k.shape[0] - 1, k.shape[1], k.shape[2],
+                         max_seqlen_k, chunk_size, k.device)
     if _uses_decode(q, k, v, cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[2], max_seqlen_q, max_seqlen_k,
                     chunk_size, topk, backend):
         from .kernels.decode_launch import decode_cute
 
         out, lse = decode_cute(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                               int(chunk_size), int(topk), causal, softmax_scale, False)
+                               int(chunk_size), int(topk), causal, softmax_scale, False, key_centroids)
         return (out, lse) if return_lse else out
     out, lse = _varlen_general(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chunk_size, topk,
                                causal, softmax_scale, deterministic, backend)
@@ -647,11 +754,13 @@ def attention(
     return_lse=False,
     deterministic=False,
     backend="auto",
+    key_centroids=None,
 ):
     """MoBA attention on padded batches: q (B, Sq, H, D), k/v (B, Sk, Hk, D).
 
     Every sequence of the batch has the full length. Returns ``out`` (B, Sq, H, D), and the
-    fp32 LSE (B, H, Sq) as well if ``return_lse``.
+    fp32 LSE (B, H, Sq) as well if ``return_lse``. ``key_centroids``: as for
+    :func:`varlen_attention`, (B, n >= Sk // chunk_size, Hk, D).
     """
     _check_scalars(chunk_size, topk, causal, softmax_scale, backend, return_lse=return_lse,
                    deterministic=deterministic)
@@ -660,13 +769,16 @@ def attention(
     sk, hk = k.shape[1], k.shape[2]
     if b < 1:
         raise ValueError(f"q must hold at least one sequence (batch >= 1), got batch {b}")
+    if key_centroids is not None:
+        _check_centroids(key_centroids, "key_centroids", b, hk, d, sk, chunk_size, k.device)
     cu_q = _padded_cu_seqlens(b, sq, q.device)
     cu_k = _padded_cu_seqlens(b, sk, q.device)
     if _uses_decode(q, k, v, b, h, d, sq, sk, chunk_size, topk, backend):
         # (strided q/k/v read in place, e.g. transformers' (B, Hk, S, D) cache transposed)
         from .kernels.decode_launch import decode_cute
 
-        res = decode_cute(q, k, v, cu_q, cu_k, sq, sk, int(chunk_size), int(topk), causal, softmax_scale, True)
+        res = decode_cute(q, k, v, cu_q, cu_k, sq, sk, int(chunk_size), int(topk), causal, softmax_scale, True,
+                          key_centroids)
     else:  # (checked above: the packed views and their cu_seqlens are valid by construction)
         res = _varlen_general(
             q.reshape(b * sq, h, d), k.reshape(b * sk, hk, d), v.reshape(b * sk, hk, d), cu_q, cu_k, sq, sk,

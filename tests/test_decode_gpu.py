@@ -176,3 +176,58 @@ def test_decode_rows_outside_the_sequences_get_zero(K):
     o, l = moba_cute.varlen_attention(q, k, v, cq, ck, 2, 500, 32, K, return_lse=True, backend="cute")  # max_q < 3
     for r in (2, 5):
         assert torch.equal(o[r], torch.zeros_like(o[r])) and bool(torch.isneginf(l[:, r]).all())
+
+
+CENT_CASES = [
+    # lens_q, lens_k, H, Hk, C, K, causal
+    ([1], [4097], 8, 2, 128, 8, True),  # per-head kernel
+    ([3, 16], [113, 5000], 8, 1, 48, 5, True),  # several queries, uneven chunks
+    ([5, 1], [900, 40], 4, 4, 64, 3, False),  # non-causal: a partial last chunk scored from K
+    ([1] * 40, _MANY_K, 8, 2, 32, 3, True),  # many sequences, some without a full chunk
+    ([1, 1], [20000, 9000], 16, 4, 4096, 3, True),  # long chunks: the union (group kernel)
+    ([1, 2], [6000, 3000], 8, 4, 1024, 2, False),  # the union, non-causal
+]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(CENT_CASES)))
+def test_decode_cached_centroids(case, D):
+    """key_centroids on the GPU: the chunk means (as the reference computes them); a decode step
+    that reads them instead of K takes the same routing, so it returns the same bits; and the
+    cache is what the step reads (negated centroids select other chunks)."""
+    lq, lk, H, Hk, C, K, causal = CENT_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=900 + case)
+    mq, mk = max(lq), max(lk)
+    cent = moba_cute.key_centroids(k, C, ck, mk)
+    ref = moba_cute.key_centroids(k.cpu(), C, ck.cpu(), mk, backend="reference")
+    torch.testing.assert_close(cent.cpu(), ref, rtol=1e-5, atol=1e-5)
+    o, l = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, C, K, causal, return_lse=True, backend="cute")
+    o2, l2 = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, C, K, causal, return_lse=True, backend="cute",
+                                        key_centroids=cent)
+    assert torch.equal(o, o2) and torch.equal(l, l2)
+    if case in (0, 4):  # rows with more candidate chunks than topk - 1: the worst ones instead
+        o3 = moba_cute.varlen_attention(q, k, v, cq, ck, mq, mk, C, K, causal, backend="cute",
+                                        key_centroids=-cent)
+        assert not torch.equal(o3, o)
+
+
+def test_decode_cached_centroids_incremental_padded():
+    """A decode loop on transformers' cache layout: the cache built at the prefill, extended
+    as chunks fill up, gives every step the bits of the uncached step."""
+    B, H, Hk, D, C, K, S0, steps = 2, 8, 2, 128, 64, 3, 250, 80
+    g = torch.Generator(device="cuda").manual_seed(12)
+    kc = torch.randn(B, Hk, S0 + steps, D, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn(B, Hk, S0 + steps, D, device="cuda", generator=g).to(torch.bfloat16)
+    cent = torch.zeros(B, (S0 + steps) // C, Hk, D, device="cuda")
+    moba_cute.key_centroids(kc[:, :, :S0].transpose(1, 2), C, out=cent)
+    done = S0 // C
+    for t in range(steps):
+        S = S0 + t + 1
+        k4, v4 = kc[:, :, :S].transpose(1, 2), vc[:, :, :S].transpose(1, 2)
+        if S // C > done:
+            moba_cute.key_centroids(k4, C, out=cent, start_chunk=done)
+            done = S // C
+        q4 = torch.randn(B, 1, H, D, device="cuda", generator=g).to(torch.bfloat16)
+        o = moba_cute.attention(q4, k4, v4, C, K, backend="cute")
+        o2 = moba_cute.attention(q4, k4, v4, C, K, backend="cute", key_centroids=cent)
+        assert torch.equal(o, o2), t

@@ -93,38 +93,73 @@ def _warp_argmax(v: Float32, j: Int32):
 
 class DecodeScoresKernel:
     """Chunk centroids and their scores with the sequence's query rows (see the module doc).
-    Grid (B, chunk bound, Hk); rows of the sequence past ``max_q`` are not scored."""
+    Grid (B, chunks, Hk); rows of the sequence past ``max_q`` are not scored.
 
-    def __init__(self, dtype, head_dim: int, padded: bool, threads: int):
+    ``mode``: ``"scores"``, every chunk's centroid from K; ``"cached"``, the centroids of the
+    sequence's full chunks (``j < len_k // chunk``) read from ``cent[b, j, hk, :]`` (fp32, element
+    strides ``c_sb, c_sj, c_sh``), only a partial last chunk from K; ``"centroids"``, no scores:
+    the means of full chunks ``j0 + blockIdx.y`` written to ``cent`` (what ``"cached"`` reads)."""
+
+    def __init__(self, dtype, head_dim: int, padded: bool, threads: int, mode: str = "scores"):
         assert head_dim % 32 == 0 and head_dim <= 256 and threads % 32 == 0
+        assert mode in ("scores", "cached", "centroids")
         self.dtype = dtype
         self.D = head_dim
         self.padded = padded
         self.threads = threads
+        self.mode = mode
         self.CV = head_dim // 8  # threads per key row (16-byte pieces)
         self.R = threads // self.CV  # key rows summed side by side
         self.VEC = head_dim // 32  # query elements per lane in the dot products
 
     @cute.jit
     def __call__(self, q: cute.Pointer, k: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
-                 scores: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
-                 k_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32, max_q: Int32,
-                 chunk: Int32, nchunks: Int32, stream: cuda.CUstream):
-        self.kernel(q, k, cu_q, cu_k, scores, q_sb, q_st, q_sh, k_sb, k_st, k_sh, H, Hk, total_q, total_k, max_q,
-                    chunk, nchunks).launch(grid=(B, nchunks, Hk), block=(self.threads, 1, 1), stream=stream)
+                 scores: cute.Pointer, cent: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64,
+                 k_st: Int64, k_sh: Int64, c_sb: Int64, c_sj: Int64, c_sh: Int64, B: Int32, H: Int32, Hk: Int32,
+                 total_q: Int32, total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, j0: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(q, k, cu_q, cu_k, scores, cent, q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_sj, c_sh, H, Hk,
+                    total_q, total_k, max_q, chunk, nchunks, j0).launch(grid=(B, nchunks - j0, Hk),
+                                                                         block=(self.threads, 1, 1), stream=stream)
+
+    @cute.jit
+    def chunk_mean(self, k: cute.Pointer, kp: Int64, k_st: Int64, length: Int32, sred: cute.Tensor,
+                   scent: cute.Tensor, tid: Int32):
+        """``scent`` = the fp32 mean of ``length`` key rows from ``kp`` (stride ``k_st``), summed in
+        a fixed order: ``CV`` threads per row, ``R`` rows side by side, then over the ``R`` partial
+        sums. Contains barriers."""
+        D, CV, R = self.D, self.CV, self.R
+        ty = tid // CV
+        cv = tid - ty * CV
+        acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+        acc.fill(0.0)
+        # (strides and offsets are whole 16-byte pieces: the host checks the strides)
+        base = k + cute.assume(kp + Int64(cv * 8), divby=8)
+        for t in cutlass.range(ty, length, R, unroll=SCORE_UNROLL):
+            src = cute.make_tensor(base + cute.assume(Int64(t) * k_st, divby=8), cute.make_layout(8))
+            acc.store(acc.load() + src.load().to(Float32))
+        for e in cutlass.range_constexpr(8):
+            sred[ty * D + cv * 8 + e] = acc[e]
+        cute.arch.sync_threads()
+        for d in cutlass.range(tid, D, self.threads):
+            s = Float32(0.0)
+            for r in cutlass.range_constexpr(R):
+                s = s + sred[r * D + d]
+            scent[d] = s / Float32(length)
+        cute.arch.sync_threads()
 
     @cute.kernel
     def kernel(self, q: cute.Pointer, k: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, scores: cute.Pointer,
-               q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64, H: Int32, Hk: Int32,
-               total_q: Int32, total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32):
+               cent: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
+               c_sb: Int64, c_sj: Int64, c_sh: Int64, H: Int32, Hk: Int32, total_q: Int32, total_k: Int32,
+               max_q: Int32, chunk: Int32, nchunks: Int32, j0: Int32):
         tid, _, _ = cute.arch.thread_idx()
-        b, j, hk = cute.arch.block_idx()
+        b, jy, hk = cute.arch.block_idx()
+        j = jy + j0
         D = self.D
-        CV = self.CV
-        R = self.R
         VEC = self.VEC
         smem = cutlass.utils.SmemAllocator()
-        sred = smem.allocate_tensor(Float32, cute.make_layout(R * D), 16)  # (up to 64 KB)
+        sred = smem.allocate_tensor(Float32, cute.make_layout(self.R * D), 16)  # (up to 64 KB)
         scent = smem.allocate_tensor(Float32, cute.make_layout(D), 16)
 
         qs, qe = clamp_seq(cu_q, b, total_q)
@@ -132,48 +167,45 @@ class DecodeScoresKernel:
         nq = cutlass.min(qe - qs, max_q)
         kst = Int64(j) * Int64(chunk)
         length = Int32(cutlass.max(cutlass.min(Int64(ke - ks) - kst, Int64(chunk)), Int64(0)))
-        if (length > 0) & (nq > 0):
-            qbase, kbase = token_bases(qs, ks, self.padded)
-            # fp32 sum of the chunk's keys: CV threads per key row, R rows side by side
-            ty = tid // CV
-            cv = tid - ty * CV
-            acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
-            acc.fill(0.0)
-            # (strides and offsets are whole 16-byte pieces: the host checks the strides)
-            base = k + cute.assume(Int64(b) * k_sb + (kbase + kst) * k_st + Int64(hk) * k_sh + Int64(cv * 8),
-                                   divby=8)
-            for t in cutlass.range(ty, length, R, unroll=SCORE_UNROLL):
-                src = cute.make_tensor(base + cute.assume(Int64(t) * k_st, divby=8), cute.make_layout(8))
-                acc.store(acc.load() + src.load().to(Float32))
-            for e in cutlass.range_constexpr(8):
-                sred[ty * D + cv * 8 + e] = acc[e]
-            cute.arch.sync_threads()
-            for d in cutlass.range(tid, D, self.threads):
-                s = Float32(0.0)
-                for r in cutlass.range_constexpr(R):
-                    s = s + sred[r * D + d]
-                scent[d] = s / Float32(length)
-            cute.arch.sync_threads()
-            # one warp per (query row, query head of this KV head): exact fp32 dot products
-            lane = tid % 32
-            warp = tid // 32
-            G = H // Hk
-            cen = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
-            for e in cutlass.range_constexpr(VEC):
-                cen[e] = scent[lane * VEC + e]
-            for r in cutlass.range(warp, nq * G, self.threads // 32, unroll=1):
-                i = r // G
-                h = hk * G + (r - i * G)
-                qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
-                qv = cute.make_tensor((qp + Int64(lane * VEC)).align(VEC * 2), cute.make_layout(VEC)).load().to(Float32)
-                part = Float32(0.0)
+        qbase, kbase = token_bases(qs, ks, self.padded)
+        kp = Int64(b) * k_sb + (kbase + kst) * k_st + Int64(hk) * k_sh
+        cp = Int64(b) * c_sb + Int64(j) * c_sj + Int64(hk) * c_sh
+        if cutlass.const_expr(self.mode == "centroids"):
+            if length == chunk:  # full chunks only
+                self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
+                for d in cutlass.range(tid, D, self.threads):
+                    _g(cent)[cp + Int64(d)] = scent[d]
+        else:
+            if (length > 0) & (nq > 0):
+                if cutlass.const_expr(self.mode == "cached"):
+                    if length == chunk:
+                        for d in cutlass.range(tid, D, self.threads):
+                            scent[d] = _g(cent)[cp + Int64(d)]
+                        cute.arch.sync_threads()
+                    else:  # the partial last chunk
+                        self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
+                else:
+                    self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
+                # one warp per (query row, query head of this KV head): exact fp32 dot products
+                lane = tid % 32
+                warp = tid // 32
+                G = H // Hk
+                cen = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
                 for e in cutlass.range_constexpr(VEC):
-                    part = part + qv[e] * cen[e]
-                tot = _warp_sum(part)
-                if lane == 0:
-                    _g(scores)[((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
-                               + Int64(j)] = tot
-
+                    cen[e] = scent[lane * VEC + e]
+                for r in cutlass.range(warp, nq * G, self.threads // 32, unroll=1):
+                    i = r // G
+                    h = hk * G + (r - i * G)
+                    qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
+                    qv = cute.make_tensor((qp + Int64(lane * VEC)).align(VEC * 2),
+                                          cute.make_layout(VEC)).load().to(Float32)
+                    part = Float32(0.0)
+                    for e in cutlass.range_constexpr(VEC):
+                        part = part + qv[e] * cen[e]
+                    tot = _warp_sum(part)
+                    if lane == 0:
+                        _g(scores)[((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
+                                   + Int64(j)] = tot
 
 
 @cute.jit

@@ -89,11 +89,14 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1, stages=None, war
     s = common.fake_stream()
     attend_args = ((P(dt), P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(dt), P(f32, 4), P(f32, 4), P(f32, 4))
                    + L + L + L + I(11) + (f32(1.0), s))
-    score_args = (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4)) + L + L + I(8) + (s,)
+    score_args = (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(f32, 4)) + L + L + L + I(9) + (s,)
+    # centroids from K ("scores"; "centroids" writes them), or read for full chunks ("cached")
     specs = {
-        role: (("decode_scores", dtype_name, head_dim, padded, n),
-               lambda n=n: DecodeScoresKernel(dt, head_dim, padded, n), score_args)
-        for role, n in (("scores", cfg.SCORE_THREADS), ("scores_wide", cfg.SCORE_WIDE_THREADS))
+        role: (("decode_scores", dtype_name, head_dim, padded, n, mode),
+               lambda n=n, mode=mode: DecodeScoresKernel(dt, head_dim, padded, n, mode), score_args)
+        for role, n, mode in (("scores", cfg.SCORE_THREADS, "scores"), ("scores_wide", cfg.SCORE_WIDE_THREADS, "scores"),
+                              ("scores_cached", cfg.SCORE_THREADS, "cached"),
+                              ("centroids", cfg.SCORE_THREADS, "centroids"))
     }
     specs.update({
         "attend": (("decode_attend", dtype_name, head_dim, padded, causal),
@@ -256,8 +259,10 @@ def _strides(t, padded):
     return (sb, st, sh), ok
 
 
-def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, softmax_scale, padded):
-    """The decode-step forward (see the module docstring): ``(out, lse)``."""
+def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, softmax_scale, padded,
+                centroids=None):
+    """The decode-step forward (see the module docstring): ``(out, lse)``. ``centroids``: the full
+    chunks' centroids (fp32 ``(B, chunks, Hk, D)``, checked by the caller), read instead of K."""
     if padded:
         B, Sq, H, D = q.shape
         total_q, total_k, Hk = B * Sq, B * k.shape[1], k.shape[2]
@@ -297,9 +302,13 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     (qsb, qst, qsh), (ksb, kst, ksh), (vsb, vst, vsh) = strides
     ks = plan.ks
     if not every:
-        ks["scores_wide" if chunk_size >= cfg.SCORE_WIDE_MIN_CHUNK else "scores"](
-            pq, pk, pcq, pck, p_sc, qsb, qst, qsh, ksb, kst, ksh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch,
-            stream)
+        if centroids is not None:
+            role_s, pc, (csb, csj, csh) = "scores_cached", centroids.data_ptr(), centroids.stride()[:3]
+        else:
+            role_s, pc, (csb, csj, csh) = ("scores_wide" if chunk_size >= cfg.SCORE_WIDE_MIN_CHUNK else "scores"), 0, \
+                (0, 0, 0)
+        ks[role_s](pq, pk, pcq, pck, p_sc, pc, qsb, qst, qsh, ksb, kst, ksh, csb, csj, csh, B, H, Hk, total_q, total_k,
+                   max_q, chunk_size, nch, 0, stream)
     p_ml = p_sc + 4 * nsc  # (max, sum) per (row, head, split); then the unnormalized outputs
     p_acc = p_ml + 4 * 2 * total_q * H * splits
     ks[role](
@@ -309,3 +318,39 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     if splits > 1:
         ks["merge"](p_ml, p_acc, out.data_ptr(), lse.data_ptr(), H, total_q, splits, stream)
     return out, lse
+
+
+def key_centroids_cute(k, cu_k, max_k, chunk_size, out, start_chunk, padded):
+    """Write the means of the full chunks ``j >= start_chunk`` of every sequence's keys into
+    ``out[b, j, hk, :]`` (fp32; the caller checked the shapes): the centroids :func:`decode_cute`
+    reads with ``centroids``, summed as the step's 128-thread scores kernel sums them
+    (``"centroids"`` mode): bitwise the same for chunks under ``SCORE_WIDE_MIN_CHUNK`` keys,
+    fp32 rounding apart for longer ones (whose steps sum with 1024 threads)."""
+    if padded:
+        B, Hk, D = k.shape[0], k.shape[2], k.shape[3]
+        total_k = B * k.shape[1]
+    else:
+        total_k, Hk, D = k.shape
+        B = cu_k.numel() - 1
+    nfull = max_k // chunk_size
+    if nfull <= start_chunk or B == 0:
+        return out
+    st, ok = _strides(k, padded)
+    if not ok:
+        k = common.kernel_input(k)
+        st, _ = _strides(k, padded)
+    dev = k.device
+    key = (_DTYPES[k.dtype], D, padded)
+    ks = _CENTROID_KERNELS.get(key)
+    if ks is None:
+        ks = _CENTROID_KERNELS[key] = common.KernelSet(kernel_specs(_DTYPES[k.dtype], D, padded, True),
+                                                       common.arch_of(dev))
+    csb, csj, csh = out.stride()[:3]
+    ksb, kst, ksh = st
+    ks["centroids"](  # (128 threads: 1024 spill with the padded layout; a cache is built once)
+        0, k.data_ptr(), cu_k.data_ptr(), cu_k.data_ptr(), 0, out.data_ptr(), 0, 0, 0, ksb, kst, ksh, csb, csj, csh,
+        B, Hk, Hk, 0, total_k, 1, chunk_size, nfull, start_chunk, common.raw_stream(dev))
+    return out
+
+
+_CENTROID_KERNELS: dict = {}
