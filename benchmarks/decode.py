@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from .configs import format_size, parse_size
 from .results import _clean, _fmt, align_columns, git_commit, normalize_keys, results_path, write_results
 
-__all__ = ["DECODE_KEYS", "Shape", "DecodeInputs", "make_decode_inputs", "moba_call", "route_call", "sdpa_call",
+__all__ = ["DECODE_KEYS", "Shape", "DecodeInputs", "make_decode_inputs", "moba_call", "moba_centroid_call",
+           "route_call", "sdpa_call",
            "fa4_call", "dense_math", "flat", "cpu_check", "normalize_decode_record", "main"]
 
 SUITE = "decode"
@@ -163,6 +164,21 @@ def moba_cache_call(mc, inp: DecodeInputs, chunk_size: int, topk: int, backend: 
     def call():
         out = mc.attention(q4, kc, vc, chunk_size, topk, causal=True, backend=backend)
         return out.reshape(s.B * s.n, s.H, s.D)
+
+    return call
+
+
+def moba_centroid_call(mc, inp: DecodeInputs, chunk_size: int, topk: int, backend: str) -> Callable[[], torch.Tensor]:
+    """:func:`moba_call` with the full chunks' centroids cached (``moba_cute.key_centroids``, built
+    here, outside the timed call: a decode loop extends it once per ``chunk_size`` steps), so the
+    step's routing reads them instead of K."""
+    s = inp.shape
+    q, k, v, cq, ck = inp.q, inp.k, inp.v, inp.cu_q, inp.cu_k
+    cent = mc.key_centroids(k, chunk_size, ck, s.Sk, backend=backend)
+
+    def call():
+        return mc.varlen_attention(q, k, v, cq, ck, s.n, s.Sk, chunk_size, topk, causal=True, backend=backend,
+                                   key_centroids=cent)
 
     return call
 
@@ -400,6 +416,7 @@ def check_moba(mc, inp: DecodeInputs, out: torch.Tensor, C: int, K: int, backend
 
 DENSE = (0, 1)  # --moba "dense": chunk size chosen per shape by dense_layer_chunk
 CACHE_SUFFIX = ".hf_cache"  # impl suffix of the MoBA call made from transformers' cache layout
+CENT_SUFFIX = ".centroid_cache"  # impl suffix of the MoBA call with cached chunk centroids (--centroid-cache)
 
 
 def dense_layer_chunk(Sk: int) -> int:
@@ -460,6 +477,8 @@ def _parse_args(argv):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-graph", action="store_true", help="do not time CUDA-graph replays")
     p.add_argument("--no-check", action="store_true", help="skip the per-config check against the reference")
+    p.add_argument("--centroid-cache", action="store_true",
+                   help="also time each selective MoBA config with its chunk centroids cached (moba_cute.key_centroids)")
     p.add_argument("--time-budget", type=float, default=480.0,
                    help="seconds (default 480); once spent, the remaining points are recorded as skipped")
     p.add_argument("--dry-run", action="store_true",
@@ -716,6 +735,14 @@ def _run_shape(args, env: Env, shape: Shape, mc, sdpa_gqa, fa4_ok, probes, timer
                 out.append(timed(env.moba_impl, fn, C, K, route_fn=route_call(mc, inp, C, K, env.backend),
                                  check=check, notes=notes))
                 _free()
+                if getattr(args, "centroid_cache", False) and K < -(-shape.Sk // C):
+                    fc = moba_centroid_call(mc, inp, C, K, env.backend)
+                    same = (lambda fc=fc, fn=fn: (_max_diff(fc(), fn()), 0.0))
+                    out.append(timed(env.moba_impl + CENT_SUFFIX, fc, C, K, check=same,
+                                     notes=["the full chunks' centroids cached (built outside the timed call); "
+                                            "check = difference from the uncached call"]))
+                    del fc
+                    _free()
                 if want_sdpa and (C, K) == args.moba[0]:
                     # once per shape: the same call from transformers' cache layout, as the
                     # integration makes it (the padded API on transposed views)
