@@ -97,8 +97,10 @@ class DecodeScoresKernel:
 
     ``mode``: ``"scores"``, every chunk's centroid from K; ``"cached"``, the centroids of the
     sequence's full chunks (``j < len_k // chunk``) read from ``cent[b, j, hk, :]`` (fp32, element
-    strides ``c_sb, c_sj, c_sh``), only a partial last chunk from K; ``"centroids"``, no scores:
-    the means of full chunks ``j0 + blockIdx.y`` written to ``cent`` (what ``"cached"`` reads)."""
+    strides ``c_sb, c_sj, c_sh``), only a partial last chunk from K, one warp per chunk (grid
+    (B, chunks / warps, Hk): a CTA per chunk would spend its time starting up); ``"centroids"``,
+    no scores: the means of full chunks ``j0 + blockIdx.y`` written to ``cent`` (what
+    ``"cached"`` reads)."""
 
     def __init__(self, dtype, head_dim: int, padded: bool, threads: int, mode: str = "scores"):
         assert head_dim % 32 == 0 and head_dim <= 256 and threads % 32 == 0
@@ -118,9 +120,12 @@ class DecodeScoresKernel:
                  k_st: Int64, k_sh: Int64, c_sb: Int64, c_sj: Int64, c_sh: Int64, B: Int32, H: Int32, Hk: Int32,
                  total_q: Int32, total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, j0: Int32,
                  stream: cuda.CUstream):
+        gy = nchunks - j0
+        if cutlass.const_expr(self.mode == "cached"):
+            gy = (gy + self.threads // 32 - 1) // (self.threads // 32)
         self.kernel(q, k, cu_q, cu_k, scores, cent, q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_sj, c_sh, H, Hk,
-                    total_q, total_k, max_q, chunk, nchunks, j0).launch(grid=(B, nchunks - j0, Hk),
-                                                                         block=(self.threads, 1, 1), stream=stream)
+                    total_q, total_k, max_q, chunk, nchunks, j0).launch(grid=(B, gy, Hk), block=(self.threads, 1, 1),
+                                                                         stream=stream)
 
     @cute.jit
     def chunk_mean(self, k: cute.Pointer, kp: Int64, k_st: Int64, length: Int32, sred: cute.Tensor,
@@ -155,7 +160,11 @@ class DecodeScoresKernel:
                max_q: Int32, chunk: Int32, nchunks: Int32, j0: Int32):
         tid, _, _ = cute.arch.thread_idx()
         b, jy, hk = cute.arch.block_idx()
+        lane = tid % 32
+        warp = tid // 32
         j = jy + j0
+        if cutlass.const_expr(self.mode == "cached"):
+            j = j0 + jy * (self.threads // 32) + warp  # (one chunk per warp)
         D = self.D
         VEC = self.VEC
         smem = cutlass.utils.SmemAllocator()
@@ -176,24 +185,37 @@ class DecodeScoresKernel:
                 for d in cutlass.range(tid, D, self.threads):
                     _g(cent)[cp + Int64(d)] = scent[d]
         else:
-            if (length > 0) & (nq > 0):
-                if cutlass.const_expr(self.mode == "cached"):
+            G = H // Hk
+            cen = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
+            first = warp  # (query row, head) pairs of this warp: all of them per chunk when cached
+            step = self.threads // 32
+            live = (length > 0) & (nq > 0)
+            if cutlass.const_expr(self.mode == "cached"):
+                first = 0
+                step = 1
+                # a partial last chunk among this CTA's chunks: the CTA sums it from K
+                lk = ke - ks
+                jp = lk // chunk
+                jb = j0 + jy * (self.threads // 32)
+                if (lk - jp * chunk > 0) & (jp >= jb) & (jp < jb + self.threads // 32) & (nq > 0):
+                    kpp = Int64(b) * k_sb + (kbase + Int64(jp) * Int64(chunk)) * k_st + Int64(hk) * k_sh
+                    self.chunk_mean(k, kpp, k_st, lk - jp * chunk, sred, scent, tid)
+                if live:
                     if length == chunk:
-                        for d in cutlass.range(tid, D, self.threads):
-                            scent[d] = _g(cent)[cp + Int64(d)]
-                        cute.arch.sync_threads()
-                    else:  # the partial last chunk
-                        self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
-                else:
+                        for e in cutlass.range_constexpr(VEC):
+                            cen[e] = _g(cent)[cp + Int64(lane * VEC + e)]
+                    else:
+                        for e in cutlass.range_constexpr(VEC):
+                            cen[e] = scent[lane * VEC + e]
+            else:
+                if live:
                     self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
-                # one warp per (query row, query head of this KV head): exact fp32 dot products
-                lane = tid % 32
-                warp = tid // 32
-                G = H // Hk
-                cen = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
-                for e in cutlass.range_constexpr(VEC):
-                    cen[e] = scent[lane * VEC + e]
-                for r in cutlass.range(warp, nq * G, self.threads // 32, unroll=1):
+                    for e in cutlass.range_constexpr(VEC):
+                        cen[e] = scent[lane * VEC + e]
+            if live:
+                # one warp per (query row, query head of this KV head) (cached: per chunk, every
+                # pair): exact fp32 dot products
+                for r in cutlass.range(first, nq * G, step, unroll=1):
                     i = r // G
                     h = hk * G + (r - i * G)
                     qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
