@@ -176,6 +176,44 @@ def test_attention_dropout_is_refused_in_training():
         moba(_ids(1, 16))
 
 
+def _check_cache_centroids(cache, config):
+    """Every MoBA layer's keys carry the means of their full chunks; dense layers carry none."""
+    import moba_cute
+
+    for i, layer in enumerate(cache.layers):
+        settings = mt.layer_settings(config, i)
+        att = getattr(layer.keys, mt._CENT_ATTR, None)
+        if settings is None:
+            assert att is None
+            continue
+        C = settings[0]
+        assert att is not None and att[0] == C
+        k4 = layer.keys.transpose(1, 2)
+        n = k4.shape[1] // C
+        torch.testing.assert_close(att[1][:, :n], moba_cute.key_centroids(k4, C), rtol=1e-6, atol=1e-6)
+
+
+def test_moba_cache_keeps_the_chunk_centroids():
+    """Generation with MobaCache: the tokens of the plain cache, and every MoBA layer's keys carry
+    their full chunks' centroids as the prompt and the steps fill chunks (chunk sizes per layer,
+    the last layer dense); a reordered (beam search) or cropped cache recomputes them."""
+    moba, _ = _models(chunk=[8, 16, 8], topk=[2, 2, 2], moba_dense_last_layers=1)
+    prompt = _ids(2, 21)
+    with torch.no_grad():
+        plain = moba.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+        cache = mt.MobaCache(moba.config)
+        gen = moba.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+                            past_key_values=cache)
+    assert torch.equal(gen, plain)
+    _check_cache_centroids(cache, moba.config)
+    assert cache._moba_cent[0][2] == 40 // 8  # 40 cached tokens (the last one is not fed back)
+    for change in (lambda c: c.reorder_cache(torch.tensor([1, 0])), lambda c: c.crop(30)):
+        change(cache)
+        with torch.no_grad():
+            moba(gen[:, -1:], past_key_values=cache, use_cache=True)
+        _check_cache_centroids(cache, moba.config)
+
+
 # ------------------------------------------------------------------------------------------
 # GPU: the same scenarios through the CuTe kernels, bf16. A model's bf16 computation is never
 # exact, so every tolerance is tied to a measured one: SPEC's bound at the attention layer

@@ -24,19 +24,33 @@ transformers' ``(B, heads, S, D)`` tensors: a decode step (few queries, no gradi
 decode kernels on the KV cache in place, without a copy. A
 dense layer is MoBA with one chunk covering the whole sequence and ``topk = 1``. Attention
 dropout is not supported (a clear error when training with it).
+
+Generation: :class:`MobaCache` (a ``DynamicCache``) also keeps each MoBA layer's chunk centroids
+(:func:`moba_cute.key_centroids`), extended as chunks fill up, so that a decode step's routing
+reads them instead of all of K (plain batches; padded and packed calls compute them from K)::
+
+    out = model.generate(ids, past_key_values=MobaCache(model.config), ...)
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
 from .. import interface
 
+try:  # (optional: the attention function works without transformers' cache classes)
+    from transformers.cache_utils import DynamicCache as _DynamicCache
+except ImportError:  # pragma: no cover
+    _DynamicCache = object
+
 NAME = "moba"
 DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_TOPK = 12
 
-__all__ = ["NAME", "register", "moba_attention_forward", "layer_settings", "DEFAULT_CHUNK_SIZE", "DEFAULT_TOPK"]
+__all__ = ["NAME", "register", "moba_attention_forward", "layer_settings", "MobaCache", "DEFAULT_CHUNK_SIZE",
+           "DEFAULT_TOPK"]
 
 
 def layer_settings(config, layer_idx: int):
@@ -178,10 +192,60 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
             return out.view(B, Sq, H, D), None
 
     # a plain batch: the padded API on the (B, S, heads, D) views of transformers' tensors (the
-    # decode kernels read those strides in place; the general path packs them)
+    # decode kernels read those strides in place; the general path packs them), with the chunk
+    # centroids a MobaCache attached to the keys it returned
     chunk, topk = _chunk_topk(settings, Sk)
-    out = interface.attention(q, k, v, chunk, topk, causal=True, softmax_scale=scale)
+    cached = getattr(key, _CENT_ATTR, None)
+    cent = cached[1] if cached is not None and settings is not None and cached[0] == chunk else None
+    out = interface.attention(q, k, v, chunk, topk, causal=True, softmax_scale=scale, key_centroids=cent)
     return out, None
+
+
+_CENT_ATTR = "_moba_centroids"  # (chunk size, centroids) on the keys tensor a MobaCache returns
+
+
+class MobaCache(_DynamicCache):
+    """transformers' ``DynamicCache`` that also keeps the chunk centroids of every MoBA layer
+    (``model.config``'s chunk sizes, :func:`layer_settings`): computed for the prompt, extended
+    when the cache grows past a chunk boundary (one chunk's mean per ``chunk_size`` tokens), and
+    attached to the keys tensor :meth:`update` returns, where the attention function finds them.
+    A decode step then reads ``Sk / chunk_size`` centroids instead of all of K for its routing.
+
+    The centroids follow the keys: an update continues them only when the layer's keys are the
+    tensor this cache returned last (``DynamicCache`` replaces the tensor on every change:
+    ``reorder_cache`` for beam search, ``crop``, batch selection); otherwise they are computed
+    again from all of the keys."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._moba_config = config
+        self._moba_cent: dict = {}  # layer -> (weakref to the keys returned, centroids, full chunks cached)
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        prev = None
+        if layer_idx < len(self.layers) and getattr(self.layers[layer_idx], "is_initialized", False):
+            prev = self.layers[layer_idx].keys
+        keys, values = super().update(key_states, value_states, layer_idx, cache_kwargs)
+        settings = layer_settings(self._moba_config, layer_idx)
+        if settings is None or keys.dim() != 4:
+            return keys, values
+        C = settings[0]
+        B, Hk, S, D = keys.shape
+        ent = self._moba_cent.get(layer_idx)
+        if ent is None or prev is None or ent[0]() is not prev or ent[1].shape[0] != B or ent[1].shape[2:] != (Hk, D):
+            ent = (None, keys.new_zeros((B, max(S // C, 1), Hk, D), dtype=torch.float32), 0)
+        _, cent, done = ent
+        need = S // C
+        if need > cent.shape[1]:  # grow (doubling: a copy every few chunks at most)
+            bigger = cent.new_zeros((B, max(need, 2 * cent.shape[1]), Hk, D))
+            bigger[:, :done] = cent[:, :done]
+            cent = bigger
+        if need > done:
+            interface.key_centroids(keys.transpose(1, 2), C, out=cent, start_chunk=done)
+            done = need
+        self._moba_cent[layer_idx] = (weakref.ref(keys), cent, done)
+        setattr(keys, _CENT_ATTR, (C, cent))
+        return keys, values
 
 
 def register() -> None:
