@@ -529,3 +529,20 @@ def _sparse_layer(device, kernels):
 @pytest.mark.gpu
 def test_gpu_sparse_layouts_and_decode_at_the_attention_layer(kernels):
     _sparse_layer("cuda", kernels)
+
+
+@pytest.mark.gpu
+def test_gpu_moba_cache_generation(kernels):
+    """Greedy generation through the decode kernels with MobaCache (steps route on the cached
+    centroids) gives the tokens of the plain cache (steps that read K): score-dependent routing,
+    chunks under 1024 keys, so the cached centroids are the step's own bits."""
+    m16, _ = _gpu_models("cuda", chunk=[16, 32, 16], topk=[2, 3, 2], moba_dense_last_layers=1)
+    prompt = _gpu_ids(2, 150, "cuda")
+    with torch.no_grad():
+        plain = m16.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        cache = mt.MobaCache(m16.config)
+        gen = m16.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, past_key_values=cache)
+    assert torch.equal(gen, plain)
+    _check_cache_centroids(cache, m16.config)
+    assert kernels["kernel"] > 0
+

@@ -40,10 +40,7 @@ import torch
 
 from .. import interface
 
-try:  # (optional: the attention function works without transformers' cache classes)
-    from transformers.cache_utils import DynamicCache as _DynamicCache
-except ImportError:  # pragma: no cover
-    _DynamicCache = object
+from transformers.cache_utils import DynamicCache
 
 NAME = "moba"
 DEFAULT_CHUNK_SIZE = 4096
@@ -204,7 +201,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, scaling=No
 _CENT_ATTR = "_moba_centroids"  # (chunk size, centroids) on the keys tensor a MobaCache returns
 
 
-class MobaCache(_DynamicCache):
+class MobaCache(DynamicCache):
     """transformers' ``DynamicCache`` that also keeps the chunk centroids of every MoBA layer
     (``model.config``'s chunk sizes, :func:`layer_settings`): computed for the prompt, extended
     when the cache grows past a chunk boundary (one chunk's mean per ``chunk_size`` tokens), and
