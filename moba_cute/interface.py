@@ -546,13 +546,14 @@ def key_centroids(k, chunk_size, cu_seqlens_k=None, max_seqlen_k=None, out=None,
     from .configs import decode as dcfg
 
     if (backend != "reference" and k.device.type == "cuda" and k.dtype in (torch.float16, torch.bfloat16)
-            and d in dcfg.SUPPORTED_HEAD_DIMS and not torch.compiler.is_compiling()):
+            and d in dcfg.SUPPORTED_HEAD_DIMS and max_k // chunk_size - start_chunk <= dcfg.MAX_GRID_Y
+            and not torch.compiler.is_compiling()):  # (one CTA row per chunk: the grid's y limit)
         from .kernels.decode_launch import key_centroids_cute
 
         return key_centroids_cute(k, cu, max_k, int(chunk_size), out, int(start_chunk), padded)
     if backend == "cute":
         raise UnsupportedError(f"key_centroids: the CuTe kernel takes fp16/bf16 CUDA keys with head dim in "
-                               f"{dcfg.SUPPORTED_HEAD_DIMS}")
+                               f"{dcfg.SUPPORTED_HEAD_DIMS} and at most {dcfg.MAX_GRID_Y} chunks to write")
     kv = k.reshape(-1, hk, d)
     starts = cu.tolist()
     for b in range(B):

@@ -8,8 +8,10 @@ Here two kernels do the step, reading K once and K/V only of the selected chunks
 * :class:`DecodeScoresKernel`, one CTA per (chunk, KV head, sequence): the chunk's centroid (fp32
   sum of its real keys in a fixed order, divided by its length: SPEC section 1.2) and its exact
   fp32 score with every query row of the sequence for the query heads of that KV head, written to
-  ``scores[b, i, h, j]``. Cost: all of K once (the floor when centroids are not cached) plus
-  ``4 * rows * heads * chunks`` bytes. 128 threads, or 1024 for long chunks (few CTAs).
+  ``scores[b, i, h, j]``. Cost: all of K once plus ``4 * rows * heads * chunks`` bytes. 128
+  threads, or 1024 for long chunks (few CTAs). With the centroids cached
+  (:func:`moba_cute.key_centroids`, written by this kernel's ``"centroids"`` mode) its
+  ``"cached"`` mode reads ``4 * D`` bytes per full chunk and KV head instead, one warp per chunk.
 * :class:`DecodeAttendKernel`, one CTA per (query row, head, key split): the selection (own chunk
   forced when causal; the best ``topk - 1`` past chunks by repeated arg-max over the scores in
   shared memory, NaN ranked as +inf, ties to the larger chunk: the reference's rule), then
@@ -21,7 +23,8 @@ Here two kernels do the step, reading K once and K/V only of the selected chunks
   key split), reading each key and value row once for the group: when ``topk`` covers every
   chunk (dense layers, short caches: no scores, every visible key) and, after the scores, for
   long chunks (each head's selection, then the union of the group's chunks with per-head masks).
-  K/V pieces are staged per lane with cp.async.
+  K/V pieces are staged per lane with cp.async. :class:`DecodeGroupMmaKernel` is the same on
+  tensor cores (mma.sync, up to 16 heads as the rows of an m16 tile) for head dims 32/64/128.
 * :class:`DecodeMergeKernel` when a row's keys were split over several CTAs: the splits' states
   in split order.
 
@@ -32,8 +35,9 @@ as ``(B, S, Hk, D)`` without a copy. Output ``(total_q, H, D)`` and LSE ``(H, to
 other forward kernels write them; the attend kernels run one CTA per output row (and head, key
 split), so every row is written. Cost model and figures: docs/design.md section 10.
 
-Compile keys: ("decode_scores", dtype, D, padded, threads), ("decode_attend", dtype, D, padded,
-causal), ("decode_group", dtype, D, padded, causal, GT, select), ("decode_merge", dtype, D).
+Compile keys: ("decode_scores", dtype, D, padded, threads, mode), ("decode_attend", dtype, D,
+padded, causal), ("decode_group", dtype, D, padded, causal, GT, select), ("decode_group_mma",
+dtype, D, padded, causal, GT, select, stages, warps), ("decode_merge", dtype, D).
 """
 
 from __future__ import annotations
