@@ -58,6 +58,23 @@ def find_segment(cu: cute.Pointer, n: Int32, x: Int32):
 
 
 @cute.jit
+def chunk_partial_sums(base: cute.Pointer, row_stride: Int64, length: Int32, ty: Int32, cv: Int32,
+                       R: cutlass.Constexpr, D: cutlass.Constexpr, unroll: cutlass.Constexpr, sred: cute.Tensor):
+    """The first step of a chunk's fp32 key sum in a fixed order: thread (``ty``, ``cv``) adds
+    the 16-byte pieces ``cv`` of rows ``ty, ty + R, ...`` below ``length`` (from ``base``, which
+    points at piece ``cv`` of the first row; ``row_stride`` in elements, whole 16-byte pieces)
+    and stores its 8 sums at ``sred[ty * D + cv * 8 :]``. The caller syncs and adds the ``R``
+    partial rows."""
+    acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
+    acc.fill(0.0)
+    for t in cutlass.range(ty, length, R, unroll=unroll):
+        src = cute.make_tensor(base + cute.assume(Int64(t) * row_stride, divby=8), cute.make_layout(8))
+        acc.store(acc.load() + src.load().to(Float32))
+    for e in cutlass.range_constexpr(8):
+        sred[ty * D + cv * 8 + e] = acc[e]
+
+
+@cute.jit
 def block_exclusive_scan(val: Int32, s_warp: cute.Tensor, tid: Int32, nwarps: cutlass.Constexpr):
     """Exclusive prefix sum of ``val`` over the CTA (1-D, ``32 * nwarps`` threads) and the total.
 
@@ -409,18 +426,11 @@ class CentroidsKernel:
 
         ty = tid // CV
         cv = tid % CV
-        acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
-        acc.fill(0.0)
         row_stride = Int64(Hk) * Int64(D)
         # (offsets are whole 16-byte pieces: declared so, the pointers keep k's alignment and
         # the loads are 16 bytes wide without run-time address rounding)
         base = k + cute.assume(start * row_stride + Int64(hk) * Int64(D) + Int64(cv * 8), divby=8)
-        for t in cutlass.range(ty, length, R, unroll=CENTROID_UNROLL):
-            src = cute.make_tensor(base + cute.assume(Int64(t) * row_stride, divby=8), cute.make_layout(8))
-            v = src.load().to(Float32)
-            acc.store(acc.load() + v)
-        for e in cutlass.range_constexpr(8):
-            sred[ty * D + cv * 8 + e] = acc[e]
+        chunk_partial_sums(base, row_stride, length, ty, cv, R, D, CENTROID_UNROLL, sred)
         cute.arch.sync_threads()
         for d in cutlass.range(tid, D, self.nthr):
             s = Float32(0.0)

@@ -52,8 +52,8 @@ from cutlass.cute.nvgpu import warp as nvwarp
 from ..configs.decode import (ATTEND_MIN_CTAS, ATTEND_V_UNROLL, ATTEND_WARPS, GROUP_KEYS_PER_LANE, GROUP_MAX_CHUNKS,
                               GROUP_MAX_HEADS, GROUP_MIN_CTAS, GROUP_STAGES, KEYS_PER_PIECE, MAX_CHUNKS, MAX_TOPK,
                               MERGE_THREADS, SCORE_UNROLL)
-from .centroids import clamp_seq, find_segment
-from .moba_fwd_sm80 import _mn_view, _quad_max, _quad_sum
+from .centroids import chunk_partial_sums, clamp_seq, find_segment
+from .moba_fwd_sm80 import _as_a_operand, _mn_view, _online_softmax, _quad_sum
 
 ATTEND_THREADS = 32 * ATTEND_WARPS
 LN2 = 0.6931471805599453
@@ -140,15 +140,9 @@ class DecodeScoresKernel:
         D, CV, R = self.D, self.CV, self.R
         ty = tid // CV
         cv = tid - ty * CV
-        acc = cute.make_rmem_tensor(cute.make_layout(8), Float32)
-        acc.fill(0.0)
         # (strides and offsets are whole 16-byte pieces: the host checks the strides)
-        base = k + cute.assume(kp + Int64(cv * 8), divby=8)
-        for t in cutlass.range(ty, length, R, unroll=SCORE_UNROLL):
-            src = cute.make_tensor(base + cute.assume(Int64(t) * k_st, divby=8), cute.make_layout(8))
-            acc.store(acc.load() + src.load().to(Float32))
-        for e in cutlass.range_constexpr(8):
-            sred[ty * D + cv * 8 + e] = acc[e]
+        chunk_partial_sums(k + cute.assume(kp + Int64(cv * 8), divby=8), k_st, length, ty, cv, R, D, SCORE_UNROLL,
+                           sred)
         cute.arch.sync_threads()
         for d in cutlass.range(tid, D, self.threads):
             s = Float32(0.0)
@@ -678,6 +672,39 @@ class DecodeGroupKernel(_AttendLaunch):
         return b, i, lk, qbase, kbase, valid, hk, end, ntiles, tps
 
     @cute.jit
+    def warp_tiles(self, b: Int32, kbase: Int64, hk: Int32, k_sb: Int64, k_st: Int64, k_sh: Int64, v_sb: Int64,
+                   v_st: Int64, v_sh: Int64, sp: Int32, pps: Int32, ntiles: Int32, warp: Int32):
+        """The row's K and V bases, split ``sp``'s first tile, this warp's tile count (the split's
+        tiles ``[sp * pps, min((sp + 1) * pps, ntiles))`` round-robin over the warps) and the
+        16-byte cp.async atom."""
+        krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
+        vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
+        lo = sp * pps
+        hi = cutlass.min(lo + pps, ntiles)
+        nw = cutlass.max((hi - lo - warp + self.NW - 1) // self.NW, Int32(0))
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                   num_bits_per_copy=128)
+        return krow0, vrow0, lo, nw, atom
+
+    @cute.jit
+    def write_heads(self, sm: cute.Tensor, sl: cute.Tensor, sacc: cute.Tensor, n: cutlass.Constexpr, tid: Int32,
+                    r: Int32, h0: Int32, H: Int32, total_q: Int32, splits: Int32, sp: Int32, out: cute.Pointer,
+                    lse: cute.Pointer, part_ml: cute.Pointer, part_acc: cute.Pointer):
+        """Each head's ``n`` states (``sm``/``sl``/``sacc``, head-major) merged in order into its
+        output row, or into the split's state when the row has several splits."""
+        row = Int64(r)
+        for g in cutlass.range_constexpr(self.GT):
+            tm = cute.make_tensor(sm.iterator + g * n, cute.make_layout(n))
+            tl = cute.make_tensor(sl.iterator + g * n, cute.make_layout(n))
+            tacc = cute.make_tensor(sacc.iterator + g * n * self.D, cute.make_layout(n * self.D))
+            if splits == 1:
+                merge_states(tm, tl, tacc, Int32(n), self.D, tid, self.THREADS, out, lse, row, h0 + g, H, total_q,
+                             self.dtype)
+            else:
+                store_state(tm, tl, tacc, Int32(n), self.D, tid, self.THREADS, part_ml, part_acc,
+                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
+
+    @cute.jit
     def tile_keys(self, tile: Int32, end: Int32, chunk: Int32, tps: Int32, slist: cute.Tensor):
         """Tile ``tile``'s first token, the end of its visible keys and the mask of heads that
         attend to them (select: a chunk of the union takes ``tps`` tiles, the last one padded)."""
@@ -801,13 +828,8 @@ class DecodeGroupKernel(_AttendLaunch):
         lsum.fill(0.0)
         acc.fill(0.0)
 
-        krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
-        vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
-        lo = sp * pps
-        hi = cutlass.min(lo + pps, ntiles)
-        nw = cutlass.max((hi - lo - warp + NW - 1) // NW, Int32(0))  # this warp's tiles
-        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
-                                   num_bits_per_copy=128)
+        krow0, vrow0, lo, nw, atom = self.warp_tiles(b, kbase, hk, k_sb, k_st, k_sh, v_sb, v_st, v_sh, sp, pps,
+                                                     ntiles, warp)
         for st in cutlass.range_constexpr(S - 1):
             if st < nw:
                 self.issue(k, v, krow0, vrow0, k_st, v_st, lo + warp + st * NW, Int32(st), end, chunk, tps, slist,
@@ -833,17 +855,7 @@ class DecodeGroupKernel(_AttendLaunch):
             for e in cutlass.range_constexpr(8):
                 sacc[(g * NS + sidx) * D + dx * 8 + e] = acc[e, g]
         cute.arch.sync_threads()
-        row = Int64(r)
-        for g in cutlass.range_constexpr(GT):
-            tm = cute.make_tensor(sm.iterator + g * NS, cute.make_layout(NS))
-            tl = cute.make_tensor(sl.iterator + g * NS, cute.make_layout(NS))
-            tacc = cute.make_tensor(sacc.iterator + g * NS * D, cute.make_layout(NS * D))
-            if splits == 1:
-                merge_states(tm, tl, tacc, Int32(NS), D, tid, ATTEND_THREADS, out, lse, row, h0 + g, H, total_q,
-                             self.dtype)
-            else:
-                store_state(tm, tl, tacc, Int32(NS), D, tid, ATTEND_THREADS, part_ml, part_acc,
-                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
+        self.write_heads(sm, sl, sacc, NS, tid, r, h0, H, total_q, splits, sp, out, lse, part_ml, part_acc)
 
 
 class DecodeGroupMmaKernel(DecodeGroupKernel):
@@ -973,13 +985,8 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
         row_max.fill(-Float32.inf)
         row_sum.fill(0.0)
 
-        krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
-        vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
-        lo = sp * pps
-        hi = cutlass.min(lo + pps, ntiles)
-        nw = cutlass.max((hi - lo - warp + NW - 1) // NW, Int32(0))  # this warp's tiles
-        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), dt,
-                                   num_bits_per_copy=128)
+        krow0, vrow0, lo, nw, atom = self.warp_tiles(b, kbase, hk, k_sb, k_st, k_sh, v_sb, v_st, v_sh, sp, pps,
+                                                     ntiles, warp)
         wbase = warp * (self.S * 2 * self.TILE)  # the warp's ring: stage s holds K at 2s, V at 2s + 1
         # tiles j + 1 .. j + S - 1 in flight while tile j is used (one commit group per tile, empty
         # past the warp's last, so that wait_group(S - 1) always means "tile j has landed")
@@ -1025,26 +1032,9 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
                     if off | (tScS_mn[0, c][1] >= nvis):
                         acc_S_mn[rr, c] = -Float32.inf
             # online softmax (rows: heads)
-            for rr in cutlass.range_constexpr(NR):
-                srow = acc_S_mn[rr, None].load()
-                cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
-                m_old = row_max[rr]
-                m_new = cute.arch.fmax(m_old, cur)
-                m_use = cutlass.select_(m_new == -Float32.inf, Float32(0.0), m_new)
-                m_scaled = m_use * scale_log2
-                e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
-                corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
-                row_sum[rr] = row_sum[rr] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-                acc_O_mn[rr, None] = acc_O_mn[rr, None].load() * corr
-                row_max[rr] = m_new
-                acc_S_mn[rr, None] = e
+            _online_softmax(acc_S_mn, acc_O_mn, row_max, row_sum, scale_log2)
             # O += P V
-            rP = cute.make_fragment_like(acc_S, dt)
-            rP.store(acc_S.load().to(dt))
-            pl = cute.logical_divide(rP.layout, (None, None, 2))
-            tOrP = cute.make_tensor(rP.iterator, cute.make_layout(
-                ((pl.shape[0], pl.shape[2][0]), pl.shape[1], pl.shape[2][1]),
-                stride=((pl.stride[0], pl.stride[2][0]), pl.stride[1], pl.stride[2][1])))
+            tOrP = _as_a_operand(acc_S, dt)
             nkv = cute.size(tOrP.shape[2])
             cute.copy(s2r_V, tOsVt[None, None, 0], tOrVt_v[None, None, 0])
             for kb in cutlass.range_constexpr(nkv):
@@ -1066,16 +1056,7 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
                 for c in cutlass.range_constexpr(NCO):
                     ringf[(g * NW + warp) * D + tOcO_mn[rr, c][1]] = acc_O_mn[rr, c]
         cute.arch.sync_threads()
-        row = Int64(r)
-        for g in cutlass.range_constexpr(GT):
-            tm = cute.make_tensor(sm.iterator + g * NW, cute.make_layout(NW))
-            tl = cute.make_tensor(sl.iterator + g * NW, cute.make_layout(NW))
-            tacc = cute.make_tensor(ringf.iterator + g * NW * D, cute.make_layout(NW * D))
-            if splits == 1:
-                merge_states(tm, tl, tacc, Int32(NW), D, tid, self.THREADS, out, lse, row, h0 + g, H, total_q, dt)
-            else:
-                store_state(tm, tl, tacc, Int32(NW), D, tid, self.THREADS, part_ml, part_acc,
-                            (row * Int64(H) + Int64(h0 + g)) * Int64(splits) + Int64(sp))
+        self.write_heads(sm, sl, ringf, NW, tid, r, h0, H, total_q, splits, sp, out, lse, part_ml, part_acc)
 
 
 class DecodeMergeKernel:

@@ -34,25 +34,10 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
 from .centroids import clamp_seq, find_segment
-from .moba_fwd_sm80 import _flat, _mn_view
+from .moba_fwd_sm80 import _as_a_operand, _flat, _mn_view
 from .segments import pass_rows
 
 LOG2_E = 1.4426950408889634
-
-
-def _as_a_operand(acc: cute.Tensor, dt):
-    """Convert an m16n8 fp32 accumulator (M, N) to the input dtype laid out as the A operand of
-    an m16n8k16 mma with K = N (the FA2 register reuse of P)."""
-    rP = cute.make_fragment_like(acc, dt)
-    rP.store(acc.load().to(dt))
-    pl = cute.logical_divide(rP.layout, (None, None, 2))
-    return cute.make_tensor(
-        rP.iterator,
-        cute.make_layout(
-            ((pl.shape[0], pl.shape[2][0]), pl.shape[1], pl.shape[2][1]),
-            stride=((pl.stride[0], pl.stride[2][0]), pl.stride[1], pl.stride[2][1]),
-        ),
-    )
 
 
 def _transposed(s: cute.Tensor, rows: int, cols: int):

@@ -76,6 +76,29 @@ def _quad_sum(x: Float32) -> Float32:
     return x
 
 
+@cute.jit
+def _online_softmax(S_mn: cute.Tensor, O_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                    scale_log2: Float32):
+    """One online-softmax step over an m16n8 accumulator tile in (rows, cols) view: each row's
+    running max (raw scores, quad-reduced) and sum updated, ``O`` rescaled, and ``S`` replaced by
+    ``exp2(S * scale_log2 - max * scale_log2)`` (a row with nothing visible uses max 0)."""
+    for r in cutlass.range_constexpr(cute.size(S_mn, mode=[0])):
+        srow = S_mn[r, None].load()
+        cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
+        m_old = row_max[r]
+        m_new = cute.arch.fmax(m_old, cur)
+        m_use = m_new
+        if m_new == -Float32.inf:
+            m_use = Float32(0.0)
+        m_scaled = m_use * scale_log2
+        e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
+        corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
+        row_sum[r] = row_sum[r] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+        O_mn[r, None] = O_mn[r, None].load() * corr
+        row_max[r] = m_new
+        S_mn[r, None] = e
+
+
 def _mn_view(t: cute.Tensor) -> cute.Tensor:
     """View an mma.sync m16n8 accumulator partition ((2,2), MMA_M, MMA_N) as (rows, cols)."""
     lay = cute.make_layout(t.layout.shape)
@@ -84,6 +107,21 @@ def _mn_view(t: cute.Tensor) -> cute.Tensor:
         stride=((lay.stride[0][1], lay.stride[1]), (lay.stride[0][0], lay.stride[2])),
     )
     return cute.make_tensor(t.iterator, cute.composition(t.layout, mn))
+
+
+def _as_a_operand(acc: cute.Tensor, dt):
+    """Convert an m16n8 fp32 accumulator (M, N) to the input dtype laid out as the A operand of
+    an m16n8k16 mma with K = N (the FA2 register reuse of P)."""
+    rP = cute.make_fragment_like(acc, dt)
+    rP.store(acc.load().to(dt))
+    pl = cute.logical_divide(rP.layout, (None, None, 2))
+    return cute.make_tensor(
+        rP.iterator,
+        cute.make_layout(
+            ((pl.shape[0], pl.shape[2][0]), pl.shape[1], pl.shape[2][1]),
+            stride=((pl.stride[0], pl.stride[2][0]), pl.stride[1], pl.stride[2][1]),
+        ),
+    )
 
 
 class MobaFwdSm80:
@@ -396,32 +434,9 @@ class MobaFwdSm80:
                                 if (col < lo) | (col > hi):
                                     acc_S_mn[r, c] = -Float32.inf
                     # ---- online softmax
-                    for r in cutlass.range_constexpr(NR):
-                        srow = acc_S_mn[r, None].load()
-                        cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
-                        m_old = row_max[r]
-                        m_new = cute.arch.fmax(m_old, cur)
-                        m_use = m_new
-                        if m_new == -Float32.inf:
-                            m_use = Float32(0.0)
-                        m_scaled = m_use * scale_log2
-                        e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
-                        corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
-                        row_sum[r] = row_sum[r] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-                        acc_O_mn[r, None] = acc_O_mn[r, None].load() * corr
-                        row_max[r] = m_new
-                        acc_S_mn[r, None] = e
+                    _online_softmax(acc_S_mn, acc_O_mn, row_max, row_sum, scale_log2)
                     # ---- O += P V
-                    rP = cute.make_fragment_like(acc_S, dt)
-                    rP.store(acc_S.load().to(dt))
-                    pl = cute.logical_divide(rP.layout, (None, None, 2))
-                    tOrP = cute.make_tensor(
-                        rP.iterator,
-                        cute.make_layout(
-                            ((pl.shape[0], pl.shape[2][0]), pl.shape[1], pl.shape[2][1]),
-                            stride=((pl.stride[0], pl.stride[2][0]), pl.stride[1], pl.stride[2][1]),
-                        ),
-                    )
+                    tOrP = _as_a_operand(acc_S, dt)
                     nkv = cute.size(tOrP.shape[2])
                     cute.copy(s2r_V, tOsVt[None, None, 0], tOrVt_v[None, None, 0])
                     for kb in cutlass.range_constexpr(nkv):

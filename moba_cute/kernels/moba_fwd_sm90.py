@@ -44,7 +44,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
 
-from .moba_fwd_sm80 import _flat, _quad_max, _quad_sum
+from .moba_fwd_sm80 import _flat, _online_softmax, _quad_max, _quad_sum
 from .segments import segment_unit
 
 BM = 64  # rows of one consumer warpgroup's wgmma (m64)
@@ -451,21 +451,7 @@ class MobaFwdSm90:
                     pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
                 # ---- mask the keys past the chunk end, online softmax
                 self.mask_keys_from(S_mn, cS_mn, nkeys - n * BN)
-                for r in cutlass.range_constexpr(NR):
-                    srow = S_mn[r, None].load()
-                    cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
-                    m_old = row_max[r]
-                    m_new = cute.arch.fmax(m_old, cur)
-                    m_use = m_new
-                    if m_new == -Float32.inf:
-                        m_use = Float32(0.0)
-                    m_scaled = m_use * scale_log2
-                    e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
-                    corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
-                    row_sum[r] = row_sum[r] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-                    O_mn[r, None] = O_mn[r, None].load() * corr
-                    row_max[r] = m_new
-                    S_mn[r, None] = e
+                _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
                 rP.store(acc_S.load().to(dt))
                 # ---- O += P V
                 warpgroup.fence()
