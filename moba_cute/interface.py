@@ -124,16 +124,22 @@ def _check_qkv(q, k, v, layout: str) -> None:
         raise ValueError(f"the number of query heads ({h}) must be a multiple of the number of KV heads of k ({hk})")
 
 
+def _check_cu(name: str, cu, device, owner: str) -> None:
+    """One ``cu_seqlens`` tensor's type, dtype, shape and device (``owner``: the tensor whose
+    device it must share, for the message)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of batch+1 >= 2 offsets, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the same device as {owner} ({device}), got {cu.device}")
+
+
 def _check_cu_seqlens(cu_q, cu_k, device, prefix="") -> None:
     for name, cu in ((prefix + "cu_seqlens_q", cu_q), (prefix + "cu_seqlens_k", cu_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise TypeError(f"{name} must be int32, got {cu.dtype}")
-        if cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be a 1-D tensor of batch+1 >= 2 offsets, got shape {tuple(cu.shape)}")
-        if cu.device != device:
-            raise ValueError(f"{name} must be on the same device as q ({device}), got {cu.device}")
+        _check_cu(name, cu, device, "q")
     if cu_q.numel() != cu_k.numel():
         raise ValueError(
             f"{prefix}cu_seqlens_q and {prefix}cu_seqlens_k must have the same length (batch+1), got {cu_q.numel()} "
@@ -522,11 +528,7 @@ def key_centroids(k, chunk_size, cu_seqlens_k=None, max_seqlen_k=None, out=None,
     elif k.dim() == 3:
         if cu_seqlens_k is None or max_seqlen_k is None:
             raise ValueError("key_centroids: packed k (total_k, Hk, D) needs cu_seqlens_k and max_seqlen_k")
-        cu_k = cu_seqlens_k
-        if not isinstance(cu_k, torch.Tensor) or cu_k.dtype != torch.int32 or cu_k.dim() != 1 or cu_k.numel() < 2:
-            raise ValueError("cu_seqlens_k must be a 1-D int32 tensor of batch+1 >= 2 offsets")
-        if cu_k.device != k.device:
-            raise ValueError(f"cu_seqlens_k must be on the keys' device ({k.device}), got {cu_k.device}")
+        _check_cu("cu_seqlens_k", cu_seqlens_k, k.device, "k")
         if not _is_int(max_seqlen_k) or max_seqlen_k < 0:
             raise ValueError(f"max_seqlen_k must be a non-negative integer, got {max_seqlen_k!r}")
         if k.device.type == "cpu" or _strict:

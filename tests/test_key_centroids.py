@@ -70,8 +70,10 @@ def test_key_centroids_packed_needs_offsets():
         moba_cute.key_centroids(k, 128)
     with pytest.raises(ValueError, match="must end at the total"):
         moba_cute.key_centroids(k, 128, torch.tensor([0, 600], dtype=torch.int32), 600)
-    with pytest.raises(ValueError, match="1-D int32"):
+    with pytest.raises(TypeError, match="cu_seqlens_k must be int32"):
         moba_cute.key_centroids(k, 128, torch.tensor([0, 700]), 700)
+    with pytest.raises(ValueError, match="1-D tensor of batch"):
+        moba_cute.key_centroids(k, 128, torch.tensor([700], dtype=torch.int32), 700)
 
 
 def test_attention_checks_the_cache_it_is_given():
