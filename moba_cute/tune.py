@@ -3,9 +3,10 @@
 On the current CUDA GPU, for each shape (default: the benchmark suites' shapes and decode steps,
 :data:`PRESETS`), times every shipped tile of the kernel family that serves the shape on this
 device (:func:`moba_cute.configs.tuned.candidates`: the tiles the CPU compile tests prove; the
-forward families ``sm90_fwd`` / ``sm80_fwd``, and ``decode``, the decode-step kernels' key-split
-waves), picks the fastest, and writes a table that dispatch reads before the built-in tiles
-(format, lookup and precedence: :mod:`moba_cute.configs.tuned`)::
+forward families ``sm90_fwd`` / ``sm80_fwd`` and the routing's top-k ``sm90_topk`` /
+``sm80_topk`` for a forward shape, ``decode``, the decode-step kernels' key-split waves, for a
+decode step), picks the fastest, and writes a table that dispatch reads before the built-in
+tiles (format, lookup and precedence: :mod:`moba_cute.configs.tuned`)::
 
     python -m moba_cute.tune                                   # all presets -> ~/.cache/moba_cute/tuned.json
     python -m moba_cute.tune --shapes flashmoba-8K,flashmoba-64K --out tuned.json
@@ -14,14 +15,16 @@ waves), picks the fastest, and writes a table that dispatch reads before the bui
     python -m moba_cute.tune --list                            # presets, shape classes, candidates (no GPU)
 
 A forward candidate is timed through the public path (``moba_cute.attention_with_routing`` with
-``backend="cute"`` on one routing, under ``torch.no_grad``), a decode candidate as a decode step
+``backend="cute"`` on one routing, under ``torch.no_grad``), a top-k candidate as the routing
+(``moba_cute.route``; its selection and index must equal the built-in tile's bit for bit), a
+decode candidate as a decode step
 (``moba_cute.varlen_attention``: ``new`` queries per sequence against ``S`` cached keys plus
 themselves, routing included), with the tile forced by ``attention_launch.tile_override`` /
-``decode_launch.tile_override``, the hooks dispatch itself reads: CUDA events around each call,
+``route_launch.tile_override`` / ``decode_launch.tile_override``, the hooks dispatch itself reads: CUDA events around each call,
 the L2 flushed before each, warm-up (compilation included) excluded, rounds interleaving the
 candidates so that clock drift hits them alike, the median of all runs. Each candidate's output
 is compared with the built-in tile's; one that disagrees is reported and never chosen. The
-backward kernels and the routing ship one configuration per head dim: nothing to time.
+backward kernels ship one configuration per head dim: nothing to time.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from .configs import tuned
 
-__all__ = ["Shape", "PRESETS", "Result", "parse_shape", "family_for", "choose", "tune", "update_table",
+__all__ = ["Shape", "PRESETS", "Result", "parse_shape", "family_for", "families_for", "choose", "tune", "update_table",
            "write_table", "CudaMeasure", "main"]
 
 Tile = Tuple[int, ...]
@@ -174,6 +177,23 @@ def family_for(shape: Shape, arch: str) -> Tuple[Optional[str], Optional[str]]:
     return ("sm90_fwd" if al.uses_sm90(shape.dtype, shape.D, arch) else "sm80_fwd"), None
 
 
+def families_for(shape: Shape, arch: str) -> Tuple[List[str], Optional[str]]:
+    """The tile families the tuner times for ``shape`` on ``arch``: the attention kernels'
+    (:func:`family_for`) and, for a forward, the routing's top-k (where it has candidates for
+    the head dim); ``([], reason)`` when the CuTe kernels do not support the shape."""
+    fam, reason = family_for(shape, arch)
+    if fam is None:
+        return [], reason
+    fams = [fam]
+    if not shape.decode:
+        from .kernels import route_launch as rl
+
+        topk = rl.topk_family(arch)
+        if tuned.candidates(topk, shape.D):
+            fams.append(topk)
+    return fams, None
+
+
 def choose(times: Dict[Tile, Measurement], default: Tile, min_gain: float) -> Optional[Tile]:
     """The tile to write: the fastest measured one, but the default unless the fastest beats it
     by more than ``min_gain`` (a fraction of the default's time), so that timing noise does not
@@ -220,37 +240,43 @@ def tune(shapes: List[Shape], measure: Measure, arch: str, min_gain: float = 0.0
     results = []
     for i, shape in enumerate(shapes):
         head = f"[{i + 1}/{len(shapes)}] {shape.name}: {shape.label()}"
-        fam, reason = family_for(shape, arch)
-        if fam is None:
+        fams, reason = families_for(shape, arch)
+        if not fams:
             log(f"{head}: skipped ({reason})")
             results.append(Result(shape, None, None, note=reason))
             continue
-        cands = list(tuned.candidates(fam, shape.D))
-        default = cands[0]
-        log(f"{head}\n    {fam}, class {shape.shape_class}, {len(cands)} candidates")
-        if len(cands) < 2:
-            log("    only the built-in tile ships for this head dim: nothing to choose")
-            results.append(Result(shape, fam, default, note="one candidate"))
-            continue
-        times = measure(shape, fam, cands)
-        d_ms = times.get(default) if isinstance(times.get(default), float) else None
-        for t in cands:
-            v = times.get(t, "not measured")
-            tag = " [built-in]" if t == default else ""
-            if isinstance(v, float):
-                rel = f"  {d_ms / v:5.3f}x built-in" if d_ms and t != default else ""
-                log(f"    {fam} {_fmt_tile(t):18s}{tag:11s} {v:10.4f} ms{rel}")
-            else:
-                log(f"    {fam} {_fmt_tile(t):18s}{tag:11s}   failed: {v}")
-        res = Result(shape, fam, default, times, choose(times, default, min_gain))
-        if res.chosen is None:
-            res.note = "no candidate could be timed"
-            log("    -> nothing written (no candidate could be timed)")
-        else:
-            sp = f", {res.speedup:.3f}x the built-in tile" if res.speedup else ""
-            log(f"    -> {_fmt_tile(res.chosen)}{sp}")
-        results.append(res)
+        log(head)
+        for fam in fams:
+            results.append(_tune_family(shape, fam, measure, min_gain, log))
     return results
+
+
+def _tune_family(shape: Shape, fam: str, measure: Measure, min_gain: float, log: Callable[[str], None]) -> Result:
+    """Time and choose among the candidates of one family for one shape."""
+    cands = list(tuned.candidates(fam, shape.D))
+    default = cands[0]
+    log(f"    {fam}, class {shape.shape_class}, {len(cands)} candidates")
+    if len(cands) < 2:
+        log("    only the built-in tile ships for this head dim: nothing to choose")
+        return Result(shape, fam, default, note="one candidate")
+    times = measure(shape, fam, cands)
+    d_ms = times.get(default) if isinstance(times.get(default), float) else None
+    for t in cands:
+        v = times.get(t, "not measured")
+        tag = " [built-in]" if t == default else ""
+        if isinstance(v, float):
+            rel = f"  {d_ms / v:5.3f}x built-in" if d_ms and t != default else ""
+            log(f"    {fam} {_fmt_tile(t):18s}{tag:11s} {v:10.4f} ms{rel}")
+        else:
+            log(f"    {fam} {_fmt_tile(t):18s}{tag:11s}   failed: {v}")
+    res = Result(shape, fam, default, times, choose(times, default, min_gain))
+    if res.chosen is None:
+        res.note = "no candidate could be timed"
+        log("    -> nothing written (no candidate could be timed)")
+    else:
+        sp = f", {res.speedup:.3f}x the built-in tile" if res.speedup else ""
+        log(f"    -> {_fmt_tile(res.chosen)}{sp}")
+    return res
 
 
 def update_table(table: dict, device: str, meta: dict, results: List[Result], date: str) -> dict:
@@ -316,9 +342,10 @@ class CudaMeasure:
         l2 = getattr(torch.cuda.get_device_properties(self.dev), "L2_cache_size", 0) or (50 << 20)
         self._flush = torch.empty(max(4 * l2, 256 << 20) // 4, dtype=torch.int32, device=self.dev)
 
-    def _call(self, shape: Shape):
-        """The timed call of ``shape`` on fresh random inputs, returning (out, lse): a forward on
-        one routing, or a decode step (routing included)."""
+    def _call(self, shape: Shape, family: str = ""):
+        """The timed call of ``shape`` on fresh random inputs: a forward on one routing, or a decode
+        step (routing included), returning (out, lse); for a top-k family the routing, returning
+        its (selection, offsets, query_rows)."""
         import torch
 
         import moba_cute
@@ -338,6 +365,12 @@ class CudaMeasure:
                     return moba_cute.varlen_attention(q, k, v, cu_q, cu_k, shape.Sq, shape.Sk, shape.C, shape.K,
                                                       shape.causal, return_lse=True, backend="cute")
             return call
+        if family.endswith("_topk"):
+            def call():
+                r = moba_cute.route(q, k, cu_q, cu_k, shape.S, shape.S, shape.C, shape.K, shape.causal,
+                                    backend="cute")
+                return r.selection, r.offsets, r.query_rows
+            return call
         r = moba_cute.route(q, k, cu_q, cu_k, shape.S, shape.S, shape.C, shape.K, shape.causal, backend="cute")
 
         def call():
@@ -351,6 +384,10 @@ class CudaMeasure:
             from .kernels import decode_launch
 
             return decode_launch.tile_override(tile)
+        if family.endswith("_topk"):
+            from .kernels import route_launch
+
+            return route_launch.tile_override(family, tile)
         from .kernels import attention_launch
 
         return attention_launch.tile_override(family, tile)
@@ -359,14 +396,15 @@ class CudaMeasure:
         import torch
 
         try:
-            call = self._call(shape)
+            call = self._call(shape, family)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return {t: "out of memory" for t in tiles}
 
         out: Dict[Tile, Measurement] = {}
         reps = self.reps
-        ref = None  # (out, lse) of the first candidate that ran: the built-in tile unless it failed
+        ref = None  # the result of the first candidate that ran: the built-in tile unless it failed
+        compare = self._compare_routing if family.endswith("_topk") else self._compare
         ref_tile = None
         live = []
         for t in tiles:  # warm-up: compile, check, and learn how long one call takes
@@ -383,7 +421,7 @@ class CudaMeasure:
                 out[t] = _error(e)
                 torch.cuda.empty_cache()
                 continue
-            bad = self._compare(*res, ref) if self.check else None
+            bad = compare(res, ref) if self.check else None
             if bad:
                 out[t] = f"wrong result{f' against {_fmt_tile(ref_tile)}' if ref is not None else ''}: {bad}"
                 continue
@@ -412,9 +450,24 @@ class CudaMeasure:
         return out
 
     @staticmethod
-    def _compare(o, lse, ref) -> Optional[str]:
-        """Why (o, lse) is not a valid forward result agreeing with ``ref``, or None."""
+    def _compare_routing(res, ref) -> Optional[str]:
+        """Why a routing's (selection, offsets, query_rows) differs from ``ref``'s, or None: the
+        top-k is exact, so every tile must give the same result bit for bit."""
         import torch
+
+        if ref is None:
+            return None
+        for name, a, b in zip(("selection", "offsets", "query_rows"), res, ref):
+            if not torch.equal(a, b):
+                return f"{name} differs from the reference tile's"
+        return None
+
+    @staticmethod
+    def _compare(res, ref) -> Optional[str]:
+        """Why ``res`` = (o, lse) is not a valid forward result agreeing with ``ref``, or None."""
+        import torch
+
+        o, lse = res
 
         if not torch.isfinite(o).all():
             return "non-finite output"
@@ -466,7 +519,7 @@ def _versions() -> dict:
 def _list(shapes: List[Shape]) -> None:
     for s in shapes:
         print(f"{s.name}: {s.label()}\n    class {s.shape_class}")
-        for fam in (("decode",) if s.decode else ("sm90_fwd", "sm80_fwd")):
+        for fam in (("decode",) if s.decode else ("sm90_fwd", "sm80_fwd", "sm90_topk", "sm80_topk")):
             c = tuned.candidates(fam, s.D)
             if c:
                 print(f"    {fam}: " + " ".join(_fmt_tile(t) for t in c) + "  (built-in first)")
@@ -489,7 +542,8 @@ def _summary(results: List[Result], device: str, path: Optional[str]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moba_cute.tune",
-                                 description="Time the shipped tiles of the moba_cute forward and decode kernels "
+                                 description="Time the shipped tiles of the moba_cute forward, routing top-k and "
+                                             "decode kernels "
                                              "on this GPU and write the fastest per shape class to the table "
                                              "dispatch reads.")
     ap.add_argument("--shapes", default=None,
@@ -530,7 +584,7 @@ def main(argv=None) -> int:
         print("moba_cute.tune: needs a CUDA GPU (the table is per device)", file=sys.stderr)
         return 2
     from .kernels import attention_launch as al
-    from .kernels import common, decode_launch
+    from .kernels import common, decode_launch, route_launch
 
     path = os.path.expanduser(args.out) if args.out else tuned.user_table_path()
     try:  # refuse to overwrite a file that is not a table before spending minutes timing
@@ -541,7 +595,7 @@ def main(argv=None) -> int:
         print(f"moba_cute.tune: {path} is not a readable tile table ({e}); move it away or pass --out",
               file=sys.stderr)
         return 2
-    for var in ("MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_TUNED"):
+    for var in ("MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_TUNED", "MOBA_TOPK_TILE"):
         if os.environ.get(var):
             print(f"note: {var}={os.environ[var]} is set: the tuner times the candidates regardless, but at "
                   f"dispatch it still overrides (or disables) the table")
@@ -555,6 +609,7 @@ def main(argv=None) -> int:
     finally:
         al.FWD_PLANS.clear()
         decode_launch.DECODE_PLANS.clear()
+        route_launch.PLANS.clear()
     written = [r for r in results if r.chosen is not None]
     if written:
         # re-read: another tuner may have written the file meanwhile (keep its devices/classes)

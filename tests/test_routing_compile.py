@@ -156,6 +156,54 @@ def test_wgmma_topk_kernel_compiles(dtype, d, topk, causal):
     assert not _rounds_addresses(rep.ptx), key
 
 
+def _tune_cases():
+    """The top-k tiles the tuner may choose (configs/routing.py ``topk_tune_tiles``) that the rule
+    does not pick on that arch: every mma.sync candidate for D = 64 / 128, causal, bf16, at
+    register-list lengths 7 and 16 and shared-memory capacities 32 and 64 on sm_90a, 8 and 64 on
+    sm_80 (the warpgroup-MMA tile is the rule's own: test_wgmma_topk_kernel_compiles)."""
+    out = []
+    for arch, caps in (("sm_90a", (7, 16, 32, 64)), ("sm_80", (8, 64))):
+        fam = "sm90" if arch == "sm_90a" else "sm80"
+        for d in cfg.TOPK_TUNE_HEAD_DIMS:
+            for choice in cfg.topk_tune_tiles(fam, d):
+                if choice[3]:
+                    continue
+                for cap in caps:
+                    out.append(pytest.param(arch, d, choice, cap, id=f"{arch}-d{d}-{'x'.join(map(str, choice))}-cap{cap}"))
+    return out
+
+
+@pytest.mark.parametrize("arch,d,choice,cap", _tune_cases())
+def test_tune_candidate_topk_kernels_compile(arch, d, choice, cap):
+    """Every mma.sync top-k tile the tuner may choose compiles without spills on its arch."""
+    from moba_cute.kernels.route_launch import kernel_specs
+
+    topk = min(cap + 1, 64)
+    specs = {s[0]: s for s in kernel_specs("bfloat16", d, topk, True, arch, choice=choice)}
+    key = [k for k in specs if k[0] == "topk"][0]
+    assert key[5:8] == choice[:3] and not key[10], key
+    rep = _compile(specs[key], arch)
+    _check_clean(rep, key)
+    assert "mma.sync.aligned.m16n8k16" in rep.ptx and "ldmatrix.sync.aligned" in rep.ptx
+    assert not _rounds_addresses(rep.ptx), key
+
+
+def test_tune_candidates_resolve_to_themselves():
+    """A tuner choice becomes that very tile wherever it fits (every list capacity at the tuned
+    head dims), and the built-in choice is the rule's own tile."""
+    for fam in ("sm90", "sm80"):
+        for d in cfg.TOPK_TUNE_HEAD_DIMS:
+            cands = cfg.topk_tune_tiles(fam, d)
+            assert len(cands) == len(set(cands)) >= 4
+            for cap in list(range(1, 17)) + [32, 64]:
+                assert cfg.topk_tile(fam, d, cap, True, cands[0]) == cfg.topk_tile(fam, d, cap)
+                for c in cands:
+                    t = cfg.topk_tile(fam, d, cap, True, c)
+                    assert (t[0], t[1], t[2], int(t[5])) == c and t[3] == 32
+    assert cfg.topk_tune_tiles("sm90", 96) == ()
+    assert cfg.topk_tune_tiles("sm80", 128)[0] == (128, 32, 2, 0)
+
+
 def test_tile_choice():
     # sm90 D = 64 / 128: warpgroup MMA, 4 CTAs per SM where 128 registers hold it
     assert cfg.topk_tile("sm90", 128, 7) == (128, 32, 1, 32, 4, True)

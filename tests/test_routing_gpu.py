@@ -255,6 +255,10 @@ def test_prep_fused_and_separate_agree():
 
 ALT_TILES = [
     ("mma.sync two-stage (the sm80 tile)", (128, 32, 2, 32, 0, 0)),
+    # the other tiles the tuner may choose (configs/routing.py topk_tune_tiles)
+    ("mma.sync two-stage 128x16", (128, 16, 2, 32, 0, 0)),
+    ("mma.sync two-stage 64x32", (64, 32, 2, 32, 0, 0)),
+    ("mma.sync two-stage 64x16", (64, 16, 2, 32, 0, 0)),
     ("mma.sync one-stage, 16-column passes", (128, 32, 1, 16, 4, 0)),
     ("wgmma, 16-column passes", (128, 32, 1, 16, 4, 1)),
 ]
@@ -274,3 +278,24 @@ def test_other_topk_tiles(tile, case):
     _check_valid(r, q, k, cq, ck, C, K, causal)
     off, qr = _transpose(r.selection, cq, r.cu_chunks, r.num_chunks_bound)
     assert torch.equal(r.offsets, off) and torch.equal(r.query_rows, qr)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 6, 10, 11], ids=lambda c: f"case{c}")
+def test_tuner_topk_tiles_agree_bitwise(case):
+    """Every top-k tile the tuner may choose (configs/tuned.py, this GPU's family) gives the
+    built-in tile's routing bit for bit: the top-k is exact, so a table can never change it."""
+    from moba_cute.configs import tuned
+    from moba_cute.kernels import common
+
+    lens_q, lens_k, H, Hk, D, C, K, causal, dtype = CASES[case]
+    rl = _rl()
+    fam = rl.topk_family(common.arch_of(torch.device("cuda")))
+    cands = tuned.candidates(fam, D)
+    assert len(cands) >= 4
+    q, k, cq, ck = _make(lens_q, lens_k, H, Hk, D, dtype, seed=case + 41)
+    base = rl.route_cute(q, k, cq, ck, max(lens_q), max(lens_k), C, K, causal)
+    for t in cands[1:]:
+        with rl.tile_override(fam, t):
+            r = rl.route_cute(q, k, cq, ck, max(lens_q), max(lens_k), C, K, causal)
+        for name in ("selection", "offsets", "query_rows"):
+            assert torch.equal(getattr(r, name), getattr(base, name)), (t, name)

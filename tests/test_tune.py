@@ -15,8 +15,10 @@ from moba_cute import interface, tune
 from moba_cute.configs import attention_sm80 as cfg80
 from moba_cute.configs import attention_sm90 as cfg90
 from moba_cute.configs import decode as cfg_decode
+from moba_cute.configs import routing as rcfg
 from moba_cute.configs import tuned
 from moba_cute.kernels import attention_launch as al
+from moba_cute.kernels import route_launch as rl
 
 DEV = "Test GPU 80GB"
 SM90_DEFAULT = tuple(cfg90.FWD_TILES[128])
@@ -35,11 +37,14 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBA_CUTE_TUNE_FILE", str(tmp_path / "user.json"))
     shipped = tmp_path / "shipped.json"
     monkeypatch.setattr(tuned, "shipped_table_path", lambda: str(shipped))
+    monkeypatch.setattr(rcfg, "_TILE_OVERRIDE", ())
     tuned.reset()
     al.FWD_PLANS.clear()
+    rl.PLANS.clear()
     yield tmp_path
     tuned.reset()
     al.FWD_PLANS.clear()
+    rl.PLANS.clear()
 
 
 @pytest.fixture
@@ -147,6 +152,17 @@ def test_candidates_are_compiled_by_the_compile_tests():
         assert cands[0] == (cfg_decode.WAVES,) and {t[0] for t in cands} == set(cfg_decode.WAVE_CHOICES)
         assert len(cands) == len(set(cands)) and all(len(t) == 1 and t[0] >= 1 for t in cands)
     assert tuned.candidates("decode", 96) == ()
+    # the routing's top-k: the warpgroup-MMA tile (the rule's own, compiled for every list length
+    # by test_wgmma_topk_kernel_compiles) and the mma.sync tiles test_routing_compile compiles
+    rc = _load_test_module("test_routing_compile")
+    covered = {tuple(p.values[:3]) for p in rc._tune_cases()}
+    for fam, arch in (("sm90_topk", "sm_90a"), ("sm80_topk", "sm_80")):
+        for D in (64, 128):
+            cands = tuned.candidates(fam, D)
+            assert cands == rcfg.topk_tune_tiles(fam[:4], D) and len(cands) >= 4
+            assert all(c[3] or (arch, D, c) in covered for c in cands), fam
+            assert bool(cands[0][3]) == (fam == "sm90_topk")
+        assert tuned.candidates(fam, 96) == ()
     with pytest.raises(ValueError, match="unknown tile family"):
         tuned.candidates("topk", 128)
 
@@ -266,6 +282,37 @@ def test_tile_override_refuses_unshipped_tiles():
     assert tuned._FORCED == {}
 
 
+def test_tuned_topk_tile_reaches_the_routing_plan(isolated, on_device, monkeypatch):
+    """The routing plan's top-k tile: ``MOBA_TOPK_TILE`` (the A/B override) > the tuner's forced
+    tile > the tables > the rule; a tile reaches the top-k kernel's compile key; a plan for
+    another device or without one keeps the rule's tile."""
+    args = (torch.bfloat16, 2 * 8192, 16, 128, 2 * 8192, 16, 2, 128, 8, True, "sm_90a")
+    rule = rcfg.topk_tile("sm90", 128, 7)
+    alt = tuned.candidates("sm90_topk", 128)[3]  # (64, 32, 2, 0)
+    assert rl._Plan(*args, 0).topk_tile == rule  # no table
+    _write(_user(isolated), _table({"sm90_topk": {CLS: alt}}))
+    tuned.reset()
+    plan = rl._Plan(*args, 0)
+    assert plan.topk_tile == (64, 32, 2, 32, 0, False)
+    assert plan.rows_tile == 64  # the plan's query tiles follow the tile's rows
+    key = next(k for k in plan.ks.specs if k == "topk")
+    assert plan.ks.specs[key][0][5:11] == (64, 32, 2, 32, 0, False)
+    assert rl._Plan(*args, None).topk_tile == rule  # no device: no table
+    assert rl._Plan(*args[:-1], "sm_80", 0).topk_tile == rcfg.topk_tile("sm80", 128, 7)  # another family
+    forced = tuned.candidates("sm90_topk", 128)[2]  # (128, 16, 2, 0)
+    with rl.tile_override("sm90_topk", forced):
+        assert rl._Plan(*args, 0).topk_tile == (128, 16, 2, 32, 0, False)
+        monkeypatch.setattr(rcfg, "_TILE_OVERRIDE", (128, 32, 1, 16, 4, 0))
+        assert rl._Plan(*args, 0).topk_tile == (128, 32, 1, 16, 4, False)
+    assert tuned._FORCED == {}
+    # the kernel set without a plan (centroids_cute) keeps the rule's tile
+    ks = rl._kernels(torch.bfloat16, 128, 1, True, "sm_90a")
+    assert ks.specs["topk"][0][5:11] == rcfg.topk_tile("sm90", 128, 1)
+    with pytest.raises(ValueError, match="not a shipped sm90_topk tile"):
+        with rl.tile_override("sm90_topk", (256, 32, 2, 0)):
+            pass
+
+
 def test_shipped_table_is_valid_package_data():
     path = os.path.join(os.path.dirname(tuned.__file__), "tuned_defaults.json")
     with open(path) as f:
@@ -371,14 +418,19 @@ def test_tune_with_fake_timer(isolated, on_device, monkeypatch):
     s8, s64 = tune.PRESETS["flashmoba-8K"], tune.PRESETS["flashmoba-64K"]
     d96 = tune.parse_shape("B=1,H=4,D=96,C=64,K=3,S=2K")
     d80 = tune.parse_shape("B=1,H=4,D=80,C=64,K=3,S=2K")
-    fake = FakeMeasure({s8.name: {SM90_DEFAULT: 1.30, SM90_ALT: 1.20},
+    tk = tuned.candidates("sm90_topk", 128)
+    fake = FakeMeasure({s8.name: {SM90_DEFAULT: 1.30, SM90_ALT: 1.20, tk[0]: 0.10, tk[2]: 0.09},
                         s64.name: {SM90_DEFAULT: 9.50, SM90_ALT: 9.49},
                         d96.name: {tuned.candidates("sm80_fwd", 96)[0]: 2.0}})
     lines = []
     res = tune.tune([s8, s64, d96, d80], fake, "sm_90a", 0.01, log=lines.append)
-    assert [c[:2] for c in fake.calls] == [(s8.name, "sm90_fwd"), (s64.name, "sm90_fwd"), (d96.name, "sm80_fwd")]
+    assert [c[:2] for c in fake.calls] == [(s8.name, "sm90_fwd"), (s8.name, "sm90_topk"), (s64.name, "sm90_fwd"),
+                                           (s64.name, "sm90_topk"), (d96.name, "sm80_fwd")]
     assert fake.calls[0][2] == list(tuned.candidates("sm90_fwd", 128))
-    r8, r64, r96, r80 = res
+    assert fake.calls[1][2] == list(tk)
+    r8, r8t, r64, r64t, r96, r80 = res
+    assert r8t.family == "sm90_topk" and r8t.chosen == tk[2] and r8t.speedup == pytest.approx(0.10 / 0.09)
+    assert r64t.chosen is None and "no candidate" in r64t.note  # every top-k candidate failed there
     assert r8.chosen == SM90_ALT and r8.speedup == pytest.approx(1.30 / 1.20)
     assert r64.chosen == SM90_DEFAULT and r64.speedup == 1.0  # 0.1 % faster: noise
     assert r96.chosen == tuned.candidates("sm80_fwd", 96)[0]  # the other candidate failed
@@ -394,7 +446,8 @@ def test_tune_with_fake_timer(isolated, on_device, monkeypatch):
     good, problems = tuned.validate_table(tuned.read_table(str(path)))
     assert problems == []
     assert good == {DEV: {"sm90_fwd": {s8.shape_class: SM90_ALT, s64.shape_class: SM90_DEFAULT},
-                          "sm80_fwd": {r96.shape.shape_class: r96.chosen}}}
+                          "sm80_fwd": {r96.shape.shape_class: r96.chosen},
+                          "sm90_topk": {s8.shape_class: tk[2]}}}
     ent = table["devices"][DEV]["entries"]["sm90_fwd"][s8.shape_class]
     assert ent["ms"] == 1.20 and ent["default_ms"] == 1.30
     assert ent["times_ms"] == {",".join(map(str, t)): {SM90_DEFAULT: 1.3, SM90_ALT: 1.2}.get(t)
@@ -404,10 +457,19 @@ def test_tune_with_fake_timer(isolated, on_device, monkeypatch):
     assert al.sm90_tiles(128, s8.shape_class, 0) == SM90_ALT
     assert al.sm90_tiles(128, tuned.shape_class("bfloat16", 128, True, 128, 8, 2 * 16384 * 16), 0) == SM90_ALT
     assert al.sm90_tiles(128, s64.shape_class, 0) == SM90_DEFAULT
+    # the routing plan of the tuned shape takes the tuned top-k tile; another class the rule's
+    plan = rl._Plan(torch.bfloat16, 2 * 8192, 16, 128, 2 * 8192, 16, 2, 128, 8, True, "sm_90a", 0)
+    assert plan.topk_tile[:3] == tk[2][:3] and not plan.topk_tile[5]
+    other = rl._Plan(torch.bfloat16, 2 * 8192, 16, 128, 2 * 8192, 16, 2, 128, 3, True, "sm_90a", 0)
+    assert other.topk_tile == rcfg.topk_tile("sm90", 128, 2)
 
 
 def test_tune_follows_dispatch_family(monkeypatch):
     s = tune.PRESETS["flashmoba-8K"]
+    assert tune.families_for(s, "sm_90a") == (["sm90_fwd", "sm90_topk"], None)
+    assert tune.families_for(s, "sm_80") == (["sm80_fwd", "sm80_topk"], None)
+    assert tune.families_for(tune.PRESETS["decode-B1-C128"], "sm_90a") == (["decode"], None)
+    assert tune.families_for(tune.parse_shape("B=1,H=4,D=96,C=64,K=3,S=2K"), "sm_90a") == (["sm80_fwd"], None)
     assert tune.family_for(s, "sm_90a") == ("sm90_fwd", None)
     assert tune.family_for(s, "sm_80") == ("sm80_fwd", None)
     assert tune.family_for(s, "sm_100a") == ("sm80_fwd", None)
@@ -552,8 +614,14 @@ def test_tuner_smoke_on_gpu(isolated, monkeypatch):
     good, problems = tuned.validate_table(table)
     assert problems == [] and list(good) == [name]
     shape = tune.parse_shape(spec)
-    (fam, ents), = table["devices"][name]["entries"].items()
-    ent = ents[shape.shape_class]
+    entries = table["devices"][name]["entries"]
+    fam, topk_fam = tune.families_for(shape, al.common.arch_of(torch.device("cuda")))[0]
+    assert set(entries) == {fam, topk_fam}
+    ent = entries[fam][shape.shape_class]
+    # every top-k tile gave the built-in tile's routing bit for bit, and was timed
+    tent = entries[topk_fam][shape.shape_class]
+    assert len(tent["times_ms"]) == len(tuned.candidates(topk_fam, 128))
+    assert all(isinstance(ms, float) and ms > 0 for ms in tent["times_ms"].values()), tent
     assert all(isinstance(ms, float) and ms > 0 for ms in ent["times_ms"].values()), ent
     assert len(ent["times_ms"]) == len(tuned.candidates(fam, 128))
     monkeypatch.setenv("MOBA_CUTE_TUNE_FILE", str(out))

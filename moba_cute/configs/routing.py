@@ -82,16 +82,47 @@ def topk_wgmma_ok(fam: str, head_dim: int, bm: int) -> bool:
 # kernels/route_launch.py::topk_tile_override)
 _TILE_OVERRIDE = tuple(int(x) for x in os.environ.get("MOBA_TOPK_TILE", "").split(",") if x.strip())
 
+# head dims whose top-k tiles the tuner times (moba_cute.tune, configs/tuned.py families
+# "sm90_topk" / "sm80_topk"); tests/test_routing_compile.py compiles every candidate for them
+TOPK_TUNE_HEAD_DIMS = (64, 128)
 
-def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True):
+
+def topk_tune_tiles(fam: str, head_dim: int) -> tuple:
+    """The top-k tiles the tuner may choose among for ``head_dim`` on arch family ``fam``, as
+    ``(bm, bn, stages, wgmma)`` (``mma_n`` 32; the CTAs-per-SM target follows the list length as
+    in :func:`topk_tile`): the warpgroup-MMA tile where the arch has it, then the mma.sync
+    two-stage ``TOPK_TILE_CANDIDATES``; the built-in choice first. Every one fits the shared
+    memory of both archs for every list capacity at these head dims."""
+    if head_dim not in TOPK_TUNE_HEAD_DIMS:
+        return ()
+    wg = ((128, 32, 1, 1),) if topk_wgmma_ok(fam, head_dim, 128) else ()
+    return wg + tuple((bm, bn, 2, 0) for bm, bn in TOPK_TILE_CANDIDATES)
+
+
+def _expand(fam: str, head_dim: int, cap: int, choice):
+    """A tuner choice ``(bm, bn, stages, wgmma)`` as a full tile, or None where it does not fit."""
+    bm, bn, st, wg = (int(x) for x in choice)
+    if topk_smem_bytes(head_dim, bm, bn, cap, st) > SMEM_LIMIT[fam] or (wg and not topk_wgmma_ok(fam, head_dim, bm)):
+        return None
+    ctas = (4 if cap <= TOPK_WGMMA_4CTA_MAX_CAP[head_dim] else 0) if wg else 0
+    return bm, bn, st, 32, ctas, bool(wg)
+
+
+def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True, choice=None):
     """(bm, bn, stages, mma_n, ctas_per_sm, wgmma) of the top-k kernel (``ctas_per_sm`` 0: no
     occupancy target; ``wgmma``: sm90 warpgroup MMA instead of mma.sync), or None if nothing
-    fits the arch's shared memory."""
+    fits the arch's shared memory. First ``MOBA_TOPK_TILE`` (the A/B override), then ``choice``
+    (a :func:`topk_tune_tiles` entry: the tuner's or a tuned table's), where they fit; else the
+    built-in rule below."""
     if len(_TILE_OVERRIDE) == 6:
         bm, bn, st, mn, ctas, wg = _TILE_OVERRIDE
         if topk_smem_bytes(head_dim, bm, bn, cap, st) <= SMEM_LIMIT[fam] and (
                 not wg or topk_wgmma_ok(fam, head_dim, bm)):
             return bm, bn, st, mn, ctas, bool(wg)
+    if choice is not None:
+        t = _expand(fam, head_dim, cap, choice)
+        if t is not None:
+            return t
     if topk_wgmma_ok(fam, head_dim, 128) and topk_smem_bytes(head_dim, 128, 32, cap, 1) <= SMEM_LIMIT[fam]:
         ctas = 4 if cap <= TOPK_WGMMA_4CTA_MAX_CAP[head_dim] else 0
         return 128, 32, 1, 32, ctas, True

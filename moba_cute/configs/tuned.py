@@ -2,17 +2,18 @@
 
 A forward launch plan (``kernels/attention_launch.py``) asks :func:`lookup` for its tile once,
 when it is built; plans are cached per call shape, so a call pays nothing for the table (a
-decode plan, ``kernels/decode_launch.py``, likewise). The tile of a plan comes from, first to
-last:
+decode plan, ``kernels/decode_launch.py``, and a routing plan, ``kernels/route_launch.py``,
+likewise). The tile of a plan comes from, first to last:
 
 1. :func:`forced` (the tuner's in-process override: ``attention_launch.tile_override``,
-   ``decode_launch.tile_override``);
-2. the environment overrides ``MOBA_CUTE_SM90_TILES`` / ``MOBA_CUTE_FWD_STAGES``;
+   ``decode_launch.tile_override``, ``route_launch.tile_override``);
+2. the environment overrides ``MOBA_CUTE_SM90_TILES`` / ``MOBA_CUTE_FWD_STAGES`` (for the
+   routing's top-k, ``MOBA_TOPK_TILE``, which comes first of all);
 3. the user's table: ``$MOBA_CUTE_TUNE_FILE``, else ``$XDG_CACHE_HOME/moba_cute/tuned.json``
    (``~/.cache/moba_cute/tuned.json``);
 4. the table shipped with the package (``tuned_defaults.json`` next to this file);
 5. the built-in constants (``attention_sm90.FWD_TILES``, ``attention_sm80.FWD_TILES``,
-   ``decode.WAVES``).
+   ``decode.WAVES``) and rules (``routing.topk_tile``).
 
 ``MOBA_CUTE_TUNED=0`` skips both tables (3 and 4). Both are read once per process, on the first
 lookup; an unreadable or malformed file, or an entry whose tile is not one of the shipped
@@ -36,9 +37,10 @@ Table format (JSON)::
 Families and their tiles: ``sm90_fwd`` (bn, sub, kv_stages) of the sm90 segment
 kernel; ``sm80_fwd`` (bm, bn, threads, stages) of the sm80 slot-pass forward; ``decode``
 (waves,) of the decode-step kernels (``configs/decode.py: WAVE_CHOICES``, the CTAs per SM their
-key splits aim for). The user's entries replace the shipped
-ones class by class. The backward kernels and the routing ship one configuration per head dim
-(nothing to choose), so they have no family here.
+key splits aim for); ``sm90_topk`` / ``sm80_topk`` (bm, bn, stages, wgmma) of the routing's
+top-k kernel on each arch family (``configs/routing.py: topk_tune_tiles``, head dims 64 and 128).
+The user's entries replace the shipped ones class by class. The backward kernels ship one
+configuration per head dim (nothing to choose), so they have no family here.
 
 Shape class: what a plan knows from its shape key, bucketed so that one tuned shape serves its
 neighbours: ``{bf16|fp16}-d{head_dim}-{causal|noncausal}-c{C}-k{K}-rows2^{r}`` with the chunk
@@ -60,13 +62,14 @@ import warnings
 from . import attention_sm80 as cfg80
 from . import attention_sm90 as cfg90
 from . import decode as cfgdec
+from . import routing as cfgr
 
 __all__ = ["FAMILIES", "FORMAT", "candidates", "builtin", "shape_class", "parse_shape_class", "lookup",
            "forced", "set_forced", "user_table_path", "shipped_table_path", "read_table", "validate_table", "reset",
            "device_name"]
 
 FORMAT = 1
-FAMILIES = ("sm90_fwd", "sm80_fwd", "decode")
+FAMILIES = ("sm90_fwd", "sm80_fwd", "decode", "sm90_topk", "sm80_topk")
 
 # stage counts of the sm80 forward that tests/test_attention_compile.py compiles (spill-free)
 # for every head dim: the shipped value and the MOBA_CUTE_FWD_STAGES alternative
@@ -93,6 +96,8 @@ def candidates(family: str, head_dim: int) -> tuple:
         if head_dim not in cfgdec.SUPPORTED_HEAD_DIMS:
             return ()
         return ((cfgdec.WAVES,),) + tuple((w,) for w in cfgdec.WAVE_CHOICES if w != cfgdec.WAVES)
+    if family in ("sm90_topk", "sm80_topk"):
+        return cfgr.topk_tune_tiles(family[:4], head_dim)
     raise ValueError(f"unknown tile family {family!r}; choose one of {FAMILIES}")
 
 
@@ -267,7 +272,8 @@ def device_name(index):
 
 def set_forced(family: str, tile):
     """Force ``tile`` (None: nothing) for ``family`` in this process; returns the previous one.
-    Used through ``attention_launch.tile_override``, which also drops the cached plans."""
+    Used through ``attention_launch.tile_override`` (and the decode / routing ones), which also
+    drop the cached plans."""
     if family not in FAMILIES:
         raise ValueError(f"unknown tile family {family!r}; choose one of {FAMILIES}")
     prev = _FORCED.pop(family, None)

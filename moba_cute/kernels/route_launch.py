@@ -11,7 +11,9 @@ a CUDA graph:
 7. ordered block write -> ``query_rows`` (ascending per segment, ``-1`` tail)
 
 Per call the host work is small: everything that depends only on the shapes (bounds, tile
-choices, workspace layout, the compiled kernels) is cached per shape, the scratch buffers
+choices, workspace layout, the compiled kernels) is cached per shape (the top-k tile: the
+tuner's choice or a tuned table's for the shape class and device, configs/tuned.py, else
+configs/routing.py's rule), the scratch buffers
 share one workspace allocation, and the kernels are called through
 :class:`moba_cute.kernels.common.FastLauncher` with raw addresses.
 
@@ -25,10 +27,12 @@ import contextlib
 import torch
 
 from ..configs import routing as cfg
+from ..configs import tuned
 from ..routing import Routing, num_chunks_bound
 from . import common
 
-__all__ = ["route_cute", "route_unsupported_reason", "centroids_cute"]
+__all__ = ["route_cute", "route_unsupported_reason", "centroids_cute", "topk_family", "tile_override",
+           "topk_tile_override"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
 INT32_MAX = 2**31 - 1
@@ -114,9 +118,25 @@ def fake_args_write():
     return _P(10) + _I(12) + (common.fake_stream(),)
 
 
-def kernel_specs(dtype_name, head_dim, topk, causal, arch):
+def topk_family(arch) -> str:
+    """The tuner's tile family of the top-k kernel on ``arch`` (configs/tuned.py)."""
+    return common.arch_family(arch) + "_topk"
+
+
+def topk_choice(head_dim, dtype_name, causal, C, K, rows, arch, device):
+    """The tuner's forced top-k tile, else a tuned table's for the call's shape class on CUDA
+    device index ``device`` (None: no table applies), else None (configs/routing.py's rule)."""
+    fam = topk_family(arch)
+    t = tuned.forced(fam, head_dim)
+    if t is None and device is not None:
+        t = tuned.lookup(fam, head_dim, tuned.shape_class(dtype_name, head_dim, causal, C, K, rows), device)
+    return t
+
+
+def kernel_specs(dtype_name, head_dim, topk, causal, arch, choice=None, tile=None):
     """(key, factory, fake args) of every kernel a routing call with this config may compile
-    (the top-k tile comes from configs/routing.py)."""
+    (the top-k tile: ``tile``, a full one a plan resolved, else ``choice``, a tuner tile where it
+    fits, else configs/routing.py's rule)."""
     import cutlass
 
     from .centroids import CentroidsKernel, ChunkPrepKernel
@@ -126,7 +146,7 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch):
     dt = {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[dtype_name]
     fam = common.arch_family(arch)
     cap = cfg.list_cap(_llen(topk, causal))
-    bm, bn, st, mn, ctas, wg = cfg.topk_tile(fam, head_dim, cap, bool(causal))
+    bm, bn, st, mn, ctas, wg = tile if tile is not None else cfg.topk_tile(fam, head_dim, cap, bool(causal), choice)
     vec = int(topk) % 4 == 0  # selection rows 16-byte aligned: vector loads in the key-major passes
     return [
         (("prep",), ChunkPrepKernel, fake_args_prep()),
@@ -145,13 +165,17 @@ def kernel_specs(dtype_name, head_dim, topk, causal, arch):
 _KSETS = {}
 
 
-def _kernels(dtype, head_dim, topk, causal, arch):
-    """The kernels of one configuration (by role, compiled on first use), cached per configuration."""
-    sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch, int(topk) % 4 == 0)
+def _kernels(dtype, head_dim, topk, causal, arch, tile=None):
+    """The kernels of one configuration (by role, compiled on first use), cached per configuration
+    and top-k ``tile`` (the full tile :func:`cfg.topk_tile` gave a plan; None: the rule's)."""
+    if tile is None:
+        tile = cfg.topk_tile(common.arch_family(arch), head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal))
+    sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch, int(topk) % 4 == 0, tile)
     ks = _KSETS.get(sk)
     if ks is None:
         name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-        ks = common.KernelSet({s[0][0]: s for s in kernel_specs(name, head_dim, topk, causal, arch)}, arch)
+        ks = common.KernelSet({s[0][0]: s for s in kernel_specs(name, head_dim, topk, causal, arch, tile=tile)},
+                              arch)
         _KSETS[sk] = ks
     return ks
 
@@ -174,11 +198,14 @@ def _km_block_rows(total_q, total_k, B, C, H, cap):
 class _Plan:
     """Everything of a routing call that depends only on shapes (cached)."""
 
-    def __init__(self, dtype, total_q, H, D, total_k, Hk, B, C, K, causal, arch):
+    def __init__(self, dtype, total_q, H, D, total_k, Hk, B, C, K, causal, arch, device=None):
         G = H // Hk
         fam = common.arch_family(arch)
         cap_l = cfg.list_cap(_llen(K, causal))
-        bm = cfg.topk_tile(fam, D, cap_l, causal)[0]
+        dname = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+        choice = topk_choice(D, dname, causal, C, K, total_q * H, arch, device)
+        self.topk_tile = tile = cfg.topk_tile(fam, D, cap_l, causal, choice)
+        bm = tile[0]
         self.rows_tile = G * (bm // G) if G <= bm else bm
         self.nbound = num_chunks_bound(total_k, B, C)
         self.nseg = self.nbound * H
@@ -192,7 +219,7 @@ class _Plan:
                         (self.nbound * Hk * D, "num_chunks_bound*Hk*D"),
                         (self.cap + 2 * self.kb_bound * H + 1024, "total_q*H*topk + key-major blocks")):
             _i32(v, what)
-        self.ks = _kernels(dtype, D, K, causal, arch)
+        self.ks = _kernels(dtype, D, K, causal, arch, tile)
         nb1 = max(self.nbound, 1)
         esz = 2
         # one workspace: fp32 centroids, their hi/lo split, segment counts, the key-major count
@@ -206,6 +233,26 @@ class _Plan:
 
 
 PLANS = common.PlanCache(_Plan)
+
+
+@contextlib.contextmanager
+def tile_override(family, tile):
+    """Within the block, every routing of ``family`` ("sm90_topk" / "sm80_topk") uses the top-k
+    ``tile`` (bm, bn, stages, wgmma), one of its shipped candidates (configs/tuned.py), over the
+    tuned tables (``MOBA_TOPK_TILE`` still comes first): what the tuner times. Plans and kernel
+    sets are dropped on entry and exit, so calls re-plan with the tile in force."""
+    tile = tuple(int(x) for x in tile)
+    if not any(tile in tuned.candidates(family, d) for d in cfg.TOPK_TUNE_HEAD_DIMS):
+        raise ValueError(f"tile_override: {tile} is not a shipped {family} tile")
+    saved = tuned.set_forced(family, tile)
+    try:
+        _KSETS.clear()
+        PLANS.clear()
+        yield
+    finally:
+        tuned.set_forced(family, saved)
+        _KSETS.clear()
+        PLANS.clear()
 
 
 @contextlib.contextmanager
@@ -239,7 +286,7 @@ def route_cute(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, chu
     causal = bool(causal)
     dev = q.device
     pk = (q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, dev.index)
-    plan = PLANS.get(pk, q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, common.arch_of(dev))
+    plan = PLANS.get(pk, q.dtype, total_q, H, D, total_k, Hk, B, C, K, causal, common.arch_of(dev), dev.index)
     ks = plan.ks
     nbound, nseg, cap = plan.nbound, plan.nseg, plan.cap
     G = H // Hk
