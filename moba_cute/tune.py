@@ -17,10 +17,10 @@ tiles (format, lookup and precedence: :mod:`moba_cute.configs.tuned`)::
 A forward candidate is timed through the public path (``moba_cute.attention_with_routing`` with
 ``backend="cute"`` on one routing, under ``torch.no_grad``), a top-k candidate as the routing
 (``moba_cute.route``; its selection and index must equal the built-in tile's bit for bit), a
-decode candidate as a decode step
-(``moba_cute.varlen_attention``: ``new`` queries per sequence against ``S`` cached keys plus
-themselves, routing included), with the tile forced by ``attention_launch.tile_override`` /
-``route_launch.tile_override`` / ``decode_launch.tile_override``, the hooks dispatch itself reads: CUDA events around each call,
+decode candidate as a decode step (``moba_cute.varlen_attention``: ``new`` queries per sequence
+against ``S`` cached keys plus themselves, routing included), with the tile forced by
+``attention_launch.tile_override`` / ``route_launch.tile_override`` /
+``decode_launch.tile_override``, the hooks dispatch itself reads: CUDA events around each call,
 the L2 flushed before each, warm-up (compilation included) excluded, rounds interleaving the
 candidates so that clock drift hits them alike, the median of all runs. Each candidate's output
 is compared with the built-in tile's; one that disagrees is reported and never chosen. The

@@ -169,7 +169,8 @@ def _tune_cases():
                 if choice[3]:
                     continue
                 for cap in caps:
-                    out.append(pytest.param(arch, d, choice, cap, id=f"{arch}-d{d}-{'x'.join(map(str, choice))}-cap{cap}"))
+                    name = f"{arch}-d{d}-{'x'.join(map(str, choice))}-cap{cap}"
+                    out.append(pytest.param(arch, d, choice, cap, id=name))
     return out
 
 
