@@ -519,7 +519,7 @@ def _versions() -> dict:
 def _list(shapes: List[Shape]) -> None:
     for s in shapes:
         print(f"{s.name}: {s.label()}\n    class {s.shape_class}")
-        for fam in (("decode",) if s.decode else ("sm90_fwd", "sm80_fwd", "sm90_topk", "sm80_topk")):
+        for fam in (("decode",) if s.decode else [f for f in tuned.FAMILIES if f != "decode"]):
             c = tuned.candidates(fam, s.D)
             if c:
                 print(f"    {fam}: " + " ".join(_fmt_tile(t) for t in c) + "  (built-in first)")

@@ -87,23 +87,47 @@ _TILE_OVERRIDE = tuple(int(x) for x in os.environ.get("MOBA_TOPK_TILE", "").spli
 TOPK_TUNE_HEAD_DIMS = (64, 128)
 
 
-def topk_tune_tiles(fam: str, head_dim: int) -> tuple:
-    """The top-k tiles the tuner may choose among for ``head_dim`` on arch family ``fam``, as
-    ``(bm, bn, stages, wgmma)`` (``mma_n`` 32; the CTAs-per-SM target follows the list length as
-    in :func:`topk_tile`): the warpgroup-MMA tile where the arch has it, then the mma.sync
-    two-stage ``TOPK_TILE_CANDIDATES``; the built-in choice first. Every one fits the shared
-    memory of both archs for every list capacity at these head dims."""
-    if head_dim not in TOPK_TUNE_HEAD_DIMS:
-        return ()
+def _rule_tiles(fam: str, head_dim: int) -> tuple:
+    """The top-k tiles in the built-in rule's order of preference, as ``(bm, bn, stages,
+    wgmma)``: the warpgroup-MMA tile where the arch has it (sm90, D = 64 / 128), then the
+    mma.sync two-stage ``TOPK_TILE_CANDIDATES``."""
     wg = ((128, 32, 1, 1),) if topk_wgmma_ok(fam, head_dim, 128) else ()
     return wg + tuple((bm, bn, 2, 0) for bm, bn in TOPK_TILE_CANDIDATES)
 
 
+def topk_tune_tiles(fam: str, head_dim: int) -> tuple:
+    """The top-k tiles the tuner may choose among for ``head_dim`` on arch family ``fam``: the
+    rule's tiles (:func:`_rule_tiles`, the built-in choice first) at ``TOPK_TUNE_HEAD_DIMS``,
+    where every one fits the shared memory of both archs for every list capacity."""
+    return _rule_tiles(fam, head_dim) if head_dim in TOPK_TUNE_HEAD_DIMS else ()
+
+
 def _expand(fam: str, head_dim: int, cap: int, choice):
-    """A tuner choice ``(bm, bn, stages, wgmma)`` as a full tile, or None where it does not fit."""
+    """A tile ``(bm, bn, stages, wgmma)`` as a full one (``mma_n`` 32; warpgroup MMA aims at 4
+    CTAs per SM up to ``TOPK_WGMMA_4CTA_MAX_CAP``), or None where it does not fit."""
     bm, bn, st, wg = (int(x) for x in choice)
     if topk_smem_bytes(head_dim, bm, bn, cap, st) > SMEM_LIMIT[fam] or (wg and not topk_wgmma_ok(fam, head_dim, bm)):
         return None
+    ctas = (4 if cap <= TOPK_WGMMA_4CTA_MAX_CAP[head_dim] else 0) if wg else 0
+    return bm, bn, st, 32, ctas, bool(wg)
+
+
+def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True, choice=None):
+    """(bm, bn, stages, mma_n, ctas_per_sm, wgmma) of the top-k kernel (``ctas_per_sm`` 0: no
+    occupancy target; ``wgmma``: sm90 warpgroup MMA instead of mma.sync), or None if nothing
+    fits the arch's shared memory. First ``MOBA_TOPK_TILE`` (the A/B override), then ``choice``
+    (a :func:`topk_tune_tiles` entry: the tuner's or a tuned table's), where they fit; else the
+    first of the rule's tiles that fits."""
+    if len(_TILE_OVERRIDE) == 6:
+        bm, bn, st, mn, ctas, wg = _TILE_OVERRIDE
+        if topk_smem_bytes(head_dim, bm, bn, cap, st) <= SMEM_LIMIT[fam] and (
+                not wg or topk_wgmma_ok(fam, head_dim, bm)):
+            return bm, bn, st, mn, ctas, bool(wg)
+    for c in ((choice,) if choice is not None else ()) + _rule_tiles(fam, head_dim):
+        t = _expand(fam, head_dim, cap, c)
+        if t is not None:
+            return t
+    return None
     ctas = (4 if cap <= TOPK_WGMMA_4CTA_MAX_CAP[head_dim] else 0) if wg else 0
     return bm, bn, st, 32, ctas, bool(wg)
 

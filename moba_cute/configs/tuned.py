@@ -53,6 +53,7 @@ the larger), so a table tuned at 8K and 64K also serves 16K and 32K.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -280,6 +281,24 @@ def set_forced(family: str, tile):
     if tile is not None:
         _FORCED[family] = tuple(tile)
     return prev
+
+
+@contextlib.contextmanager
+def forcing(family: str, tile, head_dims, clear):
+    """Within the block, ``tile`` (a shipped candidate of ``family`` for one of ``head_dims``) is
+    forced for ``family``: the body of the kernels' ``tile_override`` hooks, what the tuner
+    times. ``clear()`` drops the caller's cached plans on entry and exit, so calls re-plan with
+    the tile in force."""
+    tile = tuple(int(x) for x in tile)
+    if not any(tile in candidates(family, d) for d in head_dims):
+        raise ValueError(f"tile_override: {tile} is not a shipped {family} tile")
+    saved = set_forced(family, tile)
+    try:
+        clear()
+        yield
+    finally:
+        set_forced(family, saved)
+        clear()
 
 
 def forced(family: str, head_dim: int):

@@ -226,17 +226,8 @@ def tile_override(family, tile):
     of its shipped candidates (configs/tuned.py), over the environment and the tuned tables:
     what the tuner times. Forward plans are dropped on entry and exit, so calls re-plan (and
     compile) with the tile in force."""
-    tile = tuple(int(x) for x in tile)
-    if not any(tile in tuned.candidates(family, d) for d in (cfg.FWD_TILES if family == "sm80_fwd"
-                                                             else cfg90.FWD_TILES)):
-        raise ValueError(f"tile_override: {tile} is not a shipped {family} tile")
-    saved = tuned.set_forced(family, tile)
-    try:
-        FWD_PLANS.clear()
+    with tuned.forcing(family, tile, cfg.FWD_TILES if family == "sm80_fwd" else cfg90.FWD_TILES, FWD_PLANS.clear):
         yield
-    finally:
-        tuned.set_forced(family, saved)
-        FWD_PLANS.clear()
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None):

@@ -236,16 +236,8 @@ def tile_override(tile):
     """Within the block, every decode call uses ``tile`` (``(waves,)``, one of the shipped
     ``decode`` candidates, configs/tuned.py) over the tuned tables: what the tuner times. Decode
     plans are dropped on entry and exit."""
-    tile = tuple(int(x) for x in tile)
-    if not any(tile in tuned.candidates("decode", d) for d in cfg.SUPPORTED_HEAD_DIMS):
-        raise ValueError(f"tile_override: {tile} is not a shipped decode tile")
-    saved = tuned.set_forced("decode", tile)
-    try:
-        DECODE_PLANS.clear()
+    with tuned.forcing("decode", tile, cfg.SUPPORTED_HEAD_DIMS, DECODE_PLANS.clear):
         yield
-    finally:
-        tuned.set_forced("decode", saved)
-        DECODE_PLANS.clear()
 
 
 def _strides(t, padded):

@@ -34,7 +34,7 @@ from . import common
 __all__ = ["route_cute", "route_unsupported_reason", "centroids_cute", "topk_family", "tile_override",
            "topk_tile_override"]
 
-_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INT32_MAX = 2**31 - 1
 
 
@@ -168,14 +168,14 @@ _KSETS = {}
 def _kernels(dtype, head_dim, topk, causal, arch, tile=None):
     """The kernels of one configuration (by role, compiled on first use), cached per configuration
     and top-k ``tile`` (the full tile :func:`cfg.topk_tile` gave a plan; None: the rule's)."""
+    cap = cfg.list_cap(_llen(topk, causal))
     if tile is None:
-        tile = cfg.topk_tile(common.arch_family(arch), head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal))
-    sk = (dtype, head_dim, cfg.list_cap(_llen(topk, causal)), bool(causal), arch, int(topk) % 4 == 0, tile)
+        tile = cfg.topk_tile(common.arch_family(arch), head_dim, cap, bool(causal))
+    sk = (dtype, head_dim, cap, bool(causal), arch, int(topk) % 4 == 0, tile)
     ks = _KSETS.get(sk)
     if ks is None:
-        name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-        ks = common.KernelSet({s[0][0]: s for s in kernel_specs(name, head_dim, topk, causal, arch, tile=tile)},
-                              arch)
+        specs = kernel_specs(_DTYPES[dtype], head_dim, topk, causal, arch, tile=tile)
+        ks = common.KernelSet({s[0][0]: s for s in specs}, arch)
         _KSETS[sk] = ks
     return ks
 
@@ -202,8 +202,7 @@ class _Plan:
         G = H // Hk
         fam = common.arch_family(arch)
         cap_l = cfg.list_cap(_llen(K, causal))
-        dname = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-        choice = topk_choice(D, dname, causal, C, K, total_q * H, arch, device)
+        choice = topk_choice(D, _DTYPES[dtype], causal, C, K, total_q * H, arch, device)
         self.topk_tile = tile = cfg.topk_tile(fam, D, cap_l, causal, choice)
         bm = tile[0]
         self.rows_tile = G * (bm // G) if G <= bm else bm
@@ -241,18 +240,13 @@ def tile_override(family, tile):
     ``tile`` (bm, bn, stages, wgmma), one of its shipped candidates (configs/tuned.py), over the
     tuned tables (``MOBA_TOPK_TILE`` still comes first): what the tuner times. Plans and kernel
     sets are dropped on entry and exit, so calls re-plan with the tile in force."""
-    tile = tuple(int(x) for x in tile)
-    if not any(tile in tuned.candidates(family, d) for d in cfg.TOPK_TUNE_HEAD_DIMS):
-        raise ValueError(f"tile_override: {tile} is not a shipped {family} tile")
-    saved = tuned.set_forced(family, tile)
-    try:
-        _KSETS.clear()
-        PLANS.clear()
+    with tuned.forcing(family, tile, cfg.TOPK_TUNE_HEAD_DIMS, _clear_plans):
         yield
-    finally:
-        tuned.set_forced(family, saved)
-        _KSETS.clear()
-        PLANS.clear()
+
+
+def _clear_plans():
+    _KSETS.clear()
+    PLANS.clear()
 
 
 @contextlib.contextmanager
