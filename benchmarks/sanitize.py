@@ -51,6 +51,7 @@ class Case:
     grad: bool = True  # forward + backward (else the forward alone, no kept index)
     fwd: str = "auto"  # "auto": the device's forward family; "sm80": MOBA_CUTE_FWD_SM80=1
     stages: int = 0  # sm80 forward stages (MOBA_CUTE_FWD_STAGES), 0: shipped
+    windows: bool = False  # sm90 forward: one KV head per partial window (MOBA_CUTE_FWD_PARTIAL_BYTES=1)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -126,6 +127,9 @@ CASES = [
     Case("sm80fwd-noncausal-topk-above", (40, 90), (40, 90), 2, 2, C=48, K=3, fwd="sm80", **B),
     Case("sm80fwd-2stage", ODD, ODD, 4, 2, C=16, K=4, fwd="sm80", stages=2, **A),
     Case("sm80fwd-tiny", _cyc((1, 2, 3), 1200), _cyc((1, 2, 3), 1200), 2, 2, C=16, K=4, fwd="sm80", **Cc),
+    # the sm90 forward's partials one KV-head window at a time (forced), causal and non-causal
+    Case("fwd-windows-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, **A),
+    Case("fwd-windows-noncausal-sq-ne-sk", (50, 0, 70), (90, 5, 40), 8, 2, C=32, K=3, windows=True, **B),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -221,6 +225,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
     t.add("fwd-sm80" if case.fwd == "sm80" else "fwd-device")
     if case.fwd == "sm80" and case.stages == 2:
         t.add("fwd-sm80-2stage")
+    if case.windows and case.fwd != "sm80" and case.Hk > 1:
+        t.add("fwd-windows")
     if case.K == 1:
         t.add("own-chunk-only")
     if case.C > 128:
@@ -261,11 +267,17 @@ def build(case: Case, device="cuda", seed=0):
 
 @contextlib.contextmanager
 def _env(case: Case):
-    """The forward family / stages and top-k tile a case asks for (launch plans re-planned)."""
+    """The forward family / stages / partial windows and top-k tile a case asks for (launch
+    plans re-planned)."""
     from moba_cute.kernels import attention_launch, route_launch
 
-    saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES")}
+    saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES",
+                                            "MOBA_CUTE_FWD_PARTIAL_BYTES")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
+    if case.windows:
+        os.environ["MOBA_CUTE_FWD_PARTIAL_BYTES"] = "1"
+    else:
+        os.environ.pop("MOBA_CUTE_FWD_PARTIAL_BYTES", None)
     if case.stages:
         os.environ["MOBA_CUTE_FWD_STAGES"] = str(case.stages)
     else:

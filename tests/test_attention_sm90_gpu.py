@@ -97,3 +97,42 @@ def test_sm90_alternative_tiles(case, monkeypatch):
             finally:
                 monkeypatch.delenv("MOBA_CUTE_SM90_TILES")
                 m.FWD_PLANS.clear()
+
+
+WINDOW_CASES = [
+    # lens_q, lens_k, H, Hk, C, K, causal
+    ([700, 90, 333], [700, 90, 333], 8, 4, 128, 4, True),  # GQA 2:1, four windows of one KV head
+    ([3000, 1100], [3000, 1100], 2, 2, 256, 6, True),  # streamed K/V, two windows
+    ([1500, 900], [1200, 900], 4, 4, 96, 3, False),  # non-causal: the merge kernel per window
+    ([600], [600], 6, 3, 256, 40, False),  # topk above the chunk count, three windows
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", range(len(WINDOW_CASES)))
+def test_sm90_forward_windows(case, monkeypatch):
+    """The partial buffer of one window of KV heads at a time (forced: one KV head per window,
+    ``MOBA_CUTE_FWD_PARTIAL_BYTES=1``): the reference's result within SPEC tolerance, and
+    bitwise the single window's out and lse (a pair's arithmetic and the merge order do not
+    depend on the window)."""
+    from moba_cute.kernels import attention_launch as m
+    from moba_cute.kernels import common
+
+    lq, lk, H, Hk, C, K, causal = WINDOW_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, 128, dtype=torch.bfloat16, device="cuda", seed=300 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    arch = common.arch_of(q.device)
+    key = m._plan_key(q, k, r)
+    m.FWD_PLANS.clear()
+    one = m.attention_cute(q, k, v, r, None, True)
+    assert m.FWD_PLANS.get(key, key, arch).windows == 1
+    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
+    m.FWD_PLANS.clear()
+    try:
+        got = m.attention_cute(q, k, v, r, None, True)
+        assert m.FWD_PLANS.get(key, key, arch).windows == Hk
+        _check(lq, lk, H, Hk, 128, C, K, causal, torch.bfloat16, seed=300 + case)
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+        m.FWD_PLANS.clear()
+    assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])

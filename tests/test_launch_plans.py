@@ -122,6 +122,37 @@ def test_sm90_backward_dq_windows(monkeypatch):
     assert [w[:2] for w in al.BwdPlan(key, "sm_90a").dq_windows] == [(0, 3), (3, 1)]
 
 
+def test_sm90_forward_windows(monkeypatch):
+    """The sm90 forward's partial buffer holds one window of KV heads (a divisor of Hk): within
+    the sm80 forward's fp32 running state (or 1 GiB); the index gives each window its own
+    tile range (one scan "pass" per window)."""
+    assert al.fwd_window_kv_heads(2 * 8192, 16, 16, 128, 7) == 16  # flashmoba 8K: 0.48 GB, one window
+    assert al.fwd_window_kv_heads(2 * 65536, 16, 16, 128, 7) == 4  # 64K: 3.8 GB over 4 windows
+    assert al.fwd_window_kv_heads(1 << 20, 16, 16, 128, 7) == 4  # 512K B=2: 30.5 GB -> 7.6 GB per window
+    assert al.fwd_window_kv_heads(131072, 32, 8, 128, 11) == 1  # moba-large 128K: 1.5 GB per KV head
+    assert al.fwd_window_kv_heads(1 << 20, 16, 1, 128, 63) == 1  # MQA: a window is the one KV head
+    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(4 * 1000 * 2 * 7 * 260))
+    assert al.fwd_window_kv_heads(1000, 12, 6, 128, 7) == 3  # 4 KV heads fit: the divisor 3
+    monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=4, D=128, C=128, K=5)
+    key = al._plan_key(q, k, r)
+    one = al.FwdPlan(key, "sm_90a")
+    assert one.windows == 1 and one.win_heads == 8 and one.index.npass == 1
+    assert one.index.nseg == r.num_chunks_bound * 8
+    total_q = q.shape[0]
+    per_kv = total_q * 2 * 4 * (2 * 128 + 4)  # G = 2 heads, KP = 4 pairs per (row, head)
+    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(2 * per_kv + per_kv // 2))
+    plan = al.FwdPlan(key, "sm_90a")  # two and a half KV heads' partials fit: windows of two
+    assert plan.windows == 2 and plan.win_heads == 4
+    ix = plan.index
+    assert ix.npass == 2 and ix.nseg * 2 == r.num_chunks_bound * 8 and ix.n_counts == r.num_chunks_bound * 8
+    assert ix.tiles_bound == 2 * ix.bound_pass and ix.layout.nbytes >= 4 * (ix.npass + 1)
+    assert plan.layout.nbytes < one.layout.nbytes - per_kv * 2 + 4096
+    assert plan.layout.nbytes >= per_kv * 2
+    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
+    assert al.FwdPlan(key, "sm_90a").windows == 4
+
+
 def test_sm90_backward_long_chunks_plan():
     """Chunks over 128 keys on Hopper: dK/dV per 128-key tile and the dQ kernel that streams a
     chunk's tiles, its (chunk, KV head) pairs split over several CTAs."""

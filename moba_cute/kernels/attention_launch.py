@@ -16,9 +16,11 @@ bounds), only CuTe kernels. sm80 schedule:
    last used slot writes ``out`` and ``lse``.
 
 sm90 schedule: one index for all gather slots (4 launches: prep, count, the pair lists built
-from the routing's key-major index by ``PairListKernel``, scan), the segment kernel (every
-gather pair's normalized partial), then the diagonal kernel merging each row's partials with
-its own chunk (causal) or the merge kernel (non-causal).
+from the routing's key-major index by ``PairListKernel``, scan), then per window of KV heads
+(:func:`fwd_window_kv_heads`: one window unless the partials would outgrow the sm80 path's fp32
+state) the segment kernel (the window's gather pairs' normalized partials) and the diagonal
+kernel merging each row's partials with its own chunk (causal) or the merge kernel
+(non-causal).
 
 ``attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale,
 deterministic) -> (dq, dk, dv)``: ``delta = rowsum(dO * O) - dlse`` and a zeroed fp32
@@ -138,7 +140,7 @@ def _cdt_f32():
 
 def fake_args_fwd(dt):
     F = _cdt_f32()
-    return _fake([(dt, 16)] * 4 + [(F, 4), (F, 16), (F, 4), (F, 4)] + _i32p(9), 10, 1)
+    return _fake([(dt, 16)] * 4 + [(F, 4), (F, 16), (F, 4), (F, 4)] + _i32p(9), 12, 1)
 
 
 def fake_args_index(dt):
@@ -249,7 +251,7 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None):
     specs = {
         "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst),
                 lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst),
-                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(8), 7, 1)),
+                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(8), 10, 1)),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
                        lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),
@@ -257,17 +259,19 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None):
     }
     for vec in (1, 4):
         if topk is None or vec == (4 if topk % 4 == 0 else 1):
+            # head-major pair indices, KV-head-major segments: windows of KV heads are contiguous
             specs["pair_list" if topk is not None else f"pair_list_v{vec}"] = (
-                ("pairlist", causal, vec), lambda v=vec: PairListKernel(causal, v),
-                _fake([(_i32p(1)[0][0], 16 if vec == 4 else 4)] + _i32p(5), 6))
+                PairListKernel.compile_key(causal, vec, head_major=True),
+                lambda v=vec: PairListKernel(causal, v, head_major=True),
+                _fake([(_i32p(1)[0][0], 16 if vec == 4 else 4)] + _i32p(5), 7))
     if causal:
         # the diagonal kernel's state pointers carry the partials: oacc = part_o, mst = part_lse
-        fake = _fake([(dt, 16)] * 4 + [(F, 4), (dt, 16), (F, 4), (F, 4)] + _i32p(9), 10, 1)
+        fake = _fake([(dt, 16)] * 4 + [(F, 4), (dt, 16), (F, 4), (F, 4)] + _i32p(9), 12, 1)
         specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
                          lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
     else:
         specs["merge"] = (("merge", dtype_name, head_dim), lambda: MergeKernel(dt, head_dim),
-                          _fake([(dt, 16), (F, 4), *_i32p(1), (dt, 16), (F, 4)], 5))
+                          _fake([(dt, 16), (F, 4), *_i32p(1), (dt, 16), (F, 4)], 6))
     return specs
 
 
@@ -308,19 +312,36 @@ def uses_sm90_bwd(dtype_name, head_dim, arch):
     return str(arch).startswith("sm_90") and head_dim in (64, 128) and not _bwd_sm80_forced()
 
 
-DQ_PARTIALS_MIN_BYTES = 1 << 30
+PARTIALS_MIN_BYTES = 1 << 30
+
+
+def _partials_bound(total_q, H, D, env_name):
+    """The bound on a partial buffer: the sm80 kernels' fp32 accumulator (``total_q * H * D * 4``
+    bytes: the forward's running state, the backward's dQ), so the peak memory is no higher than
+    that path's (README: 1.04x FA2's at 512K), or 1 GiB where that is larger, so that short
+    sequences keep one window (one launch each). The environment variable ``env_name`` replaces
+    it (tests force several windows with it)."""
+    env = os.environ.get(env_name)
+    return max(PARTIALS_MIN_BYTES, total_q * H * D * 4) if env in (None, "") else int(env)
 
 
 def dq_window_kv_heads(total_q, H, Hk, D, K):
     """KV heads per window of the sm90 backward's dQ partial buffer (``total_q * G * K * D * 2``
-    bytes per KV head). Its bound: the sm80 backward's fp32 dQ accumulator (``total_q * H * D *
-    4`` bytes), so the peak memory is no higher than that path's (README: 1.04x FA2's at 512K),
-    or 1 GiB where that is larger, so that short sequences keep one window (one launch each).
-    ``MOBA_CUTE_DQ_PARTIAL_BYTES`` replaces the bound (tests force several windows with it)."""
-    env = os.environ.get("MOBA_CUTE_DQ_PARTIAL_BYTES")
-    cap = max(DQ_PARTIALS_MIN_BYTES, total_q * H * D * 4) if env in (None, "") else int(env)
+    bytes per KV head), within :func:`_partials_bound` (``MOBA_CUTE_DQ_PARTIAL_BYTES``)."""
+    cap = _partials_bound(total_q, H, D, "MOBA_CUTE_DQ_PARTIAL_BYTES")
     per_kv = total_q * (H // Hk) * max(K, 1) * D * 2
     return max(1, min(Hk, cap // max(per_kv, 1)))
+
+
+def fwd_window_kv_heads(total_q, H, Hk, D, KP):
+    """KV heads per window of the sm90 forward's partial buffer (``total_q * G * KP * (2 D + 4)``
+    bytes per KV head: a normalized ``o`` and an fp32 LSE per gather pair), within
+    :func:`_partials_bound` (``MOBA_CUTE_FWD_PARTIAL_BYTES``); at least one KV head. A divisor
+    of ``Hk``: the index's scan gives every window the same number of segments."""
+    cap = _partials_bound(total_q, H, D, "MOBA_CUTE_FWD_PARTIAL_BYTES")
+    per_kv = total_q * (H // Hk) * max(KP, 1) * (2 * D + 4)
+    fit = cap // max(per_kv, 1)
+    return max(d for d in range(1, Hk + 1) if Hk % d == 0 and (d <= fit or d == 1))
 
 
 def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
@@ -338,8 +359,8 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
         "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
                   _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 12, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
-        "pair_list": (("pairlist", False, vec, "fill"), lambda: PairListKernel(False, vec, fill_tail=True),
-                      _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 6)),
+        "pair_list": (PairListKernel.compile_key(False, vec, fill_tail=True),
+                      lambda: PairListKernel(False, vec, fill_tail=True), _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 7)),
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
                       _fake([(dt, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7)),
     }
@@ -379,23 +400,26 @@ class _SlotIndexPlan:
     layout is its own (offsets from the index's base), so an index built by the forward can be
     kept and read by a backward whose plan has the same tile height (:meth:`same_as`)."""
 
-    def __init__(self, B, total_q, H, K, nseg, causal, bm, unit=None):
+    def __init__(self, B, total_q, H, K, nseg, causal, bm, unit=None, Hk=None, windows=1):
         self.bm = bm
         self.s0 = 1 if causal else 0
         self.kp = K - self.s0  # gather slots per (row, head)
-        # all slots in one pass (sm90 segment kernel), units of `unit` rows; its lists come from the
-        # routing's key-major index (PairListKernel), packed at each segment's offset there
+        # all slots at once (sm90 segment kernel), units of `unit` rows; its lists come from the
+        # routing's key-major index (PairListKernel), packed at each segment's offset there. One
+        # "pass" per window of KV heads (`windows` equal ones): its segments are contiguous
+        # (KV-head-major order), so the scan gives each window its tile range
         self.merged = unit is not None
-        self.npass = min(self.kp, 1) if self.merged else self.kp
-        self.nseg = nseg
+        self.Hk = Hk
+        self.npass = (windows if self.kp > 0 else 0) if self.merged else self.kp
+        self.nseg = nseg // windows if self.merged else nseg  # segments of one pass
         self.causal = causal
         rows_tot = total_q * H
-        entries = rows_tot * (self.kp if self.merged else 1)  # entries of one pass
+        entries = (rows_tot // windows) * self.kp if self.merged else rows_tot  # entries of one pass
         tb = unit if self.merged else bm
         # tiles of one pass: each segment's last tile may be partial
-        self.bound_pass = (entries + tb - 1) // tb + min(nseg, entries)
+        self.bound_pass = (entries + tb - 1) // tb + min(self.nseg, entries)
         self.tiles_bound = max(self.npass, 1) * self.bound_pass
-        self.n_counts = self.npass * nseg
+        self.n_counts = self.npass * self.nseg
         _i32(self.tiles_bound, "tile table")
         self.idx_blocks = (rows_tot + 255) // 256
         # (the merged counts are written whole by PairListKernel: nothing to zero)
@@ -429,8 +453,8 @@ class _SlotIndexPlan:
         ks["slot_count"](*idx_args)
         if self.gather:
             if self.merged:
-                ks["pair_list"](sel, cu_chunks, offsets, query_rows, p["rows_list"], p["counts"], B, total_q, H, K,
-                                self.nseg, self.list_cap, stream)
+                ks["pair_list"](sel, cu_chunks, offsets, query_rows, p["rows_list"], p["counts"], B, total_q, H,
+                                self.Hk, K, self.npass * self.nseg, self.list_cap, stream)
             ks["slot_scan"](p["counts"], p["seg_off"], p["tile_off"], p["tile_seg"], p["pass_tiles"], self.nseg,
                             self.npass, self.tiles_bound, stream)
             if not self.merged:
@@ -498,13 +522,18 @@ class FwdPlan(_PlanBase):
                        f"(it has {cfg90.SUPPORTED_HEAD_DIMS}); using the sm80 (mma.sync) forward")
         if self.sm90:
             self.tile = sm90_tiles(self.D, self.shape_class, device)
-            # partials of every gather pair: normalized o (input dtype) and log2-domain LSE
+            kp = self.K - (1 if self.causal else 0)
+            # windows of KV heads: the segment kernel and the merge run once per window, whose
+            # partials (normalized o in the input dtype, log2-domain LSE; head-major) the buffer holds
+            nkv = fwd_window_kv_heads(self.total_q, self.H, self.Hk, self.D, kp)
+            self.windows = self.Hk // nkv
+            self.win_heads = self.H // self.windows  # query heads of a window
             self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm,
-                                        unit=64 * self.tile[1])
-            npart = self.rows * self.index.kp
+                                        unit=64 * self.tile[1], Hk=self.Hk, windows=self.windows)
+            npart = self.total_q * self.win_heads * self.index.kp
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
-            self.merge_blocks = _merge_blocks(self.rows)
+            self.merge_blocks = _merge_blocks(self.total_q * self.win_heads)
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K),
                                        arch)
             return
@@ -646,33 +675,41 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     sizes = (B, total_q, plan.total_k, H, plan.Hk, plan.C, plan.nseg)
     if plan.causal:
         unused = p["nused"]  # the diagonal pass reads no gather-index pointer
-        ks["diag"](*head, p["cu_mt"], unused, unused, unused, unused, *sizes, 0, 0, ix.mt_bound, scale_log2,
-                   stream)
+        ks["diag"](*head, p["cu_mt"], unused, unused, unused, unused, *sizes, 0, 0, 0, H, ix.mt_bound,
+                   scale_log2, stream)
     if ix.gather:
         for sp in range(ix.npass):
             role = "first" if (not plan.causal and sp == 0) else "pass"
-            ks[role](*head, *ix.pass_args(p, sp), *sizes, sp + ix.s0, sp, ix.bound_pass, scale_log2, stream)
+            ks[role](*head, *ix.pass_args(p, sp), *sizes, sp + ix.s0, sp, 0, H, ix.bound_pass, scale_log2, stream)
     # the scratch goes back to the caching allocator on return, stream-ordered after the launches
     return (out, lse, held[1]) if keep_index else (out, lse)
 
 
 def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offsets, scale_log2, stream):
-    """The sm90 schedule after the index: the segment kernel writes every gather pair's
-    partial; the diagonal kernel (causal) or the merge kernel writes out/lse."""
+    """The sm90 schedule after the index, per window of KV heads: the segment kernel writes the
+    window's gather pairs' partials; the diagonal kernel (causal) or the merge kernel writes the
+    window's out/lse."""
     ks, ix = plan.ks, plan.index
     B, total_q, H = plan.B, plan.total_q, plan.H
-    if ix.gather:
-        ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
-                  p["pass_tiles"], p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets, B,
-                  plan.total_k, H, plan.Hk, plan.C, ix.kp, ix.bound_pass, scale_log2, stream)
-    if plan.causal:
-        unused = p["nused"]
-        ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,
-                   p["nused"], cu_q, cu_k, cu_chunks, p["cu_mt"], unused, unused, unused, unused, B, total_q,
-                   plan.total_k, H, plan.Hk, plan.C, plan.nseg, 0, ix.kp, ix.mt_bound, scale_log2, stream)
-    elif ix.gather:
-        ks["merge"](p["part_o"], p["part_lse"], p["nused"], p_out, p_lse, plan.rows, total_q, H, ix.kp,
-                    plan.merge_blocks, stream)
+    nh = plan.win_heads
+    nbound = plan.nbound
+    for w in range(plan.windows):
+        h0 = w * nh
+        pbase = h0 * total_q * ix.kp  # the window's first pair index (head-major)
+        if ix.gather:
+            ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
+                      p["pass_tiles"] + 4 * w, p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets,
+                      B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound, pbase, ix.bound_pass, scale_log2,
+                      stream)
+        if plan.causal:
+            unused = p["nused"]
+            ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,
+                       p["nused"], cu_q, cu_k, cu_chunks, p["cu_mt"], unused, unused, unused, unused, B, total_q,
+                       plan.total_k, H, plan.Hk, plan.C, plan.nseg, 0, ix.kp, h0, nh, ix.mt_bound, scale_log2,
+                       stream)
+        elif ix.gather:
+            ks["merge"](p["part_o"], p["part_lse"], p["nused"], p_out, p_lse, total_q * nh, total_q, H, ix.kp, h0,
+                        plan.merge_blocks, stream)
 
 
 def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale, deterministic, *, dq=None,
@@ -754,7 +791,8 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
     ks[role](out.data_ptr(), dout.data_ptr(), p_lse if dlse is None else dlse.data_ptr(), p["delta"], p["delta"],
              rows, total_q, H, plan.row_blocks, stream)
     if plan.nseg > 0:
-        ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], plan.B, total_q, H, K, plan.nseg,
+        ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], plan.B, total_q, H, plan.Hk, K,
+                        plan.nseg,
                         plan.list_cap, stream)
     G = H // plan.Hk
     p_q, p_k, p_v, p_do = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr()

@@ -4,9 +4,10 @@ in the diagonal kernel): for every (row, head) with ``nused > 0`` slots,
     M = max_j L_j,  w_j = 2^(L_j - M),  out = sum_j w_j o_j / sum_j w_j,
     lse = (M + log2 sum_j w_j) * ln 2
 
-over its normalized partials ``o_j = part_o[(row * H + h) * KP + j]`` and their log2-domain
-LSEs ``L_j = part_lse[...]``, ``j`` in slot order (bitwise deterministic). One warp per
-(row, head), ``D / 32`` contiguous elements per lane. Rows with no usable slot were written
+over its normalized partials ``o_j = part_o[((h - h0) * total_q + row) * KP + j]`` and their
+log2-domain LSEs ``L_j = part_lse[...]``, ``j`` in slot order (bitwise deterministic); a launch
+merges the window of heads ``h0 ..`` whose partials the buffer holds (``rows = total_q * heads``
+of the window). One warp per (row, head), ``D / 32`` contiguous elements per lane. Rows with no usable slot were written
 (0, -inf) by the index's count kernel and are skipped. Compile key: ("merge", dtype, D).
 """
 
@@ -36,21 +37,26 @@ class MergeKernel:
 
     @cute.jit
     def __call__(self, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, out: cute.Pointer,
-                 lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, nblocks: Int32,
+                 lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, h0: Int32, nblocks: Int32,
                  stream: cuda.CUstream):
-        self.kernel(part_o, part_lse, nused, out, lse, rows, total_q, H, KP).launch(
+        self.kernel(part_o, part_lse, nused, out, lse, rows, total_q, H, KP, h0).launch(
             grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, out: cute.Pointer,
-               lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32):
+               lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, h0: Int32):
         tid, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         lane = tid % 32
         w = bid * (THREADS // 32) + tid // 32
         VEC = self.VEC
         if w < rows:
-            nu = _t(nused)[w]
+            # warp w: row i of head h (the window's partials are head-major)
+            hl = w // total_q
+            i = w - hl * total_q
+            h = h0 + hl
+            ridx = i * H + h
+            nu = _t(nused)[ridx]
             if nu > 0:
                 tpl = _t(part_lse)
                 pbase = Int64(w) * Int64(KP)
@@ -70,11 +76,10 @@ class MergeKernel:
                     inv = cute.arch.rcp_approx(wsum)
                 y = cute.make_rmem_tensor(cute.make_layout(VEC), self.dtype)
                 y.store((acc.load() * inv).to(self.dtype))
-                dst = out + Int64(w) * Int64(self.D) + Int64(lane * VEC)
+                dst = out + Int64(ridx) * Int64(self.D) + Int64(lane * VEC)
                 cute.autovec_copy(y, cute.make_tensor(dst.align(VEC * 2), cute.make_layout(VEC)))
                 if lane == 0:
                     val = -Float32.inf
                     if (wsum > Float32(0.0)) | (wsum != wsum):  # NaN propagates
                         val = (M_use + cute.math.log2(wsum, fastmath=False)) * LN2
-                    i = w // H
-                    _t(lse)[Int64(w - i * H) * Int64(total_q) + Int64(i)] = val
+                    _t(lse)[Int64(h) * Int64(total_q) + Int64(i)] = val

@@ -137,7 +137,8 @@ class MobaFwdSm80:
         assert not merge or (diag and first)
         # merge (the sm90 segment schedule's diagonal, run last): a row with more slots merges
         # the gather kernel's partials (``oacc`` = part_o in the input dtype, ``mst`` = part_lse,
-        # ``pass_rel`` = partials per (row, head)) with its own chunk and writes out/lse
+        # ``pass_rel`` = partials per (row, head)) with its own chunk and writes out/lse; a launch
+        # covers heads ``h0 .. h0 + nh`` (grid y), the window whose partials the buffer holds
         self.merge = bool(merge)
         self.NS = stages  # 1: one K and one V buffer (FA2 order); 2: ring of two (K, V) n-blocks
         self.dtype = dtype
@@ -186,6 +187,8 @@ class MobaFwdSm80:
         nseg: Int32,
         slot: Int32,
         pass_rel: Int32,
+        h0: Int32,
+        nh: Int32,
         grid_x: Int32,
         scale_log2: Float32,
         stream: cuda.CUstream,
@@ -197,10 +200,10 @@ class MobaFwdSm80:
         )
         grid_y = Int32(1)
         if cutlass.const_expr(self.diag):
-            grid_y = H
+            grid_y = nh
         self.kernel(
             q, k, v, out, lse, oacc, mst, lst, nused, cu_q, cu_k, cu_chunks, tiles, rows_list, tile_seg,
-            seg_off, tile_off, B, total_q, total_k, H, Hk, chunk_size, nseg, slot, pass_rel, scale_log2,
+            seg_off, tile_off, B, total_q, total_k, H, Hk, chunk_size, nseg, slot, pass_rel, h0, scale_log2,
             tiled_mma,
         ).launch(grid=(grid_x, grid_y, 1), block=(self.NT, 1, 1), stream=stream)
 
@@ -233,6 +236,7 @@ class MobaFwdSm80:
         nseg: Int32,
         slot: Int32,
         pass_rel: Int32,
+        h0: Int32,
         scale_log2: Float32,
         tiled_mma: cute.TiledMma,
     ):
@@ -269,7 +273,7 @@ class MobaFwdSm80:
         # ------------------------------------------------------------------ tile -> rows, keys
         valid, h, ks, kbeg, kend, qs, m0, i_lo = pass_rows(
             self.diag, sRow, sLo, sHi, tid, BM, tiles, cu_q, cu_k, cu_chunks, tile_seg, seg_off, tile_off,
-            rows_list, B, total_q, total_k, H, chunk_size, bid, by, pass_rel * nseg)
+            rows_list, B, total_q, total_k, H, chunk_size, bid, h0 + by, pass_rel * nseg)
         if cutlass.const_expr(self.diag):
             # rows with no key position (p < 0): out = 0, lse = -inf
             n_empty = i_lo - m0
@@ -320,7 +324,7 @@ class MobaFwdSm80:
             if cutlass.const_expr(self.merge):
                 # the partials stream in while the Q/K/V copies are in flight; the diagonal's
                 # epilogue then reads one merged partial per row from shared memory
-                self.premerge(sP, sPM, sPW, sRow, sLo, sHi, oacc, mst, nused, h, H, pass_rel, tid)
+                self.premerge(sP, sPM, sPW, sRow, sLo, sHi, oacc, mst, nused, h, H, pass_rel, total_q, h0, tid)
 
             # ---- MMA partitions
             thr_mma = tiled_mma.get_slice(tid)
@@ -483,9 +487,10 @@ class MobaFwdSm80:
     @cute.jit
     def premerge(self, sP: cute.Tensor, sPM: cute.Tensor, sPW: cute.Tensor, sRow: cute.Tensor, sLo: cute.Tensor,
                  sHi: cute.Tensor, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, h: Int32,
-                 H: Int32, KP: Int32, tid: Int32):
-        """Merge each tile row's ``nused - 1`` normalized partials ``part_o[(row * H + h) * KP + j]``
-        (log2-domain LSE ``part_lse``), in slot order, into ``sP[m] = sum_j 2^(L_j - M) o_j``,
+                 H: Int32, KP: Int32, total_q: Int32, h0: Int32, tid: Int32):
+        """Merge each tile row's ``nused - 1`` normalized partials ``part_o[((h - h0) * total_q +
+        row) * KP + j]`` (the window of heads from ``h0``; log2-domain LSE ``part_lse``), in slot
+        order, into ``sP[m] = sum_j 2^(L_j - M) o_j``,
         ``sPM[m] = M = max_j L_j``, ``sPW[m] = sum_j 2^(L_j - M)`` (``M`` taken as 0 when every
         ``L_j`` is -inf). Two threads per row, each 16-byte pieces ``2i + tid % 2`` (a thread pair
         reads 32 contiguous bytes per load), two partials in flight."""
@@ -501,7 +506,7 @@ class MobaFwdSm80:
             if sLo[m] <= sHi[m]:
                 ridx = Int64(sRow[m]) * Int64(H) + Int64(h)
                 npart = tnu[ridx] - 1
-                pbase = ridx * Int64(KP)
+                pbase = (Int64(h - h0) * Int64(total_q) + Int64(sRow[m])) * Int64(KP)
             M, M_use = partials_max(tpl, pbase, npart, 4)
             acc = cute.make_rmem_tensor(cute.make_layout(NP * 8), Float32)
             acc.fill(0.0)

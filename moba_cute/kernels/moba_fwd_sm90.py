@@ -2,11 +2,13 @@
 warp specialization with ``setmaxnreg``).
 
 Schedule (docs/design.md, section 8): every selected (row, head, chunk) pair except the causal
-own chunk is computed by one launch of :class:`MobaFwdSm90`. Its work unit is up to
-``SUB * 64`` consecutive entries of one (global chunk g, head h) segment of the all-slot
-pair lists (:class:`~moba_cute.kernels.slot_index.PairListKernel`, from the routing's
-key-major index): every row that chose chunk g in a gather slot. An entry is the pair's index
-``p = (row * H + h) * KP + slot - s0`` into the partial buffers. The CTA:
+own chunk is computed by one launch of :class:`MobaFwdSm90` per window of KV heads (the
+partial buffer holds one window's pairs; one window unless the sequence is long). Its work
+unit is up to ``SUB * 64`` consecutive entries of one (global chunk g, head h) segment of the
+all-slot pair lists (:class:`~moba_cute.kernels.slot_index.PairListKernel` with
+``head_major``, from the routing's key-major index): every row that chose chunk g in a gather
+slot. An entry is the pair's head-major index ``p = (h * total_q + row) * KP + slot - s0``;
+its partial is at ``p - pbase`` (``pbase``: the window's first pair). The CTA:
 
 * producer warpgroup (``setmaxnreg`` down): gathers each 64-row sub-tile of query rows with
   16-byte ``cp.async`` into a swizzled Q ring, two stages per consumer warpgroup
@@ -29,8 +31,8 @@ partials are merged with the own chunk by the diagonal kernel (causal:
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
 partials in slot order, so the result is bitwise deterministic.
 
-Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)``; sizes are
-runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors built per call on the host.
+Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)``; sizes and the
+window are runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors built per call on the host.
 """
 
 from __future__ import annotations
@@ -201,11 +203,14 @@ class MobaFwdSm90:
         tile_off: cute.Pointer,
         seg_start: cute.Pointer,
         B: Int32,
+        total_q: Int32,
         total_k: Int32,
         H: Int32,
         Hk: Int32,
         chunk_size: Int32,
         KP: Int32,
+        nbound: Int32,
+        pbase: Int32,
         grid_x: Int32,
         scale_log2: Float32,
         stream: cuda.CUstream,
@@ -231,8 +236,8 @@ class MobaFwdSm90:
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
-            seg_off, tile_off, seg_start, B, total_k, H, Hk, chunk_size, KP, scale_log2, sQ_layout, sKV_layout,
-            tiled_mma_qk, tiled_mma_pv, Storage,
+            seg_off, tile_off, seg_start, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, scale_log2,
+            sQ_layout, sKV_layout, tiled_mma_qk, tiled_mma_pv, Storage,
         ).launch(grid=(grid_x, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
                  min_blocks_per_mp=CTAS_PER_SM, preferred_smem_carveout=100)
 
@@ -255,11 +260,14 @@ class MobaFwdSm90:
         tile_off: cute.Pointer,
         seg_start: cute.Pointer,
         B: Int32,
+        total_q: Int32,
         total_k: Int32,
         H: Int32,
         Hk: Int32,
         chunk_size: Int32,
         KP: Int32,
+        nbound: Int32,
+        pbase: Int32,
         scale_log2: Float32,
         sQ_layout: cute.ComposedLayout,
         sKV_layout: cute.ComposedLayout,
@@ -279,7 +287,7 @@ class MobaFwdSm90:
         UNIT = BM * self.SUB
         r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k,
                                                     cu_chunks, _flat(tiles)[0] + bid, Int32(UNIT), Int32(0), B,
-                                                    total_k, H, chunk_size)
+                                                    total_k, H, chunk_size, True, Hk, nbound)
         nsub = (nrows + BM - 1) // BM
         nblk = (kend - kbeg + self.BN - 1) // self.BN
         cute.arch.sync_threads()  # barrier init visible to both warpgroups
@@ -288,19 +296,20 @@ class MobaFwdSm90:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if nrows > 0:
                 self.producer(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
-                              nsub, nblk, h // (H // Hk), ks + kbeg, KP, tid, warp)
+                              nsub, nblk, h, H, Hk, total_q, ks + kbeg, KP, tid, warp)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nrows > 0:
                 self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
-                              r0, nrows, nsub, nblk, kend - kbeg, scale_log2, tid - 128)
+                              r0, nrows, nsub, nblk, kend - kbeg, pbase, scale_log2, tid - 128)
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
                  q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
-                 pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, kvh: Int32, key0: Int32,
-                 KP: Int32, tid: Int32, warp: Int32):
+                 pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, h: Int32, H: Int32, Hk: Int32,
+                 total_q: Int32, key0: Int32, KP: Int32, tid: Int32, warp: Int32):
         D, BN = self.D, self.BN
+        kvh = h // (H // Hk)
         CV = D // 8
         # TMA views: this KV head's keys from the chunk start, in n-blocks of BN
         tKsK, tKgK, tVsV, tVgV = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, kvh, key0, BN, D)
@@ -320,7 +329,9 @@ class MobaFwdSm90:
         RPI = 32 // CV  # rows per copy instruction of a warp
         for t in cutlass.range(nsub, unroll=1):
             e = cutlass.min(t * BM + warp * 16 + lane % 16, nrows - 1)  # padding rows repeat the last entry
-            my_ridx = trl[r0 + e] // KP  # issued before the wait for a free stage
+            # the entry (h * total_q + row) * KP + slot -> Q's (row, h); issued before the wait for a
+            # free stage
+            my_ridx = (trl[r0 + e] // KP - h * total_q) * H + h
             pipe_q.producer_acquire(q_state)
             for it in cutlass.range_constexpr(16 // RPI):
                 rl = it * RPI + lane // CV
@@ -348,7 +359,7 @@ class MobaFwdSm90:
     def consumer(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
                  sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
                  tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
-                 scale_log2: Float32, ctid: Int32):
+                 pbase: Int32, scale_log2: Float32, ctid: Int32):
         D, BN, dt = self.D, self.BN, self.dtype
         thr_qk = tiled_mma_qk.get_slice(ctid)
         thr_pv = tiled_mma_pv.get_slice(ctid)
@@ -397,7 +408,7 @@ class MobaFwdSm90:
                     warpgroup.wait_group(1)  # PV(t) done; QK^T(t + 1) may still run
                 else:
                     warpgroup.wait_group(0)
-                self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, scale_log2, lane)
+                self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2, lane)
                 if t + 1 < nsub:
                     warpgroup.wait_group(0)
                     t1 = t + 1
@@ -407,7 +418,7 @@ class MobaFwdSm90:
         else:
             self.consumer_streamed(part_o, tpl, trl, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
                                    tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, cO_mn, row_max, row_sum, r0,
-                                   nrows, nsub, nblk, nkeys, scale_log2, ctid)
+                                   nrows, nsub, nblk, nkeys, pbase, scale_log2, ctid)
 
     @cute.jit
     def consumer_streamed(self, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, sV: cute.Tensor, pipe_q,
@@ -415,8 +426,8 @@ class MobaFwdSm90:
                           tSrK: cute.Tensor, tOrVt: cute.Tensor, acc_S: cute.Tensor, acc_O: cute.Tensor,
                           rP: cute.Tensor, tOrP: cute.Tensor, S_mn: cute.Tensor, O_mn: cute.Tensor,
                           cS_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                          r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32, scale_log2: Float32,
-                          ctid: Int32):
+                          r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32, pbase: Int32,
+                          scale_log2: Float32, ctid: Int32):
         """Chunks longer than one n-block: K/V n-blocks streamed per sub-tile, online softmax,
         one sub-tile after the other."""
         BN, dt = self.BN, self.dtype
@@ -459,7 +470,7 @@ class MobaFwdSm90:
                 warpgroup.commit_group()
                 warpgroup.wait_group(0)
                 pipe_kv.consumer_release(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
-            self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, scale_log2, lane)
+            self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2, lane)
 
     @cute.jit
     def qk(self, pipe_q, tiled_mma_qk: cute.TiledMma, acc_S: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
@@ -502,8 +513,9 @@ class MobaFwdSm90:
     @cute.jit
     def epilogue(self, O_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
                  part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, r0: Int32, t: Int32, nrows: Int32,
-                 scale_log2: Float32, lane: Int32):
-        """Sub-tile ``t``'s normalized partial outputs (input dtype) and log2-domain LSEs."""
+                 pbase: Int32, scale_log2: Float32, lane: Int32):
+        """Sub-tile ``t``'s normalized partial outputs (input dtype) and log2-domain LSEs, at
+        the pair index less ``pbase`` (the window's first pair)."""
         D, dt = self.D, self.dtype
         NR = cute.size(O_mn, mode=[0])
         NCO = cute.size(O_mn, mode=[1])
@@ -511,7 +523,7 @@ class MobaFwdSm90:
             l = _quad_sum(row_sum[r])
             e_idx = t * BM + cO_mn[r, 0][0]
             if e_idx < nrows:
-                p = trl[r0 + e_idx]
+                p = trl[r0 + e_idx] - pbase
                 inv = Float32(0.0)
                 if (l > Float32(0.0)) | (l != l):  # NaN propagates
                     inv = cute.arch.rcp_approx(l)

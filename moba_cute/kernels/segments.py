@@ -23,11 +23,15 @@ def _flat(ptr):
 @cute.jit
 def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer,
                  seg_start: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer, T: Int32,
-                 rows_per_unit: Int32, seg_base: Int32, B: Int32, total_k: Int32, H: Int32, chunk_size: Int32):
+                 rows_per_unit: Int32, seg_base: Int32, B: Int32, total_k: Int32, H: Int32, chunk_size: Int32,
+                 kv_major: cutlass.Constexpr = False, Hk: Int32 = 1, nbound: Int32 = 0):
     """Work unit ``T`` of a key-major gather launch (``tiles`` = [first, end) units): its first
     index entry, entry count, head, and the chunk's key range ``[ks + kbeg, ks + kend)``.
     Segment ``sp`` (``sp - seg_base = g * H + h``) holds ``seg_off[sp + 1] - seg_off[sp]``
     entries from ``seg_start[sp]`` (the same array as ``seg_off`` for packed lists).
+    ``kv_major`` (the sm90 forward's windowed order, ``PairListKernel(head_major=True)``):
+    ``sp = (kvh * nbound + g) * G + h % G`` (``G = H / Hk``) and the entries start at
+    ``seg_start[g * H + h]`` (the routing's chunk-major offsets).
     ``nrows == 0`` for units past the end or of empty chunks (garbage cu_seqlens)."""
     tq = _flat(tiles)
     r0 = Int32(0)
@@ -39,13 +43,23 @@ def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Poin
     if T < tq[1]:
         sp = _flat(tile_seg)[T]
         tso = _flat(seg_off)
-        o = _flat(seg_start)[sp]
+        seg = sp - seg_base
+        g = Int32(0)
+        o = Int32(0)
+        if cutlass.const_expr(kv_major):
+            G = H // Hk
+            kvh = seg // (nbound * G)
+            rem = seg - kvh * (nbound * G)
+            g = rem // G
+            h = kvh * G + (rem - g * G)
+            o = _flat(seg_start)[g * H + h]
+        else:
+            g = seg // H
+            h = seg - g * H
+            o = _flat(seg_start)[sp]
         n = tso[sp + 1] - tso[sp]
         r0 = o + (T - _flat(tile_off)[sp]) * rows_per_unit
         nrows = cutlass.min(rows_per_unit, o + n - r0)
-        seg = sp - seg_base
-        g = seg // H
-        h = seg - g * H
         b = find_segment(cu_chunks, B, g)
         ks, ke = clamp_seq(cu_k, b, total_k)
         j = g - _flat(cu_chunks)[b]

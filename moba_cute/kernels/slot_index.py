@@ -33,7 +33,9 @@ segment's rows in ascending order: :class:`PairListKernel` (one CTA per segment)
 entry into the pair index the segment kernel writes its partial to, with no global atomics
 (on the H200 the atomic count and scatter passes took 1.5 ms at 64K flashmoba, contending on
 ~1000 increments per segment counter). The count pass then only writes ``nused`` and the empty
-rows.
+rows. Its segment counts are in KV-head-major order and its pair indices head-major, so that
+the scan, run with one "pass" per window of KV heads, gives each window of the forward its
+own tile range and pair range.
 """
 
 from __future__ import annotations
@@ -164,27 +166,40 @@ class PairListKernel:
     are dropped, and every index is clamped: a wrong routing gives wrong results, never an
     access out of bounds. ``vec = 4`` (``topk % 4 == 0``, ``selection`` 16-byte aligned) reads
     a row's slots in 16-byte vectors: the lookup is latency-bound, one dependent load per slot
-    otherwise. Compile key: ("pairlist", causal, vec), plus "fill" with ``fill_tail``."""
+    otherwise.
 
-    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False):
+    ``head_major`` (the sm90 forward, which runs in windows of KV heads to bound its partial
+    buffer): the pair index is ``(h * total_q + i) * KP + slot - s0`` and the segment's count goes
+    to ``counts[(kvh * nbound + g) * G + h % G]`` (``G = H / Hk``, ``nbound = nseg / H``), so
+    that a window of KV heads owns one contiguous range of pair indices and one of segments, and
+    a KV head's query heads stay next to each other (they share its K/V chunk in L2). Compile
+    key: ("pairlist", causal, vec), plus "fill" with ``fill_tail``, "hmajor" with ``head_major``."""
+
+    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False, head_major: bool = False):
         assert vec in (1, 4)
         self.causal = bool(causal)
         self.vec = int(vec)
         # fill_tail (the sm90 backward, which walks whole segments): entries past the pairs get -1
         self.fill_tail = bool(fill_tail)
+        self.head_major = bool(head_major)
         self.nthr = THREADS
+
+    @staticmethod
+    def compile_key(causal: bool, vec: int, fill_tail: bool = False, head_major: bool = False):
+        return ("pairlist", bool(causal), int(vec)) + (("fill",) if fill_tail else ()) + (
+            ("hmajor",) if head_major else ())
 
     @cute.jit
     def __call__(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
-                 rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32,
-                 nseg: Int32, cap: Int32, stream: cuda.CUstream):
-        self.kernel(sel, cu_chunks, offsets, query_rows, rows_list, counts, B, total_q, H, topk, cap).launch(
-            grid=(nseg, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+                 rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, Hk: Int32,
+                 topk: Int32, nseg: Int32, cap: Int32, stream: cuda.CUstream):
+        self.kernel(sel, cu_chunks, offsets, query_rows, rows_list, counts, B, total_q, H, Hk, topk, nseg,
+                    cap).launch(grid=(nseg, 1, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
-               rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, topk: Int32,
-               cap: Int32):
+               rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, Hk: Int32,
+               topk: Int32, nseg: Int32, cap: Int32):
         tid, _, _ = cute.arch.thread_idx()
         seg, _, _ = cute.arch.block_idx()
         NW = self.nthr // 32
@@ -224,7 +239,10 @@ class PairListKernel:
                             if (slot < 0) & (tsel[s] == gl):
                                 slot = s
                     if slot >= s0:
-                        pair = ridx * kp + slot - s0
+                        if cutlass.const_expr(self.head_major):
+                            pair = (h * total_q + i) * kp + slot - s0
+                        else:
+                            pair = ridx * kp + slot - s0
             flag = Int32(0)
             if pair >= 0:
                 flag = Int32(1)
@@ -236,7 +254,12 @@ class PairListKernel:
             for e in cutlass.range(o0 + n + tid, o1, self.nthr, unroll=1):
                 trl[e] = Int32(-1)
         if tid == 0:
-            _t(counts)[seg] = n
+            cseg = seg
+            if cutlass.const_expr(self.head_major):
+                G = H // Hk
+                kvh = h // G
+                cseg = (kvh * (nseg // H) + g) * G + (h - kvh * G)
+            _t(counts)[cseg] = n
 
 
 class SlotPrepKernel:
