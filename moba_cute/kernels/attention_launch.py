@@ -360,7 +360,8 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
                   _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 12, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (PairListKernel.compile_key(False, vec, fill_tail=True),
-                      lambda: PairListKernel(False, vec, fill_tail=True), _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 7)),
+                      lambda: PairListKernel(False, vec, fill_tail=True),
+                      _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 7)),
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
                       _fake([(dt, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7)),
     }
@@ -525,7 +526,7 @@ class FwdPlan(_PlanBase):
             kp = self.K - (1 if self.causal else 0)
             # windows of KV heads: the segment kernel and the merge run once per window, whose
             # partials (normalized o in the input dtype, log2-domain LSE; head-major) the buffer holds
-            nkv = fwd_window_kv_heads(self.total_q, self.H, self.Hk, self.D, kp)
+            nkv = fwd_window_kv_heads(self.total_q, self.H, self.Hk, self.D, kp) if kp > 0 else self.Hk
             self.windows = self.Hk // nkv
             self.win_heads = self.H // self.windows  # query heads of a window
             self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm,
@@ -792,8 +793,7 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
              rows, total_q, H, plan.row_blocks, stream)
     if plan.nseg > 0:
         ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], plan.B, total_q, H, plan.Hk, K,
-                        plan.nseg,
-                        plan.list_cap, stream)
+                        plan.nseg, plan.list_cap, stream)
     G = H // plan.Hk
     p_q, p_k, p_v, p_do = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr()
     if plan.ktiles > 1 and plan.bwd_grid > 0:

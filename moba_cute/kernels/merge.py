@@ -6,9 +6,10 @@ in the diagonal kernel): for every (row, head) with ``nused > 0`` slots,
 
 over its normalized partials ``o_j = part_o[((h - h0) * total_q + row) * KP + j]`` and their
 log2-domain LSEs ``L_j = part_lse[...]``, ``j`` in slot order (bitwise deterministic); a launch
-merges the window of heads ``h0 ..`` whose partials the buffer holds (``rows = total_q * heads``
-of the window). One warp per (row, head), ``D / 32`` contiguous elements per lane. Rows with no usable slot were written
-(0, -inf) by the index's count kernel and are skipped. Compile key: ("merge", dtype, D).
+merges the window of heads from ``h0`` whose partials the buffer holds (``rows = total_q *``
+the window's heads). One warp per (row, head), ``D / 32`` contiguous elements per lane. Rows
+with no usable slot were written (0, -inf) by the index's count kernel and are skipped.
+Compile key: ("merge", dtype, D).
 """
 
 from __future__ import annotations
