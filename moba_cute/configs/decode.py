@@ -24,6 +24,10 @@ SCORE_THREADS = 128  # centroid + score kernel: one CTA per (sequence, chunk, KV
 SCORE_WIDE_THREADS = 1024
 SCORE_WIDE_MIN_CHUNK = 1024
 SCORE_UNROLL = 4  # key rows per thread in flight in the centroid sum
+#: chunks per warp when the centroids are cached (a warp loads their centroids together and each
+#: query row once for all of them; with one chunk per warp, B = 8, 128K cached, C = 128 launched
+#: 16K CTAs that read 33.7 MB in 44.6 us on the H200, bound by CTA starts and latency)
+SCORE_CACHED_CHUNKS_PER_WARP = 4
 ATTEND_WARPS = 8  # attend kernels: one CTA per (query row, head or head group, key split)
 #: launch bound of the attend kernels (ptxas otherwise caps them at 64 registers and spills)
 ATTEND_MIN_CTAS = 2

@@ -101,14 +101,17 @@ class DecodeScoresKernel:
 
     ``mode``: ``"scores"``, every chunk's centroid from K; ``"cached"``, the centroids of the
     sequence's full chunks (``j < len_k // chunk``) read from ``cent[b, j, hk, :]`` (fp32, element
-    strides ``c_sb, c_sj, c_sh``), only a partial last chunk from K, one warp per chunk (grid
-    (B, chunks / warps, Hk): a CTA per chunk would spend its time starting up); ``"centroids"``,
-    no scores: the means of full chunks ``j0 + blockIdx.y`` written to ``cent`` (what
-    ``"cached"`` reads)."""
+    strides ``c_sb, c_sj, c_sh``), only a partial last chunk from K, ``cpw`` consecutive chunks
+    per warp (grid (B, chunks / (warps * cpw), Hk): a CTA per chunk would spend its time starting
+    up; a warp loads its chunks' centroids together and each query row once for all of them);
+    ``"centroids"``, no scores: the means of full chunks ``j0 + blockIdx.y`` written to ``cent``
+    (what ``"cached"`` reads)."""
 
-    def __init__(self, dtype, head_dim: int, padded: bool, threads: int, mode: str = "scores"):
+    def __init__(self, dtype, head_dim: int, padded: bool, threads: int, mode: str = "scores", cpw: int = 1):
         assert head_dim % 32 == 0 and head_dim <= 256 and threads % 32 == 0
         assert mode in ("scores", "cached", "centroids")
+        assert cpw >= 1 and (cpw == 1 or mode == "cached")
+        self.CPW = int(cpw)
         self.dtype = dtype
         self.D = head_dim
         self.padded = padded
@@ -126,7 +129,8 @@ class DecodeScoresKernel:
                  stream: cuda.CUstream):
         gy = nchunks - j0
         if cutlass.const_expr(self.mode == "cached"):
-            gy = (gy + self.threads // 32 - 1) // (self.threads // 32)
+            per_cta = self.threads // 32 * self.CPW
+            gy = (gy + per_cta - 1) // per_cta
         self.kernel(q, k, cu_q, cu_k, scores, cent, q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_sj, c_sh, H, Hk,
                     total_q, total_k, max_q, chunk, nchunks, j0).launch(grid=(B, gy, Hk), block=(self.threads, 1, 1),
                                                                          stream=stream)
@@ -161,8 +165,6 @@ class DecodeScoresKernel:
         lane = tid % 32
         warp = tid // 32
         j = jy + j0
-        if cutlass.const_expr(self.mode == "cached"):
-            j = j0 + jy * (self.threads // 32) + warp  # (one chunk per warp)
         D = self.D
         VEC = self.VEC
         smem = cutlass.utils.SmemAllocator()
@@ -182,38 +184,20 @@ class DecodeScoresKernel:
                 self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
                 for d in cutlass.range(tid, D, self.threads):
                     _g(cent)[cp + Int64(d)] = scent[d]
+        elif cutlass.const_expr(self.mode == "cached"):
+            self.cached_scores(q, k, scores, cent, q_sb, q_st, q_sh, k_sb, k_st, k_sh, c_sb, c_sj, c_sh, H, Hk,
+                               max_q, chunk, nchunks, j0, b, jy, hk, nq, ks, ke, qbase, kbase, sred, scent, tid)
         else:
             G = H // Hk
             cen = cute.make_rmem_tensor(cute.make_layout(VEC), Float32)
-            first = warp  # (query row, head) pairs of this warp: all of them per chunk when cached
-            step = self.threads // 32
             live = (length > 0) & (nq > 0)
-            if cutlass.const_expr(self.mode == "cached"):
-                first = 0
-                step = 1
-                # a partial last chunk among this CTA's chunks: the CTA sums it from K
-                lk = ke - ks
-                jp = lk // chunk
-                jb = j0 + jy * (self.threads // 32)
-                if (lk - jp * chunk > 0) & (jp >= jb) & (jp < jb + self.threads // 32) & (nq > 0):
-                    kpp = Int64(b) * k_sb + (kbase + Int64(jp) * Int64(chunk)) * k_st + Int64(hk) * k_sh
-                    self.chunk_mean(k, kpp, k_st, lk - jp * chunk, sred, scent, tid)
-                if live:
-                    if length == chunk:
-                        for e in cutlass.range_constexpr(VEC):
-                            cen[e] = _g(cent)[cp + Int64(lane * VEC + e)]
-                    else:
-                        for e in cutlass.range_constexpr(VEC):
-                            cen[e] = scent[lane * VEC + e]
-            else:
-                if live:
-                    self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
-                    for e in cutlass.range_constexpr(VEC):
-                        cen[e] = scent[lane * VEC + e]
             if live:
-                # one warp per (query row, query head of this KV head) (cached: per chunk, every
-                # pair): exact fp32 dot products
-                for r in cutlass.range(first, nq * G, step, unroll=1):
+                self.chunk_mean(k, kp, k_st, length, sred, scent, tid)
+                for e in cutlass.range_constexpr(VEC):
+                    cen[e] = scent[lane * VEC + e]
+            if live:
+                # one warp per (query row, query head of this KV head): exact fp32 dot products
+                for r in cutlass.range(warp, nq * G, self.threads // 32, unroll=1):
                     i = r // G
                     h = hk * G + (r - i * G)
                     qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
@@ -226,6 +210,63 @@ class DecodeScoresKernel:
                     if lane == 0:
                         _g(scores)[((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks)
                                    + Int64(j)] = tot
+
+    @cute.jit
+    def cached_scores(self, q: cute.Pointer, k: cute.Pointer, scores: cute.Pointer, cent: cute.Pointer, q_sb: Int64,
+                      q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64, c_sb: Int64, c_sj: Int64,
+                      c_sh: Int64, H: Int32, Hk: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, j0: Int32,
+                      b: Int32, jy: Int32, hk: Int32, nq: Int32, ks: Int32, ke: Int32, qbase: Int64, kbase: Int64,
+                      sred: cute.Tensor, scent: cute.Tensor, tid: Int32):
+        """``"cached"`` mode: warp ``w`` scores chunks ``jb + w * CPW ..`` (``CPW`` of them) with
+        every (query row, query head of KV head ``hk``) pair of sequence ``b``: the centroids
+        read from the cache (a partial last chunk summed from K by the CTA), each query row
+        loaded once for all of the warp's chunks (exact fp32 dot products)."""
+        D, VEC, CPW = self.D, self.VEC, self.CPW
+        NW = self.threads // 32
+        lane = tid % 32
+        warp = tid // 32
+        G = H // Hk
+        lk = ke - ks
+        jb = j0 + jy * (NW * CPW)  # this CTA's chunks: [jb, jb + NW * CPW)
+        jw = jb + warp * CPW
+        # a partial last chunk among this CTA's chunks: the CTA sums it from K (CTA-uniform branch)
+        jp = lk // chunk
+        if (lk - jp * chunk > 0) & (jp >= jb) & (jp < jb + NW * CPW) & (nq > 0):
+            kpp = Int64(b) * k_sb + (kbase + Int64(jp) * Int64(chunk)) * k_st + Int64(hk) * k_sh
+            self.chunk_mean(k, kpp, k_st, lk - jp * chunk, sred, scent, tid)
+        cen = cute.make_rmem_tensor(cute.make_layout((VEC, CPW)), Float32)
+        live = cute.make_rmem_tensor(cute.make_layout(CPW), Int32)
+        any_live = Int32(0)
+        for c in cutlass.range_constexpr(CPW):
+            jc = jw + c
+            length = Int32(cutlass.max(cutlass.min(Int64(lk) - Int64(jc) * Int64(chunk), Int64(chunk)), Int64(0)))
+            live[c] = Int32(0)
+            for e in cutlass.range_constexpr(VEC):
+                cen[e, c] = Float32(0.0)
+            if (jc < nchunks) & (length > 0) & (nq > 0):
+                live[c] = Int32(1)
+                any_live = Int32(1)
+                if length == chunk:
+                    cp = Int64(b) * c_sb + Int64(jc) * c_sj + Int64(hk) * c_sh
+                    for e in cutlass.range_constexpr(VEC):
+                        cen[e, c] = _g(cent)[cp + Int64(lane * VEC + e)]
+                else:
+                    for e in cutlass.range_constexpr(VEC):
+                        cen[e, c] = scent[lane * VEC + e]
+        if any_live != 0:
+            for r in cutlass.range(nq * G, unroll=1):
+                i = r // G
+                h = hk * G + (r - i * G)
+                qp = q + cute.assume(Int64(b) * q_sb + (qbase + Int64(i)) * q_st + Int64(h) * q_sh, divby=8)
+                qv = cute.make_tensor((qp + Int64(lane * VEC)).align(VEC * 2), cute.make_layout(VEC)).load().to(Float32)
+                sbase = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h)) * Int64(nchunks) + Int64(jw)
+                for c in cutlass.range_constexpr(CPW):
+                    part = Float32(0.0)
+                    for e in cutlass.range_constexpr(VEC):
+                        part = part + qv[e] * cen[e, c]
+                    tot = _warp_sum(part)
+                    if (lane == 0) & (live[c] != 0):
+                        _g(scores)[sbase + Int64(c)] = tot
 
 
 @cute.jit

@@ -92,11 +92,12 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1, stages=None, war
     score_args = (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(f32, 4)) + L + L + L + I(9) + (s,)
     # centroids from K ("scores"; "centroids" writes them), or read for full chunks ("cached")
     specs = {
-        role: (("decode_scores", dtype_name, head_dim, padded, n, mode),
-               lambda n=n, mode=mode: DecodeScoresKernel(dt, head_dim, padded, n, mode), score_args)
-        for role, n, mode in (("scores", cfg.SCORE_THREADS, "scores"), ("scores_wide", cfg.SCORE_WIDE_THREADS, "scores"),
-                              ("scores_cached", cfg.SCORE_THREADS, "cached"),
-                              ("centroids", cfg.SCORE_THREADS, "centroids"))
+        role: (("decode_scores", dtype_name, head_dim, padded, n, mode) + ((cpw,) if cpw > 1 else ()),
+               lambda n=n, mode=mode, cpw=cpw: DecodeScoresKernel(dt, head_dim, padded, n, mode, cpw), score_args)
+        for role, n, mode, cpw in (("scores", cfg.SCORE_THREADS, "scores", 1),
+                                   ("scores_wide", cfg.SCORE_WIDE_THREADS, "scores", 1),
+                                   ("scores_cached", cfg.SCORE_THREADS, "cached", cfg.SCORE_CACHED_CHUNKS_PER_WARP),
+                                   ("centroids", cfg.SCORE_THREADS, "centroids", 1))
     }
     specs.update({
         "attend": (("decode_attend", dtype_name, head_dim, padded, causal),
