@@ -71,6 +71,16 @@ def grad_fn(fwd: Callable[[], torch.Tensor], leaves, dout_of: Callable[[torch.Te
     return run
 
 
+def no_grad_fn(fn: Callable[[], torch.Tensor]):
+    """``fn`` under ``torch.no_grad()`` (an inference call: nothing kept for a backward)."""
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
 @dataclass
 class Runner:
     """What one implementation exposes for a config.

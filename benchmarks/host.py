@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from .common import Unsupported, grad_fn, make_inputs
+from .common import Unsupported, grad_fn, make_inputs, no_grad_fn
 from .configs import format_size
 from .results import _fmt, align_columns, load_results, make_record, normalize_keys, write_results
 from .run import _short, output_path, suite_meta
@@ -130,14 +130,6 @@ def cuda_kernels(fn) -> list[str]:
 # the calls
 
 
-def _no_grad(fn):
-    def run():
-        with torch.no_grad():
-            return fn()
-
-    return run
-
-
 def moba_calls(mc, inp, backend: str = "auto"):
     """(forward, forward+backward) callables of ``mc.varlen_attention`` on ``inp`` (benchmarks.common.Inputs):
     the forward under no_grad, the forward+backward through torch.autograd.grad to q, k, v (nothing
@@ -149,7 +141,7 @@ def moba_calls(mc, inp, backend: str = "auto"):
         return mc.varlen_attention(q, k, v, cu, cu, m, m, chunk_size=cfg.C, topk=cfg.K, causal=cfg.causal,
                                    backend=backend)
 
-    return _no_grad(call), grad_fn(call, (q, k, v), lambda out: inp.dout)
+    return no_grad_fn(call), grad_fn(call, (q, k, v), lambda out: inp.dout)
 
 
 def capture_graph(fn, warmup: int = 3):
@@ -275,7 +267,7 @@ def measure(cfg, device: str, reps: int, warmup: int, impl: str, mc) -> dict:
 
         try:
             fa4 = fa4_runner(inp)
-            figs["fa4_fwd_ms"] = _try("fa4 fwd", lambda: idle_ms(_no_grad(fa4.fwd)), notes)
+            figs["fa4_fwd_ms"] = _try("fa4 fwd", lambda: idle_ms(no_grad_fn(fa4.fwd)), notes)
             figs["fa4_fwdbwd_ms"] = _try("fa4 fwdbwd", lambda: idle_ms(fa4.fwdbwd), notes)
         except Unsupported as e:
             notes.append(f"fa4: {e}")

@@ -7,7 +7,8 @@ Record schema (SPEC section 4), in this order::
 
 Additional record keys (documented in docs/benchmarks.md; all optional, null when unknown):
 ``sparsity``, ``attended_pairs``, ``reps``, ``speedup``, ``seqlens`` (varlen only),
-``mask_ms``, ``attn_fwd_ms``, ``attn_fwdbwd_ms`` (flex_moba only).
+``peak_fwd_gb`` (the inference forward's peak), ``mask_ms``, ``attn_fwd_ms``, ``attn_fwdbwd_ms``
+(flex_moba only).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ RECORD_KEYS = (
     "routing_ms", "fwd_ms", "fwdbwd_ms", "peak_mem_gb", "eff_tflops_fwd", "eff_tflops_fwdbwd", "note",
 )
 EXTRA_KEYS = (
-    "sparsity", "attended_pairs", "reps", "speedup", "seqlens", "mask_ms", "attn_fwd_ms", "attn_fwdbwd_ms",
+    "sparsity", "attended_pairs", "reps", "speedup", "seqlens", "peak_fwd_gb", "mask_ms", "attn_fwd_ms",
+    "attn_fwdbwd_ms",
 )
 TOP_KEYS = ("device", "torch", "cutlass_dsl", "commit", "records")
 IMPLS = ("moba_cute.sm90", "moba_cute.sm80", "reference", "fa2", "fa4", "flex_moba")

@@ -194,7 +194,7 @@ class Bench:
         self.save()
         r = rec
         print(f"  {r['impl']:<15} routing={_f(r['routing_ms'])} fwd={_f(r['fwd_ms'])} fwdbwd={_f(r['fwdbwd_ms'])} "
-              f"mem={_f(r['peak_mem_gb'])}GB TF={_f(r['eff_tflops_fwd'])}/{_f(r['eff_tflops_fwdbwd'])}"
+              f"mem={_f(r.get('peak_fwd_gb'))}/{_f(r['peak_mem_gb'])}GB TF={_f(r['eff_tflops_fwd'])}/{_f(r['eff_tflops_fwdbwd'])}"
               + (f"  note: {r['note']}" if r["note"] else ""), flush=True)
 
     def measure(self, fn, what: str, notes: list):
@@ -244,7 +244,7 @@ class Bench:
     def run_config(self, cfg: Config):
         import torch
 
-        from .common import Unsupported, make_inputs
+        from .common import Unsupported, make_inputs, no_grad_fn
         from .flops import fwd_flops, fwdbwd_flops, tflops
         from .moba import cute_impl_name
         from .timing import free_memory, is_oom
@@ -320,6 +320,13 @@ class Bench:
                     except Exception as e:  # noqa: BLE001
                         notes.append(f"peak memory: {'out of memory' if is_oom(e) else _short(e)}")
                         free_memory()
+                # the inference forward's peak (no autograd state kept), what prefill needs
+                if runner.fwd is not None and self.device == "cuda" and figs.get("fwd_ms") is not None:
+                    try:
+                        figs["peak_fwd_gb"] = self.timer.peak_memory_gb(no_grad_fn(runner.fwd))
+                    except Exception as e:  # noqa: BLE001
+                        notes.append(f"forward peak memory: {'out of memory' if is_oom(e) else _short(e)}")
+                        free_memory()
             except Unsupported as e:
                 notes.append(f"unsupported: {e}")
             except Exception as e:  # noqa: BLE001
@@ -337,7 +344,7 @@ class Bench:
             rec = make_record(
                 cfg, name,
                 routing_ms=figs.get("routing_ms"), fwd_ms=figs.get("fwd_ms"), fwdbwd_ms=figs.get("fwdbwd_ms"),
-                peak_mem_gb=figs.get("peak_mem_gb"),
+                peak_mem_gb=figs.get("peak_mem_gb"), peak_fwd_gb=figs.get("peak_fwd_gb"),
                 eff_tflops_fwd=tflops(ff, figs.get("fwd_ms")), eff_tflops_fwdbwd=tflops(fb, figs.get("fwdbwd_ms")),
                 note="; ".join(notes),
                 sparsity=(sparsity if is_moba else 1.0), attended_pairs=pairs,

@@ -220,7 +220,8 @@ SPEC_KEYS = ["suite", "impl", "B", "H", "Hk", "D", "C", "K", "S", "dtype", "caus
 def test_record_schema_and_json(tmp_path):
     cfg = suite_configs("quick")[0]
     recs = [
-        results.make_record(cfg, "fa2", fwd_ms=2.0, fwdbwd_ms=8.0, peak_mem_gb=1.5, eff_tflops_fwd=float("nan")),
+        results.make_record(cfg, "fa2", fwd_ms=2.0, fwdbwd_ms=8.0, peak_mem_gb=1.5, peak_fwd_gb=0.9,
+                            eff_tflops_fwd=float("nan")),
         results.make_record(cfg, "reference", routing_ms=0.5, fwd_ms=4.0, fwdbwd_ms=4.0, sparsity=0.1),
         results.make_record(cfg, "fa4", note="unsupported: flash_attn.cute not importable"),
         results.make_record(cfg, "moba_cute.sm90", routing_ms=0.3, note="no CuTe attention kernel yet"),
@@ -388,7 +389,7 @@ def test_cli_dry_run_writes_schema(tmp_path):
     assert rec["impl"] == "reference" and rec["S"] == 256
     for key in ("routing_ms", "fwd_ms", "fwdbwd_ms", "eff_tflops_fwd", "eff_tflops_fwdbwd"):
         assert rec[key] is not None and rec[key] > 0 and math.isfinite(rec[key])
-    assert rec["peak_mem_gb"] is None  # not measured on the CPU
+    assert rec["peak_mem_gb"] is None and rec["peak_fwd_gb"] is None  # not measured on the CPU
     expected = flops.moba_causal_pairs([256, 256], [256, 256], 2, 64, 3)
     assert rec["attended_pairs"] == expected
     assert rec["sparsity"] == pytest.approx(expected / flops.dense_pairs([256, 256], [256, 256], 2), abs=1e-6)
