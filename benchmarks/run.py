@@ -194,7 +194,8 @@ class Bench:
         self.save()
         r = rec
         print(f"  {r['impl']:<15} routing={_f(r['routing_ms'])} fwd={_f(r['fwd_ms'])} fwdbwd={_f(r['fwdbwd_ms'])} "
-              f"mem={_f(r.get('peak_fwd_gb'))}/{_f(r['peak_mem_gb'])}GB TF={_f(r['eff_tflops_fwd'])}/{_f(r['eff_tflops_fwdbwd'])}"
+              f"mem={_f(r.get('peak_fwd_gb'))}/{_f(r['peak_mem_gb'])}GB "
+              f"TF={_f(r['eff_tflops_fwd'])}/{_f(r['eff_tflops_fwdbwd'])}"
               + (f"  note: {r['note']}" if r["note"] else ""), flush=True)
 
     def measure(self, fn, what: str, notes: list):
