@@ -128,29 +128,3 @@ def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True, choice=Non
         if t is not None:
             return t
     return None
-    ctas = (4 if cap <= TOPK_WGMMA_4CTA_MAX_CAP[head_dim] else 0) if wg else 0
-    return bm, bn, st, 32, ctas, bool(wg)
-
-
-def topk_tile(fam: str, head_dim: int, cap: int, causal: bool = True, choice=None):
-    """(bm, bn, stages, mma_n, ctas_per_sm, wgmma) of the top-k kernel (``ctas_per_sm`` 0: no
-    occupancy target; ``wgmma``: sm90 warpgroup MMA instead of mma.sync), or None if nothing
-    fits the arch's shared memory. First ``MOBA_TOPK_TILE`` (the A/B override), then ``choice``
-    (a :func:`topk_tune_tiles` entry: the tuner's or a tuned table's), where they fit; else the
-    built-in rule below."""
-    if len(_TILE_OVERRIDE) == 6:
-        bm, bn, st, mn, ctas, wg = _TILE_OVERRIDE
-        if topk_smem_bytes(head_dim, bm, bn, cap, st) <= SMEM_LIMIT[fam] and (
-                not wg or topk_wgmma_ok(fam, head_dim, bm)):
-            return bm, bn, st, mn, ctas, bool(wg)
-    if choice is not None:
-        t = _expand(fam, head_dim, cap, choice)
-        if t is not None:
-            return t
-    if topk_wgmma_ok(fam, head_dim, 128) and topk_smem_bytes(head_dim, 128, 32, cap, 1) <= SMEM_LIMIT[fam]:
-        ctas = 4 if cap <= TOPK_WGMMA_4CTA_MAX_CAP[head_dim] else 0
-        return 128, 32, 1, 32, ctas, True
-    for bm, bn in TOPK_TILE_CANDIDATES:
-        if topk_smem_bytes(head_dim, bm, bn, cap) <= SMEM_LIMIT[fam]:
-            return bm, bn, 2, 32, 0, False
-    return None
