@@ -142,6 +142,8 @@ CASES = [
     Case("decode-gqa4", (1, 3, 16), (4097, 700, 16), 8, 2, C=128, K=8, grad=False, **Cc),
     Case("decode-every-chunk-noncausal", (2, 1), (300, 50), 8, 2, C=32, K=16, grad=False, **B),
     Case("decode-splits-nan", (1, 1), (9000, 5000), 8, 2, C=1024, K=3, grad=False, nan=True, **A),
+    # splits sized by the longest row: the short row's few tiles dealt out, most splits empty
+    Case("decode-splits-uneven", (1, 1), (40000, 20), 8, 2, C=40000, K=1, grad=False, **A),
     Case("nan-inputs-sm80fwd", (130, 70), (130, 70), 4, 2, C=16, K=3, nan=True, fwd="sm80", **B),
 ] + [
     # wrong cu_seqlens values without strict checks: meaningless results, never out of bounds

@@ -61,13 +61,26 @@ def test_decode_limits():
 
 
 def test_decode_splits_and_groups():
-    """Key splits aim at two CTAs per SM with a few 32-key pieces per warp; head groups take
-    the largest divisor of the GQA group that fits."""
+    """Key splits: the count whose waves of CTAs end together (a last wave that fills a few SMs
+    costs a whole one), within WAVES CTAs per SM, MAX_SPLITS and a few 32-key pieces per warp;
+    head groups take the largest divisor of the GQA group that fits."""
     f = decode_launch.splits_for
     assert f(32, 8 * 4, 132) == 2  # one sequence, C=128, K=8: 32 pieces, two splits of 16
-    assert f(32, 12 * 128, 132) == 9  # one sequence, C=4096, K=12: 9 splits, 288 CTAs
+    # one sequence, C=4096, K=12 (32 pairs, 1536 pieces): 4 splits are one wave of 128 CTAs;
+    # 9 (the most WAVES allows) would be 288 CTAs, three waves at one CTA per SM
+    assert f(32, 12 * 128, 132) == 4
+    assert f(32, 12 * 128, 132, resident=2) == 8  # two per SM: 256 CTAs are one wave
+    assert f(64, 1025, 132, 4) == 2  # B = 8, 32K, every chunk: 128 CTAs, not 9 splits' 576
+    assert f(8, 4096, 132, 2) == 16  # B = 1, 128K, C = 4096 (union bound of 32 chunks)
     assert f(2048, 32, 132) == 1  # enough (row, head) pairs: no split, no merge
     assert f(1, 10 ** 6, 132) == cfg.MAX_SPLITS
+    for pairs in (1, 3, 8, 32, 64, 200, 4096):
+        for pieces in (1, 16, 33, 1025, 4096, 10 ** 5):
+            for waves in cfg.WAVE_CHOICES:
+                s = f(pairs, pieces, 132, waves)
+                assert 1 <= s <= cfg.MAX_SPLITS
+                assert s == 1 or (s <= -(-waves * 132 // pairs)
+                                  and pieces > (s - 1) * cfg.MIN_PIECES_PER_WARP * cfg.ATTEND_WARPS)
     g = decode_launch.head_group
     assert g(32, 8, 256) == 4 and g(32, 4, 256) == 4 and g(24, 8, 256) == 3 and g(32, 16, 256) == 2
     assert g(32, 32, 256) == 1 and g(28, 4, 256) == 1 and g(16, 1, 256) == 4
@@ -77,30 +90,28 @@ def test_decode_splits_and_groups():
 
 
 def test_decode_attend_launch():
-    """Which attend kernel a call runs, and splits that cover every key tile / piece a row can
-    attend to."""
+    """Which attend kernel a call runs, and its key splits (each kernel deals a row's actual work
+    out evenly over them)."""
     from types import SimpleNamespace
 
     def plan(D=128, C=4096, group=4, group_ok=True):
         tile = decode_launch.group_tile(D)
         return SimpleNamespace(group=group, tile=tile, per=-(-C // cfg.KEYS_PER_PIECE), sms=132, group_ok=group_ok,
-                               waves=cfg.WAVES)
+                               waves=cfg.WAVES, resident=decode_launch.group_resident(D, cfg.GROUP_MMA_WARPS))
 
     f = decode_launch.attend_launch
     L = 128 * 1024 + 1
     # C=4096, K=12 at 128K: 33 chunks, the union of 4 heads' selections
-    role, gt, splits, pps = f(12, 33, 4096, L, 1, 32, plan())
-    assert (role, gt) == ("group_select", 4) and splits * pps * plan().tile >= 33 * 4096
+    assert f(12, 33, 4096, L, 1, 32, plan()) == ("group_select", 4, 16)  # one wave of 128 CTAs
     # the union bound: 2 heads of 3 chunks each out of 33 -> at most 6 chunks of whole tiles
-    role, gt, splits, pps = f(3, 33, 4096, L, 1, 32, plan(group=2))
-    assert gt == 2 and splits * pps >= 6 * -(-4096 // plan().tile)
+    # 2 heads of 3 chunks each: the union bound is 6 chunks (768 pieces) over 16 (row, head) pairs
+    role, gt, splits = f(3, 33, 4096, L, 1, 32, plan(group=2))
+    assert gt == 2 and splits == decode_launch.splits_for(16, 6 * 4096 // 32, 132)
     # topk covers every chunk: no selection, every key
-    role, gt, splits, pps = f(12, 8, 4096, 32 * 1024 + 1, 8, 32, plan())
-    assert role == "group" and splits * pps * plan().tile >= 32 * 1024 + 1
+    assert f(12, 8, 4096, 32 * 1024 + 1, 8, 32, plan()) == ("group", 4, 2)
     assert f(1, 1, 32785, 32785, 1, 32, plan(C=32785))[0] == "group"  # a dense layer
     # small chunks, or too many chunks for the group kernel's shared memory: one CTA per head
-    role, gt, splits, pps = f(8, 1025, 128, L, 8, 32, plan(C=128))
-    assert (role, gt) == ("attend", 1) and splits * pps >= 8 * 4
+    assert f(8, 1025, 128, L, 8, 32, plan(C=128)) == ("attend", 1, 1)  # 256 (row, head) CTAs
     assert f(8, cfg.GROUP_MAX_CHUNKS + 1, 1024, (cfg.GROUP_MAX_CHUNKS + 1) * 1024, 1, 32, plan(C=1024))[0] == "attend"
     assert f(8, 64, cfg.GROUP_SELECT_MIN_CHUNK - 1, L, 1, 32, plan(C=1023))[0] == "attend"
     # GPUs with 99 KB of shared memory per block: the per-head kernel, also over every chunk

@@ -42,6 +42,11 @@ CASES = [
     ([1, 1], [7000, 2100], 8, 2, 1030, 3, True),  # chunks not a multiple of the key tile
     ([1, 2], [5000, 3000], 32, 2, 1024, 3, True),  # 16 heads per CTA (tensor cores: the whole m16 tile)
     ([2, 1], [3000, 700], 16, 2, 4096, 2, False),  # 8 heads per CTA, every chunk, non-causal
+    # splits sized by the longest row, each row's work dealt out evenly: the short row leaves
+    # splits with little or nothing to do (33 splits each: the short row has 2 tiles of 16 keys
+    # with every chunk; with selection one chunk, 94 tiles)
+    ([1, 1], [40000, 20], 8, 2, 40000, 1, True),
+    ([1, 1], [131072, 1500], 8, 2, 4096, 12, True),
 ]
 
 

@@ -62,10 +62,14 @@ GROUP_MMA_WARPS = 8
 GROUP_SELECT_MIN_CHUNK = 1024
 GROUP_MAX_CHUNKS = 512
 MAX_SPLITS = 64
-#: CTAs per SM the key splits aim for (8 measured no faster on the H200), and the fewest 32-key
-#: pieces per warp of a split
+#: CTAs per SM the key splits may reach at most (8 measured no faster on the H200), and the
+#: fewest 32-key pieces per warp of a split
 WAVES = 2
 MIN_PIECES_PER_WARP = 2
+#: a CTA's fixed cost (selection, query load, ring fill, the warps' merge and the split's state
+#: write) in 32-key pieces of its main loop, for the split count's makespan model
+#: (decode_launch.splits_for): ~4 us against ~0.5 us a piece per SM at 3.8 TB/s (H200, D = 128)
+SPLIT_OVERHEAD_PIECES = 8
 #: the decode family's tiles for the tuner (moba_cute.tune, configs/tuned.py): CTAs per SM the
 #: key splits aim for (host-side only: every choice runs the same compiled kernels); WAVES first
 WAVE_CHOICES = (2, 1, 3, 4)

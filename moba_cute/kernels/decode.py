@@ -270,6 +270,16 @@ class DecodeScoresKernel:
 
 
 @cute.jit
+def split_range(sp: Int32, splits: Int32, n: Int32):
+    """Split ``sp``'s share ``[lo, hi)`` of a row's ``n`` work units: ``splits`` near-equal
+    ranges of the row's actual work (the host sizes ``splits`` by the most a row can have), so no
+    split idles while another takes a whole extra wave."""
+    lo = Int32((Int64(sp) * Int64(n)) // Int64(splits))
+    hi = Int32((Int64(sp + 1) * Int64(n)) // Int64(splits))
+    return lo, hi
+
+
+@cute.jit
 def token_bases(qs: Int32, ks: Int32, padded: cutlass.Constexpr):
     """Token offsets of a sequence's first query and key: its ``cu_seqlens`` starts (varlen), or 0
     (padded: the batch stride places the sequence)."""
@@ -385,10 +395,10 @@ class _AttendLaunch:
                  scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
                  part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64,
                  k_sh: Int64, v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
-                 total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+                 total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32,
                  scale_log2: Float32, stream: cuda.CUstream):
         self.kernel(q, k, v, cu_q, cu_k, scores, out, lse, part_ml, part_acc, q_sb, q_st, q_sh, k_sb, k_st, k_sh,
-                    v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits, pps,
+                    v_sb, v_st, v_sh, B, H, Hk, total_q, total_k, max_q, chunk, nchunks, topk, splits,
                     scale_log2, *self.extras()).launch(grid=(total_q, H // self.GT, splits),
                                                        block=(self.THREADS, 1, 1), stream=stream,
                                                        min_blocks_per_mp=self.MIN_CTAS, preferred_smem_carveout=100)
@@ -402,7 +412,7 @@ class DecodeAttendKernel(_AttendLaunch):
     """Selection and attention of one (output row, head, key split) per CTA (see the module
     doc), grid (total_q, H, splits); the row's sequence comes from a binary search of
     ``cu_seqlens_q``. The selected chunks' 32-key pieces are numbered slot by slot; split ``sp``
-    takes pieces ``[sp * pps, (sp + 1) * pps)``, dealt round-robin to its warps (lane ``t`` scores
+    takes its even share of them (:func:`split_range`), dealt round-robin to its warps (lane ``t`` scores
     key ``t`` of a piece from its whole row, then every lane accumulates ``D / 32`` output
     elements from each value row). One split: the CTA writes ``out``/``lse``; several: its merged
     state goes to ``part_ml`` (max, sum) / ``part_acc`` (unnormalized output) for
@@ -529,7 +539,7 @@ class DecodeAttendKernel(_AttendLaunch):
                scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
                part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
                v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
-               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32,
                scale_log2: Float32):
         tid, _, _ = cute.arch.thread_idx()
         r, h, sp = cute.arch.block_idx()
@@ -566,8 +576,7 @@ class DecodeAttendKernel(_AttendLaunch):
         krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
         vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
         per = (chunk + KEYS_PER_PIECE - 1) // KEYS_PER_PIECE
-        lo = sp * pps
-        hi = cutlass.min(lo + pps, nslots * per)
+        lo, hi = split_range(sp, splits, nslots * per)
         m = cute.make_rmem_tensor(cute.make_layout(1), Float32)
         lsum = cute.make_rmem_tensor(cute.make_layout(1), Float32)
         acc = cute.make_rmem_tensor(cute.make_layout(self.VEC), Float32)
@@ -604,7 +613,7 @@ class DecodeGroupKernel(_AttendLaunch):
     it copied), and keeps its 8 dims of every
     head's query (fp32, log2 domain) and output state in registers; a key's scores are summed over
     its ``LPR`` lanes by butterfly shuffles. Tiles of ``T = RW * U`` keys are dealt round-robin to
-    the warps, split ``sp`` taking tiles ``[sp * pps, (sp + 1) * pps)``; each lane group keeps an
+    the warps, split ``sp`` taking its even share of them (:func:`split_range`); each lane group keeps an
     online softmax, and the ``8 * RW`` states per head merge in a fixed order (bitwise
     deterministic). Outputs and split states as :class:`DecodeAttendKernel`'s."""
 
@@ -714,14 +723,13 @@ class DecodeGroupKernel(_AttendLaunch):
 
     @cute.jit
     def warp_tiles(self, b: Int32, kbase: Int64, hk: Int32, k_sb: Int64, k_st: Int64, k_sh: Int64, v_sb: Int64,
-                   v_st: Int64, v_sh: Int64, sp: Int32, pps: Int32, ntiles: Int32, warp: Int32):
+                   v_st: Int64, v_sh: Int64, sp: Int32, splits: Int32, ntiles: Int32, warp: Int32):
         """The row's K and V bases, split ``sp``'s first tile, this warp's tile count (the split's
-        tiles ``[sp * pps, min((sp + 1) * pps, ntiles))`` round-robin over the warps) and the
-        16-byte cp.async atom."""
+        share of the row's ``ntiles`` tiles, :func:`split_range`, round-robin over the warps) and
+        the 16-byte cp.async atom."""
         krow0 = Int64(b) * k_sb + kbase * k_st + Int64(hk) * k_sh
         vrow0 = Int64(b) * v_sb + kbase * v_st + Int64(hk) * v_sh
-        lo = sp * pps
-        hi = cutlass.min(lo + pps, ntiles)
+        lo, hi = split_range(sp, splits, ntiles)
         nw = cutlass.max((hi - lo - warp + self.NW - 1) // self.NW, Int32(0))
         atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
                                    num_bits_per_copy=128)
@@ -829,7 +837,7 @@ class DecodeGroupKernel(_AttendLaunch):
                scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
                part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
                v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
-               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32,
                scale_log2: Float32):
         tid, _, _ = cute.arch.thread_idx()
         r, hg, sp = cute.arch.block_idx()
@@ -869,7 +877,7 @@ class DecodeGroupKernel(_AttendLaunch):
         lsum.fill(0.0)
         acc.fill(0.0)
 
-        krow0, vrow0, lo, nw, atom = self.warp_tiles(b, kbase, hk, k_sb, k_st, k_sh, v_sb, v_st, v_sh, sp, pps,
+        krow0, vrow0, lo, nw, atom = self.warp_tiles(b, kbase, hk, k_sb, k_st, k_sh, v_sb, v_st, v_sh, sp, splits,
                                                      ntiles, warp)
         for st in cutlass.range_constexpr(S - 1):
             if st < nw:
@@ -961,7 +969,7 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
                scores: cute.Pointer, out: cute.Pointer, lse: cute.Pointer, part_ml: cute.Pointer,
                part_acc: cute.Pointer, q_sb: Int64, q_st: Int64, q_sh: Int64, k_sb: Int64, k_st: Int64, k_sh: Int64,
                v_sb: Int64, v_st: Int64, v_sh: Int64, B: Int32, H: Int32, Hk: Int32, total_q: Int32,
-               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32, pps: Int32,
+               total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, splits: Int32,
                scale_log2: Float32, tiled_mma: cute.TiledMma):
         tid, _, _ = cute.arch.thread_idx()
         r, hg, sp = cute.arch.block_idx()
@@ -1026,7 +1034,7 @@ class DecodeGroupMmaKernel(DecodeGroupKernel):
         row_max.fill(-Float32.inf)
         row_sum.fill(0.0)
 
-        krow0, vrow0, lo, nw, atom = self.warp_tiles(b, kbase, hk, k_sb, k_st, k_sh, v_sb, v_st, v_sh, sp, pps,
+        krow0, vrow0, lo, nw, atom = self.warp_tiles(b, kbase, hk, k_sb, k_st, k_sh, v_sb, v_st, v_sh, sp, splits,
                                                      ntiles, warp)
         wbase = warp * (self.S * 2 * self.TILE)  # the warp's ring: stage s holds K at 2s, V at 2s + 1
         # tiles j + 1 .. j + S - 1 in flight while tile j is used (one commit group per tile, empty

@@ -16,8 +16,9 @@ sequence, the group kernel alone over every visible key. With several key splits
 sequences, possible only with invalid cu_seqlens / max_seqlen_q, get 0 and -inf). ``splits`` spreads a
 row's selected keys over CTAs when there are too few (row, head) pairs to fill the GPU (one
 sequence) or a row selects many keys (large chunks): :func:`splits_for`, per call from shapes,
-aiming at the plan's waves (CTAs per SM: ``configs/decode.py: WAVES``, or the per-GPU tuned
-table's ``decode`` entry for the call's shape class, :mod:`moba_cute.configs.tuned`).
+the count whose waves of CTAs end together (makespan model), within the plan's waves (CTAs per SM
+at most: ``configs/decode.py: WAVES``, or the per-GPU tuned table's ``decode`` entry for the
+call's shape class, :mod:`moba_cute.configs.tuned`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def kernel_specs(dtype_name, head_dim, padded, causal, group=1, stages=None, war
     I = lambda n: tuple(cutlass.Int32(1) for _ in range(n))  # noqa: E731
     s = common.fake_stream()
     attend_args = ((P(dt), P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(dt), P(f32, 4), P(f32, 4), P(f32, 4))
-                   + L + L + L + I(11) + (f32(1.0), s))
+                   + L + L + L + I(10) + (f32(1.0), s))
     score_args = (P(dt), P(dt), P(i32, 4), P(i32, 4), P(f32, 4), P(f32, 4)) + L + L + L + I(9) + (s,)
     # centroids from K ("scores"; "centroids" writes them), or read for full chunks ("cached")
     specs = {
@@ -137,25 +138,42 @@ def group_tile(head_dim):
     return 32 // (head_dim // 8) * cfg.GROUP_KEYS_PER_LANE
 
 
-def splits_for(pairs, pieces, sms, waves=None):
-    """Key splits of one row: about ``waves`` (default ``WAVES``) CTAs per SM over ``pairs``
-    (row, head group) CTAs, at least ``MIN_PIECES_PER_WARP`` 32-key pieces per warp, at most
-    ``MAX_SPLITS``."""
+def splits_for(pairs, pieces, sms, waves=None, resident=1):
+    """Key splits of one row, over ``pairs`` (row, head group) CTAs that each hold ``pieces``
+    32-key pieces at most and ``resident`` of which fit an SM at once: the count ``s`` that
+    minimises the makespan ``rounds(s) * (ceil(pieces / s) + SPLIT_OVERHEAD_PIECES)``, with
+    ``rounds(s) = ceil(pairs * s / (sms * resident))`` the waves of CTAs the launch runs in (a
+    last wave that fills a third of the SMs costs as much as a full one), at most ``waves`` CTAs
+    per SM (default ``WAVES``; the tuner's knob), ``MAX_SPLITS`` and one split per
+    ``MIN_PIECES_PER_WARP`` pieces per warp. Ties take fewer splits (less to merge)."""
     waves = cfg.WAVES if waves is None else waves
-    return max(1, min(-(-waves * sms // max(pairs, 1)),
-                      -(-pieces // (cfg.MIN_PIECES_PER_WARP * cfg.ATTEND_WARPS)), cfg.MAX_SPLITS))
+    pairs = max(pairs, 1)
+    cap = max(1, min(-(-waves * sms // pairs), -(-pieces // (cfg.MIN_PIECES_PER_WARP * cfg.ATTEND_WARPS)),
+                     cfg.MAX_SPLITS))
+    slots = max(sms * resident, 1)
+    return min(range(1, cap + 1),
+               key=lambda s: (-(-pairs * s // slots) * (-(-pieces // s) + cfg.SPLIT_OVERHEAD_PIECES), s))
+
+
+def group_resident(head_dim, warps):
+    """CTAs of the group kernel an SM holds at once (its launch bound): the tensor-core kernel's
+    ``ATTEND_WARPS // warps``, the CUDA-core one's ``GROUP_MIN_CTAS``."""
+    if head_dim in cfg.GROUP_MMA_HEAD_DIMS:
+        return max(1, cfg.ATTEND_WARPS // warps)
+    return cfg.GROUP_MIN_CTAS
 
 
 def attend_launch(topk, nch, chunk, max_k, total_q, H, plan):
-    """Which attend kernel a call runs and how: ``(role, heads per CTA, splits, work units per
-    split)``. topk covering every chunk of the longest sequence: ``"group"`` (no scores, no
+    """Which attend kernel a call runs and in how many key splits: ``(role, heads per CTA,
+    splits)``. topk covering every chunk of the longest sequence: ``"group"`` (no scores, no
     selection, the heads of a KV head share what they read); chunks of ``GROUP_SELECT_MIN_CHUNK``
     keys and more, at most ``GROUP_MAX_CHUNKS`` of them: ``"group_select"`` (the union of the
-    heads' selections read once); else ``"attend"``, one CTA per (row, head). Work units: key
-    tiles of the group kernel (``plan.tile`` keys; with selection a chunk takes whole tiles),
-    32-key pieces of the per-head kernel; both bounded by what a row can attend to. Without
-    ``plan.group_ok`` (too little shared memory) always ``"attend"``, which selects every chunk
-    without reading scores when topk covers them."""
+    heads' selections read once); else ``"attend"``, one CTA per (row, head). The splits are
+    sized by what a row can attend to at most (the group kernel's key tiles of ``plan.tile``
+    keys, with selection whole tiles per chunk; the per-head kernel's 32-key pieces); each kernel
+    then deals its row's actual work out evenly over them. Without ``plan.group_ok`` (too little
+    shared memory) always ``"attend"``, which selects every chunk without reading scores when
+    topk covers them."""
     group = topk >= nch or (chunk >= cfg.GROUP_SELECT_MIN_CHUNK and nch <= cfg.GROUP_MAX_CHUNKS)
     if group and plan.group_ok:
         role = "group" if topk >= nch else "group_select"
@@ -163,11 +181,10 @@ def attend_launch(topk, nch, chunk, max_k, total_q, H, plan):
         tiles = (-(-max_k // plan.tile) if role == "group"
                  else min(nch, gt * topk) * -(-chunk // plan.tile))
         splits = splits_for(total_q * H // gt, -(-tiles * plan.tile // cfg.KEYS_PER_PIECE), plan.sms,
-                            plan.waves)
-        return role, gt, splits, -(-tiles // splits)
+                            plan.waves, plan.resident)
+        return role, gt, splits
     pieces = min(topk, nch) * plan.per  # a row's 32-key pieces at most
-    splits = splits_for(total_q * H, pieces, plan.sms, plan.waves)
-    return "attend", 1, splits, -(-pieces // splits)
+    return "attend", 1, splits_for(total_q * H, pieces, plan.sms, plan.waves, cfg.ATTEND_MIN_CTAS)
 
 
 _DEVICE: dict = {}
@@ -215,6 +232,7 @@ class DecodePlan:
         # (99 KB per block: sm86/89/120) run the per-head kernel
         self.stages, self.warps = cfg.GROUP_MMA_STAGES, cfg.GROUP_MMA_WARPS
         self.group_ok = group_smem_bytes(self.D, self.group, self.stages, self.warps) <= smem
+        self.resident = group_resident(self.D, self.warps)
         self.per = -(-self.C // cfg.KEYS_PER_PIECE)  # 32-key pieces per chunk (per-head kernel)
         self.tile = group_tile(self.D)  # keys per warp tile (group kernel)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, padded, self.causal, self.group,
@@ -282,7 +300,7 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     plan = DECODE_PLANS.get(key, key, common.arch_of(dev))
     scale = softmax_scale if softmax_scale is not None else D ** -0.5
     nch = max(1, -(-max_k // chunk_size))
-    role, _, splits, pps = attend_launch(topk, nch, chunk_size, max_k, total_q, H, plan)
+    role, _, splits = attend_launch(topk, nch, chunk_size, max_k, total_q, H, plan)
     every = topk >= nch  # (no scores: the group kernel or the per-head one selects every chunk)
     # one fp32 workspace: chunk scores (B, max_q, H, chunks), then the splits' states
     nsc = 0 if every else B * max_q * H * nch
@@ -306,7 +324,7 @@ def decode_cute(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, sof
     p_acc = p_ml + 4 * 2 * total_q * H * splits
     ks[role](
         pq, pk, pv, pcq, pck, p_sc, out.data_ptr(), lse.data_ptr(), p_ml, p_acc, qsb, qst, qsh, ksb, kst, ksh, vsb,
-        vst, vsh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch, topk, splits, pps, float(scale * LOG2_E),
+        vst, vsh, B, H, Hk, total_q, total_k, max_q, chunk_size, nch, topk, splits, float(scale * LOG2_E),
         stream)
     if splits > 1:
         ks["merge"](p_ml, p_acc, out.data_ptr(), lse.data_ptr(), H, total_q, splits, stream)
