@@ -70,6 +70,7 @@ MIN_PIECES_PER_WARP = 2
 #: write) in 32-key pieces of its main loop, for the split count's makespan model
 #: (decode_launch.splits_for): ~4 us against ~0.5 us a piece per SM at 3.8 TB/s (H200, D = 128)
 SPLIT_OVERHEAD_PIECES = 8
-#: the decode family's tiles for the tuner (moba_cute.tune, configs/tuned.py): CTAs per SM the
-#: key splits aim for (host-side only: every choice runs the same compiled kernels); WAVES first
+#: the decode family's tiles for the tuner (moba_cute.tune, configs/tuned.py): the most CTAs per
+#: SM the key splits may reach (host-side only: every choice runs the same compiled kernels);
+#: WAVES first
 WAVE_CHOICES = (2, 1, 3, 4)
