@@ -37,8 +37,9 @@ Table format (JSON)::
 Families and their tiles: ``sm90_fwd`` (bn, sub, kv_stages) of the sm90 segment
 kernel; ``sm80_fwd`` (bm, bn, threads, stages) of the sm80 slot-pass forward; ``decode``
 (waves,) of the decode-step kernels (``configs/decode.py: WAVE_CHOICES``, the most CTAs per SM
-their key splits may reach; ``decode_launch.splits_for`` picks the count within it); ``sm90_topk`` / ``sm80_topk`` (bm, bn, stages, wgmma) of the routing's
-top-k kernel on each arch family (``configs/routing.py: topk_tune_tiles``, head dims 64 and 128).
+their key splits may reach; ``decode_launch.splits_for`` picks the count within it);
+``sm90_topk`` / ``sm80_topk`` (bm, bn, stages, wgmma) of the routing's top-k kernel on each arch
+family (``configs/routing.py: topk_tune_tiles``, head dims 64 and 128).
 The user's entries replace the shipped ones class by class. The backward kernels ship one
 configuration per head dim (nothing to choose), so they have no family here.
 
