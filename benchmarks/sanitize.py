@@ -52,6 +52,7 @@ class Case:
     fwd: str = "auto"  # "auto": the device's forward family; "sm80": MOBA_CUTE_FWD_SM80=1
     stages: int = 0  # sm80 forward stages (MOBA_CUTE_FWD_STAGES), 0: shipped
     windows: bool = False  # sm90 forward: one KV head per partial window (MOBA_CUTE_FWD_PARTIAL_BYTES=1)
+    staged: bool = False  # sm90 forward: the segment kernel's staged epilogue (MOBA_CUTE_FWD_STAGED=1)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -130,6 +131,8 @@ CASES = [
     # the sm90 forward's partials one KV-head window at a time (forced), causal and non-causal
     Case("fwd-windows-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, **A),
     Case("fwd-windows-noncausal-sq-ne-sk", (50, 0, 70), (90, 5, 40), 8, 2, C=32, K=3, windows=True, **B),
+    # the segment kernel's staged epilogue (partials through the sub-tile's Q stage), with windows
+    Case("fwd-staged-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, staged=True, **A),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -229,6 +232,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
         t.add("fwd-sm80-2stage")
     if case.windows and case.fwd != "sm80" and case.Hk > 1:
         t.add("fwd-windows")
+    if case.staged and case.fwd != "sm80":
+        t.add("fwd-staged")
     if case.K == 1:
         t.add("own-chunk-only")
     if case.C > 128:
@@ -274,8 +279,9 @@ def _env(case: Case):
     from moba_cute.kernels import attention_launch, route_launch
 
     saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES",
-                                            "MOBA_CUTE_FWD_PARTIAL_BYTES")}
+                                            "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
+    os.environ["MOBA_CUTE_FWD_STAGED"] = "1" if case.staged else "0"
     if case.windows:
         os.environ["MOBA_CUTE_FWD_PARTIAL_BYTES"] = "1"
     else:

@@ -136,3 +136,46 @@ def test_sm90_forward_windows(case, monkeypatch):
         monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
         m.FWD_PLANS.clear()
     assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+
+
+STAGED_CASES = [
+    # lens_q, lens_k, H, Hk, C, K, causal, D
+    ([700, 1, 333], [700, 1, 333], 8, 2, 64, 4, True, 128),  # segments of 1..several sub-tiles
+    ([3000], [3000], 4, 4, 128, 8, True, 128),  # units of several 64-row sub-tiles (Q stage reuse)
+    ([513, 90], [400, 700], 4, 1, 32, 3, False, 64),  # non-causal, Sq != Sk, MQA, D = 64
+    ([2000, 50], [2000, 50], 8, 4, 208, 3, True, 128),  # chunks over one n-block: the streamed path
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", range(len(STAGED_CASES)))
+def test_sm90_forward_staged_epilogue(case, monkeypatch):
+    """The segment kernel's staged epilogue (``MOBA_CUTE_FWD_STAGED=1``: partials through the
+    sub-tile's Q ring stage, 16-byte stores) gives bitwise the default kernel's out and lse (same
+    arithmetic, other store path), also with forced KV-head windows; within SPEC tolerance of the
+    reference."""
+    from moba_cute.kernels import attention_launch as m
+    from moba_cute.kernels import common
+
+    lq, lk, H, Hk, C, K, causal, D = STAGED_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=400 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    arch = common.arch_of(q.device)
+    key = m._plan_key(q, k, r)
+    m.FWD_PLANS.clear()
+    one = m.attention_cute(q, k, v, r, None, True)
+    assert not m.FWD_PLANS.get(key, key, arch).staged
+    try:
+        monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "1")
+        for forced_windows in (False, True):
+            if forced_windows:
+                monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
+            m.FWD_PLANS.clear()
+            got = m.attention_cute(q, k, v, r, None, True)
+            assert m.FWD_PLANS.get(key, key, arch).staged
+            assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"windows forced: {forced_windows}"
+        _check(lq, lk, H, Hk, D, C, K, causal, torch.bfloat16, seed=400 + case)
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_FWD_STAGED", raising=False)
+        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
+        m.FWD_PLANS.clear()

@@ -153,6 +153,23 @@ def test_sm90_forward_windows(monkeypatch):
     assert al.FwdPlan(key, "sm_90a").windows == 4
 
 
+def test_sm90_forward_staged_epilogue_plan(monkeypatch):
+    """MOBA_CUTE_FWD_STAGED=1 plans the segment kernel with its staged epilogue (its own compile
+    key); off by default; other values are refused."""
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=4, D=128, C=128, K=5)
+    key = al._plan_key(q, k, r)
+    plain = al.FwdPlan(key, "sm_90a")
+    assert not plain.staged and "staged" not in plain.ks.specs["seg"][0]
+    monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "1")
+    staged = al.FwdPlan(key, "sm_90a")
+    assert staged.staged and staged.ks.specs["seg"][0] == plain.ks.specs["seg"][0] + ("staged",)
+    assert {n: s[0] for n, s in staged.ks.specs.items() if n != "seg"} == \
+        {n: s[0] for n, s in plain.ks.specs.items() if n != "seg"}
+    monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "yes")
+    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_STAGED must be 0 or 1"):
+        al.FwdPlan(key, "sm_90a")
+
+
 def test_sm90_backward_long_chunks_plan():
     """Chunks over 128 keys on Hopper: dK/dV per 128-key tile and the dQ kernel that streams a
     chunk's tiles, its (chunk, KV head) pairs split over several CTAs."""

@@ -29,8 +29,10 @@ SMEM_PER_SM = 227 * 1024
 CTAS_PER_SM = 2
 
 
-def fwd_smem_bytes(head_dim: int, bn: int, kv_stages: int) -> int:
-    return 2 * 64 * head_dim * 2 + kv_stages * 2 * bn * head_dim * 2 + 1024 + 128
+def fwd_smem_bytes(head_dim: int, bn: int, kv_stages: int, staged: bool = False) -> int:
+    # Q ring (2 stages of 64 rows), K and V stages, mbarriers and alignment; staged epilogue: the
+    # places of two sub-tiles' rows
+    return 2 * 64 * head_dim * 2 + kv_stages * 2 * bn * head_dim * 2 + 1024 + 128 + (2 * 64 * 4 if staged else 0)
 
 
 def unit_rows(head_dim: int) -> int:

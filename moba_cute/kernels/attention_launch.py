@@ -200,6 +200,16 @@ def uses_sm90(dtype_name, head_dim, arch):
             and os.environ.get("MOBA_CUTE_FWD_SM80", "0") in ("", "0"))
 
 
+def fwd_staged():
+    """Whether the sm90 segment kernel stages its partials through shared memory
+    (``MOBA_CUTE_FWD_STAGED=1``; off by default until measured: docs/design.md section 8,
+    "Where the forward's time goes now")."""
+    env = os.environ.get("MOBA_CUTE_FWD_STAGED", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"MOBA_CUTE_FWD_STAGED must be 0 or 1, not {env!r}")
+    return env == "1"
+
+
 def sm90_tiles(head_dim, shape_class=None, device=None):
     """(bn, sub, kv_stages) of the sm90 segment kernel: for a launch plan
     (``shape_class`` given) the tuner's override first; then ``MOBA_CUTE_SM90_TILES=bn,sub,
@@ -232,11 +242,12 @@ def tile_override(family, tile):
         yield
 
 
-def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None):
+def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
-    (None: both variants, for the compile tests)."""
+    (None: both variants, for the compile tests). ``staged``: the segment kernel's staged
+    epilogue (:func:`fwd_staged`)."""
     from .merge import MergeKernel
     from .moba_fwd_sm80 import MobaFwdSm80
     from .moba_fwd_sm90 import MobaFwdSm90
@@ -249,8 +260,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None):
     bm, dbn, nt, st = tiles(head_dim)
     causal = bool(causal)
     specs = {
-        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst),
-                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst),
+        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged),
+                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged),
                 _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(8), 10, 1)),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
@@ -535,8 +546,9 @@ class FwdPlan(_PlanBase):
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
             self.merge_blocks = _merge_blocks(self.total_q * self.win_heads)
-            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K),
-                                       arch)
+            self.staged = fwd_staged()
+            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
+                                                         self.staged), arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)
         bm = self.tile[0]

@@ -164,7 +164,8 @@ def gemm_kblocks(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB
 class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
-    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1):
+    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
+                 staged: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
         self.dtype = dtype
@@ -174,10 +175,15 @@ class MobaFwdSm90:
         self.KS = kv_stages
         self.QS = 2  # Q ring stages
         self.THREADS = 256  # producer and consumer warpgroups
+        # staged epilogue (chunks of one n-block): a sub-tile's normalized partials go through its
+        # own Q ring stage (free once its QK^T is done) and out in whole 16-byte pieces, instead of
+        # 4-byte stores from the accumulator fragments (half a sector per row and store)
+        self.staged = bool(staged)
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int):
-        return ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False):
+        key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
+        return key + ("staged",) if staged else key
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -185,6 +191,18 @@ class MobaFwdSm90:
         sQ = cute.tile_to_shape(atom, (BM, D, self.QS), order=(0, 1, 2))
         sK = cute.tile_to_shape(atom, (self.BN, D, self.KS), order=(0, 1, 2))
         return sQ, sK
+
+    def _storage(self, sQ_layout, sKV_layout):
+        """The shared-memory struct: mbarriers, the Q ring, K and V; staged, also the places of
+        two sub-tiles' staged rows."""
+        MR, AL = cute.struct.MemRange, cute.struct.Align
+        fields = {"mbar_q": MR[cutlass.Int64, 2 * self.QS], "mbar_kv": MR[cutlass.Int64, 2 * self.KS],
+                  "sQ": AL[MR[self.dtype, cute.cosize(sQ_layout)], 1024],
+                  "sK": AL[MR[self.dtype, cute.cosize(sKV_layout)], 1024],
+                  "sV": AL[MR[self.dtype, cute.cosize(sKV_layout)], 1024]}
+        if self.staged:
+            fields["sLoc"] = AL[MR[Int32, 2 * BM], 16]
+        return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
     @cute.jit
     def __call__(
@@ -226,13 +244,7 @@ class MobaFwdSm90:
         atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
                                                                    cute.select(sKV_layout, mode=[0, 1]), BN)
 
-        @cute.struct
-        class Storage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.QS]
-            mbar_kv: cute.struct.MemRange[cutlass.Int64, 2 * self.KS]
-            sQ: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sQ_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sKV_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[dt, cute.cosize(sKV_layout)], 1024]
+        Storage = self._storage(sQ_layout, sKV_layout)
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
@@ -301,7 +313,7 @@ class MobaFwdSm90:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nrows > 0:
                 self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
-                              r0, nrows, nsub, nblk, kend - kbeg, pbase, scale_log2, tid - 128)
+                              r0, nrows, nsub, nblk, kend - kbeg, pbase, scale_log2, tid - 128, st)
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -359,7 +371,7 @@ class MobaFwdSm90:
     def consumer(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
                  sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
                  tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
-                 pbase: Int32, scale_log2: Float32, ctid: Int32):
+                 pbase: Int32, scale_log2: Float32, ctid: Int32, st):
         D, BN, dt = self.D, self.BN, self.dtype
         thr_qk = tiled_mma_qk.get_slice(ctid)
         thr_pv = tiled_mma_pv.get_slice(ctid)
@@ -396,7 +408,8 @@ class MobaFwdSm90:
             # runs while t + 1's QK^T is on the tensor cores.
             self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, Int32(0))
             warpgroup.wait_group(0)
-            pipe_q.consumer_release(pipeline.PipelineState(self.QS, 0, 0, 0))
+            if cutlass.const_expr(not self.staged):
+                pipe_q.consumer_release(pipeline.PipelineState(self.QS, 0, 0, 0))
             self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
             rP.store(acc_S.load().to(dt))
             for t in cutlass.range(nsub, unroll=1):
@@ -408,11 +421,20 @@ class MobaFwdSm90:
                     warpgroup.wait_group(1)  # PV(t) done; QK^T(t + 1) may still run
                 else:
                     warpgroup.wait_group(0)
-                self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2, lane)
+                if cutlass.const_expr(self.staged):
+                    # (staged: sub-tile t's Q stage holds its partials until they are out)
+                    self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, nrows,
+                                         pbase, scale_log2, ctid)
+                    pipe_q.consumer_release(pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2))
+                else:
+                    self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2,
+                                  lane)
                 if t + 1 < nsub:
                     warpgroup.wait_group(0)
                     t1 = t + 1
-                    pipe_q.consumer_release(pipeline.PipelineState(self.QS, t1, t1 % self.QS, (t1 // self.QS) % 2))
+                    if cutlass.const_expr(not self.staged):
+                        pipe_q.consumer_release(pipeline.PipelineState(self.QS, t1, t1 % self.QS,
+                                                                       (t1 // self.QS) % 2))
                     self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
                     rP.store(acc_S.load().to(dt))
         else:
@@ -541,6 +563,64 @@ class MobaFwdSm90:
                     if (l > Float32(0.0)) | (l != l):  # NaN propagates
                         val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
                     tpl[p] = val
+
+    @cute.jit
+    def epilogue_staged(self, O_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                        part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, sQ: cute.Tensor, st, r0: Int32,
+                        t: Int32, nrows: Int32, pbase: Int32, scale_log2: Float32, ctid: Int32):
+        """:meth:`epilogue` through shared memory: the normalized partials into sub-tile ``t``'s
+        own Q ring stage (its QK^T has completed; the caller releases the stage afterwards), each
+        row's place (-1: padding) into ``sLoc``, a barrier among the 128 consumer threads, then
+        whole 16-byte pieces to the partial buffer (a warp stores 2 rows of 256 bytes at D = 128).
+        The LSEs are stored directly, one per row."""
+        D, dt = self.D, self.dtype
+        CV = D // 8
+        NR = cute.size(O_mn, mode=[0])
+        NCO = cute.size(O_mn, mode=[1])
+        lane = ctid % 32
+        stage = t % self.QS
+        sq_base = cute.recast_ptr(sQ.iterator, None, dt)
+        q_outer = sQ.layout  # (the swizzle lives in the iterator: applied by hand, as the gather does)
+        sloc = st.sLoc.get_tensor(cute.make_layout(2 * BM))
+        lb = (t % 2) * BM  # (two location buffers: sub-tile t + 2 writes after t + 1's barrier)
+        for r in cutlass.range_constexpr(NR):
+            l = _quad_sum(row_sum[r])
+            m = cO_mn[r, 0][0]
+            e_idx = t * BM + m
+            inv = Float32(0.0)
+            if (l > Float32(0.0)) | (l != l):  # NaN propagates
+                inv = cute.arch.rcp_approx(l)
+            for c in cutlass.range_constexpr(NCO // 2):
+                col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent (one 16-byte unit)
+                pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                pair[0] = O_mn[r, 2 * c] * inv
+                pair[1] = O_mn[r, 2 * c + 1] * inv
+                po = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                po.store(pair.load().to(dt))
+                sb = cute.crd2idx((m, col, 0), q_outer) * 2
+                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
+                cute.autovec_copy(po, cute.make_tensor((sq_base + so).align(4), cute.make_layout(2)))
+            if lane % 4 == 0:
+                p = Int32(-1)
+                if e_idx < nrows:
+                    p = trl[r0 + e_idx] - pbase
+                    val = -Float32.inf
+                    if (l > Float32(0.0)) | (l != l):  # NaN propagates
+                        val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
+                    tpl[p] = val
+                sloc[lb + m] = p
+        cute.arch.barrier(barrier_id=2, number_of_threads=128)
+        for i in cutlass.range_constexpr(BM * CV // 128):
+            idx = i * 128 + ctid
+            n = idx // CV
+            cv = idx - n * CV
+            p = sloc[lb + n]
+            if p >= 0:
+                sb = cute.crd2idx((n, cv * 8, 0), q_outer) * 2
+                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
+                v = cute.make_tensor((sq_base + so).align(16), cute.make_layout(8)).load()
+                dst = part_o + (Int64(p) * Int64(D) + Int64(cv * 8))
+                cute.make_tensor(dst.align(16), cute.make_layout(8)).store(v)
 
     @cute.jit
     def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, tid: Int32,
