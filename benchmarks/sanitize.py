@@ -51,7 +51,10 @@ class Case:
     grad: bool = True  # forward + backward (else the forward alone, no kept index)
     fwd: str = "auto"  # "auto": the device's forward family; "sm80": MOBA_CUTE_FWD_SM80=1
     stages: int = 0  # sm80 forward stages (MOBA_CUTE_FWD_STAGES), 0: shipped
-    windows: bool = False  # sm90 forward: one KV head per partial window (MOBA_CUTE_FWD_PARTIAL_BYTES=1)
+    # sm90 forward: the partials in windows (MOBA_CUTE_FWD_PARTIAL_BYTES=1: windows of 64 query
+    # rows of one head; ``partial_bytes``: that bound, e.g. one KV head's partials)
+    windows: bool = False
+    partial_bytes: int = 0
     staged: bool = False  # sm90 forward: the segment kernel's staged epilogue (MOBA_CUTE_FWD_STAGED=1)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
@@ -128,9 +131,11 @@ CASES = [
     Case("sm80fwd-noncausal-topk-above", (40, 90), (40, 90), 2, 2, C=48, K=3, fwd="sm80", **B),
     Case("sm80fwd-2stage", ODD, ODD, 4, 2, C=16, K=4, fwd="sm80", stages=2, **A),
     Case("sm80fwd-tiny", _cyc((1, 2, 3), 1200), _cyc((1, 2, 3), 1200), 2, 2, C=16, K=4, fwd="sm80", **Cc),
-    # the sm90 forward's partials one KV-head window at a time (forced), causal and non-causal
+    # the sm90 forward's partials one window at a time (forced): windows of 64 query rows of one
+    # head (causal, non-causal), and of one KV head (431 rows x 2 heads x 3 pairs x 132 bytes)
     Case("fwd-windows-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, **A),
     Case("fwd-windows-noncausal-sq-ne-sk", (50, 0, 70), (90, 5, 40), 8, 2, C=32, K=3, windows=True, **B),
+    Case("fwd-windows-kv-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, partial_bytes=431 * 2 * 3 * 132, **A),
     # the segment kernel's staged epilogue (partials through the sub-tile's Q stage), with windows
     Case("fwd-staged-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, staged=True, **A),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
@@ -231,7 +236,7 @@ def covers(case: Case, fam: str = "sm90") -> set:
     if case.fwd == "sm80" and case.stages == 2:
         t.add("fwd-sm80-2stage")
     if case.windows and case.fwd != "sm80" and case.Hk > 1:
-        t.add("fwd-windows")
+        t.add("fwd-windows-kv" if case.partial_bytes else "fwd-windows-rows")
     if case.staged and case.fwd != "sm80":
         t.add("fwd-staged")
     if case.K == 1:
@@ -283,7 +288,7 @@ def _env(case: Case):
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
     os.environ["MOBA_CUTE_FWD_STAGED"] = "1" if case.staged else "0"
     if case.windows:
-        os.environ["MOBA_CUTE_FWD_PARTIAL_BYTES"] = "1"
+        os.environ["MOBA_CUTE_FWD_PARTIAL_BYTES"] = str(case.partial_bytes or 1)
     else:
         os.environ.pop("MOBA_CUTE_FWD_PARTIAL_BYTES", None)
     if case.stages:

@@ -639,7 +639,8 @@ def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend, us
             return ops.AttentionFunction.apply(q, k, v, routing, scale, deterministic)
         from .kernels.attention_launch import attention_cute
 
-        return attention_cute(q, k, v, routing, scale, deterministic)
+        # no backward follows: the forward may bound its scratch tighter (it is the call's peak)
+        return attention_cute(q, k, v, routing, scale, deterministic, inference=True)
     return reference.attention(q, k, v, routing, softmax_scale)
 
 

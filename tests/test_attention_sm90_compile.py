@@ -18,7 +18,8 @@ def _specs():
         for D in cfg90.SUPPORTED_HEAD_DIMS:
             for causal in (True, False):
                 for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
-                    for key, fac, fake in launch.kernel_specs_sm90(dtype, D, causal, tile).values():
+                    # (row_windows adds the index's window counts to the same kernels)
+                    for key, fac, fake in launch.kernel_specs_sm90(dtype, D, causal, tile, row_windows=True).values():
                         seen.setdefault(key, (fac, fake))
                 # the staged epilogue (MOBA_CUTE_FWD_STAGED=1), shipped tile
                 key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, cfg90.FWD_TILES[D], staged=True)["seg"]

@@ -109,12 +109,15 @@ WINDOW_CASES = [
 
 
 @needs_hopper
+@pytest.mark.parametrize("mode", ["kv", "rows64", "rows300", "inference"])
 @pytest.mark.parametrize("case", range(len(WINDOW_CASES)))
-def test_sm90_forward_windows(case, monkeypatch):
-    """The partial buffer of one window of KV heads at a time (forced: one KV head per window,
-    ``MOBA_CUTE_FWD_PARTIAL_BYTES=1``): the reference's result within SPEC tolerance, and
-    bitwise the single window's out and lse (a pair's arithmetic and the merge order do not
-    depend on the window)."""
+def test_sm90_forward_windows(case, mode, monkeypatch):
+    """The partial buffer of one window at a time, forced through ``MOBA_CUTE_FWD_PARTIAL_BYTES``:
+    windows of one KV head (``kv``), or of 64 / 300 query rows of one head (``rows64``: the
+    smallest windows, one diagonal tile each; ``rows300``: windows that cut diagonal tiles and
+    sequences), or the inference bound's own choice (``inference``: one window at these sizes).
+    The reference's result within SPEC tolerance, and bitwise the single window's out and lse (a
+    pair's arithmetic and the merge order do not depend on the window)."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels import common
 
@@ -125,15 +128,25 @@ def test_sm90_forward_windows(case, monkeypatch):
     key = m._plan_key(q, k, r)
     m.FWD_PLANS.clear()
     one = m.attention_cute(q, k, v, r, None, True)
-    assert m.FWD_PLANS.get(key, key, arch).windows == 1
-    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
+    assert m.FWD_PLANS.get(key + (False,), key, arch).windows == 1
+    kp = K - (1 if causal else 0)
+    pair = 2 * 128 + 4
+    forced = {"kv": q.shape[0] * (H // Hk) * kp * pair, "rows64": 1, "rows300": 300 * kp * pair}.get(mode)
+    if forced is not None:
+        monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(forced))
     m.FWD_PLANS.clear()
     try:
-        got = m.attention_cute(q, k, v, r, None, True)
-        assert m.FWD_PLANS.get(key, key, arch).windows == Hk
-        _check(lq, lk, H, Hk, 128, C, K, causal, torch.bfloat16, seed=300 + case)
+        got = m.attention_cute(q, k, v, r, None, True, inference=mode == "inference")
+        plan = m.FWD_PLANS.get(key + (mode == "inference",), key, arch)
+        want_rows = {"rows64": 64, "rows300": 300}.get(mode)
+        assert plan.row_window == (None if want_rows is None else min(want_rows, q.shape[0]))
+        assert plan.windows == (Hk if mode != "inference" else 1)
+        if want_rows is not None:
+            assert len(plan.fwd_windows) == H * -(-q.shape[0] // plan.row_window)
+        if forced is not None:
+            _check(lq, lk, H, Hk, 128, C, K, causal, torch.bfloat16, seed=300 + case)
     finally:
-        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
         m.FWD_PLANS.clear()
     assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
 
@@ -152,7 +165,7 @@ STAGED_CASES = [
 def test_sm90_forward_staged_epilogue(case, monkeypatch):
     """The segment kernel's staged epilogue (``MOBA_CUTE_FWD_STAGED=1``: partials through the
     sub-tile's Q ring stage, 16-byte stores) gives bitwise the default kernel's out and lse (same
-    arithmetic, other store path), also with forced KV-head windows; within SPEC tolerance of the
+    arithmetic, other store path), also with forced windows (64 query rows); within SPEC tolerance of the
     reference."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels import common

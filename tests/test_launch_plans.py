@@ -149,8 +149,58 @@ def test_sm90_forward_windows(monkeypatch):
     assert ix.tiles_bound == 2 * ix.bound_pass and ix.layout.nbytes >= 4 * (ix.npass + 1)
     assert plan.layout.nbytes < one.layout.nbytes - per_kv * 2 + 4096
     assert plan.layout.nbytes >= per_kv * 2
+    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(per_kv))
+    plan = al.FwdPlan(key, "sm_90a")
+    assert plan.windows == 4 and plan.row_window is None
+
+
+def test_sm90_forward_row_windows(monkeypatch):
+    """When one KV head's partials exceed the bound, the windows are ranges of one query head's
+    rows: as many rows as the bound holds (at least 64), every (head, row) once, in order; the
+    index gets a scan pass per window, over one cell per chunk, and the window counts' kernel."""
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=4, D=128, C=128, K=5)
+    key = al._plan_key(q, k, r)
+    total_q, kp, pair = q.shape[0], 4, 2 * 128 + 4
+    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(300 * kp * pair + 100))
+    plan = al.FwdPlan(key, "sm_90a")
+    assert plan.row_window == 300 and plan.windows == 4
+    ix = plan.index
+    nrw = -(-total_q // 300)
+    assert ix.nrw == nrw and ix.npass == 8 * nrw and ix.nseg == r.num_chunks_bound
+    assert ix.n_counts == 8 * nrw * r.num_chunks_bound and ix.tiles_bound == ix.npass * ix.bound_pass
+    assert {"seg_pairs", "wstart"} <= set(ix.layout.offsets) and "win_count" in plan.ks.specs
+    assert plan.layout.nbytes <= 300 * kp * pair + 4096  # the partials of one window
+    wins = plan.fwd_windows
+    assert len(wins) == 8 * nrw
+    covered = [(h, row) for _, h0, nh, lo, hi, _, _, _ in wins for h in range(h0, h0 + nh) for row in range(lo, hi)]
+    assert covered == [(h, row) for h in range(8) for row in range(total_q)]
+    for sp, h0, nh, lo, hi, pbase, t0, grid in wins:
+        assert nh == 1 and sp == h0 * nrw + lo // 300 and pbase == (h0 * total_q + lo) * kp
+        # the diagonal tiles holding rows [lo, hi) (64-row tiles from each sequence's start)
+        starts = [s + 64 * t for s, n in ((0, 1000), (1000, 17), (1017, 513)) for t in range(-(-n // 64))]
+        need = [t for t, f in enumerate(starts) if f < hi and f + 64 > lo]
+        assert t0 <= need[0] and need[-1] < t0 + grid <= ix.mt_bound
     monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
-    assert al.FwdPlan(key, "sm_90a").windows == 4
+    assert al.FwdPlan(key, "sm_90a").row_window == 64  # the smallest window: one diagonal tile
+    monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+    assert al.FwdPlan(key, "sm_90a").row_window is None and "win_count" not in al.FwdPlan(key, "sm_90a").ks.specs
+
+
+def test_sm90_forward_inference_bound():
+    """Without a backward to follow (inference) the forward's partials get 1/16 of q's bytes, at
+    least 256 MiB; with one, the backward's bound (the sm80 fp32 state, at least 1 GiB)."""
+    pair, kp = 2 * 128 + 4, 7
+    rows = 1 << 20  # flashmoba 512K, B = 2: a KV head's partials are 1.9 GB
+    assert al.fwd_partials_bound(rows, 16, 128, inference=True) == rows * 16 * 128 * 2 // 16
+    assert al.fwd_partials_bound(rows, 16, 128) == rows * 16 * 128 * 4
+    W = al.fwd_row_window(rows, 16, 16, 128, kp, inference=True)
+    assert W == rows * 16 * 128 * 2 // 16 // (kp * pair) and W * kp * pair <= 0.27e9
+    assert al.fwd_row_window(rows, 16, 16, 128, kp) is None
+    assert al.fwd_window_kv_heads(rows, 16, 16, 128, kp) == 4
+    assert al.fwd_partials_bound(2 * 65536, 16, 128, inference=True) == 256 << 20
+    assert al.fwd_row_window(2 * 65536, 16, 16, 128, kp, inference=True) is None  # 64K: a KV head fits
+    assert al.fwd_window_kv_heads(2 * 65536, 16, 16, 128, kp, inference=True) == 1
+    assert al.fwd_row_window(2 * 131072, 16, 16, 128, kp, inference=True) == (256 << 20) // (kp * pair)
 
 
 def test_sm90_forward_staged_epilogue_plan(monkeypatch):

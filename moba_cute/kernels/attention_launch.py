@@ -17,10 +17,12 @@ bounds), only CuTe kernels. sm80 schedule:
 
 sm90 schedule: one index for all gather slots (4 launches: prep, count, the pair lists built
 from the routing's key-major index by ``PairListKernel``, scan), then per window of KV heads
-(:func:`fwd_window_kv_heads`: one window unless the partials would outgrow the sm80 path's fp32
-state) the segment kernel (the window's gather pairs' normalized partials) and the diagonal
-kernel merging each row's partials with its own chunk (causal) or the merge kernel
-(non-causal).
+(:func:`fwd_window_kv_heads`: one window unless the partials would outgrow their bound,
+:func:`fwd_partials_bound`) the segment kernel (the window's gather pairs' normalized partials)
+and the diagonal kernel merging each row's partials with its own chunk (causal) or the merge
+kernel (non-causal). When one KV head's partials exceed the bound (inference prefill at ~128K+),
+the windows are ranges of one query head's rows (:func:`fwd_row_window`; the index adds
+``WindowCountKernel``).
 
 ``attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale,
 deterministic) -> (dq, dk, dv)``: ``delta = rowsum(dO * O) - dlse`` and a zeroed fp32
@@ -140,7 +142,7 @@ def _cdt_f32():
 
 def fake_args_fwd(dt):
     F = _cdt_f32()
-    return _fake([(dt, 16)] * 4 + [(F, 4), (F, 16), (F, 4), (F, 4)] + _i32p(9), 12, 1)
+    return _fake([(dt, 16)] * 4 + [(F, 4), (F, 16), (F, 4), (F, 4)] + _i32p(9), 15, 1)
 
 
 def fake_args_index(dt):
@@ -242,16 +244,17 @@ def tile_override(family, tile):
         yield
 
 
-def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=False):
+def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=False, row_windows=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
     (None: both variants, for the compile tests). ``staged``: the segment kernel's staged
-    epilogue (:func:`fwd_staged`)."""
+    epilogue (:func:`fwd_staged`). ``row_windows``: the index's per-window counts
+    (:func:`fwd_row_window`)."""
     from .merge import MergeKernel
     from .moba_fwd_sm80 import MobaFwdSm80
     from .moba_fwd_sm90 import MobaFwdSm90
-    from .slot_index import PairListKernel, SlotIndexKernel, SlotPrepKernel, SlotScanKernel
+    from .slot_index import PairListKernel, SlotIndexKernel, SlotPrepKernel, SlotScanKernel, WindowCountKernel
 
     dt = _cdt(dtype_name)
     F = _cdt_f32()
@@ -262,7 +265,7 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     specs = {
         "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged),
                 lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged),
-                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(8), 10, 1)),
+                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1)),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
                        lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),
@@ -275,14 +278,16 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
                 PairListKernel.compile_key(causal, vec, head_major=True),
                 lambda v=vec: PairListKernel(causal, v, head_major=True),
                 _fake([(_i32p(1)[0][0], 16 if vec == 4 else 4)] + _i32p(5), 7))
+    if row_windows:
+        specs["win_count"] = (WindowCountKernel.compile_key(), WindowCountKernel, _fake(_i32p(5), 8))
     if causal:
         # the diagonal kernel's state pointers carry the partials: oacc = part_o, mst = part_lse
-        fake = _fake([(dt, 16)] * 4 + [(F, 4), (dt, 16), (F, 4), (F, 4)] + _i32p(9), 12, 1)
+        fake = _fake([(dt, 16)] * 4 + [(F, 4), (dt, 16), (F, 4), (F, 4)] + _i32p(9), 15, 1)
         specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
                          lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
     else:
         specs["merge"] = (("merge", dtype_name, head_dim), lambda: MergeKernel(dt, head_dim),
-                          _fake([(dt, 16), (F, 4), *_i32p(1), (dt, 16), (F, 4)], 6))
+                          _fake([(dt, 16), (F, 4), *_i32p(1), (dt, 16), (F, 4)], 7))
     return specs
 
 
@@ -344,15 +349,51 @@ def dq_window_kv_heads(total_q, H, Hk, D, K):
     return max(1, min(Hk, cap // max(per_kv, 1)))
 
 
-def fwd_window_kv_heads(total_q, H, Hk, D, KP):
+def fwd_partials_bound(total_q, H, D, inference=False):
+    """The bound on the sm90 forward's partial buffer. With gradients (training) the backward
+    holds more than the forward (its peak is the step's), so :func:`_partials_bound`. Without
+    (``inference``: prefill), the forward is the peak: 1/16 of q's bytes (FA2's forward holds
+    q, k, v and out), at least ``FWD_INFER_MIN_BYTES`` so that sequences up to ~64K keep windows
+    of KV heads. ``MOBA_CUTE_FWD_PARTIAL_BYTES`` replaces both."""
+    if not inference or os.environ.get("MOBA_CUTE_FWD_PARTIAL_BYTES") not in (None, ""):
+        return _partials_bound(total_q, H, D, "MOBA_CUTE_FWD_PARTIAL_BYTES")
+    return max(FWD_INFER_MIN_BYTES, total_q * H * D * 2 // 16)
+
+
+FWD_INFER_MIN_BYTES = 256 << 20
+ROW_WINDOW_MIN_ROWS = 64  # a diagonal tile's rows
+
+
+def _pair_bytes(D):
+    return 2 * D + 4  # a gather pair's partial: normalized o (input dtype) and an fp32 LSE
+
+
+def fwd_window_kv_heads(total_q, H, Hk, D, KP, inference=False):
     """KV heads per window of the sm90 forward's partial buffer (``total_q * G * KP * (2 D + 4)``
     bytes per KV head: a normalized ``o`` and an fp32 LSE per gather pair), within
-    :func:`_partials_bound` (``MOBA_CUTE_FWD_PARTIAL_BYTES``); at least one KV head. A divisor
-    of ``Hk``: the index's scan gives every window the same number of segments."""
-    cap = _partials_bound(total_q, H, D, "MOBA_CUTE_FWD_PARTIAL_BYTES")
-    per_kv = total_q * (H // Hk) * max(KP, 1) * (2 * D + 4)
+    :func:`fwd_partials_bound`; at least one KV head. A divisor of ``Hk``: the index's scan gives
+    every window the same number of segments."""
+    cap = fwd_partials_bound(total_q, H, D, inference)
+    per_kv = total_q * (H // Hk) * max(KP, 1) * _pair_bytes(D)
     fit = cap // max(per_kv, 1)
     return max(d for d in range(1, Hk + 1) if Hk % d == 0 and (d <= fit or d == 1))
+
+
+def fwd_row_window(total_q, H, Hk, D, KP, inference=False):
+    """Rows per window when even one KV head's partials exceed :func:`fwd_partials_bound`
+    (long prefill without gradients, or a forced bound): windows are then ranges of one query
+    head's rows (the index gives each its own tile range: ``WindowCountKernel``), as many as the
+    bound holds, at least ``ROW_WINDOW_MIN_ROWS``. None: windows of whole KV heads do."""
+    if KP <= 0:
+        return None
+    cap = fwd_partials_bound(total_q, H, D, inference)
+    G = H // Hk
+    if total_q * G * KP * _pair_bytes(D) <= cap:
+        return None
+    W = min(total_q, max(ROW_WINDOW_MIN_ROWS, cap // (KP * _pair_bytes(D))))
+    if W >= total_q and G == 1:
+        return None  # a window of one KV head is one query head's rows
+    return W
 
 
 def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
@@ -412,26 +453,39 @@ class _SlotIndexPlan:
     layout is its own (offsets from the index's base), so an index built by the forward can be
     kept and read by a backward whose plan has the same tile height (:meth:`same_as`)."""
 
-    def __init__(self, B, total_q, H, K, nseg, causal, bm, unit=None, Hk=None, windows=1):
+    def __init__(self, B, total_q, H, K, nseg, causal, bm, unit=None, Hk=None, windows=1, row_window=None):
         self.bm = bm
         self.s0 = 1 if causal else 0
         self.kp = K - self.s0  # gather slots per (row, head)
         # all slots at once (sm90 segment kernel), units of `unit` rows; its lists come from the
         # routing's key-major index (PairListKernel), packed at each segment's offset there. One
         # "pass" per window of KV heads (`windows` equal ones): its segments are contiguous
-        # (KV-head-major order), so the scan gives each window its tile range
+        # (KV-head-major order), so the scan gives each window its tile range. Windows of
+        # `row_window` query rows of one head instead: WindowCountKernel counts each window's
+        # entries of every (chunk, head) segment, and the scan runs over those counts (one pass
+        # per (head, row window), `nbound` cells each)
         self.merged = unit is not None
         self.Hk = Hk
-        self.npass = (windows if self.kp > 0 else 0) if self.merged else self.kp
-        self.nseg = nseg // windows if self.merged else nseg  # segments of one pass
-        self.causal = causal
+        self.nseg_all = nseg
+        self.row_window = row_window
+        self.nrw = 0
         rows_tot = total_q * H
-        entries = (rows_tot // windows) * self.kp if self.merged else rows_tot  # entries of one pass
+        if self.merged and row_window is not None:
+            self.nrw = -(-total_q // row_window)
+            windows = H * self.nrw
+            self.nseg = nseg // H  # a pass (window) has one cell per chunk of its head
+            entries = row_window * self.kp
+        else:
+            self.nseg = nseg // windows if self.merged else nseg  # segments of one pass
+            entries = (rows_tot // windows) * self.kp if self.merged else rows_tot  # entries of one pass
+        self.npass = (windows if self.kp > 0 else 0) if self.merged else self.kp
+        self.causal = causal
         tb = unit if self.merged else bm
         # tiles of one pass: each segment's last tile may be partial
         self.bound_pass = (entries + tb - 1) // tb + min(self.nseg, entries)
         self.tiles_bound = max(self.npass, 1) * self.bound_pass
         self.n_counts = self.npass * self.nseg
+        _i32(self.n_counts, "index cells (windows x segments)")
         _i32(self.tiles_bound, "tile table")
         self.idx_blocks = (rows_tot + 255) // 256
         # (the merged counts are written whole by PairListKernel: nothing to zero)
@@ -448,6 +502,10 @@ class _SlotIndexPlan:
                         ("pass_tiles", self.npass + 1), ("rows_list", self.list_cap),
                         ("cu_mt", B + 1)):
             layout.add(name, 4 * n)
+        if self.nrw:
+            # the pair lists' per-segment counts, and each window's first entry in a segment
+            layout.add("seg_pairs", 4 * nseg)
+            layout.add("wstart", 4 * self.n_counts)
 
     def same_as(self, other) -> bool:
         return (self.bm, self.merged, self.npass, self.nseg, self.layout.offsets, self.layout.nbytes) == (
@@ -464,7 +522,12 @@ class _SlotIndexPlan:
                     self.nseg, self.idx_blocks, stream)
         ks["slot_count"](*idx_args)
         if self.gather:
-            if self.merged:
+            if self.nrw:
+                ks["pair_list"](sel, cu_chunks, offsets, query_rows, p["rows_list"], p["seg_pairs"], B, total_q, H,
+                                self.Hk, K, self.nseg_all, self.list_cap, stream)
+                ks["win_count"](offsets, p["seg_pairs"], p["rows_list"], p["counts"], p["wstart"], total_q, H,
+                                self.Hk, self.kp, self.nseg, self.nrw, self.row_window, self.list_cap, stream)
+            elif self.merged:
                 ks["pair_list"](sel, cu_chunks, offsets, query_rows, p["rows_list"], p["counts"], B, total_q, H,
                                 self.Hk, K, self.npass * self.nseg, self.list_cap, stream)
             ks["slot_scan"](p["counts"], p["seg_off"], p["tile_off"], p["tile_seg"], p["pass_tiles"], self.nseg,
@@ -523,7 +586,7 @@ class FwdPlan(_PlanBase):
     :func:`sm90_tiles` or :func:`tiles` for the key's shape class and device) is chosen here,
     once per key, and is in every compile key of its kernel set."""
 
-    def __init__(self, key, arch):
+    def __init__(self, key, arch, inference=False):
         super().__init__(key, arch)
         self.shape_class = tuned.shape_class(self.dtype_name, self.D, self.causal, self.C, self.K, self.rows)
         device = key[-1]
@@ -536,19 +599,28 @@ class FwdPlan(_PlanBase):
             self.tile = sm90_tiles(self.D, self.shape_class, device)
             kp = self.K - (1 if self.causal else 0)
             # windows of KV heads: the segment kernel and the merge run once per window, whose
-            # partials (normalized o in the input dtype, log2-domain LSE; head-major) the buffer holds
-            nkv = fwd_window_kv_heads(self.total_q, self.H, self.Hk, self.D, kp) if kp > 0 else self.Hk
+            # partials (normalized o in the input dtype, log2-domain LSE; head-major) the buffer
+            # holds; or windows of `row_window` rows of one query head when one KV head's
+            # partials do not fit (inference: a tighter bound, the forward is the peak)
+            self.inference = bool(inference)
+            self.row_window = fwd_row_window(self.total_q, self.H, self.Hk, self.D, kp, inference)
+            if self.row_window is not None:
+                nkv = 1
+            else:
+                nkv = fwd_window_kv_heads(self.total_q, self.H, self.Hk, self.D, kp, inference) if kp > 0 else self.Hk
             self.windows = self.Hk // nkv
-            self.win_heads = self.H // self.windows  # query heads of a window
+            self.win_heads = self.H // self.windows  # query heads of a window of KV heads
             self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm,
-                                        unit=64 * self.tile[1], Hk=self.Hk, windows=self.windows)
-            npart = self.total_q * self.win_heads * self.index.kp
+                                        unit=64 * self.tile[1], Hk=self.Hk, windows=self.windows,
+                                        row_window=self.row_window)
+            npart = self.index.kp * (self.row_window if self.row_window is not None
+                                     else self.total_q * self.win_heads)
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
-            self.merge_blocks = _merge_blocks(self.total_q * self.win_heads)
+            self.fwd_windows = self._windows()
             self.staged = fwd_staged()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
-                                                         self.staged), arch)
+                                                         self.staged, self.row_window is not None), arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)
         bm = self.tile[0]
@@ -558,6 +630,35 @@ class FwdPlan(_PlanBase):
         self.layout.add("lst", st * self.rows * 4)
         self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, self.causal, tile=self.tile), arch)
+
+
+    def _windows(self):
+        """The sm90 forward's windows in launch order: (scan pass, first head, heads, first row,
+        end row, first pair index, first diagonal tile, grid of the diagonal or merge kernel).
+        Windows of KV heads cover all rows of their query heads; windows of query rows
+        (``row_window``) one head's rows ``[r_lo, r_hi)``."""
+        total_q, ix = self.total_q, self.index
+        if self.row_window is None:
+            nh = self.win_heads
+            spans = [(w, w * nh, nh, 0, total_q) for w in range(self.windows)]
+        else:
+            W = self.row_window
+            spans = [(h * ix.nrw + rw, h, 1, rw * W, min(total_q, (rw + 1) * W))
+                     for h in range(self.H) for rw in range(ix.nrw)]
+        bm = ix.bm  # the diagonal's query tile
+        out = []
+        for sp, h0, nh, r_lo, r_hi in spans:
+            pbase = (h0 * total_q + r_lo) * ix.kp  # head-major pair index (h * total_q + row) * KP + slot
+            if self.causal:
+                # a sequence's tiles start at its first row, so tile t's first row lies in
+                # (bm * (t - B), bm * t]: tiles [r_lo // bm, (r_hi - 1) // bm + B] hold the window's rows
+                t0 = r_lo // bm if self.row_window is not None else 0
+                grid = min(ix.mt_bound, (r_hi - 1) // bm + self.B + 1) - t0 if self.row_window is not None \
+                    else ix.mt_bound
+            else:
+                t0, grid = 0, _merge_blocks(nh * (r_hi - r_lo))
+            out.append((sp, h0, nh, r_lo, r_hi, pbase, t0, grid))
+        return out
 
 
 _WARNED = set()
@@ -645,7 +746,8 @@ def _scale_log2(softmax_scale, D):
 
 # --- entry points ----------------------------------------------------------------------------
 
-def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, lse=None, keep_index=False):
+def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, lse=None, keep_index=False,
+                   inference=False):
     """MoBA forward with the CuTe kernels. Returns ``out`` (total_q, H, D) in q's dtype and the
     fp32 ``lse`` (H, total_q). Deterministic whatever ``deterministic`` says. ``out``/``lse``
     may be given (contiguous, right shape and dtype): tests pass NaN-filled buffers.
@@ -654,7 +756,10 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     the forward built (a uint8 tensor, or None; always None on the sm90 forward, whose all-slot
     index the backward cannot use), which :func:`attention_backward_cute` takes to
     skip rebuilding it (4 launches; memory: ``total_q * H * (topk + 1) * 4`` bytes and the
-    tile tables, held from the forward to the backward)."""
+    tile tables, held from the forward to the backward).
+
+    ``inference=True`` (no backward will follow): the sm90 forward's partial buffer gets a
+    tighter bound (:func:`fwd_partials_bound`), since the forward is then the call's peak."""
     del deterministic  # both schedules are deterministic by construction
     want_index = keep_index
     q, k, v = (common.kernel_input(t) for t in (q, k, v))
@@ -669,7 +774,8 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     if total_q == 0 or H == 0:
         return (out, lse, None) if keep_index else (out, lse)
     key = _plan_key(q, k, routing)
-    plan = FWD_PLANS.get(key, key, common.arch_of(dev))
+    inference = bool(inference) and not keep_index
+    plan = FWD_PLANS.get(key + (inference,), key, common.arch_of(dev), inference)
     _, scale_log2 = _scale_log2(softmax_scale, D)
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
@@ -688,41 +794,40 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     sizes = (B, total_q, plan.total_k, H, plan.Hk, plan.C, plan.nseg)
     if plan.causal:
         unused = p["nused"]  # the diagonal pass reads no gather-index pointer
-        ks["diag"](*head, p["cu_mt"], unused, unused, unused, unused, *sizes, 0, 0, 0, H, ix.mt_bound,
-                   scale_log2, stream)
+        ks["diag"](*head, p["cu_mt"], unused, unused, unused, unused, *sizes, 0, 0, 0, H, 0, total_q, 0,
+                   ix.mt_bound, scale_log2, stream)
     if ix.gather:
         for sp in range(ix.npass):
             role = "first" if (not plan.causal and sp == 0) else "pass"
-            ks[role](*head, *ix.pass_args(p, sp), *sizes, sp + ix.s0, sp, 0, H, ix.bound_pass, scale_log2, stream)
+            ks[role](*head, *ix.pass_args(p, sp), *sizes, sp + ix.s0, sp, 0, H, 0, total_q, 0, ix.bound_pass,
+                     scale_log2, stream)
     # the scratch goes back to the caching allocator on return, stream-ordered after the launches
     return (out, lse, held[1]) if keep_index else (out, lse)
 
 
 def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offsets, scale_log2, stream):
-    """The sm90 schedule after the index, per window of KV heads: the segment kernel writes the
-    window's gather pairs' partials; the diagonal kernel (causal) or the merge kernel writes the
-    window's out/lse."""
+    """The sm90 schedule after the index, per window (``plan.fwd_windows``): the segment kernel
+    writes the window's gather pairs' partials; the diagonal kernel (causal) or the merge kernel
+    writes the window's out/lse."""
     ks, ix = plan.ks, plan.index
     B, total_q, H = plan.B, plan.total_q, plan.H
-    nh = plan.win_heads
     nbound = plan.nbound
-    for w in range(plan.windows):
-        h0 = w * nh
-        pbase = h0 * total_q * ix.kp  # the window's first pair index (head-major)
+    wstart = p.get("wstart", p["seg_off"])  # (read only with windows of query rows)
+    for sp, h0, nh, r_lo, r_hi, pbase, t0, grid in plan.fwd_windows:
         if ix.gather:
             ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
-                      p["pass_tiles"] + 4 * w, p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets,
-                      B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound, pbase, ix.bound_pass, scale_log2,
-                      stream)
+                      p["pass_tiles"] + 4 * sp, p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets,
+                      wstart, B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound, pbase, ix.nrw,
+                      ix.bound_pass, scale_log2, stream)
         if plan.causal:
             unused = p["nused"]
             ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,
                        p["nused"], cu_q, cu_k, cu_chunks, p["cu_mt"], unused, unused, unused, unused, B, total_q,
-                       plan.total_k, H, plan.Hk, plan.C, plan.nseg, 0, ix.kp, h0, nh, ix.mt_bound, scale_log2,
-                       stream)
+                       plan.total_k, H, plan.Hk, plan.C, plan.nseg, 0, ix.kp, h0, nh, r_lo, r_hi, t0, grid,
+                       scale_log2, stream)
         elif ix.gather:
-            ks["merge"](p["part_o"], p["part_lse"], p["nused"], p_out, p_lse, total_q * nh, total_q, H, ix.kp, h0,
-                        plan.merge_blocks, stream)
+            ks["merge"](p["part_o"], p["part_lse"], p["nused"], p_out, p_lse, nh * (r_hi - r_lo), total_q, H, ix.kp,
+                        h0, r_lo, grid, stream)
 
 
 def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale, deterministic, *, dq=None,

@@ -4,11 +4,13 @@ in the diagonal kernel): for every (row, head) with ``nused > 0`` slots,
     M = max_j L_j,  w_j = 2^(L_j - M),  out = sum_j w_j o_j / sum_j w_j,
     lse = (M + log2 sum_j w_j) * ln 2
 
-over its normalized partials ``o_j = part_o[((h - h0) * total_q + row) * KP + j]`` and their
-log2-domain LSEs ``L_j = part_lse[...]``, ``j`` in slot order (bitwise deterministic); a launch
-merges the window of heads from ``h0`` whose partials the buffer holds (``rows = total_q *``
-the window's heads). One warp per (row, head), ``D / 32`` contiguous elements per lane. Rows
-with no usable slot were written (0, -inf) by the index's count kernel and are skipped.
+over its normalized partials ``o_j = part_o[((h - h0) * total_q + row - row_lo) * KP + j]``
+and their log2-domain LSEs ``L_j = part_lse[...]``, ``j`` in slot order (bitwise
+deterministic); a launch merges the window whose partials the buffer holds: ``rows`` (head,
+row) pairs in head-major order from head ``h0``, row ``row_lo`` (windows of heads: ``total_q *``
+the window's heads from row 0; windows of query rows: rows ``row_lo ..`` of head ``h0``). One
+warp per (row, head), ``D / 32`` contiguous elements per lane. Rows with no usable slot were
+written (0, -inf) by the index's count kernel and are skipped.
 Compile key: ("merge", dtype, D).
 """
 
@@ -38,14 +40,14 @@ class MergeKernel:
 
     @cute.jit
     def __call__(self, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, out: cute.Pointer,
-                 lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, h0: Int32, nblocks: Int32,
-                 stream: cuda.CUstream):
-        self.kernel(part_o, part_lse, nused, out, lse, rows, total_q, H, KP, h0).launch(
+                 lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, h0: Int32, row_lo: Int32,
+                 nblocks: Int32, stream: cuda.CUstream):
+        self.kernel(part_o, part_lse, nused, out, lse, rows, total_q, H, KP, h0, row_lo).launch(
             grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, out: cute.Pointer,
-               lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, h0: Int32):
+               lse: cute.Pointer, rows: Int32, total_q: Int32, H: Int32, KP: Int32, h0: Int32, row_lo: Int32):
         tid, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         lane = tid % 32
@@ -53,8 +55,9 @@ class MergeKernel:
         VEC = self.VEC
         if w < rows:
             # warp w: row i of head h (the window's partials are head-major)
-            hl = w // total_q
-            i = w - hl * total_q
+            u = w + row_lo
+            hl = u // total_q
+            i = u - hl * total_q
             h = h0 + hl
             ridx = i * H + h
             nu = _t(nused)[ridx]

@@ -138,7 +138,9 @@ class MobaFwdSm80:
         # merge (the sm90 segment schedule's diagonal, run last): a row with more slots merges
         # the gather kernel's partials (``oacc`` = part_o in the input dtype, ``mst`` = part_lse,
         # ``pass_rel`` = partials per (row, head)) with its own chunk and writes out/lse; a launch
-        # covers heads ``h0 .. h0 + nh`` (grid y), the window whose partials the buffer holds
+        # covers heads ``h0 .. h0 + nh`` (grid y) and rows ``[row_lo, row_hi)``, the window whose
+        # partials the buffer holds (a window of query rows has one head: nh = 1); its diagonal
+        # tiles start at ``t0``
         self.merge = bool(merge)
         self.NS = stages  # 1: one K and one V buffer (FA2 order); 2: ring of two (K, V) n-blocks
         self.dtype = dtype
@@ -189,6 +191,9 @@ class MobaFwdSm80:
         pass_rel: Int32,
         h0: Int32,
         nh: Int32,
+        row_lo: Int32,
+        row_hi: Int32,
+        t0: Int32,
         grid_x: Int32,
         scale_log2: Float32,
         stream: cuda.CUstream,
@@ -203,7 +208,8 @@ class MobaFwdSm80:
             grid_y = nh
         self.kernel(
             q, k, v, out, lse, oacc, mst, lst, nused, cu_q, cu_k, cu_chunks, tiles, rows_list, tile_seg,
-            seg_off, tile_off, B, total_q, total_k, H, Hk, chunk_size, nseg, slot, pass_rel, h0, scale_log2,
+            seg_off, tile_off, B, total_q, total_k, H, Hk, chunk_size, nseg, slot, pass_rel, h0, row_lo, row_hi, t0,
+            scale_log2,
             tiled_mma,
         ).launch(grid=(grid_x, grid_y, 1), block=(self.NT, 1, 1), stream=stream)
 
@@ -237,6 +243,9 @@ class MobaFwdSm80:
         slot: Int32,
         pass_rel: Int32,
         h0: Int32,
+        row_lo: Int32,
+        row_hi: Int32,
+        t0: Int32,
         scale_log2: Float32,
         tiled_mma: cute.TiledMma,
     ):
@@ -273,7 +282,7 @@ class MobaFwdSm80:
         # ------------------------------------------------------------------ tile -> rows, keys
         valid, h, ks, kbeg, kend, qs, m0, i_lo = pass_rows(
             self.diag, sRow, sLo, sHi, tid, BM, tiles, cu_q, cu_k, cu_chunks, tile_seg, seg_off, tile_off,
-            rows_list, B, total_q, total_k, H, chunk_size, bid, h0 + by, pass_rel * nseg)
+            rows_list, B, total_q, total_k, H, chunk_size, bid + t0, h0 + by, pass_rel * nseg)
         if cutlass.const_expr(self.diag):
             # rows with no key position (p < 0): out = 0, lse = -inf
             n_empty = i_lo - m0
@@ -324,7 +333,8 @@ class MobaFwdSm80:
             if cutlass.const_expr(self.merge):
                 # the partials stream in while the Q/K/V copies are in flight; the diagonal's
                 # epilogue then reads one merged partial per row from shared memory
-                self.premerge(sP, sPM, sPW, sRow, sLo, sHi, oacc, mst, nused, h, H, pass_rel, total_q, h0, tid)
+                self.premerge(sP, sPM, sPW, sRow, sLo, sHi, oacc, mst, nused, h, H, pass_rel, total_q, h0, row_lo,
+                              row_hi, tid)
 
             # ---- MMA partitions
             thr_mma = tiled_mma.get_slice(tid)
@@ -462,7 +472,11 @@ class MobaFwdSm80:
             tm = _flat(mst)
             tlst = _flat(lst)
             for r in cutlass.range_constexpr(NR):
-                if r_lo[r] <= r_hi[r]:
+                mine_r = r_lo[r] <= r_hi[r]
+                if cutlass.const_expr(self.merge):
+                    # rows of other windows: their partials are not in the buffer now
+                    mine_r = mine_r & (r_row[r] >= row_lo) & (r_row[r] < row_hi)
+                if mine_r:
                     grow = r_row[r]
                     ridx = Int64(grow) * Int64(H) + Int64(h)
                     last = slot + 1 >= tnu[ridx]
@@ -487,9 +501,10 @@ class MobaFwdSm80:
     @cute.jit
     def premerge(self, sP: cute.Tensor, sPM: cute.Tensor, sPW: cute.Tensor, sRow: cute.Tensor, sLo: cute.Tensor,
                  sHi: cute.Tensor, part_o: cute.Pointer, part_lse: cute.Pointer, nused: cute.Pointer, h: Int32,
-                 H: Int32, KP: Int32, total_q: Int32, h0: Int32, tid: Int32):
+                 H: Int32, KP: Int32, total_q: Int32, h0: Int32, row_lo: Int32, row_hi: Int32, tid: Int32):
         """Merge each tile row's ``nused - 1`` normalized partials ``part_o[((h - h0) * total_q +
-        row) * KP + j]`` (the window of heads from ``h0``; log2-domain LSE ``part_lse``), in slot
+        row - row_lo) * KP + j]`` (the window: heads from ``h0``, rows ``[row_lo, row_hi)``; rows
+        outside it take none; log2-domain LSE ``part_lse``), in slot
         order, into ``sP[m] = sum_j 2^(L_j - M) o_j``,
         ``sPM[m] = M = max_j L_j``, ``sPW[m] = sum_j 2^(L_j - M)`` (``M`` taken as 0 when every
         ``L_j`` is -inf). Two threads per row, each 16-byte pieces ``2i + tid % 2`` (a thread pair
@@ -503,10 +518,10 @@ class MobaFwdSm80:
         for m in cutlass.range(tid // 2, self.BM, self.NT // 2):
             npart = Int32(0)
             pbase = Int64(0)
-            if sLo[m] <= sHi[m]:
+            if (sLo[m] <= sHi[m]) & (sRow[m] >= row_lo) & (sRow[m] < row_hi):
                 ridx = Int64(sRow[m]) * Int64(H) + Int64(h)
                 npart = tnu[ridx] - 1
-                pbase = (Int64(h - h0) * Int64(total_q) + Int64(sRow[m])) * Int64(KP)
+                pbase = (Int64(h - h0) * Int64(total_q) + Int64(sRow[m] - row_lo)) * Int64(KP)
             M, M_use = partials_max(tpl, pbase, npart, 4)
             acc = cute.make_rmem_tensor(cute.make_layout(NP * 8), Float32)
             acc.fill(0.0)

@@ -8,7 +8,10 @@ unit is up to ``SUB * 64`` consecutive entries of one (global chunk g, head h) s
 all-slot pair lists (:class:`~moba_cute.kernels.slot_index.PairListKernel` with
 ``head_major``, from the routing's key-major index): every row that chose chunk g in a gather
 slot. An entry is the pair's head-major index ``p = (h * total_q + row) * KP + slot - s0``;
-its partial is at ``p - pbase`` (``pbase``: the window's first pair). The CTA:
+its partial is at ``p - pbase`` (``pbase``: the window's first pair). When one KV head's
+partials exceed the bound (long prefill without gradients), the windows are ``nrw`` ranges of
+one query head's rows instead, and a launch takes one window's units
+(:class:`~moba_cute.kernels.slot_index.WindowCountKernel`, ``wstart``). The CTA:
 
 * producer warpgroup (``setmaxnreg`` down): gathers each 64-row sub-tile of query rows with
   16-byte ``cp.async`` into a swizzled Q ring, two stages per consumer warpgroup
@@ -220,6 +223,7 @@ class MobaFwdSm90:
         seg_off: cute.Pointer,
         tile_off: cute.Pointer,
         seg_start: cute.Pointer,
+        wstart: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -229,6 +233,7 @@ class MobaFwdSm90:
         KP: Int32,
         nbound: Int32,
         pbase: Int32,
+        nrw: Int32,
         grid_x: Int32,
         scale_log2: Float32,
         stream: cuda.CUstream,
@@ -248,8 +253,8 @@ class MobaFwdSm90:
 
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
-            seg_off, tile_off, seg_start, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, scale_log2,
-            sQ_layout, sKV_layout, tiled_mma_qk, tiled_mma_pv, Storage,
+            seg_off, tile_off, seg_start, wstart, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, nrw,
+            scale_log2, sQ_layout, sKV_layout, tiled_mma_qk, tiled_mma_pv, Storage,
         ).launch(grid=(grid_x, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
                  min_blocks_per_mp=CTAS_PER_SM, preferred_smem_carveout=100)
 
@@ -271,6 +276,7 @@ class MobaFwdSm90:
         seg_off: cute.Pointer,
         tile_off: cute.Pointer,
         seg_start: cute.Pointer,
+        wstart: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -280,6 +286,7 @@ class MobaFwdSm90:
         KP: Int32,
         nbound: Int32,
         pbase: Int32,
+        nrw: Int32,
         scale_log2: Float32,
         sQ_layout: cute.ComposedLayout,
         sKV_layout: cute.ComposedLayout,
@@ -299,7 +306,7 @@ class MobaFwdSm90:
         UNIT = BM * self.SUB
         r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k,
                                                     cu_chunks, _flat(tiles)[0] + bid, Int32(UNIT), Int32(0), B,
-                                                    total_k, H, chunk_size, True, Hk, nbound)
+                                                    total_k, H, chunk_size, True, Hk, nbound, nrw, wstart)
         nsub = (nrows + BM - 1) // BM
         nblk = (kend - kbeg + self.BN - 1) // self.BN
         cute.arch.sync_threads()  # barrier init visible to both warpgroups

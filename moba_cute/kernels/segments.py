@@ -24,14 +24,17 @@ def _flat(ptr):
 def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Pointer, tile_off: cute.Pointer,
                  seg_start: cute.Pointer, cu_k: cute.Pointer, cu_chunks: cute.Pointer, T: Int32,
                  rows_per_unit: Int32, seg_base: Int32, B: Int32, total_k: Int32, H: Int32, chunk_size: Int32,
-                 kv_major: cutlass.Constexpr = False, Hk: Int32 = 1, nbound: Int32 = 0):
+                 kv_major: cutlass.Constexpr = False, Hk: Int32 = 1, nbound: Int32 = 0, nrw: Int32 = 0,
+                 wstart: cute.Pointer = None):
     """Work unit ``T`` of a key-major gather launch (``tiles`` = [first, end) units): its first
     index entry, entry count, head, and the chunk's key range ``[ks + kbeg, ks + kend)``.
     Segment ``sp`` (``sp - seg_base = g * H + h``) holds ``seg_off[sp + 1] - seg_off[sp]``
     entries from ``seg_start[sp]`` (the same array as ``seg_off`` for packed lists).
     ``kv_major`` (the sm90 forward's windowed order, ``PairListKernel(head_major=True)``):
     ``sp = (kvh * nbound + g) * G + h % G`` (``G = H / Hk``) and the entries start at
-    ``seg_start[g * H + h]`` (the routing's chunk-major offsets).
+    ``seg_start[g * H + h]`` (the routing's chunk-major offsets); with windows of query rows
+    (``nrw > 0`` windows per head, :class:`~moba_cute.kernels.slot_index.WindowCountKernel`)
+    ``sp = (h * nrw + rw) * nbound + g`` and the window's entries start ``wstart[sp]`` further.
     ``nrows == 0`` for units past the end or of empty chunks (garbage cu_seqlens)."""
     tq = _flat(tiles)
     r0 = Int32(0)
@@ -47,12 +50,18 @@ def segment_unit(tiles: cute.Pointer, tile_seg: cute.Pointer, seg_off: cute.Poin
         g = Int32(0)
         o = Int32(0)
         if cutlass.const_expr(kv_major):
-            G = H // Hk
-            kvh = seg // (nbound * G)
-            rem = seg - kvh * (nbound * G)
-            g = rem // G
-            h = kvh * G + (rem - g * G)
-            o = _flat(seg_start)[g * H + h]
+            if nrw > 0:
+                hw = seg // nbound
+                g = seg - hw * nbound
+                h = hw // nrw
+                o = _flat(seg_start)[g * H + h] + _flat(wstart)[seg]
+            else:
+                G = H // Hk
+                kvh = seg // (nbound * G)
+                rem = seg - kvh * (nbound * G)
+                g = rem // G
+                h = kvh * G + (rem - g * G)
+                o = _flat(seg_start)[g * H + h]
         else:
             g = seg // H
             h = seg - g * H

@@ -262,6 +262,74 @@ class PairListKernel:
             _t(counts)[cseg] = n
 
 
+@cute.jit
+def lower_bound(t: cute.Tensor, lo: Int32, n: Int32, x: Int32):
+    """The first of ``t[lo : lo + n]`` (ascending) that is ``>= x``, as an offset from ``lo``
+    (``n`` if none)."""
+    a = Int32(0)
+    b = n
+    for _ in cutlass.range_constexpr(31):
+        if a < b:
+            mid = a + (b - a) // 2
+            if t[lo + mid] < x:
+                a = mid + 1
+            else:
+                b = mid
+    return a
+
+
+class WindowCountKernel:
+    """Windows of query rows for the sm90 forward (when one KV head's partials exceed the
+    buffer's bound): a window is rows ``[rw * W, min((rw + 1) * W, total_q))`` of one query head
+    ``h``, i.e. the pair indices ``[(h * total_q + rw * W) * KP, (h * total_q + r_hi) * KP)``.
+    For every cell ``(h * nrw + rw) * nbound + g``, the pairs of segment (global chunk g, head h)
+    that lie in window ``rw`` of head h: their count (``wcount``, which
+    :class:`SlotScanKernel` then scans with one pass per window) and their first place in the
+    segment's list (``wstart``). :class:`PairListKernel` wrote each segment's pair indices in
+    ascending order (its rows in order, one head), so both are binary searches. One thread per
+    cell; lists and counts are clamped as the pair lists were written. Compile key:
+    ("wincount",)."""
+
+    def __init__(self):
+        self.nthr = THREADS
+
+    @staticmethod
+    def compile_key():
+        return ("wincount",)
+
+    @cute.jit
+    def __call__(self, offsets: cute.Pointer, counts: cute.Pointer, rows_list: cute.Pointer, wcount: cute.Pointer,
+                 wstart: cute.Pointer, total_q: Int32, H: Int32, Hk: Int32, KP: Int32, nbound: Int32, nrw: Int32,
+                 W: Int32, cap: Int32, stream: cuda.CUstream):
+        ncell = H * nrw * nbound
+        self.kernel(offsets, counts, rows_list, wcount, wstart, total_q, H, Hk, KP, nbound, nrw, W, cap).launch(
+            grid=((ncell + self.nthr - 1) // self.nthr, 1, 1), block=(self.nthr, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, offsets: cute.Pointer, counts: cute.Pointer, rows_list: cute.Pointer, wcount: cute.Pointer,
+               wstart: cute.Pointer, total_q: Int32, H: Int32, Hk: Int32, KP: Int32, nbound: Int32, nrw: Int32,
+               W: Int32, cap: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        cell = bid * self.nthr + tid
+        if cell < H * nrw * nbound:
+            hw = cell // nbound
+            g = cell - hw * nbound
+            h = hw // nrw
+            rw = hw - h * nrw
+            G = H // Hk
+            kvh = h // G
+            o0 = cutlass.min(cutlass.max(_t(offsets)[g * H + h], Int32(0)), cap)
+            n = cutlass.min(cutlass.max(_t(counts)[(kvh * nbound + g) * G + (h - kvh * G)], Int32(0)), cap - o0)
+            r_lo = cutlass.min(rw * W, total_q)
+            r_hi = cutlass.min(r_lo + W, total_q)
+            trl = _t(rows_list)
+            a = lower_bound(trl, o0, n, (h * total_q + r_lo) * KP)
+            b = lower_bound(trl, o0, n, (h * total_q + r_hi) * KP)
+            _t(wcount)[cell] = b - a
+            _t(wstart)[cell] = a
+
+
 class SlotPrepKernel:
     """Zeroes the ``n`` per-slot segment counters (the count pass adds to them atomically) and,
     for the causal diagonal pass, writes ``cu_mt[b]`` = the first query tile of sequence b
