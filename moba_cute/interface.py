@@ -620,7 +620,8 @@ def _attention_uses_kernel(q, k, v, chunk_size, topk, causal, batch, backend) ->
     return use
 
 
-def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend, use_kernel=None):
+def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend, use_kernel=None, owned=False):
+    """``owned``: ``routing`` was made for this call alone (the forward may write over it)."""
     needs_grad = _needs_grad(q, k, v)
     if use_kernel is None:
         use_kernel = _attention_uses_kernel(q, k, v, routing.chunk_size, routing.topk, routing.causal,
@@ -640,7 +641,7 @@ def _attend(q, k, v, routing: Routing, softmax_scale, deterministic, backend, us
         from .kernels.attention_launch import attention_cute
 
         # no backward follows: the forward may bound its scratch tighter (it is the call's peak)
-        return attention_cute(q, k, v, routing, scale, deterministic, inference=True)
+        return attention_cute(q, k, v, routing, scale, deterministic, inference=True, consume_routing=owned)
     return reference.attention(q, k, v, routing, softmax_scale)
 
 
@@ -724,7 +725,7 @@ def _varlen_general(q, k, v, cu_q, cu_k, max_q, max_k, chunk_size, topk, causal,
     then attention; ``(out, lse)``."""
     use_kernel = _attention_uses_kernel(q, k, v, int(chunk_size), int(topk), causal, cu_q.shape[0] - 1, backend)
     r = _route(q.detach(), k.detach(), cu_q, cu_k, max_q, max_k, chunk_size, topk, causal, backend)
-    return _attend(q, k, v, r, softmax_scale, deterministic, backend, use_kernel)
+    return _attend(q, k, v, r, softmax_scale, deterministic, backend, use_kernel, owned=True)
 
 
 _PADDED_CU: dict = {}

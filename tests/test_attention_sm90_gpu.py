@@ -115,8 +115,9 @@ def test_sm90_forward_windows(case, mode, monkeypatch):
     """The partial buffer of one window at a time, forced through ``MOBA_CUTE_FWD_PARTIAL_BYTES``:
     windows of one KV head (``kv``), or of 64 / 300 query rows of one head (``rows64``: the
     smallest windows, one diagonal tile each; ``rows300``: windows that cut diagonal tiles and
-    sequences), or the inference bound's own choice (``inference``: one window at these sizes).
-    The reference's result within SPEC tolerance, and bitwise the single window's out and lse (a
+    sequences), or the inference bound's own choice (``inference``: one window at these sizes);
+    ``inference`` and ``rows300`` write the pair lists over the routing's ``query_rows``. The
+    reference's result within SPEC tolerance, and bitwise the single window's out and lse (a
     pair's arithmetic and the merge order do not depend on the window)."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels import common
@@ -136,7 +137,10 @@ def test_sm90_forward_windows(case, mode, monkeypatch):
         monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(forced))
     m.FWD_PLANS.clear()
     try:
-        got = m.attention_cute(q, k, v, r, None, True, inference=mode == "inference")
+        # (inference, rows300: the pair lists written over a routing of the call's own)
+        consume = mode in ("inference", "rows300")
+        r2 = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal) if consume else r
+        got = m.attention_cute(q, k, v, r2, None, True, inference=mode == "inference", consume_routing=consume)
         plan = m.FWD_PLANS.get(key + (mode == "inference",), key, arch)
         want_rows = {"rows64": 64, "rows300": 300}.get(mode)
         assert plan.row_window == (None if want_rows is None else min(want_rows, q.shape[0]))

@@ -188,19 +188,37 @@ def test_sm90_forward_row_windows(monkeypatch):
 
 def test_sm90_forward_inference_bound():
     """Without a backward to follow (inference) the forward's partials get 1/16 of q's bytes, at
-    least 256 MiB; with one, the backward's bound (the sm80 fp32 state, at least 1 GiB)."""
+    least 512 MiB; with one, the backward's bound (the sm80 fp32 state, at least 1 GiB)."""
     pair, kp = 2 * 128 + 4, 7
     rows = 1 << 20  # flashmoba 512K, B = 2: a KV head's partials are 1.9 GB
-    assert al.fwd_partials_bound(rows, 16, 128, inference=True) == rows * 16 * 128 * 2 // 16
+    assert al.fwd_partials_bound(rows, 16, 128, inference=True) == 512 << 20
+    assert al.fwd_partials_bound(4 * rows, 16, 128, inference=True) == 4 * rows * 16 * 128 * 2 // 16
     assert al.fwd_partials_bound(rows, 16, 128) == rows * 16 * 128 * 4
     W = al.fwd_row_window(rows, 16, 16, 128, kp, inference=True)
-    assert W == rows * 16 * 128 * 2 // 16 // (kp * pair) and W * kp * pair <= 0.27e9
+    assert W == (512 << 20) // (kp * pair) and -(-rows // W) == 4
     assert al.fwd_row_window(rows, 16, 16, 128, kp) is None
     assert al.fwd_window_kv_heads(rows, 16, 16, 128, kp) == 4
-    assert al.fwd_partials_bound(2 * 65536, 16, 128, inference=True) == 256 << 20
-    assert al.fwd_row_window(2 * 65536, 16, 16, 128, kp, inference=True) is None  # 64K: a KV head fits
-    assert al.fwd_window_kv_heads(2 * 65536, 16, 16, 128, kp, inference=True) == 1
-    assert al.fwd_row_window(2 * 131072, 16, 16, 128, kp, inference=True) == (256 << 20) // (kp * pair)
+    assert al.fwd_window_kv_heads(2 * 8192, 16, 16, 128, kp, inference=True) == 16  # 8K: one window
+    assert al.fwd_window_kv_heads(2 * 65536, 16, 16, 128, kp, inference=True) == 2
+    for S in (65536, 131072):  # a KV head's partials fit: windows of KV heads
+        assert al.fwd_row_window(2 * S, 16, 16, 128, kp, inference=True) is None
+    assert al.fwd_window_kv_heads(2 * 131072, 16, 16, 128, kp, inference=True) == 1
+
+
+def test_sm90_forward_consumes_an_owned_routing():
+    """A forward that owns its routing (varlen_attention without gradients) writes the pair
+    lists over the routing's query_rows: the index is allocated without its last piece."""
+    q, k, r = _batch([1000, 17, 513], H=8, Hk=4, D=128, C=128, K=5)
+    plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a", inference=True)
+    ix = plan.index
+    names = sorted(ix.layout.offsets, key=ix.layout.offsets.get)
+    assert names[-1] == "rows_list" and ix.layout.offsets["rows_list"] + 4 * ix.list_cap <= ix.layout.nbytes
+    assert ix.list_cap == r.query_rows.numel()
+    own, p_own = plan.workspace("cpu")
+    mine, p = plan.workspace("cpu", rows_list=r.query_rows.data_ptr())
+    assert own[0].numel() - mine[0].numel() == ix.layout.nbytes - ix.layout.offsets["rows_list"]
+    assert p["rows_list"] == r.query_rows.data_ptr() and p["counts"] - mine[0].data_ptr() == \
+        p_own["counts"] - own[0].data_ptr()
 
 
 def test_sm90_forward_staged_epilogue_plan(monkeypatch):

@@ -360,7 +360,7 @@ def fwd_partials_bound(total_q, H, D, inference=False):
     return max(FWD_INFER_MIN_BYTES, total_q * H * D * 2 // 16)
 
 
-FWD_INFER_MIN_BYTES = 256 << 20
+FWD_INFER_MIN_BYTES = 512 << 20
 ROW_WINDOW_MIN_ROWS = 64  # a diagonal tile's rows
 
 
@@ -499,13 +499,15 @@ class _SlotIndexPlan:
         self.layout = layout = common.WorkspaceLayout()
         for name, n in (("nused", rows_tot), ("counts", self.n_counts), ("seg_off", self.n_counts + 1),
                         ("tile_off", self.n_counts + 1), ("tile_seg", self.tiles_bound),
-                        ("pass_tiles", self.npass + 1), ("rows_list", self.list_cap),
-                        ("cu_mt", B + 1)):
+                        ("pass_tiles", self.npass + 1), ("cu_mt", B + 1)):
             layout.add(name, 4 * n)
         if self.nrw:
             # the pair lists' per-segment counts, and each window's first entry in a segment
             layout.add("seg_pairs", 4 * nseg)
             layout.add("wstart", 4 * self.n_counts)
+        # last: a forward that may consume its routing writes the pair lists over the routing's
+        # query_rows (same places) and allocates the index without this piece
+        layout.add("rows_list", 4 * self.list_cap)
 
     def same_as(self, other) -> bool:
         return (self.bm, self.merged, self.npass, self.nseg, self.layout.offsets, self.layout.nbytes) == (
@@ -561,23 +563,27 @@ class _PlanBase:
         _i32(total_k * Hk, "total_k*Hk")
         self.layout = common.WorkspaceLayout()  # the call's own scratch (the index has its own)
 
-    def workspace(self, device, kept=None):
+    def workspace(self, device, kept=None, rows_list=None):
         """Scratch memory of one call: (tensors to hold while launching, name -> address). One
         allocation for the call's pieces and the per-slot index after them, unless ``kept`` is
         an index tensor built earlier (the forward's, reused by the backward) or the string
-        "separate" (the index gets an allocation of its own, to be kept past the call)."""
+        "separate" (the index gets an allocation of its own, to be kept past the call).
+        ``rows_list``: the address the index's lists go to instead of its own last piece (the
+        routing's ``query_rows``, which a forward that owns its routing may overwrite)."""
         n_own = self.layout.nbytes
         if self.index is None:  # the sm90 backward: no per-slot index
             ws = torch.empty(n_own, dtype=torch.uint8, device=device)
             return [ws], {n: ws.data_ptr() + o for n, o in self.layout.offsets.items()}
-        ws = torch.empty(n_own + (self.index.layout.nbytes if kept is None else 0), dtype=torch.uint8,
-                         device=device)
+        n_index = self.index.layout.offsets["rows_list"] if rows_list is not None else self.index.layout.nbytes
+        ws = torch.empty(n_own + (n_index if kept is None else 0), dtype=torch.uint8, device=device)
         base = ws.data_ptr()
         if kept == "separate":
             kept = torch.empty(self.index.layout.nbytes, dtype=torch.uint8, device=device)
         ib = kept.data_ptr() if kept is not None else base + n_own
         p = {n: base + o for n, o in self.layout.offsets.items()}
         p.update({n: ib + o for n, o in self.index.layout.offsets.items()})
+        if rows_list is not None:
+            p["rows_list"] = rows_list
         return [ws, kept], p
 
 
@@ -747,7 +753,7 @@ def _scale_log2(softmax_scale, D):
 # --- entry points ----------------------------------------------------------------------------
 
 def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, lse=None, keep_index=False,
-                   inference=False):
+                   inference=False, consume_routing=False):
     """MoBA forward with the CuTe kernels. Returns ``out`` (total_q, H, D) in q's dtype and the
     fp32 ``lse`` (H, total_q). Deterministic whatever ``deterministic`` says. ``out``/``lse``
     may be given (contiguous, right shape and dtype): tests pass NaN-filled buffers.
@@ -759,7 +765,10 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     tile tables, held from the forward to the backward).
 
     ``inference=True`` (no backward will follow): the sm90 forward's partial buffer gets a
-    tighter bound (:func:`fwd_partials_bound`), since the forward is then the call's peak."""
+    tighter bound (:func:`fwd_partials_bound`), since the forward is then the call's peak.
+    ``consume_routing=True`` (the caller made ``routing`` for this call alone and drops it
+    after): the sm90 forward writes its pair lists over ``routing.query_rows`` instead of a
+    buffer of its own (``total_q * H * topk * 4`` bytes less at the peak)."""
     del deterministic  # both schedules are deterministic by construction
     want_index = keep_index
     q, k, v = (common.kernel_input(t) for t in (q, k, v))
@@ -781,8 +790,10 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     stream = common.raw_stream(dev)
     # (the sm90 forward's all-slot index is not the backward's per-slot one: nothing to keep)
     keep_index = keep_index and not plan.sm90
-    held, p = plan.workspace(dev, kept="separate" if keep_index else None)
     rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
+    # (PairListKernel reads each entry before it writes over it: in place is safe)
+    in_place = consume_routing and plan.sm90 and rts[5].numel() >= plan.index.list_cap
+    held, p = plan.workspace(dev, kept="separate" if keep_index else None, rows_list=p_rows if in_place else None)
     p_out, p_lse = out.data_ptr(), lse.data_ptr()
     B = plan.B
     ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream, p_offsets, p_rows)
