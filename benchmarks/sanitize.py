@@ -55,7 +55,7 @@ class Case:
     # rows of one head; ``partial_bytes``: that bound, e.g. one KV head's partials)
     windows: bool = False
     partial_bytes: int = 0
-    staged: bool = False  # sm90 forward: the segment kernel's staged epilogue (MOBA_CUTE_FWD_STAGED=1)
+    staged: bool = True  # sm90 forward: the segment kernel's staged epilogue (False: MOBA_CUTE_FWD_STAGED=0)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -136,8 +136,9 @@ CASES = [
     Case("fwd-windows-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, **A),
     Case("fwd-windows-noncausal-sq-ne-sk", (50, 0, 70), (90, 5, 40), 8, 2, C=32, K=3, windows=True, **B),
     Case("fwd-windows-kv-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, partial_bytes=431 * 2 * 3 * 132, **A),
-    # the segment kernel's staged epilogue (partials through the sub-tile's Q stage), with windows
-    Case("fwd-staged-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, staged=True, **A),
+    # the segment kernel's fragment stores (MOBA_CUTE_FWD_STAGED=0; the staged epilogue is the
+    # default), with windows
+    Case("fwd-unstaged-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, staged=False, **A),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -237,8 +238,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
         t.add("fwd-sm80-2stage")
     if case.windows and case.fwd != "sm80" and case.Hk > 1:
         t.add("fwd-windows-kv" if case.partial_bytes else "fwd-windows-rows")
-    if case.staged and case.fwd != "sm80":
-        t.add("fwd-staged")
+    if case.fwd != "sm80":
+        t.add("fwd-staged" if case.staged else "fwd-unstaged")
     if case.K == 1:
         t.add("own-chunk-only")
     if case.C > 128:

@@ -18,11 +18,12 @@ def _specs():
         for D in cfg90.SUPPORTED_HEAD_DIMS:
             for causal in (True, False):
                 for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
-                    # (row_windows adds the index's window counts to the same kernels)
-                    for key, fac, fake in launch.kernel_specs_sm90(dtype, D, causal, tile, row_windows=True).values():
+                    # the staged epilogue (the default); row_windows adds the index's window counts
+                    specs = launch.kernel_specs_sm90(dtype, D, causal, tile, staged=True, row_windows=True)
+                    for key, fac, fake in specs.values():
                         seen.setdefault(key, (fac, fake))
-                # the staged epilogue (MOBA_CUTE_FWD_STAGED=1), shipped tile
-                key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, cfg90.FWD_TILES[D], staged=True)["seg"]
+                # the fragment stores (MOBA_CUTE_FWD_STAGED=0), shipped tile
+                key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, cfg90.FWD_TILES[D], staged=False)["seg"]
                 seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 

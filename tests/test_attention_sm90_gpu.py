@@ -167,10 +167,10 @@ STAGED_CASES = [
 @needs_hopper
 @pytest.mark.parametrize("case", range(len(STAGED_CASES)))
 def test_sm90_forward_staged_epilogue(case, monkeypatch):
-    """The segment kernel's staged epilogue (``MOBA_CUTE_FWD_STAGED=1``: partials through the
-    sub-tile's Q ring stage, 16-byte stores) gives bitwise the default kernel's out and lse (same
-    arithmetic, other store path), also with forced windows (64 query rows); within SPEC tolerance of the
-    reference."""
+    """The segment kernel's staged epilogue (the default: partials through the sub-tile's Q ring
+    stage, 16-byte stores) gives bitwise the fragment stores' out and lse
+    (``MOBA_CUTE_FWD_STAGED=0``: same arithmetic, other store path), also with forced windows (64
+    query rows); within SPEC tolerance of the reference."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels import common
 
@@ -179,17 +179,18 @@ def test_sm90_forward_staged_epilogue(case, monkeypatch):
     r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
     arch = common.arch_of(q.device)
     key = m._plan_key(q, k, r)
-    m.FWD_PLANS.clear()
-    one = m.attention_cute(q, k, v, r, None, True)
-    assert not m.FWD_PLANS.get(key, key, arch).staged
     try:
+        monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "0")
+        m.FWD_PLANS.clear()
+        one = m.attention_cute(q, k, v, r, None, True)
+        assert not m.FWD_PLANS.get(key + (False,), key, arch).staged
         monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "1")
         for forced_windows in (False, True):
             if forced_windows:
                 monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
             m.FWD_PLANS.clear()
             got = m.attention_cute(q, k, v, r, None, True)
-            assert m.FWD_PLANS.get(key, key, arch).staged
+            assert m.FWD_PLANS.get(key + (False,), key, arch).staged
             assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"windows forced: {forced_windows}"
         _check(lq, lk, H, Hk, D, C, K, causal, torch.bfloat16, seed=400 + case)
     finally:

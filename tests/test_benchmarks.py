@@ -564,3 +564,18 @@ def test_routing_cli_lives_in_benchmarks(capsys):
     out = capsys.readouterr().out
     for flag in ("--check", "--profile", "--bench", "--json"):
         assert flag in out
+
+
+def test_memory_cli_checks_its_arguments():
+    """benchmarks.memory refuses sizes the suite lacks and unknown implementations before it
+    looks for a GPU, and says clearly when there is none."""
+    from benchmarks import memory
+
+    with pytest.raises(SystemExit) as e:
+        memory.main(["--S", "3K"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        memory.main(["--impls", "moba_cute,fa9"])
+    assert e.value.code == 2
+    if not torch.cuda.is_available():
+        assert memory.main(["--S", "8K"]) == 2

@@ -222,14 +222,16 @@ def test_sm90_forward_consumes_an_owned_routing():
 
 
 def test_sm90_forward_staged_epilogue_plan(monkeypatch):
-    """MOBA_CUTE_FWD_STAGED=1 plans the segment kernel with its staged epilogue (its own compile
-    key); off by default; other values are refused."""
+    """The segment kernel's staged epilogue is the default (its own compile key);
+    MOBA_CUTE_FWD_STAGED=0 plans the fragment stores; other values are refused."""
     q, k, r = _batch([1000, 17, 513], H=8, Hk=4, D=128, C=128, K=5)
     key = al._plan_key(q, k, r)
+    staged = al.FwdPlan(key, "sm_90a")
+    monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "1")
+    assert al.FwdPlan(key, "sm_90a").ks.specs["seg"][0] == staged.ks.specs["seg"][0]
+    monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "0")
     plain = al.FwdPlan(key, "sm_90a")
     assert not plain.staged and "staged" not in plain.ks.specs["seg"][0]
-    monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "1")
-    staged = al.FwdPlan(key, "sm_90a")
     assert staged.staged and staged.ks.specs["seg"][0] == plain.ks.specs["seg"][0] + ("staged",)
     assert {n: s[0] for n, s in staged.ks.specs.items() if n != "seg"} == \
         {n: s[0] for n, s in plain.ks.specs.items() if n != "seg"}

@@ -20,8 +20,8 @@ REQUIRED = {
     "thousands-of-seqs", "zero-total-q", "zero-total-k", "nan", "own-chunk-only",
     "float16", "bfloat16", "D64", "D128",
     "centroids-fused-prep", "centroids-separate-prep", "kmindex-vec16", "kmindex-scalar",
-    "fwd-device", "fwd-sm80", "fwd-sm80-2stage", "fwd-windows-rows", "fwd-windows-kv", "fwd-staged", "grad",
-    "fwd-only", "route-only",
+    "fwd-device", "fwd-sm80", "fwd-sm80-2stage", "fwd-windows-rows", "fwd-windows-kv", "fwd-staged", "fwd-unstaged",
+    "grad", "fwd-only", "route-only",
     "chunk>128",
 }
 

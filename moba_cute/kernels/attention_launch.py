@@ -203,13 +203,14 @@ def uses_sm90(dtype_name, head_dim, arch):
 
 
 def fwd_staged():
-    """Whether the sm90 segment kernel stages its partials through shared memory
-    (``MOBA_CUTE_FWD_STAGED=1``; off by default until measured: docs/design.md section 8,
-    "Where the forward's time goes now")."""
+    """Whether the sm90 segment kernel stages its partials through shared memory and stores them
+    in 16-byte pieces: the default (5-7% off the segment kernel on the H200: docs/design.md
+    section 8, "Where the forward's time goes now"); ``MOBA_CUTE_FWD_STAGED=0`` keeps the
+    4-byte stores from the accumulator fragments."""
     env = os.environ.get("MOBA_CUTE_FWD_STAGED", "")
     if env not in ("", "0", "1"):
         raise ValueError(f"MOBA_CUTE_FWD_STAGED must be 0 or 1, not {env!r}")
-    return env == "1"
+    return env != "0"
 
 
 def sm90_tiles(head_dim, shape_class=None, device=None):
