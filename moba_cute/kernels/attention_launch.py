@@ -638,7 +638,6 @@ class FwdPlan(_PlanBase):
         self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, bm)
         self.ks = common.KernelSet(kernel_specs(self.dtype_name, self.D, self.causal, tile=self.tile), arch)
 
-
     def _windows(self):
         """The sm90 forward's windows in launch order: (scan pass, first head, heads, first row,
         end row, first pair index, first diagonal tile, grid of the diagonal or merge kernel).
