@@ -142,8 +142,9 @@ def test_candidates_are_compiled_by_the_compile_tests():
                 cands = tuned.candidates("sm90_fwd", D)
                 assert cands[0] == tuple(cfg90.FWD_TILES[D])
                 assert set(cands) == {tuple(cfg90.FWD_TILES[D])} | {tuple(t) for t in cfg90.ALT_TILES.get(D, ())}
-                for t in cands:
-                    assert {k for k, _, _ in al.kernel_specs_sm90(dtype, D, causal, t).values()} <= sm90_keys, t
+                for t in cands:  # (as plans build them: the staged epilogue, the default)
+                    specs = al.kernel_specs_sm90(dtype, D, causal, t, staged=al.fwd_staged())
+                    assert {k for k, _, _ in specs.values()} <= sm90_keys, t
     assert tuned.candidates("sm90_fwd", 96) == ()
     # decode: key-split waves, host-side only (every choice runs the kernels the decode compile
     # tests build), the built-in WAVES first
@@ -341,13 +342,13 @@ def test_tuned_tile_reaches_the_sm90_plan(isolated, on_device):
     tuned.reset()
     plan = al.FWD_PLANS.get(key, key, "sm_90a")
     assert plan.sm90 and plan.shape_class == CLS and plan.tile == SM90_ALT
-    assert plan.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_ALT)
+    assert plan.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_ALT, staged=True)
     assert plan.ks.specs["slot_scan"][0] == ("slotscan", 64 * SM90_ALT[1])  # the index's unit: 64 * sub
     # the tuner's override re-plans: the cached plan is dropped on entry and on exit
     with al.tile_override("sm90_fwd", SM90_DEFAULT):
         p2 = al.FWD_PLANS.get(key, key, "sm_90a")
         assert p2 is not plan and p2.tile == SM90_DEFAULT
-        assert p2.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_DEFAULT)
+        assert p2.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_DEFAULT, staged=True)
     assert al.FWD_PLANS.get(key, key, "sm_90a").tile == SM90_ALT
     # another device (or a plan for CPU tensors) does not read this device's entries
     assert al.FwdPlan(key[:-1] + (None,), "sm_90a").tile == SM90_DEFAULT

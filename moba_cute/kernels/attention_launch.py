@@ -245,12 +245,12 @@ def tile_override(family, tile):
         yield
 
 
-def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=False, row_windows=False):
+def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
     (None: both variants, for the compile tests). ``staged``: the segment kernel's staged
-    epilogue (:func:`fwd_staged`). ``row_windows``: the index's per-window counts
+    epilogue (the default; :func:`fwd_staged`). ``row_windows``: the index's per-window counts
     (:func:`fwd_row_window`)."""
     from .merge import MergeKernel
     from .moba_fwd_sm80 import MobaFwdSm80
