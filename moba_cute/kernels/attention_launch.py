@@ -609,7 +609,6 @@ class FwdPlan(_PlanBase):
             # partials (normalized o in the input dtype, log2-domain LSE; head-major) the buffer
             # holds; or windows of `row_window` rows of one query head when one KV head's
             # partials do not fit (inference: a tighter bound, the forward is the peak)
-            self.inference = bool(inference)
             self.row_window = fwd_row_window(self.total_q, self.H, self.Hk, self.D, kp, inference)
             if self.row_window is not None:
                 nkv = 1
@@ -655,14 +654,15 @@ class FwdPlan(_PlanBase):
         out = []
         for sp, h0, nh, r_lo, r_hi in spans:
             pbase = (h0 * total_q + r_lo) * ix.kp  # head-major pair index (h * total_q + row) * KP + slot
-            if self.causal:
+            if not self.causal:
+                t0, grid = 0, _merge_blocks(nh * (r_hi - r_lo))
+            elif self.row_window is None:
+                t0, grid = 0, ix.mt_bound
+            else:
                 # a sequence's tiles start at its first row, so tile t's first row lies in
                 # (bm * (t - B), bm * t]: tiles [r_lo // bm, (r_hi - 1) // bm + B] hold the window's rows
-                t0 = r_lo // bm if self.row_window is not None else 0
-                grid = min(ix.mt_bound, (r_hi - 1) // bm + self.B + 1) - t0 if self.row_window is not None \
-                    else ix.mt_bound
-            else:
-                t0, grid = 0, _merge_blocks(nh * (r_hi - r_lo))
+                t0 = r_lo // bm
+                grid = min(ix.mt_bound, (r_hi - 1) // bm + self.B + 1) - t0
             out.append((sp, h0, nh, r_lo, r_hi, pbase, t0, grid))
         return out
 

@@ -53,7 +53,7 @@ from cutlass.utils import LayoutEnum
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, store_pair
 from .moba_fwd_sm90 import (acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks, kernel_prologue,
-                           kv_tma_atoms, kv_tma_views, zero_rows_from)
+                           kv_tma_atoms, kv_tma_views, swizzled_index, zero_rows_from)
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -379,8 +379,7 @@ class MobaBwdSm90:
             cv = lane % CV
             src_r = cute.arch.shuffle_sync(ridx, rl)
             off = Int64(src_r) * Int64(D) + Int64(cv * 8)
-            sb = cute.crd2idx((r, cv * 8, 0), q_outer) * 2
-            so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
+            so = swizzled_index(q_outer, (r, cv * 8, 0)) + stage * (BM * D)
             cute.copy(atom_row, cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8)),
                       cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8)))
             cute.copy(atom_row, cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)),
@@ -560,8 +559,7 @@ class MobaBwdSm90:
         for c in cutlass.range_constexpr(cute.size(dS_mn, mode=[1]) // 2):
             n = cS_mn[0, 2 * c][1]
             for r in cutlass.range_constexpr(cute.size(dS_mn, mode=[0])):
-                sb = cute.crd2idx((n, cS_mn[r, 0][0]), sdS.layout) * 2
-                so = (sb ^ ((sb & 0x380) >> 3)) // 2
+                so = swizzled_index(sdS.layout, (n, cS_mn[r, 0][0]))
                 pr = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
                 pr[0] = dS_mn[r, 2 * c]
                 pr[1] = dS_mn[r, 2 * c + 1]

@@ -81,6 +81,33 @@ def acc_as_a_operand(t: cute.Tensor) -> cute.Tensor:
     return cute.make_tensor(t.iterator, a)
 
 
+def swizzled_index(layout, coord):
+    """Element index of ``coord`` in a shared-memory layout of 2-byte elements whose 128-byte
+    swizzle lives in the iterator, applied by hand: bits 4-6 of the byte offset XOR bits 7-9
+    (row tiles are whole 1024-byte swizzle periods)."""
+    sb = cute.crd2idx(coord, layout) * 2
+    return (sb ^ ((sb & 0x380) >> 3)) // 2
+
+
+@cute.jit
+def inv_row_sum(l: Float32):
+    """``1 / l`` for normalizing a row's output, 0 for a row that saw no key (NaN propagates)."""
+    inv = Float32(0.0)
+    if (l > Float32(0.0)) | (l != l):
+        inv = cute.arch.rcp_approx(l)
+    return inv
+
+
+@cute.jit
+def row_lse_log2(m: Float32, l: Float32, scale_log2: Float32):
+    """A row's log2-domain LSE from its raw-score max and sum: -inf for a row that saw no key
+    (NaN propagates)."""
+    val = -Float32.inf
+    if (l > Float32(0.0)) | (l != l):
+        val = m * scale_log2 + cute.math.log2(l, fastmath=False)
+    return val
+
+
 def kv_tma_atoms(k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32, D: int, smem_kv, BN: int):
     """TMA atoms for K and V seen as (keys, dim, kv head) tensors, a box = ``BN`` keys x ``D`` of
     one KV head into ``smem_kv`` (one stage's layout); returns (atom_k, tma_k, atom_v, tma_v,
@@ -359,8 +386,7 @@ class MobaFwdSm90:
                 ridx = cute.arch.shuffle_sync(my_ridx, rl)
                 src = cute.make_tensor(q + cute.assume(Int64(ridx) * Int64(D) + Int64(cv * 8), divby=8),
                                        cute.make_layout(8))
-                sb = cute.crd2idx((r, cv * 8, 0), q_outer) * 2
-                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + q_state.index * (BM * D)
+                so = swizzled_index(q_outer, (r, cv * 8, 0)) + q_state.index * (BM * D)
                 dst = cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8))
                 cute.copy(atom_g2s, src, dst)
             pipe_q.producer_commit(q_state)
@@ -553,9 +579,7 @@ class MobaFwdSm90:
             e_idx = t * BM + cO_mn[r, 0][0]
             if e_idx < nrows:
                 p = trl[r0 + e_idx] - pbase
-                inv = Float32(0.0)
-                if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                    inv = cute.arch.rcp_approx(l)
+                inv = inv_row_sum(l)
                 obase = part_o + Int64(p) * Int64(D)
                 for c in cutlass.range_constexpr(NCO // 2):
                     col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
@@ -566,10 +590,7 @@ class MobaFwdSm90:
                     po.store(pair.load().to(dt))
                     cute.autovec_copy(po, cute.make_tensor((obase + col).align(4), cute.make_layout(2)))
                 if lane % 4 == 0:
-                    val = -Float32.inf
-                    if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                        val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
-                    tpl[p] = val
+                    tpl[p] = row_lse_log2(row_max[r], l, scale_log2)
 
     @cute.jit
     def epilogue_staged(self, O_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
@@ -594,9 +615,7 @@ class MobaFwdSm90:
             l = _quad_sum(row_sum[r])
             m = cO_mn[r, 0][0]
             e_idx = t * BM + m
-            inv = Float32(0.0)
-            if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                inv = cute.arch.rcp_approx(l)
+            inv = inv_row_sum(l)
             for c in cutlass.range_constexpr(NCO // 2):
                 col = cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent (one 16-byte unit)
                 pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
@@ -604,17 +623,13 @@ class MobaFwdSm90:
                 pair[1] = O_mn[r, 2 * c + 1] * inv
                 po = cute.make_rmem_tensor(cute.make_layout(2), dt)
                 po.store(pair.load().to(dt))
-                sb = cute.crd2idx((m, col, 0), q_outer) * 2
-                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
+                so = swizzled_index(q_outer, (m, col, 0)) + stage * (BM * D)
                 cute.autovec_copy(po, cute.make_tensor((sq_base + so).align(4), cute.make_layout(2)))
             if lane % 4 == 0:
                 p = Int32(-1)
                 if e_idx < nrows:
                     p = trl[r0 + e_idx] - pbase
-                    val = -Float32.inf
-                    if (l > Float32(0.0)) | (l != l):  # NaN propagates
-                        val = row_max[r] * scale_log2 + cute.math.log2(l, fastmath=False)
-                    tpl[p] = val
+                    tpl[p] = row_lse_log2(row_max[r], l, scale_log2)
                 sloc[lb + m] = p
         cute.arch.barrier(barrier_id=2, number_of_threads=128)
         for i in cutlass.range_constexpr(BM * CV // 128):
@@ -623,8 +638,7 @@ class MobaFwdSm90:
             cv = idx - n * CV
             p = sloc[lb + n]
             if p >= 0:
-                sb = cute.crd2idx((n, cv * 8, 0), q_outer) * 2
-                so = (sb ^ ((sb & 0x380) >> 3)) // 2 + stage * (BM * D)
+                so = swizzled_index(q_outer, (n, cv * 8, 0)) + stage * (BM * D)
                 v = cute.make_tensor((sq_base + so).align(16), cute.make_layout(8)).load()
                 dst = part_o + (Int64(p) * Int64(D) + Int64(cv * 8))
                 cute.make_tensor(dst.align(16), cute.make_layout(8)).store(v)
