@@ -265,16 +265,15 @@ class PairListKernel:
 @cute.jit
 def lower_bound(t: cute.Tensor, lo: Int32, n: Int32, x: Int32):
     """The first of ``t[lo : lo + n]`` (ascending) that is ``>= x``, as an offset from ``lo``
-    (``n`` if none)."""
+    (``n`` if none); binary search, as :func:`~moba_cute.kernels.centroids.find_segment`."""
     a = Int32(0)
     b = n
-    for _ in cutlass.range_constexpr(31):
-        if a < b:
-            mid = a + (b - a) // 2
-            if t[lo + mid] < x:
-                a = mid + 1
-            else:
-                b = mid
+    while a < b:
+        mid = a + (b - a) // 2
+        if t[lo + mid] < x:
+            a = mid + 1
+        else:
+            b = mid
     return a
 
 
