@@ -27,17 +27,14 @@ def measure(fn, what: str, base: int) -> dict:
     call from freed memory."""
     import torch
 
-    def call():
-        if what == "fwd":
-            with torch.no_grad():
-                return fn()
-        return fn()
+    from .common import no_grad_fn
+    from .timing import free_memory
 
+    call = no_grad_fn(fn) if what == "fwd" else fn
     try:
         x = call()
         del x
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        free_memory()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         x = call()
@@ -50,7 +47,7 @@ def measure(fn, what: str, base: int) -> dict:
     except Exception as e:  # noqa: BLE001 (an OOM or a missing baseline is a result here)
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     finally:
-        torch.cuda.empty_cache()
+        free_memory()
 
 
 def main(argv=None) -> int:
