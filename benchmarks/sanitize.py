@@ -56,6 +56,7 @@ class Case:
     windows: bool = False
     partial_bytes: int = 0
     staged: bool = True  # sm90 forward: the segment kernel's staged epilogue (False: MOBA_CUTE_FWD_STAGED=0)
+    sm90_tile: tuple = ()  # sm90 forward tile (MOBA_CUTE_SM90_TILES), e.g. (128, 8, 2, 2): two consumer warpgroups
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -71,6 +72,7 @@ def _cyc(pattern, n):
 
 
 ODD = (1, 17, 113, 300)
+PAIR = (128, 8, 2, 2)  # the sm90 forward's two-consumer tile (configs/attention_sm90.py ALT_TILES)
 WRONG_LENS = (20, 40)  # 60 query and 60 key tokens
 WRONG_CU = {  # name -> (cu_seqlens_q, cu_seqlens_k)
     "past-total": ((0, 20, 200), (0, 20, 60)),
@@ -139,6 +141,15 @@ CASES = [
     # the segment kernel's fragment stores (MOBA_CUTE_FWD_STAGED=0; the staged epilogue is the
     # default), with windows
     Case("fwd-unstaged-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, staged=False, **A),
+    # two consumer warpgroups sharing each streamed n-block (MobaFwdSm90Pair): chunks of 2 n-blocks
+    # with a V tail, odd sub-tile counts (one warpgroup idle in a unit's last step), short chunks
+    # streamed per step, windows of query rows
+    Case("fwd-pair-long-chunks", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False, sm90_tile=PAIR,
+         **A),
+    Case("fwd-pair-noncausal-sq-ne-sk", (700, 1, 260), (600, 90, 300), 8, 2, C=320, K=2, grad=False,
+         sm90_tile=PAIR, **B),
+    Case("fwd-pair-short-chunks-windows", ODD, ODD, 8, 4, C=48, K=4, grad=False, windows=True, sm90_tile=PAIR,
+         **Cc),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -239,7 +250,10 @@ def covers(case: Case, fam: str = "sm90") -> set:
     if case.windows and case.fwd != "sm80" and case.Hk > 1:
         t.add("fwd-windows-kv" if case.partial_bytes else "fwd-windows-rows")
     if case.fwd != "sm80":
-        t.add("fwd-staged" if case.staged else "fwd-unstaged")
+        if len(case.sm90_tile) > 3 and case.sm90_tile[3] == 2:
+            t.add("fwd-pair")  # (fragment stores: the staged flag does not apply)
+        else:
+            t.add("fwd-staged" if case.staged else "fwd-unstaged")
     if case.K == 1:
         t.add("own-chunk-only")
     if case.C > 128:
@@ -285,8 +299,13 @@ def _env(case: Case):
     from moba_cute.kernels import attention_launch, route_launch
 
     saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES",
-                                            "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED")}
+                                            "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
+                                            "MOBA_CUTE_SM90_TILES")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
+    if case.sm90_tile:
+        os.environ["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
+    else:
+        os.environ.pop("MOBA_CUTE_SM90_TILES", None)
     os.environ["MOBA_CUTE_FWD_STAGED"] = "1" if case.staged else "0"
     if case.windows:
         os.environ["MOBA_CUTE_FWD_PARTIAL_BYTES"] = str(case.partial_bytes or 1)

@@ -46,9 +46,35 @@ def test_sm90_forward_compiles_without_spills(key, spec):
 
 def test_sm90_configs_fit_their_ctas_per_sm():
     for D in cfg90.FWD_TILES:
-        for bn, sub, kst in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
-            assert cfg90.CTAS_PER_SM * cfg90.fwd_smem_bytes(D, bn, kst, staged=True) <= cfg90.SMEM_PER_SM, D
-            assert sub >= 1 and bn % 16 == 0 and kst >= 1
+        for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
+            bn, sub, kst, nw = launch.sm90_tile_fields(tile)
+            smem = cfg90.fwd_smem_bytes(D, bn, kst, staged=nw == 1, consumers=nw)
+            assert cfg90.ctas_per_sm(tile) * smem <= cfg90.SMEM_PER_SM, (D, tile)
+            assert sub >= 1 and bn % 16 == 0 and kst >= 1 and nw in (1, 2) and len(tile) in (3, 4)
+
+
+def test_sm90_pair_kernel_for_four_field_tiles():
+    """A fourth tile field 2 builds the two-consumer kernel (one 384-thread CTA per SM, its own
+    compile key); three fields the one-consumer kernel."""
+    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90, MobaFwdSm90Pair
+
+    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2, 2))["seg"]
+    kern = fac()
+    assert isinstance(kern, MobaFwdSm90Pair) and key[-1] == "pair"
+    assert (kern.THREADS, kern.CTAS, kern.NW, kern.QS) == (384, 1, 2, 4)
+    assert kern.PRODUCER_REGS * 128 + kern.CONSUMER_REGS * 256 <= (65536 // 384) // 8 * 8 * 384
+    key1, fac1, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2))["seg"]
+    assert type(fac1()) is MobaFwdSm90 and key1 != key
+    assert launch.sm90_tile_fields((128, 8, 2)) == (128, 8, 2, 1)
+
+
+def test_sm90_tiles_env(monkeypatch):
+    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "128,8,2,2")
+    assert launch.sm90_tiles(128) == (128, 8, 2, 2)
+    for bad in ("128,8", "128,8,2,3", "128,8,0", "a,b,c", "128,8,2,2,1"):
+        monkeypatch.setenv("MOBA_CUTE_SM90_TILES", bad)
+        with pytest.raises(ValueError, match="MOBA_CUTE_SM90_TILES"):
+            launch.sm90_tiles(128)
 
 
 def test_sm90_dispatch():

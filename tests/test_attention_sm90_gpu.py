@@ -29,6 +29,8 @@ CASES = [
     ([5000], [5000], 1, 1, 128, 2, True),  # big segments: many units of one chunk
     ([1500, 900], [1200, 900], 4, 4, 96, 3, False),
     ([600], [600], 2, 2, 256, 40, False),  # topk above the chunk count
+    ([4500, 700], [4500, 700], 4, 2, 1024, 3, True),  # 8 n-blocks a chunk, odd sub-tile counts
+    ([2000, 700], [2000, 700], 4, 2, 320, 3, True),  # 3 n-blocks, the last one a V tail
 ]
 
 
@@ -80,10 +82,11 @@ def test_unattended_inf_does_not_leak():
 
 
 @needs_hopper
-@pytest.mark.parametrize("case", [0, 2, 3, 5])
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 7, 8])
 def test_sm90_alternative_tiles(case, monkeypatch):
-    """The alternative tiles of configs/attention_sm90.py (two consumer warpgroups), on the
-    cases that stream K/V, zero V tails, use topk 64, and run non-causal."""
+    """The alternative tiles of configs/attention_sm90.py (among them two consumer warpgroups),
+    on the cases that stream K/V (2, 3, 4 and 8 n-blocks a chunk), zero V tails, use topk 64,
+    and run non-causal."""
     from moba_cute.configs import attention_sm90 as cfg90
     from moba_cute.kernels import attention_launch as m
 
@@ -97,6 +100,38 @@ def test_sm90_alternative_tiles(case, monkeypatch):
             finally:
                 monkeypatch.delenv("MOBA_CUTE_SM90_TILES")
                 m.FWD_PLANS.clear()
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8])
+def test_sm90_pair_bitwise_one_consumer(case, D, monkeypatch):
+    """Two consumer warpgroups sharing each n-block (tile (128, 8, 2, 2)) do a pair's arithmetic
+    in the same order as one warpgroup with the same 128-key n-blocks (the shipped (128, 8, 1)):
+    out and lse bitwise equal, chunks of one n-block (resident there, streamed per step here)
+    and of several."""
+    from moba_cute.kernels import attention_launch as m
+    from moba_cute.kernels.attention_launch import attention_cute
+
+    lq, lk, H, Hk, C, K, causal = CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=400 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    res = {}
+    for tile in ((128, 8, 1), (128, 8, 2, 2)):
+        monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
+        m.FWD_PLANS.clear()
+        try:
+            res[tile] = attention_cute(q, k, v, r, None, False)
+            assert all(p.tile == tile for p in m.FWD_PLANS.plans.values())
+        finally:
+            monkeypatch.delenv("MOBA_CUTE_SM90_TILES")
+            m.FWD_PLANS.clear()
+    (o1, l1), (o2, l2) = res.values()
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    o32, _ = reference.attention(q, k, v, r)
+    olp, _ = reference.attention(q, k, v, r, compute_dtype=torch.bfloat16)
+    err = (o2.double() - o32.double()).nan_to_num().abs().max().item()
+    assert err <= 2 * (olp.double() - o32.double()).nan_to_num().abs().max().item() + 1e-5
 
 
 WINDOW_CASES = [

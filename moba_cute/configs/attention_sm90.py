@@ -2,10 +2,12 @@
 
 ``bn``: keys per n-block (one TMA box of K and one of V; a chunk of ``C <= bn`` keys is loaded
 once per work unit); ``sub``: 64-row sub-tiles per work unit (one CTA walks up to ``64 * sub``
-consecutive entries of one (chunk, head) segment); ``kv_stages``: K/V n-block buffers.
-Two CTAs run per SM, each a producer and a consumer warpgroup. Shared memory: ``2 * 64 * D * 2``
-(two Q stages) ``+ kv_stages * 2 * bn * D * 2`` bytes; the two CTAs of one SM must fit in
-227 KB. Chosen on the H200 (docs/design.md, section 8).
+consecutive entries of one (chunk, head) segment); ``kv_stages``: K/V n-block buffers. A fourth
+field 2 (``consumers``) selects ``MobaFwdSm90Pair``: two consumer warpgroups that share every
+streamed n-block, one CTA per SM (for chunks longer than ``bn``: half the L2 traffic per FLOP).
+Otherwise two CTAs run per SM, each a producer and a consumer warpgroup. Shared memory: ``2 *
+consumers * 64 * D * 2`` (two Q stages per consumer warpgroup) ``+ kv_stages * 2 * bn * D * 2``
+bytes; the CTAs of one SM must fit in 227 KB. Chosen on the H200 (docs/design.md, section 8).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ FWD_TILES = {
 }
 
 # alternatives compiled in CI, run by the GPU tests and timed by the tuner (moba_cute.tune):
-# smaller units (more CTAs for short sequences) and 64-key n-blocks with two K/V stages
+# smaller units (more CTAs for short sequences), 64-key n-blocks with two K/V stages, and two
+# consumer warpgroups sharing 128-key n-blocks (two stages)
 ALT_TILES = {
-    64: ((128, 4, 1), (64, 8, 2)),
-    128: ((128, 4, 1), (64, 8, 2)),
+    64: ((128, 4, 1), (64, 8, 2), (128, 8, 2, 2)),
+    128: ((128, 4, 1), (64, 8, 2), (128, 8, 2, 2)),
 }
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
@@ -29,10 +32,21 @@ SMEM_PER_SM = 227 * 1024
 CTAS_PER_SM = 2
 
 
-def fwd_smem_bytes(head_dim: int, bn: int, kv_stages: int, staged: bool = False) -> int:
-    # Q ring (2 stages of 64 rows), K and V stages, mbarriers and alignment; staged epilogue: the
-    # places of two sub-tiles' rows
-    return 2 * 64 * head_dim * 2 + kv_stages * 2 * bn * head_dim * 2 + 1024 + 128 + (2 * 64 * 4 if staged else 0)
+def tile_consumers(tile) -> int:
+    """Consumer warpgroups of a tile: its fourth field, else 1."""
+    return tile[3] if len(tile) > 3 else 1
+
+
+def ctas_per_sm(tile) -> int:
+    """CTAs per SM the tile's kernel is built for: two with one consumer warpgroup, else one."""
+    return CTAS_PER_SM if tile_consumers(tile) == 1 else 1
+
+
+def fwd_smem_bytes(head_dim: int, bn: int, kv_stages: int, staged: bool = False, consumers: int = 1) -> int:
+    # Q ring (2 stages of 64 rows per consumer warpgroup), K and V stages, mbarriers and
+    # alignment; staged epilogue: the places of two sub-tiles' rows
+    return (2 * consumers * 64 * head_dim * 2 + kv_stages * 2 * bn * head_dim * 2 + 1024 + 128
+            + (2 * 64 * 4 if staged else 0))
 
 
 def unit_rows(head_dim: int) -> int:

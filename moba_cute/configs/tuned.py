@@ -34,7 +34,7 @@ Table format (JSON)::
                "times_ms": {"128,8,1": 8.52, ...},   # every candidate (null: failed)
                "shape": "B=2 H=16/16 ...", "date": "2026-12-04"}}}}}}
 
-Families and their tiles: ``sm90_fwd`` (bn, sub, kv_stages) of the sm90 segment
+Families and their tiles: ``sm90_fwd`` (bn, sub, kv_stages[, 2]) of the sm90 segment
 kernel; ``sm80_fwd`` (bm, bn, threads, stages) of the sm80 slot-pass forward; ``decode``
 (waves,) of the decode-step kernels (``configs/decode.py: WAVE_CHOICES``, the most CTAs per SM
 their key splits may reach; ``decode_launch.splits_for`` picks the count within it);

@@ -213,11 +213,18 @@ def fwd_staged():
     return env != "0"
 
 
+def sm90_tile_fields(tile):
+    """(bn, sub, kv_stages, consumer warpgroups) of an sm90 forward tile: ``(bn, sub, kv_stages)``
+    (one consumer warpgroup, two CTAs per SM) or ``(bn, sub, kv_stages, 2)`` (two that share
+    every streamed n-block, one CTA per SM: ``MobaFwdSm90Pair``)."""
+    return tile[0], tile[1], tile[2], cfg90.tile_consumers(tile)
+
+
 def sm90_tiles(head_dim, shape_class=None, device=None):
-    """(bn, sub, kv_stages) of the sm90 segment kernel: for a launch plan
-    (``shape_class`` given) the tuner's override first; then ``MOBA_CUTE_SM90_TILES=bn,sub,
-    stages`` (tile sweeps); then, for a plan, the tuned tables' tile for
-    ``shape_class`` on CUDA device index ``device`` (configs/tuned.py); else
+    """(bn, sub, kv_stages[, 2]) of the sm90 segment kernel (:func:`sm90_tile_fields`): for a
+    launch plan (``shape_class`` given) the tuner's override first; then
+    ``MOBA_CUTE_SM90_TILES=bn,sub,stages[,2]`` (tile sweeps); then, for a plan, the tuned tables'
+    tile for ``shape_class`` on CUDA device index ``device`` (configs/tuned.py); else
     configs/attention_sm90.py."""
     t = None
     if shape_class is not None:
@@ -226,9 +233,13 @@ def sm90_tiles(head_dim, shape_class=None, device=None):
             return t
     env = os.environ.get("MOBA_CUTE_SM90_TILES")
     if env:
-        t = tuple(int(x) for x in env.split(","))
-        if len(t) != 3:
-            raise ValueError(f"MOBA_CUTE_SM90_TILES must be bn,sub,kv_stages (three integers), not {env!r}")
+        try:
+            t = tuple(int(x) for x in env.split(","))
+        except ValueError:
+            t = ()
+        if len(t) not in (3, 4) or (len(t) == 4 and t[3] not in (1, 2)) or min(t) < 1:
+            raise ValueError("MOBA_CUTE_SM90_TILES must be bn,sub,kv_stages or bn,sub,kv_stages,consumers "
+                             f"(positive integers, consumers 1 or 2), not {env!r}")
         return t
     if shape_class is not None:
         t = tuned.lookup("sm90_fwd", head_dim, shape_class, device)
@@ -254,19 +265,23 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     (:func:`fwd_row_window`)."""
     from .merge import MergeKernel
     from .moba_fwd_sm80 import MobaFwdSm80
-    from .moba_fwd_sm90 import MobaFwdSm90
+    from .moba_fwd_sm90 import MobaFwdSm90, MobaFwdSm90Pair
     from .slot_index import PairListKernel, SlotIndexKernel, SlotPrepKernel, SlotScanKernel, WindowCountKernel
 
     dt = _cdt(dtype_name)
     F = _cdt_f32()
-    bn, sub, kst = tile if tile is not None else sm90_tiles(head_dim)
+    bn, sub, kst, nw = sm90_tile_fields(tile if tile is not None else sm90_tiles(head_dim))
     unit = 64 * sub
     bm, dbn, nt, st = tiles(head_dim)
     causal = bool(causal)
+    if nw == 2:  # two consumer warpgroups sharing each streamed n-block (fragment-store epilogue)
+        seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst),
+               lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst))
+    else:
+        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged),
+               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged))
     specs = {
-        "seg": (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged),
-                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged),
-                _fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1)),
+        "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1),),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
                        lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),

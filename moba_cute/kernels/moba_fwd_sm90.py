@@ -26,15 +26,18 @@ one query head's rows instead, and a launch takes one window's units
   log2 domain).
 
 Two CTAs run per SM (128 launch registers, 40 / 216 after ``setmaxnreg``), so one CTA's loads
-overlap the other's math. (A variant with two consumer warpgroups in one CTA per SM taking
-alternate sub-tiles measured slower on the H200: 5.1 against 4.1 ms at 64K flashmoba.) The
+overlap the other's math. (Two consumer warpgroups in one CTA per SM taking alternate sub-tiles
+with the chunk resident measured slower on the H200: 5.1 against 4.1 ms at 64K flashmoba.
+:class:`MobaFwdSm90Pair` is two consumer warpgroups for *streamed* chunks, sharing each n-block
+loaded.) The
 partials are merged with the own chunk by the diagonal kernel (causal:
 :class:`~moba_cute.kernels.moba_fwd_sm80.MobaFwdSm80` with ``merge=True``) or by
 :class:`~moba_cute.kernels.merge.MergeKernel` (non-causal), which write ``out`` and ``lse``.
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
 partials in slot order, so the result is bitwise deterministic.
 
-Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)``; sizes and the
+Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)`` (and the staged
+epilogue, or ``"pair"``); sizes and the
 window are runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors built per call on the host.
 """
 
@@ -132,15 +135,17 @@ def kv_tma_views(atom_k: cute.CopyAtom, tma_k: cute.Tensor, atom_v: cute.CopyAto
     return tKsK, tKgK, tVsV, tVgV
 
 
-def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int):
+def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int,
+                         q_producers: int = 128):
     """The two pipelines of the sm90 kernels: the producer warpgroup's ``cp.async`` row ring
-    (128 threads -> ``q_consumers`` threads; mbarriers ``st.mbar_q``) and warp 0's TMA K/V stages
-    (one thread -> ``kv_consumers`` warps, ``kv_bytes`` per stage; ``st.mbar_kv``). Initialized
-    without a sync: the caller fences and syncs once for all its pipelines."""
+    (``q_producers`` threads -> ``q_consumers`` threads; mbarriers ``st.mbar_q``) and warp 0's TMA
+    K/V stages (one thread -> ``kv_consumers`` warps, ``kv_bytes`` per stage; ``st.mbar_kv``).
+    Initialized without a sync: the caller fences and syncs once for all its pipelines."""
     group = pipeline.CooperativeGroup
     pipe_q = pipeline.PipelineCpAsync.create(
         barrier_storage=st.mbar_q.data_ptr(), num_stages=q_stages,
-        producer_group=group(pipeline.Agent.Thread, 128), consumer_group=group(pipeline.Agent.Thread, q_consumers),
+        producer_group=group(pipeline.Agent.Thread, q_producers),
+        consumer_group=group(pipeline.Agent.Thread, q_consumers),
         defer_sync=True)
     pipe_kv = pipeline.PipelineTmaAsync.create(
         barrier_storage=st.mbar_kv.data_ptr(), num_stages=kv_stages,
@@ -205,6 +210,10 @@ class MobaFwdSm90:
         self.KS = kv_stages
         self.QS = 2  # Q ring stages
         self.THREADS = 256  # producer and consumer warpgroups
+        self.CTAS = CTAS_PER_SM
+        self.NW = 1  # consumer warpgroups
+        self.PRODUCER_REGS, self.CONSUMER_REGS = PRODUCER_REGS, CONSUMER_REGS
+        self.Q_PRODUCERS = 128  # threads gathering Q rows
         # staged epilogue (chunks of one n-block): a sub-tile's normalized partials go through its
         # own Q ring stage (free once its QK^T is done) and out in whole 16-byte pieces, instead of
         # 4-byte stores from the accumulator fragments (half a sector per row and store)
@@ -283,7 +292,7 @@ class MobaFwdSm90:
             seg_off, tile_off, seg_start, wstart, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, nrw,
             scale_log2, sQ_layout, sKV_layout, tiled_mma_qk, tiled_mma_pv, Storage,
         ).launch(grid=(grid_x, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
-                 min_blocks_per_mp=CTAS_PER_SM, preferred_smem_carveout=100)
+                 min_blocks_per_mp=self.CTAS, preferred_smem_carveout=100)
 
     @cute.kernel
     def kernel(
@@ -324,7 +333,8 @@ class MobaFwdSm90:
         tid, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
-        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4, self.kv_bytes)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4 * self.NW, self.kv_bytes,
+                                               self.Q_PRODUCERS)
         cute.arch.mbarrier_init_fence()
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
@@ -339,12 +349,12 @@ class MobaFwdSm90:
         cute.arch.sync_threads()  # barrier init visible to both warpgroups
 
         if warp < 4:
-            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+            cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
             if nrows > 0:
                 self.producer(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
                               nsub, nblk, h, H, Hk, total_q, ks + kbeg, KP, tid, warp)
         else:
-            cute.arch.setmaxregister_increase(CONSUMER_REGS)
+            cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
             if nrows > 0:
                 self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
                               r0, nrows, nsub, nblk, kend - kbeg, pbase, scale_log2, tid - 128, st)
@@ -354,51 +364,75 @@ class MobaFwdSm90:
                  q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
                  pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, h: Int32, H: Int32, Hk: Int32,
                  total_q: Int32, key0: Int32, KP: Int32, tid: Int32, warp: Int32):
-        D, BN = self.D, self.BN
-        kvh = h // (H // Hk)
-        CV = D // 8
         # TMA views: this KV head's keys from the chunk start, in n-blocks of BN
-        tKsK, tKgK, tVsV, tVgV = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, kvh, key0, BN, D)
-        # Q gather: 16-byte pieces written at their swizzled offsets (128-byte swizzle applied by
-        # hand: row tiles are whole 1024-byte swizzle periods)
+        kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (H // Hk), key0, self.BN, self.D)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.KS)
+        for t in cutlass.range(nsub, unroll=1):
+            # warp w gathers rows 16w .. 16w + 15 of the sub-tile
+            self.gather_rows(q, rows_list, sQ, pipe_q, q_state, r0, t * BM, nrows, warp * 16, Int32(16), h, H,
+                             total_q, KP, tid % 32, 16)
+            q_state.advance()
+            if warp == 0:
+                if (t == 0) | (nblk > 1):
+                    for n in cutlass.range(nblk, unroll=1):
+                        self.load_kv_block(atom_k, atom_v, kv_views, pipe_kv, kv_state, n)
+                        kv_state.advance()
+
+    @cute.jit
+    def load_kv_block(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, kv_state, n: Int32):
+        """n-block ``n`` of the chunk's K and V by TMA into ring stage ``kv_state`` (one thread of
+        warp 0; the caller advances the state)."""
+        tKsK, tKgK, tVsV, tVgV = kv_views
+        pipe_kv.producer_acquire(kv_state)
+        bar = pipe_kv.producer_get_barrier(kv_state)
+        cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar)
+        cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar)
+
+    @cute.jit
+    def gather_rows(self, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, pipe_q, q_state, r0: Int32,
+                    e0: Int32, nrows: Int32, rbeg: Int32, nr: Int32, h: Int32, H: Int32, total_q: Int32, KP: Int32,
+                    lane: Int32, RW: cutlass.Constexpr):
+        """One warp's share of a sub-tile's Q gather: rows ``[rbeg, rbeg + nr)`` (``nr <= RW``) of
+        the 64-row sub-tile whose first entry is ``e0``, into ring stage ``q_state`` (acquired
+        and committed here). Lane j < RW loads row rbeg + j's pair-list entry once (issued before
+        the wait for a free stage) and the copies take it by shuffle: one dependent load per
+        thread instead of one per piece. A copy instruction moves ``32 // (D / 8)`` whole rows
+        (contiguous 256-byte rows at D = 128: whole DRAM lines), 16-byte pieces written at their
+        swizzled offsets (128-byte swizzle applied by hand: row tiles are whole 1024-byte swizzle
+        periods). Padding rows (past ``nrows``) repeat the last entry."""
+        D = self.D
+        CV = D // 8
+        RPI = 32 // CV  # rows per copy instruction of a warp
         sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
         q_outer = sQ.layout  # (the swizzle lives in the iterator)
         trl = _flat(rows_list)
         atom_g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
                                        num_bits_per_copy=128)
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.KS)
-        # warp w gathers rows 16w .. 16w + 15, 32 // CV whole rows per copy (contiguous 256-byte
-        # rows: whole DRAM lines); lane j < 16 loads row 16w + j's entry once per sub-tile and the
-        # copies take it by shuffle (one dependent load per thread instead of one per piece)
-        lane = tid % 32
-        RPI = 32 // CV  # rows per copy instruction of a warp
-        for t in cutlass.range(nsub, unroll=1):
-            e = cutlass.min(t * BM + warp * 16 + lane % 16, nrows - 1)  # padding rows repeat the last entry
-            # the entry (h * total_q + row) * KP + slot -> Q's (row, h); issued before the wait for a
-            # free stage
-            my_ridx = (trl[r0 + e] // KP - h * total_q) * H + h
-            pipe_q.producer_acquire(q_state)
-            for it in cutlass.range_constexpr(16 // RPI):
-                rl = it * RPI + lane // CV
-                r = warp * 16 + rl
-                cv = lane % CV
-                ridx = cute.arch.shuffle_sync(my_ridx, rl)
-                src = cute.make_tensor(q + cute.assume(Int64(ridx) * Int64(D) + Int64(cv * 8), divby=8),
-                                       cute.make_layout(8))
-                so = swizzled_index(q_outer, (r, cv * 8, 0)) + q_state.index * (BM * D)
-                dst = cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8))
-                cute.copy(atom_g2s, src, dst)
-            pipe_q.producer_commit(q_state)
-            q_state.advance()
-            if warp == 0:
-                if (t == 0) | (nblk > 1):
-                    for n in cutlass.range(nblk, unroll=1):
-                        pipe_kv.producer_acquire(kv_state)
-                        bar = pipe_kv.producer_get_barrier(kv_state)
-                        cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar)
-                        cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar)
-                        kv_state.advance()
+        e = cutlass.min(e0 + rbeg + lane % RW, nrows - 1)
+        # the entry (h * total_q + row) * KP + slot -> Q's (row, h)
+        my_ridx = (trl[r0 + e] // KP - h * total_q) * H + h
+        pipe_q.producer_acquire(q_state)
+        for it in cutlass.range_constexpr((RW + RPI - 1) // RPI):
+            rl = it * RPI + lane // CV
+            cv = lane % CV
+            ridx = cute.arch.shuffle_sync(my_ridx, rl)
+            if cutlass.const_expr(RW % RPI == 0 and RW * 4 == BM):
+                self._copy_row(atom_g2s, q, sq_base, q_outer, q_state.index, ridx, rbeg + rl, cv)
+            else:
+                if rl < nr:
+                    self._copy_row(atom_g2s, q, sq_base, q_outer, q_state.index, ridx, rbeg + rl, cv)
+        pipe_q.producer_commit(q_state)
+
+    @cute.jit
+    def _copy_row(self, atom_g2s: cute.CopyAtom, q: cute.Pointer, sq_base, q_outer, stage, ridx: Int32, r: Int32,
+                  cv: Int32):
+        """16-byte piece ``cv`` of Q row ``ridx`` (of the (row, head) view) into sub-tile row ``r``."""
+        D = self.D
+        src = cute.make_tensor(q + cute.assume(Int64(ridx) * Int64(D) + Int64(cv * 8), divby=8), cute.make_layout(8))
+        so = swizzled_index(q_outer, (r, cv * 8, 0)) + stage * (BM * D)
+        dst = cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8))
+        cute.copy(atom_g2s, src, dst)
 
     @cute.jit
     def consumer(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
@@ -406,6 +440,10 @@ class MobaFwdSm90:
                  tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
                  pbase: Int32, scale_log2: Float32, ctid: Int32, st):
         D, BN, dt = self.D, self.BN, self.dtype
+        wg = Int32(0)  # this thread's consumer warpgroup (two: MobaFwdSm90Pair)
+        if cutlass.const_expr(self.NW > 1):
+            wg = ctid // 128
+            ctid = ctid % 128
         thr_qk = tiled_mma_qk.get_slice(ctid)
         thr_pv = tiled_mma_pv.get_slice(ctid)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
@@ -428,14 +466,18 @@ class MobaFwdSm90:
         lane = ctid % 32
 
         kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
-        if nblk == 1:
+        if cutlass.const_expr(self.NW > 1):
+            self.consumer_streamed(part_o, tpl, trl, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
+                                   tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, cO_mn, row_max, row_sum, r0,
+                                   nrows, nsub, nblk, nkeys, pbase, scale_log2, ctid, wg)
+        elif nblk == 1:
             # the chunk fits one n-block: loaded once for the whole unit, never released
             pipe_kv.consumer_wait(kv_first)
             if nkeys < BN:
                 # keys past the chunk (the next chunk or sequence, or TMA's zero fill) get
                 # probability 0; zero their V rows so that a non-finite value there cannot
                 # reach O as 0 * inf
-                self.zero_v_tail(sV, Int32(0), nkeys, ctid, 1)
+                self.zero_v_tail(sV, Int32(0), nkeys, ctid, wg)
             # one n-block per sub-tile: no running state, and the sub-tiles overlap. Sub-tile t's
             # PV and sub-tile t + 1's QK^T are issued back to back; t's epilogue (global stores)
             # runs while t + 1's QK^T is on the tensor cores.
@@ -473,7 +515,7 @@ class MobaFwdSm90:
         else:
             self.consumer_streamed(part_o, tpl, trl, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
                                    tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, cO_mn, row_max, row_sum, r0,
-                                   nrows, nsub, nblk, nkeys, pbase, scale_log2, ctid)
+                                   nrows, nsub, nblk, nkeys, pbase, scale_log2, ctid, wg)
 
     @cute.jit
     def consumer_streamed(self, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, sV: cute.Tensor, pipe_q,
@@ -482,50 +524,59 @@ class MobaFwdSm90:
                           rP: cute.Tensor, tOrP: cute.Tensor, S_mn: cute.Tensor, O_mn: cute.Tensor,
                           cS_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
                           r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32, pbase: Int32,
-                          scale_log2: Float32, ctid: Int32):
-        """Chunks longer than one n-block: K/V n-blocks streamed per sub-tile, online softmax,
-        one sub-tile after the other."""
-        BN, dt = self.BN, self.dtype
+                          scale_log2: Float32, ctid: Int32, wg: Int32):
+        """Chunks longer than one n-block: K/V n-blocks streamed per step, online softmax. A step
+        is one sub-tile per consumer warpgroup (``NW``): warpgroup ``wg`` (``ctid`` its thread)
+        takes sub-tiles ``wg, wg + NW, ...``, and every warpgroup reads each n-block of a step,
+        so two warpgroups (MobaFwdSm90Pair) compute 128 rows per block loaded. A warpgroup
+        without a sub-tile in the last step still waits for and releases its n-blocks."""
+        BN, dt, NW = self.BN, self.dtype, self.NW
         NR = cute.size(O_mn, mode=[0])
         lane = ctid % 32
-        for t in cutlass.range(nsub, unroll=1):
+        for j in cutlass.range((nsub + NW - 1) // NW, unroll=1):
+            t = j * NW + wg
             # the producer fills the Q ring in sub-tile order: sub-tile t is stage t % QS, phase
             # (t // QS) % 2
             q_state = pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2)
-            pipe_q.consumer_wait(q_state)
-            # the gathered rows were written by cp.async (generic proxy); wgmma reads them
-            # through the async proxy
-            cute.arch.fence_view_async_shared()
-            acc_O.fill(0.0)
-            for r in cutlass.range_constexpr(NR):
-                row_max[r] = -Float32.inf
-                row_sum[r] = Float32(0.0)
+            has = (t < nsub) if cutlass.const_expr(NW > 1) else True  # (one warpgroup: always)
+            if has:
+                pipe_q.consumer_wait(q_state)
+                # the gathered rows were written by cp.async (generic proxy); wgmma reads them
+                # through the async proxy
+                cute.arch.fence_view_async_shared()
+                acc_O.fill(0.0)
+                for r in cutlass.range_constexpr(NR):
+                    row_max[r] = -Float32.inf
+                    row_sum[r] = Float32(0.0)
             for n in cutlass.range(nblk, unroll=1):
-                # streamed n-blocks, in the producer's order: block t * nblk + n
-                b = t * nblk + n
+                # streamed n-blocks, in the producer's order: block j * nblk + n
+                b = j * nblk + n
                 pipe_kv.consumer_wait(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
                 kv_idx = b % self.KS
                 nvalid = nkeys - n * BN
                 if nvalid < BN:
-                    self.zero_v_tail(sV, kv_idx, nvalid, ctid, 1)
-                # ---- S = Q K^T
-                warpgroup.fence()
-                gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-                if n == nblk - 1:
-                    pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
-                # ---- mask the keys past the chunk end, online softmax
-                self.mask_keys_from(S_mn, cS_mn, nkeys - n * BN)
-                _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
-                rP.store(acc_S.load().to(dt))
-                # ---- O += P V
-                warpgroup.fence()
-                gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, kv_idx, zero_init=False)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
+                    self.zero_v_tail(sV, kv_idx, nvalid, ctid, wg)
+                if has:
+                    # ---- S = Q K^T
+                    warpgroup.fence()
+                    gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(0)
+                    if n == nblk - 1:
+                        pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
+                    # ---- mask the keys past the chunk end, online softmax
+                    self.mask_keys_from(S_mn, cS_mn, nvalid)
+                    _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
+                    rP.store(acc_S.load().to(dt))
+                    # ---- O += P V
+                    warpgroup.fence()
+                    gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, kv_idx, zero_init=False)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(0)
                 pipe_kv.consumer_release(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
-            self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2, lane)
+            if has:
+                self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2,
+                              lane)
 
     @cute.jit
     def qk(self, pipe_q, tiled_mma_qk: cute.TiledMma, acc_S: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
@@ -644,10 +695,65 @@ class MobaFwdSm90:
                 cute.make_tensor(dst.align(16), cute.make_layout(8)).store(v)
 
     @cute.jit
-    def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, tid: Int32,
-                    bar_id: cutlass.Constexpr):
-        """Zero V rows ``[nvalid, BN)`` of a stage (the consumer warpgroup, then named barrier
-        ``bar_id`` among its 128 threads; generic-proxy writes fenced for the wgmma that reads
-        them)."""
-        zero_rows_from(sV, stage, nvalid, tid, 128, self.BN, self.D, self.dtype)
-        cute.arch.barrier(barrier_id=bar_id, number_of_threads=128)
+    def zero_v_tail(self, sV: cute.Tensor, stage: Int32, nvalid: Int32, ctid: Int32, wg: Int32):
+        """Zero V rows ``[nvalid, BN)`` of a stage (consumer warpgroup 0, whose ``ctid`` is the
+        thread; generic-proxy writes fenced for the wgmma that reads them), then named barrier 1
+        among the consumer warpgroups, which all read the stage."""
+        if wg == 0:
+            zero_rows_from(sV, stage, nvalid, ctid, 128, self.BN, self.D, self.dtype)
+        cute.arch.barrier(barrier_id=1, number_of_threads=128 * self.NW)
+
+
+PAIR_PRODUCER_REGS = 40
+# 168 x 384 registers at launch (one CTA per SM): 40 x 128 + 232 x 256 = 64,512
+PAIR_CONSUMER_REGS = 232
+PAIR_GATHER_ROWS = 22  # rows of a sub-tile per gathering warp (warps 1-3: 22 + 22 + 20)
+
+
+class MobaFwdSm90Pair(MobaFwdSm90):
+    """The segment kernel with two consumer warpgroups that share every streamed K/V n-block
+    (one 384-thread CTA per SM, FlashAttention-3's 128-row tile as two 64-row sub-tiles).
+
+    With ``C > BN`` each sub-tile streams the whole chunk's K/V from L2: at 64 rows per n-block
+    a wgmma does 64 FLOP per byte of K/V loaded, and moba-large (C = 4096) then needs ~6.8 TB/s
+    of L2 -> SM traffic at its measured rate (docs/design.md, section 8). Here warpgroup w takes
+    sub-tiles w, w + 2, ... and both read each n-block of a step, which halves that traffic.
+    The producer warpgroup's warp 0 only streams K/V (one TMA n-block after the other, a step's
+    blocks once for both warpgroups), so no Q gather waits behind a full K/V ring; warps 1-3
+    gather the Q sub-tiles (four ring stages: two per warpgroup). Chunks of one n-block are
+    streamed too (a step reloads them): this kernel is for long chunks, chosen per shape by the
+    tuner (tile ``(bn, sub, kv_stages, 2)``). Epilogue: the fragment stores."""
+
+    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 8, kv_stages: int = 2):
+        super().__init__(dtype, head_dim, bn, sub, kv_stages, staged=False)
+        self.NW = 2
+        self.QS = 2 * self.NW
+        self.THREADS = 128 * (1 + self.NW)
+        self.CTAS = 1
+        self.PRODUCER_REGS, self.CONSUMER_REGS = PAIR_PRODUCER_REGS, PAIR_CONSUMER_REGS
+        self.Q_PRODUCERS = 96
+
+    @staticmethod
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int):
+        return ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages), "pair")
+
+    @cute.jit
+    def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
+                 q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+                 pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, h: Int32, H: Int32, Hk: Int32,
+                 total_q: Int32, key0: Int32, KP: Int32, tid: Int32, warp: Int32):
+        if warp == 0:
+            kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (H // Hk), key0, self.BN, self.D)
+            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.KS)
+            for j in cutlass.range((nsub + self.NW - 1) // self.NW, unroll=1):
+                for n in cutlass.range(nblk, unroll=1):
+                    self.load_kv_block(atom_k, atom_v, kv_views, pipe_kv, kv_state, n)
+                    kv_state.advance()
+        else:
+            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+            rbeg = (warp - 1) * PAIR_GATHER_ROWS
+            nr = cutlass.min(PAIR_GATHER_ROWS, BM - rbeg)
+            for t in cutlass.range(nsub, unroll=1):
+                self.gather_rows(q, rows_list, sQ, pipe_q, q_state, r0, t * BM, nrows, rbeg, nr, h, H, total_q, KP,
+                                 tid % 32, PAIR_GATHER_ROWS)
+                q_state.advance()
