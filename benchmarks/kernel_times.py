@@ -1,9 +1,10 @@
 """Per-kernel GPU time of one public MoBA call (GPU machine), from the PyTorch profiler:
 
-    python -m benchmarks.kernel_times [--S 8192,65536] [--backward] [--tiles bn,sub,stages]
+    python -m benchmarks.kernel_times [--S 8192,65536] [--backward] [--tiles bn,sub,stages[,2]]
+    python -m benchmarks.kernel_times --B 1 --H 32 --Hk 8 --C 4096 --K 12 --S 131072   # moba-large
 
-flashmoba shape (B=2, H=Hk=16, D=128, C=128, K=8, bf16, causal), routing included, after
-warm-up. Prints each kernel's mean time over ``--reps`` calls, grouped by kernel name, and the
+flashmoba shape by default (B=2, H=Hk=16, D=128, C=128, K=8, bf16, causal), routing included,
+after warm-up. Prints each kernel's mean time over ``--reps`` calls, grouped by kernel name, and the
 sum; ours and PyTorch's alike, so fixed costs at short lengths show which launch to remove.
 ``--tiles`` sets ``MOBA_CUTE_SM90_TILES`` (the sm90 forward's tile) for the process.
 """
@@ -38,6 +39,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--S", default="8192,65536")
     ap.add_argument("--B", type=int, default=2)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--Hk", type=int, default=None, help="KV heads (default: H)")
+    ap.add_argument("--C", type=int, default=128, help="chunk size")
+    ap.add_argument("--K", type=int, default=8, help="topk")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--backward", action="store_true", help="forward + backward instead of the forward")
     ap.add_argument("--tiles", default=None, help="MOBA_CUTE_SM90_TILES for this process")
@@ -48,12 +53,14 @@ def main(argv=None):
 
     import moba_cute
 
-    B, H, D, C, K = args.B, 16, 128, 128, 8
-    print(f"device {torch.cuda.get_device_name()}, paths {moba_cute.kernel_paths()}, tiles {args.tiles}")
+    B, H, D, C, K = args.B, args.H, 128, args.C, args.K
+    Hk = args.Hk or H
+    print(f"device {torch.cuda.get_device_name()}, paths {moba_cute.kernel_paths()}, tiles {args.tiles}, "
+          f"B={B} H={H}/{Hk} C={C} K={K}")
     for S in (int(x) for x in args.S.split(",")):
         g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(B * S, H, D, device="cuda", dtype=torch.bfloat16, generator=g,
-                               requires_grad=args.backward) for _ in range(3))
+        q, k, v = (torch.randn(B * S, h, D, device="cuda", dtype=torch.bfloat16, generator=g,
+                               requires_grad=args.backward) for h in (H, Hk, Hk))
         cu = torch.arange(0, B + 1, device="cuda", dtype=torch.int32) * S
         dout = torch.randn_like(q) if args.backward else None
 
