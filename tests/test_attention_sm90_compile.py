@@ -42,6 +42,8 @@ def test_sm90_forward_compiles_without_spills(key, spec):
         for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg.inc", "setmaxnreg.dec",
                       "cp.async.mbarrier.arrive"):
             assert instr in rep.ptx, instr
+        # no wgmma serialized by ptxas (the streamed path overlaps QK^T, PV and the softmax)
+        assert "C7520" not in rep.ptxas, [ln for ln in rep.ptxas.splitlines() if "C7520" in ln][:1]
 
 
 def test_sm90_configs_fit_their_ctas_per_sm():

@@ -78,10 +78,12 @@ def _quad_sum(x: Float32) -> Float32:
 
 @cute.jit
 def _online_softmax(S_mn: cute.Tensor, O_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                    scale_log2: Float32):
+                    scale_log2: Float32, corr_out: cute.Tensor = None):
     """One online-softmax step over an m16n8 accumulator tile in (rows, cols) view: each row's
     running max (raw scores, quad-reduced) and sum updated, ``O`` rescaled, and ``S`` replaced by
-    ``exp2(S * scale_log2 - max * scale_log2)`` (a row with nothing visible uses max 0)."""
+    ``exp2(S * scale_log2 - max * scale_log2)`` (a row with nothing visible uses max 0). With
+    ``corr_out`` the rescale factors go there and ``O`` is left to the caller (whose previous
+    ``O += P V`` may still be running on the tensor cores)."""
     for r in cutlass.range_constexpr(cute.size(S_mn, mode=[0])):
         srow = S_mn[r, None].load()
         cur = _quad_max(srow.reduce(cute.ReductionOp.MAX, -Float32.inf, 0))
@@ -94,7 +96,10 @@ def _online_softmax(S_mn: cute.Tensor, O_mn: cute.Tensor, row_max: cute.Tensor, 
         e = cute.math.exp2(srow * scale_log2 - m_scaled, fastmath=True)
         corr = cute.math.exp2(m_old * scale_log2 - m_scaled, fastmath=True)
         row_sum[r] = row_sum[r] * corr + e.reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-        O_mn[r, None] = O_mn[r, None].load() * corr
+        if cutlass.const_expr(corr_out is None):
+            O_mn[r, None] = O_mn[r, None].load() * corr
+        else:
+            corr_out[r] = corr
         row_max[r] = m_new
         S_mn[r, None] = e
 

@@ -548,35 +548,105 @@ class MobaFwdSm90:
                 for r in cutlass.range_constexpr(NR):
                     row_max[r] = -Float32.inf
                     row_sum[r] = Float32(0.0)
-            for n in cutlass.range(nblk, unroll=1):
-                # streamed n-blocks, in the producer's order: block j * nblk + n
-                b = j * nblk + n
-                pipe_kv.consumer_wait(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
-                kv_idx = b % self.KS
-                nvalid = nkeys - n * BN
-                if nvalid < BN:
-                    self.zero_v_tail(sV, kv_idx, nvalid, ctid, wg)
-                if has:
-                    # ---- S = Q K^T
-                    warpgroup.fence()
-                    gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
-                    warpgroup.commit_group()
-                    warpgroup.wait_group(0)
-                    if n == nblk - 1:
-                        pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
-                    # ---- mask the keys past the chunk end, online softmax
-                    self.mask_keys_from(S_mn, cS_mn, nvalid)
-                    _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
-                    rP.store(acc_S.load().to(dt))
-                    # ---- O += P V
-                    warpgroup.fence()
-                    gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, kv_idx, zero_init=False)
-                    warpgroup.commit_group()
-                    warpgroup.wait_group(0)
-                pipe_kv.consumer_release(pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2))
+            if cutlass.const_expr(self.KS >= 2):
+                self.stream_overlapped(pipe_q, pipe_kv, sV, q_state, has, j, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
+                                       tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, row_max, row_sum, nblk,
+                                       nkeys, scale_log2, ctid, wg)
+            else:
+                for n in cutlass.range(nblk, unroll=1):
+                    # streamed n-blocks, in the producer's order: block j * nblk + n
+                    b = j * nblk + n
+                    kv_idx = b % self.KS
+                    nvalid = nkeys - n * BN
+                    self.wait_kv_block(pipe_kv, sV, b, nvalid, ctid, wg)
+                    if has:
+                        # ---- S = Q K^T
+                        warpgroup.fence()
+                        gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
+                        warpgroup.commit_group()
+                        warpgroup.wait_group(0)
+                        if n == nblk - 1:
+                            pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
+                        # ---- mask the keys past the chunk end, online softmax
+                        self.mask_keys_from(S_mn, cS_mn, nvalid)
+                        _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
+                        rP.store(acc_S.load().to(dt))
+                        # ---- O += P V
+                        warpgroup.fence()
+                        gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, kv_idx, zero_init=False)
+                        warpgroup.commit_group()
+                        warpgroup.wait_group(0)
+                    pipe_kv.consumer_release(self.kv_state(b))
             if has:
                 self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2,
                               lane)
+
+    def kv_state(self, b):
+        """Consumer state of streamed n-block ``b`` (the producer's order): stage ``b % KS``."""
+        return pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2)
+
+    @cute.jit
+    def stream_overlapped(self, pipe_q, pipe_kv, sV: cute.Tensor, q_state, has, j: Int32,
+                          tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, tSrQ: cute.Tensor,
+                          tSrK: cute.Tensor, tOrVt: cute.Tensor, acc_S: cute.Tensor, acc_O: cute.Tensor,
+                          rP: cute.Tensor, tOrP: cute.Tensor, S_mn: cute.Tensor, O_mn: cute.Tensor,
+                          cS_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, nblk: Int32,
+                          nkeys: Int32, scale_log2: Float32, ctid: Int32, wg: Int32):
+        """Step ``j``'s n-blocks with FlashAttention-3's intra-warpgroup overlap (two or more K/V
+        stages: n-block n - 1 stays held until its ``PV`` is done): n's ``QK^T`` and n - 1's
+        ``PV`` are issued back to back, n's softmax runs while that ``PV`` is on the tensor cores,
+        then ``O`` is rescaled and ``P`` replaced. The same operations on ``O`` in the same order
+        as one block after the other (bitwise equal). Block 0 is peeled and the Q stage released
+        after the last ``PV``, so that no branch sits between a wgmma issue and its wait (ptxas
+        serializes the wgmmas otherwise: warning C7520)."""
+        BN, dt = self.BN, self.dtype
+        NR = cute.size(O_mn, mode=[0])
+        corr = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        b0 = j * nblk
+        # ---- n-block 0: S = Q K^T, softmax (O is zero)
+        self.wait_kv_block(pipe_kv, sV, b0, nkeys, ctid, wg)
+        if has:
+            warpgroup.fence()
+            gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, b0 % self.KS)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            self.mask_keys_from(S_mn, cS_mn, nkeys)
+            _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
+            rP.store(acc_S.load().to(dt))
+        for n in cutlass.range(1, nblk, unroll=1):
+            b = b0 + n
+            self.wait_kv_block(pipe_kv, sV, b, nkeys - n * BN, ctid, wg)
+            if has:
+                # ---- S = Q K^T of block n, then O += P V of block n - 1 behind it
+                warpgroup.fence()
+                gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, b % self.KS)
+                warpgroup.commit_group()
+                gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, (b - 1) % self.KS, zero_init=False)
+                warpgroup.commit_group()
+                warpgroup.wait_group(1)  # QK^T(n) done; PV(n - 1) may still run
+                # ---- softmax of block n on the CUDA cores meanwhile
+                self.mask_keys_from(S_mn, cS_mn, nkeys - n * BN)
+                _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2, corr)
+                warpgroup.wait_group(0)  # PV(n - 1) done: O and P are free
+                for r in cutlass.range_constexpr(NR):
+                    O_mn[r, None] = O_mn[r, None].load() * corr[r]
+                rP.store(acc_S.load().to(dt))
+            pipe_kv.consumer_release(self.kv_state(b - 1))
+        # ---- the last block's O += P V
+        if has:
+            warpgroup.fence()
+            gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, (b0 + nblk - 1) % self.KS, zero_init=False)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            pipe_q.consumer_release(q_state)  # (Q was last read by the last QK^T)
+        pipe_kv.consumer_release(self.kv_state(b0 + nblk - 1))
+
+    @cute.jit
+    def wait_kv_block(self, pipe_kv, sV: cute.Tensor, b: Int32, nvalid: Int32, ctid: Int32, wg: Int32):
+        """Wait for streamed n-block ``b``; zero its V rows from ``nvalid`` on (past the chunk)."""
+        pipe_kv.consumer_wait(self.kv_state(b))
+        if nvalid < self.BN:
+            self.zero_v_tail(sV, b % self.KS, nvalid, ctid, wg)
 
     @cute.jit
     def qk(self, pipe_q, tiled_mma_qk: cute.TiledMma, acc_S: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
