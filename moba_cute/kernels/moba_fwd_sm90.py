@@ -43,6 +43,8 @@ window are runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors b
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cutlass
 import cutlass.cute as cute
 import cuda.bindings.driver as cuda
@@ -194,6 +196,28 @@ def gemm_kblocks(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB
             cute.gemm(atom, acc, tA[None, None, kb, a_stage], tB[None, None, kb, b_stage], acc)
         if cutlass.const_expr(zero_init):
             atom.set(warpgroup.Field.ACCUMULATE, True)
+
+
+class ConsumerFrags(NamedTuple):
+    """A consumer thread's wgmma operands and state (built by :meth:`MobaFwdSm90.consumer`): the
+    QK^T and PV tiled MMAs, Q / K / V^T fragments, the S and O accumulators, P in the input dtype
+    (and as PV's register A operand), (rows, cols) views of S and O and of their coordinates, and
+    the rows' running max and sum."""
+    mma_qk: Any
+    mma_pv: Any
+    tSrQ: Any
+    tSrK: Any
+    tOrVt: Any
+    acc_S: Any
+    acc_O: Any
+    rP: Any
+    tOrP: Any
+    S_mn: Any
+    O_mn: Any
+    cS_mn: Any
+    cO_mn: Any
+    row_max: Any
+    row_sum: Any
 
 
 class MobaFwdSm90:
@@ -465,11 +489,13 @@ class MobaFwdSm90:
         tpl = _flat(part_lse)
         lane = ctid % 32
 
+        frags = ConsumerFrags(tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK, tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn,
+                              cS_mn, cO_mn, row_max, row_sum)
+
         kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
         if cutlass.const_expr(self.NW > 1):
-            self.consumer_streamed(part_o, tpl, trl, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
-                                   tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, cO_mn, row_max, row_sum, r0,
-                                   nrows, nsub, nblk, nkeys, pbase, scale_log2, ctid, wg)
+            self.consumer_streamed(frags, part_o, tpl, trl, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys, pbase,
+                                   scale_log2, ctid, wg)
         elif nblk == 1:
             # the chunk fits one n-block: loaded once for the whole unit, never released
             pipe_kv.consumer_wait(kv_first)
@@ -513,25 +539,20 @@ class MobaFwdSm90:
                     self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
                     rP.store(acc_S.load().to(dt))
         else:
-            self.consumer_streamed(part_o, tpl, trl, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
-                                   tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, cO_mn, row_max, row_sum, r0,
-                                   nrows, nsub, nblk, nkeys, pbase, scale_log2, ctid, wg)
+            self.consumer_streamed(frags, part_o, tpl, trl, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys, pbase,
+                                   scale_log2, ctid, wg)
 
     @cute.jit
-    def consumer_streamed(self, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, sV: cute.Tensor, pipe_q,
-                          pipe_kv, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, tSrQ: cute.Tensor,
-                          tSrK: cute.Tensor, tOrVt: cute.Tensor, acc_S: cute.Tensor, acc_O: cute.Tensor,
-                          rP: cute.Tensor, tOrP: cute.Tensor, S_mn: cute.Tensor, O_mn: cute.Tensor,
-                          cS_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                          r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32, pbase: Int32,
-                          scale_log2: Float32, ctid: Int32, wg: Int32):
+    def consumer_streamed(self, f: ConsumerFrags, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor,
+                          sV: cute.Tensor, pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32,
+                          nkeys: Int32, pbase: Int32, scale_log2: Float32, ctid: Int32, wg: Int32):
         """Chunks longer than one n-block: K/V n-blocks streamed per step, online softmax. A step
         is one sub-tile per consumer warpgroup (``NW``): warpgroup ``wg`` (``ctid`` its thread)
         takes sub-tiles ``wg, wg + NW, ...``, and every warpgroup reads each n-block of a step,
         so two warpgroups (MobaFwdSm90Pair) compute 128 rows per block loaded. A warpgroup
         without a sub-tile in the last step still waits for and releases its n-blocks."""
         BN, dt, NW = self.BN, self.dtype, self.NW
-        NR = cute.size(O_mn, mode=[0])
+        NR = cute.size(f.O_mn, mode=[0])
         lane = ctid % 32
         for j in cutlass.range((nsub + NW - 1) // NW, unroll=1):
             t = j * NW + wg
@@ -544,14 +565,12 @@ class MobaFwdSm90:
                 # the gathered rows were written by cp.async (generic proxy); wgmma reads them
                 # through the async proxy
                 cute.arch.fence_view_async_shared()
-                acc_O.fill(0.0)
+                f.acc_O.fill(0.0)
                 for r in cutlass.range_constexpr(NR):
-                    row_max[r] = -Float32.inf
-                    row_sum[r] = Float32(0.0)
+                    f.row_max[r] = -Float32.inf
+                    f.row_sum[r] = Float32(0.0)
             if cutlass.const_expr(self.KS >= 2):
-                self.stream_overlapped(pipe_q, pipe_kv, sV, q_state, has, j, tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK,
-                                       tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn, cS_mn, row_max, row_sum, nblk,
-                                       nkeys, scale_log2, ctid, wg)
+                self.stream_overlapped(f, pipe_q, pipe_kv, sV, q_state, has, j, nblk, nkeys, scale_log2, ctid, wg)
             else:
                 for n in cutlass.range(nblk, unroll=1):
                     # streamed n-blocks, in the producer's order: block j * nblk + n
@@ -562,36 +581,32 @@ class MobaFwdSm90:
                     if has:
                         # ---- S = Q K^T
                         warpgroup.fence()
-                        gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, kv_idx)
+                        gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, kv_idx)
                         warpgroup.commit_group()
                         warpgroup.wait_group(0)
                         if n == nblk - 1:
                             pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
                         # ---- mask the keys past the chunk end, online softmax
-                        self.mask_keys_from(S_mn, cS_mn, nvalid)
-                        _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
-                        rP.store(acc_S.load().to(dt))
+                        self.mask_keys_from(f.S_mn, f.cS_mn, nvalid)
+                        _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
+                        f.rP.store(f.acc_S.load().to(dt))
                         # ---- O += P V
                         warpgroup.fence()
-                        gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, kv_idx, zero_init=False)
+                        gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, kv_idx, zero_init=False)
                         warpgroup.commit_group()
                         warpgroup.wait_group(0)
                     pipe_kv.consumer_release(self.kv_state(b))
             if has:
-                self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2,
-                              lane)
+                self.epilogue(f.O_mn, f.cO_mn, f.row_max, f.row_sum, part_o, tpl, trl, r0, t, nrows, pbase,
+                              scale_log2, lane)
 
     def kv_state(self, b):
         """Consumer state of streamed n-block ``b`` (the producer's order): stage ``b % KS``."""
         return pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2)
 
     @cute.jit
-    def stream_overlapped(self, pipe_q, pipe_kv, sV: cute.Tensor, q_state, has, j: Int32,
-                          tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, tSrQ: cute.Tensor,
-                          tSrK: cute.Tensor, tOrVt: cute.Tensor, acc_S: cute.Tensor, acc_O: cute.Tensor,
-                          rP: cute.Tensor, tOrP: cute.Tensor, S_mn: cute.Tensor, O_mn: cute.Tensor,
-                          cS_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, nblk: Int32,
-                          nkeys: Int32, scale_log2: Float32, ctid: Int32, wg: Int32):
+    def stream_overlapped(self, f: ConsumerFrags, pipe_q, pipe_kv, sV: cute.Tensor, q_state, has, j: Int32,
+                          nblk: Int32, nkeys: Int32, scale_log2: Float32, ctid: Int32, wg: Int32):
         """Step ``j``'s n-blocks with FlashAttention-3's intra-warpgroup overlap (two or more K/V
         stages: n-block n - 1 stays held until its ``PV`` is done): n's ``QK^T`` and n - 1's
         ``PV`` are issued back to back, n's softmax runs while that ``PV`` is on the tensor cores,
@@ -600,42 +615,42 @@ class MobaFwdSm90:
         after the last ``PV``, so that no branch sits between a wgmma issue and its wait (ptxas
         serializes the wgmmas otherwise: warning C7520)."""
         BN, dt = self.BN, self.dtype
-        NR = cute.size(O_mn, mode=[0])
+        NR = cute.size(f.O_mn, mode=[0])
         corr = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
         b0 = j * nblk
         # ---- n-block 0: S = Q K^T, softmax (O is zero)
         self.wait_kv_block(pipe_kv, sV, b0, nkeys, ctid, wg)
         if has:
             warpgroup.fence()
-            gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, b0 % self.KS)
+            gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, b0 % self.KS)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
-            self.mask_keys_from(S_mn, cS_mn, nkeys)
-            _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2)
-            rP.store(acc_S.load().to(dt))
+            self.mask_keys_from(f.S_mn, f.cS_mn, nkeys)
+            _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
+            f.rP.store(f.acc_S.load().to(dt))
         for n in cutlass.range(1, nblk, unroll=1):
             b = b0 + n
             self.wait_kv_block(pipe_kv, sV, b, nkeys - n * BN, ctid, wg)
             if has:
                 # ---- S = Q K^T of block n, then O += P V of block n - 1 behind it
                 warpgroup.fence()
-                gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, q_state.index, b % self.KS)
+                gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, b % self.KS)
                 warpgroup.commit_group()
-                gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, (b - 1) % self.KS, zero_init=False)
+                gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, (b - 1) % self.KS, zero_init=False)
                 warpgroup.commit_group()
                 warpgroup.wait_group(1)  # QK^T(n) done; PV(n - 1) may still run
                 # ---- softmax of block n on the CUDA cores meanwhile
-                self.mask_keys_from(S_mn, cS_mn, nkeys - n * BN)
-                _online_softmax(S_mn, O_mn, row_max, row_sum, scale_log2, corr)
+                self.mask_keys_from(f.S_mn, f.cS_mn, nkeys - n * BN)
+                _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2, corr)
                 warpgroup.wait_group(0)  # PV(n - 1) done: O and P are free
                 for r in cutlass.range_constexpr(NR):
-                    O_mn[r, None] = O_mn[r, None].load() * corr[r]
-                rP.store(acc_S.load().to(dt))
+                    f.O_mn[r, None] = f.O_mn[r, None].load() * corr[r]
+                f.rP.store(f.acc_S.load().to(dt))
             pipe_kv.consumer_release(self.kv_state(b - 1))
         # ---- the last block's O += P V
         if has:
             warpgroup.fence()
-            gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, (b0 + nblk - 1) % self.KS, zero_init=False)
+            gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, (b0 + nblk - 1) % self.KS, zero_init=False)
             warpgroup.commit_group()
             warpgroup.wait_group(0)
             pipe_q.consumer_release(q_state)  # (Q was last read by the last QK^T)
