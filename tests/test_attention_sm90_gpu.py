@@ -103,13 +103,15 @@ def test_sm90_alternative_tiles(case, monkeypatch):
 
 
 @needs_hopper
+@pytest.mark.parametrize("tiles", [((128, 8, 1), (128, 8, 2, 2)), ((64, 8, 1), (64, 8, 2))],
+                         ids=["pair", "overlap"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8])
-def test_sm90_pair_bitwise_one_consumer(case, D, monkeypatch):
-    """Two consumer warpgroups sharing each n-block (tile (128, 8, 2, 2)) do a pair's arithmetic
-    in the same order as one warpgroup with the same 128-key n-blocks (the shipped (128, 8, 1)):
-    out and lse bitwise equal, chunks of one n-block (resident there, streamed per step here)
-    and of several."""
+def test_sm90_streamed_bitwise(case, D, tiles, monkeypatch):
+    """Same n-blocks, same arithmetic order, so out and lse bitwise equal: two consumer
+    warpgroups sharing each n-block (tile (128, 8, 2, 2)) against one warpgroup (the shipped
+    (128, 8, 1)), and the intra-warpgroup overlap of two-stage tiles ((64, 8, 2)) against one
+    block after the other ((64, 8, 1)); chunks of one n-block and of several."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels.attention_launch import attention_cute
 
@@ -117,7 +119,7 @@ def test_sm90_pair_bitwise_one_consumer(case, D, monkeypatch):
     q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=400 + case)
     r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
     res = {}
-    for tile in ((128, 8, 1), (128, 8, 2, 2)):
+    for tile in tiles:
         monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
         m.FWD_PLANS.clear()
         try:
