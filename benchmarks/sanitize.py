@@ -57,6 +57,7 @@ class Case:
     partial_bytes: int = 0
     staged: bool = True  # sm90 forward: the segment kernel's staged epilogue (False: MOBA_CUTE_FWD_STAGED=0)
     sm90_tile: tuple = ()  # sm90 forward tile (MOBA_CUTE_SM90_TILES), e.g. (128, 8, 2, 2): two consumer warpgroups
+    overlap: bool = False  # sm90 forward: MOBA_CUTE_FWD_OVERLAP=1 (two-stage one-consumer tiles)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -150,6 +151,9 @@ CASES = [
          sm90_tile=PAIR, **B),
     Case("fwd-pair-short-chunks-windows", ODD, ODD, 8, 4, C=48, K=4, grad=False, windows=True, sm90_tile=PAIR,
          **Cc),
+    # the intra-warpgroup overlap of a two-stage one-consumer tile, 4 n-blocks a chunk with a V tail
+    Case("fwd-overlap-long-chunks", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False,
+         sm90_tile=(64, 8, 2), overlap=True, **A),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -252,6 +256,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
     if case.fwd != "sm80":
         if len(case.sm90_tile) > 3 and case.sm90_tile[3] == 2:
             t.add("fwd-pair")  # (fragment stores: the staged flag does not apply)
+        elif case.overlap:
+            t.add("fwd-overlap")
         else:
             t.add("fwd-staged" if case.staged else "fwd-unstaged")
     if case.K == 1:
@@ -300,8 +306,9 @@ def _env(case: Case):
 
     saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES",
                                             "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
-                                            "MOBA_CUTE_SM90_TILES")}
+                                            "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
+    os.environ["MOBA_CUTE_FWD_OVERLAP"] = "1" if case.overlap else "0"
     if case.sm90_tile:
         os.environ["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
     else:

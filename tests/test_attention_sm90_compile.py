@@ -25,6 +25,12 @@ def _specs():
                 # the fragment stores (MOBA_CUTE_FWD_STAGED=0), shipped tile
                 key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, cfg90.FWD_TILES[D], staged=False)["seg"]
                 seen.setdefault(key, (fac, fake))
+                # the intra-warpgroup overlap (MOBA_CUTE_FWD_OVERLAP=1) of the two-stage tiles
+                for tile in cfg90.ALT_TILES.get(D, ()):
+                    if len(tile) == 3 and tile[2] >= 2:
+                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, overlap=True)["seg"]
+                        assert key[-1] == "overlap"
+                        seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -68,6 +74,19 @@ def test_sm90_pair_kernel_for_four_field_tiles():
     key1, fac1, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2))["seg"]
     assert type(fac1()) is MobaFwdSm90 and key1 != key
     assert launch.sm90_tile_fields((128, 8, 2)) == (128, 8, 2, 1)
+    assert fac1().overlap is False and kern.overlap is True  # one consumer: only when asked for
+    _, fac_o, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 1), overlap=True)["seg"]
+    assert fac_o().overlap is False  # one K/V stage cannot overlap
+
+
+def test_fwd_overlap_env(monkeypatch):
+    monkeypatch.delenv("MOBA_CUTE_FWD_OVERLAP", raising=False)
+    assert launch.fwd_overlap() is False
+    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1")
+    assert launch.fwd_overlap() is True
+    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_OVERLAP"):
+        launch.fwd_overlap()
 
 
 def test_sm90_tiles_env(monkeypatch):

@@ -110,8 +110,9 @@ def test_sm90_alternative_tiles(case, monkeypatch):
 def test_sm90_streamed_bitwise(case, D, tiles, monkeypatch):
     """Same n-blocks, same arithmetic order, so out and lse bitwise equal: two consumer
     warpgroups sharing each n-block (tile (128, 8, 2, 2)) against one warpgroup (the shipped
-    (128, 8, 1)), and the intra-warpgroup overlap of two-stage tiles ((64, 8, 2)) against one
-    block after the other ((64, 8, 1)); chunks of one n-block and of several."""
+    (128, 8, 1)), and the intra-warpgroup overlap of a two-stage tile ((64, 8, 2) with
+    ``MOBA_CUTE_FWD_OVERLAP=1``) against one block after the other ((64, 8, 1)); chunks of one
+    n-block and of several."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels.attention_launch import attention_cute
 
@@ -119,6 +120,7 @@ def test_sm90_streamed_bitwise(case, D, tiles, monkeypatch):
     q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=400 + case)
     r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
     res = {}
+    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1")
     for tile in tiles:
         monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
         m.FWD_PLANS.clear()

@@ -213,6 +213,17 @@ def fwd_staged():
     return env != "0"
 
 
+def fwd_overlap():
+    """Whether one-consumer sm90 tiles with two or more K/V stages overlap a streamed n-block's
+    softmax with the previous block's PV (FA3's intra-warpgroup overlap, bitwise the same result):
+    ``MOBA_CUTE_FWD_OVERLAP=1``, off by default until it has been run on a GPU (the two-consumer
+    pair tile always overlaps)."""
+    env = os.environ.get("MOBA_CUTE_FWD_OVERLAP", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"MOBA_CUTE_FWD_OVERLAP must be 0 or 1, not {env!r}")
+    return env == "1"
+
+
 def sm90_tile_fields(tile):
     """(bn, sub, kv_stages, consumer warpgroups) of an sm90 forward tile: ``(bn, sub, kv_stages)``
     (one consumer warpgroup, two CTAs per SM) or ``(bn, sub, kv_stages, 2)`` (two that share
@@ -256,12 +267,14 @@ def tile_override(family, tile):
         yield
 
 
-def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False):
+def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False,
+                      overlap=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
     (None: both variants, for the compile tests). ``staged``: the segment kernel's staged
-    epilogue (the default; :func:`fwd_staged`). ``row_windows``: the index's per-window counts
+    epilogue (the default; :func:`fwd_staged`). ``overlap``: :func:`fwd_overlap` (one-consumer
+    tiles of two or more K/V stages only). ``row_windows``: the index's per-window counts
     (:func:`fwd_row_window`)."""
     from .merge import MergeKernel
     from .moba_fwd_sm80 import MobaFwdSm80
@@ -278,8 +291,9 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
         seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst),
                lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst))
     else:
-        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged),
-               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged))
+        overlap = bool(overlap) and kst >= 2
+        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap),
+               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap))
     specs = {
         "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1),),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
@@ -640,8 +654,10 @@ class FwdPlan(_PlanBase):
             self.layout.add("part_lse", npart * 4)
             self.fwd_windows = self._windows()
             self.staged = fwd_staged()
+            self.overlap = fwd_overlap()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
-                                                         self.staged, self.row_window is not None), arch)
+                                                         self.staged, self.row_window is not None, self.overlap),
+                                       arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)
         bm = self.tile[0]

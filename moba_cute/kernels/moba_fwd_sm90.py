@@ -224,7 +224,7 @@ class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
-                 staged: bool = False):
+                 staged: bool = False, overlap: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
         self.dtype = dtype
@@ -242,11 +242,15 @@ class MobaFwdSm90:
         # own Q ring stage (free once its QK^T is done) and out in whole 16-byte pieces, instead of
         # 4-byte stores from the accumulator fragments (half a sector per row and store)
         self.staged = bool(staged)
+        # streamed chunks, two or more K/V stages: FA3's intra-warpgroup overlap (stream_overlapped)
+        self.overlap = bool(overlap) and kv_stages >= 2
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False):
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False,
+                    overlap: bool = False):
         key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
-        return key + ("staged",) if staged else key
+        key = key + ("staged",) if staged else key
+        return key + ("overlap",) if overlap and kv_stages >= 2 else key
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -569,7 +573,7 @@ class MobaFwdSm90:
                 for r in cutlass.range_constexpr(NR):
                     f.row_max[r] = -Float32.inf
                     f.row_sum[r] = Float32(0.0)
-            if cutlass.const_expr(self.KS >= 2):
+            if cutlass.const_expr(self.overlap):
                 self.stream_overlapped(f, pipe_q, pipe_kv, sV, q_state, has, j, nblk, nkeys, scale_log2, ctid, wg)
             else:
                 for n in cutlass.range(nblk, unroll=1):
@@ -810,7 +814,7 @@ class MobaFwdSm90Pair(MobaFwdSm90):
     tuner (tile ``(bn, sub, kv_stages, 2)``). Epilogue: the fragment stores."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 8, kv_stages: int = 2):
-        super().__init__(dtype, head_dim, bn, sub, kv_stages, staged=False)
+        super().__init__(dtype, head_dim, bn, sub, kv_stages, staged=False, overlap=True)
         self.NW = 2
         self.QS = 2 * self.NW
         self.THREADS = 128 * (1 + self.NW)
