@@ -291,7 +291,6 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
         seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst),
                lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst))
     else:
-        overlap = bool(overlap) and kst >= 2
         seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap),
                lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap))
     specs = {

@@ -33,7 +33,7 @@ from cutlass.utils import LayoutEnum
 from .moba_bwd_sm90 import BAR_DS, BAR_META, BM, BN, QS, MobaBwdSm90
 from .moba_fwd_sm80 import store_pair
 from .moba_fwd_sm90 import (acc_mn_view, gather_tma_pipelines, gemm_kblocks, kernel_prologue, kv_tma_atoms,
-                           zero_rows_from)
+                           ring_state, zero_rows_from)
 
 KS = 2  # K/V tile stages
 # 168 x 384 registers at launch: the producer (gathers and the K/V stream) hands back 128 x 128,
@@ -158,7 +158,7 @@ class MobaBwdDqSm90(MobaBwdSm90):
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, KS)
         for j in cutlass.range(nmine, unroll=1):
             t = z + j * zsplit
-            q_state = pipeline.PipelineState(QS, j, j % QS, (j // QS) % 2)
+            q_state = ring_state(QS, j)
             stage = j % QS
             pipe_q.consumer_wait(q_state)
             if ctid < BM:  # last visible key of each row, relative to the chunk's first key

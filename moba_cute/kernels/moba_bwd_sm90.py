@@ -53,7 +53,7 @@ from cutlass.utils import LayoutEnum
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, store_pair
 from .moba_fwd_sm90 import (acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks, kernel_prologue,
-                           kv_tma_atoms, kv_tma_views, swizzled_index, zero_rows_from)
+                           kv_tma_atoms, kv_tma_views, ring_state, swizzled_index, zero_rows_from)
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -395,7 +395,7 @@ class MobaBwdSm90:
         RS = D + 8
         CV = D // 8
         b = u % 2
-        dq_state = pipeline.PipelineState(2, u, b, (u // 2) % 2)
+        dq_state = ring_state(2, u)
         pipe_dq.consumer_wait(dq_state)
         sdq = st.sdQ.get_tensor(cute.make_layout(2 * BM * RS)).iterator
         sloc = st.sLocQ.get_tensor(cute.make_layout(2 * BM))
@@ -455,7 +455,7 @@ class MobaBwdSm90:
             # there cannot reach dQ as 0 * inf (synced by BAR_META before the first wgmma)
             zero_rows_from(sK, 0, nkeys, ctid, 256, BN, D, dt)
         for t in cutlass.range(nsub, unroll=1):
-            q_state = pipeline.PipelineState(QS, t, t % QS, (t // QS) % 2)
+            q_state = ring_state(QS, t)
             stage = t % QS
             pipe_q.consumer_wait(q_state)
             if ctid < BM:

@@ -137,6 +137,12 @@ def kv_tma_views(atom_k: cute.CopyAtom, tma_k: cute.Tensor, atom_v: cute.CopyAto
     return tKsK, tKgK, tVsV, tVgV
 
 
+def ring_state(stages: int, i):
+    """Consumer state of item ``i`` of a ring its producer fills in order: stage ``i % stages``,
+    phase ``(i // stages) % 2``."""
+    return pipeline.PipelineState(stages, i, i % stages, (i // stages) % 2)
+
+
 def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int,
                          q_producers: int = 128):
     """The two pipelines of the sm90 kernels: the producer warpgroup's ``cp.async`` row ring
@@ -514,7 +520,7 @@ class MobaFwdSm90:
             self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, Int32(0))
             warpgroup.wait_group(0)
             if cutlass.const_expr(not self.staged):
-                pipe_q.consumer_release(pipeline.PipelineState(self.QS, 0, 0, 0))
+                pipe_q.consumer_release(ring_state(self.QS, 0))
             self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
             rP.store(acc_S.load().to(dt))
             for t in cutlass.range(nsub, unroll=1):
@@ -530,7 +536,7 @@ class MobaFwdSm90:
                     # (staged: sub-tile t's Q stage holds its partials until they are out)
                     self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, nrows,
                                          pbase, scale_log2, ctid)
-                    pipe_q.consumer_release(pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2))
+                    pipe_q.consumer_release(ring_state(self.QS, t))
                 else:
                     self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2,
                                   lane)
@@ -538,8 +544,7 @@ class MobaFwdSm90:
                     warpgroup.wait_group(0)
                     t1 = t + 1
                     if cutlass.const_expr(not self.staged):
-                        pipe_q.consumer_release(pipeline.PipelineState(self.QS, t1, t1 % self.QS,
-                                                                       (t1 // self.QS) % 2))
+                        pipe_q.consumer_release(ring_state(self.QS, t1))
                     self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
                     rP.store(acc_S.load().to(dt))
         else:
@@ -562,7 +567,7 @@ class MobaFwdSm90:
             t = j * NW + wg
             # the producer fills the Q ring in sub-tile order: sub-tile t is stage t % QS, phase
             # (t // QS) % 2
-            q_state = pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2)
+            q_state = ring_state(self.QS, t)
             has = (t < nsub) if cutlass.const_expr(NW > 1) else True  # (one warpgroup: always)
             if has:
                 pipe_q.consumer_wait(q_state)
@@ -599,14 +604,10 @@ class MobaFwdSm90:
                         gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, kv_idx, zero_init=False)
                         warpgroup.commit_group()
                         warpgroup.wait_group(0)
-                    pipe_kv.consumer_release(self.kv_state(b))
+                    pipe_kv.consumer_release(ring_state(self.KS, b))
             if has:
                 self.epilogue(f.O_mn, f.cO_mn, f.row_max, f.row_sum, part_o, tpl, trl, r0, t, nrows, pbase,
                               scale_log2, lane)
-
-    def kv_state(self, b):
-        """Consumer state of streamed n-block ``b`` (the producer's order): stage ``b % KS``."""
-        return pipeline.PipelineState(self.KS, b, b % self.KS, (b // self.KS) % 2)
 
     @cute.jit
     def stream_overlapped(self, f: ConsumerFrags, pipe_q, pipe_kv, sV: cute.Tensor, q_state, has, j: Int32,
@@ -650,7 +651,7 @@ class MobaFwdSm90:
                 for r in cutlass.range_constexpr(NR):
                     f.O_mn[r, None] = f.O_mn[r, None].load() * corr[r]
                 f.rP.store(f.acc_S.load().to(dt))
-            pipe_kv.consumer_release(self.kv_state(b - 1))
+            pipe_kv.consumer_release(ring_state(self.KS, b - 1))
         # ---- the last block's O += P V
         if has:
             warpgroup.fence()
@@ -658,12 +659,12 @@ class MobaFwdSm90:
             warpgroup.commit_group()
             warpgroup.wait_group(0)
             pipe_q.consumer_release(q_state)  # (Q was last read by the last QK^T)
-        pipe_kv.consumer_release(self.kv_state(b0 + nblk - 1))
+        pipe_kv.consumer_release(ring_state(self.KS, b0 + nblk - 1))
 
     @cute.jit
     def wait_kv_block(self, pipe_kv, sV: cute.Tensor, b: Int32, nvalid: Int32, ctid: Int32, wg: Int32):
         """Wait for streamed n-block ``b``; zero its V rows from ``nvalid`` on (past the chunk)."""
-        pipe_kv.consumer_wait(self.kv_state(b))
+        pipe_kv.consumer_wait(ring_state(self.KS, b))
         if nvalid < self.BN:
             self.zero_v_tail(sV, b % self.KS, nvalid, ctid, wg)
 
@@ -672,7 +673,7 @@ class MobaFwdSm90:
            t: Int32):
         """Wait for sub-tile ``t``'s gathered Q and issue ``S = Q K^T`` (n-block stage 0) as one
         committed wgmma group; the caller waits for it and releases the Q stage."""
-        pipe_q.consumer_wait(pipeline.PipelineState(self.QS, t, t % self.QS, (t // self.QS) % 2))
+        pipe_q.consumer_wait(ring_state(self.QS, t))
         cute.arch.fence_view_async_shared()  # cp.async wrote Q (generic proxy); wgmma reads it (async)
         warpgroup.fence()
         gemm_kblocks(tiled_mma_qk, acc_S, tSrQ, tSrK, t % self.QS, 0)
