@@ -12,6 +12,10 @@ PY13    = $(VENV13)/bin/python
 STAMP13 = $(VENV13)/.installed
 # the CPU compile tests (every kernel configuration builds, uses its instructions, does not spill)
 COMPILE_TESTS = $(sort $(wildcard tests/test_*compile.py))
+# pytest-xdist workers: the suite is single-threaded kernel compiles (MLIR + ptxas), so one
+# worker a core about halves CI's wall time; capped so that a big machine does not start dozens
+# of processes that each import torch and the DSL
+XDIST   = -n auto --maxprocesses=8
 
 .PHONY: test test-main test-cu13 demo setup setup-cu13 clean gpu-test
 
@@ -40,10 +44,10 @@ setup-cu13: $(STAMP13)
 test: test-main test-cu13
 
 test-main: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-cu13: $(STAMP13)
-	$(PY13) -m pytest -q $(COMPILE_TESTS)
+	$(PY13) -m pytest -q $(XDIST) $(COMPILE_TESTS)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

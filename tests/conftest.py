@@ -5,8 +5,11 @@ import pytest
 import torch
 
 # The DSL writes kept PTX/cubin files into its dump directory (the working directory by
-# default); send them to a scratch folder so tests leave the checkout clean.
-os.environ.setdefault("CUTE_DSL_DUMP_DIR", tempfile.mkdtemp(prefix="moba-cute-dump-"))
+# default); send them to a scratch folder so tests leave the checkout clean. Each pytest-xdist
+# worker gets its own, so that two workers compiling the same kernel never share a file.
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+if _worker or "CUTE_DSL_DUMP_DIR" not in os.environ:
+    os.environ["CUTE_DSL_DUMP_DIR"] = tempfile.mkdtemp(prefix=f"moba-cute-dump-{_worker or 'main'}-")
 
 
 def pytest_collection_modifyitems(config, items):
