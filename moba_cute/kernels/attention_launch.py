@@ -216,8 +216,9 @@ def fwd_staged():
 def fwd_overlap():
     """Whether one-consumer sm90 tiles with two or more K/V stages overlap a streamed n-block's
     softmax with the previous block's PV (FA3's intra-warpgroup overlap, bitwise the same result):
-    ``MOBA_CUTE_FWD_OVERLAP=1``, off by default until it has been run on a GPU (the two-consumer
-    pair tile always overlaps)."""
+    ``MOBA_CUTE_FWD_OVERLAP=1``. Off by default: correct on the H100 but 9-11% slower there,
+    since two CTAs per SM already overlap one's softmax with the other's GEMMs (docs/design.md
+    section 8, update 5, measured). The two-consumer pair tile always overlaps."""
     env = os.environ.get("MOBA_CUTE_FWD_OVERLAP", "")
     if env not in ("", "0", "1"):
         raise ValueError(f"MOBA_CUTE_FWD_OVERLAP must be 0 or 1, not {env!r}")
