@@ -131,6 +131,20 @@ def test_reference_backend_is_explicitly_selectable():
                                              "decode": None}
 
 
+def test_kernel_paths_name_each_family_a_device_runs(monkeypatch):
+    # (no GPU here: the device's arch is what kernel_paths would read from it)
+    from moba_cute import interface
+    from moba_cute.configs import routing as rcfg
+
+    dev = torch.device("cuda", 0)
+    for arch, want in (("sm90", "sm90"), ("sm80", "sm80")):
+        monkeypatch.setitem(interface._ARCHS, 0, arch)
+        paths = moba_cute.kernel_paths(dev)
+        # the routing's top-k scores with warpgroup MMA on sm90 (head dims 64 / 128)
+        assert rcfg.topk_wgmma_ok(arch, 128, 128) == (want == "sm90")
+        assert paths == {"route": want, "attention": want, "attention_backward": want, "decode": want}, paths
+
+
 def test_nothing_is_computed_before_validation(monkeypatch):
     from moba_cute import reference
 

@@ -34,6 +34,11 @@ from . import common
 __all__ = ["route_cute", "route_unsupported_reason", "centroids_cute", "topk_family", "tile_override",
            "topk_tile_override"]
 
+# what moba_cute.kernel_paths() reports: on sm90 the top-k scores with warpgroup MMA (head dims
+# 64 / 128, configs/routing.py: topk_wgmma_ok; other head dims with mma.sync) and every routing
+# kernel is built for sm_90a
+KERNEL_FAMILIES = ("sm80", "sm90")
+
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INT32_MAX = 2**31 - 1
 
