@@ -579,3 +579,27 @@ def test_memory_cli_checks_its_arguments():
     assert e.value.code == 2
     if not torch.cuda.is_available():
         assert memory.main(["--S", "8K"]) == 2
+
+
+def test_ncu_tools_parse_their_inputs():
+    from benchmarks.ncu_attention import top_stalls
+    from benchmarks.ncu_decode import parse_cases
+
+    assert parse_cases("8:32768:dense,1:131072:4096:12,2:64:sdpa") == [
+        (8, 32768, "dense", None, None), (1, 131072, "moba", 4096, 12), (2, 64, "sdpa", None, None)]
+    for bad in ("8:32768", "8:x:128:8", "0:64:dense", "1:64:128:0"):
+        with pytest.raises(SystemExit):
+            parse_cases(bad)
+    csv_text = "\n".join([
+        '"Kernel Name","x"',
+        '"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"',
+        '"0x10","NANOSLEEP.SYNCS 0x989680","300","290"',
+        '"0x20","HGMMA.64x128x16.F32.BF16 R24","100","10"',
+        '"0x30","FADD R1, R2, R3","0","0"',
+    ])
+    lines = top_stalls(csv_text, top=2)
+    assert lines[0] == "400 warp stall samples over 3 SASS lines"
+    assert lines[1].startswith(" 75.0%  0x10  NANOSLEEP") and lines[2].startswith(" 25.0%  0x20  HGMMA")
+    assert len(lines) == 3
+    with pytest.raises(ValueError, match="SourceCounters"):
+        top_stalls('"Address","Source","Instructions Executed"\n"0x10","FADD","5"')
