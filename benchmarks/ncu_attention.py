@@ -12,7 +12,7 @@ the bytes by ``B * S * H`` for bytes per (row, head) (docs/design.md, sections 1
 
 Where a kernel's warps wait (docs/design.md section 8, update 5, measured)::
 
-    ncu --clock-control none --profile-from-start off -k regex:MobaFwdSm90 --launch-count 1 \
+    ncu --clock-control none --profile-from-start off -k regex:MobaFwdSm90 --launch-count 1 \\
         --section SourceCounters --section WarpStateStats -o seg python3 -m benchmarks.ncu_attention ...
     ncu --import seg.ncu-rep --page source --csv --print-source sass > seg.csv
     python3 -m benchmarks.ncu_attention --stalls seg.csv     # SASS lines by warp stall samples
@@ -74,14 +74,20 @@ def main(argv=None):
     else:
         def step():
             attention_cute(q, k, v, r, None, False)
-    for _ in range(2):
+    profile_once(step, warmup=2)
+    print(f"rows*heads = {B * S * H}")
+
+
+def profile_once(step, warmup=2):
+    """``warmup`` calls of ``step`` (compiles, plans), then one between profiler start and stop:
+    what ``ncu --profile-from-start off`` records."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     step()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"rows*heads = {B * S * H}")
 
 
 def top_stalls(text, top=30):

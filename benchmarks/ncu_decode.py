@@ -46,6 +46,7 @@ def main(argv=None):
     import moba_cute as mc
 
     from .decode import Shape, dense_layer_chunk, make_decode_inputs, moba_call, moba_centroid_call, sdpa_call
+    from .ncu_attention import profile_once
 
     for B, L, kind, C, K in cases:
         s = Shape(B, L, 1)
@@ -56,13 +57,7 @@ def main(argv=None):
             fn = moba_call(mc, inp, dense_layer_chunk(s.Sk), 1, "cute")
         else:
             fn = moba_centroid_call(mc, inp, C, K, "cute")
-        for _ in range(3):  # (compiles, plans)
-            fn()
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        profile_once(fn, warmup=3)
         print(f"{s.label()} {kind} C={C} K={K}: profiled", flush=True)
 
 
