@@ -704,8 +704,9 @@ class DecodeGroupKernel(_AttendLaunch):
                   total_q: Int32, total_k: Int32, max_q: Int32, chunk: Int32, nchunks: Int32, topk: Int32, r: Int32,
                   h0: Int32, ssc: cute.Tensor, slist: cute.Tensor, tid: Int32):
         """Output row ``r``'s sequence, its KV head, the end of its visible keys and the CTA's key
-        tiles: every visible key, or (select) the union's chunks, ``tps`` tiles each. Every row
-        writes its output: rows outside the sequences get 0 and -inf (``valid`` false, no tiles)."""
+        tiles: every visible key, or (select) the union's chunks, ``tps`` tiles each (the last one
+        only up to the visible end). Every row writes its output: rows outside the sequences get 0
+        and -inf (``valid`` false, no tiles)."""
         b, i, nq, lk, qbase, kbase, valid = locate_row(cu_q, cu_k, B, r, total_q, total_k, max_q, self.padded)
         hk = h0 // (H // Hk)
         p = i + lk - nq  # the query's key position (bottom-right aligned)
@@ -718,7 +719,13 @@ class DecodeGroupKernel(_AttendLaunch):
         if cutlass.const_expr(self.select):
             ncand, take, own = selection_bounds(p, lk, chunk, nchunks, topk, valid, self.causal)
             srow0 = ((Int64(b) * Int64(max_q) + Int64(i)) * Int64(H) + Int64(h0)) * Int64(nchunks)
-            ntiles = self.union(scores, srow0, nchunks, ncand, take, own, ssc, slist, tid) * tps
+            n = self.union(scores, srow0, nchunks, ncand, take, own, ssc, slist, tid)
+            ntiles = n * tps
+            if n > 0:  # only the last chunk of the list can end early: the own chunk (causal), or
+                # the sequence's last one; its tiles past the visible end are not dealt out
+                c0 = (slist[n - 1] >> 16) * chunk
+                last = cutlass.max(cutlass.min(c0 + chunk, end) - c0, Int32(0))
+                ntiles = (n - 1) * tps + (last + self.T - 1) // self.T
         return b, i, lk, qbase, kbase, valid, hk, end, ntiles, tps
 
     @cute.jit
