@@ -50,7 +50,10 @@ GROUP_MMA_HEAD_DIMS = (32, 64, 128)
 GROUP_MMA_SIZES = (1, 2, 4, 8, 16)
 #: cp.async ring stages per warp of the tensor-core group kernel (stages - 1 tiles of 16 keys in
 #: flight per warp while one is used). H200, B = 1 / 8, 32K / 128K cached, C = 4096 / 1024 /
-#: dense: 3 stages within -3 % .. +2 % of 2 (1 CTA per SM either way: ~240 registers a thread)
+#: dense: 3 stages within -3 % .. +2 % of 2 (1 CTA per SM either way: ~240 registers a thread).
+#: H100, graph replay, x SDPA with (stages, warps) (2, 8) / (3, 8) / (2, 4) / (3, 4) / (4, 4):
+#: dense B = 8 at 32K 0.979 / 0.963 / 0.970 / 0.950 / 0.966, at 128K 0.968 / 0.957 / 0.962 /
+#: 0.950 / 0.963; cached C = 4096, B = 1, 128K 1.110 / 1.094 / 1.103 / 1.088 / 1.077
 GROUP_MMA_STAGES = 2
 #: warps per CTA of the tensor-core group kernel (8: one CTA per SM; 4: two). H200, graph replay,
 #: x SDPA with 8 / 4 warps at their best waves: B = 1, 32K 0.90 / 0.94, B = 8, 32K 0.91 / 0.93
