@@ -13,7 +13,8 @@ each tile flavour that ``configs/routing.py`` can pick: warpgroup MMA at 4 and 3
 register and shared-memory lists, and the mma.sync two-stage tiles forced with
 ``route_launch.topk_tile_override``; head dims 96/192/256 as routing-only calls), the key-major
 index (with and without 16-byte selection loads), the per-slot index, the attention forward of
-the device's family and the sm80 slot passes (``MOBA_CUTE_FWD_SM80=1``, one- and two-stage), and
+the device's family (on sm90 also the wgmma diagonal, ``MOBA_CUTE_FWD_DIAG_SM90=1``) and the sm80
+slot passes (``MOBA_CUTE_FWD_SM80=1``, one- and two-stage), and
 the backward (prep with and without dLSE, dK/dV, dQ passes, dQ conversion); on empty and
 1-token sequences, Sq > Sk (empty rows), Sq < Sk, chunk sizes that do not divide the lengths,
 topk above the chunk count, GQA 8:1, non-causal, thousands of tiny sequences, fp16 and bf16,
@@ -58,6 +59,7 @@ class Case:
     staged: bool = True  # sm90 forward: the segment kernel's staged epilogue (False: MOBA_CUTE_FWD_STAGED=0)
     sm90_tile: tuple = ()  # sm90 forward tile (MOBA_CUTE_SM90_TILES), e.g. (128, 8, 2, 2): two consumer warpgroups
     overlap: bool = False  # sm90 forward: MOBA_CUTE_FWD_OVERLAP=1 (two-stage one-consumer tiles)
+    diag_sm90: bool = False  # sm90 forward: the causal diagonal on wgmma (MOBA_CUTE_FWD_DIAG_SM90=1)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -154,6 +156,13 @@ CASES = [
     # the intra-warpgroup overlap of a two-stage one-consumer tile, 4 n-blocks a chunk with a V tail
     Case("fwd-overlap-long-chunks", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False,
          sm90_tile=(64, 8, 2), overlap=True, **A),
+    # the causal diagonal on wgmma: Sq > Sk (rows without keys) with tiles across chunks of 48, a
+    # chunk of several n-blocks with the last row's block partly past the sequence, windows of
+    # query rows, topk 1 (no partials)
+    Case("fwd-diag90-sq-ne-sk", (50, 0, 70), (90, 5, 40), 8, 1, C=48, K=4, grad=False, diag_sm90=True, **A),
+    Case("fwd-diag90-long-chunks-windows", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False,
+         windows=True, diag_sm90=True, **Cc),
+    Case("fwd-diag90-topk1", (100, 33), (100, 33), 4, 2, C=32, K=1, grad=False, diag_sm90=True, **A),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -260,6 +269,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
             t.add("fwd-overlap")
         else:
             t.add("fwd-staged" if case.staged else "fwd-unstaged")
+        if case.diag_sm90 and case.causal:
+            t.add("fwd-diag90")
     if case.K == 1:
         t.add("own-chunk-only")
     if case.C > 128:
@@ -306,9 +317,11 @@ def _env(case: Case):
 
     saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES",
                                             "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
-                                            "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP")}
+                                            "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP",
+                                            "MOBA_CUTE_FWD_DIAG_SM90")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
     os.environ["MOBA_CUTE_FWD_OVERLAP"] = "1" if case.overlap else "0"
+    os.environ["MOBA_CUTE_FWD_DIAG_SM90"] = "1" if case.diag_sm90 else "0"
     if case.sm90_tile:
         os.environ["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
     else:

@@ -1,7 +1,7 @@
 """CPU/CI: every shipped configuration of the sm90 MoBA forward (the segment kernel, the all-slot index,
-the merging diagonal and the non-causal merge) compiles for sm_90a with fake arguments, without spills;
-the segment kernel's PTX holds the Hopper instructions it is built on (wgmma, TMA, setmaxnreg, cp.async
-arriving on an mbarrier)."""
+the merging diagonal on mma.sync and on wgmma, and the non-causal merge) compiles for sm_90a with fake
+arguments, without spills; the segment kernel's and the wgmma diagonal's PTX holds the Hopper
+instructions they are built on (wgmma, TMA, setmaxnreg, cp.async arriving on an mbarrier)."""
 
 import pytest
 
@@ -25,6 +25,12 @@ def _specs():
                 # the fragment stores (MOBA_CUTE_FWD_STAGED=0), shipped tile
                 key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, cfg90.FWD_TILES[D], staged=False)["seg"]
                 seen.setdefault(key, (fac, fake))
+                # the causal diagonal on wgmma (MOBA_CUTE_FWD_DIAG_SM90=1)
+                if causal:
+                    key, fac, fake = launch.kernel_specs_sm90(dtype, D, True, cfg90.FWD_TILES[D],
+                                                              diag_sm90=True)["diag"]
+                    assert key[0] == "moba_diag_sm90"
+                    seen.setdefault(key, (fac, fake))
                 # the intra-warpgroup overlap (MOBA_CUTE_FWD_OVERLAP=1) of the two-stage tiles
                 for tile in cfg90.ALT_TILES.get(D, ()):
                     if len(tile) == 3 and tile[2] >= 2:
@@ -44,7 +50,7 @@ def test_sm90_forward_compiles_without_spills(key, spec):
     assert "Used" in rep.ptxas, "no ptxas report"
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep.ptxas[-600:]
     assert rep.stack_frame == 0, rep.ptxas[-600:]
-    if key[0] == "moba_fwd_sm90":
+    if key[0] in ("moba_fwd_sm90", "moba_diag_sm90"):
         for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg.inc", "setmaxnreg.dec",
                       "cp.async.mbarrier.arrive"):
             assert instr in rep.ptx, instr
@@ -87,6 +93,31 @@ def test_fwd_overlap_env(monkeypatch):
     monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "yes")
     with pytest.raises(ValueError, match="MOBA_CUTE_FWD_OVERLAP"):
         launch.fwd_overlap()
+
+
+def test_fwd_diag_sm90_env(monkeypatch):
+    """``MOBA_CUTE_FWD_DIAG_SM90=1`` puts the wgmma diagonal in the causal kernel set (same role,
+    same arguments); the default is the mma.sync diagonal; the non-causal set has no diagonal."""
+    from moba_cute.kernels.moba_fwd_diag_sm90 import MobaDiagSm90
+    from moba_cute.kernels.moba_fwd_sm80 import MobaFwdSm80
+
+    monkeypatch.delenv("MOBA_CUTE_FWD_DIAG_SM90", raising=False)
+    assert launch.fwd_diag_sm90() is False
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
+    assert launch.fwd_diag_sm90() is True
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "on")
+    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_DIAG_SM90"):
+        launch.fwd_diag_sm90()
+    on = launch.kernel_specs_sm90("bfloat16", 128, True, diag_sm90=True)
+    off = launch.kernel_specs_sm90("bfloat16", 128, True)
+    assert isinstance(on["diag"][1](), MobaDiagSm90) and isinstance(off["diag"][1](), MobaFwdSm80)
+    assert len(on["diag"][2]) == len(off["diag"][2])  # one launch call serves both
+    assert "diag" not in launch.kernel_specs_sm90("bfloat16", 128, False, diag_sm90=True)
+    kern = on["diag"][1]()
+    bn, kst = cfg90.DIAG_TILES[128]
+    assert (kern.BN, kern.KS, kern.QS, kern.CTAS) == (bn, kst, 1, 2)
+    smem = 64 * 128 * 2 + kst * 2 * bn * 128 * 2 + 1024 + 128
+    assert kern.CTAS * smem <= cfg90.SMEM_PER_SM
 
 
 def test_sm90_tiles_env(monkeypatch):

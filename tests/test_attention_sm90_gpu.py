@@ -236,3 +236,50 @@ def test_sm90_forward_staged_epilogue(case, monkeypatch):
         monkeypatch.delenv("MOBA_CUTE_FWD_STAGED", raising=False)
         monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
         m.FWD_PLANS.clear()
+
+
+DIAG_CASES = [
+    # lens_q, lens_k, H, Hk, C, K, forced partial bytes (windows) or None
+    ([5000, 3000], [5000, 3000], 2, 1, 2048, 3, None),  # long chunks: 32 n-blocks, GQA 2:1
+    ([4500, 700], [4500, 700], 4, 2, 1024, 3, None),
+    ([1, 17, 113, 1000], [1, 17, 113, 1000], 4, 4, 64, 4, None),  # 1-token sequences
+    ([100, 300], [300, 100], 4, 2, 48, 3, None),  # Sq != Sk: rows without keys; tiles across chunks
+    ([300], [300], 2, 2, 16, 5, None),  # chunks of 16: a tile spans four
+    ([777, 300], [777, 300], 8, 1, 320, 1, None),  # topk 1: the own chunk only, no partials
+    ([4096], [4096], 2, 2, 512, 64, None),  # topk above the chunk count
+    ([3000, 1100], [3000, 1100], 2, 2, 256, 6, 1),  # windows of 64 query rows
+    ([700, 90, 333], [700, 90, 333], 8, 4, 128, 4, "kv"),  # windows of one KV head
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(DIAG_CASES)))
+def test_sm90_diag_wgmma(case, D, monkeypatch):
+    """The causal diagonal on wgmma (``MOBA_CUTE_FWD_DIAG_SM90=1``, :class:`MobaDiagSm90`): within
+    SPEC tolerance of the reference (NaN-filled outputs, so every row is written), bitwise on
+    repeat, and with windows forced bitwise the single window's result."""
+    from moba_cute.kernels import attention_launch as m
+
+    lq, lk, H, Hk, C, K, forced = DIAG_CASES[case]
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
+    m.FWD_PLANS.clear()
+    try:
+        for dtype in (torch.bfloat16, torch.float16):
+            _check(lq, lk, H, Hk, D, C, K, True, dtype, seed=500 + case)
+        plans = list(m.FWD_PLANS.plans.values())
+        assert plans and all(p.diag_sm90 and p.ks.specs["diag"][0][0] == "moba_diag_sm90" for p in plans)
+        if forced is not None:
+            q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=600 + case)
+            r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, True)
+            one = m.attention_cute(q, k, v, r, None, True)
+            pair = 2 * D + 4
+            monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES",
+                               str(q.shape[0] * (H // Hk) * (K - 1) * pair if forced == "kv" else forced))
+            m.FWD_PLANS.clear()
+            got = m.attention_cute(q, k, v, r, None, True)
+            assert all(len(p.fwd_windows) > 1 for p in m.FWD_PLANS.plans.values())
+            assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
+        m.FWD_PLANS.clear()

@@ -28,6 +28,13 @@ ALT_TILES = {
     128: ((128, 4, 1), (64, 8, 2), (128, 8, 2, 2)),
 }
 
+# the wgmma causal diagonal (MobaDiagSm90, opt-in: MOBA_CUTE_FWD_DIAG_SM90=1): head_dim -> (bn,
+# kv_stages). One 64-row Q stage and kv_stages K/V n-blocks: 16 + 64 KB at D = 128, two CTAs per SM.
+DIAG_TILES = {
+    64: (64, 2),
+    128: (64, 2),
+}
+
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 
 SMEM_PER_SM = 227 * 1024

@@ -225,6 +225,17 @@ def fwd_overlap():
     return env == "1"
 
 
+def fwd_diag_sm90():
+    """Whether the sm90 forward's causal diagonal runs on wgmma (:class:`MobaDiagSm90`) instead of
+    ``MobaFwdSm80(merge=True)`` (mma.sync): ``MOBA_CUTE_FWD_DIAG_SM90=1``. Off by default until it
+    has run on a Hopper GPU: it compiles in CI and the GPU tests check it against the reference
+    (docs/design.md, section 8, "A wgmma diagonal")."""
+    env = os.environ.get("MOBA_CUTE_FWD_DIAG_SM90", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"MOBA_CUTE_FWD_DIAG_SM90 must be 0 or 1, not {env!r}")
+    return env == "1"
+
+
 def sm90_tile_fields(tile):
     """(bn, sub, kv_stages, consumer warpgroups) of an sm90 forward tile: ``(bn, sub, kv_stages)``
     (one consumer warpgroup, two CTAs per SM) or ``(bn, sub, kv_stages, 2)`` (two that share
@@ -269,15 +280,16 @@ def tile_override(family, tile):
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False,
-                      overlap=False):
+                      overlap=False, diag_sm90=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
     (None: both variants, for the compile tests). ``staged``: the segment kernel's staged
     epilogue (the default; :func:`fwd_staged`). ``overlap``: :func:`fwd_overlap` (one-consumer
     tiles of two or more K/V stages only). ``row_windows``: the index's per-window counts
-    (:func:`fwd_row_window`)."""
+    (:func:`fwd_row_window`). ``diag_sm90``: the causal diagonal on wgmma (:func:`fwd_diag_sm90`)."""
     from .merge import MergeKernel
+    from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
     from .moba_fwd_sm90 import MobaFwdSm90, MobaFwdSm90Pair
     from .slot_index import PairListKernel, SlotIndexKernel, SlotPrepKernel, SlotScanKernel, WindowCountKernel
@@ -313,8 +325,14 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     if causal:
         # the diagonal kernel's state pointers carry the partials: oacc = part_o, mst = part_lse
         fake = _fake([(dt, 16)] * 4 + [(F, 4), (dt, 16), (F, 4), (F, 4)] + _i32p(9), 15, 1)
-        specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
-                         lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
+        if diag_sm90:
+            dbn90, dks90 = cfg90.DIAG_TILES[head_dim]
+            assert bm == 64, "the diagonal's query tiles (cu_mt) are wgmma's 64 rows"
+            specs["diag"] = (MobaDiagSm90.compile_key(dtype_name, head_dim, dbn90, dks90),
+                             lambda: MobaDiagSm90(dt, head_dim, dbn90, dks90), fake)
+        else:
+            specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
+                             lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
     else:
         specs["merge"] = (("merge", dtype_name, head_dim), lambda: MergeKernel(dt, head_dim),
                           _fake([(dt, 16), (F, 4), *_i32p(1), (dt, 16), (F, 4)], 7))
@@ -655,8 +673,10 @@ class FwdPlan(_PlanBase):
             self.fwd_windows = self._windows()
             self.staged = fwd_staged()
             self.overlap = fwd_overlap()
+            self.diag_sm90 = self.causal and fwd_diag_sm90()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
-                                                         self.staged, self.row_window is not None, self.overlap),
+                                                         self.staged, self.row_window is not None, self.overlap,
+                                                         self.diag_sm90),
                                        arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

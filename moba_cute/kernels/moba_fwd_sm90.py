@@ -277,6 +277,22 @@ class MobaFwdSm90:
             fields["sLoc"] = AL[MR[Int32, 2 * BM], 16]
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
+    def host_setup(self, k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32):
+        """The launch's static pieces (traced inside ``__call__``): the QK^T (SS) and PV (RS)
+        tiled MMAs, the Q and K/V shared-memory layouts, the K/V TMA atoms (a box is one n-block
+        of one KV head; sets ``self.kv_bytes``) and the shared-memory struct."""
+        dt, D, BN = self.dtype, self.D, self.BN
+        tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), (BM, BN))
+        tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN, Float32, (1, 1, 1), (BM, D),
+            a_source=warpgroup.OperandSource.RMEM)
+        sQ_layout, sKV_layout = self._layouts()
+        atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
+                                                                   cute.select(sKV_layout, mode=[0, 1]), BN)
+        Storage = self._storage(sQ_layout, sKV_layout)
+        return tiled_mma_qk, tiled_mma_pv, sQ_layout, sKV_layout, atom_k, tma_k, atom_v, tma_v, Storage
+
     @cute.jit
     def __call__(
         self,
@@ -308,19 +324,8 @@ class MobaFwdSm90:
         scale_log2: Float32,
         stream: cuda.CUstream,
     ):
-        dt, D, BN = self.dtype, self.D, self.BN
-        tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
-            dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), (BM, BN))
-        tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
-            dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN, Float32, (1, 1, 1), (BM, D),
-            a_source=warpgroup.OperandSource.RMEM)
-        sQ_layout, sKV_layout = self._layouts()
-        # K, V for TMA; a box is one n-block of one KV head
-        atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
-                                                                   cute.select(sKV_layout, mode=[0, 1]), BN)
-
-        Storage = self._storage(sQ_layout, sKV_layout)
-
+        (tiled_mma_qk, tiled_mma_pv, sQ_layout, sKV_layout, atom_k, tma_k, atom_v, tma_v,
+         Storage) = self.host_setup(k, v, total_k, Hk)
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
             seg_off, tile_off, seg_start, wstart, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, nrw,
@@ -435,17 +440,24 @@ class MobaFwdSm90:
         (contiguous 256-byte rows at D = 128: whole DRAM lines), 16-byte pieces written at their
         swizzled offsets (128-byte swizzle applied by hand: row tiles are whole 1024-byte swizzle
         periods). Padding rows (past ``nrows``) repeat the last entry."""
+        e = cutlass.min(e0 + rbeg + lane % RW, nrows - 1)
+        # the entry (h * total_q + row) * KP + slot -> Q's (row, h)
+        my_ridx = (_flat(rows_list)[r0 + e] // KP - h * total_q) * H + h
+        self.copy_rows(q, sQ, pipe_q, q_state, my_ridx, rbeg, nr, lane, RW)
+
+    @cute.jit
+    def copy_rows(self, q: cute.Pointer, sQ: cute.Tensor, pipe_q, q_state, my_ridx: Int32, rbeg: Int32, nr: Int32,
+                  lane: Int32, RW: cutlass.Constexpr):
+        """Rows ``[rbeg, rbeg + nr)`` (``nr <= RW``) of a 64-row Q sub-tile into ring stage
+        ``q_state`` (acquired and committed here), row ``rbeg + j`` from Q's (row, head) row
+        ``my_ridx`` of lane ``j`` (:meth:`gather_rows`)."""
         D = self.D
         CV = D // 8
         RPI = 32 // CV  # rows per copy instruction of a warp
         sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
         q_outer = sQ.layout  # (the swizzle lives in the iterator)
-        trl = _flat(rows_list)
         atom_g2s = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
                                        num_bits_per_copy=128)
-        e = cutlass.min(e0 + rbeg + lane % RW, nrows - 1)
-        # the entry (h * total_q + row) * KP + slot -> Q's (row, h)
-        my_ridx = (trl[r0 + e] // KP - h * total_q) * H + h
         pipe_q.producer_acquire(q_state)
         for it in cutlass.range_constexpr((RW + RPI - 1) // RPI):
             rl = it * RPI + lane // CV
@@ -469,15 +481,11 @@ class MobaFwdSm90:
         cute.copy(atom_g2s, src, dst)
 
     @cute.jit
-    def consumer(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
-                 sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
-                 tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
-                 pbase: Int32, scale_log2: Float32, ctid: Int32, st):
+    def consumer_frags(self, tiled_mma_qk: cute.TiledMma, tiled_mma_pv: cute.TiledMma, sQ: cute.Tensor,
+                       sK: cute.Tensor, sV: cute.Tensor, ctid: Int32):
+        """The wgmma operands and state (:class:`ConsumerFrags`) of thread ``ctid`` (0-127) of a
+        consumer warpgroup."""
         D, BN, dt = self.D, self.BN, self.dtype
-        wg = Int32(0)  # this thread's consumer warpgroup (two: MobaFwdSm90Pair)
-        if cutlass.const_expr(self.NW > 1):
-            wg = ctid // 128
-            ctid = ctid % 128
         thr_qk = tiled_mma_qk.get_slice(ctid)
         thr_pv = tiled_mma_pv.get_slice(ctid)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
@@ -495,12 +503,26 @@ class MobaFwdSm90:
         NR = cute.size(O_mn, mode=[0])
         row_max = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
         row_sum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        return ConsumerFrags(tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK, tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn,
+                             cS_mn, cO_mn, row_max, row_sum)
+
+    @cute.jit
+    def consumer(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
+                 sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
+                 tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
+                 pbase: Int32, scale_log2: Float32, ctid: Int32, st):
+        BN, dt = self.BN, self.dtype
+        wg = Int32(0)  # this thread's consumer warpgroup (two: MobaFwdSm90Pair)
+        if cutlass.const_expr(self.NW > 1):
+            wg = ctid // 128
+            ctid = ctid % 128
+        frags = self.consumer_frags(tiled_mma_qk, tiled_mma_pv, sQ, sK, sV, ctid)
+        acc_S, acc_O, rP, tOrP, tOrVt = frags.acc_S, frags.acc_O, frags.rP, frags.tOrP, frags.tOrVt
+        tSrQ, tSrK, S_mn, cS_mn = frags.tSrQ, frags.tSrK, frags.S_mn, frags.cS_mn
+        O_mn, cO_mn, row_max, row_sum = frags.O_mn, frags.cO_mn, frags.row_max, frags.row_sum
         trl = _flat(rows_list)
         tpl = _flat(part_lse)
         lane = ctid % 32
-
-        frags = ConsumerFrags(tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK, tOrVt, acc_S, acc_O, rP, tOrP, S_mn, O_mn,
-                              cS_mn, cO_mn, row_max, row_sum)
 
         kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
         if cutlass.const_expr(self.NW > 1):

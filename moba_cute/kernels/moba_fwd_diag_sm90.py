@@ -1,0 +1,365 @@
+"""The sm90 forward's causal diagonal (every row's own chunk) on wgmma, merging the segment
+kernel's partials: :class:`MobaDiagSm90`.
+
+The segment kernel (:mod:`moba_cute.kernels.moba_fwd_sm90`) leaves every gather pair's
+normalized partial; this kernel, run last, computes each row's own chunk and writes ``out`` and
+``lse``. It takes the place of ``MobaFwdSm80(merge=True)`` (mma.sync) with the same arguments and
+the same query tiles (``diag_tile``: ``BM = 64`` consecutive rows of one sequence and head). With
+long chunks the diagonal is real work: at moba-large's C = 4096 it is 4.4 TFLOP of the 128K
+forward, 22.7 ms on mma.sync on the H100 (docs/design.md, section 8).
+
+The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
+
+* producer warpgroup: its four warps load the tile's 64 Q rows (contiguous rows of one head,
+  16-byte ``cp.async`` into the swizzled Q stage); warp 0 loads the keys from the first row's
+  chunk start to the last row's position with TMA, ``BN`` keys of K and V per stage; the
+  warpgroup writes ``out = 0``, ``lse = -inf`` for the tile's rows that have no key position
+  (``Sq > Sk``);
+* consumer warpgroup: per n-block ``S = Q K^T`` (SS wgmma), the causal mask (row at position
+  ``p`` sees keys ``[own_chunk_start(p), p]``; only n-blocks that cross a row's range are
+  masked), online softmax, ``O += P V`` (RS wgmma); then each row of the launch's window
+  merges its ``nused - 1`` partials (``part_o`` / ``part_lse``, log2-domain, read in slot order)
+  with the own chunk's state and writes ``out`` (input dtype) and ``lse`` (natural log, ``(H,
+  total_q)``). A row's arithmetic does not depend on its tile, so the result is bitwise
+  deterministic.
+
+Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import cutlass
+import cutlass.cute as cute
+import cuda.bindings.driver as cuda
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, Int64
+from cutlass.cute.nvgpu import warpgroup
+
+from .moba_fwd_sm80 import LN2, _flat, _online_softmax, _quad_sum, partials_max, store_pair
+from .moba_fwd_sm90 import (BM, MobaFwdSm90, gather_tma_pipelines, gemm_kblocks, inv_row_sum, kernel_prologue,
+                            kv_tma_views, ring_state, row_lse_log2)
+from .segments import diag_tile
+
+
+class DiagTile(NamedTuple):
+    """A diagonal query tile (:func:`~moba_cute.kernels.segments.diag_tile`): the sequence's first
+    query row ``qs`` and key ``ks``, the bottom-right shift ``Sk - Sq``, the tile's first local
+    row ``m0``, its rows with a key position ``[i_lo, i_hi)``, and their keys ``[kbeg, kend)``
+    from ``ks``."""
+    qs: Int32
+    ks: Int32
+    shift: Int32
+    m0: Int32
+    i_lo: Int32
+    i_hi: Int32
+    kbeg: Int32
+    kend: Int32
+
+
+class MergeWindow(NamedTuple):
+    """The partials a launch merges: heads from ``h0``, rows ``[row_lo, row_hi)``, ``KP`` per
+    (row, head) at ``((h - h0) * total_q + row - row_lo) * KP + j``; ``nused`` per (row, head)."""
+    part_o: cute.Pointer
+    part_lse: cute.Pointer
+    nused: cute.Pointer
+    h0: Int32
+    row_lo: Int32
+    row_hi: Int32
+    KP: Int32
+
+
+class MobaDiagSm90(MobaFwdSm90):
+    """Causal diagonal + merge on wgmma. See the module docstring."""
+
+    def __init__(self, dtype, head_dim: int, bn: int = 64, kv_stages: int = 2):
+        super().__init__(dtype, head_dim, bn, 1, kv_stages)
+        self.QS = 1  # one Q tile per CTA
+
+    @staticmethod
+    def compile_key(dtype_name: str, head_dim: int, bn: int, kv_stages: int):
+        return ("moba_diag_sm90", dtype_name, int(head_dim), int(bn), int(kv_stages))
+
+    @cute.jit
+    def __call__(
+        self,
+        q: cute.Pointer,
+        k: cute.Pointer,
+        v: cute.Pointer,
+        out: cute.Pointer,
+        lse: cute.Pointer,
+        part_o: cute.Pointer,
+        part_lse: cute.Pointer,
+        unused_lst: cute.Pointer,
+        nused: cute.Pointer,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        unused_cu_chunks: cute.Pointer,
+        cu_mt: cute.Pointer,
+        unused_rows_list: cute.Pointer,
+        unused_tile_seg: cute.Pointer,
+        unused_seg_off: cute.Pointer,
+        unused_tile_off: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        unused_nseg: Int32,
+        unused_slot: Int32,
+        KP: Int32,
+        h0: Int32,
+        nh: Int32,
+        row_lo: Int32,
+        row_hi: Int32,
+        t0: Int32,
+        grid_x: Int32,
+        scale_log2: Float32,
+        stream: cuda.CUstream,
+    ):
+        # (the arguments of MobaFwdSm80(merge=True): the launch path calls either kernel)
+        (tiled_mma_qk, tiled_mma_pv, sQ_layout, sKV_layout, atom_k, tma_k, atom_v, tma_v,
+         Storage) = self.host_setup(k, v, total_k, Hk)
+        self.kernel(
+            tma_k, tma_v, atom_k, atom_v, q, out, lse, part_o, part_lse, nused, cu_q, cu_k, cu_mt, B, total_q,
+            total_k, H, Hk, chunk_size, KP, h0, row_lo, row_hi, t0, scale_log2, sQ_layout, sKV_layout, tiled_mma_qk,
+            tiled_mma_pv, Storage,
+        ).launch(grid=(grid_x, nh, 1), block=(self.THREADS, 1, 1), stream=stream,
+                 min_blocks_per_mp=self.CTAS, preferred_smem_carveout=100)
+
+    @cute.kernel
+    def kernel(
+        self,
+        tma_k: cute.Tensor,
+        tma_v: cute.Tensor,
+        atom_k: cute.CopyAtom,
+        atom_v: cute.CopyAtom,
+        q: cute.Pointer,
+        out: cute.Pointer,
+        lse: cute.Pointer,
+        part_o: cute.Pointer,
+        part_lse: cute.Pointer,
+        nused: cute.Pointer,
+        cu_q: cute.Pointer,
+        cu_k: cute.Pointer,
+        cu_mt: cute.Pointer,
+        B: Int32,
+        total_q: Int32,
+        total_k: Int32,
+        H: Int32,
+        Hk: Int32,
+        chunk_size: Int32,
+        KP: Int32,
+        h0: Int32,
+        row_lo: Int32,
+        row_hi: Int32,
+        t0: Int32,
+        scale_log2: Float32,
+        sQ_layout: cute.ComposedLayout,
+        sKV_layout: cute.ComposedLayout,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+        Storage: cutlass.Constexpr,
+    ):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, by, _ = cute.arch.block_idx()
+        warp, st = kernel_prologue(atom_k, atom_v, Storage)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4, self.kv_bytes, 128)
+        cute.arch.mbarrier_init_fence()
+        sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+
+        h = h0 + by
+        t = DiagTile(*diag_tile(cu_mt, cu_q, cu_k, B, total_q, total_k, chunk_size, bid + t0, BM))
+        nblk = (t.kend - t.kbeg + self.BN - 1) // self.BN
+        cute.arch.sync_threads()  # barrier init visible to both warpgroups
+
+        if warp < 4:
+            cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
+            self.zero_rows_without_keys(out, lse, t, h, H, total_q, tid)
+            if t.i_lo < t.i_hi:
+                self.diag_producer(tma_k, tma_v, atom_k, atom_v, q, sQ, sK, sV, pipe_q, pipe_kv, t, nblk, h, H, Hk,
+                                   tid, warp)
+        else:
+            cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
+            if t.i_lo < t.i_hi:
+                mw = MergeWindow(part_o, part_lse, nused, h0, row_lo, row_hi, KP)
+                self.diag_consumer(out, lse, mw, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, t, nblk,
+                                   h, H, total_q, chunk_size, scale_log2, tid - 128)
+
+    @cute.jit
+    def zero_rows_without_keys(self, out: cute.Pointer, lse: cute.Pointer, t: DiagTile, h: Int32, H: Int32,
+                               total_q: Int32, tid: Int32):
+        """``out = 0``, ``lse = -inf`` for the tile's rows before ``i_lo`` (no key position: the
+        query is longer than the keys), by the producer warpgroup's 128 threads."""
+        D, dt = self.D, self.dtype
+        CV = D // 8
+        n_empty = t.i_lo - t.m0
+        for idx in cutlass.range(tid, n_empty * CV, 128, unroll=1):
+            r = idx // CV
+            cv = idx - r * CV
+            zrow = t.qs + t.m0 + r
+            zero = cute.make_rmem_tensor(cute.make_layout(8), dt)
+            zero.fill(0.0)
+            off = (Int64(zrow) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
+            cute.autovec_copy(zero, cute.make_tensor(out + cute.assume(off, divby=8), cute.make_layout(8)))
+            if cv == 0:
+                _flat(lse)[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
+
+    @cute.jit
+    def diag_producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
+                      q: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv,
+                      t: DiagTile, nblk: Int32, h: Int32, H: Int32, Hk: Int32, tid: Int32, warp: Int32):
+        """Warp ``w`` loads tile rows ``16w .. 16w + 15`` (rows without a key position or past
+        the sequence repeat a loadable row); warp 0 then streams the ``nblk`` K/V n-blocks."""
+        lane = tid % 32
+        i = cutlass.max(cutlass.min(t.m0 + warp * 16 + lane % 16, t.i_hi - 1), t.i_lo)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+        self.copy_rows(q, sQ, pipe_q, q_state, (t.qs + i) * H + h, warp * 16, Int32(16), lane, 16)
+        if warp == 0:
+            kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (H // Hk), t.ks + t.kbeg, self.BN,
+                                    self.D)
+            kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.KS)
+            for n in cutlass.range(nblk, unroll=1):
+                self.load_kv_block(atom_k, atom_v, kv_views, pipe_kv, kv_state, n)
+                kv_state.advance()
+
+    @cute.jit
+    def diag_consumer(self, out: cute.Pointer, lse: cute.Pointer, mw: MergeWindow, sQ: cute.Tensor,
+                      sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
+                      tiled_mma_pv: cute.TiledMma, t: DiagTile, nblk: Int32, h: Int32, H: Int32, total_q: Int32,
+                      chunk_size: Int32, scale_log2: Float32, ctid: Int32):
+        dt = self.dtype
+        f = self.consumer_frags(tiled_mma_qk, tiled_mma_pv, sQ, sK, sV, ctid)
+        NR = cute.size(f.O_mn, mode=[0])
+        # this thread's rows' visible keys [lo, hi], relative to kbeg (a row without one: lo > hi)
+        r_lo = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+        r_hi = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+        for r in cutlass.range_constexpr(NR):
+            i = t.m0 + f.cO_mn[r, 0][0]
+            r_lo[r] = Int32(1)
+            r_hi[r] = Int32(0)
+            if (i >= t.i_lo) & (i < t.i_hi):
+                p = i + t.shift
+                r_lo[r] = (p // chunk_size) * chunk_size - t.kbeg
+                r_hi[r] = p - t.kbeg
+            f.row_max[r] = -Float32.inf
+            f.row_sum[r] = Float32(0.0)
+        f.acc_O.fill(0.0)
+        nkeys = t.kend - t.kbeg
+        q_state = ring_state(self.QS, 0)
+        pipe_q.consumer_wait(q_state)
+        cute.arch.fence_view_async_shared()  # cp.async wrote Q (generic proxy); wgmma reads it (async)
+        for n in cutlass.range(nblk, unroll=1):
+            kv_idx = n % self.KS
+            # (V rows past the last row's position are zeroed: 0 * inf cannot reach O)
+            self.wait_kv_block(pipe_kv, sV, n, nkeys - n * self.BN, ctid, Int32(0))
+            # ---- S = Q K^T
+            warpgroup.fence()
+            gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, 0, kv_idx)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            # ---- causal mask, online softmax
+            self.mask_causal(f.S_mn, f.cS_mn, r_lo, r_hi, n * self.BN)
+            _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
+            f.rP.store(f.acc_S.load().to(dt))
+            # ---- O += P V
+            warpgroup.fence()
+            gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, kv_idx, zero_init=False)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            pipe_kv.consumer_release(ring_state(self.KS, n))
+        self.merge_epilogue(f, t, mw, out, lse, h, H, total_q, scale_log2, ctid % 32)
+
+    @cute.jit
+    def mask_causal(self, S_mn: cute.Tensor, cS_mn: cute.Tensor, r_lo: cute.Tensor, r_hi: cute.Tensor, n0: Int32):
+        """S = -inf outside each row's visible keys ``[r_lo, r_hi]`` (relative to the tile's
+        first key; the n-block starts at ``n0``); n-blocks inside every row's range are left
+        as they are."""
+        NR = cute.size(S_mn, mode=[0])
+        need = False
+        for r in cutlass.range_constexpr(NR):
+            need = need | (r_lo[r] > n0) | (r_hi[r] < n0 + self.BN - 1)
+        if need:
+            for r in cutlass.range_constexpr(NR):
+                lo = r_lo[r] - n0
+                hi = r_hi[r] - n0
+                for c in cutlass.range_constexpr(cute.size(S_mn, mode=[1])):
+                    col = cS_mn[0, c][1]
+                    if (col < lo) | (col > hi):
+                        S_mn[r, c] = -Float32.inf
+
+    @cute.jit
+    def merge_epilogue(self, f, t: DiagTile, mw: MergeWindow, out: cute.Pointer, lse: cute.Pointer, h: Int32,
+                       H: Int32, total_q: Int32, scale_log2: Float32, lane: Int32):
+        """Each of this thread's rows in the window: the own chunk's (unnormalized O, max, sum)
+        and the row's partials weighted against their common max, in slot order (both rows'
+        partial loads interleaved); ``out = O / w``, ``lse = (M + log2 w) ln 2`` with ``w`` the
+        total weight."""
+        D, dt = self.D, self.dtype
+        NR = cute.size(f.O_mn, mode=[0])
+        NCO = cute.size(f.O_mn, mode=[1])
+        tpl = _flat(mw.part_lse)
+        tnu = _flat(mw.nused)
+        npart = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+        pbase = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+        base = cute.make_rmem_tensor(cute.make_layout(NR), Float32)  # M (0 when all is -inf)
+        wsum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        mine = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+        nmax = Int32(0)
+        for r in cutlass.range_constexpr(NR):
+            l_own = _quad_sum(f.row_sum[r])
+            i = t.m0 + f.cO_mn[r, 0][0]
+            grow = t.qs + i
+            mine[r] = Int32(0)
+            npart[r] = Int32(0)
+            pbase[r] = Int32(0)
+            own_scale = Float32(0.0)
+            w_own = Float32(0.0)
+            M_use = Float32(0.0)
+            if (i >= t.i_lo) & (i < t.i_hi) & (grow >= mw.row_lo) & (grow < mw.row_hi):
+                mine[r] = Int32(1)
+                npart[r] = tnu[Int64(grow) * Int64(H) + Int64(h)] - 1
+                pbase[r] = ((h - mw.h0) * total_q + grow - mw.row_lo) * mw.KP
+                L_own = row_lse_log2(f.row_max[r], l_own, scale_log2)
+                M_p, _ = partials_max(tpl, Int64(pbase[r]), npart[r], 4)
+                M = cute.arch.fmax(L_own, M_p)
+                if M != -Float32.inf:
+                    M_use = M
+                if (l_own > Float32(0.0)) | (l_own != l_own):  # NaN propagates
+                    w_own = cute.math.exp2(L_own - M_use, fastmath=True)
+                    own_scale = w_own / l_own
+            base[r] = M_use
+            wsum[r] = w_own
+            f.O_mn[r, None] = f.O_mn[r, None].load() * own_scale
+            nmax = cutlass.max(nmax, npart[r])
+        for j in cutlass.range(nmax, unroll=1):
+            for r in cutlass.range_constexpr(NR):
+                if j < npart[r]:
+                    pj = Int64(pbase[r]) + Int64(j)
+                    w = cute.math.exp2(tpl[pj] - base[r], fastmath=True)
+                    wsum[r] = wsum[r] + w
+                    obase = mw.part_o + pj * Int64(D)
+                    for c in cutlass.range_constexpr(NCO // 2):
+                        col = f.cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+                        pv = cute.make_rmem_tensor(cute.make_layout(2), dt)
+                        cute.autovec_copy(cute.make_tensor((obase + col).align(4), cute.make_layout(2)), pv)
+                        pf = pv.load().to(Float32)
+                        f.O_mn[r, 2 * c] = f.O_mn[r, 2 * c] + w * pf[0]
+                        f.O_mn[r, 2 * c + 1] = f.O_mn[r, 2 * c + 1] + w * pf[1]
+        for r in cutlass.range_constexpr(NR):
+            if mine[r] != 0:
+                grow = t.qs + t.m0 + f.cO_mn[r, 0][0]
+                inv = inv_row_sum(wsum[r])
+                obase = out + (Int64(grow) * Int64(H) + Int64(h)) * Int64(D)
+                for c in cutlass.range_constexpr(NCO // 2):
+                    col = f.cO_mn[r, 2 * c][1]
+                    store_pair(dt, f.O_mn[r, 2 * c] * inv, f.O_mn[r, 2 * c + 1] * inv, obase + col)
+                if lane % 4 == 0:
+                    val = -Float32.inf
+                    if (wsum[r] > Float32(0.0)) | (wsum[r] != wsum[r]):  # NaN propagates
+                        val = (base[r] + cute.math.log2(wsum[r], fastmath=False)) * LN2
+                    _flat(lse)[Int64(h) * Int64(total_q) + Int64(grow)] = val
