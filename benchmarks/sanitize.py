@@ -13,7 +13,7 @@ each tile flavour that ``configs/routing.py`` can pick: warpgroup MMA at 4 and 3
 register and shared-memory lists, and the mma.sync two-stage tiles forced with
 ``route_launch.topk_tile_override``; head dims 96/192/256 as routing-only calls), the key-major
 index (with and without 16-byte selection loads), the per-slot index, the attention forward of
-the device's family (on sm90 also the wgmma diagonal, ``MOBA_CUTE_FWD_DIAG_SM90=1``) and the sm80
+the device's family (on sm90 also the wgmma diagonal at short chunks, ``MOBA_CUTE_FWD_DIAG_SM90=1``) and the sm80
 slot passes (``MOBA_CUTE_FWD_SM80=1``, one- and two-stage), and
 the backward (prep with and without dLSE, dK/dV, dQ passes, dQ conversion); on empty and
 1-token sequences, Sq > Sk (empty rows), Sq < Sk, chunk sizes that do not divide the lengths,
@@ -59,7 +59,7 @@ class Case:
     staged: bool = True  # sm90 forward: the segment kernel's staged epilogue (False: MOBA_CUTE_FWD_STAGED=0)
     sm90_tile: tuple = ()  # sm90 forward tile (MOBA_CUTE_SM90_TILES), e.g. (128, 8, 2, 2): two consumer warpgroups
     overlap: bool = False  # sm90 forward: MOBA_CUTE_FWD_OVERLAP=1 (two-stage one-consumer tiles)
-    diag_sm90: bool = False  # sm90 forward: the causal diagonal on wgmma (MOBA_CUTE_FWD_DIAG_SM90=1)
+    diag_sm90: bool = False  # sm90: the causal diagonal on wgmma at any chunk (MOBA_CUTE_FWD_DIAG_SM90=1)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -321,7 +321,10 @@ def _env(case: Case):
                                             "MOBA_CUTE_FWD_DIAG_SM90")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
     os.environ["MOBA_CUTE_FWD_OVERLAP"] = "1" if case.overlap else "0"
-    os.environ["MOBA_CUTE_FWD_DIAG_SM90"] = "1" if case.diag_sm90 else "0"
+    if case.diag_sm90:
+        os.environ["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
+    else:
+        os.environ.pop("MOBA_CUTE_FWD_DIAG_SM90", None)  # (chunks of 512 keys or more: wgmma)
     if case.sm90_tile:
         os.environ["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
     else:

@@ -96,18 +96,22 @@ def test_fwd_overlap_env(monkeypatch):
 
 
 def test_fwd_diag_sm90_env(monkeypatch):
-    """``MOBA_CUTE_FWD_DIAG_SM90=1`` puts the wgmma diagonal in the causal kernel set (same role,
-    same arguments); the default is the mma.sync diagonal; the non-causal set has no diagonal."""
+    """The wgmma diagonal serves chunks from ``DIAG_MIN_CHUNK`` keys on; ``MOBA_CUTE_FWD_DIAG_SM90``
+    forces either kernel (same role, same arguments); the non-causal set has no diagonal."""
     from moba_cute.kernels.moba_fwd_diag_sm90 import MobaDiagSm90
     from moba_cute.kernels.moba_fwd_sm80 import MobaFwdSm80
 
     monkeypatch.delenv("MOBA_CUTE_FWD_DIAG_SM90", raising=False)
-    assert launch.fwd_diag_sm90() is False
+    lo = cfg90.DIAG_MIN_CHUNK
+    assert launch.fwd_diag_sm90(lo) is True and launch.fwd_diag_sm90(4096) is True
+    assert launch.fwd_diag_sm90(lo - 16) is False and launch.fwd_diag_sm90(128) is False
     monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
-    assert launch.fwd_diag_sm90() is True
+    assert launch.fwd_diag_sm90(128) is True
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "0")
+    assert launch.fwd_diag_sm90(4096) is False
     monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "on")
     with pytest.raises(ValueError, match="MOBA_CUTE_FWD_DIAG_SM90"):
-        launch.fwd_diag_sm90()
+        launch.fwd_diag_sm90(4096)
     on = launch.kernel_specs_sm90("bfloat16", 128, True, diag_sm90=True)
     off = launch.kernel_specs_sm90("bfloat16", 128, True)
     assert isinstance(on["diag"][1](), MobaDiagSm90) and isinstance(off["diag"][1](), MobaFwdSm80)

@@ -28,12 +28,18 @@ ALT_TILES = {
     128: ((128, 4, 1), (64, 8, 2), (128, 8, 2, 2)),
 }
 
-# the wgmma causal diagonal (MobaDiagSm90, opt-in: MOBA_CUTE_FWD_DIAG_SM90=1): head_dim -> (bn,
-# kv_stages). One 64-row Q stage and kv_stages K/V n-blocks: 16 + 64 KB at D = 128, two CTAs per SM.
+# the wgmma causal diagonal (MobaDiagSm90): head_dim -> (bn, kv_stages). One 64-row Q stage and
+# kv_stages K/V n-blocks: 16 + 64 KB at D = 128, two CTAs per SM. On the H100 at moba-large 128K
+# (diagonal + merge, ms): (64, 2) 15.7, (64, 3) 15.9, (128, 1) 18.1, (128, 2) 24.4 (one CTA per SM).
 DIAG_TILES = {
     64: (64, 2),
     128: (64, 2),
 }
+# chunks from which the causal diagonal runs on wgmma (H100, diagonal + merge, mma.sync -> wgmma,
+# ms: C = 128 2.45 -> 3.02 at 64K; 256 1.29 -> 1.51, 512 1.47 -> 1.44, 1024 1.88 -> 1.57 at 32K;
+# 4096 23.7 -> 15.5 at 128K): below, the diagonal is mostly the merge of the partials, which the
+# mma.sync kernel overlaps with its loads
+DIAG_MIN_CHUNK = 512
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 

@@ -225,15 +225,16 @@ def fwd_overlap():
     return env == "1"
 
 
-def fwd_diag_sm90():
-    """Whether the sm90 forward's causal diagonal runs on wgmma (:class:`MobaDiagSm90`) instead of
-    ``MobaFwdSm80(merge=True)`` (mma.sync): ``MOBA_CUTE_FWD_DIAG_SM90=1``. Off by default until it
-    has run on a Hopper GPU: it compiles in CI and the GPU tests check it against the reference
-    (docs/design.md, section 8, "A wgmma diagonal")."""
+def fwd_diag_sm90(chunk_size):
+    """Whether the sm90 forward's causal diagonal runs on wgmma (:class:`MobaDiagSm90`) rather than
+    ``MobaFwdSm80(merge=True)`` (mma.sync): for chunks of ``configs/attention_sm90.DIAG_MIN_CHUNK``
+    keys or more, where the own chunk is real work (H100: 23.7 -> 15.5 ms at moba-large 128K);
+    shorter chunks make the diagonal a merge of partials, which the mma.sync kernel does faster
+    (docs/design.md, section 8). ``MOBA_CUTE_FWD_DIAG_SM90=1`` / ``0`` forces either."""
     env = os.environ.get("MOBA_CUTE_FWD_DIAG_SM90", "")
     if env not in ("", "0", "1"):
         raise ValueError(f"MOBA_CUTE_FWD_DIAG_SM90 must be 0 or 1, not {env!r}")
-    return env == "1"
+    return env == "1" if env else int(chunk_size) >= cfg90.DIAG_MIN_CHUNK
 
 
 def sm90_tile_fields(tile):
@@ -673,7 +674,7 @@ class FwdPlan(_PlanBase):
             self.fwd_windows = self._windows()
             self.staged = fwd_staged()
             self.overlap = fwd_overlap()
-            self.diag_sm90 = self.causal and fwd_diag_sm90()
+            self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
                                                          self.staged, self.row_window is not None, self.overlap,
                                                          self.diag_sm90),

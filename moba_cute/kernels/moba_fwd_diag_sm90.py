@@ -4,9 +4,10 @@ kernel's partials: :class:`MobaDiagSm90`.
 The segment kernel (:mod:`moba_cute.kernels.moba_fwd_sm90`) leaves every gather pair's
 normalized partial; this kernel, run last, computes each row's own chunk and writes ``out`` and
 ``lse``. It takes the place of ``MobaFwdSm80(merge=True)`` (mma.sync) with the same arguments and
-the same query tiles (``diag_tile``: ``BM = 64`` consecutive rows of one sequence and head). With
-long chunks the diagonal is real work: at moba-large's C = 4096 it is 4.4 TFLOP of the 128K
-forward, 22.7 ms on mma.sync on the H100 (docs/design.md, section 8).
+the same query tiles (``diag_tile``: ``BM = 64`` consecutive rows of one sequence and head) for
+chunks of ``configs/attention_sm90.DIAG_MIN_CHUNK`` keys or more. With long chunks the diagonal
+is real work: at moba-large's C = 4096 it is 4.4 TFLOP of the 128K forward, 23.7 ms on mma.sync
+and 15.5 ms here on the H100 (docs/design.md, section 8).
 
 The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
 
@@ -70,6 +71,17 @@ class MergeWindow(NamedTuple):
     KP: Int32
 
 
+class MergeRows(NamedTuple):
+    """A consumer thread's rows in the merge (rmem tensors, one entry per row): 1 where the launch
+    writes the row, its partials' count and first pair index."""
+    mine: cute.Tensor
+    npart: cute.Tensor
+    pbase: cute.Tensor
+
+
+PREFETCH_BLOCKS = 6  # n-blocks before the epilogue at which a tile's partials are prefetched
+
+
 class MobaDiagSm90(MobaFwdSm90):
     """Causal diagonal + merge on wgmma. See the module docstring."""
 
@@ -124,7 +136,8 @@ class MobaDiagSm90(MobaFwdSm90):
          Storage) = self.host_setup(k, v, total_k, Hk)
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, out, lse, part_o, part_lse, nused, cu_q, cu_k, cu_mt, B, total_q,
-            total_k, H, Hk, chunk_size, KP, h0, row_lo, row_hi, t0, scale_log2, sQ_layout, sKV_layout, tiled_mma_qk,
+            total_k, H, Hk, chunk_size, KP, h0, row_lo, row_hi, t0, scale_log2, sQ_layout, sKV_layout,
+            tiled_mma_qk,
             tiled_mma_pv, Storage,
         ).launch(grid=(grid_x, nh, 1), block=(self.THREADS, 1, 1), stream=stream,
                  min_blocks_per_mp=self.CTAS, preferred_smem_carveout=100)
@@ -173,6 +186,8 @@ class MobaDiagSm90(MobaFwdSm90):
         sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
 
         h = h0 + by
+        # (tiles in index order: a chunk's tiles run together and share its K/V in L2; longest
+        # first across chunks measured 9% slower on the H100)
         t = DiagTile(*diag_tile(cu_mt, cu_q, cu_k, B, total_q, total_k, chunk_size, bid + t0, BM))
         nblk = (t.kend - t.kbeg + self.BN - 1) // self.BN
         cute.arch.sync_threads()  # barrier init visible to both warpgroups
@@ -249,6 +264,10 @@ class MobaDiagSm90(MobaFwdSm90):
             f.row_max[r] = -Float32.inf
             f.row_sum[r] = Float32(0.0)
         f.acc_O.fill(0.0)
+        rows = self.merge_rows(t, mw, f.cO_mn, h, H, total_q)
+        # the partials were written long before: prefetch them into L2 a few n-blocks before the
+        # epilogue reads them (latency-bound there otherwise)
+        pf_at = cutlass.max(nblk - PREFETCH_BLOCKS, 0)
         nkeys = t.kend - t.kbeg
         q_state = ring_state(self.QS, 0)
         pipe_q.consumer_wait(q_state)
@@ -272,7 +291,9 @@ class MobaDiagSm90(MobaFwdSm90):
             warpgroup.commit_group()
             warpgroup.wait_group(0)
             pipe_kv.consumer_release(ring_state(self.KS, n))
-        self.merge_epilogue(f, t, mw, out, lse, h, H, total_q, scale_log2, ctid % 32)
+            if n == pf_at:
+                self.prefetch_partials(mw, rows, ctid % 4)
+        self.merge_epilogue(f, t, mw, rows, out, lse, h, H, total_q, scale_log2, ctid % 32)
 
     @cute.jit
     def mask_causal(self, S_mn: cute.Tensor, cS_mn: cute.Tensor, r_lo: cute.Tensor, r_hi: cute.Tensor, n0: Int32):
@@ -293,8 +314,45 @@ class MobaDiagSm90(MobaFwdSm90):
                         S_mn[r, c] = -Float32.inf
 
     @cute.jit
-    def merge_epilogue(self, f, t: DiagTile, mw: MergeWindow, out: cute.Pointer, lse: cute.Pointer, h: Int32,
-                       H: Int32, total_q: Int32, scale_log2: Float32, lane: Int32):
+    def merge_rows(self, t: DiagTile, mw: MergeWindow, cO_mn: cute.Tensor, h: Int32, H: Int32, total_q: Int32):
+        """This thread's rows' merge work (:class:`MergeRows`): whether the launch writes the row
+        (a key position, in the window), its partials' count and first index."""
+        NR = cute.size(cO_mn, mode=[0])
+        tnu = _flat(mw.nused)
+        rows = MergeRows(cute.make_rmem_tensor(cute.make_layout(NR), Int32),
+                         cute.make_rmem_tensor(cute.make_layout(NR), Int32),
+                         cute.make_rmem_tensor(cute.make_layout(NR), Int32))
+        for r in cutlass.range_constexpr(NR):
+            i = t.m0 + cO_mn[r, 0][0]
+            grow = t.qs + i
+            rows.mine[r] = Int32(0)
+            rows.npart[r] = Int32(0)
+            rows.pbase[r] = Int32(0)
+            if (i >= t.i_lo) & (i < t.i_hi) & (grow >= mw.row_lo) & (grow < mw.row_hi):
+                rows.mine[r] = Int32(1)
+                rows.npart[r] = tnu[Int64(grow) * Int64(H) + Int64(h)] - 1
+                rows.pbase[r] = ((h - mw.h0) * total_q + grow - mw.row_lo) * mw.KP
+        return rows
+
+    @cute.jit
+    def prefetch_partials(self, mw: MergeWindow, rows, qd: Int32):
+        """L2 prefetch of this thread's rows' partials: thread ``qd`` of a row's quad takes
+        partials ``qd, qd + 4, ...`` (their 128-byte lines), thread 0 also the LSEs."""
+        NR = cute.size(rows.npart, mode=[0])
+        LINES = max(1, self.D * 2 // 128)
+        for r in cutlass.range_constexpr(NR):
+            for j in cutlass.range(qd, rows.npart[r], 4, unroll=1):
+                base = mw.part_o + (Int64(rows.pbase[r]) + Int64(j)) * Int64(self.D)
+                for ln in cutlass.range_constexpr(LINES):
+                    cute.arch.prefetch((base + ln * 64).llvm_ptr, cache_level="L2")
+            if (qd == 0) & (rows.npart[r] > 0):
+                cute.arch.prefetch((mw.part_lse + Int64(rows.pbase[r])).llvm_ptr, cache_level="L2")
+                cute.arch.prefetch((mw.part_lse + (Int64(rows.pbase[r]) + Int64(rows.npart[r] - 1))).llvm_ptr,
+                                   cache_level="L2")
+
+    @cute.jit
+    def merge_epilogue(self, f, t: DiagTile, mw: MergeWindow, rows, out: cute.Pointer, lse: cute.Pointer,
+                       h: Int32, H: Int32, total_q: Int32, scale_log2: Float32, lane: Int32):
         """Each of this thread's rows in the window: the own chunk's (unnormalized O, max, sum)
         and the row's partials weighted against their common max, in slot order (both rows'
         partial loads interleaved); ``out = O / w``, ``lse = (M + log2 w) ln 2`` with ``w`` the
@@ -303,27 +361,16 @@ class MobaDiagSm90(MobaFwdSm90):
         NR = cute.size(f.O_mn, mode=[0])
         NCO = cute.size(f.O_mn, mode=[1])
         tpl = _flat(mw.part_lse)
-        tnu = _flat(mw.nused)
-        npart = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
-        pbase = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
+        npart, pbase, mine = rows.npart, rows.pbase, rows.mine
         base = cute.make_rmem_tensor(cute.make_layout(NR), Float32)  # M (0 when all is -inf)
         wsum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
-        mine = cute.make_rmem_tensor(cute.make_layout(NR), Int32)
         nmax = Int32(0)
         for r in cutlass.range_constexpr(NR):
             l_own = _quad_sum(f.row_sum[r])
-            i = t.m0 + f.cO_mn[r, 0][0]
-            grow = t.qs + i
-            mine[r] = Int32(0)
-            npart[r] = Int32(0)
-            pbase[r] = Int32(0)
             own_scale = Float32(0.0)
             w_own = Float32(0.0)
             M_use = Float32(0.0)
-            if (i >= t.i_lo) & (i < t.i_hi) & (grow >= mw.row_lo) & (grow < mw.row_hi):
-                mine[r] = Int32(1)
-                npart[r] = tnu[Int64(grow) * Int64(H) + Int64(h)] - 1
-                pbase[r] = ((h - mw.h0) * total_q + grow - mw.row_lo) * mw.KP
+            if mine[r] != 0:
                 L_own = row_lse_log2(f.row_max[r], l_own, scale_log2)
                 M_p, _ = partials_max(tpl, Int64(pbase[r]), npart[r], 4)
                 M = cute.arch.fmax(L_own, M_p)
