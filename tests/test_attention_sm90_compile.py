@@ -74,7 +74,7 @@ def test_sm90_pair_kernel_for_four_field_tiles():
 
     key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2, 2))["seg"]
     kern = fac()
-    assert isinstance(kern, MobaFwdSm90Pair) and key[-1] == "pair"
+    assert isinstance(kern, MobaFwdSm90Pair) and key[-2:] == ("pair", "pingpong") and kern.pingpong
     assert (kern.THREADS, kern.CTAS, kern.NW, kern.QS) == (384, 1, 2, 4)
     assert kern.PRODUCER_REGS * 128 + kern.CONSUMER_REGS * 256 <= (65536 // 384) // 8 * 8 * 384
     key1, fac1, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2))["seg"]
