@@ -240,6 +240,30 @@ def test_sm90_forward_staged_epilogue_plan(monkeypatch):
         al.FwdPlan(key, "sm_90a")
 
 
+def test_sm90_forward_diagonal_plan(monkeypatch):
+    """Causal plans on sm90 take the wgmma diagonal from ``DIAG_MIN_CHUNK``-key chunks on and the
+    mma.sync one below (``MOBA_CUTE_FWD_DIAG_SM90`` forces either); non-causal plans have none."""
+    from moba_cute.configs import attention_sm90 as cfg90
+
+    monkeypatch.delenv("MOBA_CUTE_FWD_DIAG_SM90", raising=False)
+    lo = cfg90.DIAG_MIN_CHUNK
+    for C, want in ((lo, "moba_diag_sm90"), (lo // 2, "moba_fwd_sm80"), (2 * lo, "moba_diag_sm90")):
+        q, k, r = _batch([3 * lo + 17, 100], H=4, Hk=2, D=128, C=C, K=3)
+        plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+        assert plan.ks.specs["diag"][0][0] == want and plan.diag_sm90 == (want == "moba_diag_sm90"), C
+    q, k, r = _batch([700, 100], H=4, Hk=2, D=64, C=64, K=3)
+    key = al._plan_key(q, k, r)
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
+    assert al.FwdPlan(key, "sm_90a").ks.specs["diag"][0][0] == "moba_diag_sm90"
+    q, k, r = _batch([3 * lo, 100], H=4, Hk=2, D=128, C=lo, K=3)
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "0")
+    assert al.FwdPlan(al._plan_key(q, k, r), "sm_90a").ks.specs["diag"][0][0] == "moba_fwd_sm80"
+    q, k, r = _batch([3 * lo, 100], H=4, Hk=2, D=128, C=lo, K=3, causal=False)
+    monkeypatch.delenv("MOBA_CUTE_FWD_DIAG_SM90")
+    plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+    assert "diag" not in plan.ks.specs and not plan.diag_sm90
+
+
 def test_sm90_backward_long_chunks_plan():
     """Chunks over 128 keys on Hopper: dK/dV per 128-key tile and the dQ kernel that streams a
     chunk's tiles, its (chunk, KV head) pairs split over several CTAs."""
