@@ -410,13 +410,13 @@ def kernel_paths(device=None) -> dict:
 
     Returns ``{"route": "sm90" | "sm80" | None, "attention": ..., "attention_backward": ...,
     "decode": ...}`` (``decode``: the decode-step kernels of calls with at most
-    ``configs/decode.py: MAX_QUERIES`` queries per sequence and no gradient, CUDA-core code
-    built for the device's family):
+    ``configs/decode.py: MAX_QUERIES`` queries per sequence and no gradient: mma.sync on the
+    tensor cores for head dims 32/64/128, CUDA-core code otherwise, built for the device's family):
     the instruction family of the kernels that run (``"sm80"``: mma.sync/cp.async code, which
     also runs on Hopper; ``"sm90"``: Hopper-only wgmma/TMA code); None where no kernel serves
     that device (or no CUDA device is present). A configuration the device's family does not
-    cover (e.g. the sm90 backward with chunks over 128 keys) runs the sm80 code, with a
-    one-time warning naming the reason.
+    cover (e.g. the sm90 forward with head dim 96) runs the sm80 code, with a one-time warning
+    naming the reason.
     """
     if device is None:
         if not torch.cuda.is_available():

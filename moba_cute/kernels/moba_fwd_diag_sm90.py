@@ -21,8 +21,8 @@ The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
   masked), online softmax, ``O += P V`` (RS wgmma); then each row of the launch's window
   merges its ``nused - 1`` partials (``part_o`` / ``part_lse``, log2-domain, read in slot order)
   with the own chunk's state and writes ``out`` (input dtype) and ``lse`` (natural log, ``(H,
-  total_q)``). A row's arithmetic does not depend on its tile, so the result is bitwise
-  deterministic.
+  total_q)``); the partials' lines are prefetched into L2 a few n-blocks before. A row's
+  arithmetic does not depend on its tile, so the result is bitwise deterministic.
 
 Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``.
 """
@@ -136,8 +136,7 @@ class MobaDiagSm90(MobaFwdSm90):
          Storage) = self.host_setup(k, v, total_k, Hk)
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, out, lse, part_o, part_lse, nused, cu_q, cu_k, cu_mt, B, total_q,
-            total_k, H, Hk, chunk_size, KP, h0, row_lo, row_hi, t0, scale_log2, sQ_layout, sKV_layout,
-            tiled_mma_qk,
+            total_k, H, Hk, chunk_size, KP, h0, row_lo, row_hi, t0, scale_log2, sQ_layout, sKV_layout, tiled_mma_qk,
             tiled_mma_pv, Storage,
         ).launch(grid=(grid_x, nh, 1), block=(self.THREADS, 1, 1), stream=stream,
                  min_blocks_per_mp=self.CTAS, preferred_smem_carveout=100)
