@@ -41,7 +41,7 @@ from cutlass.cute.nvgpu import warpgroup
 from .moba_fwd_sm80 import LN2, _flat, _online_softmax, _quad_sum, partials_max, store_pair
 from .moba_fwd_sm90 import (BM, MobaFwdSm90, gather_tma_pipelines, gemm_kblocks, inv_row_sum, kernel_prologue,
                             kv_tma_views, ring_state, row_lse_log2)
-from .segments import diag_tile
+from .segments import diag_tile, zero_rows_without_keys
 
 
 class DiagTile(NamedTuple):
@@ -193,7 +193,7 @@ class MobaDiagSm90(MobaFwdSm90):
 
         if warp < 4:
             cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
-            self.zero_rows_without_keys(out, lse, t, h, H, total_q, tid)
+            zero_rows_without_keys(out, lse, t.qs, t.m0, t.i_lo, h, H, total_q, tid, 128, self.D, self.dtype)
             if t.i_lo < t.i_hi:
                 self.diag_producer(tma_k, tma_v, atom_k, atom_v, q, sQ, sK, sV, pipe_q, pipe_kv, t, nblk, h, H, Hk,
                                    tid, warp)
@@ -203,25 +203,6 @@ class MobaDiagSm90(MobaFwdSm90):
                 mw = MergeWindow(part_o, part_lse, nused, h0, row_lo, row_hi, KP)
                 self.diag_consumer(out, lse, mw, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, t, nblk,
                                    h, H, total_q, chunk_size, scale_log2, tid - 128)
-
-    @cute.jit
-    def zero_rows_without_keys(self, out: cute.Pointer, lse: cute.Pointer, t: DiagTile, h: Int32, H: Int32,
-                               total_q: Int32, tid: Int32):
-        """``out = 0``, ``lse = -inf`` for the tile's rows before ``i_lo`` (no key position: the
-        query is longer than the keys), by the producer warpgroup's 128 threads."""
-        D, dt = self.D, self.dtype
-        CV = D // 8
-        n_empty = t.i_lo - t.m0
-        for idx in cutlass.range(tid, n_empty * CV, 128, unroll=1):
-            r = idx // CV
-            cv = idx - r * CV
-            zrow = t.qs + t.m0 + r
-            zero = cute.make_rmem_tensor(cute.make_layout(8), dt)
-            zero.fill(0.0)
-            off = (Int64(zrow) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
-            cute.autovec_copy(zero, cute.make_tensor(out + cute.assume(off, divby=8), cute.make_layout(8)))
-            if cv == 0:
-                _flat(lse)[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
 
     @cute.jit
     def diag_producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,

@@ -27,7 +27,7 @@ import cuda.bindings.driver as cuda
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warp
 
-from .segments import pass_rows
+from .segments import pass_rows, zero_rows_without_keys
 
 LOG2_E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -290,19 +290,7 @@ class MobaFwdSm80:
             rows_list, B, total_q, total_k, H, chunk_size, bid + t0, h0 + by, pass_rel * nseg)
         if cutlass.const_expr(self.diag):
             # rows with no key position (p < 0): out = 0, lse = -inf
-            n_empty = i_lo - m0
-            if n_empty > 0:
-                tl = _flat(lse)
-                for idx in cutlass.range(tid, n_empty * CV, NT):
-                    r = idx // CV
-                    cv = idx % CV
-                    zrow = qs + m0 + r
-                    zoff = (Int64(zrow) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
-                    zdst = cute.make_tensor(out + zoff, cute.make_layout(8))
-                    for e in cutlass.range_constexpr(8):
-                        zdst[e] = dt(0.0)
-                    if cv == 0:
-                        tl[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
+            zero_rows_without_keys(out, lse, qs, m0, i_lo, h, H, total_q, tid, NT, D, dt)
         cute.arch.sync_threads()
 
         if valid != 0:

@@ -1,7 +1,8 @@
 """Work-unit geometry shared by the attention kernels (CuTe DSL): which query rows and keys a
 CTA owns, for the key-major gather kernels (sm80 forward slot passes and dQ passes, sm90
-segment forward) and the query-major causal diagonal (sm80 forward and dQ), and the row tables
-the sm80 kernels keep in shared memory (global row, first and last visible key per tile row).
+segment forward) and the query-major causal diagonal (sm80 forward and dQ, sm90 forward), the
+row tables the sm80 kernels keep in shared memory (global row, first and last visible key per tile
+row), and the diagonal forwards' ``out``/``lse`` of rows without a key position.
 
 Everything is clamped as the index kernels clamp it (``centroids.clamp_seq``): garbage
 ``cu_seqlens`` give empty units, never an access out of bounds.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Int32
+from cutlass import Float32, Int32, Int64
 
 from .centroids import clamp_seq, find_segment
 
@@ -113,6 +114,26 @@ def diag_tile(cu_mt: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer, B: In
             kbeg = ((i_lo + shift) // chunk_size) * chunk_size
             kend = i_hi + shift
     return qs, ks, shift, m0, i_lo, i_hi, kbeg, kend
+
+
+@cute.jit
+def zero_rows_without_keys(out: cute.Pointer, lse: cute.Pointer, qs: Int32, m0: Int32, i_lo: Int32, h: Int32,
+                           H: Int32, total_q: Int32, tid: Int32, nthr: cutlass.Constexpr, D: cutlass.Constexpr,
+                           dtype: cutlass.Constexpr):
+    """``out = 0`` (16-byte stores) and ``lse = -inf`` for a diagonal tile's rows ``m0 .. i_lo``
+    of the sequence starting at ``qs``, head ``h`` (:func:`diag_tile`: no key position, the query
+    is longer than the keys), by ``nthr`` threads from ``tid``."""
+    CV = D // 8
+    for idx in cutlass.range(tid, (i_lo - m0) * CV, nthr, unroll=1):
+        r = idx // CV
+        cv = idx - r * CV
+        zrow = qs + m0 + r
+        zero = cute.make_rmem_tensor(cute.make_layout(8), dtype)
+        zero.fill(0.0)
+        off = (Int64(zrow) * Int64(H) + Int64(h)) * Int64(D) + Int64(cv * 8)
+        cute.autovec_copy(zero, cute.make_tensor(out + cute.assume(off, divby=8), cute.make_layout(8)))
+        if cv == 0:
+            _flat(lse)[Int64(h) * Int64(total_q) + Int64(zrow)] = -Float32.inf
 
 
 @cute.jit
