@@ -60,6 +60,7 @@ class Case:
     sm90_tile: tuple = ()  # sm90 forward tile (MOBA_CUTE_SM90_TILES), e.g. (128, 8, 2, 2): two consumer warpgroups
     overlap: bool = False  # sm90 forward: MOBA_CUTE_FWD_OVERLAP=1 (two-stage one-consumer tiles)
     diag_sm90: bool = False  # sm90: the causal diagonal on wgmma at any chunk (MOBA_CUTE_FWD_DIAG_SM90=1)
+    diag_staged: bool = False  # ... its merge staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED=1)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -163,6 +164,11 @@ CASES = [
     Case("fwd-diag90-long-chunks-windows", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False,
          windows=True, diag_sm90=True, **Cc),
     Case("fwd-diag90-topk1", (100, 33), (100, 33), 4, 2, C=32, K=1, grad=False, diag_sm90=True, **A),
+    # the same with the merge staged in shared memory (more partials a row than merge buffers)
+    Case("fwd-diag90s-sq-ne-sk", (50, 0, 70), (90, 5, 40), 8, 1, C=16, K=8, grad=False, diag_sm90=True,
+         diag_staged=True, **A),
+    Case("fwd-diag90s-long-chunks-windows", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=6, grad=False,
+         windows=True, diag_sm90=True, diag_staged=True, **Cc),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -271,6 +277,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
             t.add("fwd-staged" if case.staged else "fwd-unstaged")
         if case.diag_sm90 and case.causal:
             t.add("fwd-diag90")
+            if case.diag_staged:
+                t.add("fwd-diag90-staged")
     if case.K == 1:
         t.add("own-chunk-only")
     if case.C > 128:
@@ -318,13 +326,17 @@ def _env(case: Case):
     saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES",
                                             "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
                                             "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP",
-                                            "MOBA_CUTE_FWD_DIAG_SM90")}
+                                            "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
     os.environ["MOBA_CUTE_FWD_OVERLAP"] = "1" if case.overlap else "0"
     if case.diag_sm90:
         os.environ["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
     else:
         os.environ.pop("MOBA_CUTE_FWD_DIAG_SM90", None)  # (chunks of 512 keys or more: wgmma)
+    if case.diag_staged:
+        os.environ["MOBA_CUTE_FWD_DIAG_STAGED"] = "1"
+    else:
+        os.environ.pop("MOBA_CUTE_FWD_DIAG_STAGED", None)
     if case.sm90_tile:
         os.environ["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
     else:

@@ -25,12 +25,14 @@ def _specs():
                 # the fragment stores (MOBA_CUTE_FWD_STAGED=0), shipped tile
                 key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, cfg90.FWD_TILES[D], staged=False)["seg"]
                 seen.setdefault(key, (fac, fake))
-                # the causal diagonal on wgmma (MOBA_CUTE_FWD_DIAG_SM90=1)
+                # the causal diagonal on wgmma (MOBA_CUTE_FWD_DIAG_SM90=1), its merge from global
+                # memory and staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED)
                 if causal:
-                    key, fac, fake = launch.kernel_specs_sm90(dtype, D, True, cfg90.FWD_TILES[D],
-                                                              diag_sm90=True)["diag"]
-                    assert key[0] == "moba_diag_sm90"
-                    seen.setdefault(key, (fac, fake))
+                    for staged in (False, True):
+                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, True, cfg90.FWD_TILES[D], diag_sm90=True,
+                                                                  diag_staged=staged)["diag"]
+                        assert key[0] == "moba_diag_sm90" and (key[-1] == "staged") == staged
+                        seen.setdefault(key, (fac, fake))
                 # the intra-warpgroup overlap (MOBA_CUTE_FWD_OVERLAP=1) of the two-stage tiles
                 for tile in cfg90.ALT_TILES.get(D, ()):
                     if len(tile) == 3 and tile[2] >= 2:
@@ -122,6 +124,21 @@ def test_fwd_diag_sm90_env(monkeypatch):
     assert (kern.BN, kern.KS, kern.QS, kern.CTAS) == (bn, kst, 1, 2)
     smem = 64 * 128 * 2 + kst * 2 * bn * 128 * 2 + 1024 + 128
     assert kern.CTAS * smem <= cfg90.SMEM_PER_SM
+    # the staged merge: its default, the environment, and one more 64-row buffer (padded rows)
+    monkeypatch.delenv("MOBA_CUTE_FWD_DIAG_STAGED", raising=False)
+    assert launch.fwd_diag_staged() is bool(cfg90.DIAG_STAGED_MERGE)
+    for env, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_STAGED", env)
+        assert launch.fwd_diag_staged() is want
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_STAGED", "yes")
+    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_DIAG_STAGED"):
+        launch.fwd_diag_staged()
+    staged = launch.kernel_specs_sm90("bfloat16", 128, True, diag_sm90=True, diag_staged=True)["diag"]
+    ks = staged[1]()
+    assert ks.staged_merge and not kern.staged_merge and staged[0] != on["diag"][0]
+    bufs = 2 * (kst * bn * 128 // (64 * ks.prow())) + 1
+    assert bufs >= 2, "at least one slot in flight while one is merged"
+    assert ks.CTAS * (smem + 2 * 64 * 4 + 64 * ks.prow() * 2) <= cfg90.SMEM_PER_SM
 
 
 def test_sm90_tiles_env(monkeypatch):

@@ -283,3 +283,40 @@ def test_sm90_diag_wgmma(case, D, monkeypatch):
     finally:
         monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
         m.FWD_PLANS.clear()
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(DIAG_CASES)))
+def test_sm90_diag_staged_merge(case, D, monkeypatch):
+    """The wgmma diagonal's merge staged in shared memory (``MOBA_CUTE_FWD_DIAG_STAGED=1``): within
+    SPEC tolerance, and bitwise the merge from global memory (same arithmetic, same order; the grid
+    order differs), also with windows forced."""
+    from moba_cute.kernels import attention_launch as m
+
+    lq, lk, H, Hk, C, K, forced = DIAG_CASES[case]
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
+    try:
+        q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=700 + case)
+        r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, True)
+        got = {}
+        for staged in ("0", "1"):
+            monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_STAGED", staged)
+            m.FWD_PLANS.clear()
+            got[staged] = m.attention_cute(q, k, v, r, None, True)
+            assert all(p.diag_staged == (staged == "1") for p in m.FWD_PLANS.plans.values())
+        assert torch.equal(got["0"][0], got["1"][0]) and torch.equal(got["0"][1], got["1"][1])
+        if forced is not None:
+            pair = 2 * D + 4
+            monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES",
+                               str(q.shape[0] * (H // Hk) * (K - 1) * pair if forced == "kv" else forced))
+            m.FWD_PLANS.clear()
+            win = m.attention_cute(q, k, v, r, None, True)
+            assert torch.equal(win[0], got["1"][0]) and torch.equal(win[1], got["1"][1])
+            monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+        m.FWD_PLANS.clear()
+        for dtype in (torch.bfloat16, torch.float16):
+            _check(lq, lk, H, Hk, D, C, K, True, dtype, seed=800 + case)
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
+        m.FWD_PLANS.clear()

@@ -42,6 +42,9 @@ DIAG_TILES = {
 # 4096 23.7 -> 15.5 at 128K): below, the diagonal is mostly the merge of the partials, which the
 # mma.sync kernel overlaps with its loads
 DIAG_MIN_CHUNK = 512
+# the wgmma diagonal's merge: partials staged in shared memory by cp.async, several slots in
+# flight (MobaDiagSm90(staged_merge=True); MOBA_CUTE_FWD_DIAG_STAGED). Off until measured on a GPU
+DIAG_STAGED_MERGE = False
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 

@@ -237,6 +237,17 @@ def fwd_diag_sm90(chunk_size):
     return env == "1" if env else int(chunk_size) >= cfg90.DIAG_MIN_CHUNK
 
 
+def fwd_diag_staged():
+    """Whether the wgmma diagonal stages the partials it merges in shared memory (``cp.async``
+    into the free K/V ring, several slots in flight) instead of reading them with 4-byte loads
+    (``MobaDiagSm90(staged_merge=...)``): ``configs/attention_sm90.DIAG_STAGED_MERGE``, or
+    ``MOBA_CUTE_FWD_DIAG_STAGED=1`` / ``0``."""
+    env = os.environ.get("MOBA_CUTE_FWD_DIAG_STAGED", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"MOBA_CUTE_FWD_DIAG_STAGED must be 0 or 1, not {env!r}")
+    return env == "1" if env else bool(cfg90.DIAG_STAGED_MERGE)
+
+
 def sm90_tile_fields(tile):
     """(bn, sub, kv_stages, consumer warpgroups) of an sm90 forward tile: ``(bn, sub, kv_stages)``
     (one consumer warpgroup, two CTAs per SM) or ``(bn, sub, kv_stages, 2)`` (two that share
@@ -281,14 +292,15 @@ def tile_override(family, tile):
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False,
-                      overlap=False, diag_sm90=False):
+                      overlap=False, diag_sm90=False, diag_staged=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
     (None: both variants, for the compile tests). ``staged``: the segment kernel's staged
     epilogue (the default; :func:`fwd_staged`). ``overlap``: :func:`fwd_overlap` (one-consumer
     tiles of two or more K/V stages only). ``row_windows``: the index's per-window counts
-    (:func:`fwd_row_window`). ``diag_sm90``: the causal diagonal on wgmma (:func:`fwd_diag_sm90`)."""
+    (:func:`fwd_row_window`). ``diag_sm90``: the causal diagonal on wgmma (:func:`fwd_diag_sm90`),
+    ``diag_staged`` its merge through shared memory (:func:`fwd_diag_staged`)."""
     from .merge import MergeKernel
     from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
@@ -329,8 +341,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
         if diag_sm90:
             dbn90, dks90 = cfg90.DIAG_TILES[head_dim]
             assert bm == 64, "the diagonal's query tiles (cu_mt) are wgmma's 64 rows"
-            specs["diag"] = (MobaDiagSm90.compile_key(dtype_name, head_dim, dbn90, dks90),
-                             lambda: MobaDiagSm90(dt, head_dim, dbn90, dks90), fake)
+            specs["diag"] = (MobaDiagSm90.compile_key(dtype_name, head_dim, dbn90, dks90, diag_staged),
+                             lambda: MobaDiagSm90(dt, head_dim, dbn90, dks90, diag_staged), fake)
         else:
             specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
                              lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
@@ -675,9 +687,10 @@ class FwdPlan(_PlanBase):
             self.staged = fwd_staged()
             self.overlap = fwd_overlap()
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
+            self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
                                                          self.staged, self.row_window is not None, self.overlap,
-                                                         self.diag_sm90),
+                                                         self.diag_sm90, self.diag_staged),
                                        arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

@@ -19,10 +19,12 @@ The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
 * consumer warpgroup: per n-block ``S = Q K^T`` (SS wgmma), the causal mask (row at position
   ``p`` sees keys ``[own_chunk_start(p), p]``; only n-blocks that cross a row's range are
   masked), online softmax, ``O += P V`` (RS wgmma); then each row of the launch's window
-  merges its ``nused - 1`` partials (``part_o`` / ``part_lse``, log2-domain, read in slot order)
+  merges its ``nused - 1`` partials (``part_o`` / ``part_lse``, log2-domain, in slot order)
   with the own chunk's state and writes ``out`` (input dtype) and ``lse`` (natural log, ``(H,
-  total_q)``); the partials' lines are prefetched into L2 a few n-blocks before. A row's
-  arithmetic does not depend on its tile, so the result is bitwise deterministic.
+  total_q)``). The partials come into shared memory by ``cp.async``, slot ``j`` of the tile's 64
+  rows per buffer (the free K/V ring and one more buffer: two or three slots in flight while one
+  is merged); their lines are prefetched into L2 a few n-blocks before. A row's arithmetic does
+  not depend on its tile, so the result is bitwise deterministic.
 
 Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``.
 """
@@ -36,7 +38,7 @@ import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, Int64
-from cutlass.cute.nvgpu import warpgroup
+from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from .moba_fwd_sm80 import LN2, _flat, _online_softmax, _quad_sum, partials_max, store_pair
 from .moba_fwd_sm90 import (BM, MobaFwdSm90, gather_tma_pipelines, gemm_kblocks, inv_row_sum, kernel_prologue,
@@ -80,18 +82,36 @@ class MergeRows(NamedTuple):
 
 
 PREFETCH_BLOCKS = 6  # n-blocks before the epilogue at which a tile's partials are prefetched
+MERGE_BARRIER = 5  # named barrier of the consumer warpgroup's merge (1: V tail zeroed)
 
 
 class MobaDiagSm90(MobaFwdSm90):
     """Causal diagonal + merge on wgmma. See the module docstring."""
 
-    def __init__(self, dtype, head_dim: int, bn: int = 64, kv_stages: int = 2):
+    def __init__(self, dtype, head_dim: int, bn: int = 64, kv_stages: int = 2, staged_merge: bool = False):
         super().__init__(dtype, head_dim, bn, 1, kv_stages)
         self.QS = 1  # one Q tile per CTA
+        # the partials staged in shared memory (merge_staged), and the grid with the window's
+        # heads fastest; else 4-byte loads from global memory and heads slowest
+        self.staged_merge = bool(staged_merge)
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, kv_stages: int):
-        return ("moba_diag_sm90", dtype_name, int(head_dim), int(bn), int(kv_stages))
+    def compile_key(dtype_name: str, head_dim: int, bn: int, kv_stages: int, staged_merge: bool = False):
+        key = ("moba_diag_sm90", dtype_name, int(head_dim), int(bn), int(kv_stages))
+        return key + ("staged",) if staged_merge else key
+
+    def _extra_smem(self):
+        # staged merge: the tile's rows' partial counts and first indices (for the copies), and
+        # one merge buffer besides those in the K/V ring
+        if not self.staged_merge:
+            return {}
+        MR, AL = cute.struct.MemRange, cute.struct.Align
+        return {"sRow": AL[MR[Int32, 2 * BM], 16], "sPart": AL[MR[self.dtype, BM * self.prow()], 16]}
+
+    def prow(self):
+        """Elements per row of a merge buffer: D + 8, so that the eight rows a warp reads at once
+        fall in distinct banks (272-byte rows at D = 128)."""
+        return self.D + 8
 
     @cute.jit
     def __call__(
@@ -136,9 +156,10 @@ class MobaDiagSm90(MobaFwdSm90):
          Storage) = self.host_setup(k, v, total_k, Hk)
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, out, lse, part_o, part_lse, nused, cu_q, cu_k, cu_mt, B, total_q,
-            total_k, H, Hk, chunk_size, KP, h0, row_lo, row_hi, t0, scale_log2, sQ_layout, sKV_layout, tiled_mma_qk,
-            tiled_mma_pv, Storage,
-        ).launch(grid=(grid_x, nh, 1), block=(self.THREADS, 1, 1), stream=stream,
+            total_k, H, Hk, chunk_size, KP, h0, nh, row_lo, row_hi, t0, scale_log2, sQ_layout, sKV_layout,
+            tiled_mma_qk, tiled_mma_pv, Storage,
+        ).launch(grid=(grid_x * nh, 1, 1) if self.staged_merge else (grid_x, nh, 1), block=(self.THREADS, 1, 1),
+                 stream=stream,
                  min_blocks_per_mp=self.CTAS, preferred_smem_carveout=100)
 
     @cute.kernel
@@ -165,6 +186,7 @@ class MobaDiagSm90(MobaFwdSm90):
         chunk_size: Int32,
         KP: Int32,
         h0: Int32,
+        nh: Int32,
         row_lo: Int32,
         row_hi: Int32,
         t0: Int32,
@@ -184,10 +206,15 @@ class MobaDiagSm90(MobaFwdSm90):
         sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
         sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
 
+        # tiles in index order: a chunk's tiles run together and share its K/V in L2 (longest first
+        # across chunks measured 9% slower on the H100). Staged: the window's heads fastest, so
+        # that a KV head's query heads also share it (heads slowest read K/V once per query head)
         h = h0 + by
-        # (tiles in index order: a chunk's tiles run together and share its K/V in L2; longest
-        # first across chunks measured 9% slower on the H100)
-        t = DiagTile(*diag_tile(cu_mt, cu_q, cu_k, B, total_q, total_k, chunk_size, bid + t0, BM))
+        tile = bid
+        if cutlass.const_expr(self.staged_merge):
+            h = h0 + bid % nh
+            tile = bid // nh
+        t = DiagTile(*diag_tile(cu_mt, cu_q, cu_k, B, total_q, total_k, chunk_size, tile + t0, BM))
         nblk = (t.kend - t.kbeg + self.BN - 1) // self.BN
         cute.arch.sync_threads()  # barrier init visible to both warpgroups
 
@@ -201,8 +228,12 @@ class MobaDiagSm90(MobaFwdSm90):
             cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
             if t.i_lo < t.i_hi:
                 mw = MergeWindow(part_o, part_lse, nused, h0, row_lo, row_hi, KP)
-                self.diag_consumer(out, lse, mw, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv, t, nblk,
-                                   h, H, total_q, chunk_size, scale_log2, tid - 128)
+                bufs, sRow = None, None
+                if cutlass.const_expr(self.staged_merge):
+                    bufs = self.merge_buffers(sK, sV, st.sPart.data_ptr())
+                    sRow = st.sRow.get_tensor(cute.make_layout(2 * BM))
+                self.diag_consumer(out, lse, mw, sQ, sK, sV, bufs, sRow, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
+                                   t, nblk, h, H, total_q, chunk_size, scale_log2, tid - 128)
 
     @cute.jit
     def diag_producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -224,7 +255,7 @@ class MobaDiagSm90(MobaFwdSm90):
 
     @cute.jit
     def diag_consumer(self, out: cute.Pointer, lse: cute.Pointer, mw: MergeWindow, sQ: cute.Tensor,
-                      sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
+                      sK: cute.Tensor, sV: cute.Tensor, bufs, sRow, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
                       tiled_mma_pv: cute.TiledMma, t: DiagTile, nblk: Int32, h: Int32, H: Int32, total_q: Int32,
                       chunk_size: Int32, scale_log2: Float32, ctid: Int32):
         """The tile's n-blocks one after the other (two CTAs per SM overlap one's softmax with the
@@ -275,7 +306,7 @@ class MobaDiagSm90(MobaFwdSm90):
             pipe_kv.consumer_release(ring_state(self.KS, n))
             if n == pf_at:
                 self.prefetch_partials(mw, rows, ctid % 4)
-        self.merge_epilogue(f, t, mw, rows, out, lse, h, H, total_q, scale_log2, ctid % 32)
+        self.merge_epilogue(f, t, mw, rows, out, lse, bufs, sRow, h, H, total_q, scale_log2, ctid)
 
     @cute.jit
     def mask_causal(self, S_mn: cute.Tensor, cS_mn: cute.Tensor, r_lo: cute.Tensor, r_hi: cute.Tensor, n0: Int32):
@@ -334,27 +365,24 @@ class MobaDiagSm90(MobaFwdSm90):
 
     @cute.jit
     def merge_epilogue(self, f, t: DiagTile, mw: MergeWindow, rows, out: cute.Pointer, lse: cute.Pointer,
-                       h: Int32, H: Int32, total_q: Int32, scale_log2: Float32, lane: Int32):
+                       bufs, sRow, h: Int32, H: Int32, total_q: Int32, scale_log2: Float32, ctid: Int32):
         """Each of this thread's rows in the window: the own chunk's (unnormalized O, max, sum)
-        and the row's partials weighted against their common max, in slot order (both rows'
-        partial loads interleaved); ``out = O / w``, ``lse = (M + log2 w) ln 2`` with ``w`` the
-        total weight."""
-        D, dt = self.D, self.dtype
+        and the row's partials weighted against their common max, in slot order; ``out = O / w``,
+        ``lse = (M + log2 w) ln 2`` with ``w`` the total weight. The partials are read from
+        global memory (:meth:`merge_fragments`) or staged in shared memory
+        (:meth:`merge_staged`): the same arithmetic in the same order, so the same bits."""
         NR = cute.size(f.O_mn, mode=[0])
-        NCO = cute.size(f.O_mn, mode=[1])
         tpl = _flat(mw.part_lse)
-        npart, pbase, mine = rows.npart, rows.pbase, rows.mine
         base = cute.make_rmem_tensor(cute.make_layout(NR), Float32)  # M (0 when all is -inf)
         wsum = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
-        nmax = Int32(0)
         for r in cutlass.range_constexpr(NR):
             l_own = _quad_sum(f.row_sum[r])
             own_scale = Float32(0.0)
             w_own = Float32(0.0)
             M_use = Float32(0.0)
-            if mine[r] != 0:
+            if rows.mine[r] != 0:
                 L_own = row_lse_log2(f.row_max[r], l_own, scale_log2)
-                M_p, _ = partials_max(tpl, Int64(pbase[r]), npart[r], 4)
+                M_p, _ = partials_max(tpl, Int64(rows.pbase[r]), rows.npart[r], 4)
                 M = cute.arch.fmax(L_own, M_p)
                 if M != -Float32.inf:
                     M_use = M
@@ -364,31 +392,116 @@ class MobaDiagSm90(MobaFwdSm90):
             base[r] = M_use
             wsum[r] = w_own
             f.O_mn[r, None] = f.O_mn[r, None].load() * own_scale
-            nmax = cutlass.max(nmax, npart[r])
-        for j in cutlass.range(nmax, unroll=1):
-            for r in cutlass.range_constexpr(NR):
-                if j < npart[r]:
-                    pj = Int64(pbase[r]) + Int64(j)
-                    w = cute.math.exp2(tpl[pj] - base[r], fastmath=True)
-                    wsum[r] = wsum[r] + w
-                    obase = mw.part_o + pj * Int64(D)
-                    for c in cutlass.range_constexpr(NCO // 2):
-                        col = f.cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                        pv = cute.make_rmem_tensor(cute.make_layout(2), dt)
-                        cute.autovec_copy(cute.make_tensor((obase + col).align(4), cute.make_layout(2)), pv)
-                        pf = pv.load().to(Float32)
-                        f.O_mn[r, 2 * c] = f.O_mn[r, 2 * c] + w * pf[0]
-                        f.O_mn[r, 2 * c + 1] = f.O_mn[r, 2 * c + 1] + w * pf[1]
+        if cutlass.const_expr(self.staged_merge):
+            self.merge_staged(f, mw, rows, base, wsum, bufs, sRow, ctid)
+        else:
+            self.merge_fragments(f, mw, rows, base, wsum)
         for r in cutlass.range_constexpr(NR):
-            if mine[r] != 0:
+            if rows.mine[r] != 0:
                 grow = t.qs + t.m0 + f.cO_mn[r, 0][0]
                 inv = inv_row_sum(wsum[r])
-                obase = out + (Int64(grow) * Int64(H) + Int64(h)) * Int64(D)
-                for c in cutlass.range_constexpr(NCO // 2):
+                obase = out + (Int64(grow) * Int64(H) + Int64(h)) * Int64(self.D)
+                for c in cutlass.range_constexpr(cute.size(f.O_mn, mode=[1]) // 2):
                     col = f.cO_mn[r, 2 * c][1]
-                    store_pair(dt, f.O_mn[r, 2 * c] * inv, f.O_mn[r, 2 * c + 1] * inv, obase + col)
-                if lane % 4 == 0:
+                    store_pair(self.dtype, f.O_mn[r, 2 * c] * inv, f.O_mn[r, 2 * c + 1] * inv, obase + col)
+                if ctid % 4 == 0:
                     val = -Float32.inf
                     if (wsum[r] > Float32(0.0)) | (wsum[r] != wsum[r]):  # NaN propagates
                         val = (base[r] + cute.math.log2(wsum[r], fastmath=False)) * LN2
                     _flat(lse)[Int64(h) * Int64(total_q) + Int64(grow)] = val
+
+    @cute.jit
+    def add_partial(self, f, r: cutlass.Constexpr, w: Float32, src: cute.Pointer):
+        """``O[r] += w * partial`` for this thread's columns of row ``r``, the partial's row at
+        ``src`` (global or shared memory), read two adjacent columns at a time."""
+        for c in cutlass.range_constexpr(cute.size(f.O_mn, mode=[1]) // 2):
+            col = f.cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
+            pv = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
+            cute.autovec_copy(cute.make_tensor((src + col).align(4), cute.make_layout(2)), pv)
+            pf = pv.load().to(Float32)
+            f.O_mn[r, 2 * c] = f.O_mn[r, 2 * c] + w * pf[0]
+            f.O_mn[r, 2 * c + 1] = f.O_mn[r, 2 * c + 1] + w * pf[1]
+
+    @cute.jit
+    def merge_fragments(self, f, mw: MergeWindow, rows, base: cute.Tensor, wsum: cute.Tensor):
+        """The partials straight from global memory, 4-byte loads in the accumulator's layout
+        (both rows' loads interleaved)."""
+        NR = cute.size(f.O_mn, mode=[0])
+        tpl = _flat(mw.part_lse)
+        nmax = Int32(0)
+        for r in cutlass.range_constexpr(NR):
+            nmax = cutlass.max(nmax, rows.npart[r])
+        for j in cutlass.range(nmax, unroll=1):
+            for r in cutlass.range_constexpr(NR):
+                if j < rows.npart[r]:
+                    pj = Int64(rows.pbase[r]) + Int64(j)
+                    w = cute.math.exp2(tpl[pj] - base[r], fastmath=True)
+                    wsum[r] = wsum[r] + w
+                    self.add_partial(f, r, w, mw.part_o + pj * Int64(self.D))
+
+    @cute.jit
+    def merge_staged(self, f, mw: MergeWindow, rows, base: cute.Tensor, wsum: cute.Tensor, bufs, sRow: cute.Tensor,
+                     ctid: Int32):
+        """The partials through shared memory: slot ``j`` of the tile's 64 rows into one of the
+        ``bufs`` by ``cp.async`` (:meth:`stage_partials`), the next buffers' slots in flight while
+        one is merged; named barrier ``MERGE_BARRIER`` among the consumer warpgroup's threads."""
+        NR = cute.size(f.O_mn, mode=[0])
+        tpl = _flat(mw.part_lse)
+        # the tile's rows' (count, first index): the copies take any row
+        snp = sRow
+        spb = cute.make_tensor(sRow.iterator + BM, cute.make_layout(BM))
+        if ctid % 4 == 0:
+            for r in cutlass.range_constexpr(NR):
+                snp[f.cO_mn[r, 0][0]] = rows.npart[r]
+                spb[f.cO_mn[r, 0][0]] = rows.pbase[r]
+        # (the ring's last reads were wgmma's, through the async proxy)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=MERGE_BARRIER, number_of_threads=128)
+        nmax = Int32(0)
+        for x in cutlass.range(BM, unroll_full=True):
+            nmax = cutlass.max(nmax, snp[x])
+        NB = len(bufs)
+        P = self.prow()
+        for b in cutlass.range_constexpr(NB):
+            self.stage_partials(mw.part_o, bufs[b], snp, spb, Int32(b), ctid)
+            cute.arch.cp_async_commit_group()
+        for j0 in cutlass.range(0, nmax, NB, unroll=1):
+            for b in cutlass.range_constexpr(NB):
+                j = j0 + b
+                cute.arch.cp_async_wait_group(NB - 1)
+                cute.arch.barrier(barrier_id=MERGE_BARRIER, number_of_threads=128)
+                for r in cutlass.range_constexpr(NR):
+                    if j < rows.npart[r]:
+                        w = cute.math.exp2(tpl[Int64(rows.pbase[r]) + Int64(j)] - base[r], fastmath=True)
+                        wsum[r] = wsum[r] + w
+                        self.add_partial(f, r, w, bufs[b] + f.cO_mn[r, 0][0] * P)
+                cute.arch.barrier(barrier_id=MERGE_BARRIER, number_of_threads=128)
+                self.stage_partials(mw.part_o, bufs[b], snp, spb, j + NB, ctid)
+                cute.arch.cp_async_commit_group()
+        cute.arch.cp_async_wait_group(0)
+
+    def merge_buffers(self, sK: cute.Tensor, sV: cute.Tensor, spart: cute.Pointer):
+        """The merge's buffers of ``64 x prow()`` elements (traced once): as many as the K/V ring's
+        K and V regions each hold (free after the last n-block), then ``sPart``."""
+        P = self.prow()
+        per = self.KS * self.BN * self.D // (BM * P)
+        bufs = [cute.recast_ptr(reg.iterator, None, self.dtype) + b * BM * P for reg in (sK, sV) for b in range(per)]
+        return bufs + [spart]
+
+    @cute.jit
+    def stage_partials(self, part_o: cute.Pointer, buf: cute.Pointer, snp: cute.Tensor, spb: cute.Tensor, j: Int32,
+                       ctid: Int32):
+        """cp.async of slot ``j``'s partial of each of the tile's rows that has one into ``buf``
+        (row ``rl`` at ``rl * prow()``); ``D / 8`` consecutive threads per row."""
+        D = self.D
+        CV = D // 8
+        atom = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                   num_bits_per_copy=128)
+        for it in cutlass.range_constexpr(BM * CV // 128):
+            idx = ctid + it * 128
+            rl = idx // CV
+            cv = idx % CV
+            if j < snp[rl]:
+                src = part_o + cute.assume((Int64(spb[rl]) + Int64(j)) * Int64(D) + Int64(cv * 8), divby=8)
+                dst = buf + cute.assume(rl * self.prow() + cv * 8, divby=8)
+                cute.copy(atom, cute.make_tensor(src, cute.make_layout(8)), cute.make_tensor(dst, cute.make_layout(8)))

@@ -277,7 +277,12 @@ class MobaFwdSm90:
                   "sV": AL[MR[self.dtype, cute.cosize(sKV_layout)], 1024]}
         if self.staged:
             fields["sLoc"] = AL[MR[Int32, 2 * BM], 16]
+        fields.update(self._extra_smem())
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
+
+    def _extra_smem(self):
+        """Further shared-memory fields of a subclass (name -> MemRange)."""
+        return {}
 
     def host_setup(self, k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32):
         """The launch's static pieces (traced inside ``__call__``): the QK^T (SS) and PV (RS)
