@@ -21,12 +21,13 @@ The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
   masked), online softmax, ``O += P V`` (RS wgmma); then each row of the launch's window
   merges its ``nused - 1`` partials (``part_o`` / ``part_lse``, log2-domain, in slot order)
   with the own chunk's state and writes ``out`` (input dtype) and ``lse`` (natural log, ``(H,
-  total_q)``). The partials come into shared memory by ``cp.async``, slot ``j`` of the tile's 64
-  rows per buffer (the free K/V ring and one more buffer: two or three slots in flight while one
-  is merged); their lines are prefetched into L2 a few n-blocks before. A row's arithmetic does
-  not depend on its tile, so the result is bitwise deterministic.
+  total_q)``). The partials are read with 4-byte loads in the accumulator's layout, or (opt-in,
+  ``staged_merge``) come into shared memory by ``cp.async``, slot ``j`` of the tile's 64 rows per
+  buffer (the free K/V ring and one more buffer: two slots in flight while one is merged); their
+  lines are prefetched into L2 a few n-blocks before. A row's arithmetic does not depend on its
+  tile or on how its partials are read, so the result is bitwise deterministic.
 
-Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``.
+Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``, plus ``"staged"``.
 """
 
 from __future__ import annotations
