@@ -202,15 +202,21 @@ def uses_sm90(dtype_name, head_dim, arch):
             and os.environ.get("MOBA_CUTE_FWD_SM80", "0") in ("", "0"))
 
 
+def _env_flag(name, default):
+    """The switch ``name`` (``1`` / ``0``), else ``default`` when unset or empty; any other value
+    is a ``ValueError`` naming it."""
+    env = os.environ.get(name, "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, not {env!r}")
+    return env == "1" if env else default
+
+
 def fwd_staged():
     """Whether the sm90 segment kernel stages its partials through shared memory and stores them
     in 16-byte pieces: the default (5-7% off the segment kernel on the H200: docs/design.md
     section 8, "Where the forward's time goes now"); ``MOBA_CUTE_FWD_STAGED=0`` keeps the
     4-byte stores from the accumulator fragments."""
-    env = os.environ.get("MOBA_CUTE_FWD_STAGED", "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"MOBA_CUTE_FWD_STAGED must be 0 or 1, not {env!r}")
-    return env != "0"
+    return _env_flag("MOBA_CUTE_FWD_STAGED", True)
 
 
 def fwd_overlap():
@@ -219,10 +225,7 @@ def fwd_overlap():
     ``MOBA_CUTE_FWD_OVERLAP=1``. Off by default: correct on the H100 but 9-11% slower there,
     since two CTAs per SM already overlap one's softmax with the other's GEMMs (docs/design.md
     section 8, update 5, measured). The two-consumer pair tile always overlaps."""
-    env = os.environ.get("MOBA_CUTE_FWD_OVERLAP", "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"MOBA_CUTE_FWD_OVERLAP must be 0 or 1, not {env!r}")
-    return env == "1"
+    return _env_flag("MOBA_CUTE_FWD_OVERLAP", False)
 
 
 def fwd_diag_sm90(chunk_size):
@@ -231,10 +234,7 @@ def fwd_diag_sm90(chunk_size):
     keys or more, where the own chunk is real work (H100: 23.7 -> 15.5 ms at moba-large 128K);
     shorter chunks make the diagonal a merge of partials, which the mma.sync kernel does faster
     (docs/design.md, section 8). ``MOBA_CUTE_FWD_DIAG_SM90=1`` / ``0`` forces either."""
-    env = os.environ.get("MOBA_CUTE_FWD_DIAG_SM90", "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"MOBA_CUTE_FWD_DIAG_SM90 must be 0 or 1, not {env!r}")
-    return env == "1" if env else int(chunk_size) >= cfg90.DIAG_MIN_CHUNK
+    return _env_flag("MOBA_CUTE_FWD_DIAG_SM90", int(chunk_size) >= cfg90.DIAG_MIN_CHUNK)
 
 
 def fwd_diag_staged():
@@ -242,10 +242,7 @@ def fwd_diag_staged():
     into the free K/V ring, several slots in flight) instead of reading them with 4-byte loads
     (``MobaDiagSm90(staged_merge=...)``): ``configs/attention_sm90.DIAG_STAGED_MERGE``, or
     ``MOBA_CUTE_FWD_DIAG_STAGED=1`` / ``0``."""
-    env = os.environ.get("MOBA_CUTE_FWD_DIAG_STAGED", "")
-    if env not in ("", "0", "1"):
-        raise ValueError(f"MOBA_CUTE_FWD_DIAG_STAGED must be 0 or 1, not {env!r}")
-    return env == "1" if env else bool(cfg90.DIAG_STAGED_MERGE)
+    return _env_flag("MOBA_CUTE_FWD_DIAG_STAGED", bool(cfg90.DIAG_STAGED_MERGE))
 
 
 def sm90_tile_fields(tile):
