@@ -412,9 +412,13 @@ class MobaDiagSm90(MobaFwdSm90):
                     _flat(lse)[Int64(h) * Int64(total_q) + Int64(grow)] = val
 
     @cute.jit
-    def add_partial(self, f, r: cutlass.Constexpr, w: Float32, src: cute.Pointer):
-        """``O[r] += w * partial`` for this thread's columns of row ``r``, the partial's row at
-        ``src`` (global or shared memory), read two adjacent columns at a time."""
+    def add_partial(self, f, r: cutlass.Constexpr, lse_log2: Float32, base: cute.Tensor, wsum: cute.Tensor,
+                    src: cute.Pointer):
+        """One partial of row ``r``: weight ``w = exp2(lse_log2 - base[r])`` into ``wsum[r]`` and
+        ``O[r] += w * partial`` for this thread's columns, the partial's row at ``src`` (global or
+        shared memory: both merges run this code), read two adjacent columns at a time."""
+        w = cute.math.exp2(lse_log2 - base[r], fastmath=True)
+        wsum[r] = wsum[r] + w
         for c in cutlass.range_constexpr(cute.size(f.O_mn, mode=[1]) // 2):
             col = f.cO_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
             pv = cute.make_rmem_tensor(cute.make_layout(2), self.dtype)
@@ -436,9 +440,7 @@ class MobaDiagSm90(MobaFwdSm90):
             for r in cutlass.range_constexpr(NR):
                 if j < rows.npart[r]:
                     pj = Int64(rows.pbase[r]) + Int64(j)
-                    w = cute.math.exp2(tpl[pj] - base[r], fastmath=True)
-                    wsum[r] = wsum[r] + w
-                    self.add_partial(f, r, w, mw.part_o + pj * Int64(self.D))
+                    self.add_partial(f, r, tpl[pj], base, wsum, mw.part_o + pj * Int64(self.D))
 
     @cute.jit
     def merge_staged(self, f, mw: MergeWindow, rows, base: cute.Tensor, wsum: cute.Tensor, bufs, sRow: cute.Tensor,
@@ -473,9 +475,8 @@ class MobaDiagSm90(MobaFwdSm90):
                 cute.arch.barrier(barrier_id=MERGE_BARRIER, number_of_threads=128)
                 for r in cutlass.range_constexpr(NR):
                     if j < rows.npart[r]:
-                        w = cute.math.exp2(tpl[Int64(rows.pbase[r]) + Int64(j)] - base[r], fastmath=True)
-                        wsum[r] = wsum[r] + w
-                        self.add_partial(f, r, w, bufs[b] + f.cO_mn[r, 0][0] * P)
+                        self.add_partial(f, r, tpl[Int64(rows.pbase[r]) + Int64(j)], base, wsum,
+                                         bufs[b] + f.cO_mn[r, 0][0] * P)
                 cute.arch.barrier(barrier_id=MERGE_BARRIER, number_of_threads=128)
                 self.stage_partials(mw.part_o, bufs[b], snp, spb, j + NB, ctid)
                 cute.arch.cp_async_commit_group()
