@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--Hk", type=int, default=None, help="KV heads (default: H)")
     ap.add_argument("--C", type=int, default=128, help="chunk size")
     ap.add_argument("--K", type=int, default=8, help="topk")
+    ap.add_argument("--D", type=int, default=128, help="head dim")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--backward", action="store_true", help="forward + backward instead of the forward")
     ap.add_argument("--tiles", default=None, help="MOBA_CUTE_SM90_TILES for this process")
@@ -53,10 +54,10 @@ def main(argv=None):
 
     import moba_cute
 
-    B, H, D, C, K = args.B, args.H, 128, args.C, args.K
+    B, H, D, C, K = args.B, args.H, args.D, args.C, args.K
     Hk = args.Hk or H
     print(f"device {torch.cuda.get_device_name()}, paths {moba_cute.kernel_paths()}, tiles {args.tiles}, "
-          f"B={B} H={H}/{Hk} C={C} K={K}")
+          f"B={B} H={H}/{Hk} D={D} C={C} K={K}")
     for S in (int(x) for x in args.S.split(",")):
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(B * S, h, D, device="cuda", dtype=torch.bfloat16, generator=g,

@@ -60,7 +60,7 @@ class Case:
     sm90_tile: tuple = ()  # sm90 forward tile (MOBA_CUTE_SM90_TILES), e.g. (128, 8, 2, 2): two consumer warpgroups
     overlap: bool = False  # sm90 forward: MOBA_CUTE_FWD_OVERLAP=1 (two-stage one-consumer tiles)
     diag_sm90: bool = False  # sm90: the causal diagonal on wgmma at any chunk (MOBA_CUTE_FWD_DIAG_SM90=1)
-    diag_staged: bool = False  # ... its merge staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED=1)
+    diag_staged: bool = False  # ... its merge staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED=1; else 0)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -333,8 +333,8 @@ def _env(case: Case):
         os.environ["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
     else:
         os.environ.pop("MOBA_CUTE_FWD_DIAG_SM90", None)  # (chunks of 512 keys or more: wgmma)
-    if case.diag_staged:
-        os.environ["MOBA_CUTE_FWD_DIAG_STAGED"] = "1"
+    if case.diag_sm90:  # both merges have cases of their own; other cases take the default
+        os.environ["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"
     else:
         os.environ.pop("MOBA_CUTE_FWD_DIAG_STAGED", None)
     if case.sm90_tile:
