@@ -39,6 +39,12 @@ def _specs():
                         key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, overlap=True)["seg"]
                         assert key[-1] == "overlap"
                         seen.setdefault(key, (fac, fake))
+                # Q in registers for streamed n-blocks (MOBA_CUTE_FWD_QREGS=1), one-consumer tiles
+                for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
+                    if len(tile) == 3:
+                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, q_regs=True)["seg"]
+                        assert key[-1] == "qregs"
+                        seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -58,6 +64,8 @@ def test_sm90_forward_compiles_without_spills(key, spec):
             assert instr in rep.ptx, instr
         # no wgmma serialized by ptxas (the streamed path overlaps QK^T, PV and the softmax)
         assert "C7520" not in rep.ptxas, [ln for ln in rep.ptxas.splitlines() if "C7520" in ln][:1]
+        if key[0] == "moba_fwd_sm90":  # Q in registers: ldmatrix from the swizzled Q ring
+            assert ("ldmatrix" in rep.ptx) == (key[-1] == "qregs")
 
 
 def test_sm90_configs_fit_their_ctas_per_sm():
@@ -85,6 +93,26 @@ def test_sm90_pair_kernel_for_four_field_tiles():
     assert fac1().overlap is False and kern.overlap is True  # one consumer: only when asked for
     _, fac_o, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 1), overlap=True)["seg"]
     assert fac_o().overlap is False  # one K/V stage cannot overlap
+
+
+def test_fwd_q_regs_env_and_key(monkeypatch):
+    """``MOBA_CUTE_FWD_QREGS`` (default ``configs/attention_sm90.FWD_Q_REGS``); the overlapped loop
+    keeps Q in shared memory, so an overlapped kernel neither takes the flag nor its key."""
+    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90
+
+    monkeypatch.delenv("MOBA_CUTE_FWD_QREGS", raising=False)
+    assert launch.fwd_q_regs() is bool(cfg90.FWD_Q_REGS)
+    for env, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("MOBA_CUTE_FWD_QREGS", env)
+        assert launch.fwd_q_regs() is want
+    monkeypatch.setenv("MOBA_CUTE_FWD_QREGS", "on")
+    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_QREGS"):
+        launch.fwd_q_regs()
+    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), q_regs=True)["seg"]
+    assert key[-1] == "qregs" and fac().q_regs
+    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), overlap=True, q_regs=True)["seg"]
+    assert key[-1] == "overlap" and not fac().q_regs
+    assert MobaFwdSm90.compile_key("bfloat16", 128, 64, 8, 2, True, False, True)[-2:] == ("staged", "qregs")
 
 
 def test_fwd_overlap_env(monkeypatch):

@@ -138,6 +138,39 @@ def test_sm90_streamed_bitwise(case, D, tiles, monkeypatch):
     assert err <= 2 * (olp.double() - o32.double()).nan_to_num().abs().max().item() + 1e-5
 
 
+@needs_hopper
+@pytest.mark.parametrize("tile", [(64, 8, 2), (128, 8, 1)], ids=["64x2", "128x1"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8])
+def test_sm90_q_regs_bitwise(case, D, tile, monkeypatch):
+    """Q in registers for the streamed n-blocks (``MOBA_CUTE_FWD_QREGS=1``: RS QK^T, the Q stage
+    released before the first n-block): the same wgmmas on the same values, so out and lse are
+    bitwise those of the shared-memory Q (SS QK^T), and within the reference's bound."""
+    from moba_cute.kernels import attention_launch as m
+    from moba_cute.kernels.attention_launch import attention_cute
+
+    lq, lk, H, Hk, C, K, causal = CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=500 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    res = {}
+    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
+    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "0")
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MOBA_CUTE_FWD_QREGS", flag)
+        m.FWD_PLANS.clear()
+        try:
+            res[flag] = attention_cute(q, k, v, r, None, False)
+            assert all(p.q_regs == (flag == "1") for p in m.FWD_PLANS.plans.values())
+        finally:
+            m.FWD_PLANS.clear()
+    (o1, l1), (o2, l2) = res.values()
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    o32, _ = reference.attention(q, k, v, r)
+    olp, _ = reference.attention(q, k, v, r, compute_dtype=torch.bfloat16)
+    err = (o2.double() - o32.double()).nan_to_num().abs().max().item()
+    assert err <= 2 * (olp.double() - o32.double()).nan_to_num().abs().max().item() + 1e-5
+
+
 WINDOW_CASES = [
     # lens_q, lens_k, H, Hk, C, K, causal
     ([700, 90, 333], [700, 90, 333], 8, 4, 128, 4, True),  # GQA 2:1, four windows of one KV head

@@ -48,6 +48,10 @@ DIAG_MIN_CHUNK = 512
 # flashmoba 64K (C = 128) 3.03 -> 2.42; bitwise the same result
 DIAG_STAGED_MERGE = True
 
+# the segment kernel's streamed loop with Q in registers (RS QK^T; MobaFwdSm90(q_regs=True),
+# MOBA_CUTE_FWD_QREGS). Off until measured on a GPU
+FWD_Q_REGS = False
+
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 
 SMEM_PER_SM = 227 * 1024

@@ -228,6 +228,14 @@ def fwd_overlap():
     return _env_flag("MOBA_CUTE_FWD_OVERLAP", False)
 
 
+def fwd_q_regs():
+    """Whether the one-consumer sm90 segment kernel holds a sub-tile's Q in registers for its
+    streamed n-blocks (RS ``QK^T``: each n-block reads only K from shared memory; chunks longer
+    than ``bn``, sequential loop): ``configs/attention_sm90.FWD_Q_REGS``, or
+    ``MOBA_CUTE_FWD_QREGS=1`` / ``0``."""
+    return _env_flag("MOBA_CUTE_FWD_QREGS", bool(cfg90.FWD_Q_REGS))
+
+
 def fwd_diag_sm90(chunk_size):
     """Whether the sm90 forward's causal diagonal runs on wgmma (:class:`MobaDiagSm90`) rather than
     ``MobaFwdSm80(merge=True)`` (mma.sync): for chunks of ``configs/attention_sm90.DIAG_MIN_CHUNK``
@@ -289,7 +297,7 @@ def tile_override(family, tile):
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False,
-                      overlap=False, diag_sm90=False, diag_staged=False):
+                      overlap=False, diag_sm90=False, diag_staged=False, q_regs=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
@@ -297,7 +305,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     epilogue (the default; :func:`fwd_staged`). ``overlap``: :func:`fwd_overlap` (one-consumer
     tiles of two or more K/V stages only). ``row_windows``: the index's per-window counts
     (:func:`fwd_row_window`). ``diag_sm90``: the causal diagonal on wgmma (:func:`fwd_diag_sm90`),
-    ``diag_staged`` its merge through shared memory (:func:`fwd_diag_staged`)."""
+    ``diag_staged`` its merge through shared memory (:func:`fwd_diag_staged`). ``q_regs``:
+    :func:`fwd_q_regs` (one-consumer tiles without the overlap)."""
     from .merge import MergeKernel
     from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
@@ -314,8 +323,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
         seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst),
                lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst))
     else:
-        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap),
-               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap))
+        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap, q_regs),
+               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap, q_regs))
     specs = {
         "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1),),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
@@ -683,11 +692,12 @@ class FwdPlan(_PlanBase):
             self.fwd_windows = self._windows()
             self.staged = fwd_staged()
             self.overlap = fwd_overlap()
+            self.q_regs = fwd_q_regs()
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
                                                          self.staged, self.row_window is not None, self.overlap,
-                                                         self.diag_sm90, self.diag_staged),
+                                                         self.diag_sm90, self.diag_staged, self.q_regs),
                                        arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

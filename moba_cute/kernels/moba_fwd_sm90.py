@@ -53,6 +53,7 @@ import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.cute.nvgpu import warp as nvwarp
 from cutlass.utils import LayoutEnum
 
 from .moba_fwd_sm80 import _flat, _online_softmax, _quad_max, _quad_sum
@@ -227,11 +228,23 @@ class ConsumerFrags(NamedTuple):
     row_sum: Any
 
 
+class QRegFrags(NamedTuple):
+    """Q in registers for an RS QK^T (``MobaFwdSm90(q_regs=True)``): the tiled MMA, the Q
+    fragment (A) and the K descriptors (B), the ldmatrix tiled copy, its view of the Q ring and
+    of the fragment."""
+    mma: Any
+    tSrQ: Any
+    tSrK: Any
+    s2r: Any
+    tQsQ: Any
+    tQrQ: Any
+
+
 class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
-                 staged: bool = False, overlap: bool = False):
+                 staged: bool = False, overlap: bool = False, q_regs: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
         self.dtype = dtype
@@ -251,14 +264,21 @@ class MobaFwdSm90:
         self.staged = bool(staged)
         # streamed chunks, two or more K/V stages: FA3's intra-warpgroup overlap (stream_overlapped)
         self.overlap = bool(overlap) and kv_stages >= 2
+        # streamed chunks, sequential loop: a sub-tile's Q is loaded into registers (ldmatrix) once
+        # and QK^T runs as RS wgmma, so each n-block's QK^T reads only K from shared memory (an SS
+        # m64n64k16 reads 4 KB in 32 cycles: all of an SM's 128 B/cycle), and the Q stage goes back
+        # to the producer before the sub-tile's first n-block instead of after its last
+        self.q_regs = bool(q_regs) and not self.overlap
         self.pingpong = False  # (MobaFwdSm90Pair)
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False,
-                    overlap: bool = False):
+                    overlap: bool = False, q_regs: bool = False):
         key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
         key = key + ("staged",) if staged else key
-        return key + ("overlap",) if overlap and kv_stages >= 2 else key
+        overlap = overlap and kv_stages >= 2
+        key = key + ("overlap",) if overlap else key
+        return key + ("qregs",) if q_regs and not overlap else key
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -533,8 +553,8 @@ class MobaFwdSm90:
 
         kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
         if cutlass.const_expr(self.NW > 1):
-            self.consumer_streamed(frags, part_o, tpl, trl, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys, pbase,
-                                   scale_log2, ctid, wg)
+            self.consumer_streamed(frags, part_o, tpl, trl, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys,
+                                   pbase, scale_log2, ctid, wg)
         elif nblk == 1:
             # the chunk fits one n-block: loaded once for the whole unit, never released
             pipe_kv.consumer_wait(kv_first)
@@ -577,13 +597,14 @@ class MobaFwdSm90:
                     self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
                     rP.store(acc_S.load().to(dt))
         else:
-            self.consumer_streamed(frags, part_o, tpl, trl, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys, pbase,
-                                   scale_log2, ctid, wg)
+            self.consumer_streamed(frags, part_o, tpl, trl, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys,
+                                   pbase, scale_log2, ctid, wg)
 
     @cute.jit
     def consumer_streamed(self, f: ConsumerFrags, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor,
-                          sV: cute.Tensor, pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32,
-                          nkeys: Int32, pbase: Int32, scale_log2: Float32, ctid: Int32, wg: Int32):
+                          sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, r0: Int32, nrows: Int32,
+                          nsub: Int32, nblk: Int32, nkeys: Int32, pbase: Int32, scale_log2: Float32, ctid: Int32,
+                          wg: Int32):
         """Chunks longer than one n-block: K/V n-blocks streamed per step, online softmax. A step
         is one sub-tile per consumer warpgroup (``NW``): warpgroup ``wg`` (``ctid`` its thread)
         takes sub-tiles ``wg, wg + NW, ...``, and every warpgroup reads each n-block of a step,
@@ -592,6 +613,9 @@ class MobaFwdSm90:
         BN, dt, NW = self.BN, self.dtype, self.NW
         NR = cute.size(f.O_mn, mode=[0])
         lane = ctid % 32
+        qr = None
+        if cutlass.const_expr(self.q_regs):
+            qr = self.q_reg_frags(sQ, sK, ctid)
         if cutlass.const_expr(self.pingpong):
             if wg == 1:
                 cute.arch.barrier_arrive(barrier_id=PP_BARRIER, number_of_threads=256)  # warpgroup 0 first
@@ -606,6 +630,9 @@ class MobaFwdSm90:
                 # the gathered rows were written by cp.async (generic proxy); wgmma reads them
                 # through the async proxy
                 cute.arch.fence_view_async_shared()
+                if cutlass.const_expr(self.q_regs):
+                    self.load_q_regs(qr, q_state.index)
+                    pipe_q.consumer_release(q_state)  # (ldmatrix loads ordered before the arrive)
                 f.acc_O.fill(0.0)
                 for r in cutlass.range_constexpr(NR):
                     f.row_max[r] = -Float32.inf
@@ -622,11 +649,15 @@ class MobaFwdSm90:
                     if has:
                         # ---- S = Q K^T
                         warpgroup.fence()
-                        gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, kv_idx)
+                        if cutlass.const_expr(self.q_regs):
+                            gemm_kblocks(qr.mma, f.acc_S, qr.tSrQ, qr.tSrK, None, kv_idx)
+                        else:
+                            gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, kv_idx)
                         warpgroup.commit_group()
                         warpgroup.wait_group(0)
-                        if n == nblk - 1:
-                            pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
+                        if cutlass.const_expr(not self.q_regs):
+                            if n == nblk - 1:
+                                pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
                         # ---- mask the keys past the chunk end, online softmax
                         self.mask_keys_from(f.S_mn, f.cS_mn, nvalid)
                         _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
@@ -708,6 +739,27 @@ class MobaFwdSm90:
         else:
             self.pp_idle(wg)
         pipe_kv.consumer_release(ring_state(self.KS, b0 + nblk - 1))
+
+    def q_reg_frags(self, sQ: cute.Tensor, sK: cute.Tensor, ctid: Int32) -> "QRegFrags":
+        """``q_regs``: the RS QK^T tiled MMA, the register Q fragment and its K operand, and the
+        ldmatrix copy that fills the fragment from a Q ring stage (thread ``ctid``)."""
+        dt = self.dtype
+        mma = sm90_utils.make_trivial_tiled_mma(
+            dt, dt, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32, (1, 1, 1), (BM, self.BN),
+            a_source=warpgroup.OperandSource.RMEM)
+        thr = mma.get_slice(ctid)
+        tSrQ = thr.make_fragment_A(thr.partition_shape_A((BM, self.D)))
+        tSrK = thr.make_fragment_B(thr.partition_B(sK))
+        s2r = cute.make_tiled_copy_A(
+            cute.make_copy_atom(nvwarp.LdMatrix8x8x16bOp(transpose=False, num_matrices=4), dt), mma)
+        thr_s2r = s2r.get_slice(ctid)
+        return QRegFrags(mma, tSrQ, tSrK, s2r, thr_s2r.partition_S(sQ), thr_s2r.retile(tSrQ))
+
+    @cute.jit
+    def load_q_regs(self, qr: "QRegFrags", stage: Int32):
+        """Q of ring stage ``stage`` into the register fragment (``q_regs``)."""
+        for kb in cutlass.range_constexpr(cute.size(qr.tSrQ.shape[2])):
+            cute.copy(qr.s2r, qr.tQsQ[None, None, kb, stage], qr.tQrQ[None, None, kb])
 
     @cute.jit
     def pp_turn(self, wg: Int32):
