@@ -134,9 +134,9 @@ def test_fwd_diag_sm90_env(monkeypatch):
     monkeypatch.delenv("MOBA_CUTE_FWD_DIAG_SM90", raising=False)
     lo = cfg90.DIAG_MIN_CHUNK
     assert launch.fwd_diag_sm90(lo) is True and launch.fwd_diag_sm90(4096) is True
-    assert launch.fwd_diag_sm90(lo - 16) is False and launch.fwd_diag_sm90(128) is False
+    assert launch.fwd_diag_sm90(lo - 16) is False and launch.fwd_diag_sm90(64) is False
     monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
-    assert launch.fwd_diag_sm90(128) is True
+    assert launch.fwd_diag_sm90(64) is True
     monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "0")
     assert launch.fwd_diag_sm90(4096) is False
     monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "on")

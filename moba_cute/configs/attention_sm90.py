@@ -37,11 +37,11 @@ DIAG_TILES = {
     64: (64, 2),
     128: (64, 2),
 }
-# chunks from which the causal diagonal runs on wgmma (H100, diagonal + merge, mma.sync -> wgmma,
-# ms: C = 128 2.45 -> 3.02 at 64K; 256 1.29 -> 1.51, 512 1.47 -> 1.44, 1024 1.88 -> 1.57 at 32K;
-# 4096 23.7 -> 15.5 at 128K): below, the diagonal is mostly the merge of the partials, which the
-# mma.sync kernel overlaps with its loads
-DIAG_MIN_CHUNK = 512
+# chunks from which the causal diagonal runs on wgmma. H100, diagonal + merge, mma.sync -> wgmma
+# with the staged merge, ms: C = 128, D = 128: 8K 0.299 -> 0.286, 32K 1.245 -> 1.197, 64K 2.49 ->
+# 2.42; C = 128, D = 64: 8K 0.205 -> 0.174, 32K 0.820 -> 0.700; C = 256 (32K) 1.306 -> 1.227;
+# 4096 (128K) 23.7 -> 15.0. Shorter chunks (not measured) keep the mma.sync kernel
+DIAG_MIN_CHUNK = 128
 # the wgmma diagonal's merge: partials staged in shared memory by cp.async, several slots in
 # flight (MobaDiagSm90(staged_merge=True); MOBA_CUTE_FWD_DIAG_STAGED=0 keeps the register-layout
 # loads). H100, diagonal + merge, ms, register loads -> staged: moba-large 128K 15.44 -> 14.99,

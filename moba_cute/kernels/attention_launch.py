@@ -239,9 +239,8 @@ def fwd_q_regs():
 def fwd_diag_sm90(chunk_size):
     """Whether the sm90 forward's causal diagonal runs on wgmma (:class:`MobaDiagSm90`) rather than
     ``MobaFwdSm80(merge=True)`` (mma.sync): for chunks of ``configs/attention_sm90.DIAG_MIN_CHUNK``
-    keys or more, where the own chunk is real work (H100: 23.7 -> 15.5 ms at moba-large 128K);
-    shorter chunks make the diagonal a merge of partials, which the mma.sync kernel does faster
-    (docs/design.md, section 8). ``MOBA_CUTE_FWD_DIAG_SM90=1`` / ``0`` forces either."""
+    keys or more (H100, diagonal + merge: 23.7 -> 15.0 ms at moba-large 128K, 2.49 -> 2.42 ms at
+    flashmoba 64K; docs/design.md, section 8). ``MOBA_CUTE_FWD_DIAG_SM90=1`` / ``0`` forces either."""
     return _env_flag("MOBA_CUTE_FWD_DIAG_SM90", int(chunk_size) >= cfg90.DIAG_MIN_CHUNK)
 
 

@@ -7,7 +7,9 @@ normalized partial; this kernel, run last, computes each row's own chunk and wri
 the same query tiles (``diag_tile``: ``BM = 64`` consecutive rows of one sequence and head) for
 chunks of ``configs/attention_sm90.DIAG_MIN_CHUNK`` keys or more. With long chunks the diagonal
 is real work: at moba-large's C = 4096 it is 4.4 TFLOP of the 128K forward, 23.7 ms on mma.sync
-and 15.5 ms here on the H100 (docs/design.md, section 8).
+and 15.0 ms here on the H100 (docs/design.md, section 8); with short chunks it is mostly the
+merge, which the staged merge streams faster than the mma.sync kernel (C = 128: 2.49 -> 2.42 ms
+at 64K).
 
 The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
 
@@ -21,10 +23,10 @@ The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
   masked), online softmax, ``O += P V`` (RS wgmma); then each row of the launch's window
   merges its ``nused - 1`` partials (``part_o`` / ``part_lse``, log2-domain, in slot order)
   with the own chunk's state and writes ``out`` (input dtype) and ``lse`` (natural log, ``(H,
-  total_q)``). The partials are read with 4-byte loads in the accumulator's layout, or (opt-in,
-  ``staged_merge``) come into shared memory by ``cp.async``, slot ``j`` of the tile's 64 rows per
-  buffer (the free K/V ring and one more buffer: two slots in flight while one is merged); their
-  lines are prefetched into L2 a few n-blocks before. A row's arithmetic does not depend on its
+  total_q)``). The partials come into shared memory by ``cp.async`` (``staged_merge``, the
+  default; without it, 4-byte loads in the accumulator's layout), slot ``j`` of the tile's 64
+  rows per buffer (the free K/V ring and one more buffer: two slots in flight while one is
+  merged); their lines are prefetched into L2 a few n-blocks before. A row's arithmetic does not depend on its
   tile or on how its partials are read, so the result is bitwise deterministic.
 
 Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``, plus ``"staged"``.

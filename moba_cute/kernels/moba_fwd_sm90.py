@@ -31,7 +31,7 @@ with the chunk resident measured slower on the H200: 5.1 against 4.1 ms at 64K f
 :class:`MobaFwdSm90Pair` is two consumer warpgroups for *streamed* chunks, sharing each n-block
 loaded.) The
 partials are merged with the own chunk by the diagonal kernel (causal: on wgmma,
-:class:`~moba_cute.kernels.moba_fwd_diag_sm90.MobaDiagSm90`, for chunks of 512 keys or more, else
+:class:`~moba_cute.kernels.moba_fwd_diag_sm90.MobaDiagSm90`, for chunks of 128 keys or more, else
 :class:`~moba_cute.kernels.moba_fwd_sm80.MobaFwdSm80` with ``merge=True``) or by
 :class:`~moba_cute.kernels.merge.MergeKernel` (non-causal), which write ``out`` and ``lse``.
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
