@@ -100,14 +100,7 @@ def test_fwd_q_regs_env_and_key(monkeypatch):
     keeps Q in shared memory, so an overlapped kernel neither takes the flag nor its key."""
     from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90
 
-    monkeypatch.delenv("MOBA_CUTE_FWD_QREGS", raising=False)
-    assert launch.fwd_q_regs() is bool(cfg90.FWD_Q_REGS)
-    for env, want in (("1", True), ("0", False)):
-        monkeypatch.setenv("MOBA_CUTE_FWD_QREGS", env)
-        assert launch.fwd_q_regs() is want
-    monkeypatch.setenv("MOBA_CUTE_FWD_QREGS", "on")
-    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_QREGS"):
-        launch.fwd_q_regs()
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_QREGS", launch.fwd_q_regs, bool(cfg90.FWD_Q_REGS))
     key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), q_regs=True)["seg"]
     assert key[-1] == "qregs" and fac().q_regs
     key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), overlap=True, q_regs=True)["seg"]
@@ -115,14 +108,21 @@ def test_fwd_q_regs_env_and_key(monkeypatch):
     assert MobaFwdSm90.compile_key("bfloat16", 128, 64, 8, 2, True, False, True)[-2:] == ("staged", "qregs")
 
 
+def _check_flag(monkeypatch, name, flag, default):
+    """A 0/1 environment switch: its default, both values, and a clear error for anything else."""
+    monkeypatch.delenv(name, raising=False)
+    assert flag() is default
+    for env, want in (("1", True), ("0", False)):
+        monkeypatch.setenv(name, env)
+        assert flag() is want
+    monkeypatch.setenv(name, "yes")
+    with pytest.raises(ValueError, match=name):
+        flag()
+    monkeypatch.delenv(name)
+
+
 def test_fwd_overlap_env(monkeypatch):
-    monkeypatch.delenv("MOBA_CUTE_FWD_OVERLAP", raising=False)
-    assert launch.fwd_overlap() is False
-    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1")
-    assert launch.fwd_overlap() is True
-    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "yes")
-    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_OVERLAP"):
-        launch.fwd_overlap()
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_OVERLAP", launch.fwd_overlap, False)
 
 
 def test_fwd_diag_sm90_env(monkeypatch):
@@ -153,14 +153,7 @@ def test_fwd_diag_sm90_env(monkeypatch):
     smem = 64 * 128 * 2 + kst * 2 * bn * 128 * 2 + 1024 + 128
     assert kern.CTAS * smem <= cfg90.SMEM_PER_SM
     # the staged merge: its default, the environment, and one more 64-row buffer (padded rows)
-    monkeypatch.delenv("MOBA_CUTE_FWD_DIAG_STAGED", raising=False)
-    assert launch.fwd_diag_staged() is bool(cfg90.DIAG_STAGED_MERGE)
-    for env, want in (("1", True), ("0", False)):
-        monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_STAGED", env)
-        assert launch.fwd_diag_staged() is want
-    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_STAGED", "yes")
-    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_DIAG_STAGED"):
-        launch.fwd_diag_staged()
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_DIAG_STAGED", launch.fwd_diag_staged, bool(cfg90.DIAG_STAGED_MERGE))
     staged = launch.kernel_specs_sm90("bfloat16", 128, True, diag_sm90=True, diag_staged=True)["diag"]
     ks = staged[1]()
     assert ks.staged_merge and not kern.staged_merge and staged[0] != on["diag"][0]
