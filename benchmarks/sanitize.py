@@ -60,6 +60,7 @@ class Case:
     sm90_tile: tuple = ()  # sm90 forward tile (MOBA_CUTE_SM90_TILES), e.g. (128, 8, 2, 2): two consumer warpgroups
     overlap: bool = False  # sm90 forward: MOBA_CUTE_FWD_OVERLAP=1 (two-stage one-consumer tiles)
     q_regs: bool = False  # sm90 forward: MOBA_CUTE_FWD_QREGS=1 (Q in registers for streamed n-blocks)
+    mcast: bool = False  # sm90 forward: MOBA_CUTE_FWD_MULTICAST=1 (clusters of two CTAs, K/V multicast)
     diag_sm90: bool = False  # sm90: the causal diagonal on wgmma at any chunk (MOBA_CUTE_FWD_DIAG_SM90=1)
     diag_staged: bool = False  # ... its merge staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED=1; else 0)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
@@ -161,6 +162,12 @@ CASES = [
     # Q in registers (RS QK^T) for streamed n-blocks, the Q stage handed back before the first one
     Case("fwd-qregs-long-chunks-windows", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False,
          sm90_tile=(64, 8, 2), q_regs=True, windows=True, **Cc),
+    # K/V multicast in clusters of two CTAs: odd sub-tile counts (rank 1 idle in a unit's last
+    # step), V tails in streamed blocks, chunks of one n-block streamed per step
+    Case("fwd-mcast-long-chunks", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False,
+         sm90_tile=(64, 8, 2), mcast=True, **A),
+    Case("fwd-mcast-short-chunks-windows", (700, 90, 333), (700, 90, 333), 8, 4, C=128, K=4, grad=False,
+         sm90_tile=(128, 8, 1), mcast=True, windows=True, **Cc),
     # the causal diagonal on wgmma: Sq > Sk (rows without keys) with tiles across chunks of 48, a
     # chunk of several n-blocks with the last row's block partly past the sequence, windows of
     # query rows, topk 1 (no partials)
@@ -279,6 +286,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
             t.add("fwd-overlap")
         elif case.q_regs:
             t.add("fwd-qregs")
+        elif case.mcast:
+            t.add("fwd-mcast")
         else:
             t.add("fwd-staged" if case.staged else "fwd-unstaged")
         if case.diag_sm90 and case.causal:
@@ -333,10 +342,11 @@ def _env(case: Case):
                                             "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
                                             "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP",
                                             "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
-                                            "MOBA_CUTE_FWD_QREGS")}
+                                            "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST")}
     os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
     os.environ["MOBA_CUTE_FWD_OVERLAP"] = "1" if case.overlap else "0"
     os.environ["MOBA_CUTE_FWD_QREGS"] = "1" if case.q_regs else "0"
+    os.environ["MOBA_CUTE_FWD_MULTICAST"] = "1" if case.mcast else "0"
     if case.diag_sm90:
         os.environ["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
     else:

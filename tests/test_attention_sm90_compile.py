@@ -41,9 +41,14 @@ def _specs():
                         seen.setdefault(key, (fac, fake))
                 # Q in registers for streamed n-blocks (MOBA_CUTE_FWD_QREGS=1), one-consumer tiles
                 for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
-                    if len(tile) == 3:
+                    if len(tile) == 3 and tile[0] <= 64:
                         key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, q_regs=True)["seg"]
                         assert key[-1] == "qregs"
+                        seen.setdefault(key, (fac, fake))
+                    if len(tile) == 3:
+                        # K/V multicast in clusters of two CTAs (MOBA_CUTE_FWD_MULTICAST=1)
+                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, mcast=2)["seg"]
+                        assert key[-1] == "mc2"
                         seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
@@ -66,6 +71,9 @@ def test_sm90_forward_compiles_without_spills(key, spec):
         assert "C7520" not in rep.ptxas, [ln for ln in rep.ptxas.splitlines() if "C7520" in ln][:1]
         if key[0] == "moba_fwd_sm90":  # Q in registers: ldmatrix from the swizzled Q ring
             assert ("ldmatrix" in rep.ptx) == (key[-1] == "qregs")
+            # multicast: TMA to the cluster, cluster-wide barrier init, releases on the peer's barriers
+            for instr in ("multicast::cluster", "barrier.cluster.wait", "mapa.shared::cluster"):
+                assert (instr in rep.ptx) == (key[-1] == "mc2"), instr
 
 
 def test_sm90_configs_fit_their_ctas_per_sm():
@@ -105,6 +113,8 @@ def test_fwd_q_regs_env_and_key(monkeypatch):
     assert key[-1] == "qregs" and fac().q_regs
     key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), overlap=True, q_regs=True)["seg"]
     assert key[-1] == "overlap" and not fac().q_regs
+    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 1), q_regs=True)["seg"]
+    assert key[-1] == "staged" and not fac().q_regs  # 128-key n-blocks: no registers for Q
     assert MobaFwdSm90.compile_key("bfloat16", 128, 64, 8, 2, True, False, True)[-2:] == ("staged", "qregs")
 
 
@@ -119,6 +129,20 @@ def _check_flag(monkeypatch, name, flag, default):
     with pytest.raises(ValueError, match=name):
         flag()
     monkeypatch.delenv(name)
+
+
+def test_fwd_kv_multicast_env_and_key(monkeypatch):
+    """``MOBA_CUTE_FWD_MULTICAST`` (default ``configs/attention_sm90.FWD_KV_MULTICAST``): clusters
+    of two CTAs for one-consumer tiles; the overlapped loop and the pair tile keep one CTA."""
+    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90Pair
+
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_MULTICAST", launch.fwd_kv_multicast, bool(cfg90.FWD_KV_MULTICAST))
+    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), mcast=2)["seg"]
+    assert key[-1] == "mc2" and fac().CL == 2
+    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), overlap=True, mcast=2)["seg"]
+    assert key[-1] == "overlap" and fac().CL == 1
+    _, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2, 2), mcast=2)["seg"]
+    assert isinstance(fac(), MobaFwdSm90Pair) and fac().CL == 1
 
 
 def test_fwd_overlap_env(monkeypatch):

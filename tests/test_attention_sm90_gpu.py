@@ -138,37 +138,61 @@ def test_sm90_streamed_bitwise(case, D, tiles, monkeypatch):
     assert err <= 2 * (olp.double() - o32.double()).nan_to_num().abs().max().item() + 1e-5
 
 
+def _both_settings(case, D, seed, tile, name, check_plan, monkeypatch, windows=False):
+    """out and lse of the forward of ``CASES[case]`` with the switch ``name`` at 0 and at 1 (tile
+    ``tile``, no overlap; ``windows``: windows of 64 query rows); ``check_plan(plan, on)`` holds
+    for every plan made. Asserts that the two are bitwise equal and returns the second."""
+    from moba_cute.kernels import attention_launch as m
+    from moba_cute.kernels.attention_launch import attention_cute
+
+    lq, lk, H, Hk, C, K, causal = CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=seed)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    res = {}
+    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
+    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "0")
+    if windows:
+        monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
+    for flag in ("0", "1"):
+        monkeypatch.setenv(name, flag)
+        m.FWD_PLANS.clear()
+        try:
+            res[flag] = attention_cute(q, k, v, r, None, False)
+            assert all(check_plan(p, flag == "1") for p in m.FWD_PLANS.plans.values())
+        finally:
+            m.FWD_PLANS.clear()
+    (o1, l1), (o2, l2) = res.values()
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    return (q, k, v, r), o2
+
+
 @needs_hopper
-@pytest.mark.parametrize("tile", [(64, 8, 2), (128, 8, 1)], ids=["64x2", "128x1"])
+@pytest.mark.parametrize("tile", [(64, 8, 2), (64, 8, 1)], ids=["64x2", "64x1"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8])
 def test_sm90_q_regs_bitwise(case, D, tile, monkeypatch):
     """Q in registers for the streamed n-blocks (``MOBA_CUTE_FWD_QREGS=1``: RS QK^T, the Q stage
     released before the first n-block): the same wgmmas on the same values, so out and lse are
     bitwise those of the shared-memory Q (SS QK^T), and within the reference's bound."""
-    from moba_cute.kernels import attention_launch as m
-    from moba_cute.kernels.attention_launch import attention_cute
-
-    lq, lk, H, Hk, C, K, causal = CASES[case]
-    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=500 + case)
-    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
-    res = {}
-    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
-    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "0")
-    for flag in ("0", "1"):
-        monkeypatch.setenv("MOBA_CUTE_FWD_QREGS", flag)
-        m.FWD_PLANS.clear()
-        try:
-            res[flag] = attention_cute(q, k, v, r, None, False)
-            assert all(p.q_regs == (flag == "1") for p in m.FWD_PLANS.plans.values())
-        finally:
-            m.FWD_PLANS.clear()
-    (o1, l1), (o2, l2) = res.values()
-    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    (q, k, v, r), o2 = _both_settings(case, D, 500 + case, tile, "MOBA_CUTE_FWD_QREGS",
+                                      lambda p, on: p.q_regs == on, monkeypatch)
     o32, _ = reference.attention(q, k, v, r)
     olp, _ = reference.attention(q, k, v, r, compute_dtype=torch.bfloat16)
     err = (o2.double() - o32.double()).nan_to_num().abs().max().item()
     assert err <= 2 * (olp.double() - o32.double()).nan_to_num().abs().max().item() + 1e-5
+
+
+@needs_hopper
+@pytest.mark.parametrize("windows", [False, True], ids=["one-window", "row-windows"])
+@pytest.mark.parametrize("tile", [(64, 8, 2), (128, 8, 1)], ids=["64x2", "128x1"])
+@pytest.mark.parametrize("case", [0, 1, 2, 4, 5, 7, 8])
+def test_sm90_kv_multicast_bitwise(case, tile, windows, monkeypatch):
+    """Clusters of two CTAs sharing each K/V n-block by TMA multicast (``MOBA_CUTE_FWD_MULTICAST=1``):
+    every sub-tile sees the same n-blocks in the same order, so out and lse are bitwise those of
+    one CTA per unit; chunks of one n-block and of several, odd sub-tile counts (a rank idle in
+    the last step), V tails, windows of query rows."""
+    _both_settings(case, 128, 600 + case, tile, "MOBA_CUTE_FWD_MULTICAST",
+                   lambda p, on: p.mcast == (2 if on else 1), monkeypatch, windows)
 
 
 WINDOW_CASES = [

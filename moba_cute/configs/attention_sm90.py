@@ -53,6 +53,11 @@ DIAG_STAGED_MERGE = True
 # 15.8 -> 15.9, C = 512 K = 4 32K 2.19 -> 2.38: off
 FWD_Q_REGS = False
 
+# the segment kernel in clusters of two CTAs sharing each K/V n-block by TMA multicast
+# (MobaFwdSm90(mcast=2), MOBA_CUTE_FWD_MULTICAST): half the L2 -> SM traffic per FLOP, the bound
+# at moba-large (docs/design.md, section 8). Not yet run on a GPU: off
+FWD_KV_MULTICAST = False
+
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 
 SMEM_PER_SM = 227 * 1024

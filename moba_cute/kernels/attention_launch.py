@@ -236,6 +236,13 @@ def fwd_q_regs():
     return _env_flag("MOBA_CUTE_FWD_QREGS", bool(cfg90.FWD_Q_REGS))
 
 
+def fwd_kv_multicast():
+    """Whether the one-consumer sm90 segment kernel runs in clusters of two CTAs that share each
+    K/V n-block by TMA multicast (``MobaFwdSm90(mcast=2)``; not with the overlap):
+    ``configs/attention_sm90.FWD_KV_MULTICAST``, or ``MOBA_CUTE_FWD_MULTICAST=1`` / ``0``."""
+    return _env_flag("MOBA_CUTE_FWD_MULTICAST", bool(cfg90.FWD_KV_MULTICAST))
+
+
 def fwd_diag_sm90(chunk_size):
     """Whether the sm90 forward's causal diagonal runs on wgmma (:class:`MobaDiagSm90`) rather than
     ``MobaFwdSm80(merge=True)`` (mma.sync): for chunks of ``configs/attention_sm90.DIAG_MIN_CHUNK``
@@ -296,7 +303,7 @@ def tile_override(family, tile):
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False,
-                      overlap=False, diag_sm90=False, diag_staged=False, q_regs=False):
+                      overlap=False, diag_sm90=False, diag_staged=False, q_regs=False, mcast=1):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
@@ -305,7 +312,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     tiles of two or more K/V stages only). ``row_windows``: the index's per-window counts
     (:func:`fwd_row_window`). ``diag_sm90``: the causal diagonal on wgmma (:func:`fwd_diag_sm90`),
     ``diag_staged`` its merge through shared memory (:func:`fwd_diag_staged`). ``q_regs``:
-    :func:`fwd_q_regs` (one-consumer tiles without the overlap)."""
+    :func:`fwd_q_regs` (one-consumer tiles without the overlap). ``mcast``: 2 for K/V multicast in
+    clusters of two CTAs (:func:`fwd_kv_multicast`; one-consumer tiles without the overlap)."""
     from .merge import MergeKernel
     from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
@@ -322,8 +330,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
         seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst),
                lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst))
     else:
-        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap, q_regs),
-               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap, q_regs))
+        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast),
+               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast))
     specs = {
         "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1),),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
@@ -692,11 +700,12 @@ class FwdPlan(_PlanBase):
             self.staged = fwd_staged()
             self.overlap = fwd_overlap()
             self.q_regs = fwd_q_regs()
+            self.mcast = 2 if fwd_kv_multicast() else 1
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
                                                          self.staged, self.row_window is not None, self.overlap,
-                                                         self.diag_sm90, self.diag_staged, self.q_regs),
+                                                         self.diag_sm90, self.diag_staged, self.q_regs, self.mcast),
                                        arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

@@ -37,8 +37,11 @@ partials are merged with the own chunk by the diagonal kernel (causal: on wgmma,
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
 partials in slot order, so the result is bitwise deterministic.
 
+Opt-in variants (docs/design.md, section 8): Q in registers for streamed n-blocks (``q_regs``),
+and clusters of two CTAs sharing each K/V n-block by TMA multicast (``mcast=2``).
+
 Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)`` (and the staged
-epilogue, or ``"pair"``); sizes and the
+epilogue, the overlap, ``"qregs"``, ``"mc2"``, or ``"pair"``); sizes and the
 window are runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors built per call on the host.
 """
 
@@ -115,26 +118,32 @@ def row_lse_log2(m: Float32, l: Float32, scale_log2: Float32):
     return val
 
 
-def kv_tma_atoms(k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32, D: int, smem_kv, BN: int):
+def kv_tma_atoms(k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32, D: int, smem_kv, BN: int,
+                 mcast: int = 1):
     """TMA atoms for K and V seen as (keys, dim, kv head) tensors, a box = ``BN`` keys x ``D`` of
     one KV head into ``smem_kv`` (one stage's layout); returns (atom_k, tma_k, atom_v, tma_v,
-    bytes of one K + V box). Shared by the sm90 forward and backward."""
+    bytes of one K + V box). Shared by the sm90 forward and backward. ``mcast > 1``: multicast to
+    the ``mcast`` CTAs of a cluster, each issuing ``BN / mcast`` of the box's keys."""
     kv_layout = cute.make_layout((total_k, D, Hk), stride=(Hk * D, 1, D))
-    tma_op = cpasync.CopyBulkTensorTileG2SOp()
-    atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, cute.make_tensor(k, kv_layout), smem_kv, (BN, D))
-    atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, cute.make_tensor(v, kv_layout), smem_kv, (BN, D))
+    if mcast > 1:
+        tma_op, kw = cpasync.CopyBulkTensorTileG2SMulticastOp(), {"num_multicast": mcast}
+    else:
+        tma_op, kw = cpasync.CopyBulkTensorTileG2SOp(), {}
+    atom_k, tma_k = cpasync.make_tiled_tma_atom(tma_op, cute.make_tensor(k, kv_layout), smem_kv, (BN, D), **kw)
+    atom_v, tma_v = cpasync.make_tiled_tma_atom(tma_op, cute.make_tensor(v, kv_layout), smem_kv, (BN, D), **kw)
     return atom_k, tma_k, atom_v, tma_v, 2 * cute.size_in_bytes(k.dtype, smem_kv)
 
 
 def kv_tma_views(atom_k: cute.CopyAtom, tma_k: cute.Tensor, atom_v: cute.CopyAtom, tma_v: cute.Tensor,
-                 sK: cute.Tensor, sV: cute.Tensor, kvh: Int32, key0: Int32, BN: int, D: int):
+                 sK: cute.Tensor, sV: cute.Tensor, kvh: Int32, key0: Int32, BN: int, D: int, rank=0, mcast: int = 1):
     """TMA partitions of KV head ``kvh``'s keys from ``key0`` on, in boxes of ``BN`` keys:
-    (tKsK, tKgK, tVsV, tVgV), the global side indexed by box, the shared side by ring stage."""
+    (tKsK, tKgK, tVsV, tVgV), the global side indexed by box, the shared side by ring stage
+    (``mcast > 1``: this CTA's slice of each box, ``rank`` its place in the cluster)."""
     gK = cute.local_tile(cute.domain_offset((key0, 0), tma_k[None, None, kvh]), (BN, D), (None, 0))
     gV = cute.local_tile(cute.domain_offset((key0, 0), tma_v[None, None, kvh]), (BN, D), (None, 0))
-    tKsK, tKgK = cpasync.tma_partition(atom_k, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
+    tKsK, tKgK = cpasync.tma_partition(atom_k, rank, cute.make_layout(mcast), cute.group_modes(sK, 0, 2),
                                        cute.group_modes(gK, 0, 2))
-    tVsV, tVgV = cpasync.tma_partition(atom_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
+    tVsV, tVgV = cpasync.tma_partition(atom_v, rank, cute.make_layout(mcast), cute.group_modes(sV, 0, 2),
                                        cute.group_modes(gV, 0, 2))
     return tKsK, tKgK, tVsV, tVgV
 
@@ -146,21 +155,25 @@ def ring_state(stages: int, i):
 
 
 def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int,
-                         q_producers: int = 128):
+                         q_producers: int = 128, mcast: int = 1):
     """The two pipelines of the sm90 kernels: the producer warpgroup's ``cp.async`` row ring
     (``q_producers`` threads -> ``q_consumers`` threads; mbarriers ``st.mbar_q``) and warp 0's TMA
     K/V stages (one thread -> ``kv_consumers`` warps, ``kv_bytes`` per stage; ``st.mbar_kv``).
-    Initialized without a sync: the caller fences and syncs once for all its pipelines."""
+    ``mcast > 1``: the K/V stages are multicast over a cluster of ``mcast`` CTAs, so a stage is
+    free once every CTA's consumer warps released it (lane ``r`` of each warp arrives on CTA
+    ``r``'s barrier). Initialized without a sync: the caller fences and syncs once for all its
+    pipelines (cluster-wide with ``mcast > 1``)."""
     group = pipeline.CooperativeGroup
     pipe_q = pipeline.PipelineCpAsync.create(
         barrier_storage=st.mbar_q.data_ptr(), num_stages=q_stages,
         producer_group=group(pipeline.Agent.Thread, q_producers),
         consumer_group=group(pipeline.Agent.Thread, q_consumers),
         defer_sync=True)
+    kw = {"cta_layout_vmnk": cute.make_layout((1, mcast, 1, 1))} if mcast > 1 else {}
     pipe_kv = pipeline.PipelineTmaAsync.create(
-        barrier_storage=st.mbar_kv.data_ptr(), num_stages=kv_stages,
-        producer_group=group(pipeline.Agent.Thread, 1), consumer_group=group(pipeline.Agent.Thread, kv_consumers),
-        tx_count=kv_bytes, defer_sync=True)
+        barrier_storage=st.mbar_kv.data_ptr(), num_stages=kv_stages, producer_group=group(pipeline.Agent.Thread, 1),
+        consumer_group=group(pipeline.Agent.Thread, kv_consumers * mcast), tx_count=kv_bytes, defer_sync=True,
+        **kw)
     return pipe_q, pipe_kv
 
 
@@ -244,7 +257,7 @@ class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
-                 staged: bool = False, overlap: bool = False, q_regs: bool = False):
+                 staged: bool = False, overlap: bool = False, q_regs: bool = False, mcast: int = 1):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
         self.dtype = dtype
@@ -269,17 +282,24 @@ class MobaFwdSm90:
         # Q stage goes back to the producer before the sub-tile's first n-block. Bitwise the SS
         # result; on the H100 1.9% faster at moba-large 128K, 8% slower at C = 512: shared memory is
         # not what bounds the loop (the L2 -> SM crossbar is; docs/design.md, section 8)
-        self.q_regs = bool(q_regs) and not self.overlap
+        # (64-key n-blocks only: with 128-key ones S, P, O and Q do not fit the consumer's registers)
+        self.q_regs = bool(q_regs) and not self.overlap and bn <= 64
+        # K/V multicast (``mcast = 2``): clusters of two CTAs take one work unit, rank r its
+        # sub-tiles r, r + 2, ..., and each n-block is read from L2 once for both (TMA multicast;
+        # every chunk streamed per step, also a chunk of one n-block), so a K/V byte that crosses
+        # the L2 -> SM crossbar feeds 128 rows instead of 64 (docs/design.md, section 8)
+        self.CL = 2 if int(mcast) == 2 and not self.overlap else 1
         self.pingpong = False  # (MobaFwdSm90Pair)
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False,
-                    overlap: bool = False, q_regs: bool = False):
+                    overlap: bool = False, q_regs: bool = False, mcast: int = 1):
         key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
         key = key + ("staged",) if staged else key
         overlap = overlap and kv_stages >= 2
         key = key + ("overlap",) if overlap else key
-        return key + ("qregs",) if q_regs and not overlap else key
+        key = key + ("qregs",) if q_regs and not overlap and bn <= 64 else key
+        return key + ("mc2",) if int(mcast) == 2 and not overlap else key
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -317,7 +337,7 @@ class MobaFwdSm90:
             a_source=warpgroup.OperandSource.RMEM)
         sQ_layout, sKV_layout = self._layouts()
         atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
-                                                                   cute.select(sKV_layout, mode=[0, 1]), BN)
+                                                                   cute.select(sKV_layout, mode=[0, 1]), BN, self.CL)
         Storage = self._storage(sQ_layout, sKV_layout)
         return tiled_mma_qk, tiled_mma_pv, sQ_layout, sKV_layout, atom_k, tma_k, atom_v, tma_v, Storage
 
@@ -358,7 +378,8 @@ class MobaFwdSm90:
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
             seg_off, tile_off, seg_start, wstart, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, nrw,
             scale_log2, sQ_layout, sKV_layout, tiled_mma_qk, tiled_mma_pv, Storage,
-        ).launch(grid=(grid_x, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
+        ).launch(grid=(grid_x * self.CL, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
+                 cluster=(self.CL, 1, 1) if self.CL > 1 else None,
                  min_blocks_per_mp=self.CTAS, preferred_smem_carveout=100)
 
     @cute.kernel
@@ -401,19 +422,29 @@ class MobaFwdSm90:
         bid, _, _ = cute.arch.block_idx()
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4 * self.NW, self.kv_bytes,
-                                               self.Q_PRODUCERS)
-        cute.arch.mbarrier_init_fence()
+                                               self.Q_PRODUCERS, self.CL)
+        if cutlass.const_expr(self.CL > 1):
+            # the peer CTA multicasts into this CTA's stages and arrives on its barriers
+            pipeline.pipeline_init_arrive(cluster_shape_mn=cute.make_layout((self.CL, 1)), is_relaxed=True)
+        else:
+            cute.arch.mbarrier_init_fence()
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
         sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
 
         UNIT = BM * self.SUB
+        unit = _flat(tiles)[0] + bid
+        if cutlass.const_expr(self.CL > 1):
+            unit = _flat(tiles)[0] + bid // self.CL  # (a cluster's CTAs share their unit)
         r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k,
-                                                    cu_chunks, _flat(tiles)[0] + bid, Int32(UNIT), Int32(0), B,
+                                                    cu_chunks, unit, Int32(UNIT), Int32(0), B,
                                                     total_k, H, chunk_size, True, Hk, nbound, nrw, wstart)
         nsub = (nrows + BM - 1) // BM
         nblk = (kend - kbeg + self.BN - 1) // self.BN
-        cute.arch.sync_threads()  # barrier init visible to both warpgroups
+        if cutlass.const_expr(self.CL > 1):
+            pipeline.pipeline_init_wait(cluster_shape_mn=cute.make_layout((self.CL, 1)))
+        else:
+            cute.arch.sync_threads()  # barrier init visible to both warpgroups
 
         if warp < 4:
             cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
@@ -431,6 +462,20 @@ class MobaFwdSm90:
                  q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
                  pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, h: Int32, H: Int32, Hk: Int32,
                  total_q: Int32, key0: Int32, KP: Int32, tid: Int32, warp: Int32):
+        if cutlass.const_expr(self.CL > 1):
+            self.producer_multicast(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0,
+                                    nrows, nsub, nblk, h, H, Hk, total_q, key0, KP, tid, warp)
+        else:
+            self.producer_single(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
+                                 nsub, nblk, h, H, Hk, total_q, key0, KP, tid, warp)
+
+    @cute.jit
+    def producer_single(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
+                        q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+                        pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, h: Int32, H: Int32,
+                        Hk: Int32, total_q: Int32, key0: Int32, KP: Int32, tid: Int32, warp: Int32):
+        """One CTA: each sub-tile's rows (warp w: rows 16w .. 16w + 15), then warp 0 streams the
+        chunk's n-blocks for it (a chunk of one n-block: once, for the whole unit)."""
         # TMA views: this KV head's keys from the chunk start, in n-blocks of BN
         kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (H // Hk), key0, self.BN, self.D)
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
@@ -447,14 +492,48 @@ class MobaFwdSm90:
                         kv_state.advance()
 
     @cute.jit
+    def producer_multicast(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom,
+                           atom_v: cute.CopyAtom, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
+                           sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, r0: Int32, nrows: Int32, nsub: Int32,
+                           nblk: Int32, h: Int32, H: Int32, Hk: Int32, total_q: Int32, key0: Int32, KP: Int32,
+                           tid: Int32, warp: Int32):
+        """``CL = 2``: per step, this CTA's sub-tile (rank r: sub-tiles r, r + 2, ...; none in an odd
+        unit's last step on rank 1) and all of the chunk's n-blocks, each issued half by either CTA
+        and multicast to both. Both CTAs stream the same steps, so every stage is acquired, filled
+        and released by both; the tail keeps this CTA alive until the peer's last arrives landed."""
+        rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
+        kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (H // Hk), key0, self.BN, self.D, rank,
+                                self.CL)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.KS)
+        for j in cutlass.range((nsub + self.CL - 1) // self.CL, unroll=1):
+            t = j * self.CL + rank
+            if t < nsub:
+                self.gather_rows(q, rows_list, sQ, pipe_q, q_state, r0, t * BM, nrows, warp * 16, Int32(16), h, H,
+                                 total_q, KP, tid % 32, 16)
+                q_state.advance()
+            if warp == 0:
+                for n in cutlass.range(nblk, unroll=1):
+                    self.load_kv_block(atom_k, atom_v, kv_views, pipe_kv, kv_state, n)
+                    kv_state.advance()
+        if warp == 0:
+            pipe_kv.producer_tail(kv_state)
+
+    @cute.jit
     def load_kv_block(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, kv_state, n: Int32):
         """n-block ``n`` of the chunk's K and V by TMA into ring stage ``kv_state`` (one thread of
-        warp 0; the caller advances the state)."""
+        warp 0; the caller advances the state). Multicast (``CL = 2``): this CTA's half of the
+        block, into both CTAs' stage; the stage's barrier expects the whole block's bytes."""
         tKsK, tKgK, tVsV, tVgV = kv_views
         pipe_kv.producer_acquire(kv_state)
         bar = pipe_kv.producer_get_barrier(kv_state)
-        cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar)
-        cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar)
+        if cutlass.const_expr(self.CL > 1):
+            mask = cutlass.Int16((1 << self.CL) - 1)
+            cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar, mcast_mask=mask)
+            cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar, mcast_mask=mask)
+        else:
+            cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar)
+            cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar)
 
     @cute.jit
     def gather_rows(self, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, pipe_q, q_state, r0: Int32,
@@ -553,7 +632,7 @@ class MobaFwdSm90:
         lane = ctid % 32
 
         kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
-        if cutlass.const_expr(self.NW > 1):
+        if cutlass.const_expr(self.NW > 1 or self.CL > 1):
             self.consumer_streamed(frags, part_o, tpl, trl, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys,
                                    pbase, scale_log2, ctid, wg)
         elif nblk == 1:
@@ -607,25 +686,33 @@ class MobaFwdSm90:
                           nsub: Int32, nblk: Int32, nkeys: Int32, pbase: Int32, scale_log2: Float32, ctid: Int32,
                           wg: Int32):
         """Chunks longer than one n-block: K/V n-blocks streamed per step, online softmax. A step
-        is one sub-tile per consumer warpgroup (``NW``): warpgroup ``wg`` (``ctid`` its thread)
-        takes sub-tiles ``wg, wg + NW, ...``, and every warpgroup reads each n-block of a step,
-        so two warpgroups (MobaFwdSm90Pair) compute 128 rows per block loaded. A warpgroup
-        without a sub-tile in the last step still waits for and releases its n-blocks."""
+        is one sub-tile per consumer warpgroup (``NW``) of each CTA of the cluster (``CL``):
+        warpgroup ``wg`` (``ctid`` its thread) of rank ``r`` takes sub-tiles ``r * NW + wg``, plus
+        multiples of ``NW * CL``, and every warpgroup reads each n-block of a step, so two
+        warpgroups (MobaFwdSm90Pair) or two CTAs sharing multicast n-blocks compute 128 rows per
+        block loaded. A warpgroup without a sub-tile in the last step still waits for and
+        releases its n-blocks."""
         BN, dt, NW = self.BN, self.dtype, self.NW
+        NS = NW * self.CL  # sub-tiles per step (the cluster's ranks and the CTA's warpgroups)
         NR = cute.size(f.O_mn, mode=[0])
         lane = ctid % 32
+        rank = Int32(0)
+        if cutlass.const_expr(self.CL > 1):
+            rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
         qr = None
         if cutlass.const_expr(self.q_regs):
             qr = self.q_reg_frags(sQ, sK, ctid)
         if cutlass.const_expr(self.pingpong):
             if wg == 1:
                 cute.arch.barrier_arrive(barrier_id=PP_BARRIER, number_of_threads=256)  # warpgroup 0 first
-        for j in cutlass.range((nsub + NW - 1) // NW, unroll=1):
-            t = j * NW + wg
-            # the producer fills the Q ring in sub-tile order: sub-tile t is stage t % QS, phase
-            # (t // QS) % 2
-            q_state = ring_state(self.QS, t)
-            has = (t < nsub) if cutlass.const_expr(NW > 1) else True  # (one warpgroup: always)
+        for j in cutlass.range((nsub + NS - 1) // NS, unroll=1):
+            t = j * NS + wg
+            if cutlass.const_expr(self.CL > 1):
+                t = j * NS + rank * NW + wg
+            # the producer fills the Q ring in the order of this CTA's sub-tiles: the i-th is stage
+            # i % QS, phase (i // QS) % 2
+            q_state = ring_state(self.QS, j * NW + wg)
+            has = (t < nsub) if cutlass.const_expr(NS > 1) else True  # (one warpgroup: always)
             if has:
                 pipe_q.consumer_wait(q_state)
                 # the gathered rows were written by cp.async (generic proxy); wgmma reads them
