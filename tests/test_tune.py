@@ -366,8 +366,10 @@ def test_tuned_tile_reaches_the_sm80_plan(isolated, on_device, monkeypatch):
         want = {r: k for r, (k, _, _) in al.kernel_specs("bfloat16", 64, True, tile=SM80_ALT).items()}
         assert {r: s[0] for r, s in plan.ks.specs.items()} == want
         assert want["diag"] != al.kernel_specs("bfloat16", 64, True)["diag"][0]  # the stages are in the key
-    # the sm90 forward's merging diagonal keeps the built-in sm80 tile (what its compile test proves)
+    # the sm90 forward's merging diagonal on mma.sync (forced: from 128-key chunks on it is the
+    # wgmma one) keeps the built-in sm80 tile (what its compile test proves)
     monkeypatch.delenv("MOBA_CUTE_FWD_SM80")
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "0")
     p90 = al.FwdPlan(_plan_key(D=64), "sm_90a")
     assert p90.sm90 and p90.ks.specs["diag"][0][8] == SM80_DEFAULT[3]
 
