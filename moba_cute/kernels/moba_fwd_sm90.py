@@ -275,31 +275,33 @@ class MobaFwdSm90:
         # own Q ring stage (free once its QK^T is done) and out in whole 16-byte pieces, instead of
         # 4-byte stores from the accumulator fragments (half a sector per row and store)
         self.staged = bool(staged)
-        # streamed chunks, two or more K/V stages: FA3's intra-warpgroup overlap (stream_overlapped)
-        self.overlap = bool(overlap) and kv_stages >= 2
-        # streamed chunks, sequential loop: a sub-tile's Q is loaded into registers (ldmatrix) once
-        # and QK^T runs as RS wgmma, so each n-block's QK^T reads only K from shared memory, and the
-        # Q stage goes back to the producer before the sub-tile's first n-block. Bitwise the SS
-        # result; on the H100 1.9% faster at moba-large 128K, 8% slower at C = 512: shared memory is
-        # not what bounds the loop (the L2 -> SM crossbar is; docs/design.md, section 8)
-        # (64-key n-blocks only: with 128-key ones S, P, O and Q do not fit the consumer's registers)
-        self.q_regs = bool(q_regs) and not self.overlap and bn <= 64
-        # K/V multicast (``mcast = 2``): clusters of two CTAs take one work unit, rank r its
-        # sub-tiles r, r + 2, ..., and each n-block is read from L2 once for both (TMA multicast;
-        # every chunk streamed per step, also a chunk of one n-block), so a K/V byte that crosses
-        # the L2 -> SM crossbar feeds 128 rows instead of 64 (docs/design.md, section 8)
-        self.CL = 2 if int(mcast) == 2 and not self.overlap else 1
+        self.overlap, self.q_regs, self.CL = self.variants(bn, kv_stages, overlap, q_regs, mcast)
         self.pingpong = False  # (MobaFwdSm90Pair)
+
+    @staticmethod
+    def variants(bn: int, kv_stages: int, overlap: bool, q_regs: bool, mcast: int):
+        """The streamed-loop variants a tile takes of those asked for: (overlap, q_regs, cluster
+        CTAs). ``overlap``: FA3's intra-warpgroup overlap (stream_overlapped), two or more K/V
+        stages. ``q_regs``: in the sequential loop a sub-tile's Q is loaded into registers
+        (ldmatrix) once and QK^T runs as RS wgmma, so each n-block's QK^T reads only K from shared
+        memory, and the Q stage goes back to the producer before the sub-tile's first n-block;
+        bitwise the SS result; on the H100 1.9% faster at moba-large 128K, 8% slower at C = 512
+        (the L2 -> SM crossbar, not shared memory, bounds the loop; docs/design.md, section 8);
+        64-key n-blocks only (with 128-key ones S, P, O and Q do not fit the consumer's
+        registers). ``mcast = 2``: K/V multicast, clusters of two CTAs take one work unit, rank r
+        its sub-tiles r, r + 2, ..., and each n-block is read from L2 once for both (every chunk
+        streamed per step, also a chunk of one n-block), so a K/V byte that crosses the crossbar
+        feeds 128 rows instead of 64; sequential loop only."""
+        overlap = bool(overlap) and kv_stages >= 2
+        return overlap, bool(q_regs) and not overlap and bn <= 64, 2 if int(mcast) == 2 and not overlap else 1
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False,
                     overlap: bool = False, q_regs: bool = False, mcast: int = 1):
         key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
         key = key + ("staged",) if staged else key
-        overlap = overlap and kv_stages >= 2
-        key = key + ("overlap",) if overlap else key
-        key = key + ("qregs",) if q_regs and not overlap and bn <= 64 else key
-        return key + ("mc2",) if int(mcast) == 2 and not overlap else key
+        overlap, q_regs, cl = MobaFwdSm90.variants(bn, kv_stages, overlap, q_regs, mcast)
+        return key + ("overlap",) * overlap + ("qregs",) * q_regs + ("mc2",) * (cl == 2)
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -423,28 +425,22 @@ class MobaFwdSm90:
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4 * self.NW, self.kv_bytes,
                                                self.Q_PRODUCERS, self.CL)
-        if cutlass.const_expr(self.CL > 1):
-            # the peer CTA multicasts into this CTA's stages and arrives on its barriers
-            pipeline.pipeline_init_arrive(cluster_shape_mn=cute.make_layout((self.CL, 1)), is_relaxed=True)
-        else:
-            cute.arch.mbarrier_init_fence()
+        # barrier init visible to both warpgroups, and with a cluster to the peer CTA, which
+        # multicasts into this CTA's stages and arrives on its barriers
+        cluster = cute.make_layout((self.CL, 1))
+        pipeline.pipeline_init_arrive(cluster_shape_mn=cluster, is_relaxed=True)
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
         sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
 
         UNIT = BM * self.SUB
-        unit = _flat(tiles)[0] + bid
-        if cutlass.const_expr(self.CL > 1):
-            unit = _flat(tiles)[0] + bid // self.CL  # (a cluster's CTAs share their unit)
+        unit = _flat(tiles)[0] + bid // self.CL  # (a cluster's CTAs share their unit)
         r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k,
                                                     cu_chunks, unit, Int32(UNIT), Int32(0), B,
                                                     total_k, H, chunk_size, True, Hk, nbound, nrw, wstart)
         nsub = (nrows + BM - 1) // BM
         nblk = (kend - kbeg + self.BN - 1) // self.BN
-        if cutlass.const_expr(self.CL > 1):
-            pipeline.pipeline_init_wait(cluster_shape_mn=cute.make_layout((self.CL, 1)))
-        else:
-            cute.arch.sync_threads()  # barrier init visible to both warpgroups
+        pipeline.pipeline_init_wait(cluster_shape_mn=cluster)
 
         if warp < 4:
             cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
@@ -527,13 +523,9 @@ class MobaFwdSm90:
         tKsK, tKgK, tVsV, tVgV = kv_views
         pipe_kv.producer_acquire(kv_state)
         bar = pipe_kv.producer_get_barrier(kv_state)
-        if cutlass.const_expr(self.CL > 1):
-            mask = cutlass.Int16((1 << self.CL) - 1)
-            cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar, mcast_mask=mask)
-            cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar, mcast_mask=mask)
-        else:
-            cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar)
-            cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar)
+        kw = {"mcast_mask": cutlass.Int16((1 << self.CL) - 1)} if self.CL > 1 else {}
+        cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar, **kw)
+        cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar, **kw)
 
     @cute.jit
     def gather_rows(self, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, pipe_q, q_state, r0: Int32,
@@ -706,9 +698,7 @@ class MobaFwdSm90:
             if wg == 1:
                 cute.arch.barrier_arrive(barrier_id=PP_BARRIER, number_of_threads=256)  # warpgroup 0 first
         for j in cutlass.range((nsub + NS - 1) // NS, unroll=1):
-            t = j * NS + wg
-            if cutlass.const_expr(self.CL > 1):
-                t = j * NS + rank * NW + wg
+            t = j * NS + rank * NW + wg
             # the producer fills the Q ring in the order of this CTA's sub-tiles: the i-th is stage
             # i % QS, phase (i // QS) % 2
             q_state = ring_state(self.QS, j * NW + wg)
