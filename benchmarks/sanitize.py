@@ -168,6 +168,9 @@ CASES = [
          sm90_tile=(64, 8, 2), mcast=True, **A),
     Case("fwd-mcast-short-chunks-windows", (700, 90, 333), (700, 90, 333), 8, 4, C=128, K=4, grad=False,
          sm90_tile=(128, 8, 1), mcast=True, windows=True, **Cc),
+    # ... with the intra-warpgroup overlap (a stage held across the next block's wait, on both CTAs)
+    Case("fwd-mcast-overlap-long-chunks-windows", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, grad=False,
+         sm90_tile=(64, 8, 2), mcast=True, overlap=True, windows=True, **Cc),
     # the causal diagonal on wgmma: Sq > Sk (rows without keys) with tiles across chunks of 48, a
     # chunk of several n-blocks with the last row's block partly past the sequence, windows of
     # query rows, topk 1 (no partials)
@@ -282,12 +285,9 @@ def covers(case: Case, fam: str = "sm90") -> set:
     if case.fwd != "sm80":
         if len(case.sm90_tile) > 3 and case.sm90_tile[3] == 2:
             t.add("fwd-pair")  # (fragment stores: the staged flag does not apply)
-        elif case.overlap:
-            t.add("fwd-overlap")
-        elif case.q_regs:
-            t.add("fwd-qregs")
-        elif case.mcast:
-            t.add("fwd-mcast")
+        elif case.overlap or case.q_regs or case.mcast:
+            t.update(tag for tag, on in (("fwd-overlap", case.overlap), ("fwd-qregs", case.q_regs),
+                                         ("fwd-mcast", case.mcast)) if on)
         else:
             t.add("fwd-staged" if case.staged else "fwd-unstaged")
         if case.diag_sm90 and case.causal:

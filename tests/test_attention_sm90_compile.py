@@ -50,6 +50,10 @@ def _specs():
                         key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, mcast=2)["seg"]
                         assert key[-1] == "mc2"
                         seen.setdefault(key, (fac, fake))
+                    if len(tile) == 3 and tile[2] >= 2:  # ... with the overlap
+                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, overlap=True, mcast=2)["seg"]
+                        assert key[-2:] == ("overlap", "mc2")
+                        seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -132,15 +136,23 @@ def _check_flag(monkeypatch, name, flag, default):
 
 
 def test_fwd_kv_multicast_env_and_key(monkeypatch):
-    """``MOBA_CUTE_FWD_MULTICAST`` (default ``configs/attention_sm90.FWD_KV_MULTICAST``): clusters
-    of two CTAs for one-consumer tiles; the overlapped loop and the pair tile keep one CTA."""
+    """``MOBA_CUTE_FWD_MULTICAST`` (default: chunks of ``configs/attention_sm90.FWD_KV_MULTICAST_MIN_CHUNK``
+    keys or more, without the overlap): clusters of two CTAs for one-consumer tiles, with or without
+    the overlapped loop when forced; the pair tile keeps one CTA."""
     from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90Pair
 
-    _check_flag(monkeypatch, "MOBA_CUTE_FWD_MULTICAST", launch.fwd_kv_multicast, bool(cfg90.FWD_KV_MULTICAST))
+    lo = cfg90.FWD_KV_MULTICAST_MIN_CHUNK
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_MULTICAST", lambda: launch.fwd_kv_multicast(lo), True)
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_MULTICAST", lambda: launch.fwd_kv_multicast(lo - 64), False)
+    assert launch.fwd_kv_multicast(2 * lo) is True and launch.fwd_kv_multicast(128) is False
+    assert launch.fwd_kv_multicast(lo, overlap=True) is False  # (slower with the overlap)
+    monkeypatch.setenv("MOBA_CUTE_FWD_MULTICAST", "1")
+    assert launch.fwd_kv_multicast(128, overlap=True) is True
+    monkeypatch.delenv("MOBA_CUTE_FWD_MULTICAST")
     key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), mcast=2)["seg"]
     assert key[-1] == "mc2" and fac().CL == 2
     key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), overlap=True, mcast=2)["seg"]
-    assert key[-1] == "overlap" and fac().CL == 1
+    assert key[-2:] == ("overlap", "mc2") and fac().CL == 2 and fac().overlap
     _, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2, 2), mcast=2)["seg"]
     assert isinstance(fac(), MobaFwdSm90Pair) and fac().CL == 1
 

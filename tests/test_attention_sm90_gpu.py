@@ -138,9 +138,9 @@ def test_sm90_streamed_bitwise(case, D, tiles, monkeypatch):
     assert err <= 2 * (olp.double() - o32.double()).nan_to_num().abs().max().item() + 1e-5
 
 
-def _both_settings(case, D, seed, tile, name, check_plan, monkeypatch, windows=False):
+def _both_settings(case, D, seed, tile, name, check_plan, monkeypatch, windows=False, overlap=False):
     """out and lse of the forward of ``CASES[case]`` with the switch ``name`` at 0 and at 1 (tile
-    ``tile``, no overlap; ``windows``: windows of 64 query rows); ``check_plan(plan, on)`` holds
+    ``tile``, the overlap as asked; ``windows``: windows of 64 query rows); ``check_plan(plan, on)`` holds
     for every plan made. Asserts that the two are bitwise equal and returns the second."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels.attention_launch import attention_cute
@@ -150,7 +150,7 @@ def _both_settings(case, D, seed, tile, name, check_plan, monkeypatch, windows=F
     r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
     res = {}
     monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
-    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "0")
+    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1" if overlap else "0")
     if windows:
         monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
     for flag in ("0", "1"):
@@ -183,16 +183,20 @@ def test_sm90_q_regs_bitwise(case, D, tile, monkeypatch):
 
 
 @needs_hopper
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
 @pytest.mark.parametrize("windows", [False, True], ids=["one-window", "row-windows"])
 @pytest.mark.parametrize("tile", [(64, 8, 2), (128, 8, 1)], ids=["64x2", "128x1"])
 @pytest.mark.parametrize("case", [0, 1, 2, 4, 5, 7, 8])
-def test_sm90_kv_multicast_bitwise(case, tile, windows, monkeypatch):
+def test_sm90_kv_multicast_bitwise(case, tile, windows, overlap, monkeypatch):
     """Clusters of two CTAs sharing each K/V n-block by TMA multicast (``MOBA_CUTE_FWD_MULTICAST=1``):
     every sub-tile sees the same n-blocks in the same order, so out and lse are bitwise those of
     one CTA per unit; chunks of one n-block and of several, odd sub-tile counts (a rank idle in
-    the last step), V tails, windows of query rows."""
+    the last step), V tails, windows of query rows; the sequential and the overlapped loop (the
+    overlap needs two K/V stages: (128, 8, 1) runs only the sequential one)."""
+    if overlap and tile[2] < 2:
+        pytest.skip("the overlap needs two K/V stages")
     _both_settings(case, 128, 600 + case, tile, "MOBA_CUTE_FWD_MULTICAST",
-                   lambda p, on: p.mcast == (2 if on else 1), monkeypatch, windows)
+                   lambda p, on: p.mcast == (2 if on else 1) and p.overlap == overlap, monkeypatch, windows, overlap)
 
 
 WINDOW_CASES = [

@@ -291,9 +291,9 @@ class MobaFwdSm90:
         registers). ``mcast = 2``: K/V multicast, clusters of two CTAs take one work unit, rank r
         its sub-tiles r, r + 2, ..., and each n-block is read from L2 once for both (every chunk
         streamed per step, also a chunk of one n-block), so a K/V byte that crosses the crossbar
-        feeds 128 rows instead of 64; sequential loop only."""
+        feeds 128 rows instead of 64; with or without the overlap."""
         overlap = bool(overlap) and kv_stages >= 2
-        return overlap, bool(q_regs) and not overlap and bn <= 64, 2 if int(mcast) == 2 and not overlap else 1
+        return overlap, bool(q_regs) and not overlap and bn <= 64, 2 if int(mcast) == 2 else 1
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False,
