@@ -85,6 +85,26 @@ def test_sm90_forward_plan_layout():
     assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "pair_list"}
 
 
+def test_sm90_plan_multicast_from_long_chunks(monkeypatch):
+    """K/V multicast (clusters of two CTAs) is the sm90 plan's default from chunks of
+    ``FWD_KV_MULTICAST_MIN_CHUNK`` keys, not below and not with the overlap; the segment kernel's
+    compile key says so."""
+    from moba_cute.configs import attention_sm90 as cfg90
+
+    for var in ("MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_SM90_TILES"):
+        monkeypatch.delenv(var, raising=False)
+    lo = cfg90.FWD_KV_MULTICAST_MIN_CHUNK
+    for C, want in ((lo, 2), (lo // 2, 1)):
+        q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=C, K=2)
+        plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+        assert plan.mcast == want and (plan.ks.specs["seg"][0][-1] == "mc2") == (want == 2)
+    monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1")
+    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "64,8,2")
+    q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=lo, K=2)
+    plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+    assert plan.mcast == 1 and plan.ks.specs["seg"][0][-1] == "overlap"
+
+
 def test_backward_reuses_the_forward_index_layout(monkeypatch):
     """The backward reads the forward's kept index (sm80 forward): same tile height, same layout;
     the sm90 forward's all-slot index is a different one (not kept for the backward). The sm90

@@ -57,10 +57,10 @@ FWD_Q_REGS = False
 # (MobaFwdSm90(mcast=2), MOBA_CUTE_FWD_MULTICAST): half the L2 -> SM traffic per FLOP. From chunks
 # of this many keys, one-consumer tiles without the overlap. H100, segment kernel, ms, one CTA ->
 # clusters: moba-large 128K (C = 4096, K = 12) (64, 8, 2) 160.3 -> 156.5 (three GPU starts: -1.4%
-# to -2.9%), (128, 8, 1) 173.0 -> 166.1; C = 2048 (K = 8, 64K, B = 1, H = 32/8) (64, 8, 2) 27.91 ->
-# 27.57; C = 512 (K = 3, 32K) (64, 8, 2) 1.366 -> 1.440, (128, 8, 1)
-# 1.431 -> 1.475; flashmoba 64K (C = 128) 3.47 -> 4.82. With the overlap it is slower still
-# (moba-large 176.4 -> 212.1): docs/design.md, section 8
+# to -2.9%), (128, 8, 1) 173.0 -> 166.1; C = 2048 (K = 8, 64K, B = 1, H = 32/8) (64, 8, 2)
+# 27.91 -> 27.57; C = 512 (K = 3, 32K) (64, 8, 2) 1.366 -> 1.440, (128, 8, 1) 1.431 -> 1.475;
+# flashmoba 64K (C = 128) 3.47 -> 4.82. With the overlap it is slower still (moba-large
+# 176.4 -> 212.1): docs/design.md, section 8
 FWD_KV_MULTICAST_MIN_CHUNK = 2048
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
