@@ -222,9 +222,10 @@ def fwd_staged():
 def fwd_overlap():
     """Whether one-consumer sm90 tiles with two or more K/V stages overlap a streamed n-block's
     softmax with the previous block's PV (FA3's intra-warpgroup overlap, bitwise the same result):
-    ``MOBA_CUTE_FWD_OVERLAP=1``. Off by default: correct on the H100 but 9-11% slower there,
-    since two CTAs per SM already overlap one's softmax with the other's GEMMs (docs/design.md
-    section 8, update 5, measured). The two-consumer pair tile always overlaps."""
+    ``MOBA_CUTE_FWD_OVERLAP=1``. Off by default: with one K/V ring it was correct on the H100 but
+    9-11% slower there (docs/design.md section 8, update 5, measured); K and V now have rings of
+    their own in the overlapped loop (``MobaFwdSm90.split_kv``), not yet timed. The two-consumer
+    pair tile always overlaps."""
     return _env_flag("MOBA_CUTE_FWD_OVERLAP", False)
 
 

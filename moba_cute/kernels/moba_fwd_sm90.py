@@ -37,8 +37,11 @@ partials are merged with the own chunk by the diagonal kernel (causal: on wgmma,
 A pair's arithmetic does not depend on its place in the tile, and the merge reads a row's
 partials in slot order, so the result is bitwise deterministic.
 
-Opt-in variants (docs/design.md, section 8): Q in registers for streamed n-blocks (``q_regs``),
-and clusters of two CTAs sharing each K/V n-block by TMA multicast (``mcast=2``).
+Variants (docs/design.md, section 8): clusters of two CTAs sharing each K/V n-block by TMA
+multicast (``mcast=2``; the default for long chunks), Q in registers for streamed n-blocks
+(``q_regs``), and FA3's intra-warpgroup overlap (``overlap``; always in
+:class:`MobaFwdSm90Pair`), whose K and V n-blocks are in TMA rings of their own
+(``split_kv``, :class:`SplitKV`).
 
 Static configuration (compile key): ``(dtype, head_dim, bn, sub, kv_stages)`` (and the staged
 epilogue, the overlap, ``"qregs"``, ``"mc2"``, or ``"pair"``); sizes and the
@@ -47,6 +50,7 @@ window are runtime scalars, Q/partials/index raw pointers, K/V TMA descriptors b
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import cutlass
@@ -154,15 +158,26 @@ def ring_state(stages: int, i):
     return pipeline.PipelineState(stages, i, i % stages, (i // stages) % 2)
 
 
+@dataclass(frozen=True)
+class SplitKV:
+    """K and V n-blocks in TMA rings of their own (``MobaFwdSm90.split_kv``; the same stage
+    index and phase in both): K's stage goes back to the producer once ``QK^T`` has read it,
+    V's once ``PV`` has. (A dataclass, as the pipelines are, so that the DSL carries it through
+    runtime branches and keeps their stage counts static.)"""
+    k: Any
+    v: Any
+
+
 def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int,
-                         q_producers: int = 128, mcast: int = 1):
+                         q_producers: int = 128, mcast: int = 1, v_barriers=None):
     """The two pipelines of the sm90 kernels: the producer warpgroup's ``cp.async`` row ring
     (``q_producers`` threads -> ``q_consumers`` threads; mbarriers ``st.mbar_q``) and warp 0's TMA
     K/V stages (one thread -> ``kv_consumers`` warps, ``kv_bytes`` per stage; ``st.mbar_kv``).
     ``mcast > 1``: the K/V stages are multicast over a cluster of ``mcast`` CTAs, so a stage is
     free once every CTA's consumer warps released it (lane ``r`` of each warp arrives on CTA
-    ``r``'s barrier). Initialized without a sync: the caller fences and syncs once for all its
-    pipelines (cluster-wide with ``mcast > 1``)."""
+    ``r``'s barrier). ``v_barriers`` (a shared mbarrier range of ``2 * kv_stages``): K and V get
+    rings of their own, ``st.mbar_kv`` K's (:class:`SplitKV`). Initialized without a sync: the
+    caller fences and syncs once for all its pipelines (cluster-wide with ``mcast > 1``)."""
     group = pipeline.CooperativeGroup
     pipe_q = pipeline.PipelineCpAsync.create(
         barrier_storage=st.mbar_q.data_ptr(), num_stages=q_stages,
@@ -170,11 +185,16 @@ def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv
         consumer_group=group(pipeline.Agent.Thread, q_consumers),
         defer_sync=True)
     kw = {"cta_layout_vmnk": cute.make_layout((1, mcast, 1, 1))} if mcast > 1 else {}
-    pipe_kv = pipeline.PipelineTmaAsync.create(
-        barrier_storage=st.mbar_kv.data_ptr(), num_stages=kv_stages, producer_group=group(pipeline.Agent.Thread, 1),
-        consumer_group=group(pipeline.Agent.Thread, kv_consumers * mcast), tx_count=kv_bytes, defer_sync=True,
-        **kw)
-    return pipe_q, pipe_kv
+
+    def tma_ring(barriers, tx_count):
+        return pipeline.PipelineTmaAsync.create(
+            barrier_storage=barriers.data_ptr(), num_stages=kv_stages, producer_group=group(pipeline.Agent.Thread, 1),
+            consumer_group=group(pipeline.Agent.Thread, kv_consumers * mcast), tx_count=tx_count, defer_sync=True,
+            **kw)
+
+    if v_barriers is None:
+        return pipe_q, tma_ring(st.mbar_kv, kv_bytes)
+    return pipe_q, SplitKV(tma_ring(st.mbar_kv, kv_bytes // 2), tma_ring(v_barriers, kv_bytes // 2))
 
 
 @cute.jit
@@ -276,6 +296,10 @@ class MobaFwdSm90:
         # 4-byte stores from the accumulator fragments (half a sector per row and store)
         self.staged = bool(staged)
         self.overlap, self.q_regs, self.CL = self.variants(bn, kv_stages, overlap, q_regs, mcast)
+        # the overlapped loop holds block n - 1's V while block n's K is read: with K and V in
+        # rings of their own the producer refills K as soon as QK^T has read it, instead of
+        # after the previous block's PV (a joint K/V stage left every block's load exposed)
+        self.split_kv = self.overlap
         self.pingpong = False  # (MobaFwdSm90Pair)
 
     @staticmethod
@@ -311,13 +335,15 @@ class MobaFwdSm90:
         return sQ, sK
 
     def _storage(self, sQ_layout, sKV_layout):
-        """The shared-memory struct: mbarriers, the Q ring, K and V; staged, also the places of
-        two sub-tiles' staged rows."""
+        """The shared-memory struct: mbarriers (split K/V: V's own), the Q ring, K and V; staged,
+        also the places of two sub-tiles' staged rows."""
         MR, AL = cute.struct.MemRange, cute.struct.Align
         fields = {"mbar_q": MR[cutlass.Int64, 2 * self.QS], "mbar_kv": MR[cutlass.Int64, 2 * self.KS],
                   "sQ": AL[MR[self.dtype, cute.cosize(sQ_layout)], 1024],
                   "sK": AL[MR[self.dtype, cute.cosize(sKV_layout)], 1024],
                   "sV": AL[MR[self.dtype, cute.cosize(sKV_layout)], 1024]}
+        if self.split_kv:
+            fields["mbar_v"] = MR[cutlass.Int64, 2 * self.KS]
         if self.staged:
             fields["sLoc"] = AL[MR[Int32, 2 * BM], 16]
         fields.update(self._extra_smem())
@@ -326,6 +352,10 @@ class MobaFwdSm90:
     def _extra_smem(self):
         """Further shared-memory fields of a subclass (name -> MemRange)."""
         return {}
+
+    def _v_barriers(self, st):
+        """V's own ring barriers where K and V are split, else None (one K/V ring)."""
+        return st.mbar_v if self.split_kv else None
 
     def host_setup(self, k: cute.Pointer, v: cute.Pointer, total_k: Int32, Hk: Int32):
         """The launch's static pieces (traced inside ``__call__``): the QK^T (SS) and PV (RS)
@@ -424,7 +454,7 @@ class MobaFwdSm90:
         bid, _, _ = cute.arch.block_idx()
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4 * self.NW, self.kv_bytes,
-                                               self.Q_PRODUCERS, self.CL)
+                                               self.Q_PRODUCERS, self.CL, self._v_barriers(st))
         # barrier init visible to both warpgroups, and with a cluster to the peer CTA, which
         # multicasts into this CTA's stages and arrives on its barriers
         cluster = cute.make_layout((self.CL, 1))
@@ -513,19 +543,32 @@ class MobaFwdSm90:
                     self.load_kv_block(atom_k, atom_v, kv_views, pipe_kv, kv_state, n)
                     kv_state.advance()
         if warp == 0:
-            pipe_kv.producer_tail(kv_state)
+            if cutlass.const_expr(self.split_kv):
+                pipe_kv.k.producer_tail(kv_state.clone())
+                pipe_kv.v.producer_tail(kv_state)
+            else:
+                pipe_kv.producer_tail(kv_state)
 
     @cute.jit
     def load_kv_block(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, kv_state, n: Int32):
         """n-block ``n`` of the chunk's K and V by TMA into ring stage ``kv_state`` (one thread of
         warp 0; the caller advances the state). Multicast (``CL = 2``): this CTA's half of the
-        block, into both CTAs' stage; the stage's barrier expects the whole block's bytes."""
+        block, into both CTAs' stage; the stage's barrier expects the whole block's bytes. Split
+        K/V: K into its ring, then V into its own."""
         tKsK, tKgK, tVsV, tVgV = kv_views
-        pipe_kv.producer_acquire(kv_state)
-        bar = pipe_kv.producer_get_barrier(kv_state)
         kw = {"mcast_mask": cutlass.Int16((1 << self.CL) - 1)} if self.CL > 1 else {}
-        cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar, **kw)
-        cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar, **kw)
+        if cutlass.const_expr(self.split_kv):
+            pipe_kv.k.producer_acquire(kv_state)
+            cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index],
+                      tma_bar_ptr=pipe_kv.k.producer_get_barrier(kv_state), **kw)
+            pipe_kv.v.producer_acquire(kv_state)
+            cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index],
+                      tma_bar_ptr=pipe_kv.v.producer_get_barrier(kv_state), **kw)
+        else:
+            pipe_kv.producer_acquire(kv_state)
+            bar = pipe_kv.producer_get_barrier(kv_state)
+            cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar, **kw)
+            cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index], tma_bar_ptr=bar, **kw)
 
     @cute.jit
     def gather_rows(self, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor, pipe_q, q_state, r0: Int32,
@@ -629,7 +672,11 @@ class MobaFwdSm90:
                                    pbase, scale_log2, ctid, wg)
         elif nblk == 1:
             # the chunk fits one n-block: loaded once for the whole unit, never released
-            pipe_kv.consumer_wait(kv_first)
+            if cutlass.const_expr(self.split_kv):
+                pipe_kv.k.consumer_wait(kv_first)
+                pipe_kv.v.consumer_wait(kv_first)
+            else:
+                pipe_kv.consumer_wait(kv_first)
             if nkeys < BN:
                 # keys past the chunk (the next chunk or sequence, or TMA's zero fill) get
                 # probability 0; zero their V rows so that a non-finite value there cannot
@@ -755,46 +802,52 @@ class MobaFwdSm90:
                 cute.arch.barrier(barrier_id=PP_BARRIER, number_of_threads=256)
 
     @cute.jit
-    def stream_overlapped(self, f: ConsumerFrags, pipe_q, pipe_kv, sV: cute.Tensor, q_state, has, j: Int32,
+    def stream_overlapped(self, f: ConsumerFrags, pipe_q, pipe_kv: SplitKV, sV: cute.Tensor, q_state, has, j: Int32,
                           nblk: Int32, nkeys: Int32, scale_log2: Float32, ctid: Int32, wg: Int32):
         """Step ``j``'s n-blocks with FlashAttention-3's intra-warpgroup overlap (two or more K/V
-        stages: n-block n - 1 stays held until its ``PV`` is done): n's ``QK^T`` and n - 1's
-        ``PV`` are issued back to back, n's softmax runs while that ``PV`` is on the tensor cores,
-        then ``O`` is rescaled and ``P`` replaced. The same operations on ``O`` in the same order
-        as one block after the other (bitwise equal). Block 0 is peeled and the Q stage released
-        after the last ``PV``, so that no branch sits between a wgmma issue and its wait (ptxas
-        serializes the wgmmas otherwise: warning C7520)."""
-        BN, dt = self.BN, self.dtype
+        stages): n's ``QK^T`` and n - 1's ``PV`` are issued back to back, n's softmax runs while
+        that ``PV`` is on the tensor cores, then ``O`` is rescaled and ``P`` replaced. The same
+        operations on ``O`` in the same order as one block after the other (bitwise equal). Block
+        0 is peeled and the Q stage released after the last ``PV``, so that no branch sits between
+        a wgmma issue and its wait (ptxas serializes the wgmmas otherwise: warning C7520). K and V
+        are in rings of their own (``split_kv``): block n's K goes back once its ``QK^T`` is done,
+        n - 1's V once its ``PV`` is; a V tail is zeroed when V has landed, before its ``PV``. A
+        warpgroup without a sub-tile (``has`` false) waits for and releases the same stages."""
+        BN, dt, KS = self.BN, self.dtype, self.KS
         NR = cute.size(f.O_mn, mode=[0])
         corr = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
         b0 = j * nblk
         # ---- n-block 0: S = Q K^T, softmax (O is zero)
-        self.wait_kv_block(pipe_kv, sV, b0, nkeys, ctid, wg)
+        pipe_kv.k.consumer_wait(ring_state(KS, b0))
         if has:
             self.pp_turn(wg)
             warpgroup.fence()
-            gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, b0 % self.KS)
+            gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, b0 % KS)
             warpgroup.commit_group()
             self.pp_pass(wg)
             warpgroup.wait_group(0)
+            pipe_kv.k.consumer_release(ring_state(KS, b0))
             self.mask_keys_from(f.S_mn, f.cS_mn, nkeys)
             _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
             f.rP.store(f.acc_S.load().to(dt))
         else:
             self.pp_idle(wg)
+            pipe_kv.k.consumer_release(ring_state(KS, b0))
         for n in cutlass.range(1, nblk, unroll=1):
             b = b0 + n
-            self.wait_kv_block(pipe_kv, sV, b, nkeys - n * BN, ctid, wg)
+            pipe_kv.k.consumer_wait(ring_state(KS, b))
+            self.wait_v_block(pipe_kv, sV, b - 1, nkeys - (n - 1) * BN, ctid, wg)
             if has:
                 # ---- S = Q K^T of block n, then O += P V of block n - 1 behind it
                 self.pp_turn(wg)
                 warpgroup.fence()
-                gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, b % self.KS)
+                gemm_kblocks(f.mma_qk, f.acc_S, f.tSrQ, f.tSrK, q_state.index, b % KS)
                 warpgroup.commit_group()
-                gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, (b - 1) % self.KS, zero_init=False)
+                gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, (b - 1) % KS, zero_init=False)
                 warpgroup.commit_group()
                 self.pp_pass(wg)
                 warpgroup.wait_group(1)  # QK^T(n) done; PV(n - 1) may still run
+                pipe_kv.k.consumer_release(ring_state(KS, b))
                 # ---- softmax of block n on the CUDA cores meanwhile
                 self.mask_keys_from(f.S_mn, f.cS_mn, nkeys - n * BN)
                 _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2, corr)
@@ -804,19 +857,30 @@ class MobaFwdSm90:
                 f.rP.store(f.acc_S.load().to(dt))
             else:
                 self.pp_idle(wg)
-            pipe_kv.consumer_release(ring_state(self.KS, b - 1))
+                pipe_kv.k.consumer_release(ring_state(KS, b))
+            pipe_kv.v.consumer_release(ring_state(KS, b - 1))
         # ---- the last block's O += P V
+        blast = b0 + nblk - 1
+        self.wait_v_block(pipe_kv, sV, blast, nkeys - (nblk - 1) * BN, ctid, wg)
         if has:
             self.pp_turn(wg)
             warpgroup.fence()
-            gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, (b0 + nblk - 1) % self.KS, zero_init=False)
+            gemm_kblocks(f.mma_pv, f.acc_O, f.tOrP, f.tOrVt, None, blast % KS, zero_init=False)
             warpgroup.commit_group()
             self.pp_pass(wg)
             warpgroup.wait_group(0)
             pipe_q.consumer_release(q_state)  # (Q was last read by the last QK^T)
         else:
             self.pp_idle(wg)
-        pipe_kv.consumer_release(ring_state(self.KS, b0 + nblk - 1))
+        pipe_kv.v.consumer_release(ring_state(KS, blast))
+
+    @cute.jit
+    def wait_v_block(self, pipe_kv: SplitKV, sV: cute.Tensor, b: Int32, nvalid: Int32, ctid: Int32, wg: Int32):
+        """Split K/V: wait for n-block ``b``'s V and zero its rows from ``nvalid`` on (past the
+        chunk)."""
+        pipe_kv.v.consumer_wait(ring_state(self.KS, b))
+        if nvalid < self.BN:
+            self.zero_v_tail(sV, b % self.KS, nvalid, ctid, wg)
 
     def q_reg_frags(self, sQ: cute.Tensor, sK: cute.Tensor, ctid: Int32) -> "QRegFrags":
         """``q_regs``: the RS QK^T tiled MMA, the register Q fragment and its K operand, and the
