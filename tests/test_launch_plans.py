@@ -87,8 +87,8 @@ def test_sm90_forward_plan_layout():
 
 def test_sm90_plan_multicast_from_long_chunks(monkeypatch):
     """K/V multicast (clusters of two CTAs) is the sm90 plan's default from chunks of
-    ``FWD_KV_MULTICAST_MIN_CHUNK`` keys, not below and not with the overlap; the segment kernel's
-    compile key says so."""
+    ``FWD_KV_MULTICAST_MIN_CHUNK`` keys, not below and not with the overlap (where the tile has the
+    two K/V stages it takes); the segment kernel's compile key says so."""
     from moba_cute.configs import attention_sm90 as cfg90
 
     for var in ("MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_SM90_TILES"):
@@ -103,6 +103,9 @@ def test_sm90_plan_multicast_from_long_chunks(monkeypatch):
     q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=lo, K=2)
     plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
     assert plan.mcast == 1 and plan.ks.specs["seg"][0][-1] == "overlap"
+    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "128,8,1")  # one K/V stage: no overlap, so multicast
+    plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+    assert plan.mcast == 2 and plan.ks.specs["seg"][0][-1] == "mc2"
 
 
 def test_backward_reuses_the_forward_index_layout(monkeypatch):
