@@ -106,6 +106,9 @@ def test_sm90_plan_multicast_from_long_chunks(monkeypatch):
     monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "128,8,1")  # one K/V stage: no overlap, so multicast
     plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
     assert plan.mcast == 2 and plan.ks.specs["seg"][0][-1] == "mc2"
+    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "128,8,2,2")  # the pair tile: one CTA, no cluster
+    plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+    assert plan.mcast == 1 and plan.ks.specs["seg"][0][-1] == "pingpong"
 
 
 def test_backward_reuses_the_forward_index_layout(monkeypatch):

@@ -703,8 +703,9 @@ class FwdPlan(_PlanBase):
             self.staged = fwd_staged()
             self.overlap = fwd_overlap()
             self.q_regs = fwd_q_regs()
-            # (the overlap asked for takes effect only in tiles of two or more K/V stages)
-            self.mcast = 2 if fwd_kv_multicast(self.C, self.overlap and sm90_tile_fields(self.tile)[2] >= 2) else 1
+            # one-consumer tiles only; the overlap asked for takes effect only with two K/V stages
+            _, _, kst, nw = sm90_tile_fields(self.tile)
+            self.mcast = 2 if nw == 1 and fwd_kv_multicast(self.C, self.overlap and kst >= 2) else 1
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
