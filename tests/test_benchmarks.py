@@ -603,3 +603,27 @@ def test_ncu_tools_parse_their_inputs():
     assert len(lines) == 3
     with pytest.raises(ValueError, match="SourceCounters"):
         top_stalls('"Address","Source","Instructions Executed"\n"0x10","FADD","5"')
+
+
+def test_fwd_env_ab_variants_and_environment(monkeypatch):
+    """benchmarks.fwd_env_ab: variants parse into MOBA_CUTE_* settings (tiles keep their commas),
+    bad ones name the rule; each variant applies alone and the environment comes back; unknown
+    shapes and counts are refused before anything runs."""
+    from benchmarks import fwd_env_ab as ab
+
+    assert ab.parse_variant("") == {}
+    assert ab.parse_variant("MOBA_CUTE_SM90_TILES=64,8,2; MOBA_CUTE_FWD_OVERLAP=1") == {
+        "MOBA_CUTE_SM90_TILES": "64,8,2", "MOBA_CUTE_FWD_OVERLAP": "1"}
+    for bad in ("OVERLAP=1", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_X=1;MOBA_CUTE_X=0"):
+        with pytest.raises(ValueError, match="MOBA_CUTE_NAME=VALUE"):
+            ab.parse_variant(bad)
+    monkeypatch.setenv("MOBA_CUTE_FWD_MULTICAST", "0")
+    monkeypatch.delenv("MOBA_CUTE_FWD_OVERLAP", raising=False)
+    names = ["MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_OVERLAP"]
+    with ab.applied({"MOBA_CUTE_FWD_OVERLAP": "1"}, names):
+        assert os.environ["MOBA_CUTE_FWD_OVERLAP"] == "1" and "MOBA_CUTE_FWD_MULTICAST" not in os.environ
+    assert os.environ["MOBA_CUTE_FWD_MULTICAST"] == "0" and "MOBA_CUTE_FWD_OVERLAP" not in os.environ
+    with pytest.raises(SystemExit, match="unknown shape"):
+        ab.main(["--shapes", "nope", ""])
+    with pytest.raises(SystemExit, match="--rounds"):
+        ab.main(["--rounds", "0", ""])

@@ -1,0 +1,129 @@
+"""A/B of the sm90 forward's switches in one process (GPU): per shape and variant, the CuTe
+forward's median ms given a routing (segment kernel, diagonal/merge and index; no routing), in
+interleaved rounds so that drift shows as round-to-round change, and whether the output equals
+the first variant's bit for bit (the overlap, multicast and the pair tile must; tiles of another
+``bn`` need not). A variant is a ``;``-separated list of ``MOBA_CUTE_*`` settings, ``""`` for
+the defaults; each is applied alone (the others' settings are undone) and its plans rebuilt.
+Ratios against the first variant are printed at the end.
+
+    python -m benchmarks.fwd_env_ab --shapes moba-large-128K \\
+        "MOBA_CUTE_SM90_TILES=64,8,2" "MOBA_CUTE_SM90_TILES=64,8,2;MOBA_CUTE_FWD_OVERLAP=1"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+
+SHAPES = {  # name -> (B, S, H, Hk, C, K)
+    "flashmoba-8K": (2, 8192, 16, 16, 128, 8),
+    "flashmoba-64K": (2, 65536, 16, 16, 128, 8),
+    "C512-32K": (1, 32768, 32, 8, 512, 3),
+    "C2048-64K": (1, 65536, 32, 8, 2048, 8),
+    "moba-large-32K": (1, 32768, 32, 8, 4096, 12),
+    "moba-large-128K": (1, 131072, 32, 8, 4096, 12),
+}
+
+
+def parse_variant(text: str) -> dict:
+    """``"NAME=VALUE;NAME=VALUE"`` -> {NAME: VALUE}; names must be ``MOBA_CUTE_*`` and appear once."""
+    env = {}
+    for item in (x.strip() for x in text.split(";")):
+        if not item:
+            continue
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or not name.startswith("MOBA_CUTE_") or name in env:
+            raise ValueError(f"variant {text!r}: each item must be MOBA_CUTE_NAME=VALUE, once per name "
+                             f"(items separated by ';'), not {item!r}")
+        env[name] = value.strip()
+    return env
+
+
+@contextlib.contextmanager
+def applied(env: dict, names):
+    """``env`` in force within the block; every name of ``names`` not in it unset; all restored after."""
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        for n in names:
+            os.environ.pop(n, None)
+        os.environ.update(env)
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--shapes", default="moba-large-32K", help=f"comma-separated, of {', '.join(SHAPES)}")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("variants", nargs="+", help='e.g. "" "MOBA_CUTE_FWD_OVERLAP=1"')
+    args = ap.parse_args(argv)
+    variants = [(v, parse_variant(v)) for v in args.variants]
+    shapes = args.shapes.split(",")
+    for name in shapes:
+        if name not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {name!r} (known: {', '.join(SHAPES)})")
+    if args.rounds < 1 or args.reps < 1:
+        raise SystemExit("--rounds and --reps must be >= 1")
+    names = sorted({n for _, env in variants for n in env})
+
+    import torch
+
+    from moba_cute import route
+    from moba_cute.kernels import attention_launch as L
+
+    from .timing import time_idle
+
+    dev = "cuda"
+    out, ms = [], {}
+    for shape in shapes:
+        B, S, H, Hk, C, K = SHAPES[shape]
+        torch.manual_seed(0)
+        q = torch.randn(B * S, H, args.D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(B * S, Hk, args.D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(B * S, Hk, args.D, device=dev, dtype=torch.bfloat16)
+        cu = torch.arange(B + 1, device=dev, dtype=torch.int32) * S
+        r = route(q, k, cu, cu, S, S, C, K, True)
+        base = None
+        for rnd in range(args.rounds):
+            for text, env in variants:
+                with applied(env, names):
+                    L.FWD_PLANS.clear()  # (plans read the switches when they are built)
+                    o, _ = L.attention_cute(q, k, v, r, None, False)
+                    if base is None:
+                        base = o.clone()
+                    t = time_idle(lambda: L.attention_cute(q, k, v, r, None, False), dev, reps=args.reps,
+                                  warmup=2).median_ms
+                    plan = next(iter(L.FWD_PLANS.plans.values()))
+                rec = dict(shape=shape, D=args.D, variant=text, round=rnd, fwd_ms=round(t, 4),
+                           tile=list(plan.tile), mcast=getattr(plan, "mcast", None),
+                           overlap=getattr(plan, "overlap", None),
+                           same_bits_as_first=bool(torch.equal(o, base)),
+                           max_diff_vs_first=float((o.float() - base.float()).abs().max()),
+                           device=torch.cuda.get_device_name())
+                print(json.dumps(rec), flush=True)
+                out.append(rec)
+                ms.setdefault((shape, text), []).append(t)
+        del q, k, v, r, base
+        L.FWD_PLANS.clear()
+        torch.cuda.empty_cache()
+    for shape in shapes:
+        first = statistics.median(ms[(shape, variants[0][0])])
+        for text, _ in variants:
+            m = statistics.median(ms[(shape, text)])
+            print(f"{shape:18s} {m:9.3f} ms  x{first / m:5.3f} vs first  {text or '(defaults)'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
