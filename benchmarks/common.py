@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["Inputs", "make_inputs", "Runner", "Unsupported", "grad_fn"]
+__all__ = ["Inputs", "make_inputs", "Runner", "Unsupported", "grad_fn", "environment", "routed_batch"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@contextlib.contextmanager
+def environment(env: dict, names=()):
+    """``env`` in force within the block and every other name of ``names`` unset; all of them
+    as they were after."""
+    saved = {n: os.environ.get(n) for n in set(names) | set(env)}
+    try:
+        for n in names:
+            os.environ.pop(n, None)
+        os.environ.update(env)
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def routed_batch(B: int, S: int, H: int, Hk: int, D: int, C: int, K: int, device: str = "cuda", seed: int = 0):
+    """(q, k, v, cu_seqlens, routing) of ``B`` sequences of ``S`` tokens, bf16 random normal,
+    causal CuTe routing with chunk ``C`` and top-``K``: the one-process A/B tools' inputs."""
+    from moba_cute import route
+
+    torch.manual_seed(seed)
+    q = torch.randn(B * S, H, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(B * S, Hk, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(B * S, Hk, D, device=device, dtype=torch.bfloat16)
+    cu = torch.arange(B + 1, device=device, dtype=torch.int32) * S
+    return q, k, v, cu, route(q, k, cu, cu, S, S, C, K, True)
 
 
 class Unsupported(Exception):

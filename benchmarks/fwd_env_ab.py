@@ -13,9 +13,7 @@ Ratios against the first variant are printed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 
 SHAPES = {  # name -> (B, S, H, Hk, C, K)
@@ -43,23 +41,6 @@ def parse_variant(text: str) -> dict:
     return env
 
 
-@contextlib.contextmanager
-def applied(env: dict, names):
-    """``env`` in force within the block; every name of ``names`` not in it unset; all restored after."""
-    saved = {n: os.environ.get(n) for n in names}
-    try:
-        for n in names:
-            os.environ.pop(n, None)
-        os.environ.update(env)
-        yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--D", type=int, default=128)
@@ -79,25 +60,20 @@ def main(argv=None):
 
     import torch
 
-    from moba_cute import route
     from moba_cute.kernels import attention_launch as L
 
+    from .common import environment, routed_batch
     from .timing import time_idle
 
     dev = "cuda"
     out, ms = [], {}
     for shape in shapes:
         B, S, H, Hk, C, K = SHAPES[shape]
-        torch.manual_seed(0)
-        q = torch.randn(B * S, H, args.D, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(B * S, Hk, args.D, device=dev, dtype=torch.bfloat16)
-        v = torch.randn(B * S, Hk, args.D, device=dev, dtype=torch.bfloat16)
-        cu = torch.arange(B + 1, device=dev, dtype=torch.int32) * S
-        r = route(q, k, cu, cu, S, S, C, K, True)
+        q, k, v, cu, r = routed_batch(B, S, H, Hk, args.D, C, K, dev)
         base = None
         for rnd in range(args.rounds):
             for text, env in variants:
-                with applied(env, names):
+                with environment(env, names):
                     L.FWD_PLANS.clear()  # (plans read the switches when they are built)
                     o, _ = L.attention_cute(q, k, v, r, None, False)
                     if base is None:
@@ -114,7 +90,7 @@ def main(argv=None):
                 print(json.dumps(rec), flush=True)
                 out.append(rec)
                 ms.setdefault((shape, text), []).append(t)
-        del q, k, v, r, base
+        del q, k, v, cu, r, base
         L.FWD_PLANS.clear()
         torch.cuda.empty_cache()
     for shape in shapes:

@@ -30,10 +30,10 @@ def main(argv=None):
     ap.add_argument("variants", nargs="*", default=["64,128,128,1", "64,80,128,1"])
     args = ap.parse_args(argv)
     os.environ["MOBA_CUTE_FWD_SM80"] = "1"
-    from moba_cute import route
     from moba_cute.configs import attention_sm80 as cfg
     from moba_cute.kernels import attention_launch as L
 
+    from .common import routed_batch
     from .timing import time_idle
 
     saved = cfg.FWD_TILES[args.D]
@@ -42,12 +42,7 @@ def main(argv=None):
     try:
         for name in args.shapes.split(","):
             B, S, H, Hk, C, K = SHAPES[name]
-            torch.manual_seed(0)
-            q = torch.randn(B * S, H, args.D, device=dev, dtype=torch.bfloat16)
-            k = torch.randn(B * S, Hk, args.D, device=dev, dtype=torch.bfloat16)
-            v = torch.randn(B * S, Hk, args.D, device=dev, dtype=torch.bfloat16)
-            cu = torch.arange(B + 1, device=dev, dtype=torch.int32) * S
-            r = route(q, k, cu, cu, S, S, C, K, True)
+            q, k, v, cu, r = routed_batch(B, S, H, Hk, args.D, C, K, dev)
             base = None
             for rnd in range(2):  # interleaved rounds: drift shows up as round-to-round change
                 for var in args.variants:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -332,56 +331,43 @@ def build(case: Case, device="cuda", seed=0):
     return q, k, v, cq, ck, max(case.lens_q + (0,)), max(case.lens_k + (0,))
 
 
+_ENV_NAMES = ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
+              "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
+              "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST")
+
+
 @contextlib.contextmanager
 def _env(case: Case):
     """The forward family / stages / partial windows and top-k tile a case asks for (launch
-    plans re-planned)."""
+    plans re-planned); the switches a case does not set are unset (their defaults)."""
     from moba_cute.kernels import attention_launch, route_launch
 
-    saved = {n: os.environ.get(n) for n in ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES",
-                                            "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
-                                            "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP",
-                                            "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
-                                            "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST")}
-    os.environ["MOBA_CUTE_FWD_SM80"] = "1" if case.fwd == "sm80" else "0"
-    os.environ["MOBA_CUTE_FWD_OVERLAP"] = "1" if case.overlap else "0"
-    os.environ["MOBA_CUTE_FWD_QREGS"] = "1" if case.q_regs else "0"
-    os.environ["MOBA_CUTE_FWD_MULTICAST"] = "1" if case.mcast else "0"
-    if case.diag_sm90:
-        os.environ["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
-    else:
-        os.environ.pop("MOBA_CUTE_FWD_DIAG_SM90", None)  # (chunks of 512 keys or more: wgmma)
-    if case.diag_sm90:  # both merges have cases of their own; other cases take the default
-        os.environ["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"
-    else:
-        os.environ.pop("MOBA_CUTE_FWD_DIAG_STAGED", None)
+    from .common import environment
+
+    env = {"MOBA_CUTE_FWD_SM80": "1" if case.fwd == "sm80" else "0",
+           "MOBA_CUTE_FWD_OVERLAP": "1" if case.overlap else "0",
+           "MOBA_CUTE_FWD_QREGS": "1" if case.q_regs else "0",
+           "MOBA_CUTE_FWD_MULTICAST": "1" if case.mcast else "0",
+           "MOBA_CUTE_FWD_STAGED": "1" if case.staged else "0"}
+    if case.diag_sm90:  # (other cases: the chunk-size default; both merges have cases of their own)
+        env["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
+        env["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"
     if case.sm90_tile:
-        os.environ["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
-    else:
-        os.environ.pop("MOBA_CUTE_SM90_TILES", None)
-    os.environ["MOBA_CUTE_FWD_STAGED"] = "1" if case.staged else "0"
+        env["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
     if case.windows:
-        os.environ["MOBA_CUTE_FWD_PARTIAL_BYTES"] = str(case.partial_bytes or 1)
-    else:
-        os.environ.pop("MOBA_CUTE_FWD_PARTIAL_BYTES", None)
+        env["MOBA_CUTE_FWD_PARTIAL_BYTES"] = str(case.partial_bytes or 1)
     if case.stages:
-        os.environ["MOBA_CUTE_FWD_STAGES"] = str(case.stages)
-    else:
-        os.environ.pop("MOBA_CUTE_FWD_STAGES", None)
-    attention_launch.FWD_PLANS.clear()
-    attention_launch.BWD_PLANS.clear()
+        env["MOBA_CUTE_FWD_STAGES"] = str(case.stages)
     tile = route_launch.topk_tile_override(case.topk_tile) if case.topk_tile else contextlib.nullcontext()
-    try:
-        with tile:
-            yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
+    with environment(env, _ENV_NAMES):
         attention_launch.FWD_PLANS.clear()
         attention_launch.BWD_PLANS.clear()
+        try:
+            with tile:
+                yield
+        finally:
+            attention_launch.FWD_PLANS.clear()
+            attention_launch.BWD_PLANS.clear()
 
 
 def run_case(case: Case, device="cuda", backend="cute", grad=None):

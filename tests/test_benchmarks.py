@@ -607,7 +607,8 @@ def test_ncu_tools_parse_their_inputs():
 
 def test_fwd_env_ab_variants_and_environment(monkeypatch):
     """benchmarks.fwd_env_ab: variants parse into MOBA_CUTE_* settings (tiles keep their commas),
-    bad ones name the rule; each variant applies alone and the environment comes back; unknown
+    bad ones name the rule; each variant applies alone (benchmarks.common.environment) and the
+    environment comes back; unknown
     shapes and counts are refused before anything runs."""
     from benchmarks import fwd_env_ab as ab
 
@@ -617,10 +618,12 @@ def test_fwd_env_ab_variants_and_environment(monkeypatch):
     for bad in ("OVERLAP=1", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_X=1;MOBA_CUTE_X=0"):
         with pytest.raises(ValueError, match="MOBA_CUTE_NAME=VALUE"):
             ab.parse_variant(bad)
+    from benchmarks.common import environment
+
     monkeypatch.setenv("MOBA_CUTE_FWD_MULTICAST", "0")
     monkeypatch.delenv("MOBA_CUTE_FWD_OVERLAP", raising=False)
     names = ["MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_OVERLAP"]
-    with ab.applied({"MOBA_CUTE_FWD_OVERLAP": "1"}, names):
+    with environment({"MOBA_CUTE_FWD_OVERLAP": "1"}, names):
         assert os.environ["MOBA_CUTE_FWD_OVERLAP"] == "1" and "MOBA_CUTE_FWD_MULTICAST" not in os.environ
     assert os.environ["MOBA_CUTE_FWD_MULTICAST"] == "0" and "MOBA_CUTE_FWD_OVERLAP" not in os.environ
     with pytest.raises(SystemExit, match="unknown shape"):
