@@ -701,11 +701,14 @@ class FwdPlan(_PlanBase):
             self.layout.add("part_lse", npart * 4)
             self.fwd_windows = self._windows()
             self.staged = fwd_staged()
-            self.overlap = fwd_overlap()
+            from .moba_fwd_sm90 import MobaFwdSm90
+
+            bn, _, kst, nw = sm90_tile_fields(self.tile)
+            # the overlap that takes effect in this tile (the kernel's own rule); clusters only for
+            # one-consumer tiles
+            self.overlap = MobaFwdSm90.variants(bn, kst, fwd_overlap(), False, 1)[0]
             self.q_regs = fwd_q_regs()
-            # one-consumer tiles only; the overlap asked for takes effect only with two K/V stages
-            _, _, kst, nw = sm90_tile_fields(self.tile)
-            self.mcast = 2 if nw == 1 and fwd_kv_multicast(self.C, self.overlap and kst >= 2) else 1
+            self.mcast = 2 if nw == 1 and fwd_kv_multicast(self.C, self.overlap) else 1
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,

@@ -296,11 +296,15 @@ class MobaFwdSm90:
         # 4-byte stores from the accumulator fragments (half a sector per row and store)
         self.staged = bool(staged)
         self.overlap, self.q_regs, self.CL = self.variants(bn, kv_stages, overlap, q_regs, mcast)
-        # the overlapped loop holds block n - 1's V while block n's K is read: with K and V in
-        # rings of their own the producer refills K as soon as QK^T has read it, instead of
-        # after the previous block's PV (a joint K/V stage left every block's load exposed)
-        self.split_kv = self.overlap
         self.pingpong = False  # (MobaFwdSm90Pair)
+
+    @property
+    def split_kv(self) -> bool:
+        """K and V in TMA rings of their own (:class:`SplitKV`): with the overlap. Its loop holds
+        block n - 1's V while block n's K is read, so the producer refills K as soon as ``QK^T``
+        has read it, instead of after the previous block's ``PV`` (a joint K/V stage left every
+        block's load exposed)."""
+        return self.overlap
 
     @staticmethod
     def variants(bn: int, kv_stages: int, overlap: bool, q_regs: bool, mcast: int):
@@ -836,7 +840,7 @@ class MobaFwdSm90:
         for n in cutlass.range(1, nblk, unroll=1):
             b = b0 + n
             pipe_kv.k.consumer_wait(ring_state(KS, b))
-            self.wait_v_block(pipe_kv, sV, b - 1, nkeys - (n - 1) * BN, ctid, wg)
+            pipe_kv.v.consumer_wait(ring_state(KS, b - 1))  # (a full block: only the last has a V tail)
             if has:
                 # ---- S = Q K^T of block n, then O += P V of block n - 1 behind it
                 self.pp_turn(wg)
@@ -861,7 +865,10 @@ class MobaFwdSm90:
             pipe_kv.v.consumer_release(ring_state(KS, b - 1))
         # ---- the last block's O += P V
         blast = b0 + nblk - 1
-        self.wait_v_block(pipe_kv, sV, blast, nkeys - (nblk - 1) * BN, ctid, wg)
+        nlast = nkeys - (nblk - 1) * BN  # the last block's keys in the chunk
+        pipe_kv.v.consumer_wait(ring_state(KS, blast))
+        if nlast < BN:
+            self.zero_v_tail(sV, blast % KS, nlast, ctid, wg)
         if has:
             self.pp_turn(wg)
             warpgroup.fence()
@@ -873,14 +880,6 @@ class MobaFwdSm90:
         else:
             self.pp_idle(wg)
         pipe_kv.v.consumer_release(ring_state(KS, blast))
-
-    @cute.jit
-    def wait_v_block(self, pipe_kv: SplitKV, sV: cute.Tensor, b: Int32, nvalid: Int32, ctid: Int32, wg: Int32):
-        """Split K/V: wait for n-block ``b``'s V and zero its rows from ``nvalid`` on (past the
-        chunk)."""
-        pipe_kv.v.consumer_wait(ring_state(self.KS, b))
-        if nvalid < self.BN:
-            self.zero_v_tail(sV, b % self.KS, nvalid, ctid, wg)
 
     def q_reg_frags(self, sQ: cute.Tensor, sK: cute.Tensor, ctid: Int32) -> "QRegFrags":
         """``q_regs``: the RS QK^T tiled MMA, the register Q fragment and its K operand, and the
