@@ -253,7 +253,7 @@ def tune(shapes: List[Shape], measure: Measure, arch: str, min_gain: float = 0.0
 
 def _tune_family(shape: Shape, fam: str, measure: Measure, min_gain: float, log: Callable[[str], None]) -> Result:
     """Time and choose among the candidates of one family for one shape."""
-    cands = list(tuned.candidates(fam, shape.D))
+    cands = list(tuned.candidates(fam, shape.D, shape.C))
     default = cands[0]
     log(f"    {fam}, class {shape.shape_class}, {len(cands)} candidates")
     if len(cands) < 2:
@@ -520,7 +520,7 @@ def _list(shapes: List[Shape]) -> None:
     for s in shapes:
         print(f"{s.name}: {s.label()}\n    class {s.shape_class}")
         for fam in (("decode",) if s.decode else [f for f in tuned.FAMILIES if f != "decode"]):
-            c = tuned.candidates(fam, s.D)
+            c = tuned.candidates(fam, s.D, s.C)
             if c:
                 print(f"    {fam}: " + " ".join(_fmt_tile(t) for t in c) + "  (built-in first)")
 

@@ -48,22 +48,32 @@ def test_sm90_forward(case, D, dtype):
 
 
 @needs_hopper
+@pytest.mark.parametrize("tile", ["builtin", "64,8,2"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_sm90_default_multicast_long_chunks(D, monkeypatch):
-    """Chunks of ``FWD_KV_MULTICAST_MIN_CHUNK`` keys: the plan takes K/V multicast by default, and
-    the result is the reference's (a sequence ending inside a chunk, a short one inside its first)."""
+def test_sm90_long_chunk_defaults(D, tile, monkeypatch):
+    """Chunks of ``FWD_KV_MULTICAST_MIN_CHUNK`` keys: the plan takes the built-in long-chunk tile
+    (the pair tile), and a one-consumer tile there runs with K/V multicast by default; both give
+    the reference's result (a sequence ending inside a chunk, a short one inside its first)."""
     from moba_cute.configs import attention_sm90 as cfg90
     from moba_cute.kernels import attention_launch as m
 
     monkeypatch.delenv("MOBA_CUTE_FWD_MULTICAST", raising=False)
     monkeypatch.delenv("MOBA_CUTE_FWD_OVERLAP", raising=False)
+    if tile == "builtin":
+        monkeypatch.delenv("MOBA_CUTE_SM90_TILES", raising=False)
+    else:
+        monkeypatch.setenv("MOBA_CUTE_SM90_TILES", tile)
     C = cfg90.FWD_KV_MULTICAST_MIN_CHUNK
     lens = [4 * C + 700, C // 2 + 33]
     m.FWD_PLANS.clear()
     try:
         _check(lens, lens, 4, 2, D, C, 3, True, torch.bfloat16, seed=77)
         plans = [p for k, p in m.FWD_PLANS.plans.items() if k[1] == sum(lens) and k[7] == C]
-        assert plans and all(p.sm90 and p.mcast == 2 for p in plans)
+        assert plans and all(p.sm90 for p in plans)
+        if tile == "builtin":
+            assert all(p.tile == cfg90.FWD_LONG_CHUNK_TILES[D][1] and p.mcast == 1 for p in plans)
+        else:
+            assert all(p.tile == (64, 8, 2) and p.mcast == 2 for p in plans)
     finally:
         m.FWD_PLANS.clear()
 

@@ -85,21 +85,46 @@ def test_sm90_forward_plan_layout():
     assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "pair_list"}
 
 
+def test_sm90_plan_long_chunk_tile(monkeypatch):
+    """Without a tuned entry the sm90 plan's tile is the pair tile from the chunk size
+    ``FWD_LONG_CHUNK_TILES`` gives for the head dim and ``FWD_TILES`` below; the tuner's built-in
+    candidate agrees."""
+    from moba_cute.configs import attention_sm90 as cfg90
+    from moba_cute.configs import tuned
+
+    for var in ("MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_SM90_TILES"):
+        monkeypatch.delenv(var, raising=False)
+    for D in (64, 128):
+        lo, long_tile = cfg90.FWD_LONG_CHUNK_TILES[D]
+        assert cfg90.tile_consumers(long_tile) == 2 and long_tile in cfg90.ALT_TILES[D]
+        for C, want in ((lo, long_tile), (2 * lo, long_tile), (lo // 2, cfg90.FWD_TILES[D]),
+                        (128, cfg90.FWD_TILES[D])):
+            q, k, r = _batch([C + 300, 200], H=4, Hk=2, D=D, C=C, K=2)
+            plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+            assert plan.tile == tuple(want) and plan.mcast == 1, (D, C, plan.tile)
+            assert tuned.builtin("sm90_fwd", D, C) == tuple(want)
+            assert set(tuned.candidates("sm90_fwd", D, C)) == set(tuned.candidates("sm90_fwd", D))
+
+
 def test_sm90_plan_multicast_from_long_chunks(monkeypatch):
-    """K/V multicast (clusters of two CTAs) is the sm90 plan's default from chunks of
-    ``FWD_KV_MULTICAST_MIN_CHUNK`` keys, not below and not with the overlap (where the tile has the
-    two K/V stages it takes); the segment kernel's compile key says so."""
+    """K/V multicast (clusters of two CTAs) is the sm90 plan's default for one-consumer tiles from
+    chunks of ``FWD_KV_MULTICAST_MIN_CHUNK`` keys, not below and not with the overlap (where the
+    tile has the two K/V stages it takes); the segment kernel's compile key says so. The pair tile
+    (the built-in tile of long chunks) runs one CTA per SM, never in clusters."""
     from moba_cute.configs import attention_sm90 as cfg90
 
     for var in ("MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_SM90_TILES"):
         monkeypatch.delenv(var, raising=False)
     lo = cfg90.FWD_KV_MULTICAST_MIN_CHUNK
+    q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=lo, K=2)
+    plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
+    assert plan.tile == cfg90.FWD_LONG_CHUNK_TILES[128][1] and plan.mcast == 1
+    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "64,8,2")
     for C, want in ((lo, 2), (lo // 2, 1)):
         q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=C, K=2)
         plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
         assert plan.mcast == want and (plan.ks.specs["seg"][0][-1] == "mc2") == (want == 2)
     monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1")
-    monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "64,8,2")
     q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=lo, K=2)
     plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
     assert plan.mcast == 1 and plan.ks.specs["seg"][0][-1] == "overlap"

@@ -8,10 +8,10 @@ streamed n-block, one CTA per SM (for chunks longer than ``bn``: half the L2 tra
 Otherwise two CTAs run per SM, each a producer and a consumer warpgroup. Shared memory: ``2 *
 consumers * 64 * D * 2`` (two Q stages per consumer warpgroup) ``+ kv_stages * 2 * bn * D * 2``
 bytes; the CTAs of one SM must fit in 227 KB. Chosen on the H200 (docs/design.md, section 8).
-On the H100 the pair tile ran 17-24% slower than (64, 8, 2) on moba-large (its two warpgroups
-share each n-block stage and run in lockstep; update 5, measured), so it is never a default. With
-FA3's ping-pong between its warpgroups (now always on) it gained 7% and stayed 15% slower: segment
-kernel at moba-large 128K on the H200 196.6 -> 182.3 ms against (64, 8, 2)'s 159.0.
+The pair tile ran 15-24% slower than (64, 8, 2) on moba-large while K and V shared one ring
+stage (its two warpgroups hold a stage until both are done with it); since K and V have rings of
+their own (``SplitKV``, 2026-12-06) it is the fastest tile on the H100 from 512-key chunks:
+:data:`FWD_LONG_CHUNK_TILES`.
 """
 
 from __future__ import annotations
@@ -63,10 +63,31 @@ FWD_Q_REGS = False
 # 176.4 -> 212.1): docs/design.md, section 8
 FWD_KV_MULTICAST_MIN_CHUNK = 2048
 
+# head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
+# (below: FWD_TILES). H100, whole forward (benchmarks.fwd_env_ab, one process), ms, previous
+# default -> (128, 8, 2, 2). D = 128: moba-large 128K (C = 4096, K = 12) 173.8 -> 152.7 (the then
+# tuned (64, 8, 2), in clusters); moba-large 32K 19.14 -> 17.23; C = 2048 (K = 8, 64K, H = 32/8)
+# 33.70 -> 29.76 ((128, 8, 1) in clusters); C = 512 (K = 3, 32K) 2.468 -> 2.335; at C = 128 it
+# loses (flashmoba 64K 6.19 -> 7.50, 8K 0.88 -> 1.04). D = 64, (128, 8, 1) -> pair: moba-large
+# 128K 117.2 -> 104.2, C = 2048 22.23 -> 19.48, C = 512 1.610 -> 1.641 (a loss: not from 512)
+FWD_LONG_CHUNK_TILES = {
+    64: (2048, (128, 8, 2, 2)),
+    128: (512, (128, 8, 2, 2)),
+}
+
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 
 SMEM_PER_SM = 227 * 1024
 CTAS_PER_SM = 2
+
+
+def fwd_tile(head_dim: int, chunk_size=None) -> tuple:
+    """The built-in segment-kernel tile of ``head_dim`` for chunks of ``chunk_size`` keys (None:
+    the short-chunk tile)."""
+    lo, tile = FWD_LONG_CHUNK_TILES.get(head_dim, (None, None))
+    if chunk_size is not None and lo is not None and chunk_size >= lo:
+        return tuple(tile)
+    return tuple(FWD_TILES[head_dim])
 
 
 def tile_consumers(tile) -> int:

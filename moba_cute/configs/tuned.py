@@ -81,14 +81,17 @@ _DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16", "bf16": "bf16", "fp16": "f
 _CLASS_RE = re.compile(r"^(bf16|fp16)-d(\d+)-(causal|noncausal)-c(\d+)-k(\d+)-rows2\^(\d+)$")
 
 
-def candidates(family: str, head_dim: int) -> tuple:
-    """The shipped tiles of ``family`` for ``head_dim``, the built-in default first; () when the
-    family has none for that head dim. Only these may come from a table or the tuner."""
+def candidates(family: str, head_dim: int, chunk_size=None) -> tuple:
+    """The shipped tiles of ``family`` for ``head_dim``, the built-in default first (for
+    ``sm90_fwd``, the default for chunks of ``chunk_size`` keys: ``attention_sm90.fwd_tile``; the
+    set does not depend on it); () when the family has none for that head dim. Only these may
+    come from a table or the tuner."""
     if family == "sm90_fwd":
         if head_dim not in cfg90.FWD_TILES:
             return ()
-        dflt = tuple(cfg90.FWD_TILES[head_dim])
-        return (dflt,) + tuple(tuple(t) for t in cfg90.ALT_TILES.get(head_dim, ()) if tuple(t) != dflt)
+        dflt = cfg90.fwd_tile(head_dim, chunk_size)
+        rest = (tuple(cfg90.FWD_TILES[head_dim]),) + tuple(tuple(t) for t in cfg90.ALT_TILES.get(head_dim, ()))
+        return (dflt,) + tuple(dict.fromkeys(t for t in rest if t != dflt))
     if family == "sm80_fwd":
         if head_dim not in cfg80.FWD_TILES:
             return ()
@@ -103,9 +106,9 @@ def candidates(family: str, head_dim: int) -> tuple:
     raise ValueError(f"unknown tile family {family!r}; choose one of {FAMILIES}")
 
 
-def builtin(family: str, head_dim: int):
-    """The built-in default tile (configs constants), or None."""
-    c = candidates(family, head_dim)
+def builtin(family: str, head_dim: int, chunk_size=None):
+    """The built-in default tile (configs constants; ``chunk_size``: :func:`candidates`), or None."""
+    c = candidates(family, head_dim, chunk_size)
     return c[0] if c else None
 
 

@@ -269,12 +269,12 @@ def sm90_tile_fields(tile):
     return tile[0], tile[1], tile[2], cfg90.tile_consumers(tile)
 
 
-def sm90_tiles(head_dim, shape_class=None, device=None):
+def sm90_tiles(head_dim, shape_class=None, device=None, chunk_size=None):
     """(bn, sub, kv_stages[, 2]) of the sm90 segment kernel (:func:`sm90_tile_fields`): for a
     launch plan (``shape_class`` given) the tuner's override first; then
     ``MOBA_CUTE_SM90_TILES=bn,sub,stages[,2]`` (tile sweeps); then, for a plan, the tuned tables'
     tile for ``shape_class`` on CUDA device index ``device`` (configs/tuned.py); else
-    configs/attention_sm90.py."""
+    configs/attention_sm90.py's built-in tile for chunks of ``chunk_size`` keys."""
     t = None
     if shape_class is not None:
         t = tuned.forced("sm90_fwd", head_dim)
@@ -292,7 +292,7 @@ def sm90_tiles(head_dim, shape_class=None, device=None):
         return t
     if shape_class is not None:
         t = tuned.lookup("sm90_fwd", head_dim, shape_class, device)
-    return t if t is not None else tuple(cfg90.FWD_TILES[head_dim])
+    return t if t is not None else cfg90.fwd_tile(head_dim, chunk_size)
 
 
 @contextlib.contextmanager
@@ -679,7 +679,7 @@ class FwdPlan(_PlanBase):
             _warn_once(f"moba_cute: the sm90 forward has no tiles for head_dim={self.D} "
                        f"(it has {cfg90.SUPPORTED_HEAD_DIMS}); using the sm80 (mma.sync) forward")
         if self.sm90:
-            self.tile = sm90_tiles(self.D, self.shape_class, device)
+            self.tile = sm90_tiles(self.D, self.shape_class, device, self.C)
             kp = self.K - (1 if self.causal else 0)
             # windows of KV heads: the segment kernel and the merge run once per window, whose
             # partials (normalized o in the input dtype, log2-domain LSE; head-major) the buffer
