@@ -54,6 +54,16 @@ def _specs():
                         key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, overlap=True, mcast=2)["seg"]
                         assert key[-2:] == ("overlap", "mc2")
                         seen.setdefault(key, (fac, fake))
+                # the rescale skip (MOBA_CUTE_FWD_RESCALE_SKIP=1) in every streamed loop: each
+                # tile's, the overlap's and the clusters'
+                for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
+                    kws = [{}]
+                    if len(tile) == 3:
+                        kws += [{"mcast": 2}] + ([{"overlap": True}] if tile[2] >= 2 else [])
+                    for kw in kws:
+                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, rescale_skip=True, **kw)["seg"]
+                        assert key[-1] == "rskip" and fac().rescale_skip
+                        seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -74,10 +84,12 @@ def test_sm90_forward_compiles_without_spills(key, spec):
         # no wgmma serialized by ptxas (the streamed path overlaps QK^T, PV and the softmax)
         assert "C7520" not in rep.ptxas, [ln for ln in rep.ptxas.splitlines() if "C7520" in ln][:1]
         if key[0] == "moba_fwd_sm90":  # Q in registers: ldmatrix from the swizzled Q ring
-            assert ("ldmatrix" in rep.ptx) == (key[-1] == "qregs")
+            assert ("ldmatrix" in rep.ptx) == ("qregs" in key)
+            # the rescale skip: one warp vote per streamed n-block
+            assert ("vote.sync.any" in rep.ptx) == ("rskip" in key)
             # multicast: TMA to the cluster, cluster-wide barrier init, releases on the peer's barriers
             for instr in ("multicast::cluster", "barrier.cluster.wait", "mapa.shared::cluster"):
-                assert (instr in rep.ptx) == (key[-1] == "mc2"), instr
+                assert (instr in rep.ptx) == ("mc2" in key), instr
 
 
 def test_sm90_configs_fit_their_ctas_per_sm():
@@ -120,6 +132,16 @@ def test_fwd_q_regs_env_and_key(monkeypatch):
     key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 1), q_regs=True)["seg"]
     assert key[-1] == "staged" and not fac().q_regs  # 128-key n-blocks: no registers for Q
     assert MobaFwdSm90.compile_key("bfloat16", 128, 64, 8, 2, True, False, True)[-2:] == ("staged", "qregs")
+
+
+def test_fwd_rescale_skip_env_and_key(monkeypatch):
+    """``MOBA_CUTE_FWD_RESCALE_SKIP`` (default ``configs/attention_sm90.FWD_RESCALE_SKIP``) and
+    the segment kernel's compile key, one- and two-consumer tiles."""
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_RESCALE_SKIP", launch.fwd_rescale_skip, bool(cfg90.FWD_RESCALE_SKIP))
+    for tile in ((64, 8, 2), (128, 8, 2, 2)):
+        on = launch.kernel_specs_sm90("bfloat16", 128, True, tile, rescale_skip=True)["seg"]
+        off = launch.kernel_specs_sm90("bfloat16", 128, True, tile, rescale_skip=False)["seg"]
+        assert on[0] == off[0] + ("rskip",) and on[1]().rescale_skip and not off[1]().rescale_skip
 
 
 def _check_flag(monkeypatch, name, flag, default):

@@ -230,6 +230,28 @@ def test_sm90_kv_multicast_bitwise(case, tile, windows, overlap, monkeypatch):
                    lambda p, on: p.mcast == (2 if on else 1) and p.overlap == overlap, monkeypatch, windows, overlap)
 
 
+@needs_hopper
+@pytest.mark.parametrize("variant", ["sequential", "overlap", "pair", "mcast"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 7, 8])
+def test_sm90_rescale_skip_bitwise(case, D, variant, monkeypatch):
+    """A warp skipping ``O``'s rescale where no row max moved (``MOBA_CUTE_FWD_RESCALE_SKIP=1``)
+    leaves out and lse bitwise as they were, in every streamed loop: one block after the other,
+    the intra-warpgroup overlap, the pair tile, and clusters of two CTAs; within the reference's
+    bound."""
+    tile = {"pair": (128, 8, 2, 2), "mcast": (128, 8, 1)}.get(variant, (64, 8, 2))
+    if variant == "mcast":
+        monkeypatch.setenv("MOBA_CUTE_FWD_MULTICAST", "1")
+    (q, k, v, r), o2 = _both_settings(case, D, 700 + case, tile, "MOBA_CUTE_FWD_RESCALE_SKIP",
+                                      lambda p, on: p.rescale_skip == on and p.tile == tile
+                                      and p.mcast == (2 if variant == "mcast" else 1),
+                                      monkeypatch, overlap=variant == "overlap")
+    o32, _ = reference.attention(q, k, v, r)
+    olp, _ = reference.attention(q, k, v, r, compute_dtype=torch.bfloat16)
+    err = (o2.double() - o32.double()).nan_to_num().abs().max().item()
+    assert err <= 2 * (olp.double() - o32.double()).nan_to_num().abs().max().item() + 1e-5
+
+
 WINDOW_CASES = [
     # lens_q, lens_k, H, Hk, C, K, causal
     ([700, 90, 333], [700, 90, 333], 8, 4, 128, 4, True),  # GQA 2:1, four windows of one KV head

@@ -75,6 +75,11 @@ FWD_LONG_CHUNK_TILES = {
     128: (512, (128, 8, 2, 2)),
 }
 
+# the segment kernel's streamed loops skip O's rescale in a warp whose row maxima all stayed put
+# (MobaFwdSm90(rescale_skip=True), MOBA_CUTE_FWD_RESCALE_SKIP; bitwise the same result). Not yet
+# measured: off
+FWD_RESCALE_SKIP = False
+
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 
 SMEM_PER_SM = 227 * 1024

@@ -237,6 +237,13 @@ def fwd_q_regs():
     return _env_flag("MOBA_CUTE_FWD_QREGS", bool(cfg90.FWD_Q_REGS))
 
 
+def fwd_rescale_skip():
+    """Whether the sm90 segment kernel's streamed loops skip ``O``'s rescale in a warp whose row
+    maxima all stayed put (bitwise the same result): ``configs/attention_sm90.FWD_RESCALE_SKIP``,
+    or ``MOBA_CUTE_FWD_RESCALE_SKIP=1`` / ``0``."""
+    return _env_flag("MOBA_CUTE_FWD_RESCALE_SKIP", bool(cfg90.FWD_RESCALE_SKIP))
+
+
 def fwd_kv_multicast(chunk_size, overlap=False):
     """Whether the one-consumer sm90 segment kernel runs in clusters of two CTAs that share each
     K/V n-block by TMA multicast (``MobaFwdSm90(mcast=2)``): by default for chunks of
@@ -306,7 +313,7 @@ def tile_override(family, tile):
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False,
-                      overlap=False, diag_sm90=False, diag_staged=False, q_regs=False, mcast=1):
+                      overlap=False, diag_sm90=False, diag_staged=False, q_regs=False, mcast=1, rescale_skip=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
@@ -316,7 +323,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     (:func:`fwd_row_window`). ``diag_sm90``: the causal diagonal on wgmma (:func:`fwd_diag_sm90`),
     ``diag_staged`` its merge through shared memory (:func:`fwd_diag_staged`). ``q_regs``:
     :func:`fwd_q_regs` (one-consumer tiles without the overlap). ``mcast``: 2 for K/V multicast in
-    clusters of two CTAs (:func:`fwd_kv_multicast`; one-consumer tiles)."""
+    clusters of two CTAs (:func:`fwd_kv_multicast`; one-consumer tiles). ``rescale_skip``:
+    :func:`fwd_rescale_skip`."""
     from .merge import MergeKernel
     from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
@@ -330,11 +338,12 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     bm, dbn, nt, st = tiles(head_dim)
     causal = bool(causal)
     if nw == 2:  # two consumer warpgroups sharing each streamed n-block (fragment-store epilogue)
-        seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst),
-               lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst))
+        seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst, rescale_skip),
+               lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst, rescale_skip))
     else:
-        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast),
-               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast))
+        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast,
+                                       rescale_skip),
+               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast, rescale_skip))
     specs = {
         "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1),),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
@@ -711,9 +720,11 @@ class FwdPlan(_PlanBase):
             self.mcast = 2 if nw == 1 and fwd_kv_multicast(self.C, self.overlap) else 1
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
+            self.rescale_skip = fwd_rescale_skip()
             self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
                                                          self.staged, self.row_window is not None, self.overlap,
-                                                         self.diag_sm90, self.diag_staged, self.q_regs, self.mcast),
+                                                         self.diag_sm90, self.diag_staged, self.q_regs, self.mcast,
+                                                         self.rescale_skip),
                                        arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

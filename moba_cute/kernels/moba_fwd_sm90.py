@@ -277,7 +277,8 @@ class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
-                 staged: bool = False, overlap: bool = False, q_regs: bool = False, mcast: int = 1):
+                 staged: bool = False, overlap: bool = False, q_regs: bool = False, mcast: int = 1,
+                 rescale_skip: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
         self.dtype = dtype
@@ -296,6 +297,9 @@ class MobaFwdSm90:
         # 4-byte stores from the accumulator fragments (half a sector per row and store)
         self.staged = bool(staged)
         self.overlap, self.q_regs, self.CL = self.variants(bn, kv_stages, overlap, q_regs, mcast)
+        # streamed n-blocks: a warp skips O's rescale where every factor of its rows is exactly 1
+        # (no row max moved; bitwise the same O)
+        self.rescale_skip = bool(rescale_skip)
         self.pingpong = False  # (MobaFwdSm90Pair)
 
     @property
@@ -325,11 +329,12 @@ class MobaFwdSm90:
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False,
-                    overlap: bool = False, q_regs: bool = False, mcast: int = 1):
+                    overlap: bool = False, q_regs: bool = False, mcast: int = 1, rescale_skip: bool = False):
         key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
         key = key + ("staged",) if staged else key
         overlap, q_regs, cl = MobaFwdSm90.variants(bn, kv_stages, overlap, q_regs, mcast)
-        return key + ("overlap",) * overlap + ("qregs",) * q_regs + ("mc2",) * (cl == 2)
+        key = key + ("overlap",) * overlap + ("qregs",) * q_regs + ("mc2",) * (cl == 2)
+        return key + ("rskip",) if rescale_skip else key
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -745,6 +750,7 @@ class MobaFwdSm90:
         qr = None
         if cutlass.const_expr(self.q_regs):
             qr = self.q_reg_frags(sQ, sK, ctid)
+        corr = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
         if cutlass.const_expr(self.pingpong):
             if wg == 1:
                 cute.arch.barrier_arrive(barrier_id=PP_BARRIER, number_of_threads=256)  # warpgroup 0 first
@@ -789,7 +795,11 @@ class MobaFwdSm90:
                                 pipe_q.consumer_release(q_state)  # Q of this sub-tile is no longer read
                         # ---- mask the keys past the chunk end, online softmax
                         self.mask_keys_from(f.S_mn, f.cS_mn, nvalid)
-                        _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
+                        if cutlass.const_expr(self.rescale_skip):
+                            _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2, corr)
+                            self.rescale_o(f.O_mn, corr)
+                        else:
+                            _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
                         f.rP.store(f.acc_S.load().to(dt))
                         # ---- O += P V
                         warpgroup.fence()
@@ -856,8 +866,7 @@ class MobaFwdSm90:
                 self.mask_keys_from(f.S_mn, f.cS_mn, nkeys - n * BN)
                 _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2, corr)
                 warpgroup.wait_group(0)  # PV(n - 1) done: O and P are free
-                for r in cutlass.range_constexpr(NR):
-                    f.O_mn[r, None] = f.O_mn[r, None].load() * corr[r]
+                self.rescale_o(f.O_mn, corr)
                 f.rP.store(f.acc_S.load().to(dt))
             else:
                 self.pp_idle(wg)
@@ -880,6 +889,24 @@ class MobaFwdSm90:
         else:
             self.pp_idle(wg)
         pipe_kv.v.consumer_release(ring_state(KS, blast))
+
+    @cute.jit
+    def rescale_o(self, O_mn: cute.Tensor, corr: cute.Tensor):
+        """O's rows times their online-softmax factors ``corr``. With ``rescale_skip`` a warp
+        whose factors are all exactly 1 (no row max moved, the common case once the rows' maxima
+        settle) skips the multiplies: one vote instead of ``D / 4`` multiplies per row, the same
+        bits."""
+        NR = cute.size(O_mn, mode=[0])
+        if cutlass.const_expr(self.rescale_skip):
+            moved = corr[0] != Float32(1.0)
+            for r in cutlass.range_constexpr(1, NR):
+                moved = moved | (corr[r] != Float32(1.0))
+            if cute.arch.vote_any_sync(moved):
+                for r in cutlass.range_constexpr(NR):
+                    O_mn[r, None] = O_mn[r, None].load() * corr[r]
+        else:
+            for r in cutlass.range_constexpr(NR):
+                O_mn[r, None] = O_mn[r, None].load() * corr[r]
 
     def q_reg_frags(self, sQ: cute.Tensor, sK: cute.Tensor, ctid: Int32) -> "QRegFrags":
         """``q_regs``: the RS QK^T tiled MMA, the register Q fragment and its K operand, and the
@@ -1079,8 +1106,9 @@ class MobaFwdSm90Pair(MobaFwdSm90):
     softmax runs under the other's GEMMs: 196.6 -> 182.3 ms of segment kernel at moba-large 128K
     on the H200, still slower than the one-consumer tile (64, 8, 2)'s 159.0 ms."""
 
-    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 8, kv_stages: int = 2):
-        super().__init__(dtype, head_dim, bn, sub, kv_stages, staged=False, overlap=True)
+    def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 8, kv_stages: int = 2,
+                 rescale_skip: bool = False):
+        super().__init__(dtype, head_dim, bn, sub, kv_stages, staged=False, overlap=True, rescale_skip=rescale_skip)
         self.pingpong = True
         self.NW = 2
         self.QS = 2 * self.NW
@@ -1090,8 +1118,9 @@ class MobaFwdSm90Pair(MobaFwdSm90):
         self.Q_PRODUCERS = 96
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int):
-        return ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages), "pair", "pingpong")
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, rescale_skip: bool = False):
+        key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages), "pair", "pingpong")
+        return key + ("rskip",) if rescale_skip else key
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
