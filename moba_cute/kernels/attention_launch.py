@@ -223,9 +223,9 @@ def fwd_overlap():
     """Whether one-consumer sm90 tiles with two or more K/V stages overlap a streamed n-block's
     softmax with the previous block's PV (FA3's intra-warpgroup overlap, bitwise the same result):
     ``MOBA_CUTE_FWD_OVERLAP=1``. Off by default: with one K/V ring it was correct on the H100 but
-    9-11% slower there (docs/design.md section 8, update 5, measured); K and V now have rings of
-    their own in the overlapped loop (``MobaFwdSm90.split_kv``), not yet timed. The two-consumer
-    pair tile always overlaps."""
+    9-11% slower there (docs/design.md section 8, update 5, measured), and with K and V in rings
+    of their own (``MobaFwdSm90.split_kv``) still 6% slower at moba-large 128K and 1% at C = 512.
+    The two-consumer pair tile always overlaps."""
     return _env_flag("MOBA_CUTE_FWD_OVERLAP", False)
 
 

@@ -1103,8 +1103,9 @@ class MobaFwdSm90Pair(MobaFwdSm90):
     streamed too (a step reloads them): this kernel is for long chunks, chosen per shape by the
     tuner (tile ``(bn, sub, kv_stages, 2)``). Epilogue: the fragment stores. The warpgroups take
     turns issuing their wgmmas (FA3's ping-pong, named barriers ``PP_BARRIER`` + 0/1), so one's
-    softmax runs under the other's GEMMs: 196.6 -> 182.3 ms of segment kernel at moba-large 128K
-    on the H200, still slower than the one-consumer tile (64, 8, 2)'s 159.0 ms."""
+    softmax runs under the other's GEMMs. With K and V in rings of their own (``split_kv``) it is
+    the built-in tile from 512-key chunks: 1.06-1.14x the one-consumer tiles' forward on the H100
+    (configs/attention_sm90.FWD_LONG_CHUNK_TILES)."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 8, kv_stages: int = 2,
                  rescale_skip: bool = False):
