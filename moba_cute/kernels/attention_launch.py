@@ -721,11 +721,11 @@ class FwdPlan(_PlanBase):
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.rescale_skip = fwd_rescale_skip()
-            self.ks = common.KernelSet(kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K,
-                                                         self.staged, self.row_window is not None, self.overlap,
-                                                         self.diag_sm90, self.diag_staged, self.q_regs, self.mcast,
-                                                         self.rescale_skip),
-                                       arch)
+            specs = kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K, staged=self.staged,
+                                      row_windows=self.row_window is not None, overlap=self.overlap,
+                                      diag_sm90=self.diag_sm90, diag_staged=self.diag_staged, q_regs=self.q_regs,
+                                      mcast=self.mcast, rescale_skip=self.rescale_skip)
+            self.ks = common.KernelSet(specs, arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)
         bm = self.tile[0]
