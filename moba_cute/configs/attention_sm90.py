@@ -60,7 +60,9 @@ FWD_Q_REGS = False
 # to -2.9%), (128, 8, 1) 173.0 -> 166.1; C = 2048 (K = 8, 64K, B = 1, H = 32/8) (64, 8, 2)
 # 27.91 -> 27.57; C = 512 (K = 3, 32K) (64, 8, 2) 1.366 -> 1.440, (128, 8, 1) 1.431 -> 1.475;
 # flashmoba 64K (C = 128) 3.47 -> 4.82. With the overlap it is slower still (moba-large
-# 176.4 -> 212.1): docs/design.md, section 8
+# 176.4 -> 212.1): docs/design.md, section 8. The built-in tile of such chunks is now the pair
+# tile (FWD_LONG_CHUNK_TILES, one CTA per SM, no clusters): this serves tuned or forced
+# one-consumer tiles
 FWD_KV_MULTICAST_MIN_CHUNK = 2048
 
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks

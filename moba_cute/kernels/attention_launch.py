@@ -249,7 +249,9 @@ def fwd_kv_multicast(chunk_size, overlap=False):
     K/V n-block by TMA multicast (``MobaFwdSm90(mcast=2)``): by default for chunks of
     ``configs/attention_sm90.FWD_KV_MULTICAST_MIN_CHUNK`` keys or more without the overlap (H100,
     segment kernel: 1-3% faster at 2048 and 4096, 5% slower at 512, 39% at 128);
-    ``MOBA_CUTE_FWD_MULTICAST=1`` / ``0`` forces either, also with the overlap."""
+    ``MOBA_CUTE_FWD_MULTICAST=1`` / ``0`` forces either, also with the overlap. The built-in tile
+    of such chunks is the pair tile (``FWD_LONG_CHUNK_TILES``), which never runs in clusters, so
+    this applies to a one-consumer tile from the tuned table or ``MOBA_CUTE_SM90_TILES``."""
     return _env_flag("MOBA_CUTE_FWD_MULTICAST", int(chunk_size) >= cfg90.FWD_KV_MULTICAST_MIN_CHUNK and not overlap)
 
 
