@@ -10,6 +10,12 @@ pytest.importorskip("cutlass")
 from moba_cute.configs import attention_sm90 as cfg90  # noqa: E402
 from moba_cute.kernels import attention_launch as launch  # noqa: E402
 from moba_cute.kernels import common  # noqa: E402
+from moba_cute.kernels.moba_fwd_sm90 import SegVariant  # noqa: E402
+
+
+def _seg(dtype, D, causal, tile, **switches):
+    """The segment kernel's (key, factory, fake args) with the loop switches ``switches``."""
+    return launch.kernel_specs_sm90(dtype, D, causal, tile, variant=SegVariant(**switches))["seg"]
 
 
 def _specs():
@@ -19,11 +25,11 @@ def _specs():
             for causal in (True, False):
                 for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
                     # the staged epilogue (the default); row_windows adds the index's window counts
-                    specs = launch.kernel_specs_sm90(dtype, D, causal, tile, staged=True, row_windows=True)
+                    specs = launch.kernel_specs_sm90(dtype, D, causal, tile, row_windows=True)
                     for key, fac, fake in specs.values():
                         seen.setdefault(key, (fac, fake))
                 # the fragment stores (MOBA_CUTE_FWD_STAGED=0), shipped tile
-                key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, cfg90.FWD_TILES[D], staged=False)["seg"]
+                key, fac, fake = _seg(dtype, D, causal, cfg90.FWD_TILES[D], staged=False)
                 seen.setdefault(key, (fac, fake))
                 # the causal diagonal on wgmma (MOBA_CUTE_FWD_DIAG_SM90=1), its merge from global
                 # memory and staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED)
@@ -36,22 +42,22 @@ def _specs():
                 # the intra-warpgroup overlap (MOBA_CUTE_FWD_OVERLAP=1) of the two-stage tiles
                 for tile in cfg90.ALT_TILES.get(D, ()):
                     if len(tile) == 3 and tile[2] >= 2:
-                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, overlap=True)["seg"]
+                        key, fac, fake = _seg(dtype, D, causal, tile, overlap=True)
                         assert key[-1] == "overlap"
                         seen.setdefault(key, (fac, fake))
                 # Q in registers for streamed n-blocks (MOBA_CUTE_FWD_QREGS=1), one-consumer tiles
                 for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
                     if len(tile) == 3 and tile[0] <= 64:
-                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, q_regs=True)["seg"]
+                        key, fac, fake = _seg(dtype, D, causal, tile, q_regs=True)
                         assert key[-1] == "qregs"
                         seen.setdefault(key, (fac, fake))
                     if len(tile) == 3:
                         # K/V multicast in clusters of two CTAs (MOBA_CUTE_FWD_MULTICAST=1)
-                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, mcast=2)["seg"]
+                        key, fac, fake = _seg(dtype, D, causal, tile, mcast=2)
                         assert key[-1] == "mc2"
                         seen.setdefault(key, (fac, fake))
                     if len(tile) == 3 and tile[2] >= 2:  # ... with the overlap
-                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, overlap=True, mcast=2)["seg"]
+                        key, fac, fake = _seg(dtype, D, causal, tile, overlap=True, mcast=2)
                         assert key[-2:] == ("overlap", "mc2")
                         seen.setdefault(key, (fac, fake))
                 # the rescale skip (MOBA_CUTE_FWD_RESCALE_SKIP=1) in every streamed loop: each
@@ -61,7 +67,7 @@ def _specs():
                     if len(tile) == 3:
                         kws += [{"mcast": 2}] + ([{"overlap": True}] if tile[2] >= 2 else [])
                     for kw in kws:
-                        key, fac, fake = launch.kernel_specs_sm90(dtype, D, causal, tile, rescale_skip=True, **kw)["seg"]
+                        key, fac, fake = _seg(dtype, D, causal, tile, rescale_skip=True, **kw)
                         assert key[-1] == "rskip" and fac().rescale_skip
                         seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
@@ -115,7 +121,7 @@ def test_sm90_pair_kernel_for_four_field_tiles():
     assert type(fac1()) is MobaFwdSm90 and key1 != key
     assert launch.sm90_tile_fields((128, 8, 2)) == (128, 8, 2, 1)
     assert fac1().overlap is False and kern.overlap is True  # one consumer: only when asked for
-    _, fac_o, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 1), overlap=True)["seg"]
+    _, fac_o, _ = _seg("bfloat16", 128, True, (128, 8, 1), overlap=True)
     assert fac_o().overlap is False  # one K/V stage cannot overlap
 
 
@@ -125,13 +131,13 @@ def test_fwd_q_regs_env_and_key(monkeypatch):
     from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90
 
     _check_flag(monkeypatch, "MOBA_CUTE_FWD_QREGS", launch.fwd_q_regs, bool(cfg90.FWD_Q_REGS))
-    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), q_regs=True)["seg"]
+    key, fac, _ = _seg("bfloat16", 128, True, (64, 8, 2), q_regs=True)
     assert key[-1] == "qregs" and fac().q_regs
-    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), overlap=True, q_regs=True)["seg"]
+    key, fac, _ = _seg("bfloat16", 128, True, (64, 8, 2), overlap=True, q_regs=True)
     assert key[-1] == "overlap" and not fac().q_regs
-    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 1), q_regs=True)["seg"]
+    key, fac, _ = _seg("bfloat16", 128, True, (128, 8, 1), q_regs=True)
     assert key[-1] == "staged" and not fac().q_regs  # 128-key n-blocks: no registers for Q
-    assert MobaFwdSm90.compile_key("bfloat16", 128, 64, 8, 2, True, False, True)[-2:] == ("staged", "qregs")
+    assert MobaFwdSm90.compile_key("bfloat16", 128, 64, 8, 2, SegVariant(q_regs=True))[-2:] == ("staged", "qregs")
 
 
 def test_fwd_rescale_skip_env_and_key(monkeypatch):
@@ -139,8 +145,8 @@ def test_fwd_rescale_skip_env_and_key(monkeypatch):
     the segment kernel's compile key, one- and two-consumer tiles."""
     _check_flag(monkeypatch, "MOBA_CUTE_FWD_RESCALE_SKIP", launch.fwd_rescale_skip, bool(cfg90.FWD_RESCALE_SKIP))
     for tile in ((64, 8, 2), (128, 8, 2, 2)):
-        on = launch.kernel_specs_sm90("bfloat16", 128, True, tile, rescale_skip=True)["seg"]
-        off = launch.kernel_specs_sm90("bfloat16", 128, True, tile, rescale_skip=False)["seg"]
+        on = _seg("bfloat16", 128, True, tile, rescale_skip=True)
+        off = _seg("bfloat16", 128, True, tile)
         assert on[0] == off[0] + ("rskip",) and on[1]().rescale_skip and not off[1]().rescale_skip
 
 
@@ -171,11 +177,11 @@ def test_fwd_kv_multicast_env_and_key(monkeypatch):
     monkeypatch.setenv("MOBA_CUTE_FWD_MULTICAST", "1")
     assert launch.fwd_kv_multicast(128, overlap=True) is True
     monkeypatch.delenv("MOBA_CUTE_FWD_MULTICAST")
-    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), mcast=2)["seg"]
+    key, fac, _ = _seg("bfloat16", 128, True, (64, 8, 2), mcast=2)
     assert key[-1] == "mc2" and fac().CL == 2
-    key, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (64, 8, 2), overlap=True, mcast=2)["seg"]
+    key, fac, _ = _seg("bfloat16", 128, True, (64, 8, 2), overlap=True, mcast=2)
     assert key[-2:] == ("overlap", "mc2") and fac().CL == 2 and fac().overlap
-    _, fac, _ = launch.kernel_specs_sm90("bfloat16", 128, True, (128, 8, 2, 2), mcast=2)["seg"]
+    _, fac, _ = _seg("bfloat16", 128, True, (128, 8, 2, 2), mcast=2)
     assert isinstance(fac(), MobaFwdSm90Pair) and fac().CL == 1
 
 

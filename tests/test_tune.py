@@ -131,6 +131,8 @@ def test_candidates_are_compiled_by_the_compile_tests():
     pytest.importorskip("cutlass")
     sm80_keys = {k for k, _ in _load_test_module("test_attention_compile").SPECS}
     sm90_keys = {k for k, _ in _load_test_module("test_attention_sm90_compile").SPECS}
+    from moba_cute.kernels.moba_fwd_sm90 import SegVariant
+
     for dtype in ("bfloat16", "float16"):
         for causal in (True, False):
             for D in cfg80.FWD_TILES:
@@ -143,7 +145,7 @@ def test_candidates_are_compiled_by_the_compile_tests():
                 assert cands[0] == tuple(cfg90.FWD_TILES[D])
                 assert set(cands) == {tuple(cfg90.FWD_TILES[D])} | {tuple(t) for t in cfg90.ALT_TILES.get(D, ())}
                 for t in cands:  # (as plans build them: the staged epilogue, the default)
-                    specs = al.kernel_specs_sm90(dtype, D, causal, t, staged=al.fwd_staged())
+                    specs = al.kernel_specs_sm90(dtype, D, causal, t, variant=SegVariant(staged=al.fwd_staged()))
                     assert {k for k, _, _ in specs.values()} <= sm90_keys, t
     assert tuned.candidates("sm90_fwd", 96) == ()
     # decode: key-split waves, host-side only (every choice runs the kernels the decode compile
@@ -334,7 +336,7 @@ def _plan_key(total_q=8192 * 2, H=16, D=128, C=128, K=8, causal=True, dtype=torc
 
 def test_tuned_tile_reaches_the_sm90_plan(isolated, on_device):
     pytest.importorskip("cutlass")
-    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90
+    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90, SegVariant
 
     key = _plan_key()
     assert al.FwdPlan(key, "sm_90a").tile == SM90_DEFAULT
@@ -342,13 +344,13 @@ def test_tuned_tile_reaches_the_sm90_plan(isolated, on_device):
     tuned.reset()
     plan = al.FWD_PLANS.get(key, key, "sm_90a")
     assert plan.sm90 and plan.shape_class == CLS and plan.tile == SM90_ALT
-    assert plan.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_ALT, staged=True)
+    assert plan.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_ALT, SegVariant())
     assert plan.ks.specs["slot_scan"][0] == ("slotscan", 64 * SM90_ALT[1])  # the index's unit: 64 * sub
     # the tuner's override re-plans: the cached plan is dropped on entry and on exit
     with al.tile_override("sm90_fwd", SM90_DEFAULT):
         p2 = al.FWD_PLANS.get(key, key, "sm_90a")
         assert p2 is not plan and p2.tile == SM90_DEFAULT
-        assert p2.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_DEFAULT, staged=True)
+        assert p2.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_DEFAULT, SegVariant())
     assert al.FWD_PLANS.get(key, key, "sm_90a").tile == SM90_ALT
     # another device (or a plan for CPU tensors) does not read this device's entries
     assert al.FwdPlan(key[:-1] + (None,), "sm_90a").tile == SM90_DEFAULT

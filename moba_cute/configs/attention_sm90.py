@@ -48,13 +48,13 @@ DIAG_MIN_CHUNK = 128
 # flashmoba 64K (C = 128) 3.03 -> 2.42; bitwise the same result
 DIAG_STAGED_MERGE = True
 
-# the segment kernel's streamed loop with Q in registers (RS QK^T; MobaFwdSm90(q_regs=True),
+# the segment kernel's streamed loop with Q in registers (RS QK^T; SegVariant(q_regs=True),
 # MOBA_CUTE_FWD_QREGS). H100, segment kernel, SS -> RS: moba-large 128K 167.1 -> 163.9 ms, 32K
 # 15.8 -> 15.9, C = 512 K = 4 32K 2.19 -> 2.38: off
 FWD_Q_REGS = False
 
 # the segment kernel in clusters of two CTAs sharing each K/V n-block by TMA multicast
-# (MobaFwdSm90(mcast=2), MOBA_CUTE_FWD_MULTICAST): half the L2 -> SM traffic per FLOP. From chunks
+# (SegVariant(mcast=2), MOBA_CUTE_FWD_MULTICAST): half the L2 -> SM traffic per FLOP. From chunks
 # of this many keys, one-consumer tiles without the overlap. H100, segment kernel, ms, one CTA ->
 # clusters: moba-large 128K (C = 4096, K = 12) (64, 8, 2) 160.3 -> 156.5 (three GPU starts: -1.4%
 # to -2.9%), (128, 8, 1) 173.0 -> 166.1; C = 2048 (K = 8, 64K, B = 1, H = 32/8) (64, 8, 2)
@@ -78,7 +78,7 @@ FWD_LONG_CHUNK_TILES = {
 }
 
 # the segment kernel's streamed loops skip O's rescale in a warp whose row maxima all stayed put
-# (MobaFwdSm90(rescale_skip=True), MOBA_CUTE_FWD_RESCALE_SKIP; bitwise the same result). H100,
+# (SegVariant(rescale_skip=True), MOBA_CUTE_FWD_RESCALE_SKIP; bitwise the same result). H100,
 # whole forward with the pair tile, random inputs, two runs of 2 and 4 interleaved rounds, x of
 # off: moba-large 128K 1.009 / 1.009, moba-large 32K 1.049 / 0.993, C = 2048 0.92 / 0.94 (rounds
 # from 1.02 to 0.84), C = 512 0.998 / 0.996: no gain: off

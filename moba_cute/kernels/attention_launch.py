@@ -40,6 +40,7 @@ addresses. Extra memory: docs/design.md (sections 3 and 5).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import warnings
@@ -246,7 +247,7 @@ def fwd_rescale_skip():
 
 def fwd_kv_multicast(chunk_size, overlap=False):
     """Whether the one-consumer sm90 segment kernel runs in clusters of two CTAs that share each
-    K/V n-block by TMA multicast (``MobaFwdSm90(mcast=2)``): by default for chunks of
+    K/V n-block by TMA multicast (``SegVariant(mcast=2)``): by default for chunks of
     ``configs/attention_sm90.FWD_KV_MULTICAST_MIN_CHUNK`` keys or more without the overlap (H100,
     segment kernel: 1-3% faster at 2048 and 4096, 5% slower at 512, 39% at 128);
     ``MOBA_CUTE_FWD_MULTICAST=1`` / ``0`` forces either, also with the overlap. The built-in tile
@@ -314,23 +315,22 @@ def tile_override(family, tile):
         yield
 
 
-def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged=True, row_windows=False,
-                      overlap=False, diag_sm90=False, diag_staged=False, q_regs=False, mcast=1, rescale_skip=False):
+def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, variant=None, row_windows=False,
+                      diag_sm90=False, diag_staged=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
-    (None: both variants, for the compile tests). ``staged``: the segment kernel's staged
-    epilogue (the default; :func:`fwd_staged`). ``overlap``: :func:`fwd_overlap` (one-consumer
-    tiles of two or more K/V stages only). ``row_windows``: the index's per-window counts
-    (:func:`fwd_row_window`). ``diag_sm90``: the causal diagonal on wgmma (:func:`fwd_diag_sm90`),
-    ``diag_staged`` its merge through shared memory (:func:`fwd_diag_staged`). ``q_regs``:
-    :func:`fwd_q_regs` (one-consumer tiles without the overlap). ``mcast``: 2 for K/V multicast in
-    clusters of two CTAs (:func:`fwd_kv_multicast`; one-consumer tiles). ``rescale_skip``:
-    :func:`fwd_rescale_skip`."""
+    (None: both variants, for the compile tests). ``variant``: the segment kernel's loop
+    switches (``moba_fwd_sm90.SegVariant``; None: its defaults, the staged epilogue and nothing
+    else; a plan's: :func:`fwd_staged`, :func:`fwd_overlap`, :func:`fwd_q_regs`,
+    :func:`fwd_kv_multicast`, :func:`fwd_rescale_skip`), of which the tile takes what it can.
+    ``row_windows``: the index's per-window counts (:func:`fwd_row_window`). ``diag_sm90``: the
+    causal diagonal on wgmma (:func:`fwd_diag_sm90`), ``diag_staged`` its merge through shared
+    memory (:func:`fwd_diag_staged`)."""
     from .merge import MergeKernel
     from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
-    from .moba_fwd_sm90 import MobaFwdSm90, MobaFwdSm90Pair
+    from .moba_fwd_sm90 import MobaFwdSm90, MobaFwdSm90Pair, SegVariant
     from .slot_index import PairListKernel, SlotIndexKernel, SlotPrepKernel, SlotScanKernel, WindowCountKernel
 
     dt = _cdt(dtype_name)
@@ -339,13 +339,11 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, staged
     unit = 64 * sub
     bm, dbn, nt, st = tiles(head_dim)
     causal = bool(causal)
-    if nw == 2:  # two consumer warpgroups sharing each streamed n-block (fragment-store epilogue)
-        seg = (MobaFwdSm90Pair.compile_key(dtype_name, head_dim, bn, sub, kst, rescale_skip),
-               lambda: MobaFwdSm90Pair(dt, head_dim, bn, sub, kst, rescale_skip))
-    else:
-        seg = (MobaFwdSm90.compile_key(dtype_name, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast,
-                                       rescale_skip),
-               lambda: MobaFwdSm90(dt, head_dim, bn, sub, kst, staged, overlap, q_regs, mcast, rescale_skip))
+    variant = SegVariant() if variant is None else variant
+    # two consumer warpgroups sharing each streamed n-block, or one
+    kern = MobaFwdSm90Pair if nw == 2 else MobaFwdSm90
+    seg = (kern.compile_key(dtype_name, head_dim, bn, sub, kst, variant),
+           lambda: kern(dt, head_dim, bn, sub, kst, variant))
     specs = {
         "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1),),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
@@ -711,22 +709,23 @@ class FwdPlan(_PlanBase):
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
             self.fwd_windows = self._windows()
-            self.staged = fwd_staged()
-            from .moba_fwd_sm90 import MobaFwdSm90
+            from .moba_fwd_sm90 import MobaFwdSm90Pair, SegVariant
 
             bn, _, kst, nw = sm90_tile_fields(self.tile)
-            # the overlap that takes effect in this tile (the kernel's own rule); clusters only for
-            # one-consumer tiles
-            self.overlap = MobaFwdSm90.variants(bn, kst, fwd_overlap(), False, 1)[0]
-            self.q_regs = fwd_q_regs()
-            self.mcast = 2 if nw == 1 and fwd_kv_multicast(self.C, self.overlap) else 1
+            # the switches this tile takes (the kernels' own rules); clusters only for one-consumer
+            # tiles, and by default only without the overlap that takes effect
+            v = SegVariant(fwd_staged(), fwd_overlap(), fwd_q_regs(), 1, fwd_rescale_skip())
+            v = MobaFwdSm90Pair.takes(v) if nw == 2 else v.for_tile(bn, kst)
+            if nw == 1 and fwd_kv_multicast(self.C, v.overlap):
+                v = dataclasses.replace(v, mcast=2)
+            self.variant = v
+            self.staged, self.overlap, self.q_regs, self.mcast, self.rescale_skip = (
+                v.staged, v.overlap, v.q_regs, v.mcast, v.rescale_skip)
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
-            self.rescale_skip = fwd_rescale_skip()
-            specs = kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K, staged=self.staged,
-                                      row_windows=self.row_window is not None, overlap=self.overlap,
-                                      diag_sm90=self.diag_sm90, diag_staged=self.diag_staged, q_regs=self.q_regs,
-                                      mcast=self.mcast, rescale_skip=self.rescale_skip)
+            specs = kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K, v,
+                                      row_windows=self.row_window is not None, diag_sm90=self.diag_sm90,
+                                      diag_staged=self.diag_staged)
             self.ks = common.KernelSet(specs, arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

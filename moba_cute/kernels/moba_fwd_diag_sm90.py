@@ -44,8 +44,8 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from .moba_fwd_sm80 import LN2, _flat, _online_softmax, _quad_sum, partials_max, store_pair
-from .moba_fwd_sm90 import (BM, MobaFwdSm90, gather_tma_pipelines, gemm_kblocks, inv_row_sum, kernel_prologue,
-                            kv_tma_views, ring_state, row_lse_log2)
+from .moba_fwd_sm90 import (BM, MobaFwdSm90, SegVariant, gather_tma_pipelines, gemm_kblocks, inv_row_sum,
+                            kernel_prologue, kv_tma_views, ring_state, row_lse_log2)
 from .segments import diag_tile, zero_rows_without_keys
 
 
@@ -92,7 +92,7 @@ class MobaDiagSm90(MobaFwdSm90):
     """Causal diagonal + merge on wgmma. See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 64, kv_stages: int = 2, staged_merge: bool = False):
-        super().__init__(dtype, head_dim, bn, 1, kv_stages)
+        super().__init__(dtype, head_dim, bn, 1, kv_stages, SegVariant(staged=False))  # (its own merge epilogue)
         self.QS = 1  # one Q tile per CTA
         # the partials staged in shared memory (merge_staged), and the grid with the window's
         # heads fastest; else 4-byte loads from global memory and heads slowest

@@ -262,7 +262,7 @@ class ConsumerFrags(NamedTuple):
 
 
 class QRegFrags(NamedTuple):
-    """Q in registers for an RS QK^T (``MobaFwdSm90(q_regs=True)``): the tiled MMA, the Q
+    """Q in registers for an RS QK^T (``SegVariant(q_regs=True)``): the tiled MMA, the Q
     fragment (A) and the K descriptors (B), the ldmatrix tiled copy, its view of the Q ring and
     of the fragment."""
     mma: Any
@@ -273,12 +273,49 @@ class QRegFrags(NamedTuple):
     tQrQ: Any
 
 
+@dataclass(frozen=True)
+class SegVariant:
+    """The switches of the segment kernel's loops, one bundle from the launch plan to the compile
+    key and the kernel (:meth:`for_tile`: those a tile takes of those asked for).
+
+    ``staged``: the staged epilogue of chunks of one n-block (a sub-tile's normalized partials go
+    through its own Q ring stage, free once its QK^T is done, and out in whole 16-byte pieces
+    instead of 4-byte stores from the accumulator fragments); the shipped default.
+    ``overlap``: FA3's intra-warpgroup overlap (:meth:`MobaFwdSm90.stream_overlapped`), two or
+    more K/V stages. ``q_regs``: in the sequential loop a sub-tile's Q is loaded into registers
+    (ldmatrix) once and QK^T runs as RS wgmma, so each n-block's QK^T reads only K from shared
+    memory, and the Q stage goes back to the producer before the sub-tile's first n-block;
+    bitwise the SS result; on the H100 1.9% faster at moba-large 128K, 8% slower at C = 512 (the
+    L2 -> SM crossbar, not shared memory, bounds the loop; docs/design.md, section 8); 64-key
+    n-blocks only (with 128-key ones S, P, O and Q do not fit the consumer's registers).
+    ``mcast = 2``: K/V multicast, clusters of two CTAs take one work unit, rank r its sub-tiles
+    r, r + 2, ..., and each n-block is read from L2 once for both (every chunk streamed per step,
+    also a chunk of one n-block), so a K/V byte that crosses the crossbar feeds 128 rows instead
+    of 64; with or without the overlap. ``rescale_skip``: in the streamed loops a warp skips O's
+    rescale where every factor of its rows is exactly 1 (no row max moved; bitwise the same O)."""
+
+    staged: bool = True
+    overlap: bool = False
+    q_regs: bool = False
+    mcast: int = 1
+    rescale_skip: bool = False
+
+    def for_tile(self, bn: int, kv_stages: int) -> "SegVariant":
+        overlap = bool(self.overlap) and kv_stages >= 2
+        return SegVariant(bool(self.staged), overlap, bool(self.q_regs) and not overlap and bn <= 64,
+                          2 if int(self.mcast) == 2 else 1, bool(self.rescale_skip))
+
+    def key(self) -> tuple:
+        """The compile-key suffix (of a variant :meth:`for_tile` has settled)."""
+        return (("staged",) * self.staged + ("overlap",) * self.overlap + ("qregs",) * self.q_regs
+                + ("mc2",) * (self.mcast == 2) + ("rskip",) * self.rescale_skip)
+
+
 class MobaFwdSm90:
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
-                 staged: bool = False, overlap: bool = False, q_regs: bool = False, mcast: int = 1,
-                 rescale_skip: bool = False):
+                 variant: SegVariant = SegVariant()):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert bn % 16 == 0 and bn <= 256
         self.dtype = dtype
@@ -292,14 +329,9 @@ class MobaFwdSm90:
         self.NW = 1  # consumer warpgroups
         self.PRODUCER_REGS, self.CONSUMER_REGS = PRODUCER_REGS, CONSUMER_REGS
         self.Q_PRODUCERS = 128  # threads gathering Q rows
-        # staged epilogue (chunks of one n-block): a sub-tile's normalized partials go through its
-        # own Q ring stage (free once its QK^T is done) and out in whole 16-byte pieces, instead of
-        # 4-byte stores from the accumulator fragments (half a sector per row and store)
-        self.staged = bool(staged)
-        self.overlap, self.q_regs, self.CL = self.variants(bn, kv_stages, overlap, q_regs, mcast)
-        # streamed n-blocks: a warp skips O's rescale where every factor of its rows is exactly 1
-        # (no row max moved; bitwise the same O)
-        self.rescale_skip = bool(rescale_skip)
+        v = self.variant = variant.for_tile(bn, kv_stages)
+        self.staged, self.overlap, self.q_regs, self.CL, self.rescale_skip = (
+            v.staged, v.overlap, v.q_regs, v.mcast, v.rescale_skip)
         self.pingpong = False  # (MobaFwdSm90Pair)
 
     @property
@@ -311,30 +343,10 @@ class MobaFwdSm90:
         return self.overlap
 
     @staticmethod
-    def variants(bn: int, kv_stages: int, overlap: bool, q_regs: bool, mcast: int):
-        """The streamed-loop variants a tile takes of those asked for: (overlap, q_regs, cluster
-        CTAs). ``overlap``: FA3's intra-warpgroup overlap (stream_overlapped), two or more K/V
-        stages. ``q_regs``: in the sequential loop a sub-tile's Q is loaded into registers
-        (ldmatrix) once and QK^T runs as RS wgmma, so each n-block's QK^T reads only K from shared
-        memory, and the Q stage goes back to the producer before the sub-tile's first n-block;
-        bitwise the SS result; on the H100 1.9% faster at moba-large 128K, 8% slower at C = 512
-        (the L2 -> SM crossbar, not shared memory, bounds the loop; docs/design.md, section 8);
-        64-key n-blocks only (with 128-key ones S, P, O and Q do not fit the consumer's
-        registers). ``mcast = 2``: K/V multicast, clusters of two CTAs take one work unit, rank r
-        its sub-tiles r, r + 2, ..., and each n-block is read from L2 once for both (every chunk
-        streamed per step, also a chunk of one n-block), so a K/V byte that crosses the crossbar
-        feeds 128 rows instead of 64; with or without the overlap."""
-        overlap = bool(overlap) and kv_stages >= 2
-        return overlap, bool(q_regs) and not overlap and bn <= 64, 2 if int(mcast) == 2 else 1
-
-    @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, staged: bool = False,
-                    overlap: bool = False, q_regs: bool = False, mcast: int = 1, rescale_skip: bool = False):
-        key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
-        key = key + ("staged",) if staged else key
-        overlap, q_regs, cl = MobaFwdSm90.variants(bn, kv_stages, overlap, q_regs, mcast)
-        key = key + ("overlap",) * overlap + ("qregs",) * q_regs + ("mc2",) * (cl == 2)
-        return key + ("rskip",) if rescale_skip else key
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int,
+                    variant: SegVariant = SegVariant()):
+        return (("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages))
+                + variant.for_tile(bn, kv_stages).key())
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -1108,8 +1120,8 @@ class MobaFwdSm90Pair(MobaFwdSm90):
     (configs/attention_sm90.FWD_LONG_CHUNK_TILES)."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 8, kv_stages: int = 2,
-                 rescale_skip: bool = False):
-        super().__init__(dtype, head_dim, bn, sub, kv_stages, staged=False, overlap=True, rescale_skip=rescale_skip)
+                 variant: SegVariant = SegVariant()):
+        super().__init__(dtype, head_dim, bn, sub, kv_stages, self.takes(variant))
         self.pingpong = True
         self.NW = 2
         self.QS = 2 * self.NW
@@ -1119,9 +1131,16 @@ class MobaFwdSm90Pair(MobaFwdSm90):
         self.Q_PRODUCERS = 96
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int, rescale_skip: bool = False):
+    def takes(variant: SegVariant) -> SegVariant:
+        """What this kernel takes of ``variant``: the rescale skip; it always overlaps, stores
+        its partials from the fragments and runs one CTA per unit."""
+        return SegVariant(staged=False, overlap=True, rescale_skip=variant.rescale_skip)
+
+    @staticmethod
+    def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int,
+                    variant: SegVariant = SegVariant()):
         key = ("moba_fwd_sm90", dtype_name, int(head_dim), int(bn), int(sub), int(kv_stages), "pair", "pingpong")
-        return key + ("rskip",) if rescale_skip else key
+        return key + ("rskip",) * MobaFwdSm90Pair.takes(variant).rescale_skip
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
