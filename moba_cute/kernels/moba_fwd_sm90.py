@@ -762,7 +762,7 @@ class MobaFwdSm90:
         qr = None
         if cutlass.const_expr(self.q_regs):
             qr = self.q_reg_frags(sQ, sK, ctid)
-        corr = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
+        corr = cute.make_rmem_tensor(cute.make_layout(NR), Float32)  # (rescale_skip's factors; else unused)
         if cutlass.const_expr(self.pingpong):
             if wg == 1:
                 cute.arch.barrier_arrive(barrier_id=PP_BARRIER, number_of_threads=256)  # warpgroup 0 first
