@@ -81,9 +81,9 @@ def main(argv=None):
                     t = time_idle(lambda: L.attention_cute(q, k, v, r, None, False), dev, reps=args.reps,
                                   warmup=2).median_ms
                     plan = next(iter(L.FWD_PLANS.plans.values()))
+                v = getattr(plan, "variant", None)  # (sm90 plans)
                 rec = dict(shape=shape, D=args.D, variant=text, round=rnd, fwd_ms=round(t, 4),
-                           tile=list(plan.tile), mcast=getattr(plan, "mcast", None),
-                           overlap=getattr(plan, "overlap", None),
+                           tile=list(plan.tile), mcast=v.mcast if v else None, overlap=v.overlap if v else None,
                            same_bits_as_first=bool(torch.equal(o, base)),
                            max_diff_vs_first=float((o.float() - base.float()).abs().max()),
                            device=torch.cuda.get_device_name())

@@ -71,9 +71,9 @@ def test_sm90_long_chunk_defaults(D, tile, monkeypatch):
         plans = [p for k, p in m.FWD_PLANS.plans.items() if k[1] == sum(lens) and k[7] == C]
         assert plans and all(p.sm90 for p in plans)
         if tile == "builtin":
-            assert all(p.tile == cfg90.FWD_LONG_CHUNK_TILES[D][1] and p.mcast == 1 for p in plans)
+            assert all(p.tile == cfg90.FWD_LONG_CHUNK_TILES[D][1] and p.variant.mcast == 1 for p in plans)
         else:
-            assert all(p.tile == (64, 8, 2) and p.mcast == 2 for p in plans)
+            assert all(p.tile == (64, 8, 2) and p.variant.mcast == 2 for p in plans)
     finally:
         m.FWD_PLANS.clear()
 
@@ -206,7 +206,7 @@ def test_sm90_q_regs_bitwise(case, D, tile, monkeypatch):
     released before the first n-block): the same wgmmas on the same values, so out and lse are
     bitwise those of the shared-memory Q (SS QK^T), and within the reference's bound."""
     (q, k, v, r), o2 = _both_settings(case, D, 500 + case, tile, "MOBA_CUTE_FWD_QREGS",
-                                      lambda p, on: p.q_regs == on, monkeypatch)
+                                      lambda p, on: p.variant.q_regs == on, monkeypatch)
     o32, _ = reference.attention(q, k, v, r)
     olp, _ = reference.attention(q, k, v, r, compute_dtype=torch.bfloat16)
     err = (o2.double() - o32.double()).nan_to_num().abs().max().item()
@@ -227,7 +227,8 @@ def test_sm90_kv_multicast_bitwise(case, tile, windows, overlap, monkeypatch):
     if overlap and tile[2] < 2:
         pytest.skip("the overlap needs two K/V stages")
     _both_settings(case, 128, 600 + case, tile, "MOBA_CUTE_FWD_MULTICAST",
-                   lambda p, on: p.mcast == (2 if on else 1) and p.overlap == overlap, monkeypatch, windows, overlap)
+                   lambda p, on: p.variant.mcast == (2 if on else 1) and p.variant.overlap == overlap,
+                   monkeypatch, windows, overlap)
 
 
 @needs_hopper
@@ -243,8 +244,8 @@ def test_sm90_rescale_skip_bitwise(case, D, variant, monkeypatch):
     if variant == "mcast":
         monkeypatch.setenv("MOBA_CUTE_FWD_MULTICAST", "1")
     (q, k, v, r), o2 = _both_settings(case, D, 700 + case, tile, "MOBA_CUTE_FWD_RESCALE_SKIP",
-                                      lambda p, on: p.rescale_skip == on and p.tile == tile
-                                      and p.mcast == (2 if variant == "mcast" else 1),
+                                      lambda p, on: p.variant.rescale_skip == on and p.tile == tile
+                                      and p.variant.mcast == (2 if variant == "mcast" else 1),
                                       monkeypatch, overlap=variant == "overlap")
     o32, _ = reference.attention(q, k, v, r)
     olp, _ = reference.attention(q, k, v, r, compute_dtype=torch.bfloat16)
@@ -336,14 +337,14 @@ def test_sm90_forward_staged_epilogue(case, monkeypatch):
         monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "0")
         m.FWD_PLANS.clear()
         one = m.attention_cute(q, k, v, r, None, True)
-        assert not m.FWD_PLANS.get(key + (False,), key, arch).staged
+        assert not m.FWD_PLANS.get(key + (False,), key, arch).variant.staged
         monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "1")
         for forced_windows in (False, True):
             if forced_windows:
                 monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
             m.FWD_PLANS.clear()
             got = m.attention_cute(q, k, v, r, None, True)
-            assert m.FWD_PLANS.get(key + (False,), key, arch).staged
+            assert m.FWD_PLANS.get(key + (False,), key, arch).variant.staged
             assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"windows forced: {forced_windows}"
         _check(lq, lk, H, Hk, D, C, K, causal, torch.bfloat16, seed=400 + case)
     finally:

@@ -101,7 +101,7 @@ def test_sm90_plan_long_chunk_tile(monkeypatch):
                         (128, cfg90.FWD_TILES[D])):
             q, k, r = _batch([C + 300, 200], H=4, Hk=2, D=D, C=C, K=2)
             plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
-            assert plan.tile == tuple(want) and plan.mcast == 1, (D, C, plan.tile)
+            assert plan.tile == tuple(want) and plan.variant.mcast == 1, (D, C, plan.tile)
             assert tuned.builtin("sm90_fwd", D, C) == tuple(want)
             assert set(tuned.candidates("sm90_fwd", D, C)) == set(tuned.candidates("sm90_fwd", D))
 
@@ -118,22 +118,22 @@ def test_sm90_plan_multicast_from_long_chunks(monkeypatch):
     lo = cfg90.FWD_KV_MULTICAST_MIN_CHUNK
     q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=lo, K=2)
     plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
-    assert plan.tile == cfg90.FWD_LONG_CHUNK_TILES[128][1] and plan.mcast == 1
+    assert plan.tile == cfg90.FWD_LONG_CHUNK_TILES[128][1] and plan.variant.mcast == 1
     monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "64,8,2")
     for C, want in ((lo, 2), (lo // 2, 1)):
         q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=C, K=2)
         plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
-        assert plan.mcast == want and (plan.ks.specs["seg"][0][-1] == "mc2") == (want == 2)
+        assert plan.variant.mcast == want and (plan.ks.specs["seg"][0][-1] == "mc2") == (want == 2)
     monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1")
     q, k, r = _batch([lo + 300, 200], H=4, Hk=2, D=128, C=lo, K=2)
     plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
-    assert plan.mcast == 1 and plan.ks.specs["seg"][0][-1] == "overlap"
+    assert plan.variant.mcast == 1 and plan.ks.specs["seg"][0][-1] == "overlap"
     monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "128,8,1")  # one K/V stage: no overlap, so multicast
     plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
-    assert plan.mcast == 2 and plan.ks.specs["seg"][0][-1] == "mc2"
+    assert plan.variant.mcast == 2 and plan.ks.specs["seg"][0][-1] == "mc2"
     monkeypatch.setenv("MOBA_CUTE_SM90_TILES", "128,8,2,2")  # the pair tile: one CTA, no cluster
     plan = al.FwdPlan(al._plan_key(q, k, r), "sm_90a")
-    assert plan.mcast == 1 and plan.ks.specs["seg"][0][-1] == "pingpong"
+    assert plan.variant.mcast == 1 and plan.ks.specs["seg"][0][-1] == "pingpong"
 
 
 def test_backward_reuses_the_forward_index_layout(monkeypatch):
@@ -282,8 +282,8 @@ def test_sm90_forward_staged_epilogue_plan(monkeypatch):
     assert al.FwdPlan(key, "sm_90a").ks.specs["seg"][0] == staged.ks.specs["seg"][0]
     monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "0")
     plain = al.FwdPlan(key, "sm_90a")
-    assert not plain.staged and "staged" not in plain.ks.specs["seg"][0]
-    assert staged.staged and staged.ks.specs["seg"][0] == plain.ks.specs["seg"][0] + ("staged",)
+    assert not plain.variant.staged and "staged" not in plain.ks.specs["seg"][0]
+    assert staged.variant.staged and staged.ks.specs["seg"][0] == plain.ks.specs["seg"][0] + ("staged",)
     assert {n: s[0] for n, s in staged.ks.specs.items() if n != "seg"} == \
         {n: s[0] for n, s in plain.ks.specs.items() if n != "seg"}
     monkeypatch.setenv("MOBA_CUTE_FWD_STAGED", "yes")

@@ -719,8 +719,6 @@ class FwdPlan(_PlanBase):
             if nw == 1 and fwd_kv_multicast(self.C, v.overlap):
                 v = dataclasses.replace(v, mcast=2)
             self.variant = v
-            self.staged, self.overlap, self.q_regs, self.mcast, self.rescale_skip = (
-                v.staged, v.overlap, v.q_regs, v.mcast, v.rescale_skip)
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             specs = kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K, v,
