@@ -4,7 +4,9 @@ interleaved rounds so that drift shows as round-to-round change, and whether the
 the first variant's bit for bit (the overlap, multicast and the pair tile must; tiles of another
 ``bn`` need not). A variant is a ``;``-separated list of ``MOBA_CUTE_*`` settings, ``""`` for
 the defaults; each is applied alone (the others' settings are undone) and its plans rebuilt.
-Ratios against the first variant are printed at the end.
+Ratios against the first variant are printed at the end. ``--backward`` times the CuTe backward
+instead (given the forward's output, computed once with the defaults) and compares dQ, dK and dV
+with the first variant's.
 
     python -m benchmarks.fwd_env_ab --shapes moba-large-128K \\
         "MOBA_CUTE_SM90_TILES=64,8,2" "MOBA_CUTE_SM90_TILES=64,8,2;MOBA_CUTE_FWD_OVERLAP=1"
@@ -47,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="moba-large-32K", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--backward", action="store_true", help="time the backward (dq, dk, dv)")
     ap.add_argument("variants", nargs="+", help='e.g. "" "MOBA_CUTE_FWD_OVERLAP=1"')
     args = ap.parse_args(argv)
     variants = [(v, parse_variant(v)) for v in args.variants]
@@ -70,28 +73,39 @@ def main(argv=None):
     for shape in shapes:
         B, S, H, Hk, C, K = SHAPES[shape]
         q, k, v, cu, r = routed_batch(B, S, H, Hk, args.D, C, K, dev)
+        if args.backward:
+            o0, lse0 = L.attention_cute(q, k, v, r, None, False)
+            dout = torch.randn_like(o0)
+
+            def call():
+                return torch.cat([g.flatten() for g in L.attention_backward_cute(q, k, v, o0, lse0, dout, None, r,
+                                                                                 None, True)])
+        else:
+            def call():
+                return L.attention_cute(q, k, v, r, None, False)[0]
+        cache = L.BWD_PLANS if args.backward else L.FWD_PLANS
         base = None
         for rnd in range(args.rounds):
             for text, env in variants:
                 with environment(env, names):
-                    L.FWD_PLANS.clear()  # (plans read the switches when they are built)
-                    o, _ = L.attention_cute(q, k, v, r, None, False)
+                    cache.clear()  # (plans read the switches when they are built)
+                    o = call()
                     if base is None:
                         base = o.clone()
-                    t = time_idle(lambda: L.attention_cute(q, k, v, r, None, False), dev, reps=args.reps,
-                                  warmup=2).median_ms
-                    plan = next(iter(L.FWD_PLANS.plans.values()))
-                v = getattr(plan, "variant", None)  # (sm90 plans)
-                rec = dict(shape=shape, D=args.D, variant=text, round=rnd, fwd_ms=round(t, 4),
-                           tile=list(plan.tile), mcast=v.mcast if v else None, overlap=v.overlap if v else None,
-                           same_bits_as_first=bool(torch.equal(o, base)),
+                    t = time_idle(call, dev, reps=args.reps, warmup=2).median_ms
+                    plan = next(iter(cache.plans.values()))
+                v = getattr(plan, "variant", None)  # (sm90 forward plans)
+                rec = dict(shape=shape, D=args.D, variant=text, round=rnd, ms=round(t, 4),
+                           direction="backward" if args.backward else "forward",
+                           tile=list(getattr(plan, "tile", ())), mcast=v.mcast if v else None,
+                           overlap=v.overlap if v else None, same_bits_as_first=bool(torch.equal(o, base)),
                            max_diff_vs_first=float((o.float() - base.float()).abs().max()),
                            device=torch.cuda.get_device_name())
                 print(json.dumps(rec), flush=True)
                 out.append(rec)
                 ms.setdefault((shape, text), []).append(t)
         del q, k, v, cu, r, base
-        L.FWD_PLANS.clear()
+        cache.clear()
         torch.cuda.empty_cache()
     for shape in shapes:
         first = statistics.median(ms[(shape, variants[0][0])])

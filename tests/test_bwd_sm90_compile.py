@@ -20,9 +20,11 @@ def _specs():
                 for topk in (3, 8):
                     for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk).values():
                         seen.setdefault(key, (fac, fake))
-                    # chunks over 128 keys: the dK/dV-only variant and the dQ kernel
-                    for key, fac, fake in launch.bwd_kernel_specs_sm90_long(dtype, D, causal, topk).values():
-                        seen.setdefault(key, (fac, fake))
+                    # chunks over 128 keys: the dK/dV-only variant and both dQ kernels
+                    for pair in (False, True):  # (both dQ kernels, both dK/dV loops)
+                        for key, fac, fake in launch.bwd_kernel_specs_sm90_long(dtype, D, causal, topk, dq_pair=pair,
+                                                                                dkv_pingpong=pair).values():
+                            seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -36,7 +38,7 @@ def test_sm90_backward_compiles_without_spills(key, spec):
     fac, fake = spec
     rep = common.compile_for_arch(fac(), fake, "sm_90a")
     assert "Used" in rep.ptxas, "no ptxas report"
-    if key[0] == "moba_bwd_sm90":
+    if key[0] in ("moba_bwd_sm90", "moba_bwd_dq_sm90"):
         for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg.inc", "setmaxnreg.dec",
                       "cp.async.mbarrier.arrive"):
             assert instr in rep.ptx, instr

@@ -84,6 +84,14 @@ FWD_LONG_CHUNK_TILES = {
 # from 1.02 to 0.84), C = 512 0.998 / 0.996: no gain: off
 FWD_RESCALE_SKIP = False
 
+# the backward's dQ kernel for chunks over 128 keys: two consumer warpgroups on two sub-tiles
+# sharing each 64-key K/V tile (MobaBwdDqSm90Pair; MOBA_CUTE_BWD_DQ_PAIR) instead of splitting
+# each 128-key tile's keys over them for one sub-tile (MobaBwdDqSm90)
+BWD_DQ_PAIR = False
+# the backward's dK/dV-only kernel (chunks over 128 keys): its two consumer warpgroups (64 keys of
+# a 128-key tile each) take turns issuing their wgmmas (MOBA_CUTE_BWD_DKV_PINGPONG)
+BWD_DKV_PINGPONG = False
+
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 
 SMEM_PER_SM = 227 * 1024

@@ -510,21 +510,38 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     return specs
 
 
-def bwd_kernel_specs_sm90_long(dtype_name, head_dim, causal, topk):
+def bwd_dq_pair():
+    """The pair dQ kernel (:class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90Pair`) for
+    chunks over 128 keys: ``configs/attention_sm90.BWD_DQ_PAIR``, ``MOBA_CUTE_BWD_DQ_PAIR=0/1``
+    overrides it."""
+    return _env_flag("MOBA_CUTE_BWD_DQ_PAIR", cfg90.BWD_DQ_PAIR)
+
+
+def bwd_dkv_pingpong():
+    """The dK/dV-only kernel's ping-pong (``MobaBwdSm90(with_dq=False, pingpong=True)``):
+    ``configs/attention_sm90.BWD_DKV_PINGPONG``, ``MOBA_CUTE_BWD_DKV_PINGPONG=0/1`` overrides it."""
+    return _env_flag("MOBA_CUTE_BWD_DKV_PINGPONG", cfg90.BWD_DKV_PINGPONG)
+
+
+def bwd_kernel_specs_sm90_long(dtype_name, head_dim, causal, topk, dq_pair=None, dkv_pingpong=None):
     """The sm90 backward's kernels for chunks over 128 keys: those of
     :func:`bwd_kernel_specs_sm90` but the one-pass kernel, plus the dK/dV-only kernel (one CTA per
-    128-key tile) and the dQ kernel that streams a chunk's key tiles."""
-    from .moba_bwd_dq_sm90 import MobaBwdDqSm90
+    128-key tile; ``dkv_pingpong``, None: :func:`bwd_dkv_pingpong`) and the dQ kernel that
+    streams a chunk's key tiles (``dq_pair``: two sub-tiles sharing each tile; None:
+    :func:`bwd_dq_pair`)."""
+    from .moba_bwd_dq_sm90 import MobaBwdDqSm90, MobaBwdDqSm90Pair
     from .moba_bwd_sm90 import MobaBwdSm90
 
     specs = bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk)
     dt = _cdt(dtype_name)
     F = _cdt_f32()
     one_pass = specs.pop("bwd90")
-    specs["bwd90_dkv"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, with_dq=False),
-                          lambda: MobaBwdSm90(dt, head_dim, causal, with_dq=False), one_pass[2])
-    specs["dq90"] = (MobaBwdDqSm90.compile_key(dtype_name, head_dim, causal),
-                     lambda: MobaBwdDqSm90(dt, head_dim, causal),
+    pp = bwd_dkv_pingpong() if dkv_pingpong is None else bool(dkv_pingpong)
+    specs["bwd90_dkv"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, with_dq=False, pingpong=pp),
+                          lambda: MobaBwdSm90(dt, head_dim, causal, with_dq=False, pingpong=pp), one_pass[2])
+    dq_cls = MobaBwdDqSm90Pair if (bwd_dq_pair() if dq_pair is None else dq_pair) else MobaBwdDqSm90
+    specs["dq90"] = (dq_cls.compile_key(dtype_name, head_dim, causal),
+                     lambda: dq_cls(dt, head_dim, causal),
                      _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16)] + _i32p(5), 12, 2))
     return specs
 

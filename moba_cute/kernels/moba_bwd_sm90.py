@@ -52,8 +52,8 @@ from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, store_pair
-from .moba_fwd_sm90 import (acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks, kernel_prologue,
-                           kv_tma_atoms, kv_tma_views, ring_state, swizzled_index, zero_rows_from)
+from .moba_fwd_sm90 import (PP_BARRIER, acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks,
+                           kernel_prologue, kv_tma_atoms, kv_tma_views, ring_state, swizzled_index, zero_rows_from)
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -65,6 +65,8 @@ PRODUCER_REGS = 32
 CONSUMER_REGS = 232
 BAR_META = 1  # named barriers among the 256 consumer threads
 BAR_DS = 2
+# (3, 4: the ping-pong's PP_BARRIER + 0 / 1) 5, 6: a warpgroup's own row data written (ping-pong)
+BAR_ROWS = 5
 
 
 class MobaBwdSm90:
@@ -73,23 +75,29 @@ class MobaBwdSm90:
     tile of a chunk; their dQ comes from
     :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`)."""
 
-    def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True):
+    def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
+        assert not (pingpong and with_dq), "ping-pong: the dK/dV-only kernel"
         self.dtype = dtype
         self.D = head_dim
         self.causal = bool(causal)
         self.with_dq = bool(with_dq)
+        # the two warpgroups take turns issuing their wgmmas (FA3's ping-pong), so one's exp2 and
+        # selects run under the other's GEMMs; each then keeps its own copy of the rows' data
+        self.pingpong = bool(pingpong)
+        self.HI_COPIES = 2 if self.pingpong else 1
         self.THREADS = 384  # producer + two consumer warpgroups
+        self.QS = QS
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True):
+    def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False):
         key = ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
-        return key if with_dq else key + ("dkv",)
+        return key if with_dq else key + ("dkv",) + ("pingpong",) * bool(pingpong)
 
     def _layouts(self):
         dt, D = self.dtype, self.D
         atom_d = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, D), dt)
-        sQ = cute.tile_to_shape(atom_d, (BM, D, QS), order=(0, 1, 2))
+        sQ = cute.tile_to_shape(atom_d, (BM, D, self.QS), order=(0, 1, 2))
         sK = cute.tile_to_shape(atom_d, (BN, D, 1), order=(0, 1, 2))
         # dS (rows x keys, rows contiguous): the MN-major A operand of dQ = dS K, so that the
         # fragment of dS^T (keys x rows) is stored as pairs of adjacent rows (4-byte stores)
@@ -103,11 +111,12 @@ class MobaBwdSm90:
         dQ staging buffers and their mbarriers."""
         dt, D = self.dtype, self.D
         MR, AL = cute.struct.MemRange, cute.struct.Align
-        fields = {"mbar_q": MR[cutlass.Int64, 2 * QS], "mbar_kv": MR[cutlass.Int64, 2 * kv_stages]}
+        fields = {"mbar_q": MR[cutlass.Int64, 2 * self.QS], "mbar_kv": MR[cutlass.Int64, 2 * kv_stages]}
         if dq_staging:
             fields["mbar_dq"] = MR[cutlass.Int64, 4]  # dQ staging handoff, 2 buffers
         for name in ("sPidx", "sLse", "sDel", "sHi", "sLoc"):  # row data of each ring stage
-            fields[name] = AL[MR[Float32 if name in ("sLse", "sDel") else Int32, BM * QS], 16]
+            n = BM * self.QS * (self.HI_COPIES if name == "sHi" else 1)
+            fields[name] = AL[MR[Float32 if name in ("sLse", "sDel") else Int32, n], 16]
         for name, layout in (("sQ", sQ_layout), ("sdO", sQ_layout), ("sK", sK_layout), ("sV", sK_layout),
                              ("sdS", sdS_layout)):
             fields[name] = AL[MR[dt, cute.cosize(layout)], 1024]
@@ -226,7 +235,7 @@ class MobaBwdSm90:
         kt = gt - g * ktiles
         kvh = kv0 + kvw  # this launch covers KV heads [kv0, kv0 + nkv) (the partial buffer's window)
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
-        pipe_q, pipe_kv = gather_tma_pipelines(st, QS, 256, 1, 8, self.kv_bytes)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 256, 1, 8, self.kv_bytes)
         # dQ staging buffers: the consumer warpgroups fill them, the producer warpgroup copies them
         # out (mbarriers: ordered for compute-sanitizer's racecheck too, unlike bar.arrive)
         group = pipeline.CooperativeGroup
@@ -300,7 +309,7 @@ class MobaBwdSm90:
         if warp == 0:  # K and V of the chunk's key tile, once
             self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv,
                               pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1), kvh, key0)
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, QS)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
         for t in cutlass.range(nsub, unroll=1):
             self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q, q_state, e_lo, e_hi, t, total_q, H,
                                 topk, tid, warp)
@@ -335,30 +344,34 @@ class MobaBwdSm90:
     @cute.jit
     def gather_subtile(self, q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer,
                        pairs: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor, pipe_q, q_state, e_lo: Int32,
-                       e_hi: Int32, t: Int32, total_q: Int32, H: Int32, topk: Int32, tid: Int32, warp: Int32):
+                       e_hi: Int32, t: Int32, total_q: Int32, H: Int32, topk: Int32, tid: Int32, warp: Int32,
+                       rbeg=None, nr=None, RW: cutlass.Constexpr = 16):
         """Producer warpgroup: sub-tile ``t``'s Q and dO rows (16-byte cp.async into the swizzled
         ring stage) and each row's pair index, LSE and delta; warp w gathers rows 16w .. 16w + 15,
         lane j < 16 reads row 16w + j's entry (past the segment end: the last entry; the consumers
-        mask it)."""
+        mask it). With ``rbeg``/``nr``: this warp's rows are ``[rbeg, rbeg + nr)``, ``nr <= RW``
+        (three gathering warps, :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90Pair`)."""
         D = self.D
         CV = D // 8
         sq_base = cute.recast_ptr(sQ.iterator, None, self.dtype)
         so_base = cute.recast_ptr(sdO.iterator, None, self.dtype)
         q_outer = sQ.layout
         tpairs = _flat(pairs)
-        atom_row = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
-                                       num_bits_per_copy=128)
         atom_i = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.ALWAYS), Int32,
                                      num_bits_per_copy=32)
         atom_f = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.ALWAYS), Float32,
                                      num_bits_per_copy=32)
-        sPidx = st.sPidx.get_tensor(cute.make_layout(BM * QS))
-        sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
-        sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
+        sPidx = st.sPidx.get_tensor(cute.make_layout(BM * self.QS))
+        sLse = st.sLse.get_tensor(cute.make_layout(BM * self.QS))
+        sDel = st.sDel.get_tensor(cute.make_layout(BM * self.QS))
         lane = tid % 32
         RPI = 32 // CV  # whole rows per copy instruction of a warp
         rows_h = total_q * H
-        rr = warp * 16 + lane % 16
+        full = rbeg is None  # (four warps of 16 rows: no bound checks)
+        if cutlass.const_expr(full):
+            rbeg = warp * 16
+            nr = Int32(16)
+        rr = rbeg + lane % RW
         e = cutlass.min(e_lo + t * BM + rr, e_hi - 1)
         p = tpairs[e]
         ridx = cutlass.min(cutlass.max(p // topk, Int32(0)), rows_h - 1)  # clamped: memory safe
@@ -366,25 +379,36 @@ class MobaBwdSm90:
         h = ridx - row * H
         pipe_q.producer_acquire(q_state)
         stage = q_state.index
-        if lane < 16:
+        if lane < nr:
             cute.copy(atom_i, cute.make_tensor(pairs + e, cute.make_layout(1)),
                       cute.make_tensor(sPidx.iterator + stage * BM + rr, cute.make_layout(1)))
             cute.copy(atom_f, cute.make_tensor(lse + (Int64(h) * Int64(total_q) + Int64(row)), cute.make_layout(1)),
                       cute.make_tensor(sLse.iterator + stage * BM + rr, cute.make_layout(1)))
             cute.copy(atom_f, cute.make_tensor(delta + Int64(ridx), cute.make_layout(1)),
                       cute.make_tensor(sDel.iterator + stage * BM + rr, cute.make_layout(1)))
-        for it in cutlass.range_constexpr(16 // RPI):
+        for it in cutlass.range_constexpr((RW + RPI - 1) // RPI):
             rl = it * RPI + lane // CV
-            r = warp * 16 + rl
-            cv = lane % CV
             src_r = cute.arch.shuffle_sync(ridx, rl)
-            off = Int64(src_r) * Int64(D) + Int64(cv * 8)
-            so = swizzled_index(q_outer, (r, cv * 8, 0)) + stage * (BM * D)
-            cute.copy(atom_row, cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8)),
-                      cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8)))
-            cute.copy(atom_row, cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)),
-                      cute.make_tensor(so_base + cute.assume(so, divby=8), cute.make_layout(8)))
+            if cutlass.const_expr(full):
+                self._copy_q_do(q, dout, sq_base, so_base, q_outer, stage, src_r, rbeg + rl, lane % CV)
+            else:
+                if rl < nr:
+                    self._copy_q_do(q, dout, sq_base, so_base, q_outer, stage, src_r, rbeg + rl, lane % CV)
         pipe_q.producer_commit(q_state)
+
+    @cute.jit
+    def _copy_q_do(self, q: cute.Pointer, dout: cute.Pointer, sq_base, so_base, q_outer, stage, src_r: Int32, r: Int32,
+                   cv: Int32):
+        """16-byte piece ``cv`` of Q's and dO's (row, head) row ``src_r`` into sub-tile row ``r``."""
+        D = self.D
+        off = Int64(src_r) * Int64(D) + Int64(cv * 8)
+        so = swizzled_index(q_outer, (r, cv * 8, 0)) + stage * (BM * D)
+        atom_row = cute.make_copy_atom(cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), self.dtype,
+                                       num_bits_per_copy=128)
+        cute.copy(atom_row, cute.make_tensor(q + cute.assume(off, divby=8), cute.make_layout(8)),
+                  cute.make_tensor(sq_base + cute.assume(so, divby=8), cute.make_layout(8)))
+        cute.copy(atom_row, cute.make_tensor(dout + cute.assume(off, divby=8), cute.make_layout(8)),
+                  cute.make_tensor(so_base + cute.assume(so, divby=8), cute.make_layout(8)))
 
     @cute.jit
     def copy_out_dq(self, st, pipe_dq, part_dq: cute.Pointer, u: Int32, tid: Int32):
@@ -424,8 +448,8 @@ class MobaBwdSm90:
         # S^T = K Q^T, dP^T = V dO^T (keys x rows)
         tSrK, tSrV, tSrQ, tSrdO = self.sdp_fragments(thr_sdp, sK, sV, sQ, sdO)
         # dV += P^T dO, dK += dS^T Q: B = dO^T / Q^T (head dim x rows, MN-major views)
-        sdOt = cute.composition(sdO, cute.make_ordered_layout((D, BM, QS), order=(1, 0, 2)))
-        sQt = cute.composition(sQ, cute.make_ordered_layout((D, BM, QS), order=(1, 0, 2)))
+        sdOt = cute.composition(sdO, cute.make_ordered_layout((D, BM, self.QS), order=(1, 0, 2)))
+        sQt = cute.composition(sQ, cute.make_ordered_layout((D, BM, self.QS), order=(1, 0, 2)))
         tVrdOt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sdOt))
         tKrQt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sQt))
         # dQ = dS K: A = dS (rows x keys), B = K^T (head dim x keys, MN-major view)
@@ -454,25 +478,43 @@ class MobaBwdSm90:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
             # there cannot reach dQ as 0 * inf (synced by BAR_META before the first wgmma)
             zero_rows_from(sK, 0, nkeys, ctid, 256, BN, D, dt)
+        wg = ctid // 128
+        if cutlass.const_expr(self.pingpong):
+            if wg == 1:
+                cute.arch.barrier_arrive(barrier_id=PP_BARRIER, number_of_threads=256)  # warpgroup 0 first
         for t in cutlass.range(nsub, unroll=1):
-            q_state = ring_state(QS, t)
-            stage = t % QS
+            q_state = ring_state(self.QS, t)
+            stage = t % self.QS
+            hslot = stage  # (the rows' last visible keys: one copy per warpgroup with the ping-pong)
             pipe_q.consumer_wait(q_state)
-            if ctid < BM:
-                self.row_meta(st, stage, ctid, e_lo + t * BM + ctid < e_hi, nkeys, qs, shift, kbeg, H, h0, Hw, topk)
-            # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
-            cute.arch.fence_view_async_shared()
-            cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
+            if cutlass.const_expr(self.pingpong):
+                hslot = wg * self.QS + stage
+                if ctid % 128 < BM:
+                    n = ctid % 128
+                    self.row_meta(st, stage, n, e_lo + t * BM + n < e_hi, nkeys, qs, shift, kbeg, H, h0, Hw, topk,
+                                  hslot)
+                cute.arch.fence_view_async_shared()
+                cute.arch.barrier(barrier_id=BAR_ROWS + wg, number_of_threads=128)
+            else:
+                if ctid < BM:
+                    self.row_meta(st, stage, ctid, e_lo + t * BM + ctid < e_hi, nkeys, qs, shift, kbeg, H, h0, Hw,
+                                  topk)
+                # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
+                cute.arch.fence_view_async_shared()
+                cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
             # ---- S^T = K Q^T, dP^T = V dO^T
+            self.pp_turn(wg)
             warpgroup.fence()
             gemm_kblocks(mma_sdp, acc_S, tSrK, tSrQ, 0, stage)
             gemm_kblocks(mma_sdp, acc_dP, tSrV, tSrdO, 0, stage)
             warpgroup.commit_group()
+            self.pp_pass(wg)
             warpgroup.wait_group(0)
-            self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2)
+            self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2, hslot=hslot)
             rP.store(acc_S.load().to(dt))
             rdS.store(acc_dP.load().to(dt))
             # ---- dV += P^T dO (register A), issued before dS^T is staged for dQ
+            self.pp_turn(wg)
             warpgroup.fence()
             atom_kv = cute.make_mma_atom(mma_dkv.op)
             atom_kv.set(warpgroup.Field.ACCUMULATE, True)
@@ -492,6 +534,7 @@ class MobaBwdSm90:
             for kb in cutlass.range_constexpr(cute.size(tdSa.shape[2])):
                 cute.gemm(atom_kv, acc_dK, tdSa[None, None, kb], tKrQt[None, None, kb, stage], acc_dK)
             warpgroup.commit_group()
+            self.pp_pass(wg)
             warpgroup.wait_group(0)
             if cutlass.const_expr(self.with_dq):
                 warpgroup.fence()
@@ -500,6 +543,10 @@ class MobaBwdSm90:
                 warpgroup.wait_group(0)
                 self.stage_dq(st, pipe_dq, stage, t, dQ_mn, cQ_mn, ctid)
             pipe_q.consumer_release(q_state)
+        if cutlass.const_expr(self.pingpong):
+            if wg == 0:
+                # (warpgroup 1's last pass: every arrive on a barrier is matched before the exit)
+                cute.arch.barrier(barrier_id=PP_BARRIER, number_of_threads=256)
 
         # ---- dK, dV of the chunk's keys, input dtype
         cK_mn = acc_mn_view(thr_dkv.partition_C(cute.make_identity_tensor((BN, D))))
@@ -507,15 +554,37 @@ class MobaBwdSm90:
 
     @cute.jit
     def row_meta(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
-                 h0: Int32, Hw: Int32, topk: Int32):
+                 h0: Int32, Hw: Int32, topk: Int32, hslot=None):
         """Sub-tile row ``n``'s last visible key (-1: padding past the segments or an entry the
         index dropped) and its pair's place in the window's partial buffer,
         ``(row * Hw + h - h0) * K + slot``. One buffer per stage: the other warpgroup may still
-        read the previous sub-tile's."""
-        sPidx = st.sPidx.get_tensor(cute.make_layout(BM * QS))
+        read the previous sub-tile's. ``hslot``: the last visible key's copy (ping-pong: one per
+        warpgroup), else ``stage``."""
+        hi, loc = self.pair_place(st, stage, n, inside, nkeys, qs, shift, kbeg, H, h0, Hw, topk)
+        hs = stage if hslot is None else hslot
+        st.sHi.get_tensor(cute.make_layout(BM * self.QS * self.HI_COPIES))[hs * BM + n] = hi
+        st.sLoc.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + n] = loc
+
+    @cute.jit
+    def pp_turn(self, wg: Int32):
+        """Ping-pong: wait for warpgroup ``wg``'s turn to issue its wgmmas (named barrier
+        ``PP_BARRIER + wg``, arrived on by the other warpgroup's :meth:`pp_pass`)."""
+        if cutlass.const_expr(self.pingpong):
+            cute.arch.barrier(barrier_id=PP_BARRIER + wg, number_of_threads=256)
+
+    @cute.jit
+    def pp_pass(self, wg: Int32):
+        """Ping-pong: give the other warpgroup its turn, after this one's wgmmas are issued."""
+        if cutlass.const_expr(self.pingpong):
+            cute.arch.barrier_arrive(barrier_id=PP_BARRIER + 1 - wg, number_of_threads=256)
+
+    @cute.jit
+    def pair_place(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
+                   h0: Int32, Hw: Int32, topk: Int32):
+        """:meth:`row_meta`'s values of ring stage ``stage``'s row ``n``: (last visible key, place)."""
         hi = Int32(-1)
         loc = Int32(0)
-        p = sPidx[stage * BM + n]
+        p = st.sPidx.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + n]
         if inside & (p >= 0):
             hi = nkeys - 1
             ridx = p // topk
@@ -525,22 +594,23 @@ class MobaBwdSm90:
             if cutlass.const_expr(self.causal):
                 if slot == 0:  # the own chunk: keys up to the row's position
                     hi = cutlass.min(hi, row - qs + shift - kbeg)
-        st.sHi.get_tensor(cute.make_layout(BM * QS))[stage * BM + n] = hi
-        st.sLoc.get_tensor(cute.make_layout(BM * QS))[stage * BM + n] = loc
+        return hi, loc
 
     @cute.jit
     def probs_and_ds(self, st, stage, S_mn: cute.Tensor, dP_mn: cute.Tensor, cS_mn: cute.Tensor, scale: Float32,
-                     scale_log2: Float32, koff: Int32 = 0):
+                     scale_log2: Float32, koff: Int32 = 0, hslot=None):
         """In place: S^T -> P^T = exp2(S^T * scale_log2 - lse_log2), dP^T -> dS^T = P^T (dP^T -
-        delta) * scale; masked keys (past the row's last visible key; the tile's keys start at
-        ``koff`` of the chunk) by select, so that a non-finite S or dP there stays out."""
+        delta) * scale; masked keys (past the row's last visible key, copy ``hslot`` of
+        :meth:`row_meta`; the tile's keys start at ``koff`` of the chunk) by select, so that a
+        non-finite S or dP there stays out."""
         LOG2E = 1.4426950408889634
-        sLse = st.sLse.get_tensor(cute.make_layout(BM * QS))
-        sDel = st.sDel.get_tensor(cute.make_layout(BM * QS))
-        sHi = st.sHi.get_tensor(cute.make_layout(BM * QS))
+        sLse = st.sLse.get_tensor(cute.make_layout(BM * self.QS))
+        sDel = st.sDel.get_tensor(cute.make_layout(BM * self.QS))
+        sHi = st.sHi.get_tensor(cute.make_layout(BM * self.QS * self.HI_COPIES))
+        hs = stage if hslot is None else hslot
         for c in cutlass.range_constexpr(cute.size(S_mn, mode=[1])):
             n = cS_mn[0, c][1]
-            hi = sHi[stage * BM + n] - koff
+            hi = sHi[hs * BM + n] - koff
             l2 = sLse[stage * BM + n] * LOG2E
             dl = sDel[stage * BM + n]
             for r in cutlass.range_constexpr(cute.size(S_mn, mode=[0])):
@@ -585,8 +655,8 @@ class MobaBwdSm90:
                 store_pair(self.dtype, dQ_mn[r, 2 * c], dQ_mn[r, 2 * c + 1], sdq + (n * RS + col))
         if ctid < BM:
             loc = Int32(-1)
-            if st.sHi.get_tensor(cute.make_layout(BM * QS))[stage * BM + ctid] >= 0:
-                loc = st.sLoc.get_tensor(cute.make_layout(BM * QS))[stage * BM + ctid]
+            if st.sHi.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + ctid] >= 0:
+                loc = st.sLoc.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + ctid]
             st.sLocQ.get_tensor(cute.make_layout(2 * BM))[b * BM + ctid] = loc
         pipe_dq.producer_commit(dq_state)
 
