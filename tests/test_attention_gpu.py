@@ -171,6 +171,40 @@ def test_backward_long_chunks(case, D, dtype):
     _check_bwd(lq, lk, H, Hk, D, C, K, causal, dtype, seed=40 + case)
 
 
+@pytest.mark.parametrize("dq_pair,dkv_pingpong", [(True, True), (True, False), (False, True)],
+                         ids=["pair-pingpong", "pair", "pingpong"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(LONG_CHUNK_CASES)))
+def test_backward_long_chunk_variants(case, D, dq_pair, dkv_pingpong, monkeypatch):
+    """The long-chunk backward's alternatives (the pair dQ kernel, the dK/dV kernel's ping-pong)
+    against the reference; the ping-pong's dK and dV bitwise those of the plain loop (the same
+    GEMMs in the same order), and dQ of the pair kernel against the other's."""
+    from moba_cute.kernels import common
+
+    m = _launch()
+    if not m.uses_sm90_bwd("bfloat16", D, common.arch_of(torch.device("cuda"))):
+        pytest.skip("the sm90 backward runs on Hopper")
+    lq, lk, H, Hk, C, K, causal = LONG_CHUNK_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=60 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    out, lse = m.attention_cute(q, k, v, r, None, True)
+    dout = torch.randn_like(q)
+    grads = {}
+    for variant in ((False, False), (dq_pair, dkv_pingpong)):
+        monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", str(int(variant[0])))
+        monkeypatch.setenv("MOBA_CUTE_BWD_DKV_PINGPONG", str(int(variant[1])))
+        m.BWD_PLANS.clear()  # (plans read the switches when they are built)
+        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        grads[variant] = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True,
+                                                   dq=bufs[0], dk=bufs[1], dv=bufs[2])
+    m.BWD_PLANS.clear()
+    got, plain = grads[(dq_pair, dkv_pingpong)], grads[(False, False)]
+    _grad_errs(got, q, k, v, r, dout, None, None, torch.bfloat16)
+    assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
+    if not dq_pair:
+        assert torch.equal(got[0], plain[0])
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_lse_grad(causal):
     """The loss uses the LSE too: dS = P * (dP - rowsum(dO * O) + dlse)."""
