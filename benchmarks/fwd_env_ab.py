@@ -74,7 +74,7 @@ def main(argv=None):
         B, S, H, Hk, C, K = SHAPES[shape]
         q, k, v, cu, r = routed_batch(B, S, H, Hk, args.D, C, K, dev)
         if args.backward:
-            o0, lse0 = L.attention_cute(q, k, v, r, None, False)
+            o0, lse0 = L.attention_cute(q, k, v, r, None, True)
             dout = torch.randn_like(o0)
 
             def call():
@@ -94,11 +94,11 @@ def main(argv=None):
                         base = o.clone()
                     t = time_idle(call, dev, reps=args.reps, warmup=2).median_ms
                     plan = next(iter(cache.plans.values()))
-                v = getattr(plan, "variant", None)  # (sm90 forward plans)
+                sv = getattr(plan, "variant", None)  # (sm90 forward plans)
                 rec = dict(shape=shape, D=args.D, variant=text, round=rnd, ms=round(t, 4),
                            direction="backward" if args.backward else "forward",
-                           tile=list(getattr(plan, "tile", ())), mcast=v.mcast if v else None,
-                           overlap=v.overlap if v else None, same_bits_as_first=bool(torch.equal(o, base)),
+                           tile=list(getattr(plan, "tile", ())), mcast=sv.mcast if sv else None,
+                           overlap=sv.overlap if sv else None, same_bits_as_first=bool(torch.equal(o, base)),
                            max_diff_vs_first=float((o.float() - base.float()).abs().max()),
                            device=torch.cuda.get_device_name())
                 print(json.dumps(rec), flush=True)

@@ -218,7 +218,10 @@ class MobaBwdDqSm90(MobaBwdSm90):
 
 
 PAIR_BN = 64  # keys per K/V tile of the pair kernel
-PAIR_KS = 2  # K and V tile stages (rings of their own)
+# K and V tile stages (rings of their own): K is read until the next tile's turn (dQ += dS K is
+# issued with the next S and dP), V only by this tile's dP
+PAIR_KS = 3
+PAIR_VS = 2
 PAIR_QS = 4  # Q / dO ring stages: two per consumer warpgroup
 PAIR_GATHER_ROWS = 22  # rows of a sub-tile per gathering warp (warps 1-3: 22 + 22 + 20)
 BAR_KTAIL = 1  # both consumer warpgroups: a stage's K tail is zeroed
@@ -244,7 +247,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
       both ``dQ`` are; producer warp 0 only streams K/V, warps 1-3 gather Q/dO rows (four
       stages: a warpgroup's next sub-tile lands while it works on this one).
 
-    Shared memory: Q/dO 4 x 32 KB, K/V 2 x 2 x 16 KB: 192 KB, one CTA per SM. Per key and pair
+    Shared memory: Q/dO 4 x 32 KB, K 3 x 16 KB, V 2 x 16 KB: 208 KB, one CTA per SM. Per key and pair
     the same three GEMMs in the same key order as :class:`MobaBwdDqSm90`. Compile key: that
     kernel's plus ``"pair"``."""
 
@@ -262,15 +265,16 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
         atom_d = warpgroup.make_smem_layout_atom(sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dt, D), dt)
         sQ = cute.tile_to_shape(atom_d, (BM, D, self.QS), order=(0, 1, 2))
         sK = cute.tile_to_shape(atom_d, (PAIR_BN, D, PAIR_KS), order=(0, 1, 2))
-        return sQ, sK
+        sV = cute.tile_to_shape(atom_d, (PAIR_BN, D, PAIR_VS), order=(0, 1, 2))
+        return sQ, sK, sV
 
-    def _pair_storage(self, sQ_layout, sK_layout):
+    def _pair_storage(self, sQ_layout, sK_layout, sV_layout):
         MR, AL = cute.struct.MemRange, cute.struct.Align
         fields = {"mbar_q": MR[cutlass.Int64, 2 * self.QS], "mbar_kv": MR[cutlass.Int64, 2 * PAIR_KS],
-                  "mbar_v": MR[cutlass.Int64, 2 * PAIR_KS]}
+                  "mbar_v": MR[cutlass.Int64, 2 * PAIR_VS]}
         for name in ("sPidx", "sLse", "sDel"):  # row data of each ring stage
             fields[name] = AL[MR[Int32 if name == "sPidx" else Float32, BM * self.QS], 16]
-        for name, layout in (("sQ", sQ_layout), ("sdO", sQ_layout), ("sK", sK_layout), ("sV", sK_layout)):
+        for name, layout in (("sQ", sQ_layout), ("sdO", sQ_layout), ("sK", sK_layout), ("sV", sV_layout)):
             fields[name] = AL[MR[self.dtype, cute.cosize(layout)], 1024]
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
@@ -287,14 +291,14 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
         mma_s = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, K_, Float32, (1, 1, 1), (BM, PAIR_BN))
         mma_dq = sm90_utils.make_trivial_tiled_mma(dt, dt, K_, MN_, Float32, (1, 1, 1), (BM, D),
                                                    a_source=warpgroup.OperandSource.RMEM)
-        sQ_layout, sK_layout = self._pair_layouts()
+        sQ_layout, sK_layout, sV_layout = self._pair_layouts()
         atom_k, tma_k, atom_v, tma_v, self.kv_bytes = kv_tma_atoms(k, v, total_k, Hk, D,
                                                                    cute.select(sK_layout, mode=[0, 1]), PAIR_BN)
-        Storage = self._pair_storage(sQ_layout, sK_layout)
+        Storage = self._pair_storage(sQ_layout, sK_layout, sV_layout)
         self.pair_kernel(
             tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, part_dq, cu_q, cu_k, cu_chunks, offsets, pairs, B,
             total_q, total_k, H, Hk, chunk_size, topk, kv0, Hw, zsplit, scale, scale_log2, sQ_layout, sK_layout,
-            mma_s, mma_dq, Storage,
+            sV_layout, mma_s, mma_dq, Storage,
         ).launch(grid=(nchunks * zsplit, nkv, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
 
     @cute.kernel
@@ -304,8 +308,8 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                     offsets: cute.Pointer, pairs: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32, H: Int32,
                     Hk: Int32, chunk_size: Int32, topk: Int32, kv0: Int32, Hw: Int32, zsplit: Int32,
                     scale: Float32, scale_log2: Float32, sQ_layout: cute.ComposedLayout,
-                    sK_layout: cute.ComposedLayout, mma_s: cute.TiledMma, mma_dq: cute.TiledMma,
-                    Storage: cutlass.Constexpr):
+                    sK_layout: cute.ComposedLayout, sV_layout: cute.ComposedLayout, mma_s: cute.TiledMma,
+                    mma_dq: cute.TiledMma, Storage: cutlass.Constexpr):
         tid, _, _ = cute.arch.thread_idx()
         gz, kvw, _ = cute.arch.block_idx()
         g = gz // zsplit
@@ -313,12 +317,12 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
         kvh = kv0 + kvw
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, PAIR_KS, 8, self.kv_bytes,
-                                               q_producers=96, v_barriers=st.mbar_v)
+                                               q_producers=96, v_barriers=st.mbar_v, v_stages=PAIR_VS)
         cute.arch.mbarrier_init_fence()
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sdO = st.sdO.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = st.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
-        sV = st.sV.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
+        sV = st.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         qs, shift, ks, kbeg, ckeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
                                                                    total_k, H, Hk, chunk_size, g, kvh, Int32(0),
                                                                    chunk_size)
@@ -334,11 +338,13 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
             if ckeys > 0:
                 if warp == 0:  # K/V only: a step's tiles once for both warpgroups
                     kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, kvh, ks + kbeg, PAIR_BN, self.D)
-                    kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, PAIR_KS)
+                    k_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, PAIR_KS)
+                    v_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, PAIR_VS)
                     for s in cutlass.range(nsteps, unroll=1):
                         for kt in cutlass.range(ntiles, unroll=1):
-                            self.load_kv_pair(atom_k, atom_v, kv_views, pipe_kv, kv_state, kt)
-                            kv_state.advance()
+                            self.load_kv_pair(atom_k, atom_v, kv_views, pipe_kv, k_state, v_state, kt)
+                            k_state.advance()
+                            v_state.advance()
                 else:  # warps 1-3 gather the sub-tiles in order (ring stage j % QS)
                     q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
                     rbeg = (warp - 1) * PAIR_GATHER_ROWS
@@ -356,15 +362,16 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                                    scale_log2, tid - 128)
 
     @cute.jit
-    def load_kv_pair(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, kv_state, kt: Int32):
+    def load_kv_pair(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, k_state, v_state,
+                     kt: Int32):
         """Warp 0: key tile ``kt`` of the chunk, K into its ring, then V into its own."""
         tKsK, tKgK, tVsV, tVgV = kv_views
-        pipe_kv.k.producer_acquire(kv_state)
-        cute.copy(atom_k, tKgK[None, kt], tKsK[None, kv_state.index],
-                  tma_bar_ptr=pipe_kv.k.producer_get_barrier(kv_state))
-        pipe_kv.v.producer_acquire(kv_state)
-        cute.copy(atom_v, tVgV[None, kt], tVsV[None, kv_state.index],
-                  tma_bar_ptr=pipe_kv.v.producer_get_barrier(kv_state))
+        pipe_kv.k.producer_acquire(k_state)
+        cute.copy(atom_k, tKgK[None, kt], tKsK[None, k_state.index],
+                  tma_bar_ptr=pipe_kv.k.producer_get_barrier(k_state))
+        pipe_kv.v.producer_acquire(v_state)
+        cute.copy(atom_v, tVgV[None, kt], tVsV[None, v_state.index],
+                  tma_bar_ptr=pipe_kv.v.producer_get_barrier(v_state))
 
     @cute.jit
     def wait_kv_pair(self, pipe_kv, sK: cute.Tensor, b: Int32, nk: Int32, ctid: Int32, wg: Int32):
@@ -372,7 +379,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
         rows past the chunk are zeroed by warpgroup 0 before either reads them (dS is 0 there, but
         a non-finite key would reach dQ as 0 * inf)."""
         pipe_kv.k.consumer_wait(ring_state(PAIR_KS, b))
-        pipe_kv.v.consumer_wait(ring_state(PAIR_KS, b))
+        pipe_kv.v.consumer_wait(ring_state(PAIR_VS, b))
         if nk < PAIR_BN:
             if wg == 0:
                 zero_rows_from(sK, b % PAIR_KS, nk, ctid, 128, PAIR_BN, self.D, self.dtype)
@@ -384,7 +391,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                       nsteps: Int32, z: Int32, zsplit: Int32, e_lo: Int32, e_hi: Int32, ckeys: Int32, ntiles: Int32,
                       qs: Int32, shift: Int32, kbeg: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32,
                       scale: Float32, scale_log2: Float32, ctid: Int32):
-        D, dt, KS = self.D, self.dtype, PAIR_KS
+        D, dt, KS, VS = self.D, self.dtype, PAIR_KS, PAIR_VS
         LOG2E = 1.4426950408889634
         wg = ctid // 128
         ctid = ctid % 128
@@ -394,7 +401,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
         tSrdO = thr_s.make_fragment_A(thr_s.partition_A(sdO))
         tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK))
         tSrV = thr_s.make_fragment_B(thr_s.partition_B(sV))
-        sKt = cute.composition(sK, cute.make_ordered_layout((D, PAIR_BN, KS), order=(1, 0, 2)))
+        sKt = cute.composition(sK, cute.make_ordered_layout((D, PAIR_BN, KS), order=(1, 0, 2)))  # (K's stages)
         tQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt))
         acc_S = cute.make_rmem_tensor(thr_s.partition_shape_C((BM, PAIR_BN)), Float32)
         acc_dP = cute.make_rmem_tensor(thr_s.partition_shape_C((BM, PAIR_BN)), Float32)
@@ -442,7 +449,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                 self.pp_turn(wg)
                 warpgroup.fence()
                 gemm_kblocks(mma_s, acc_S, tSrQ, tSrK, qi, b0 % KS)
-                gemm_kblocks(mma_s, acc_dP, tSrdO, tSrV, qi, b0 % KS)
+                gemm_kblocks(mma_s, acc_dP, tSrdO, tSrV, qi, b0 % VS)
                 warpgroup.commit_group()
                 self.pp_pass(wg)
                 warpgroup.wait_group(0)
@@ -452,7 +459,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
             else:
                 self.pp_turn(wg)
                 self.pp_pass(wg)
-            pipe_kv.v.consumer_release(ring_state(KS, b0))
+            pipe_kv.v.consumer_release(ring_state(VS, b0))
             for kt in cutlass.range(1, ntiles, unroll=1):
                 b = b0 + kt
                 self.wait_kv_pair(pipe_kv, sK, b, ckeys - kt * PAIR_BN, ctid, wg)
@@ -461,18 +468,21 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                     self.pp_turn(wg)
                     warpgroup.fence()
                     gemm_kblocks(mma_dq, acc_dQ, tdSa, tQrKt, None, (b - 1) % KS, zero_init=False)
+                    warpgroup.commit_group()
                     gemm_kblocks(mma_s, acc_S, tSrQ, tSrK, qi, b % KS)
-                    gemm_kblocks(mma_s, acc_dP, tSrdO, tSrV, qi, b % KS)
+                    gemm_kblocks(mma_s, acc_dP, tSrdO, tSrV, qi, b % VS)
                     warpgroup.commit_group()
                     self.pp_pass(wg)
+                    warpgroup.wait_group(1)  # dQ(kt - 1) done: K of tile kt - 1 can go back
+                    pipe_kv.k.consumer_release(ring_state(KS, b - 1))
                     warpgroup.wait_group(0)
                     self.pair_ds(S_mn, dP_mn, cS_mn, hi, l2, dl, kt * PAIR_BN, scale, scale_log2)
                     rdS.store(acc_dP.load().to(dt))
                 else:
                     self.pp_turn(wg)
                     self.pp_pass(wg)
-                pipe_kv.k.consumer_release(ring_state(KS, b - 1))
-                pipe_kv.v.consumer_release(ring_state(KS, b))
+                    pipe_kv.k.consumer_release(ring_state(KS, b - 1))
+                pipe_kv.v.consumer_release(ring_state(VS, b))
             # ---- the last tile's dQ += dS K; the sub-tile's partials out
             blast = b0 + ntiles - 1
             if has:

@@ -169,14 +169,15 @@ class SplitKV:
 
 
 def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv_consumers: int, kv_bytes: int,
-                         q_producers: int = 128, mcast: int = 1, v_barriers=None):
+                         q_producers: int = 128, mcast: int = 1, v_barriers=None, v_stages=None):
     """The two pipelines of the sm90 kernels: the producer warpgroup's ``cp.async`` row ring
     (``q_producers`` threads -> ``q_consumers`` threads; mbarriers ``st.mbar_q``) and warp 0's TMA
     K/V stages (one thread -> ``kv_consumers`` warps, ``kv_bytes`` per stage; ``st.mbar_kv``).
     ``mcast > 1``: the K/V stages are multicast over a cluster of ``mcast`` CTAs, so a stage is
     free once every CTA's consumer warps released it (lane ``r`` of each warp arrives on CTA
     ``r``'s barrier). ``v_barriers`` (a shared mbarrier range of ``2 * kv_stages``): K and V get
-    rings of their own, ``st.mbar_kv`` K's (:class:`SplitKV`). Initialized without a sync: the
+    rings of their own, ``st.mbar_kv`` K's (:class:`SplitKV`; V's of ``v_stages`` stages, default
+    ``kv_stages``). Initialized without a sync: the
     caller fences and syncs once for all its pipelines (cluster-wide with ``mcast > 1``)."""
     group = pipeline.CooperativeGroup
     pipe_q = pipeline.PipelineCpAsync.create(
@@ -186,15 +187,16 @@ def gather_tma_pipelines(st, q_stages: int, q_consumers: int, kv_stages: int, kv
         defer_sync=True)
     kw = {"cta_layout_vmnk": cute.make_layout((1, mcast, 1, 1))} if mcast > 1 else {}
 
-    def tma_ring(barriers, tx_count):
+    def tma_ring(barriers, tx_count, stages=kv_stages):
         return pipeline.PipelineTmaAsync.create(
-            barrier_storage=barriers.data_ptr(), num_stages=kv_stages, producer_group=group(pipeline.Agent.Thread, 1),
+            barrier_storage=barriers.data_ptr(), num_stages=stages, producer_group=group(pipeline.Agent.Thread, 1),
             consumer_group=group(pipeline.Agent.Thread, kv_consumers * mcast), tx_count=tx_count, defer_sync=True,
             **kw)
 
     if v_barriers is None:
         return pipe_q, tma_ring(st.mbar_kv, kv_bytes)
-    return pipe_q, SplitKV(tma_ring(st.mbar_kv, kv_bytes // 2), tma_ring(v_barriers, kv_bytes // 2))
+    return pipe_q, SplitKV(tma_ring(st.mbar_kv, kv_bytes // 2),
+                           tma_ring(v_barriers, kv_bytes // 2, kv_stages if v_stages is None else v_stages))
 
 
 @cute.jit
