@@ -21,9 +21,11 @@ def _specs():
                     for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk).values():
                         seen.setdefault(key, (fac, fake))
                     # chunks over 128 keys: the dK/dV-only variant and both dQ kernels
-                    for pair in (False, True):  # (both dQ kernels, both dK/dV loops)
+                    # (the defaults, the pair dQ kernel, and the loops without ping-pong and skips)
+                    for pair, pp, skip in ((False, True, True), (True, True, True), (False, False, False)):
                         for key, fac, fake in launch.bwd_kernel_specs_sm90_long(dtype, D, causal, topk, dq_pair=pair,
-                                                                                dkv_pingpong=pair).values():
+                                                                                dkv_pingpong=pp,
+                                                                                reach_skip=skip).values():
                             seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 

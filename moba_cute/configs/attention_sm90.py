@@ -93,6 +93,10 @@ BWD_DQ_PAIR = False
 # same dK/dV). H100, whole backward (benchmarks.fwd_env_ab --backward), ms, off -> on: moba-large
 # 128K 652.8 -> 642.8, moba-large 32K 72.50 -> 70.53, C = 512 (K = 3, 32K) 7.897 -> 7.773
 BWD_DKV_PINGPONG = True
+# the long-chunk backward skips a sub-tile's key tiles past its rows' last visible keys (causal
+# own-chunk rows; dK/dV: the whole sub-tile in a CTA whose key tile none of its rows sees; dQ: the
+# streamed tiles past its reach). MOBA_CUTE_BWD_REACH_SKIP
+BWD_REACH_SKIP = True
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 

@@ -523,7 +523,14 @@ def bwd_dkv_pingpong():
     return _env_flag("MOBA_CUTE_BWD_DKV_PINGPONG", cfg90.BWD_DKV_PINGPONG)
 
 
-def bwd_kernel_specs_sm90_long(dtype_name, head_dim, causal, topk, dq_pair=None, dkv_pingpong=None):
+def bwd_reach_skip():
+    """The long-chunk backward skips the key tiles past a sub-tile's reach (causal own-chunk rows):
+    ``configs/attention_sm90.BWD_REACH_SKIP``, ``MOBA_CUTE_BWD_REACH_SKIP=0/1`` overrides it."""
+    return _env_flag("MOBA_CUTE_BWD_REACH_SKIP", cfg90.BWD_REACH_SKIP)
+
+
+def bwd_kernel_specs_sm90_long(dtype_name, head_dim, causal, topk, dq_pair=None, dkv_pingpong=None,
+                               reach_skip=None):
     """The sm90 backward's kernels for chunks over 128 keys: those of
     :func:`bwd_kernel_specs_sm90` but the one-pass kernel, plus the dK/dV-only kernel (one CTA per
     128-key tile; ``dkv_pingpong``, None: :func:`bwd_dkv_pingpong`) and the dQ kernel that
@@ -537,11 +544,12 @@ def bwd_kernel_specs_sm90_long(dtype_name, head_dim, causal, topk, dq_pair=None,
     F = _cdt_f32()
     one_pass = specs.pop("bwd90")
     pp = bwd_dkv_pingpong() if dkv_pingpong is None else bool(dkv_pingpong)
-    specs["bwd90_dkv"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, with_dq=False, pingpong=pp),
-                          lambda: MobaBwdSm90(dt, head_dim, causal, with_dq=False, pingpong=pp), one_pass[2])
+    rs = bwd_reach_skip() if reach_skip is None else bool(reach_skip)
+    specs["bwd90_dkv"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, False, pp, rs),
+                          lambda: MobaBwdSm90(dt, head_dim, causal, False, pp, rs), one_pass[2])
     dq_cls = MobaBwdDqSm90Pair if (bwd_dq_pair() if dq_pair is None else dq_pair) else MobaBwdDqSm90
-    specs["dq90"] = (dq_cls.compile_key(dtype_name, head_dim, causal),
-                     lambda: dq_cls(dt, head_dim, causal),
+    specs["dq90"] = (dq_cls.compile_key(dtype_name, head_dim, causal, rs),
+                     lambda: dq_cls(dt, head_dim, causal, rs),
                      _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16)] + _i32p(5), 12, 2))
     return specs
 

@@ -49,9 +49,13 @@ class MobaBwdDqSm90(MobaBwdSm90):
     """Per-pair dQ partials of one (chunk, KV head) for chunks over 128 keys; see the module
     docstring."""
 
+    def __init__(self, dtype, head_dim: int, causal: bool, reach_skip: bool = True):
+        super().__init__(dtype, head_dim, causal)
+        self.track_reach = bool(reach_skip)  # (the streamed key tiles past a sub-tile's reach are skipped)
+
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, causal: bool):
-        return ("moba_bwd_dq_sm90", dtype_name, int(head_dim), bool(causal))
+    def compile_key(dtype_name: str, head_dim: int, causal: bool, reach_skip: bool = True):
+        return ("moba_bwd_dq_sm90", dtype_name, int(head_dim), bool(causal)) + ("noskip",) * (not reach_skip)
 
     def _layouts(self):
         sQ, _, sdS = super()._layouts()
@@ -166,36 +170,42 @@ class MobaBwdDqSm90(MobaBwdSm90):
                               topk)
             cute.arch.fence_view_async_shared()
             cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
+            # causal own-chunk rows see the keys up to their position only: tiles past the
+            # sub-tile's reach add nothing to its dQ (both warpgroups read the same reach)
+            reach = ckeys
+            if cutlass.const_expr(self.track_reach):
+                reach = self.sub_tile_reach(st, stage)
             acc_dQ.fill(0.0)
             for kt in cutlass.range(ntiles, unroll=1):
                 pipe_kv.consumer_wait(kv_state)
                 ks_ = kv_state.index
-                nk = cutlass.min(ckeys - kt * BN, BN)
-                if nk < BN:
-                    # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a
-                    # non-finite key there cannot reach dQ as 0 * inf
-                    zero_rows_from(sK, ks_, nk, ctid, 256, BN, D, dt)
-                    cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)  # before any wgmma reads
-                # ---- S^T = K Q^T, dP^T = V dO^T over this tile
-                warpgroup.fence()
-                gemm_kblocks(mma_sdp, acc_S, tSrK, tSrQ, ks_, stage)
-                gemm_kblocks(mma_sdp, acc_dP, tSrV, tSrdO, ks_, stage)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-                self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2, kt * BN)
-                rdS.store(acc_dP.load().to(dt))
-                self.store_ds(sdS, acc_mn_view(rdS), cS_mn)
-                cute.arch.fence_view_async_shared()
-                cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
-                # ---- dQ += dS K (this warpgroup's head-dim half)
-                warpgroup.fence()
-                gemm_kblocks(mma_dq, acc_dQ, tQrdS, tQrKt, None, ks_, zero_init=False)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
+                if reach >= kt * BN:
+                    nk = cutlass.min(ckeys - kt * BN, BN)
+                    if nk < BN:
+                        # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a
+                        # non-finite key there cannot reach dQ as 0 * inf
+                        zero_rows_from(sK, ks_, nk, ctid, 256, BN, D, dt)
+                        cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)  # before any wgmma reads
+                    # ---- S^T = K Q^T, dP^T = V dO^T over this tile
+                    warpgroup.fence()
+                    gemm_kblocks(mma_sdp, acc_S, tSrK, tSrQ, ks_, stage)
+                    gemm_kblocks(mma_sdp, acc_dP, tSrV, tSrdO, ks_, stage)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(0)
+                    self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2, kt * BN)
+                    rdS.store(acc_dP.load().to(dt))
+                    self.store_ds(sdS, acc_mn_view(rdS), cS_mn)
+                    cute.arch.fence_view_async_shared()
+                    cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
+                    # ---- dQ += dS K (this warpgroup's head-dim half)
+                    warpgroup.fence()
+                    gemm_kblocks(mma_dq, acc_dQ, tQrdS, tQrKt, None, ks_, zero_init=False)
+                    warpgroup.commit_group()
+                    warpgroup.wait_group(0)
+                    # the next tile's dS^T overwrites sdS: both warpgroups' dQ GEMMs are done
+                    cute.arch.barrier(barrier_id=BAR_SDS_FREE, number_of_threads=256)
                 pipe_kv.consumer_release(kv_state)
                 kv_state.advance()
-                # the next tile's dS^T overwrites sdS: both warpgroups' dQ GEMMs are done
-                cute.arch.barrier(barrier_id=BAR_SDS_FREE, number_of_threads=256)
             self.store_dq_partials(st, stage, part_dq, dQ_mn, cQ_mn)
             pipe_q.consumer_release(q_state)
 
@@ -251,13 +261,13 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
     the same three GEMMs in the same key order as :class:`MobaBwdDqSm90`. Compile key: that
     kernel's plus ``"pair"``."""
 
-    def __init__(self, dtype, head_dim: int, causal: bool):
-        super().__init__(dtype, head_dim, causal)
+    def __init__(self, dtype, head_dim: int, causal: bool, reach_skip: bool = True):
+        super().__init__(dtype, head_dim, causal, reach_skip=False)  # (not built: no shared row data)
         self.QS = PAIR_QS
         self.pingpong = True  # (its own loop; the row data stay in registers)
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, causal: bool):
+    def compile_key(dtype_name: str, head_dim: int, causal: bool, reach_skip: bool = True):
         return ("moba_bwd_dq_sm90", dtype_name, int(head_dim), bool(causal), "pair")
 
     def _pair_layouts(self):

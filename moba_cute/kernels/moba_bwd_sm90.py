@@ -41,6 +41,8 @@ sub-tile). Compile key: ``(dtype, head_dim, causal)``, plus ``"dkv"`` for ``with
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cutlass
 import cutlass.cute as cute
 import cuda.bindings.driver as cuda
@@ -69,13 +71,43 @@ BAR_DS = 2
 BAR_ROWS = 5
 
 
+class DkvFrags(NamedTuple):
+    """A consumer thread's wgmma operands and accumulators in :meth:`MobaBwdSm90.consumer`:
+    ``S^T``/``dP^T`` (A = K, V; B = Q, dO), dV/dK's B (dO^T, Q^T), dQ's A (sdS) and B (K^T), the
+    accumulators, ``P^T`` and ``dS^T`` in the input dtype and as register A operands, and the
+    (rows, cols) views of S^T, dP^T, dQ and their coordinates."""
+    tSrK: Any
+    tSrV: Any
+    tSrQ: Any
+    tSrdO: Any
+    tVrdOt: Any
+    tKrQt: Any
+    tQrdS: Any
+    tQrKt: Any
+    acc_S: Any
+    acc_dP: Any
+    acc_dK: Any
+    acc_dV: Any
+    acc_dQ: Any
+    rP: Any
+    rdS: Any
+    tPa: Any
+    tdSa: Any
+    S_mn: Any
+    dP_mn: Any
+    cS_mn: Any
+    dQ_mn: Any
+    cQ_mn: Any
+
+
 class MobaBwdSm90:
     """dK, dV and per-pair dQ partials of one (chunk, KV head); see the module docstring.
     ``with_dq=False``: dK and dV only, for chunks longer than one key tile (one CTA per 128-key
     tile of a chunk; their dQ comes from
     :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`)."""
 
-    def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False):
+    def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
+                 reach_skip: bool = True):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert not (pingpong and with_dq), "ping-pong: the dK/dV-only kernel"
         self.dtype = dtype
@@ -86,13 +118,17 @@ class MobaBwdSm90:
         # selects run under the other's GEMMs; each then keeps its own copy of the rows' data
         self.pingpong = bool(pingpong)
         self.HI_COPIES = 2 if self.pingpong else 1
+        # each sub-tile's reach (its rows' largest last visible key), for skipping the key tiles
+        # past it (:meth:`sub_tile_reach`): with chunks over one key tile
+        self.track_reach = not self.with_dq and bool(reach_skip)
         self.THREADS = 384  # producer + two consumer warpgroups
         self.QS = QS
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False):
+    def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
+                    reach_skip: bool = True):
         key = ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
-        return key if with_dq else key + ("dkv",) + ("pingpong",) * bool(pingpong)
+        return key if with_dq else key + ("dkv",) + ("pingpong",) * bool(pingpong) + ("noskip",) * (not reach_skip)
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -117,6 +153,8 @@ class MobaBwdSm90:
         for name in ("sPidx", "sLse", "sDel", "sHi", "sLoc"):  # row data of each ring stage
             n = BM * self.QS * (self.HI_COPIES if name == "sHi" else 1)
             fields[name] = AL[MR[Float32 if name in ("sLse", "sDel") else Int32, n], 16]
+        if self.track_reach:  # the largest last visible key of each half (32 rows) of a sub-tile
+            fields["sMaxHi"] = AL[MR[Int32, 2 * self.QS * self.HI_COPIES], 16]
         for name, layout in (("sQ", sQ_layout), ("sdO", sQ_layout), ("sK", sK_layout), ("sV", sK_layout),
                              ("sdS", sdS_layout)):
             fields[name] = AL[MR[dt, cute.cosize(layout)], 1024]
@@ -450,13 +488,8 @@ class MobaBwdSm90:
         # dV += P^T dO, dK += dS^T Q: B = dO^T / Q^T (head dim x rows, MN-major views)
         sdOt = cute.composition(sdO, cute.make_ordered_layout((D, BM, self.QS), order=(1, 0, 2)))
         sQt = cute.composition(sQ, cute.make_ordered_layout((D, BM, self.QS), order=(1, 0, 2)))
-        tVrdOt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sdOt))
-        tKrQt = thr_dkv.make_fragment_B(thr_dkv.partition_B(sQt))
         # dQ = dS K: A = dS (rows x keys), B = K^T (head dim x keys, MN-major view)
         sKt = cute.composition(sK, cute.make_ordered_layout((D, BN, 1), order=(1, 0, 2)))
-        tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
-        tQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt))
-
         acc_S = cute.make_rmem_tensor(thr_sdp.partition_shape_C((BN, BM)), Float32)
         acc_dP = cute.make_rmem_tensor(thr_sdp.partition_shape_C((BN, BM)), Float32)
         acc_dK = cute.make_rmem_tensor(thr_dkv.partition_shape_C((BN, D)), Float32)
@@ -466,13 +499,12 @@ class MobaBwdSm90:
         acc_dV.fill(0.0)
         rP = cute.make_rmem_tensor(acc_S.layout.shape, dt)
         rdS = cute.make_rmem_tensor(acc_S.layout.shape, dt)
-        tPa = acc_as_a_operand(rP)
-        tdSa = acc_as_a_operand(rdS)
-        S_mn = acc_mn_view(acc_S)
-        dP_mn = acc_mn_view(acc_dP)
-        cS_mn = acc_mn_view(thr_sdp.partition_C(cute.make_identity_tensor((BN, BM))))
-        dQ_mn = acc_mn_view(acc_dQ)
-        cQ_mn = acc_mn_view(thr_dq.partition_C(cute.make_identity_tensor((BM, D))))
+        f = DkvFrags(tSrK, tSrV, tSrQ, tSrdO, thr_dkv.make_fragment_B(thr_dkv.partition_B(sdOt)),
+                     thr_dkv.make_fragment_B(thr_dkv.partition_B(sQt)), thr_dq.make_fragment_A(thr_dq.partition_A(sdS)),
+                     thr_dq.make_fragment_B(thr_dq.partition_B(sKt)), acc_S, acc_dP, acc_dK, acc_dV, acc_dQ, rP, rdS,
+                     acc_as_a_operand(rP), acc_as_a_operand(rdS), acc_mn_view(acc_S), acc_mn_view(acc_dP),
+                     acc_mn_view(thr_sdp.partition_C(cute.make_identity_tensor((BN, BM)))), acc_mn_view(acc_dQ),
+                     acc_mn_view(thr_dq.partition_C(cute.make_identity_tensor((BM, D)))))
         pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         if cutlass.const_expr(self.with_dq) and nkeys < BN:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
@@ -502,46 +534,18 @@ class MobaBwdSm90:
                 # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
                 cute.arch.fence_view_async_shared()
                 cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
-            # ---- S^T = K Q^T, dP^T = V dO^T
-            self.pp_turn(wg)
-            warpgroup.fence()
-            gemm_kblocks(mma_sdp, acc_S, tSrK, tSrQ, 0, stage)
-            gemm_kblocks(mma_sdp, acc_dP, tSrV, tSrdO, 0, stage)
-            warpgroup.commit_group()
-            self.pp_pass(wg)
-            warpgroup.wait_group(0)
-            self.probs_and_ds(st, stage, S_mn, dP_mn, cS_mn, scale, scale_log2, hslot=hslot)
-            rP.store(acc_S.load().to(dt))
-            rdS.store(acc_dP.load().to(dt))
-            # ---- dV += P^T dO (register A), issued before dS^T is staged for dQ
-            self.pp_turn(wg)
-            warpgroup.fence()
-            atom_kv = cute.make_mma_atom(mma_dkv.op)
-            atom_kv.set(warpgroup.Field.ACCUMULATE, True)
-            for kb in cutlass.range_constexpr(cute.size(tPa.shape[2])):
-                cute.gemm(atom_kv, acc_dV, tPa[None, None, kb], tVrdOt[None, None, kb, stage], acc_dV)
-            warpgroup.commit_group()
-            if cutlass.const_expr(self.with_dq):
-                # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both
-                # warpgroups
-                self.store_ds(sdS, acc_mn_view(rdS), cS_mn)
-                cute.arch.fence_view_async_shared()
-                cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
-            # ---- dK += dS^T Q (register A); then dQ_p = dS K (this warpgroup's head-dim half)
-            # once P^T and dS^T are no longer needed (register pressure: dK, dV and dQ
-            # accumulators are live together)
-            warpgroup.fence()
-            for kb in cutlass.range_constexpr(cute.size(tdSa.shape[2])):
-                cute.gemm(atom_kv, acc_dK, tdSa[None, None, kb], tKrQt[None, None, kb, stage], acc_dK)
-            warpgroup.commit_group()
-            self.pp_pass(wg)
-            warpgroup.wait_group(0)
-            if cutlass.const_expr(self.with_dq):
-                warpgroup.fence()
-                gemm_kblocks(mma_dq, acc_dQ, tQrdS, tQrKt, None, 0)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-                self.stage_dq(st, pipe_dq, stage, t, dQ_mn, cQ_mn, ctid)
+            live = True  # (the one-pass kernel: a chunk's own rows see its first key)
+            if cutlass.const_expr(self.track_reach):
+                live = self.sub_tile_reach(st, hslot) >= 0  # (else no row of it sees this key tile)
+            if live:
+                self.sub_tile(f, st, stage, hslot, t, wg, ctid, sdS, pipe_dq, mma_sdp, mma_dkv, mma_dq, scale,
+                              scale_log2)
+            else:
+                # (no wgmma: the turns only, which the other warpgroup counts on)
+                self.pp_turn(wg)
+                self.pp_pass(wg)
+                self.pp_turn(wg)
+                self.pp_pass(wg)
             pipe_q.consumer_release(q_state)
         if cutlass.const_expr(self.pingpong):
             if wg == 0:
@@ -551,6 +555,54 @@ class MobaBwdSm90:
         # ---- dK, dV of the chunk's keys, input dtype
         cK_mn = acc_mn_view(thr_dkv.partition_C(cute.make_identity_tensor((BN, D))))
         self.store_dkv(dk, dv, acc_mn_view(acc_dK), acc_mn_view(acc_dV), cK_mn, nkeys, key0, kvh, Hk)
+
+    @cute.jit
+    def sub_tile(self, f: "DkvFrags", st, stage, hslot, t: Int32, wg: Int32, ctid: Int32, sdS: cute.Tensor,
+                 pipe_dq, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, scale: Float32,
+                 scale_log2: Float32):
+        """One sub-tile of :meth:`consumer`: S^T, dP^T, the softmax gradient, dV and dK (and the
+        one-pass kernel's dQ partials)."""
+        dt = self.dtype
+        # ---- S^T = K Q^T, dP^T = V dO^T
+        self.pp_turn(wg)
+        warpgroup.fence()
+        gemm_kblocks(mma_sdp, f.acc_S, f.tSrK, f.tSrQ, 0, stage)
+        gemm_kblocks(mma_sdp, f.acc_dP, f.tSrV, f.tSrdO, 0, stage)
+        warpgroup.commit_group()
+        self.pp_pass(wg)
+        warpgroup.wait_group(0)
+        self.probs_and_ds(st, stage, f.S_mn, f.dP_mn, f.cS_mn, scale, scale_log2, hslot=hslot)
+        f.rP.store(f.acc_S.load().to(dt))
+        f.rdS.store(f.acc_dP.load().to(dt))
+        # ---- dV += P^T dO (register A), issued before dS^T is staged for dQ
+        self.pp_turn(wg)
+        warpgroup.fence()
+        atom_kv = cute.make_mma_atom(mma_dkv.op)
+        atom_kv.set(warpgroup.Field.ACCUMULATE, True)
+        for kb in cutlass.range_constexpr(cute.size(f.tPa.shape[2])):
+            cute.gemm(atom_kv, f.acc_dV, f.tPa[None, None, kb], f.tVrdOt[None, None, kb, stage], f.acc_dV)
+        warpgroup.commit_group()
+        if cutlass.const_expr(self.with_dq):
+            # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both
+            # warpgroups
+            self.store_ds(sdS, acc_mn_view(f.rdS), f.cS_mn)
+            cute.arch.fence_view_async_shared()
+            cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
+        # ---- dK += dS^T Q (register A); then dQ_p = dS K (this warpgroup's head-dim half)
+        # once P^T and dS^T are no longer needed (register pressure: dK, dV and dQ
+        # accumulators are live together)
+        warpgroup.fence()
+        for kb in cutlass.range_constexpr(cute.size(f.tdSa.shape[2])):
+            cute.gemm(atom_kv, f.acc_dK, f.tdSa[None, None, kb], f.tKrQt[None, None, kb, stage], f.acc_dK)
+        warpgroup.commit_group()
+        self.pp_pass(wg)
+        warpgroup.wait_group(0)
+        if cutlass.const_expr(self.with_dq):
+            warpgroup.fence()
+            gemm_kblocks(mma_dq, f.acc_dQ, f.tQrdS, f.tQrKt, None, 0)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            self.stage_dq(st, pipe_dq, stage, t, f.dQ_mn, f.cQ_mn, ctid)
 
     @cute.jit
     def row_meta(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
@@ -564,6 +616,23 @@ class MobaBwdSm90:
         hs = stage if hslot is None else hslot
         st.sHi.get_tensor(cute.make_layout(BM * self.QS * self.HI_COPIES))[hs * BM + n] = hi
         st.sLoc.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + n] = loc
+        if cutlass.const_expr(self.track_reach):
+            # (the 64 rows are two whole warps): each warp's largest, for :meth:`sub_tile_reach`
+            mx = hi
+            for off in cutlass.range_constexpr(5):
+                mx = cutlass.max(mx, cute.arch.shuffle_sync_bfly(mx, offset=16 >> off))
+            sMax = st.sMaxHi.get_tensor(cute.make_layout(2 * self.QS * self.HI_COPIES))
+            idx = hs * 2 + n // 32
+            if n % 32 == 0:
+                sMax[idx] = mx
+
+    @cute.jit
+    def sub_tile_reach(self, st, hslot):
+        """The largest last visible key of a sub-tile's rows (after :meth:`row_meta` and its
+        barrier; -1: none of them sees a key). Causal own-chunk rows see only the keys up to
+        their position: the key tiles past it (dK/dV's CTA, dQ's streamed tiles) are skipped."""
+        sMax = st.sMaxHi.get_tensor(cute.make_layout(2 * self.QS * self.HI_COPIES))
+        return cutlass.max(sMax[hslot * 2], sMax[hslot * 2 + 1])
 
     @cute.jit
     def pp_turn(self, wg: Int32):
