@@ -86,8 +86,13 @@ FWD_RESCALE_SKIP = False
 
 # the backward's dQ kernel for chunks over 128 keys: two consumer warpgroups on two sub-tiles
 # sharing each 64-key K/V tile (MobaBwdDqSm90Pair; MOBA_CUTE_BWD_DQ_PAIR) instead of splitting
-# each 128-key tile's keys over them for one sub-tile (MobaBwdDqSm90)
-BWD_DQ_PAIR = False
+# each 128-key tile's keys over them for one sub-tile (MobaBwdDqSm90). H100, whole backward
+# (benchmarks.fwd_env_ab --backward, both with the dK/dV ping-pong and reach skip; the pair
+# kernel then without its own skip), ms: moba-large 128K 635.7 -> 592.2, moba-large 32K 69.07 ->
+# 65.98, C = 512 (K = 3, 32K) 7.664 -> 7.037; the same bits. Its first version (K and V two
+# stages each, K held until the next tile's S and dP were done) was 3.5% slower: tensor pipe 47%
+# at half the L2 traffic
+BWD_DQ_PAIR = True
 # the backward's dK/dV-only kernel (chunks over 128 keys): its two consumer warpgroups (64 keys of
 # a 128-key tile each) take turns issuing their wgmmas (MOBA_CUTE_BWD_DKV_PINGPONG; bitwise the
 # same dK/dV). H100, whole backward (benchmarks.fwd_env_ab --backward), ms, off -> on: moba-large
