@@ -155,7 +155,7 @@ def test_backward(case, D, dtype):
 
 LONG_CHUNK_CASES = [
     # chunks over 128 keys (on Hopper: dK/dV by the sm90 kernel per 128-key tile, dQ by
-    # MobaBwdDqSm90 streaming the chunk's key tiles)
+    # MobaBwdDqSm90Pair streaming the chunk's key tiles)
     ([3000, 1100], [3000, 1100], 2, 2, 256, 6, True),
     ([2500], [2500], 4, 2, 512, 3, True),  # GQA 2:1, 4 key tiles per chunk
     ([1500, 900], [1200, 900], 4, 4, 200, 3, False),  # a partial last key tile, Sq != Sk

@@ -410,7 +410,8 @@ def uses_sm90_bwd(dtype_name, head_dim, arch):
     """The sm90 backward serves this call: Hopper, head dim 64 or 128 (any chunk size), unless
     ``MOBA_CUTE_BWD_SM80=1`` asks for the sm80 kernels. Chunks of at most 128 keys: the one-pass
     :class:`~moba_cute.kernels.moba_bwd_sm90.MobaBwdSm90`; longer chunks: its dK/dV-only variant
-    per 128-key tile and :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90` for dQ."""
+    per 128-key tile and :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90Pair` (or
+    ``MobaBwdDqSm90``: :func:`bwd_dq_pair`) for dQ."""
     return str(arch).startswith("sm_90") and head_dim in (64, 128) and not _bwd_sm80_forced()
 
 

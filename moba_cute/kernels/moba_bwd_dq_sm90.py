@@ -16,7 +16,13 @@ computes each pair's dQ over the whole chunk, accumulated in registers across th
   warpgroups); after the chunk's last tile the partial goes to the window's buffer (input dtype).
 
 It recomputes ``S`` and ``dP`` (7 GEMMs per pair with the dK/dV kernel, against 5 in the
-one-pass kernel). Compile key: ``("moba_bwd_dq_sm90", dtype, head_dim, causal)``.
+one-pass kernel). The key tiles past a sub-tile's reach (its rows' largest last visible key:
+causal own-chunk rows) are skipped. Compile key: ``("moba_bwd_dq_sm90", dtype, head_dim,
+causal)``, plus ``"noskip"`` without the skip.
+
+:class:`MobaBwdDqSm90Pair` (the default, ``configs/attention_sm90.BWD_DQ_PAIR``): the same dQ
+with its two consumer warpgroups on two sub-tiles that share every 64-key K/V tile, ``dS`` in
+registers and FA3's ping-pong (docs/design.md, section 9); bitwise the same partials.
 """
 
 from __future__ import annotations

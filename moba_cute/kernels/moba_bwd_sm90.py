@@ -26,7 +26,11 @@ fill_tail=True)`` over the routing's key-major index: every selected pair, own c
 
 ``with_dq=False`` (chunks over 128 keys): one CTA per 128-key tile of a chunk computes dK and
 dV only (``chunks * ktiles * Hk`` CTAs); the chunk's dQ partials come from
-:class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`, which streams the key tiles.
+:class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90Pair` (or ``MobaBwdDqSm90``), which
+stream the key tiles. This variant skips a sub-tile none of whose rows sees the CTA's key tile
+(``reach_skip``: causal own-chunk rows before the tile), and with ``pingpong`` its two
+warpgroups take turns issuing their wgmmas (FA3's ping-pong; each keeps its own copy of the rows'
+last visible keys, so they meet at no barrier but the turns).
 
 The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
 (a linear grid of ``chunks * nkv`` CTAs, chunk-major; ``Hw = nkv * G`` query heads) and stores pair ``(row, h, slot)`` at
