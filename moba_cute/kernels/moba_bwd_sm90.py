@@ -59,7 +59,8 @@ from cutlass.utils import LayoutEnum
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, store_pair
 from .moba_fwd_sm90 import (PP_BARRIER, acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks,
-                           kernel_prologue, kv_tma_atoms, kv_tma_views, ring_state, swizzled_index, zero_rows_from)
+                           kernel_prologue, kv_tma_atoms, kv_tma_views, pingpong_pass, pingpong_turn, ring_state,
+                           swizzled_index, zero_rows_from)
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -640,16 +641,15 @@ class MobaBwdSm90:
 
     @cute.jit
     def pp_turn(self, wg: Int32):
-        """Ping-pong: wait for warpgroup ``wg``'s turn to issue its wgmmas (named barrier
-        ``PP_BARRIER + wg``, arrived on by the other warpgroup's :meth:`pp_pass`)."""
+        """Ping-pong (``self.pingpong``): :func:`~moba_cute.kernels.moba_fwd_sm90.pingpong_turn`."""
         if cutlass.const_expr(self.pingpong):
-            cute.arch.barrier(barrier_id=PP_BARRIER + wg, number_of_threads=256)
+            pingpong_turn(wg)
 
     @cute.jit
     def pp_pass(self, wg: Int32):
-        """Ping-pong: give the other warpgroup its turn, after this one's wgmmas are issued."""
+        """Ping-pong: :func:`~moba_cute.kernels.moba_fwd_sm90.pingpong_pass`."""
         if cutlass.const_expr(self.pingpong):
-            cute.arch.barrier_arrive(barrier_id=PP_BARRIER + 1 - wg, number_of_threads=256)
+            pingpong_pass(wg)
 
     @cute.jit
     def pair_place(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,

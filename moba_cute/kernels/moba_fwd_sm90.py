@@ -71,6 +71,7 @@ PRODUCER_REGS = 40
 # consumer registers after setmaxnreg: 40 + 216 = 2 * 128 (two CTAs of 256 threads per SM)
 CONSUMER_REGS = 216
 CTAS_PER_SM = 2
+PP_BARRIER = 3  # ping-pong: named barriers 3 and 4 (1: V tail zeroed, 2: staged epilogue)
 
 
 def acc_mn_view(t: cute.Tensor) -> cute.Tensor:
@@ -239,6 +240,20 @@ def gemm_kblocks(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB
             cute.gemm(atom, acc, tA[None, None, kb, a_stage], tB[None, None, kb, b_stage], acc)
         if cutlass.const_expr(zero_init):
             atom.set(warpgroup.Field.ACCUMULATE, True)
+
+
+@cute.jit
+def pingpong_turn(wg: Int32):
+    """FA3's ping-pong between two consumer warpgroups: wait for warpgroup ``wg``'s turn to issue
+    its wgmmas (named barrier ``PP_BARRIER + wg``, arrived on by the other's
+    :func:`pingpong_pass`), so that one warpgroup's softmax runs under the other's GEMMs."""
+    cute.arch.barrier(barrier_id=PP_BARRIER + wg, number_of_threads=256)
+
+
+@cute.jit
+def pingpong_pass(wg: Int32):
+    """Give the other warpgroup its turn, after this one's wgmmas are issued."""
+    cute.arch.barrier_arrive(barrier_id=PP_BARRIER + 1 - wg, number_of_threads=256)
 
 
 class ConsumerFrags(NamedTuple):
@@ -945,17 +960,15 @@ class MobaFwdSm90:
 
     @cute.jit
     def pp_turn(self, wg: Int32):
-        """Ping-pong (``self.pingpong``, two consumer warpgroups): wait for this warpgroup's turn
-        to issue its wgmmas (named barrier ``PP_BARRIER + wg``: the other warpgroup's
-        :meth:`pp_pass`), so that one warpgroup's softmax runs under the other's GEMMs."""
+        """Ping-pong (``self.pingpong``, two consumer warpgroups): :func:`pingpong_turn`."""
         if cutlass.const_expr(self.pingpong):
-            cute.arch.barrier(barrier_id=PP_BARRIER + wg, number_of_threads=256)
+            pingpong_turn(wg)
 
     @cute.jit
     def pp_pass(self, wg: Int32):
-        """Ping-pong: give the other warpgroup its turn (after this one's wgmmas are issued)."""
+        """Ping-pong: :func:`pingpong_pass`."""
         if cutlass.const_expr(self.pingpong):
-            cute.arch.barrier_arrive(barrier_id=PP_BARRIER + 1 - wg, number_of_threads=256)
+            pingpong_pass(wg)
 
     @cute.jit
     def pp_idle(self, wg: Int32):
@@ -1096,7 +1109,6 @@ class MobaFwdSm90:
         cute.arch.barrier(barrier_id=1, number_of_threads=128 * self.NW)
 
 
-PP_BARRIER = 3  # ping-pong: named barriers 3 and 4 (1: V tail zeroed, 2: staged epilogue)
 PAIR_PRODUCER_REGS = 40
 # 168 x 384 registers at launch (one CTA per SM): 40 x 128 + 232 x 256 = 64,512
 PAIR_CONSUMER_REGS = 232
