@@ -177,8 +177,8 @@ def test_backward_long_chunks(case, D, dtype):
 @pytest.mark.parametrize("case", range(len(LONG_CHUNK_CASES)))
 def test_backward_long_chunk_variants(case, D, dq_pair, dkv_pingpong, monkeypatch):
     """The long-chunk backward's alternatives (the pair dQ kernel, the dK/dV kernel's ping-pong)
-    against the reference; the ping-pong's dK and dV bitwise those of the plain loop (the same
-    GEMMs in the same order), and dQ of the pair kernel against the other's."""
+    against the reference; dK and dV bitwise those of the plain dK/dV loop (the same GEMMs in the
+    same order), and dQ too where the dQ kernel is the plain one."""
     from moba_cute.kernels import common
 
     m = _launch()
