@@ -328,6 +328,44 @@ def test_sm90_backward_long_chunks_plan():
     assert short.ktiles == 1 and "bwd90" in short.ks.specs and "dq90" not in short.ks.specs
 
 
+def test_sm90_backward_long_chunk_switches(monkeypatch):
+    """The long-chunk backward's switches: the configs' defaults (pair dQ kernel, dK/dV ping-pong,
+    reach skip) reach the plan's compile keys, MOBA_CUTE_BWD_* 0/1 override them when the plan is
+    built, and any other value is refused naming the variable."""
+    from moba_cute.configs import attention_sm90 as cfg90
+
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=256, K=2)
+    key = al._plan_key(q, k, r)
+    names = ("MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+
+    def keys():
+        specs = al.BwdPlan(key, "sm_90a").ks.specs
+        return specs["dq90"][0], specs["bwd90_dkv"][0]
+
+    dq, dkv = keys()
+    assert ("pair" in dq) == cfg90.BWD_DQ_PAIR and ("pingpong" in dkv) == cfg90.BWD_DKV_PINGPONG
+    assert ("noskip" not in dkv) == cfg90.BWD_REACH_SKIP
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", "0")
+    monkeypatch.setenv("MOBA_CUTE_BWD_DKV_PINGPONG", "0")
+    monkeypatch.setenv("MOBA_CUTE_BWD_REACH_SKIP", "0")
+    dq, dkv = keys()
+    assert dq == ("moba_bwd_dq_sm90", "bfloat16", 128, True, "noskip")
+    assert dkv == ("moba_bwd_sm90", "bfloat16", 128, True, "dkv", "noskip")
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", "1")
+    monkeypatch.setenv("MOBA_CUTE_BWD_DKV_PINGPONG", "1")
+    monkeypatch.setenv("MOBA_CUTE_BWD_REACH_SKIP", "1")
+    dq, dkv = keys()
+    assert dq == ("moba_bwd_dq_sm90", "bfloat16", 128, True, "pair")
+    assert dkv == ("moba_bwd_sm90", "bfloat16", 128, True, "dkv", "pingpong")
+    for name in names:
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(ValueError, match=name):
+            keys()
+        monkeypatch.setenv(name, "1")
+
+
 def test_sm80_backward_fallback_on_hopper_warns_once(monkeypatch):
     """Head dims without sm90 tiles: the sm80 backward on Hopper, one warning naming the reason."""
     monkeypatch.setattr(al, "_WARNED", set())
