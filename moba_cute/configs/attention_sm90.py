@@ -100,7 +100,9 @@ BWD_DQ_PAIR = True
 BWD_DKV_PINGPONG = True
 # the long-chunk backward skips a sub-tile's key tiles past its rows' last visible keys (causal
 # own-chunk rows; dK/dV: the whole sub-tile in a CTA whose key tile none of its rows sees; dQ: the
-# streamed tiles past its reach). MOBA_CUTE_BWD_REACH_SKIP
+# streamed tiles past its reach; MobaBwdDqSm90Pair does not skip yet). MOBA_CUTE_BWD_REACH_SKIP.
+# H100, whole backward with MobaBwdDqSm90 and the ping-pong, ms, off -> on: moba-large 128K
+# 657.4 -> 635.7, moba-large 32K 72.92 -> 69.07, C = 512 7.955 -> 7.664; the same bits
 BWD_REACH_SKIP = True
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
