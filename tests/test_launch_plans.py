@@ -347,18 +347,12 @@ def test_sm90_backward_long_chunk_switches(monkeypatch):
     dq, dkv = keys()
     assert ("pair" in dq) == cfg90.BWD_DQ_PAIR and ("pingpong" in dkv) == cfg90.BWD_DKV_PINGPONG
     assert ("noskip" not in dkv) == cfg90.BWD_REACH_SKIP
-    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", "0")
-    monkeypatch.setenv("MOBA_CUTE_BWD_DKV_PINGPONG", "0")
-    monkeypatch.setenv("MOBA_CUTE_BWD_REACH_SKIP", "0")
-    dq, dkv = keys()
-    assert dq == ("moba_bwd_dq_sm90", "bfloat16", 128, True, "noskip")
-    assert dkv == ("moba_bwd_sm90", "bfloat16", 128, True, "dkv", "noskip")
-    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", "1")
-    monkeypatch.setenv("MOBA_CUTE_BWD_DKV_PINGPONG", "1")
-    monkeypatch.setenv("MOBA_CUTE_BWD_REACH_SKIP", "1")
-    dq, dkv = keys()
-    assert dq == ("moba_bwd_dq_sm90", "bfloat16", 128, True, "pair")
-    assert dkv == ("moba_bwd_sm90", "bfloat16", 128, True, "dkv", "pingpong")
+    for value, want_dq, want_dkv in (("0", ("noskip",), ("dkv", "noskip")), ("1", ("pair",), ("dkv", "pingpong"))):
+        for name in names:
+            monkeypatch.setenv(name, value)
+        dq, dkv = keys()
+        assert dq == ("moba_bwd_dq_sm90", "bfloat16", 128, True) + want_dq
+        assert dkv == ("moba_bwd_sm90", "bfloat16", 128, True) + want_dkv
     for name in names:
         monkeypatch.setenv(name, "yes")
         with pytest.raises(ValueError, match=name):

@@ -475,8 +475,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                 rdS.store(acc_dP.load().to(dt))
                 acc_dQ.fill(0.0)
             else:
-                self.pp_turn(wg)
-                self.pp_pass(wg)
+                self.pp_idle(wg)
             pipe_kv.v.consumer_release(ring_state(VS, b0))
             for kt in cutlass.range(1, ntiles, unroll=1):
                 b = b0 + kt
@@ -497,8 +496,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                     self.pair_ds(S_mn, dP_mn, cS_mn, hi, l2, dl, kt * PAIR_BN, scale, scale_log2)
                     rdS.store(acc_dP.load().to(dt))
                 else:
-                    self.pp_turn(wg)
-                    self.pp_pass(wg)
+                    self.pp_idle(wg)
                     pipe_kv.k.consumer_release(ring_state(KS, b - 1))
                 pipe_kv.v.consumer_release(ring_state(VS, b))
             # ---- the last tile's dQ += dS K; the sub-tile's partials out
@@ -513,8 +511,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                 pipe_q.consumer_release(q_state)
                 self.store_pair_dq(part_dq, dQ_mn, cQ_mn, hi, loc)
             else:
-                self.pp_turn(wg)
-                self.pp_pass(wg)
+                self.pp_idle(wg)
             pipe_kv.k.consumer_release(ring_state(KS, blast))
         if wg == 0:
             # (warpgroup 1's last pass: every arrive on a barrier is matched before the exit)

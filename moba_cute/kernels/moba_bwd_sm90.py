@@ -58,9 +58,9 @@ from cutlass.utils import LayoutEnum
 
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, store_pair
-from .moba_fwd_sm90 import (PP_BARRIER, acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks,
-                           kernel_prologue, kv_tma_atoms, kv_tma_views, pingpong_pass, pingpong_turn, ring_state,
-                           swizzled_index, zero_rows_from)
+from .moba_fwd_sm90 import (PP_BARRIER, PingPong, acc_as_a_operand, acc_mn_view, gather_tma_pipelines,
+                           gemm_kblocks, kernel_prologue, kv_tma_atoms, kv_tma_views, ring_state, swizzled_index,
+                           zero_rows_from)
 
 BM = 64  # rows (pairs) per sub-tile: the N dimension of S^T, the M dimension of dQ
 BN = 128  # keys per CTA: two consumer warpgroups of 64 (the M dimension of S^T, dK, dV)
@@ -105,7 +105,7 @@ class DkvFrags(NamedTuple):
     cQ_mn: Any
 
 
-class MobaBwdSm90:
+class MobaBwdSm90(PingPong):
     """dK, dV and per-pair dQ partials of one (chunk, KV head); see the module docstring.
     ``with_dq=False``: dK and dV only, for chunks longer than one key tile (one CTA per 128-key
     tile of a chunk; their dQ comes from
@@ -547,10 +547,8 @@ class MobaBwdSm90:
                               scale_log2)
             else:
                 # (no wgmma: the turns only, which the other warpgroup counts on)
-                self.pp_turn(wg)
-                self.pp_pass(wg)
-                self.pp_turn(wg)
-                self.pp_pass(wg)
+                self.pp_idle(wg)
+                self.pp_idle(wg)
             pipe_q.consumer_release(q_state)
         if cutlass.const_expr(self.pingpong):
             if wg == 0:
@@ -638,18 +636,6 @@ class MobaBwdSm90:
         their position: the key tiles past it (dK/dV's CTA, dQ's streamed tiles) are skipped."""
         sMax = st.sMaxHi.get_tensor(cute.make_layout(2 * self.QS * self.HI_COPIES))
         return cutlass.max(sMax[hslot * 2], sMax[hslot * 2 + 1])
-
-    @cute.jit
-    def pp_turn(self, wg: Int32):
-        """Ping-pong (``self.pingpong``): :func:`~moba_cute.kernels.moba_fwd_sm90.pingpong_turn`."""
-        if cutlass.const_expr(self.pingpong):
-            pingpong_turn(wg)
-
-    @cute.jit
-    def pp_pass(self, wg: Int32):
-        """Ping-pong: :func:`~moba_cute.kernels.moba_fwd_sm90.pingpong_pass`."""
-        if cutlass.const_expr(self.pingpong):
-            pingpong_pass(wg)
 
     @cute.jit
     def pair_place(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,

@@ -242,18 +242,29 @@ def gemm_kblocks(tiled_mma: cute.TiledMma, acc: cute.Tensor, tA: cute.Tensor, tB
             atom.set(warpgroup.Field.ACCUMULATE, True)
 
 
-@cute.jit
-def pingpong_turn(wg: Int32):
-    """FA3's ping-pong between two consumer warpgroups: wait for warpgroup ``wg``'s turn to issue
-    its wgmmas (named barrier ``PP_BARRIER + wg``, arrived on by the other's
-    :func:`pingpong_pass`), so that one warpgroup's softmax runs under the other's GEMMs."""
-    cute.arch.barrier(barrier_id=PP_BARRIER + wg, number_of_threads=256)
+class PingPong:
+    """FA3's ping-pong between two consumer warpgroups, for the sm90 kernels that have it (the
+    forward's and backward's; ``self.pingpong`` says whether this configuration does): named
+    barriers ``PP_BARRIER + 0 / 1``. Without it the calls are no-ops."""
 
+    @cute.jit
+    def pp_turn(self, wg: Int32):
+        """Wait for warpgroup ``wg``'s turn to issue its wgmmas (the other's :meth:`pp_pass`), so
+        that one warpgroup's softmax runs under the other's GEMMs."""
+        if cutlass.const_expr(self.pingpong):
+            cute.arch.barrier(barrier_id=PP_BARRIER + wg, number_of_threads=256)
 
-@cute.jit
-def pingpong_pass(wg: Int32):
-    """Give the other warpgroup its turn, after this one's wgmmas are issued."""
-    cute.arch.barrier_arrive(barrier_id=PP_BARRIER + 1 - wg, number_of_threads=256)
+    @cute.jit
+    def pp_pass(self, wg: Int32):
+        """Give the other warpgroup its turn, after this one's wgmmas are issued."""
+        if cutlass.const_expr(self.pingpong):
+            cute.arch.barrier_arrive(barrier_id=PP_BARRIER + 1 - wg, number_of_threads=256)
+
+    @cute.jit
+    def pp_idle(self, wg: Int32):
+        """A turn without wgmmas (a warpgroup without a sub-tile, or one that skips it)."""
+        self.pp_turn(wg)
+        self.pp_pass(wg)
 
 
 class ConsumerFrags(NamedTuple):
@@ -328,7 +339,7 @@ class SegVariant:
                 + ("mc2",) * (self.mcast == 2) + ("rskip",) * self.rescale_skip)
 
 
-class MobaFwdSm90:
+class MobaFwdSm90(PingPong):
     """Key-major segment forward (all gather slots in one launch). See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 128, sub: int = 4, kv_stages: int = 1,
@@ -957,24 +968,6 @@ class MobaFwdSm90:
         """Q of ring stage ``stage`` into the register fragment (``q_regs``)."""
         for kb in cutlass.range_constexpr(cute.size(qr.tSrQ.shape[2])):
             cute.copy(qr.s2r, qr.tQsQ[None, None, kb, stage], qr.tQrQ[None, None, kb])
-
-    @cute.jit
-    def pp_turn(self, wg: Int32):
-        """Ping-pong (``self.pingpong``, two consumer warpgroups): :func:`pingpong_turn`."""
-        if cutlass.const_expr(self.pingpong):
-            pingpong_turn(wg)
-
-    @cute.jit
-    def pp_pass(self, wg: Int32):
-        """Ping-pong: :func:`pingpong_pass`."""
-        if cutlass.const_expr(self.pingpong):
-            pingpong_pass(wg)
-
-    @cute.jit
-    def pp_idle(self, wg: Int32):
-        """Ping-pong: a turn without a sub-tile (the last step of an odd sub-tile count)."""
-        self.pp_turn(wg)
-        self.pp_pass(wg)
 
     @cute.jit
     def wait_kv_block(self, pipe_kv, sV: cute.Tensor, b: Int32, nvalid: Int32, ctid: Int32, wg: Int32):
