@@ -241,6 +241,7 @@ PAIR_VS = 2
 PAIR_QS = 4  # Q / dO ring stages: two per consumer warpgroup
 PAIR_GATHER_ROWS = 22  # rows of a sub-tile per gathering warp (warps 1-3: 22 + 22 + 20)
 BAR_KTAIL = 1  # both consumer warpgroups: a stage's K tail is zeroed
+BAR_REACH = 5  # 5, 6: a warpgroup's sub-tile reach (PP_BARRIER's 3, 4 between)
 
 
 class MobaBwdDqSm90Pair(MobaBwdDqSm90):
@@ -264,19 +265,19 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
       stages: a warpgroup's next sub-tile lands while it works on this one).
 
     Shared memory: Q/dO 4 x 32 KB, K 3 x 16 KB, V 2 x 16 KB: 208 KB, one CTA per SM. Per key and pair
-    the same three GEMMs in the same key order as :class:`MobaBwdDqSm90`. It does not skip the key
-    tiles past a sub-tile's reach as that kernel does (``reach_skip`` is taken and ignored; a
-    per-warpgroup version is written but not yet run on a GPU). Compile key: that kernel's plus
+    the same three GEMMs in the same key order as :class:`MobaBwdDqSm90`, and the same skip of
+    the key tiles past a sub-tile's reach (here per warpgroup). Compile key: that kernel's plus
     ``"pair"``."""
 
     def __init__(self, dtype, head_dim: int, causal: bool, reach_skip: bool = True):
-        super().__init__(dtype, head_dim, causal, reach_skip=False)  # (no shared row data, no skip)
+        super().__init__(dtype, head_dim, causal, reach_skip=False)  # (its own: warpgroup_reach)
+        self.pair_reach = bool(reach_skip)
         self.QS = PAIR_QS
         self.pingpong = True  # (its own loop; the row data stay in registers)
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, causal: bool, reach_skip: bool = True):
-        return ("moba_bwd_dq_sm90", dtype_name, int(head_dim), bool(causal), "pair")
+        return ("moba_bwd_dq_sm90", dtype_name, int(head_dim), bool(causal), "pair") + ("noskip",) * (not reach_skip)
 
     def _pair_layouts(self):
         dt, D = self.dtype, self.D
@@ -292,6 +293,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                   "mbar_v": MR[cutlass.Int64, 2 * PAIR_VS]}
         for name in ("sPidx", "sLse", "sDel"):  # row data of each ring stage
             fields[name] = AL[MR[Int32 if name == "sPidx" else Float32, BM * self.QS], 16]
+        fields["sReach"] = AL[MR[Int32, 16], 16]  # (warpgroup_reach: 2 steps x 2 warpgroups x 4 warps)
         for name, layout in (("sQ", sQ_layout), ("sdO", sQ_layout), ("sK", sK_layout), ("sV", sV_layout)):
             fields[name] = AL[MR[self.dtype, cute.cosize(layout)], 1024]
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
@@ -442,16 +444,19 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
         sDel = st.sDel.get_tensor(cute.make_layout(BM * self.QS))
         if wg == 1:
             cute.arch.barrier_arrive(barrier_id=PP_BARRIER, number_of_threads=256)  # warpgroup 0 first
+        sReach = st.sReach.get_tensor(cute.make_layout(16))
         for s in cutlass.range(nsteps, unroll=1):
             j = 2 * s + wg
             has = j < nmine
             q_state = ring_state(self.QS, j)
             qi = q_state.index
+            lt = Int32(-1)  # the sub-tile's last key tile that any of its rows sees
             if has:
                 pipe_q.consumer_wait(q_state)
                 # cp.async wrote Q / dO (generic proxy) for wgmma (async proxy)
                 cute.arch.fence_view_async_shared()
                 t = z + j * zsplit
+                reach = Int32(-1)
                 for r in cutlass.range_constexpr(NR):
                     n = cS_mn[r, 0][0]
                     hi_r, loc_r = self.pair_place(st, qi, n, e_lo + t * BM + n < e_hi, ckeys, qs, shift, kbeg, H,
@@ -460,10 +465,17 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                     loc[r] = loc_r
                     l2[r] = sLse[qi * BM + n] * LOG2E
                     dl[r] = sDel[qi * BM + n]
+                    reach = cutlass.max(reach, hi_r)
+                lt = ntiles - 1
+                if cutlass.const_expr(self.pair_reach):
+                    # causal own-chunk rows see the keys up to their position: the tiles past the
+                    # sub-tile's reach are skipped (their dS is zero)
+                    lt = self.warpgroup_reach(sReach, reach, s, wg, ctid) // PAIR_BN
             b0 = s * ntiles
+            acc_dQ.fill(0.0)
             # ---- tile 0: S and dP (dQ is zero)
             self.wait_kv_pair(pipe_kv, sK, b0, ckeys, ctid, wg)
-            if has:
+            if has & (lt >= 0):
                 self.pp_turn(wg)
                 warpgroup.fence()
                 gemm_kblocks(mma_s, acc_S, tSrQ, tSrK, qi, b0 % KS)
@@ -473,14 +485,13 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                 warpgroup.wait_group(0)
                 self.pair_ds(S_mn, dP_mn, cS_mn, hi, l2, dl, Int32(0), scale, scale_log2)
                 rdS.store(acc_dP.load().to(dt))
-                acc_dQ.fill(0.0)
             else:
                 self.pp_idle(wg)
             pipe_kv.v.consumer_release(ring_state(VS, b0))
             for kt in cutlass.range(1, ntiles, unroll=1):
                 b = b0 + kt
                 self.wait_kv_pair(pipe_kv, sK, b, ckeys - kt * PAIR_BN, ctid, wg)
-                if has:
+                if has & (kt <= lt):
                     # ---- dQ += dS K of tile kt - 1, then S and dP of tile kt behind it
                     self.pp_turn(wg)
                     warpgroup.fence()
@@ -495,27 +506,53 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
                     warpgroup.wait_group(0)
                     self.pair_ds(S_mn, dP_mn, cS_mn, hi, l2, dl, kt * PAIR_BN, scale, scale_log2)
                     rdS.store(acc_dP.load().to(dt))
+                elif has & (kt == lt + 1):
+                    # ---- the sub-tile's reach ends at tile kt - 1 (causal own-chunk rows): its dQ only
+                    self.dq_turn(acc_dQ, tdSa, tQrKt, mma_dq, (b - 1) % KS, wg)
+                    pipe_kv.k.consumer_release(ring_state(KS, b - 1))
                 else:
                     self.pp_idle(wg)
                     pipe_kv.k.consumer_release(ring_state(KS, b - 1))
                 pipe_kv.v.consumer_release(ring_state(VS, b))
             # ---- the last tile's dQ += dS K; the sub-tile's partials out
             blast = b0 + ntiles - 1
-            if has:
-                self.pp_turn(wg)
-                warpgroup.fence()
-                gemm_kblocks(mma_dq, acc_dQ, tdSa, tQrKt, None, blast % KS, zero_init=False)
-                warpgroup.commit_group()
-                self.pp_pass(wg)
-                warpgroup.wait_group(0)
-                pipe_q.consumer_release(q_state)
-                self.store_pair_dq(part_dq, dQ_mn, cQ_mn, hi, loc)
+            if has & (lt == ntiles - 1):
+                self.dq_turn(acc_dQ, tdSa, tQrKt, mma_dq, blast % KS, wg)
             else:
                 self.pp_idle(wg)
+            if has:
+                pipe_q.consumer_release(q_state)
+                self.store_pair_dq(part_dq, dQ_mn, cQ_mn, hi, loc)
             pipe_kv.k.consumer_release(ring_state(KS, blast))
         if wg == 0:
             # (warpgroup 1's last pass: every arrive on a barrier is matched before the exit)
             cute.arch.barrier(barrier_id=PP_BARRIER, number_of_threads=256)
+
+    @cute.jit
+    def dq_turn(self, acc_dQ: cute.Tensor, tdSa: cute.Tensor, tQrKt: cute.Tensor, mma_dq: cute.TiledMma, kstage,
+                wg: Int32):
+        """A turn of ``dQ += dS K`` alone (K stage ``kstage``), waited for."""
+        self.pp_turn(wg)
+        warpgroup.fence()
+        gemm_kblocks(mma_dq, acc_dQ, tdSa, tQrKt, None, kstage, zero_init=False)
+        warpgroup.commit_group()
+        self.pp_pass(wg)
+        warpgroup.wait_group(0)
+
+    @cute.jit
+    def warpgroup_reach(self, sReach: cute.Tensor, reach: Int32, s: Int32, wg: Int32, ctid: Int32):
+        """The largest of the warpgroup's threads' ``reach`` (its sub-tile's largest last visible
+        key): a warp's by shuffles, then the four warps' through shared memory (named barrier
+        ``BAR_REACH + wg``; slots alternate with the step, so a warp's next write cannot meet a
+        slower warp's read)."""
+        for off in cutlass.range_constexpr(5):
+            reach = cutlass.max(reach, cute.arch.shuffle_sync_bfly(reach, offset=16 >> off))
+        base = (s % 2) * 8 + wg * 4
+        idx = base + ctid // 32
+        if ctid % 32 == 0:
+            sReach[idx] = reach
+        cute.arch.barrier(barrier_id=BAR_REACH + wg, number_of_threads=128)
+        return cutlass.max(cutlass.max(sReach[base], sReach[base + 1]), cutlass.max(sReach[base + 2], sReach[base + 3]))
 
     @cute.jit
     def pair_ds(self, S_mn: cute.Tensor, dP_mn: cute.Tensor, cS_mn: cute.Tensor, hi: cute.Tensor, l2: cute.Tensor,
