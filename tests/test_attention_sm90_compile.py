@@ -39,6 +39,11 @@ def _specs():
                                                                   diag_staged=staged)["diag"]
                         assert key[0] == "moba_diag_sm90" and (key[-1] == "staged") == staged
                         seen.setdefault(key, (fac, fake))
+                    # ... with the overlapped n-block loop (MOBA_CUTE_FWD_DIAG_OVERLAP=1)
+                    key, fac, fake = launch.kernel_specs_sm90(dtype, D, True, cfg90.FWD_TILES[D], diag_sm90=True,
+                                                              diag_staged=True, diag_overlap=True)["diag"]
+                    assert key[-2:] == ("staged", "overlap") and fac().split_kv
+                    seen.setdefault(key, (fac, fake))
                 # the intra-warpgroup overlap (MOBA_CUTE_FWD_OVERLAP=1) of the two-stage tiles
                 for tile in cfg90.ALT_TILES.get(D, ()):
                     if len(tile) == 3 and tile[2] >= 2:
@@ -224,6 +229,10 @@ def test_fwd_diag_sm90_env(monkeypatch):
     bufs = 2 * (kst * bn * 128 // (64 * ks.prow())) + 1
     assert bufs >= 2, "at least one slot in flight while one is merged"
     assert ks.CTAS * (smem + 2 * 64 * 4 + 64 * ks.prow() * 2) <= cfg90.SMEM_PER_SM
+    # the overlapped loop: its default, the environment; V's ring barriers besides K's
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_DIAG_OVERLAP", launch.fwd_diag_overlap, bool(cfg90.DIAG_OVERLAP))
+    ov = launch.kernel_specs_sm90("bfloat16", 128, True, diag_sm90=True, diag_staged=True, diag_overlap=True)["diag"]
+    assert ov[0] == staged[0] + ("overlap",) and ov[1]().overlap and not ks.overlap
 
 
 def test_sm90_tiles_env(monkeypatch):

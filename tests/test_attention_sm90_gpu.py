@@ -435,3 +435,31 @@ def test_sm90_diag_staged_merge(case, D, monkeypatch):
     finally:
         monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
         m.FWD_PLANS.clear()
+
+
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(DIAG_CASES)))
+def test_sm90_diag_overlap(case, D, monkeypatch):
+    """The wgmma diagonal's overlapped n-block loop (``MOBA_CUTE_FWD_DIAG_OVERLAP=1``): bitwise
+    the sequential loop (the same operations on O in the same order) and within SPEC tolerance."""
+    from moba_cute.kernels import attention_launch as m
+
+    lq, lk, H, Hk, C, K, _ = DIAG_CASES[case]
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
+    try:
+        q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=900 + case)
+        r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, True)
+        got = {}
+        for ov in ("0", "1"):
+            monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_OVERLAP", ov)
+            m.FWD_PLANS.clear()
+            got[ov] = m.attention_cute(q, k, v, r, None, True)
+            assert all(p.diag_overlap == (ov == "1") for p in m.FWD_PLANS.plans.values())
+        assert torch.equal(got["0"][0], got["1"][0]) and torch.equal(got["0"][1], got["1"][1])
+        monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_OVERLAP", "1")
+        m.FWD_PLANS.clear()
+        for dtype in (torch.bfloat16, torch.float16):
+            _check(lq, lk, H, Hk, D, C, K, True, dtype, seed=1000 + case)
+    finally:
+        m.FWD_PLANS.clear()

@@ -47,6 +47,9 @@ DIAG_MIN_CHUNK = 128
 # loads). H100, diagonal + merge, ms, register loads -> staged: moba-large 128K 15.44 -> 14.99,
 # flashmoba 64K (C = 128) 3.03 -> 2.42; bitwise the same result
 DIAG_STAGED_MERGE = True
+# the wgmma diagonal's n-blocks with FlashAttention-3's intra-warpgroup overlap (MobaDiagSm90(overlap=True),
+# MOBA_CUTE_FWD_DIAG_OVERLAP): not measured yet, off
+DIAG_OVERLAP = False
 
 # the segment kernel's streamed loop with Q in registers (RS QK^T; SegVariant(q_regs=True),
 # MOBA_CUTE_FWD_QREGS). H100, segment kernel, SS -> RS: moba-large 128K 167.1 -> 163.9 ms, 32K

@@ -272,6 +272,14 @@ def fwd_diag_staged():
     return _env_flag("MOBA_CUTE_FWD_DIAG_STAGED", bool(cfg90.DIAG_STAGED_MERGE))
 
 
+def fwd_diag_overlap():
+    """Whether the wgmma diagonal runs its n-blocks with FlashAttention-3's intra-warpgroup
+    overlap (n's ``QK^T`` and n - 1's ``PV`` back to back, K and V in rings of their own;
+    ``MobaDiagSm90(overlap=...)``): ``configs/attention_sm90.DIAG_OVERLAP``, or
+    ``MOBA_CUTE_FWD_DIAG_OVERLAP=1`` / ``0``."""
+    return _env_flag("MOBA_CUTE_FWD_DIAG_OVERLAP", bool(cfg90.DIAG_OVERLAP))
+
+
 def sm90_tile_fields(tile):
     """(bn, sub, kv_stages, consumer warpgroups) of an sm90 forward tile: ``(bn, sub, kv_stages)``
     (one consumer warpgroup, two CTAs per SM) or ``(bn, sub, kv_stages, 2)`` (two that share
@@ -316,7 +324,7 @@ def tile_override(family, tile):
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, variant=None, row_windows=False,
-                      diag_sm90=False, diag_staged=False):
+                      diag_sm90=False, diag_staged=False, diag_overlap=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
@@ -326,7 +334,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, varian
     :func:`fwd_kv_multicast`, :func:`fwd_rescale_skip`), of which the tile takes what it can.
     ``row_windows``: the index's per-window counts (:func:`fwd_row_window`). ``diag_sm90``: the
     causal diagonal on wgmma (:func:`fwd_diag_sm90`), ``diag_staged`` its merge through shared
-    memory (:func:`fwd_diag_staged`)."""
+    memory (:func:`fwd_diag_staged`), ``diag_overlap`` its overlapped n-block loop
+    (:func:`fwd_diag_overlap`)."""
     from .merge import MergeKernel
     from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
@@ -366,8 +375,8 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, varian
         if diag_sm90:
             dbn90, dks90 = cfg90.DIAG_TILES[head_dim]
             assert bm == 64, "the diagonal's query tiles (cu_mt) are wgmma's 64 rows"
-            specs["diag"] = (MobaDiagSm90.compile_key(dtype_name, head_dim, dbn90, dks90, diag_staged),
-                             lambda: MobaDiagSm90(dt, head_dim, dbn90, dks90, diag_staged), fake)
+            specs["diag"] = (MobaDiagSm90.compile_key(dtype_name, head_dim, dbn90, dks90, diag_staged, diag_overlap),
+                             lambda: MobaDiagSm90(dt, head_dim, dbn90, dks90, diag_staged, diag_overlap), fake)
         else:
             specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
                              lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
@@ -747,9 +756,10 @@ class FwdPlan(_PlanBase):
             self.variant = v
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
+            self.diag_overlap = self.diag_sm90 and fwd_diag_overlap()
             specs = kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K, v,
                                       row_windows=self.row_window is not None, diag_sm90=self.diag_sm90,
-                                      diag_staged=self.diag_staged)
+                                      diag_staged=self.diag_staged, diag_overlap=self.diag_overlap)
             self.ks = common.KernelSet(specs, arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

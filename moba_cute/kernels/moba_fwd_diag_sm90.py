@@ -40,7 +40,7 @@ import cutlass
 import cutlass.cute as cute
 import cuda.bindings.driver as cuda
 import cutlass.pipeline as pipeline
-from cutlass import Float32, Int32, Int64
+from cutlass import Boolean, Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from .moba_fwd_sm80 import LN2, _flat, _online_softmax, _quad_sum, partials_max, store_pair
@@ -76,6 +76,18 @@ class MergeWindow(NamedTuple):
     KP: Int32
 
 
+class DiagLoop(NamedTuple):
+    """What the overlapped n-block loop (``MobaFwdSm90.stream_overlapped``) hands the diagonal's
+    hooks: the thread's rows' visible key ranges, the n-block after which the partials are
+    prefetched, the merge window, the rows' merge work and the thread's place in its quad."""
+    r_lo: cute.Tensor
+    r_hi: cute.Tensor
+    pf_at: Int32
+    mw: MergeWindow
+    rows: "MergeRows"
+    qd: Int32
+
+
 class MergeRows(NamedTuple):
     """A consumer thread's rows in the merge (rmem tensors, one entry per row): 1 where the launch
     writes the row, its partials' count and first pair index."""
@@ -91,17 +103,21 @@ MERGE_BARRIER = 5  # named barrier of the consumer warpgroup's merge (1: V tail 
 class MobaDiagSm90(MobaFwdSm90):
     """Causal diagonal + merge on wgmma. See the module docstring."""
 
-    def __init__(self, dtype, head_dim: int, bn: int = 64, kv_stages: int = 2, staged_merge: bool = False):
-        super().__init__(dtype, head_dim, bn, 1, kv_stages, SegVariant(staged=False))  # (its own merge epilogue)
+    def __init__(self, dtype, head_dim: int, bn: int = 64, kv_stages: int = 2, staged_merge: bool = False,
+                 overlap: bool = False):
+        # (its own merge epilogue; overlap: the segment kernel's stream_overlapped loop, K and V
+        # in rings of their own)
+        super().__init__(dtype, head_dim, bn, 1, kv_stages, SegVariant(staged=False, overlap=overlap))
         self.QS = 1  # one Q tile per CTA
         # the partials staged in shared memory (merge_staged), and the grid with the window's
         # heads fastest; else 4-byte loads from global memory and heads slowest
         self.staged_merge = bool(staged_merge)
 
     @staticmethod
-    def compile_key(dtype_name: str, head_dim: int, bn: int, kv_stages: int, staged_merge: bool = False):
+    def compile_key(dtype_name: str, head_dim: int, bn: int, kv_stages: int, staged_merge: bool = False,
+                    overlap: bool = False):
         key = ("moba_diag_sm90", dtype_name, int(head_dim), int(bn), int(kv_stages))
-        return key + ("staged",) if staged_merge else key
+        return key + ("staged",) * bool(staged_merge) + ("overlap",) * (bool(overlap) and kv_stages >= 2)
 
     def _extra_smem(self):
         # staged merge: the tile's rows' partial counts and first indices (for the copies), and
@@ -203,7 +219,8 @@ class MobaDiagSm90(MobaFwdSm90):
         tid, _, _ = cute.arch.thread_idx()
         bid, by, _ = cute.arch.block_idx()
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
-        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4, self.kv_bytes, 128)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4, self.kv_bytes, 128,
+                                               v_barriers=self._v_barriers(st))
         cute.arch.mbarrier_init_fence()
         sQ = st.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = st.sK.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
@@ -288,6 +305,20 @@ class MobaDiagSm90(MobaFwdSm90):
         q_state = ring_state(self.QS, 0)
         pipe_q.consumer_wait(q_state)
         cute.arch.fence_view_async_shared()  # cp.async wrote Q (generic proxy); wgmma reads it (async)
+        if cutlass.const_expr(self.overlap):
+            ext = DiagLoop(r_lo, r_hi, pf_at, mw, rows, ctid % 4)
+            self.stream_overlapped(f, pipe_q, pipe_kv, sV, q_state, Boolean(True), Int32(0), nblk, nkeys, scale_log2,
+                                   ctid, Int32(0), ext)
+        else:
+            self.diag_blocks(f, pipe_kv, sV, r_lo, r_hi, mw, rows, pf_at, nblk, nkeys, scale_log2, ctid)
+        self.merge_epilogue(f, t, mw, rows, out, lse, bufs, sRow, h, H, total_q, scale_log2, ctid)
+
+    @cute.jit
+    def diag_blocks(self, f, pipe_kv, sV: cute.Tensor, r_lo: cute.Tensor, r_hi: cute.Tensor, mw: MergeWindow, rows,
+                    pf_at: Int32, nblk: Int32, nkeys: Int32, scale_log2: Float32, ctid: Int32):
+        """The n-blocks one after the other: S = Q K^T, mask and softmax, O += P V, each waited
+        for (the other CTA on the SM fills the tensor cores meanwhile)."""
+        dt = self.dtype
         for n in cutlass.range(nblk, unroll=1):
             kv_idx = n % self.KS
             # (V rows past the last row's position are zeroed: 0 * inf cannot reach O)
@@ -309,7 +340,17 @@ class MobaDiagSm90(MobaFwdSm90):
             pipe_kv.consumer_release(ring_state(self.KS, n))
             if n == pf_at:
                 self.prefetch_partials(mw, rows, ctid % 4)
-        self.merge_epilogue(f, t, mw, rows, out, lse, bufs, sRow, h, H, total_q, scale_log2, ctid)
+
+    @cute.jit
+    def mask_block(self, f, ext, nkeys: Int32, n: Int32):
+        """The overlapped loop's mask of n-block ``n``: each row's visible keys (:meth:`mask_causal`)."""
+        self.mask_causal(f.S_mn, f.cS_mn, ext.r_lo, ext.r_hi, n * self.BN)
+
+    @cute.jit
+    def block_done(self, ext, n: Int32):
+        """After n-block ``n`` of the overlapped loop: the partials' L2 prefetch at ``ext.pf_at``."""
+        if n == ext.pf_at:
+            self.prefetch_partials(ext.mw, ext.rows, ext.qd)
 
     @cute.jit
     def mask_causal(self, S_mn: cute.Tensor, cS_mn: cute.Tensor, r_lo: cute.Tensor, r_hi: cute.Tensor, n0: Int32):

@@ -857,7 +857,7 @@ class MobaFwdSm90(PingPong):
 
     @cute.jit
     def stream_overlapped(self, f: ConsumerFrags, pipe_q, pipe_kv: SplitKV, sV: cute.Tensor, q_state, has, j: Int32,
-                          nblk: Int32, nkeys: Int32, scale_log2: Float32, ctid: Int32, wg: Int32):
+                          nblk: Int32, nkeys: Int32, scale_log2: Float32, ctid: Int32, wg: Int32, ext=None):
         """Step ``j``'s n-blocks with FlashAttention-3's intra-warpgroup overlap (two or more K/V
         stages): n's ``QK^T`` and n - 1's ``PV`` are issued back to back, n's softmax runs while
         that ``PV`` is on the tensor cores, then ``O`` is rescaled and ``P`` replaced. The same
@@ -866,7 +866,9 @@ class MobaFwdSm90(PingPong):
         a wgmma issue and its wait (ptxas serializes the wgmmas otherwise: warning C7520). K and V
         are in rings of their own (``split_kv``): block n's K goes back once its ``QK^T`` is done,
         n - 1's V once its ``PV`` is; a V tail is zeroed when V has landed, before its ``PV``. A
-        warpgroup without a sub-tile (``has`` false) waits for and releases the same stages."""
+        warpgroup without a sub-tile (``has`` false) waits for and releases the same stages.
+        ``ext``: a subclass's per-call data for its :meth:`mask_block` and :meth:`block_done`
+        hooks (the causal diagonal's row ranges and partial prefetch)."""
         BN, dt, KS = self.BN, self.dtype, self.KS
         NR = cute.size(f.O_mn, mode=[0])
         corr = cute.make_rmem_tensor(cute.make_layout(NR), Float32)
@@ -881,12 +883,13 @@ class MobaFwdSm90(PingPong):
             self.pp_pass(wg)
             warpgroup.wait_group(0)
             pipe_kv.k.consumer_release(ring_state(KS, b0))
-            self.mask_keys_from(f.S_mn, f.cS_mn, nkeys)
+            self.mask_block(f, ext, nkeys, Int32(0))
             _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2)
             f.rP.store(f.acc_S.load().to(dt))
         else:
             self.pp_idle(wg)
             pipe_kv.k.consumer_release(ring_state(KS, b0))
+        self.block_done(ext, Int32(0))
         for n in cutlass.range(1, nblk, unroll=1):
             b = b0 + n
             pipe_kv.k.consumer_wait(ring_state(KS, b))
@@ -903,7 +906,7 @@ class MobaFwdSm90(PingPong):
                 warpgroup.wait_group(1)  # QK^T(n) done; PV(n - 1) may still run
                 pipe_kv.k.consumer_release(ring_state(KS, b))
                 # ---- softmax of block n on the CUDA cores meanwhile
-                self.mask_keys_from(f.S_mn, f.cS_mn, nkeys - n * BN)
+                self.mask_block(f, ext, nkeys, n)
                 _online_softmax(f.S_mn, f.O_mn, f.row_max, f.row_sum, scale_log2, corr)
                 warpgroup.wait_group(0)  # PV(n - 1) done: O and P are free
                 self.rescale_o(f.O_mn, corr)
@@ -912,6 +915,7 @@ class MobaFwdSm90(PingPong):
                 self.pp_idle(wg)
                 pipe_kv.k.consumer_release(ring_state(KS, b))
             pipe_kv.v.consumer_release(ring_state(KS, b - 1))
+            self.block_done(ext, n)
         # ---- the last block's O += P V
         blast = b0 + nblk - 1
         nlast = nkeys - (nblk - 1) * BN  # the last block's keys in the chunk
@@ -929,6 +933,14 @@ class MobaFwdSm90(PingPong):
         else:
             self.pp_idle(wg)
         pipe_kv.v.consumer_release(ring_state(KS, blast))
+
+    @cute.jit
+    def mask_block(self, f: ConsumerFrags, ext, nkeys: Int32, n: Int32):
+        """:meth:`stream_overlapped`'s mask of n-block ``n``: the keys past the chunk's ``nkeys``."""
+        self.mask_keys_from(f.S_mn, f.cS_mn, nkeys - n * self.BN)
+
+    def block_done(self, ext, n: Int32):
+        """:meth:`stream_overlapped`'s hook after n-block ``n``'s softmax (nothing here)."""
 
     @cute.jit
     def rescale_o(self, O_mn: cute.Tensor, corr: cute.Tensor):
