@@ -48,7 +48,9 @@ DIAG_MIN_CHUNK = 128
 # flashmoba 64K (C = 128) 3.03 -> 2.42; bitwise the same result
 DIAG_STAGED_MERGE = True
 # the wgmma diagonal's n-blocks with FlashAttention-3's intra-warpgroup overlap (MobaDiagSm90(overlap=True),
-# MOBA_CUTE_FWD_DIAG_OVERLAP): not measured yet, off
+# MOBA_CUTE_FWD_DIAG_OVERLAP; bitwise the same result). H100, whole forward, x of off, two runs:
+# moba-large 128K 1.006 / 0.982, moba-large 32K 1.007, C = 2048 (64K) 0.924 / 1.016, C = 512 (32K)
+# 1.024 / 1.011, flashmoba 8K 1.025, 64K 1.000: within the runs' spread, off
 DIAG_OVERLAP = False
 
 # the segment kernel's streamed loop with Q in registers (RS QK^T; SegVariant(q_regs=True),
@@ -103,9 +105,11 @@ BWD_DQ_PAIR = True
 BWD_DKV_PINGPONG = True
 # the long-chunk backward skips a sub-tile's key tiles past its rows' last visible keys (causal
 # own-chunk rows; dK/dV: the whole sub-tile in a CTA whose key tile none of its rows sees; dQ: the
-# streamed tiles past its reach; MobaBwdDqSm90Pair does not skip yet). MOBA_CUTE_BWD_REACH_SKIP.
+# streamed tiles past its reach; MobaBwdDqSm90Pair: per warpgroup). MOBA_CUTE_BWD_REACH_SKIP.
 # H100, whole backward with MobaBwdDqSm90 and the ping-pong, ms, off -> on: moba-large 128K
-# 657.4 -> 635.7, moba-large 32K 72.92 -> 69.07, C = 512 7.955 -> 7.664; the same bits
+# 657.4 -> 635.7, moba-large 32K 72.92 -> 69.07, C = 512 7.955 -> 7.664; the same bits. The pair
+# kernel's own skip (next session, another H100, not an interleaved A/B): 592.2 -> 573.5, 65.98 ->
+# 61.76, 7.037 -> 6.927
 BWD_REACH_SKIP = True
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
