@@ -400,6 +400,23 @@ def test_sm90_diag_wgmma(case, D, monkeypatch):
         m.FWD_PLANS.clear()
 
 
+def _diag_switch(m, monkeypatch, case, D, env, attr, seed):
+    """DIAG_CASES[case] through the wgmma diagonal with the switch ``env`` off and on (the plans'
+    ``attr`` follows it); asserts the two results bitwise equal. Returns q, k, v, the routing and
+    {"0": (out, lse), "1": (out, lse)}."""
+    lq, lk, H, Hk, C, K, _ = DIAG_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=seed + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, True)
+    got = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv(env, on)
+        m.FWD_PLANS.clear()
+        got[on] = m.attention_cute(q, k, v, r, None, True)
+        assert all(getattr(p, attr) == (on == "1") for p in m.FWD_PLANS.plans.values())
+    assert torch.equal(got["0"][0], got["1"][0]) and torch.equal(got["0"][1], got["1"][1])
+    return q, k, v, r, got
+
+
 @needs_hopper
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", range(len(DIAG_CASES)))
@@ -412,15 +429,7 @@ def test_sm90_diag_staged_merge(case, D, monkeypatch):
     lq, lk, H, Hk, C, K, forced = DIAG_CASES[case]
     monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
     try:
-        q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=700 + case)
-        r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, True)
-        got = {}
-        for staged in ("0", "1"):
-            monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_STAGED", staged)
-            m.FWD_PLANS.clear()
-            got[staged] = m.attention_cute(q, k, v, r, None, True)
-            assert all(p.diag_staged == (staged == "1") for p in m.FWD_PLANS.plans.values())
-        assert torch.equal(got["0"][0], got["1"][0]) and torch.equal(got["0"][1], got["1"][1])
+        q, k, v, r, got = _diag_switch(m, monkeypatch, case, D, "MOBA_CUTE_FWD_DIAG_STAGED", "diag_staged", 700)
         if forced is not None:
             pair = 2 * D + 4
             monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES",
@@ -448,15 +457,7 @@ def test_sm90_diag_overlap(case, D, monkeypatch):
     lq, lk, H, Hk, C, K, _ = DIAG_CASES[case]
     monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
     try:
-        q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=900 + case)
-        r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, True)
-        got = {}
-        for ov in ("0", "1"):
-            monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_OVERLAP", ov)
-            m.FWD_PLANS.clear()
-            got[ov] = m.attention_cute(q, k, v, r, None, True)
-            assert all(p.diag_overlap == (ov == "1") for p in m.FWD_PLANS.plans.values())
-        assert torch.equal(got["0"][0], got["1"][0]) and torch.equal(got["0"][1], got["1"][1])
+        _diag_switch(m, monkeypatch, case, D, "MOBA_CUTE_FWD_DIAG_OVERLAP", "diag_overlap", 900)
         monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_OVERLAP", "1")
         m.FWD_PLANS.clear()
         for dtype in (torch.bfloat16, torch.float16):
