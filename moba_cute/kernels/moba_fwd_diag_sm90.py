@@ -29,7 +29,13 @@ The CTA is the segment kernel's (``setmaxnreg``, two CTAs per SM):
   merged); their lines are prefetched into L2 a few n-blocks before. A row's arithmetic does not depend on its
   tile or on how its partials are read, so the result is bitwise deterministic.
 
-Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``, plus ``"staged"``.
+With ``overlap`` (off by default: within noise on the H100) the n-blocks run through the segment
+kernel's ``stream_overlapped`` (FlashAttention-3's intra-warpgroup overlap, K and V in rings of
+their own), with this kernel's causal mask and prefetch as its ``mask_block`` / ``block_done``
+hooks; bitwise the sequential loop.
+
+Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``, plus ``"staged"`` and
+``"overlap"``.
 """
 
 from __future__ import annotations
