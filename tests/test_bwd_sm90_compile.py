@@ -21,8 +21,10 @@ def _specs():
                     for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk).values():
                         seen.setdefault(key, (fac, fake))
                     # chunks over 128 keys: the dK/dV-only variant and both dQ kernels
-                    # (the defaults, the pair dQ kernel, and the loops without ping-pong and skips)
-                    for pair, pp, skip in ((False, True, True), (True, True, True), (False, False, False)):
+                    # (the defaults, the pair dQ kernel with and without its reach skip, and the loops
+                    # without ping-pong and skips)
+                    for pair, pp, skip in ((False, True, True), (True, True, True), (True, True, False),
+                                           (False, False, False)):
                         for key, fac, fake in launch.bwd_kernel_specs_sm90_long(dtype, D, causal, topk, dq_pair=pair,
                                                                                 dkv_pingpong=pp,
                                                                                 reach_skip=skip).values():
