@@ -36,7 +36,7 @@ from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import warpgroup
 from cutlass.utils import LayoutEnum
 
-from .moba_bwd_sm90 import BAR_DS, BAR_META, BM, BN, MobaBwdSm90
+from .moba_bwd_sm90 import BAR_DS, BAR_META, BM, BN, MobaBwdSm90, warp_max_i32
 from .moba_fwd_sm80 import store_pair
 from .moba_fwd_sm90 import (PP_BARRIER, acc_as_a_operand, acc_mn_view, gather_tma_pipelines, gemm_kblocks,
                            kernel_prologue, kv_tma_atoms, kv_tma_views, ring_state, zero_rows_from)
@@ -545,8 +545,7 @@ class MobaBwdDqSm90Pair(MobaBwdDqSm90):
         key): a warp's by shuffles, then the four warps' through shared memory (named barrier
         ``BAR_REACH + wg``; slots alternate with the step, so a warp's next write cannot meet a
         slower warp's read)."""
-        for off in cutlass.range_constexpr(5):
-            reach = cutlass.max(reach, cute.arch.shuffle_sync_bfly(reach, offset=16 >> off))
+        reach = warp_max_i32(reach)
         base = (s % 2) * 8 + wg * 4
         idx = base + ctid // 32
         if ctid % 32 == 0:

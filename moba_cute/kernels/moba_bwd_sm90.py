@@ -76,6 +76,14 @@ BAR_DS = 2
 BAR_ROWS = 5
 
 
+@cute.jit
+def warp_max_i32(x: Int32):
+    """The largest ``x`` of the warp's 32 lanes (butterfly shuffles), in every lane."""
+    for off in cutlass.range_constexpr(5):
+        x = cutlass.max(x, cute.arch.shuffle_sync_bfly(x, offset=16 >> off))
+    return x
+
+
 class DkvFrags(NamedTuple):
     """A consumer thread's wgmma operands and accumulators in :meth:`MobaBwdSm90.consumer`:
     ``S^T``/``dP^T`` (A = K, V; B = Q, dO), dV/dK's B (dO^T, Q^T), dQ's A (sdS) and B (K^T), the
@@ -621,9 +629,7 @@ class MobaBwdSm90(PingPong):
         st.sLoc.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + n] = loc
         if cutlass.const_expr(self.track_reach):
             # (the 64 rows are two whole warps): each warp's largest, for :meth:`sub_tile_reach`
-            mx = hi
-            for off in cutlass.range_constexpr(5):
-                mx = cutlass.max(mx, cute.arch.shuffle_sync_bfly(mx, offset=16 >> off))
+            mx = warp_max_i32(hi)
             sMax = st.sMaxHi.get_tensor(cute.make_layout(2 * self.QS * self.HI_COPIES))
             idx = hs * 2 + n // 32
             if n % 32 == 0:

@@ -123,7 +123,9 @@ class MobaDiagSm90(MobaFwdSm90):
     def compile_key(dtype_name: str, head_dim: int, bn: int, kv_stages: int, staged_merge: bool = False,
                     overlap: bool = False):
         key = ("moba_diag_sm90", dtype_name, int(head_dim), int(bn), int(kv_stages))
-        return key + ("staged",) * bool(staged_merge) + ("overlap",) * (bool(overlap) and kv_stages >= 2)
+        # (the overlap as the segment kernel's rule takes it: two or more K/V stages)
+        ov = SegVariant(staged=False, overlap=overlap).for_tile(bn, kv_stages).overlap
+        return key + ("staged",) * bool(staged_merge) + ("overlap",) * ov
 
     def _extra_smem(self):
         # staged merge: the tile's rows' partial counts and first indices (for the copies), and
