@@ -65,6 +65,7 @@ class Case:
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
+    bwd_chain: bool = False  # sm90 backward, chunks over 128 keys: the 5-GEMM dQ chain (MOBA_CUTE_BWD_DQ_CHAIN=1)
     # wrong cu_seqlens values (non-strict): replace the offsets built from the lengths, which
     # still give the tensors' sizes
     cu_q: tuple = ()
@@ -187,6 +188,9 @@ CASES = [
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
     Case("long-chunks-512-noncausal-gqa4", (700, 1, 260), (600, 90, 300), 8, 2, C=512, K=2, **B),
     Case("long-chunks-nan", (400, 130), (400, 130), 4, 2, C=144, K=3, nan=True, **Cc),
+    # the 5-GEMM chain: each key tile's CTA adds its dQ in key-tile order (global semaphores)
+    Case("long-chunks-208-chain", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, bwd_chain=True, **A),
+    Case("long-chunks-nan-chain", (400, 130), (400, 130), 4, 2, C=144, K=3, nan=True, bwd_chain=True, **Cc),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with
@@ -297,6 +301,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
         t.add("own-chunk-only")
     if case.C > 128:
         t.add("chunk>128")
+        if case.bwd_chain and case.grad:
+            t.add("bwd-chain")
     t.add("grad" if case.grad else "fwd-only")
     return t
 
@@ -333,7 +339,8 @@ def build(case: Case, device="cuda", seed=0):
 
 _ENV_NAMES = ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
               "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
-              "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_RESCALE_SKIP")
+              "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_RESCALE_SKIP", "MOBA_CUTE_BWD_DQ_CHAIN",
+              "MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP")
 
 
 @contextlib.contextmanager
@@ -348,7 +355,8 @@ def _env(case: Case):
            "MOBA_CUTE_FWD_OVERLAP": "1" if case.overlap else "0",
            "MOBA_CUTE_FWD_QREGS": "1" if case.q_regs else "0",
            "MOBA_CUTE_FWD_MULTICAST": "1" if case.mcast else "0",
-           "MOBA_CUTE_FWD_STAGED": "1" if case.staged else "0"}
+           "MOBA_CUTE_FWD_STAGED": "1" if case.staged else "0",
+           "MOBA_CUTE_BWD_DQ_CHAIN": "1" if case.bwd_chain else "0"}
     if case.diag_sm90:  # (other cases: the chunk-size default; both merges have cases of their own)
         env["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
         env["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"

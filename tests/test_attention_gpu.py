@@ -205,6 +205,39 @@ def test_backward_long_chunk_variants(case, D, dq_pair, dkv_pingpong, monkeypatc
         assert torch.equal(got[0], plain[0])
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(LONG_CHUNK_CASES)))
+def test_backward_long_chunk_chain(case, D, monkeypatch):
+    """The 5-GEMM long-chunk backward (MOBA_CUTE_BWD_DQ_CHAIN=1: each key tile's CTA adds its dQ
+    contribution by bulk reduce-adds, in key-tile order) against the reference, bitwise on repeat,
+    and dK/dV bitwise those of the default kernels (the same GEMMs in the same order)."""
+    from moba_cute.kernels import common
+
+    m = _launch()
+    if not m.uses_sm90_bwd("bfloat16", D, common.arch_of(torch.device("cuda"))):
+        pytest.skip("the sm90 backward runs on Hopper")
+    lq, lk, H, Hk, C, K, causal = LONG_CHUNK_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=80 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    out, lse = m.attention_cute(q, k, v, r, None, True)
+    dout = torch.randn_like(q)
+    m.BWD_PLANS.clear()
+    plain = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
+    m.BWD_PLANS.clear()  # (plans read the switches when they are built)
+    try:
+        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        got = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, dq=bufs[0], dk=bufs[1],
+                                        dv=bufs[2])
+        again = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_BWD_DQ_CHAIN")
+        m.BWD_PLANS.clear()
+    _grad_errs(got, q, k, v, r, dout, None, None, torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_lse_grad(causal):
     """The loss uses the LSE too: dS = P * (dP - rowsum(dO * O) + dlse)."""

@@ -29,6 +29,10 @@ def _specs():
                                                                                 dkv_pingpong=pp,
                                                                                 reach_skip=skip).values():
                             seen.setdefault(key, (fac, fake))
+                    # the 5-GEMM chain (one-pass kernel per key tile, fp32 partials by bulk copies and
+                    # bulk reduce-adds in key-tile order, semaphores)
+                    for key, fac, fake in launch.bwd_kernel_specs_sm90_chain(dtype, D, causal, topk).values():
+                        seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 
@@ -45,6 +49,10 @@ def test_sm90_backward_compiles_without_spills(key, spec):
     if key[0] in ("moba_bwd_sm90", "moba_bwd_dq_sm90"):
         for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg.inc", "setmaxnreg.dec",
                       "cp.async.mbarrier.arrive"):
+            assert instr in rep.ptx, instr
+    if "chain" in key:  # (the hand-over: bulk store / bulk reduce-add from the fenced staging buffer)
+        for instr in ("cp.async.bulk.global.shared::cta.bulk_group", "cp.reduce.async.bulk.global.shared::cta"
+                      ".bulk_group.add.f32", "fence.proxy.async", "cp.async.bulk.wait_group"):
             assert instr in rep.ptx, instr
     bound = SPILL_BOUND.get((key[0], key[2]), 0) if len(key) > 2 else 0
     assert rep.spill_stores <= bound and rep.spill_loads <= bound, rep.ptxas[-600:]

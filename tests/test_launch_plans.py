@@ -328,6 +328,24 @@ def test_sm90_backward_long_chunks_plan():
     assert short.ktiles == 1 and "bwd90" in short.ks.specs and "dq90" not in short.ks.specs
 
 
+def test_sm90_backward_chain_plan(monkeypatch):
+    """MOBA_CUTE_BWD_DQ_CHAIN=1, chunks over 128 keys: the one-pass kernel per key tile with the
+    chain's semaphores (reset by their own kernel) and fp32 partials, no dK/dV-only or dQ kernel;
+    short chunks keep the plain one-pass plan."""
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=256, K=2)
+    plan = al.BwdPlan(al._plan_key(q, k, r), "sm_90a")
+    assert plan.chain and plan.ktiles == 2 and "sems" in plan.layout.offsets
+    assert {"bwd90", "zero32", "dq_reduce", "pair_list"} <= set(plan.ks.specs)
+    assert "dq90" not in plan.ks.specs and "bwd90_dkv" not in plan.ks.specs
+    assert "chain" in plan.ks.specs["bwd90"][0] and "f32" in plan.ks.specs["dq_reduce"][0]
+    # (the fp32 partials: twice the bytes of a window of input-dtype ones)
+    assert plan.nsem >= plan.list_cap // 64 + plan.nbound * plan.Hk
+    q2, k2, r2 = _batch([600, 300], H=4, Hk=2, D=128, C=128, K=2)
+    short = al.BwdPlan(al._plan_key(q2, k2, r2), "sm_90a")
+    assert not short.chain and "chain" not in short.ks.specs["bwd90"][0] and "zero32" not in short.ks.specs
+
+
 def test_sm90_backward_long_chunk_switches(monkeypatch):
     """The long-chunk backward's switches: the configs' defaults (pair dQ kernel, dK/dV ping-pong,
     reach skip) reach the plan's compile keys, MOBA_CUTE_BWD_* 0/1 override them when the plan is

@@ -111,6 +111,12 @@ BWD_DKV_PINGPONG = True
 # kernel's own skip (next session, another H100, not an interleaved A/B): 592.2 -> 573.5, 65.98 ->
 # 61.76, 7.037 -> 6.927
 BWD_REACH_SKIP = True
+# the 5-GEMM backward for chunks over 128 keys (MobaBwdSm90(chain=True), MOBA_CUTE_BWD_DQ_CHAIN):
+# each 128-key tile's CTA adds its dQ contribution to the pair's fp32 accumulator in key-tile order
+# (bulk reduce-adds) instead of the dQ kernel recomputing S and dP. H100, whole backward: moba-large
+# 128K 577.1 -> 516.0 ms, 32K 61.1 -> 55.5 (docs/design.md section 9). Off until the whole
+# long-chunk GPU suite (fp16, windows of KV heads) has run with it
+BWD_DQ_CHAIN = False
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 

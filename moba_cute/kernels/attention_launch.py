@@ -437,11 +437,12 @@ def _partials_bound(total_q, H, D, env_name):
     return max(PARTIALS_MIN_BYTES, total_q * H * D * 4) if env in (None, "") else int(env)
 
 
-def dq_window_kv_heads(total_q, H, Hk, D, K):
-    """KV heads per window of the sm90 backward's dQ partial buffer (``total_q * G * K * D * 2``
-    bytes per KV head), within :func:`_partials_bound` (``MOBA_CUTE_DQ_PARTIAL_BYTES``)."""
+def dq_window_kv_heads(total_q, H, Hk, D, K, elem_bytes=2):
+    """KV heads per window of the sm90 backward's dQ partial buffer (``total_q * G * K * D *
+    elem_bytes`` bytes per KV head: 2 in the input dtype, 4 for the chain's fp32), within
+    :func:`_partials_bound` (``MOBA_CUTE_DQ_PARTIAL_BYTES``)."""
     cap = _partials_bound(total_q, H, D, "MOBA_CUTE_DQ_PARTIAL_BYTES")
-    per_kv = total_q * (H // Hk) * max(K, 1) * D * 2
+    per_kv = total_q * (H // Hk) * max(K, 1) * D * elem_bytes
     return max(1, min(Hk, cap // max(per_kv, 1)))
 
 
@@ -505,7 +506,7 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     vec = 4 if topk % 4 == 0 else 1
     specs = {
         "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
-                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16)] + _i32p(5), 12, 2)),
+                  _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16), (I, 4)] + _i32p(5), 12, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (PairListKernel.compile_key(False, vec, fill_tail=True),
                       lambda: PairListKernel(False, vec, fill_tail=True),
@@ -537,6 +538,34 @@ def bwd_reach_skip():
     """The long-chunk backward skips the key tiles past a sub-tile's reach (causal own-chunk rows):
     ``configs/attention_sm90.BWD_REACH_SKIP``, ``MOBA_CUTE_BWD_REACH_SKIP=0/1`` overrides it."""
     return _env_flag("MOBA_CUTE_BWD_REACH_SKIP", cfg90.BWD_REACH_SKIP)
+
+
+def bwd_dq_chain():
+    """The 5-GEMM backward for chunks over 128 keys (``MobaBwdSm90(chain=True)``: each key tile's
+    CTA adds its dQ contribution in key-tile order): ``configs/attention_sm90.BWD_DQ_CHAIN``,
+    ``MOBA_CUTE_BWD_DQ_CHAIN=0/1`` overrides it."""
+    return _env_flag("MOBA_CUTE_BWD_DQ_CHAIN", cfg90.BWD_DQ_CHAIN)
+
+
+def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=None):
+    """The sm90 backward's kernels for chunks over 128 keys with the dQ chain: those of
+    :func:`bwd_kernel_specs_sm90` with the one-pass kernel per 128-key tile adding fp32 dQ
+    partials in key-tile order, the reduction of fp32 partials and the semaphores' reset."""
+    from .bwd_rowwise import DqReduceKernel, ZeroKernel
+    from .moba_bwd_sm90 import MobaBwdSm90
+
+    specs = bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk)
+    dt = _cdt(dtype_name)
+    F = _cdt_f32()
+    I = _i32p(1)[0][0]
+    rs = bwd_reach_skip() if reach_skip is None else bool(reach_skip)
+    specs["bwd90"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, True, False, rs, chain=True),
+                      lambda: MobaBwdSm90(dt, head_dim, causal, True, False, rs, chain=True),
+                      _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (F, 16), (I, 4)] + _i32p(5), 12, 2))
+    specs["dq_reduce"] = (("dqreduce", dtype_name, head_dim, "f32"), lambda: DqReduceKernel(dt, head_dim),
+                          _fake([(F, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7))
+    specs["zero32"] = (("zero32",), ZeroKernel, _fake([(I, 4)], 2))
+    return specs
 
 
 def bwd_kernel_specs_sm90_long(dtype_name, head_dim, causal, topk, dq_pair=None, dkv_pingpong=None,
@@ -831,25 +860,34 @@ class BwdPlan(_PlanBase):
         if self.sm90:
             npair = self.rows * self.K
             G = self.H // self.Hk
-            nkv = dq_window_kv_heads(self.total_q, self.H, self.Hk, self.D, self.K)
+            self.ktiles = (self.C + 127) // 128
+            self.chain = self.ktiles > 1 and bwd_dq_chain()
+            pbytes = 4 if self.chain else 2  # (the chain's dQ partials are its fp32 accumulators)
+            nkv = dq_window_kv_heads(self.total_q, self.H, self.Hk, self.D, self.K, pbytes)
             # KV-head windows (kv0, nkv, first dq-reduce block count): the dQ partials of one window
             # at a time, so the buffer stays within dq_window_kv_heads' bound
             self.dq_windows = tuple((kv0, n, grid_blocks(self.total_q * n * G, self.D))
                                     for kv0, n in ((kv0, min(nkv, self.Hk - kv0)) for kv0 in range(0, self.Hk, nkv)))
             self.layout.add("delta", self.rows * 4)
             # dQ partial of every pair of a window (input dtype)
-            self.layout.add("part_dq", self.total_q * nkv * G * self.K * self.D * 2)
+            self.layout.add("part_dq", self.total_q * nkv * G * self.K * self.D * pbytes)
             self.layout.add("pairs", npair * 4)
             self.layout.add("counts", (self.nseg + 1) * 4)
             self.list_cap = _i32(npair, "pair lists")
-            self.ktiles = (self.C + 127) // 128
+            # the chain's semaphores, one per sub-tile of a (chunk, KV head): index e_lo // 64 +
+            # g * Hk + kvh + t (MobaBwdSm90.kernel)
+            self.nsem = _i32(self.list_cap // 64 + self.nbound * self.Hk + 2, "dQ chain semaphores")
+            if self.chain:
+                self.layout.add("sems", self.nsem * 4)
             # the key-major kernel's linear grid: chunks x key tiles x KV heads of a launch
             _i32(self.nbound * self.ktiles * self.Hk, "sm90 backward grid")
             self.bwd_grid = self.nbound  # chunks the grid covers (a bound on the chunk count)
             self.index = None
             # chunks over 128 keys: dK/dV per 128-key tile, dQ by a kernel streaming the tiles, its
             # (chunk, KV head) pairs split over zsplit CTAs
-            if self.ktiles > 1:
+            if self.chain:
+                specs = bwd_kernel_specs_sm90_chain(self.dtype_name, self.D, self.causal, self.K)
+            elif self.ktiles > 1:
                 self.zsplit = max(1, min(64, -(-DQ90_TARGET_CTAS // max(self.nbound * nkv, 1))))
                 _i32(self.nbound * self.zsplit, "sm90 dQ grid")
                 specs = bwd_kernel_specs_sm90_long(self.dtype_name, self.D, self.causal, self.K)
@@ -1058,19 +1096,24 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
                         plan.nseg, plan.list_cap, stream)
     G = H // plan.Hk
     p_q, p_k, p_v, p_do = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr()
-    if plan.ktiles > 1 and plan.bwd_grid > 0:
+    if plan.chain:
+        ks["zero32"](p["sems"], plan.nsem, min(264, -(-plan.nsem // 256)), stream)
+    if plan.ktiles > 1 and not plan.chain and plan.bwd_grid > 0:
         # dK/dV per 128-key tile, every KV head at once (no dQ partials: dk stands in for them)
-        ks["bwd90_dkv"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), dk.data_ptr(), cu_q,
-                        cu_k, cu_chunks, p_offsets, p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, 0,
+        ks["bwd90_dkv"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), dk.data_ptr(),
+                        dk.data_ptr(), cu_q, cu_k, cu_chunks, p_offsets, p["pairs"], plan.B, total_q, total_k, H,
+                        plan.Hk, plan.C, K, 0,
                         H, plan.ktiles, plan.bwd_grid, plan.Hk, scale, scale_log2, stream)
     for kv0, nkv, blocks in plan.dq_windows:
-        if plan.ktiles > 1 and plan.bwd_grid > 0:
+        if plan.ktiles > 1 and not plan.chain and plan.bwd_grid > 0:
             ks["dq90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets,
                        p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0, nkv * G, plan.zsplit,
                        plan.bwd_grid, nkv, scale, scale_log2, stream)
         elif plan.bwd_grid > 0:
-            ks["bwd90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), p["part_dq"], cu_q,
-                        cu_k, cu_chunks, p_offsets, p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0,
-                        nkv * G, 1, plan.bwd_grid, nkv, scale, scale_log2, stream)
+            # (one key tile per chunk, or the chain's ktiles; sems: a stand-in without the chain)
+            ks["bwd90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), p["part_dq"],
+                        p["sems"] if plan.chain else p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"],
+                        plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0, nkv * G, plan.ktiles, plan.bwd_grid,
+                        nkv, scale, scale_log2, stream)
         ks["dq_reduce"](p["part_dq"], sel, cu_q, cu_chunks, dq.data_ptr(), plan.B, total_q, H, kv0 * G, nkv * G, K,
                         blocks, stream)

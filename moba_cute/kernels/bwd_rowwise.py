@@ -172,3 +172,21 @@ class DqReduceKernel(_RowwiseKernel):
                             acc.store(acc.load() + x.to(Float32))
                 off = Int64(g) * Int64(D) + Int64(col)
                 cute.make_tensor(dq + cute.assume(off, divby=8), cute.make_layout(8)).store(acc.load().to(self.dtype))
+
+
+class ZeroKernel:
+    """``buf[0:n] = 0`` for an Int32 buffer (the sm90 backward's dQ-chain semaphores, reset per
+    call in the call's stream, so a CUDA graph replays it too). Compile key: ("zero32",)."""
+
+    @cute.jit
+    def __call__(self, buf: cute.Pointer, n: Int32, nblocks: Int32, stream: cuda.CUstream):
+        self.kernel(buf, n).launch(grid=(nblocks, 1, 1), block=(THREADS, 1, 1), stream=stream)
+
+    @cute.kernel
+    def kernel(self, buf: cute.Pointer, n: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        bid, _, _ = cute.arch.block_idx()
+        nb, _, _ = cute.arch.grid_dim()
+        tb = _t(buf)
+        for i in cutlass.range(bid * THREADS + tid, n, nb * THREADS, unroll=1):
+            tb[i] = Int32(0)

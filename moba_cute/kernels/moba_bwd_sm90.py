@@ -32,15 +32,22 @@ stream the key tiles. This variant skips a sub-tile none of whose rows sees the 
 warpgroups take turns issuing their wgmmas (FA3's ping-pong; each keeps its own copy of the rows'
 last visible keys, so they meet at no barrier but the turns).
 
+``chain=True`` (chunks over 128 keys, ``MOBA_CUTE_BWD_DQ_CHAIN``; the 5-GEMM schedule): the
+one-pass kernel per 128-key tile, its dQ contributions staged in fp32; warps 0-1 of the producer
+warpgroup gather, warps 2-3 add each staged sub-tile to the pair's fp32 accumulator in key-tile
+order (:meth:`MobaBwdSm90.chain_dq`: a semaphore per sub-tile, one bulk copy or bulk reduce-add
+per row), so no dQ kernel recomputes ``S`` and ``dP``; the sums stay bitwise deterministic.
+
 The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
-(a linear grid of ``chunks * nkv`` CTAs, chunk-major; ``Hw = nkv * G`` query heads) and stores pair ``(row, h, slot)`` at
-``((row * Hw + h - kv0 * G) * K + slot) * D``, so the launch plan bounds the buffer's size
+(a linear grid of ``chunks * nkv`` CTAs, chunk-major; ``Hw = nkv * G`` query heads) and stores
+pair ``(row, h, slot)`` at ``((row * Hw + h - kv0 * G) * K + slot) * D``, so the launch plan bounds the buffer's size
 (docs/design.md, section 9) by running the key-major kernel and the reduction once per window.
 
 dK and dV are written once, in the input dtype, when the CTA ends. A row-wise kernel
 (:class:`~moba_cute.kernels.bwd_rowwise.DqReduceKernel`) sums a row's partials in slot order:
 no atomics, bitwise deterministic (a pair's arithmetic does not depend on its place in the
-sub-tile). Compile key: ``(dtype, head_dim, causal)``, plus ``"dkv"`` for ``with_dq=False``.
+sub-tile). Compile key: ``(dtype, head_dim, causal)``, plus ``"dkv"`` for ``with_dq=False`` or
+``"chain"`` for the chain (:meth:`MobaBwdSm90.compile_key`).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, Int64
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.utils import LayoutEnum
+from cutlass.cutlass_dsl import dsl_user_op
+from cutlass._mlir.dialects import llvm
 
 from .centroids import clamp_seq, find_segment
 from .moba_fwd_sm80 import _flat, store_pair
@@ -74,6 +83,8 @@ BAR_META = 1  # named barriers among the 256 consumer threads
 BAR_DS = 2
 # (3, 4: the ping-pong's PP_BARRIER + 0 / 1) 5, 6: a warpgroup's own row data written (ping-pong)
 BAR_ROWS = 5
+BAR_CHAIN = 7  # the chain's adding warps: the dQ chain's semaphore taken / released
+CHAIN_THREADS = 64  # the chain: warps 0-1 of the producer warpgroup gather, warps 2-3 add
 
 
 @cute.jit
@@ -113,6 +124,23 @@ class DkvFrags(NamedTuple):
     cQ_mn: Any
 
 
+@dsl_user_op
+def bulk_store_s2g(smem: cute.Pointer, gmem: cute.Pointer, nbytes: int, *, loc=None, ip=None):
+    """``nbytes`` (a multiple of 16, both addresses 16-byte aligned) from shared to global memory
+    by the TMA unit (``cp.async.bulk``, bulk group: wait with ``cp_async_bulk_wait_group``)."""
+    llvm.inline_asm(None, [gmem.llvm_ptr, smem.toint(loc=loc, ip=ip).ir_value(), Int32(nbytes).ir_value()],
+                    "cp.async.bulk.global.shared::cta.bulk_group [$0], [$1], $2;", "l,r,r",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
+@dsl_user_op
+def bulk_reduce_add_f32(smem: cute.Pointer, gmem: cute.Pointer, nbytes: int, *, loc=None, ip=None):
+    """As :func:`bulk_store_s2g`, adding fp32 values to global memory (in L2, element-wise atomic)."""
+    llvm.inline_asm(None, [gmem.llvm_ptr, smem.toint(loc=loc, ip=ip).ir_value(), Int32(nbytes).ir_value()],
+                    "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], $2;", "l,r,r",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+
 class MobaBwdSm90(PingPong):
     """dK, dV and per-pair dQ partials of one (chunk, KV head); see the module docstring.
     ``with_dq=False``: dK and dV only, for chunks longer than one key tile (one CTA per 128-key
@@ -120,9 +148,14 @@ class MobaBwdSm90(PingPong):
     :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`)."""
 
     def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                 reach_skip: bool = True):
+                 reach_skip: bool = True, chain: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert not (pingpong and with_dq), "ping-pong: the dK/dV-only kernel"
+        assert not (chain and not with_dq), "the dQ chain: the one-pass kernel"
+        # chunks over one key tile, 5 GEMMs: each 128-key tile's CTA adds its dQ contribution to
+        # the pair's fp32 accumulator in key-tile order (a semaphore per sub-tile; docs/design.md
+        # section 9), instead of MobaBwdDqSm90 recomputing S and dP
+        self.chain = bool(chain)
         self.dtype = dtype
         self.D = head_dim
         self.causal = bool(causal)
@@ -133,15 +166,17 @@ class MobaBwdSm90(PingPong):
         self.HI_COPIES = 2 if self.pingpong else 1
         # each sub-tile's reach (its rows' largest last visible key), for skipping the key tiles
         # past it (:meth:`sub_tile_reach`): with chunks over one key tile
-        self.track_reach = not self.with_dq and bool(reach_skip)
+        self.track_reach = (not self.with_dq or self.chain) and bool(reach_skip)
         self.THREADS = 384  # producer + two consumer warpgroups
         self.QS = QS
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                    reach_skip: bool = True):
+                    reach_skip: bool = True, chain: bool = False):
         key = ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
-        return key if with_dq else key + ("dkv",) + ("pingpong",) * bool(pingpong) + ("noskip",) * (not reach_skip)
+        if with_dq:
+            return key + (("chain",) + ("noskip",) * (not reach_skip)) * bool(chain)
+        return key + ("dkv",) + ("pingpong",) * bool(pingpong) + ("noskip",) * (not reach_skip)
 
     def _layouts(self):
         dt, D = self.dtype, self.D
@@ -173,7 +208,10 @@ class MobaBwdSm90(PingPong):
             fields[name] = AL[MR[dt, cute.cosize(layout)], 1024]
         if dq_staging:
             # dQ partials of two sub-tiles (rows padded by 16 bytes), their rows' places (-1: none)
-            fields["sdQ"] = AL[MR[dt, 2 * BM * (D + 8)], 128]
+            if self.chain:  # (fp32: added to the pair's accumulator)
+                fields["sdQ"] = AL[MR[Float32, 2 * BM * (D + 4)], 128]
+            else:
+                fields["sdQ"] = AL[MR[dt, 2 * BM * (D + 8)], 128]
             fields["sLocQ"] = AL[MR[Int32, 2 * BM], 16]
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
@@ -196,6 +234,7 @@ class MobaBwdSm90(PingPong):
         dk: cute.Pointer,
         dv: cute.Pointer,
         part_dq: cute.Pointer,
+        sems: cute.Pointer,
         cu_q: cute.Pointer,
         cu_k: cute.Pointer,
         cu_chunks: cute.Pointer,
@@ -230,7 +269,7 @@ class MobaBwdSm90(PingPong):
         Storage = self._storage(sQ_layout, sK_layout, sdS_layout, kv_stages=1, dq_staging=True)
 
         self.kernel(
-            tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, cu_q, cu_k, cu_chunks, offsets,
+            tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, dk, dv, part_dq, sems, cu_q, cu_k, cu_chunks, offsets,
             pairs, B, total_q, total_k, H, Hk, chunk_size, topk, kv0, Hw, ktiles, scale, scale_log2, sQ_layout,
             sK_layout, sdS_layout, mma_sdp, mma_dkv, mma_dq, Storage,
         ).launch(grid=(nchunks * ktiles * nkv, 1, 1), block=(self.THREADS, 1, 1), stream=stream, min_blocks_per_mp=1)
@@ -249,6 +288,7 @@ class MobaBwdSm90(PingPong):
         dk: cute.Pointer,
         dv: cute.Pointer,
         part_dq: cute.Pointer,
+        sems: cute.Pointer,
         cu_q: cute.Pointer,
         cu_k: cute.Pointer,
         cu_chunks: cute.Pointer,
@@ -286,13 +326,16 @@ class MobaBwdSm90(PingPong):
         kt = gt - g * ktiles
         kvh = kv0 + kvw  # this launch covers KV heads [kv0, kv0 + nkv) (the partial buffer's window)
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
-        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 256, 1, 8, self.kv_bytes)
+        # (the chain: warps 0-1 gather, warps 2-3 add the dQ contributions: CHAIN_THREADS each)
+        pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 256, 1, 8, self.kv_bytes,
+                                               CHAIN_THREADS if self.chain else 128)
         # dQ staging buffers: the consumer warpgroups fill them, the producer warpgroup copies them
         # out (mbarriers: ordered for compute-sanitizer's racecheck too, unlike bar.arrive)
         group = pipeline.CooperativeGroup
         pipe_dq = pipeline.PipelineAsync.create(
             barrier_storage=st.mbar_dq.data_ptr(), num_stages=2,
-            producer_group=group(pipeline.Agent.Thread, 256), consumer_group=group(pipeline.Agent.Thread, 128),
+            producer_group=group(pipeline.Agent.Thread, 256),
+            consumer_group=group(pipeline.Agent.Thread, CHAIN_THREADS if self.chain else 128),
             defer_sync=True)
         cute.arch.mbarrier_init_fence()
         sQ, sdO, sK, sV, sdS = self.smem_views(st, sQ_layout, sK_layout, sdS_layout)
@@ -304,8 +347,16 @@ class MobaBwdSm90(PingPong):
         if warp < 4:
             cute.arch.setmaxregister_decrease(PRODUCER_REGS)
             if nkeys > 0:
-                self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO, sK,
-                              sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk, tid, warp)
+                # the chain's semaphores: sub-tile t of (chunk g, KV head kvh) at e_lo // BM + g * Hk + kvh + t
+                # (a segment group adds at most one partial sub-tile to e_lo // BM)
+                if cutlass.const_expr(self.chain):
+                    self.producer_chain(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ,
+                                        sdO, sK, sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg,
+                                        total_q, H, topk, tid, warp, sems, e_lo // BM + g * Hk + kvh, kt)
+                else:
+                    self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO, sK,
+                                  sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk,
+                                  tid, warp)
         else:
             cute.arch.setmaxregister_increase(CONSUMER_REGS)
             if nkeys > 0:
@@ -369,10 +420,35 @@ class MobaBwdSm90(PingPong):
                 # the previous sub-tile's dQ partials, staged by the consumers meanwhile: the next
                 # gather is issued when the consumers work on this one (one sub-tile of lookahead)
                 if t > 0:
-                    self.copy_out_dq(st, pipe_dq, part_dq, t - 1, tid)
+                    self.store_dq_pieces(st, pipe_dq, part_dq, t - 1, tid)
         if cutlass.const_expr(self.with_dq):
             if nsub > 0:
-                self.copy_out_dq(st, pipe_dq, part_dq, nsub - 1, tid)
+                self.store_dq_pieces(st, pipe_dq, part_dq, nsub - 1, tid)
+
+    @cute.jit
+    def producer_chain(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
+                       q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer, delta: cute.Pointer,
+                       pairs: cute.Pointer, part_dq: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor,
+                       sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, pipe_dq, e_lo: Int32, e_hi: Int32,
+                       nsub: Int32, kvh: Int32, key0: Int32, total_q: Int32, H: Int32, topk: Int32, tid: Int32,
+                       warp: Int32, sems: cute.Pointer, sem0: Int32, kt: Int32):
+        """The chain's producer warpgroup, in two halves that do not wait for each other: warps 0-1
+        gather the sub-tiles (32 rows each; warp 0 also loads the key tile), warps 2-3 add each
+        staged dQ contribution in key-tile order (:meth:`chain_dq`). The consumers may run up to
+        the two staging buffers ahead of the chain, and the next gather never waits for it (with
+        one warpgroup for both, every sub-tile's hand-over stood between two gathers)."""
+        if warp < 2:
+            if warp == 0:  # K and V of the chunk's key tile, once
+                self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv,
+                                  pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1), kvh, key0)
+            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+            for t in cutlass.range(nsub, unroll=1):
+                self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q, q_state, e_lo, e_hi, t, total_q,
+                                    H, topk, tid, warp, warp * 32, Int32(32), 32)
+                q_state.advance()
+        else:
+            for u in cutlass.range(nsub, unroll=1):
+                self.chain_dq(st, pipe_dq, part_dq, u, tid - CHAIN_THREADS, sems, sem0, kt)
 
     @cute.jit
     def load_kv_tile(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -462,10 +538,49 @@ class MobaBwdSm90(PingPong):
                   cute.make_tensor(so_base + cute.assume(so, divby=8), cute.make_layout(8)))
 
     @cute.jit
-    def copy_out_dq(self, st, pipe_dq, part_dq: cute.Pointer, u: Int32, tid: Int32):
-        """Producer warpgroup: sub-tile ``u``'s staged dQ partials to their places in the window's
-        buffer, whole 16-byte pieces (a warp writes 2 rows of 256 bytes at D = 128); then the
-        staging buffer is free for sub-tile ``u + 2``."""
+    def chain_dq(self, st, pipe_dq, part_dq: cute.Pointer, u: Int32, tid: Int32, sems: cute.Pointer, sem0: Int32,
+                 kt: Int32):
+        """The chain (key tile ``kt``'s CTA; ``tid`` one of its ``CHAIN_THREADS`` = 64 threads, one
+        per row of the sub-tile): once the CTA of tile ``kt - 1`` has released sub-tile ``u``'s
+        semaphore (``sems[sem0 + u] == kt``; tile 0 does not wait), each real row's 512 bytes of
+        fp32 contribution leave the staging buffer by one bulk copy (tile 0) or bulk reduce-add
+        (``cp.reduce.async.bulk``: the add happens in L2, nothing comes back to the SM) to the
+        pair's accumulator; when they are done, one thread releases the semaphore to ``kt + 1``
+        (CUTLASS's ``GenericBarrier::arrive_inc``). A pair's key tiles thus add in order: bitwise
+        deterministic. Forward progress: a CTA waits only on the CTA of the previous key tile of
+        its chunk and KV head, which the linear grid launches before it."""
+        D = self.D
+        RS = D + 4
+        b = u % 2
+        dq_state = ring_state(2, u)
+        pipe_dq.consumer_wait(dq_state)
+        sem = sems + (sem0 + u)
+        if kt > 0:
+            if tid == 0:
+                while cute.arch.load(sem, Int32, sem="acquire", scope="gpu") != kt:
+                    pass
+            cute.arch.barrier(barrier_id=BAR_CHAIN, number_of_threads=CHAIN_THREADS)
+        loc = st.sLocQ.get_tensor(cute.make_layout(2 * BM))[b * BM + tid]
+        if loc >= 0:
+            src = st.sdQ.get_tensor(cute.make_layout(2 * BM * RS)).iterator + (b * BM * RS + tid * RS)
+            dst = part_dq + Int64(loc) * Int64(D)
+            if kt == 0:
+                bulk_store_s2g(src, dst, D * 4)
+            else:
+                bulk_reduce_add_f32(src, dst, D * 4)
+        cute.arch.cp_async_bulk_commit_group()
+        cute.arch.cp_async_bulk_wait_group(0, read=False)  # (the writes done, not only the reads)
+        cute.arch.barrier(barrier_id=BAR_CHAIN, number_of_threads=CHAIN_THREADS)
+        if tid == 0:
+            cute.arch.fence_acq_rel_gpu()
+            cute.arch.store(sem, kt + 1, sem="release", scope="gpu")
+        pipe_dq.consumer_release(dq_state)
+
+    @cute.jit
+    def store_dq_pieces(self, st, pipe_dq, part_dq: cute.Pointer, u: Int32, tid: Int32):
+        """Producer warpgroup: sub-tile ``u``'s staged dQ partials (input dtype) to their places in
+        the window's buffer, whole 16-byte pieces (a warp writes 2 rows of 256 bytes at D = 128);
+        then the staging buffer is free for sub-tile ``u + 2``. (The chain: :meth:`chain_dq`.)"""
         D = self.D
         RS = D + 8
         CV = D // 8
@@ -557,6 +672,8 @@ class MobaBwdSm90(PingPong):
                 # (no wgmma: the turns only, which the other warpgroup counts on)
                 self.pp_idle(wg)
                 self.pp_idle(wg)
+                if cutlass.const_expr(self.chain):
+                    self.stage_nothing(st, pipe_dq, t, ctid)  # (the chain still passes the sub-tile on)
             pipe_q.consumer_release(q_state)
         if cutlass.const_expr(self.pingpong):
             if wg == 0:
@@ -703,12 +820,12 @@ class MobaBwdSm90(PingPong):
     @cute.jit
     def stage_dq(self, st, pipe_dq, stage, t: Int32, dQ_mn: cute.Tensor, cQ_mn: cute.Tensor, ctid: Int32):
         """The sub-tile's dQ partials in the input dtype (a CPU study, tests/
-        test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound) to staging
+        test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound; the chain: fp32) to staging
         buffer ``t % 2`` with their rows' places (-1: padding), for the producer warpgroup to
-        copy out (:meth:`copy_out_dq`) while the consumers go on. Rows are padded by 16 bytes:
+        copy out (:meth:`store_dq_pieces`, :meth:`chain_dq`) while the consumers go on. Rows are padded by 16 bytes:
         the 8 rows of a fragment store fall in distinct banks."""
         D = self.D
-        RS = D + 8
+        RS = D + 4 if self.chain else D + 8
         b = t % 2
         dq_state = pipeline.PipelineState(2, t, b, ((t // 2) % 2) ^ 1)
         pipe_dq.producer_acquire(dq_state)  # sub-tile t - 2 copied out
@@ -717,12 +834,31 @@ class MobaBwdSm90(PingPong):
             n = cQ_mn[r, 0][0]
             for c in cutlass.range_constexpr(cute.size(dQ_mn, mode=[1]) // 2):
                 col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                store_pair(self.dtype, dQ_mn[r, 2 * c], dQ_mn[r, 2 * c + 1], sdq + (n * RS + col))
+                if cutlass.const_expr(self.chain):
+                    pr = cute.make_rmem_tensor(cute.make_layout(2), Float32)
+                    pr[0] = dQ_mn[r, 2 * c]
+                    pr[1] = dQ_mn[r, 2 * c + 1]
+                    cute.autovec_copy(pr, cute.make_tensor((sdq + (n * RS + col)).align(8), cute.make_layout(2)))
+                else:
+                    store_pair(self.dtype, dQ_mn[r, 2 * c], dQ_mn[r, 2 * c + 1], sdq + (n * RS + col))
+        if cutlass.const_expr(self.chain):
+            cute.arch.fence_view_async_shared()  # (the chain copies the buffer out by bulk copies)
         if ctid < BM:
             loc = Int32(-1)
             if st.sHi.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + ctid] >= 0:
                 loc = st.sLoc.get_tensor(cute.make_layout(BM * self.QS))[stage * BM + ctid]
             st.sLocQ.get_tensor(cute.make_layout(2 * BM))[b * BM + ctid] = loc
+        pipe_dq.producer_commit(dq_state)
+
+    @cute.jit
+    def stage_nothing(self, st, pipe_dq, t: Int32, ctid: Int32):
+        """A skipped sub-tile's staging buffer: no row has a place (the chain's copy-out only
+        releases its semaphore)."""
+        b = t % 2
+        dq_state = pipeline.PipelineState(2, t, b, ((t // 2) % 2) ^ 1)
+        pipe_dq.producer_acquire(dq_state)
+        if ctid < BM:
+            st.sLocQ.get_tensor(cute.make_layout(2 * BM))[b * BM + ctid] = Int32(-1)
         pipe_dq.producer_commit(dq_state)
 
     @cute.jit
