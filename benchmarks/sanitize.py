@@ -191,6 +191,8 @@ CASES = [
     # the 5-GEMM chain: each key tile's CTA adds its dQ in key-tile order (global semaphores)
     Case("long-chunks-208-chain", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, bwd_chain=True, **A),
     Case("long-chunks-nan-chain", (400, 130), (400, 130), 4, 2, C=144, K=3, nan=True, bwd_chain=True, **Cc),
+    Case("long-chunks-512-noncausal-gqa4-chain", (700, 1, 260), (600, 90, 300), 8, 2, C=512, K=2, bwd_chain=True,
+         **B),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with

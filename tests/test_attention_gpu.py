@@ -171,6 +171,21 @@ def test_backward_long_chunks(case, D, dtype):
     _check_bwd(lq, lk, H, Hk, D, C, K, causal, dtype, seed=40 + case)
 
 
+def _long_chunk_forward(case, D, seed):
+    """LONG_CHUNK_CASES[case] in bf16 on Hopper (skips elsewhere): the launch module, the inputs,
+    their routing, the forward's out and LSE, and a random dout."""
+    from moba_cute.kernels import common
+
+    m = _launch()
+    if not m.uses_sm90_bwd("bfloat16", D, common.arch_of(torch.device("cuda"))):
+        pytest.skip("the sm90 backward runs on Hopper")
+    lq, lk, H, Hk, C, K, causal = LONG_CHUNK_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=seed)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    out, lse = m.attention_cute(q, k, v, r, None, True)
+    return m, q, k, v, r, out, lse, torch.randn_like(q)
+
+
 @pytest.mark.parametrize("dq_pair,dkv_pingpong", [(True, True), (True, False), (False, True)],
                          ids=["pair-pingpong", "pair", "pingpong"])
 @pytest.mark.parametrize("D", [64, 128])
@@ -179,16 +194,7 @@ def test_backward_long_chunk_variants(case, D, dq_pair, dkv_pingpong, monkeypatc
     """The long-chunk backward's alternatives (the pair dQ kernel, the dK/dV kernel's ping-pong)
     against the reference; dK and dV bitwise those of the plain dK/dV loop (the same GEMMs in the
     same order), and dQ too where the dQ kernel is the plain one."""
-    from moba_cute.kernels import common
-
-    m = _launch()
-    if not m.uses_sm90_bwd("bfloat16", D, common.arch_of(torch.device("cuda"))):
-        pytest.skip("the sm90 backward runs on Hopper")
-    lq, lk, H, Hk, C, K, causal = LONG_CHUNK_CASES[case]
-    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=60 + case)
-    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
-    out, lse = m.attention_cute(q, k, v, r, None, True)
-    dout = torch.randn_like(q)
+    m, q, k, v, r, out, lse, dout = _long_chunk_forward(case, D, seed=60 + case)
     grads = {}
     for variant in ((False, False), (dq_pair, dkv_pingpong)):
         monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", str(int(variant[0])))
@@ -211,16 +217,7 @@ def test_backward_long_chunk_chain(case, D, monkeypatch):
     """The 5-GEMM long-chunk backward (MOBA_CUTE_BWD_DQ_CHAIN=1: each key tile's CTA adds its dQ
     contribution by bulk reduce-adds, in key-tile order) against the reference, bitwise on repeat,
     and dK/dV bitwise those of the default kernels (the same GEMMs in the same order)."""
-    from moba_cute.kernels import common
-
-    m = _launch()
-    if not m.uses_sm90_bwd("bfloat16", D, common.arch_of(torch.device("cuda"))):
-        pytest.skip("the sm90 backward runs on Hopper")
-    lq, lk, H, Hk, C, K, causal = LONG_CHUNK_CASES[case]
-    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=80 + case)
-    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
-    out, lse = m.attention_cute(q, k, v, r, None, True)
-    dout = torch.randn_like(q)
+    m, q, k, v, r, out, lse, dout = _long_chunk_forward(case, D, seed=80 + case)
     m.BWD_PLANS.clear()
     plain = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
     monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
