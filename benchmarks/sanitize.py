@@ -66,6 +66,7 @@ class Case:
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
     bwd_chain: bool = False  # sm90 backward, chunks over 128 keys: the 5-GEMM dQ chain (MOBA_CUTE_BWD_DQ_CHAIN=1)
+    chain_pipe: bool = False  # the chain's semaphores released one sub-tile later (MOBA_CUTE_BWD_CHAIN_PIPE=1)
     # wrong cu_seqlens values (non-strict): replace the offsets built from the lengths, which
     # still give the tensors' sizes
     cu_q: tuple = ()
@@ -193,6 +194,8 @@ CASES = [
     Case("long-chunks-nan-chain", (400, 130), (400, 130), 4, 2, C=144, K=3, nan=True, bwd_chain=True, **Cc),
     Case("long-chunks-512-noncausal-gqa4-chain", (700, 1, 260), (600, 90, 300), 8, 2, C=512, K=2, bwd_chain=True,
          **B),
+    Case("long-chunks-208-chain-pipe", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, bwd_chain=True,
+         chain_pipe=True, **A),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with
@@ -304,7 +307,7 @@ def covers(case: Case, fam: str = "sm90") -> set:
     if case.C > 128:
         t.add("chunk>128")
         if case.bwd_chain and case.grad:
-            t.add("bwd-chain")
+            t.add("bwd-chain-pipe" if case.chain_pipe else "bwd-chain")
     t.add("grad" if case.grad else "fwd-only")
     return t
 
@@ -342,7 +345,8 @@ def build(case: Case, device="cuda", seed=0):
 _ENV_NAMES = ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
               "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
               "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_RESCALE_SKIP", "MOBA_CUTE_BWD_DQ_CHAIN",
-              "MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP")
+              "MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP",
+              "MOBA_CUTE_BWD_CHAIN_PIPE")
 
 
 @contextlib.contextmanager
@@ -358,7 +362,8 @@ def _env(case: Case):
            "MOBA_CUTE_FWD_QREGS": "1" if case.q_regs else "0",
            "MOBA_CUTE_FWD_MULTICAST": "1" if case.mcast else "0",
            "MOBA_CUTE_FWD_STAGED": "1" if case.staged else "0",
-           "MOBA_CUTE_BWD_DQ_CHAIN": "1" if case.bwd_chain else "0"}
+           "MOBA_CUTE_BWD_DQ_CHAIN": "1" if case.bwd_chain else "0",
+           "MOBA_CUTE_BWD_CHAIN_PIPE": "1" if case.chain_pipe else "0"}
     if case.diag_sm90:  # (other cases: the chunk-size default; both merges have cases of their own)
         env["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
         env["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"

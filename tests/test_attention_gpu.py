@@ -211,16 +211,19 @@ def test_backward_long_chunk_variants(case, D, dq_pair, dkv_pingpong, monkeypatc
         assert torch.equal(got[0], plain[0])
 
 
+@pytest.mark.parametrize("pipe", [False, True], ids=["", "pipe"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", range(len(LONG_CHUNK_CASES)))
-def test_backward_long_chunk_chain(case, D, monkeypatch):
+def test_backward_long_chunk_chain(case, D, pipe, monkeypatch):
     """The 5-GEMM long-chunk backward (MOBA_CUTE_BWD_DQ_CHAIN=1: each key tile's CTA adds its dQ
-    contribution by bulk reduce-adds, in key-tile order) against the reference, bitwise on repeat,
-    and dK/dV bitwise those of the default kernels (the same GEMMs in the same order)."""
+    contribution by bulk reduce-adds, in key-tile order; MOBA_CUTE_BWD_CHAIN_PIPE: semaphores
+    released one sub-tile later) against the reference, bitwise on repeat, and dK/dV bitwise those
+    of the default kernels (the same GEMMs in the same order)."""
     m, q, k, v, r, out, lse, dout = _long_chunk_forward(case, D, seed=80 + case)
     m.BWD_PLANS.clear()
     plain = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
     monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
+    monkeypatch.setenv("MOBA_CUTE_BWD_CHAIN_PIPE", str(int(pipe)))
     m.BWD_PLANS.clear()  # (plans read the switches when they are built)
     try:
         bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
@@ -229,6 +232,7 @@ def test_backward_long_chunk_chain(case, D, monkeypatch):
         again = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
     finally:
         monkeypatch.delenv("MOBA_CUTE_BWD_DQ_CHAIN")
+        monkeypatch.delenv("MOBA_CUTE_BWD_CHAIN_PIPE")
         m.BWD_PLANS.clear()
     _grad_errs(got, q, k, v, r, dout, None, None, torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(got, again))

@@ -31,8 +31,10 @@ def _specs():
                             seen.setdefault(key, (fac, fake))
                     # the 5-GEMM chain (one-pass kernel per key tile, fp32 partials by bulk copies and
                     # bulk reduce-adds in key-tile order, semaphores)
-                    for key, fac, fake in launch.bwd_kernel_specs_sm90_chain(dtype, D, causal, topk).values():
-                        seen.setdefault(key, (fac, fake))
+                    for pipe in (False, True):
+                        for key, fac, fake in launch.bwd_kernel_specs_sm90_chain(dtype, D, causal, topk,
+                                                                                 chain_pipe=pipe).values():
+                            seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 
 

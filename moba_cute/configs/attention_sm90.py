@@ -117,6 +117,10 @@ BWD_REACH_SKIP = True
 # 128K 577.1 -> 516.0 ms, 32K 61.1 -> 55.5 (docs/design.md section 9). Off until the whole
 # long-chunk GPU suite (fp16, windows of KV heads) has run with it
 BWD_DQ_CHAIN = False
+# the chain's adding warps pass a sub-tile's semaphore on after issuing the next sub-tile's bulk
+# adds (its writes finish meanwhile) and return the staging buffer once read, not written.
+# Written after the last device time of 2026-12-06: not yet run, off
+BWD_CHAIN_PIPE = False
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
 

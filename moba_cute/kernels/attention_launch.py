@@ -547,7 +547,14 @@ def bwd_dq_chain():
     return _env_flag("MOBA_CUTE_BWD_DQ_CHAIN", cfg90.BWD_DQ_CHAIN)
 
 
-def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=None):
+def bwd_chain_pipe():
+    """The chain's adding warps release a sub-tile's semaphore after issuing the next one
+    (``MobaBwdSm90(chain_pipe=True)``): ``configs/attention_sm90.BWD_CHAIN_PIPE``,
+    ``MOBA_CUTE_BWD_CHAIN_PIPE=0/1`` overrides it."""
+    return _env_flag("MOBA_CUTE_BWD_CHAIN_PIPE", cfg90.BWD_CHAIN_PIPE)
+
+
+def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=None, chain_pipe=None):
     """The sm90 backward's kernels for chunks over 128 keys with the dQ chain: those of
     :func:`bwd_kernel_specs_sm90` with the one-pass kernel per 128-key tile adding fp32 dQ
     partials in key-tile order, the reduction of fp32 partials and the semaphores' reset."""
@@ -559,8 +566,10 @@ def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=N
     F = _cdt_f32()
     I = _i32p(1)[0][0]
     rs = bwd_reach_skip() if reach_skip is None else bool(reach_skip)
-    specs["bwd90"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, True, False, rs, chain=True),
-                      lambda: MobaBwdSm90(dt, head_dim, causal, True, False, rs, chain=True),
+    pipe = bwd_chain_pipe() if chain_pipe is None else bool(chain_pipe)
+    specs["bwd90"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, True, False, rs, chain=True,
+                                              chain_pipe=pipe),
+                      lambda: MobaBwdSm90(dt, head_dim, causal, True, False, rs, chain=True, chain_pipe=pipe),
                       _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (F, 16), (I, 4)] + _i32p(5), 12, 2))
     specs["dq_reduce"] = (("dqreduce", dtype_name, head_dim, "f32"), lambda: DqReduceKernel(dt, head_dim),
                           _fake([(F, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7))

@@ -35,7 +35,7 @@ last visible keys, so they meet at no barrier but the turns).
 ``chain=True`` (chunks over 128 keys, ``MOBA_CUTE_BWD_DQ_CHAIN``; the 5-GEMM schedule): the
 one-pass kernel per 128-key tile, its dQ contributions staged in fp32; warps 0-1 of the producer
 warpgroup gather, warps 2-3 add each staged sub-tile to the pair's fp32 accumulator in key-tile
-order (:meth:`MobaBwdSm90.chain_dq`: a semaphore per sub-tile, one bulk copy or bulk reduce-add
+order (:meth:`MobaBwdSm90.chain_issue`: a semaphore per sub-tile, one bulk copy or bulk reduce-add
 per row), so no dQ kernel recomputes ``S`` and ``dP``; the sums stay bitwise deterministic.
 
 The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
@@ -148,7 +148,7 @@ class MobaBwdSm90(PingPong):
     :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`)."""
 
     def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                 reach_skip: bool = True, chain: bool = False):
+                 reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert not (pingpong and with_dq), "ping-pong: the dK/dV-only kernel"
         assert not (chain and not with_dq), "the dQ chain: the one-pass kernel"
@@ -156,6 +156,9 @@ class MobaBwdSm90(PingPong):
         # the pair's fp32 accumulator in key-tile order (a semaphore per sub-tile; docs/design.md
         # section 9), instead of MobaBwdDqSm90 recomputing S and dP
         self.chain = bool(chain)
+        # the chain's adding warps release a sub-tile's semaphore after issuing the next sub-tile
+        # (its writes finish meanwhile) and hand the staging buffer back once it is read
+        self.chain_pipe = bool(chain_pipe)
         self.dtype = dtype
         self.D = head_dim
         self.causal = bool(causal)
@@ -172,10 +175,10 @@ class MobaBwdSm90(PingPong):
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                    reach_skip: bool = True, chain: bool = False):
+                    reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False):
         key = ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
         if with_dq:
-            return key + (("chain",) + ("noskip",) * (not reach_skip)) * bool(chain)
+            return key + (("chain",) + ("noskip",) * (not reach_skip) + ("pipe",) * bool(chain_pipe)) * bool(chain)
         return key + ("dkv",) + ("pingpong",) * bool(pingpong) + ("noskip",) * (not reach_skip)
 
     def _layouts(self):
@@ -434,9 +437,10 @@ class MobaBwdSm90(PingPong):
                        warp: Int32, sems: cute.Pointer, sem0: Int32, kt: Int32):
         """The chain's producer warpgroup, in two halves that do not wait for each other: warps 0-1
         gather the sub-tiles (32 rows each; warp 0 also loads the key tile), warps 2-3 add each
-        staged dQ contribution in key-tile order (:meth:`chain_dq`). The consumers may run up to
-        the two staging buffers ahead of the chain, and the next gather never waits for it (with
-        one warpgroup for both, every sub-tile's hand-over stood between two gathers)."""
+        staged dQ contribution in key-tile order (:meth:`chain_issue`, :meth:`chain_release`). The
+        consumers may run up to the two staging buffers ahead of the chain, and the next gather
+        never waits for it (with one warpgroup for both, every sub-tile's hand-over stood between
+        two gathers)."""
         if warp < 2:
             if warp == 0:  # K and V of the chunk's key tile, once
                 self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv,
@@ -447,8 +451,21 @@ class MobaBwdSm90(PingPong):
                                     H, topk, tid, warp, warp * 32, Int32(32), 32)
                 q_state.advance()
         else:
+            ctid = tid - CHAIN_THREADS
             for u in cutlass.range(nsub, unroll=1):
-                self.chain_dq(st, pipe_dq, part_dq, u, tid - CHAIN_THREADS, sems, sem0, kt)
+                dq_state = ring_state(2, u)
+                self.chain_issue(st, pipe_dq, dq_state, part_dq, u, ctid, sems, sem0, kt)
+                if cutlass.const_expr(self.chain_pipe):
+                    # sub-tile u - 1's writes finish behind u's issue; the buffer goes back once read
+                    if u > 0:
+                        self.chain_release(sems + (sem0 + u - 1), ctid, kt, 1)
+                    cute.arch.cp_async_bulk_wait_group(0, read=True)
+                else:
+                    self.chain_release(sems + (sem0 + u), ctid, kt, 0)
+                pipe_dq.consumer_release(dq_state)
+            if cutlass.const_expr(self.chain_pipe):
+                if nsub > 0:
+                    self.chain_release(sems + (sem0 + nsub - 1), ctid, kt, 0)
 
     @cute.jit
     def load_kv_tile(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -538,21 +555,20 @@ class MobaBwdSm90(PingPong):
                   cute.make_tensor(so_base + cute.assume(so, divby=8), cute.make_layout(8)))
 
     @cute.jit
-    def chain_dq(self, st, pipe_dq, part_dq: cute.Pointer, u: Int32, tid: Int32, sems: cute.Pointer, sem0: Int32,
-                 kt: Int32):
+    def chain_issue(self, st, pipe_dq, dq_state, part_dq: cute.Pointer, u: Int32, tid: Int32,
+                    sems: cute.Pointer, sem0: Int32, kt: Int32):
         """The chain (key tile ``kt``'s CTA; ``tid`` one of its ``CHAIN_THREADS`` = 64 threads, one
-        per row of the sub-tile): once the CTA of tile ``kt - 1`` has released sub-tile ``u``'s
-        semaphore (``sems[sem0 + u] == kt``; tile 0 does not wait), each real row's 512 bytes of
-        fp32 contribution leave the staging buffer by one bulk copy (tile 0) or bulk reduce-add
-        (``cp.reduce.async.bulk``: the add happens in L2, nothing comes back to the SM) to the
-        pair's accumulator; when they are done, one thread releases the semaphore to ``kt + 1``
-        (CUTLASS's ``GenericBarrier::arrive_inc``). A pair's key tiles thus add in order: bitwise
-        deterministic. Forward progress: a CTA waits only on the CTA of the previous key tile of
-        its chunk and KV head, which the linear grid launches before it."""
+        per row of the sub-tile), sub-tile ``u``: once staged, and once the CTA of tile ``kt - 1``
+        has released its semaphore (``sems[sem0 + u] == kt``; tile 0 does not wait), each real row's 512
+        bytes of fp32 contribution leave the staging buffer by one bulk copy (tile 0) or bulk
+        reduce-add (``cp.reduce.async.bulk``: the add happens in L2, nothing comes back to the SM)
+        to the pair's accumulator, one bulk group per sub-tile. :meth:`chain_release` passes the
+        semaphore on. A pair's key tiles thus add in order: bitwise deterministic. Forward
+        progress: a CTA waits only on the CTA of the previous key tile of its chunk and KV head,
+        which the linear grid launches before it."""
         D = self.D
         RS = D + 4
         b = u % 2
-        dq_state = ring_state(2, u)
         pipe_dq.consumer_wait(dq_state)
         sem = sems + (sem0 + u)
         if kt > 0:
@@ -569,18 +585,23 @@ class MobaBwdSm90(PingPong):
             else:
                 bulk_reduce_add_f32(src, dst, D * 4)
         cute.arch.cp_async_bulk_commit_group()
-        cute.arch.cp_async_bulk_wait_group(0, read=False)  # (the writes done, not only the reads)
+
+    @cute.jit
+    def chain_release(self, sem: cute.Pointer, tid: Int32, kt: Int32, pending: cutlass.Constexpr):
+        """A sub-tile's semaphore to ``kt + 1`` once its bulk writes are done (all the adding
+        threads' bulk groups but the ``pending`` newest): CUTLASS's ``GenericBarrier::arrive_inc``,
+        the threads' barrier, then one thread's gpu-scope fence and release store."""
+        cute.arch.cp_async_bulk_wait_group(pending, read=False)
         cute.arch.barrier(barrier_id=BAR_CHAIN, number_of_threads=CHAIN_THREADS)
         if tid == 0:
             cute.arch.fence_acq_rel_gpu()
             cute.arch.store(sem, kt + 1, sem="release", scope="gpu")
-        pipe_dq.consumer_release(dq_state)
 
     @cute.jit
     def store_dq_pieces(self, st, pipe_dq, part_dq: cute.Pointer, u: Int32, tid: Int32):
         """Producer warpgroup: sub-tile ``u``'s staged dQ partials (input dtype) to their places in
         the window's buffer, whole 16-byte pieces (a warp writes 2 rows of 256 bytes at D = 128);
-        then the staging buffer is free for sub-tile ``u + 2``. (The chain: :meth:`chain_dq`.)"""
+        then the staging buffer is free for sub-tile ``u + 2``. (The chain: :meth:`chain_issue`.)"""
         D = self.D
         RS = D + 8
         CV = D // 8
@@ -822,7 +843,7 @@ class MobaBwdSm90(PingPong):
         """The sub-tile's dQ partials in the input dtype (a CPU study, tests/
         test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound; the chain: fp32) to staging
         buffer ``t % 2`` with their rows' places (-1: padding), for the producer warpgroup to
-        copy out (:meth:`store_dq_pieces`, :meth:`chain_dq`) while the consumers go on. Rows are padded by 16 bytes:
+        copy out (:meth:`store_dq_pieces`, :meth:`chain_issue`) while the consumers go on. Rows are padded by 16 bytes:
         the 8 rows of a fragment store fall in distinct banks."""
         D = self.D
         RS = D + 4 if self.chain else D + 8
