@@ -159,6 +159,9 @@ class MobaBwdSm90(PingPong):
         # the chain's adding warps release a sub-tile's semaphore after issuing the next sub-tile
         # (its writes finish meanwhile) and hand the staging buffer back once it is read
         self.chain_pipe = bool(chain_pipe)
+        # the dQ staging buffers' row stride in elements (rows padded by 16 bytes: the 8 rows of a
+        # fragment store fall in distinct banks): fp32 for the chain, else the input dtype
+        self.dq_rs = head_dim + (4 if self.chain else 8)
         self.dtype = dtype
         self.D = head_dim
         self.causal = bool(causal)
@@ -211,10 +214,8 @@ class MobaBwdSm90(PingPong):
             fields[name] = AL[MR[dt, cute.cosize(layout)], 1024]
         if dq_staging:
             # dQ partials of two sub-tiles (rows padded by 16 bytes), their rows' places (-1: none)
-            if self.chain:  # (fp32: added to the pair's accumulator)
-                fields["sdQ"] = AL[MR[Float32, 2 * BM * (D + 4)], 128]
-            else:
-                fields["sdQ"] = AL[MR[dt, 2 * BM * (D + 8)], 128]
+            # (the chain: fp32, added to the pair's accumulator)
+            fields["sdQ"] = AL[MR[Float32 if self.chain else dt, 2 * BM * self.dq_rs], 128]
             fields["sLocQ"] = AL[MR[Int32, 2 * BM], 16]
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
@@ -567,7 +568,7 @@ class MobaBwdSm90(PingPong):
         progress: a CTA waits only on the CTA of the previous key tile of its chunk and KV head,
         which the linear grid launches before it."""
         D = self.D
-        RS = D + 4
+        RS = self.dq_rs
         b = u % 2
         pipe_dq.consumer_wait(dq_state)
         sem = sems + (sem0 + u)
@@ -603,7 +604,7 @@ class MobaBwdSm90(PingPong):
         the window's buffer, whole 16-byte pieces (a warp writes 2 rows of 256 bytes at D = 128);
         then the staging buffer is free for sub-tile ``u + 2``. (The chain: :meth:`chain_issue`.)"""
         D = self.D
-        RS = D + 8
+        RS = self.dq_rs
         CV = D // 8
         b = u % 2
         dq_state = ring_state(2, u)
@@ -843,12 +844,12 @@ class MobaBwdSm90(PingPong):
         """The sub-tile's dQ partials in the input dtype (a CPU study, tests/
         test_dq_partials_numerics.py, found the rounding far inside SPEC's dq bound; the chain: fp32) to staging
         buffer ``t % 2`` with their rows' places (-1: padding), for the producer warpgroup to
-        copy out (:meth:`store_dq_pieces`, :meth:`chain_issue`) while the consumers go on. Rows are padded by 16 bytes:
-        the 8 rows of a fragment store fall in distinct banks."""
+        copy out (:meth:`store_dq_pieces`, :meth:`chain_issue`) while the consumers go on (row
+        stride ``dq_rs``)."""
         D = self.D
-        RS = D + 4 if self.chain else D + 8
+        RS = self.dq_rs
         b = t % 2
-        dq_state = pipeline.PipelineState(2, t, b, ((t // 2) % 2) ^ 1)
+        dq_state = ring_state(2, t, producer=True)
         pipe_dq.producer_acquire(dq_state)  # sub-tile t - 2 copied out
         sdq = st.sdQ.get_tensor(cute.make_layout(2 * BM * RS)).iterator + b * BM * RS
         for r in cutlass.range_constexpr(cute.size(dQ_mn, mode=[0])):
@@ -876,7 +877,7 @@ class MobaBwdSm90(PingPong):
         """A skipped sub-tile's staging buffer: no row has a place (the chain's copy-out only
         releases its semaphore)."""
         b = t % 2
-        dq_state = pipeline.PipelineState(2, t, b, ((t // 2) % 2) ^ 1)
+        dq_state = ring_state(2, t, producer=True)
         pipe_dq.producer_acquire(dq_state)
         if ctid < BM:
             st.sLocQ.get_tensor(cute.make_layout(2 * BM))[b * BM + ctid] = Int32(-1)

@@ -153,10 +153,11 @@ def kv_tma_views(atom_k: cute.CopyAtom, tma_k: cute.Tensor, atom_v: cute.CopyAto
     return tKsK, tKgK, tVsV, tVgV
 
 
-def ring_state(stages: int, i):
+def ring_state(stages: int, i, producer: bool = False):
     """Consumer state of item ``i`` of a ring its producer fills in order: stage ``i % stages``,
-    phase ``(i // stages) % 2``."""
-    return pipeline.PipelineState(stages, i, i % stages, (i // stages) % 2)
+    phase ``(i // stages) % 2``; ``producer``: the producer's state of that item (phase flipped)."""
+    stage, phase = i % stages, (i // stages) % 2
+    return pipeline.PipelineState(stages, i, stage, phase ^ 1 if producer else phase)
 
 
 @dataclass(frozen=True)
