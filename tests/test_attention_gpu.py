@@ -195,6 +195,7 @@ def test_backward_long_chunk_variants(case, D, dq_pair, dkv_pingpong, monkeypatc
     against the reference; dK and dV bitwise those of the plain dK/dV loop (the same GEMMs in the
     same order), and dQ too where the dQ kernel is the plain one."""
     m, q, k, v, r, out, lse, dout = _long_chunk_forward(case, D, seed=60 + case)
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "0")  # (these are the kernels without the chain)
     grads = {}
     for variant in ((False, False), (dq_pair, dkv_pingpong)):
         monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", str(int(variant[0])))
@@ -220,6 +221,7 @@ def test_backward_long_chunk_chain(case, D, pipe, monkeypatch):
     released one sub-tile later) against the reference, bitwise on repeat, and dK/dV bitwise those
     of the default kernels (the same GEMMs in the same order)."""
     m, q, k, v, r, out, lse, dout = _long_chunk_forward(case, D, seed=80 + case)
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "0")
     m.BWD_PLANS.clear()
     plain = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
     monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
@@ -273,24 +275,28 @@ def test_interface_backward():
 
 
 
-def test_backward_dq_windows(monkeypatch):
+@pytest.mark.parametrize("C,chain", [(128, False), (256, False), (256, True)], ids=["C128", "C256", "C256-chain"])
+def test_backward_dq_windows(C, chain, monkeypatch):
     """sm90 backward: the dQ partials of one KV-head window at a time (forced: one KV head per
-    window) give the reference's gradients, bitwise those of a single window."""
+    window) give the reference's gradients, bitwise those of a single window; chunks of one key
+    tile, of two (the pair dQ kernel) and of two with the dQ chain (its semaphores span windows)."""
     from moba_cute.kernels import common
 
     m = _launch()
     arch = common.arch_of(torch.device("cuda"))
     if not m.uses_sm90_bwd("bfloat16", 128, arch):
         pytest.skip("the sm90 backward runs on Hopper")
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", str(int(chain)))
     q, k, v, cq, ck = make_batch([700, 90, 333], [700, 90, 333], 8, 4, 128, dtype=torch.bfloat16, device="cuda",
                                  seed=21)
-    r = reference.route(q, k, cq, ck, 700, 700, 128, 4, True)
+    r = reference.route(q, k, cq, ck, 700, 700, C, 4, True)
     out, lse = m.attention_cute(q, k, v, r, None, True)
     dout = torch.randn_like(q)
     key = m._plan_key(q, k, r)
     m.BWD_PLANS.clear()
     one = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
-    assert len(m.BWD_PLANS.get(key, key, arch).dq_windows) == 1
+    plan = m.BWD_PLANS.get(key, key, arch)
+    assert len(plan.dq_windows) == 1 and plan.ktiles == C // 128 and plan.chain == chain
     monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", "1")
     m.BWD_PLANS.clear()
     try:

@@ -315,9 +315,11 @@ def test_sm90_forward_diagonal_plan(monkeypatch):
     assert "diag" not in plan.ks.specs and not plan.diag_sm90
 
 
-def test_sm90_backward_long_chunks_plan():
-    """Chunks over 128 keys on Hopper: dK/dV per 128-key tile and the dQ kernel that streams a
-    chunk's tiles, its (chunk, KV head) pairs split over several CTAs."""
+def test_sm90_backward_long_chunks_plan(monkeypatch):
+    """Chunks over 128 keys on Hopper without the chain (MOBA_CUTE_BWD_DQ_CHAIN=0): dK/dV per
+    128-key tile and the dQ kernel that streams a chunk's tiles, its (chunk, KV head) pairs split
+    over several CTAs."""
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "0")
     q, k, r = _batch([600, 300], H=4, Hk=2, D=64, C=256, K=2)
     key = al._plan_key(q, k, r)
     plan = al.BwdPlan(key, "sm_90a")
@@ -360,6 +362,7 @@ def test_sm90_backward_long_chunk_switches(monkeypatch):
     names = ("MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP")
     for name in names:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "0")  # (these kernels run without the chain)
 
     def keys():
         specs = al.BwdPlan(key, "sm_90a").ks.specs

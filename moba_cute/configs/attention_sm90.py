@@ -114,12 +114,11 @@ BWD_REACH_SKIP = True
 # the 5-GEMM backward for chunks over 128 keys (MobaBwdSm90(chain=True), MOBA_CUTE_BWD_DQ_CHAIN):
 # each 128-key tile's CTA adds its dQ contribution to the pair's fp32 accumulator in key-tile order
 # (bulk reduce-adds) instead of the dQ kernel recomputing S and dP. H100, whole backward: moba-large
-# 128K 577.1 -> 516.0 ms, 32K 61.1 -> 55.5 (docs/design.md section 9). Off until the whole
-# long-chunk GPU suite (fp16, windows of KV heads) has run with it
-BWD_DQ_CHAIN = False
+# 128K 582.7 -> 518.3 ms, 32K 65.0 -> 55.8, C = 512 32K 6.99 -> 5.88 (docs/design.md section 9)
+BWD_DQ_CHAIN = True
 # the chain's adding warps pass a sub-tile's semaphore on after issuing the next sub-tile's bulk
 # adds (its writes finish meanwhile) and return the staging buffer once read, not written.
-# Written after the last device time of 2026-12-06: not yet run, off
+# Correct, not faster (H100: 521.4 / 59.7 / 5.90 ms on the shapes above): off
 BWD_CHAIN_PIPE = False
 
 SUPPORTED_HEAD_DIMS = tuple(sorted(FWD_TILES))
