@@ -241,6 +241,30 @@ def test_backward_long_chunk_chain(case, D, pipe, monkeypatch):
     assert torch.equal(got[1], plain[1]) and torch.equal(got[2], plain[2])
 
 
+def test_backward_reuses_the_forward_index(monkeypatch):
+    """The sm80 kernels (forced on Hopper): the backward takes the per-slot index the training
+    forward kept, found through that forward's own plan (no new forward plan is built)."""
+    monkeypatch.setenv("MOBA_CUTE_FWD_SM80", "1")
+    monkeypatch.setenv("MOBA_CUTE_BWD_SM80", "1")
+    m = _launch()
+    m.FWD_PLANS.clear()
+    m.BWD_PLANS.clear()
+    try:
+        q, k, v, cq, ck = make_batch([700, 90], [700, 90], 4, 2, 64, dtype=torch.bfloat16, device="cuda", seed=31)
+        r = reference.route(q, k, cq, ck, 700, 700, 64, 3, True)
+        out, lse, index = m.attention_cute(q, k, v, r, None, True, keep_index=True)
+        assert index is not None
+        dout = torch.randn_like(q)
+        plain = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
+        misses = m.FWD_PLANS.misses
+        got = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, index=index)
+        assert m.FWD_PLANS.misses == misses
+    finally:
+        m.FWD_PLANS.clear()
+        m.BWD_PLANS.clear()
+    assert all(torch.equal(a, b) for a, b in zip(got, plain))
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_lse_grad(causal):
     """The loss uses the LSE too: dS = P * (dP - rowsum(dO * O) + dlse)."""

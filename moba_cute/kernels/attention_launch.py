@@ -1052,7 +1052,9 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     scale, scale_log2 = _scale_log2(softmax_scale, D)
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
-    if plan.sm90 or (index is not None and not ix.same_as(FWD_PLANS.get(key, key, common.arch_of(dev)).index)):
+    # (the training forward's plan: the one whose index the forward kept)
+    if plan.sm90 or (index is not None
+                     and not ix.same_as(FWD_PLANS.get(key + (False,), key, common.arch_of(dev)).index)):
         index = None
     held, p = plan.workspace(dev, kept=index)
     rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
