@@ -219,7 +219,7 @@ def test_backward_long_chunk_chain(case, D, pipe, monkeypatch):
     """The 5-GEMM long-chunk backward (MOBA_CUTE_BWD_DQ_CHAIN=1: each key tile's CTA adds its dQ
     contribution by bulk reduce-adds, in key-tile order; MOBA_CUTE_BWD_CHAIN_PIPE: semaphores
     released one sub-tile later) against the reference, bitwise on repeat, and dK/dV bitwise those
-    of the default kernels (the same GEMMs in the same order)."""
+    of the kernels without the chain (the same GEMMs in the same order)."""
     m, q, k, v, r, out, lse, dout = _long_chunk_forward(case, D, seed=80 + case)
     monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "0")
     m.BWD_PLANS.clear()
