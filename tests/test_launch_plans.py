@@ -351,6 +351,30 @@ def test_sm90_backward_chain_plan(monkeypatch):
     assert not short.chain and "chain" not in short.ks.specs["bwd90"][0] and "zero32" not in short.ks.specs
 
 
+def test_sm90_backward_chain_memory_rule(monkeypatch):
+    """By default the chain serves chunks over 128 keys where its fp32 partials for one KV head
+    stay within BWD_CHAIN_MAX_BOUNDS times the dQ partial bound (topk <= 2 x KV heads past the
+    1 GiB floor); beyond, the bf16 pair dQ kernel; MOBA_CUTE_BWD_DQ_CHAIN=1 / 0 forces either."""
+    from moba_cute.configs import attention_sm90 as cfg90
+
+    monkeypatch.delenv("MOBA_CUTE_BWD_DQ_CHAIN", raising=False)
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=256, K=3)  # per KV head: 900 * 2 * 3 * 128 * 4 bytes
+    key = al._plan_key(q, k, r)
+    per_kv = 900 * 2 * 3 * 128 * 4
+    assert al.BwdPlan(key, "sm_90a").chain == cfg90.BWD_DQ_CHAIN  # (the 1 GiB floor)
+    cap = per_kv // cfg90.BWD_CHAIN_MAX_BOUNDS
+    monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", str(cap))  # at the limit: still the chain
+    assert al.BwdPlan(key, "sm_90a").chain == cfg90.BWD_DQ_CHAIN
+    monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", str(cap - 1))
+    plan = al.BwdPlan(key, "sm_90a")
+    assert not plan.chain and "dq90" in plan.ks.specs and "chain" not in str(plan.ks.specs["dq90"][0])
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
+    assert al.BwdPlan(key, "sm_90a").chain
+    monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", str(10 * per_kv))
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "0")
+    assert not al.BwdPlan(key, "sm_90a").chain
+
+
 def test_sm90_backward_long_chunk_switches(monkeypatch):
     """The long-chunk backward's switches: the configs' defaults (pair dQ kernel, dK/dV ping-pong,
     reach skip) reach the plan's compile keys, MOBA_CUTE_BWD_* 0/1 override them when the plan is

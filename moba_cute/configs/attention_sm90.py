@@ -116,6 +116,11 @@ BWD_REACH_SKIP = True
 # (bulk reduce-adds) instead of the dQ kernel recomputing S and dP. H100, whole backward: moba-large
 # 128K 582.7 -> 518.3 ms, 32K 65.0 -> 55.8, C = 512 32K 6.99 -> 5.88 (docs/design.md section 9)
 BWD_DQ_CHAIN = True
+# ... where its fp32 partials for one KV head (K / Hk times the fp32 dQ accumulator FA2 and FA4
+# hold, beyond its 1 GiB floor) are at most this many of those accumulators: topk <= 2 x KV heads
+# (moba-large: 1.5, training peak 9.23 GB against FA4's 8.64); above, the pair dQ kernel's bf16
+# partials (half the bytes) keep a step that fitted before from running out of memory
+BWD_CHAIN_MAX_BOUNDS = 2
 # the chain's adding warps pass a sub-tile's semaphore on after issuing the next sub-tile's bulk
 # adds (its writes finish meanwhile) and return the staging buffer once read, not written.
 # Correct, not faster (H100: 521.4 / 59.7 / 5.90 ms on the shapes above): off

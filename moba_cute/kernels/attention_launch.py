@@ -540,11 +540,19 @@ def bwd_reach_skip():
     return _env_flag("MOBA_CUTE_BWD_REACH_SKIP", cfg90.BWD_REACH_SKIP)
 
 
-def bwd_dq_chain():
+def bwd_dq_chain(total_q, H, Hk, D, K):
     """The 5-GEMM backward for chunks over 128 keys (``MobaBwdSm90(chain=True)``: each key tile's
-    CTA adds its dQ contribution in key-tile order): ``configs/attention_sm90.BWD_DQ_CHAIN``,
-    ``MOBA_CUTE_BWD_DQ_CHAIN=0/1`` overrides it."""
-    return _env_flag("MOBA_CUTE_BWD_DQ_CHAIN", cfg90.BWD_DQ_CHAIN)
+    CTA adds its dQ contribution in key-tile order): ``configs/attention_sm90.BWD_DQ_CHAIN``, where
+    its fp32 partials for one KV head (``total_q * G * K * D * 4`` bytes, the least its windows
+    hold) are within ``BWD_CHAIN_MAX_BOUNDS`` times :func:`_partials_bound` (else the bf16
+    partials of the pair dQ kernel, half the bytes). ``MOBA_CUTE_BWD_DQ_CHAIN=1`` forces it on,
+    ``0`` off."""
+    forced = _env_flag("MOBA_CUTE_BWD_DQ_CHAIN", None)
+    if forced is not None:
+        return forced
+    per_kv = total_q * (H // Hk) * K * D * 4
+    cap = cfg90.BWD_CHAIN_MAX_BOUNDS * _partials_bound(total_q, H, D, "MOBA_CUTE_DQ_PARTIAL_BYTES")
+    return cfg90.BWD_DQ_CHAIN and per_kv <= cap
 
 
 def bwd_chain_pipe():
@@ -870,7 +878,7 @@ class BwdPlan(_PlanBase):
             npair = self.rows * self.K
             G = self.H // self.Hk
             self.ktiles = (self.C + 127) // 128
-            self.chain = self.ktiles > 1 and bwd_dq_chain()
+            self.chain = self.ktiles > 1 and bwd_dq_chain(self.total_q, self.H, self.Hk, self.D, self.K)
             pbytes = 4 if self.chain else 2  # (the chain's dQ partials are its fp32 accumulators)
             nkv = dq_window_kv_heads(self.total_q, self.H, self.Hk, self.D, self.K, pbytes)
             # KV-head windows (kv0, nkv, first dq-reduce block count): the dQ partials of one window
