@@ -344,7 +344,7 @@ def test_sm90_backward_chain_plan(monkeypatch):
     assert "pipe" not in plan.ks.specs["bwd90"][0]
     monkeypatch.setenv("MOBA_CUTE_BWD_CHAIN_PIPE", "1")  # (semaphores released one sub-tile later)
     assert "pipe" in al.BwdPlan(al._plan_key(q, k, r), "sm_90a").ks.specs["bwd90"][0]
-    # (the fp32 partials: twice the bytes of a window of input-dtype ones)
+    # (a semaphore per sub-tile of every (chunk, KV head))
     assert plan.nsem >= plan.list_cap // 64 + plan.nbound * plan.Hk
     q2, k2, r2 = _batch([600, 300], H=4, Hk=2, D=128, C=128, K=2)
     short = al.BwdPlan(al._plan_key(q2, k2, r2), "sm_90a")

@@ -437,12 +437,17 @@ def _partials_bound(total_q, H, D, env_name):
     return max(PARTIALS_MIN_BYTES, total_q * H * D * 4) if env in (None, "") else int(env)
 
 
+def _dq_partials_per_kv(total_q, H, Hk, D, K, elem_bytes):
+    """Bytes of the sm90 backward's dQ partials for one KV head: ``total_q * G * K * D *
+    elem_bytes`` (2 in the input dtype, 4 for the chain's fp32)."""
+    return total_q * (H // Hk) * max(K, 1) * D * elem_bytes
+
+
 def dq_window_kv_heads(total_q, H, Hk, D, K, elem_bytes=2):
-    """KV heads per window of the sm90 backward's dQ partial buffer (``total_q * G * K * D *
-    elem_bytes`` bytes per KV head: 2 in the input dtype, 4 for the chain's fp32), within
-    :func:`_partials_bound` (``MOBA_CUTE_DQ_PARTIAL_BYTES``)."""
+    """KV heads per window of the sm90 backward's dQ partial buffer (:func:`_dq_partials_per_kv`
+    bytes per KV head), within :func:`_partials_bound` (``MOBA_CUTE_DQ_PARTIAL_BYTES``)."""
     cap = _partials_bound(total_q, H, D, "MOBA_CUTE_DQ_PARTIAL_BYTES")
-    per_kv = total_q * (H // Hk) * max(K, 1) * D * elem_bytes
+    per_kv = _dq_partials_per_kv(total_q, H, Hk, D, K, elem_bytes)
     return max(1, min(Hk, cap // max(per_kv, 1)))
 
 
@@ -543,14 +548,14 @@ def bwd_reach_skip():
 def bwd_dq_chain(total_q, H, Hk, D, K):
     """The 5-GEMM backward for chunks over 128 keys (``MobaBwdSm90(chain=True)``: each key tile's
     CTA adds its dQ contribution in key-tile order): ``configs/attention_sm90.BWD_DQ_CHAIN``, where
-    its fp32 partials for one KV head (``total_q * G * K * D * 4`` bytes, the least its windows
-    hold) are within ``BWD_CHAIN_MAX_BOUNDS`` times :func:`_partials_bound` (else the bf16
+    its fp32 partials for one KV head (:func:`_dq_partials_per_kv`, the least its windows hold)
+    are within ``BWD_CHAIN_MAX_BOUNDS`` times :func:`_partials_bound` (else the bf16
     partials of the pair dQ kernel, half the bytes). ``MOBA_CUTE_BWD_DQ_CHAIN=1`` forces it on,
     ``0`` off."""
     forced = _env_flag("MOBA_CUTE_BWD_DQ_CHAIN", None)
     if forced is not None:
         return forced
-    per_kv = total_q * (H // Hk) * K * D * 4
+    per_kv = _dq_partials_per_kv(total_q, H, Hk, D, K, 4)
     cap = cfg90.BWD_CHAIN_MAX_BOUNDS * _partials_bound(total_q, H, D, "MOBA_CUTE_DQ_PARTIAL_BYTES")
     return cfg90.BWD_DQ_CHAIN and per_kv <= cap
 
@@ -891,10 +896,10 @@ class BwdPlan(_PlanBase):
             self.layout.add("pairs", npair * 4)
             self.layout.add("counts", (self.nseg + 1) * 4)
             self.list_cap = _i32(npair, "pair lists")
-            # the chain's semaphores, one per sub-tile of a (chunk, KV head): index e_lo // 64 +
-            # g * Hk + kvh + t (MobaBwdSm90.kernel)
-            self.nsem = _i32(self.list_cap // 64 + self.nbound * self.Hk + 2, "dQ chain semaphores")
             if self.chain:
+                # the chain's semaphores, one per sub-tile of a (chunk, KV head): index e_lo // 64 +
+                # g * Hk + kvh + t (MobaBwdSm90.kernel)
+                self.nsem = _i32(self.list_cap // 64 + self.nbound * self.Hk + 2, "dQ chain semaphores")
                 self.layout.add("sems", self.nsem * 4)
             # the key-major kernel's linear grid: chunks x key tiles x KV heads of a launch
             _i32(self.nbound * self.ktiles * self.Hk, "sm90 backward grid")

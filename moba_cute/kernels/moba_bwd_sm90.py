@@ -856,13 +856,8 @@ class MobaBwdSm90(PingPong):
             n = cQ_mn[r, 0][0]
             for c in cutlass.range_constexpr(cute.size(dQ_mn, mode=[1]) // 2):
                 col = cQ_mn[r, 2 * c][1]  # columns 2c, 2c + 1 are adjacent
-                if cutlass.const_expr(self.chain):
-                    pr = cute.make_rmem_tensor(cute.make_layout(2), Float32)
-                    pr[0] = dQ_mn[r, 2 * c]
-                    pr[1] = dQ_mn[r, 2 * c + 1]
-                    cute.autovec_copy(pr, cute.make_tensor((sdq + (n * RS + col)).align(8), cute.make_layout(2)))
-                else:
-                    store_pair(self.dtype, dQ_mn[r, 2 * c], dQ_mn[r, 2 * c + 1], sdq + (n * RS + col))
+                store_pair(Float32 if self.chain else self.dtype, dQ_mn[r, 2 * c], dQ_mn[r, 2 * c + 1],
+                           sdq + (n * RS + col))
         if cutlass.const_expr(self.chain):
             cute.arch.fence_view_async_shared()  # (the chain copies the buffer out by bulk copies)
         if ctid < BM:

@@ -52,14 +52,14 @@ def partials_max(tpl: cute.Tensor, pbase: Int64, n: Int32, unroll: cutlass.Const
 
 @cute.jit
 def store_pair(dtype: cutlass.Constexpr, x0: Float32, x1: Float32, dst: cute.Pointer):
-    """Two fp32 values (adjacent columns of an accumulator row) to ``dtype`` and one 4-byte
-    store at ``dst``."""
+    """Two fp32 values (adjacent columns of an accumulator row) to ``dtype`` and one store of
+    both at ``dst`` (4 bytes for a 16-bit ``dtype``, 8 for fp32)."""
     pair = cute.make_rmem_tensor(cute.make_layout(2), Float32)
     pair[0] = x0
     pair[1] = x1
     po = cute.make_rmem_tensor(cute.make_layout(2), dtype)
     po.store(pair.load().to(dtype))
-    cute.autovec_copy(po, cute.make_tensor(dst.align(4), cute.make_layout(2)))
+    cute.autovec_copy(po, cute.make_tensor(dst.align(2 * dtype.width // 8), cute.make_layout(2)))
 
 
 @cute.jit
