@@ -18,8 +18,11 @@ def _specs():
         for D in (64, 128):
             for causal in (True, False):
                 for topk in (3, 8):
-                    for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk).values():
-                        seen.setdefault(key, (fac, fake))
+                    # (and the one-pass kernel's sub-tiles in FA3/FA4's order)
+                    for ovl in (False, True):
+                        for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk,
+                                                                           overlap=ovl).values():
+                            seen.setdefault(key, (fac, fake))
                     # chunks over 128 keys: the dK/dV-only variant and both dQ kernels
                     # (the defaults, the pair dQ kernel with and without its reach skip, and the loops
                     # without ping-pong and skips)

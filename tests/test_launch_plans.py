@@ -351,6 +351,26 @@ def test_sm90_backward_chain_plan(monkeypatch):
     assert not short.chain and "chain" not in short.ks.specs["bwd90"][0] and "zero32" not in short.ks.specs
 
 
+def test_sm90_backward_overlap_switch(monkeypatch):
+    """MOBA_CUTE_BWD_OVERLAP (configs' BWD_OVERLAP): the one-pass kernel of chunks of one key
+    tile in FA3/FA4's order; the chain's kernel keeps its own order."""
+    from moba_cute.configs import attention_sm90 as cfg90
+
+    monkeypatch.delenv("MOBA_CUTE_BWD_OVERLAP", raising=False)
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=128, K=2)
+    key = al._plan_key(q, k, r)
+    assert ("ovl" in al.BwdPlan(key, "sm_90a").ks.specs["bwd90"][0]) == cfg90.BWD_OVERLAP
+    for value in ("0", "1"):
+        monkeypatch.setenv("MOBA_CUTE_BWD_OVERLAP", value)
+        assert al.BwdPlan(key, "sm_90a").ks.specs["bwd90"][0][-1] == ("ovl" if value == "1" else True)
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
+    q2, k2, r2 = _batch([600, 300], H=4, Hk=2, D=128, C=256, K=2)
+    assert "ovl" not in al.BwdPlan(al._plan_key(q2, k2, r2), "sm_90a").ks.specs["bwd90"][0]
+    monkeypatch.setenv("MOBA_CUTE_BWD_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="MOBA_CUTE_BWD_OVERLAP"):
+        al.BwdPlan(key, "sm_90a")
+
+
 def test_sm90_backward_chain_memory_rule(monkeypatch):
     """By default the chain serves chunks over 128 keys where its fp32 partials for one KV head
     stay within BWD_CHAIN_MAX_BOUNDS times the dQ partial bound (topk <= 2 x KV heads past the

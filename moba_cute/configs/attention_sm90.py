@@ -121,6 +121,11 @@ BWD_DQ_CHAIN = True
 # (moba-large: 1.5, training peak 9.23 GB against FA4's 8.64); above, the pair dQ kernel's bf16
 # partials (half the bytes) keep a step that fitted before from running out of memory
 BWD_CHAIN_MAX_BOUNDS = 2
+# the one-pass kernel's sub-tile (chunks of at most 128 keys; not the chain) in FA3/FA4's order
+# (MobaBwdSm90(overlap=True)): dV, dQ and dK issued back to back and dQ staged while dK runs,
+# instead of dK, drain, dQ, drain, stage. MOBA_CUTE_BWD_OVERLAP. Written 2026-12-07 without device
+# time left: compiled without spills, not yet run on a GPU, off
+BWD_OVERLAP = False
 # the chain's adding warps pass a sub-tile's semaphore on after issuing the next sub-tile's bulk
 # adds (its writes finish meanwhile) and return the staging buffer once read, not written.
 # Correct, not faster (H100: 521.4 / 59.7 / 5.90 ms on the shapes above): off

@@ -498,9 +498,10 @@ def fwd_row_window(total_q, H, Hk, D, KP, inference=False):
     return W
 
 
-def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
+def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None):
     """Role -> (key, factory, fake args) of the sm90 backward's kernels: delta, the pair lists
-    of every selected pair (own chunks included), the key-major kernel, the dQ reduction."""
+    of every selected pair (own chunks included), the key-major kernel, the dQ reduction.
+    ``overlap``: the key-major kernel's sub-tiles in FA3/FA4's order (None: :func:`bwd_overlap`)."""
     from .bwd_rowwise import BwdPrepKernel, DqReduceKernel
     from .moba_bwd_sm90 import MobaBwdSm90
     from .slot_index import PairListKernel
@@ -509,8 +510,10 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk):
     F = _cdt_f32()
     I = _i32p(1)[0][0]
     vec = 4 if topk % 4 == 0 else 1
+    ovl = bwd_overlap() if overlap is None else bool(overlap)
     specs = {
-        "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal), lambda: MobaBwdSm90(dt, head_dim, causal),
+        "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, overlap=ovl),
+                  lambda: MobaBwdSm90(dt, head_dim, causal, overlap=ovl),
                   _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16), (I, 4)] + _i32p(5), 12, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (PairListKernel.compile_key(False, vec, fill_tail=True),
@@ -565,6 +568,12 @@ def bwd_chain_pipe():
     (``MobaBwdSm90(chain_pipe=True)``): ``configs/attention_sm90.BWD_CHAIN_PIPE``,
     ``MOBA_CUTE_BWD_CHAIN_PIPE=0/1`` overrides it."""
     return _env_flag("MOBA_CUTE_BWD_CHAIN_PIPE", cfg90.BWD_CHAIN_PIPE)
+
+
+def bwd_overlap():
+    """The one-pass backward kernel's sub-tiles in FA3/FA4's order (``MobaBwdSm90(overlap=True)``):
+    ``configs/attention_sm90.BWD_OVERLAP``, ``MOBA_CUTE_BWD_OVERLAP=0/1`` overrides it."""
+    return _env_flag("MOBA_CUTE_BWD_OVERLAP", cfg90.BWD_OVERLAP)
 
 
 def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=None, chain_pipe=None):

@@ -148,9 +148,12 @@ class MobaBwdSm90(PingPong):
     :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`)."""
 
     def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                 reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False):
+                 reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False, overlap: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert not (pingpong and with_dq), "ping-pong: the dK/dV-only kernel"
+        # (with the chain, whose consumers also track each sub-tile's reach, the overlapped order
+        # spills 24-32 bytes at D = 128 within CONSUMER_REGS)
+        assert not (overlap and (chain or not with_dq)), "the overlapped sub-tile: the one-pass kernel, no chain"
         assert not (chain and not with_dq), "the dQ chain: the one-pass kernel"
         # chunks over one key tile, 5 GEMMs: each 128-key tile's CTA adds its dQ contribution to
         # the pair's fp32 accumulator in key-tile order (a semaphore per sub-tile; docs/design.md
@@ -159,6 +162,9 @@ class MobaBwdSm90(PingPong):
         # the chain's adding warps release a sub-tile's semaphore after issuing the next sub-tile
         # (its writes finish meanwhile) and hand the staging buffer back once it is read
         self.chain_pipe = bool(chain_pipe)
+        # FA3/FA4's order within a sub-tile: dQ issued right after dV and before dK, and staged
+        # while dK runs (instead of dK, drain, dQ, drain, stage)
+        self.overlap = bool(overlap)
         # the dQ staging buffers' row stride in elements (rows padded by 16 bytes: the 8 rows of a
         # fragment store fall in distinct banks): fp32 for the chain, else the input dtype
         self.dq_rs = head_dim + (4 if self.chain else 8)
@@ -178,10 +184,11 @@ class MobaBwdSm90(PingPong):
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                    reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False):
+                    reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False, overlap: bool = False):
         key = ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
         if with_dq:
-            return key + (("chain",) + ("noskip",) * (not reach_skip) + ("pipe",) * bool(chain_pipe)) * bool(chain)
+            return (key + (("chain",) + ("noskip",) * (not reach_skip) + ("pipe",) * bool(chain_pipe)) * bool(chain)
+                    + ("ovl",) * bool(overlap))
         return key + ("dkv",) + ("pingpong",) * bool(pingpong) + ("noskip",) * (not reach_skip)
 
     def _layouts(self):
@@ -644,7 +651,14 @@ class MobaBwdSm90(PingPong):
         acc_dP = cute.make_rmem_tensor(thr_sdp.partition_shape_C((BN, BM)), Float32)
         acc_dK = cute.make_rmem_tensor(thr_dkv.partition_shape_C((BN, D)), Float32)
         acc_dV = cute.make_rmem_tensor(thr_dkv.partition_shape_C((BN, D)), Float32)
-        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, D)), Float32)
+        if cutlass.const_expr(self.overlap):
+            # dQ in S^T's registers (S^T is dead once P^T is in rP, until the next sub-tile's
+            # S^T, issued after dQ is staged): with dQ in flight beside dK, a register file of
+            # its own spilled at D = 128
+            assert cute.size(thr_dq.partition_shape_C((BM, D))) <= cute.size(acc_S)
+            acc_dQ = cute.make_tensor(acc_S.iterator, cute.make_layout(thr_dq.partition_shape_C((BM, D))))
+        else:
+            acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, D)), Float32)
         acc_dK.fill(0.0)
         acc_dV.fill(0.0)
         rP = cute.make_rmem_tensor(acc_S.layout.shape, dt)
@@ -712,26 +726,21 @@ class MobaBwdSm90(PingPong):
                  scale_log2: Float32):
         """One sub-tile of :meth:`consumer`: S^T, dP^T, the softmax gradient, dV and dK (and the
         one-pass kernel's dQ partials)."""
-        dt = self.dtype
-        # ---- S^T = K Q^T, dP^T = V dO^T
-        self.pp_turn(wg)
-        warpgroup.fence()
-        gemm_kblocks(mma_sdp, f.acc_S, f.tSrK, f.tSrQ, 0, stage)
-        gemm_kblocks(mma_sdp, f.acc_dP, f.tSrV, f.tSrdO, 0, stage)
-        warpgroup.commit_group()
-        self.pp_pass(wg)
-        warpgroup.wait_group(0)
-        self.probs_and_ds(st, stage, f.S_mn, f.dP_mn, f.cS_mn, scale, scale_log2, hslot=hslot)
-        f.rP.store(f.acc_S.load().to(dt))
-        f.rdS.store(f.acc_dP.load().to(dt))
+        if cutlass.const_expr(self.overlap):
+            self.sub_tile_overlapped(f, st, stage, hslot, t, wg, ctid, sdS, pipe_dq, mma_sdp, mma_dkv, mma_dq,
+                                     scale, scale_log2)
+        else:
+            self.sub_tile_sequential(f, st, stage, hslot, t, wg, ctid, sdS, pipe_dq, mma_sdp, mma_dkv, mma_dq, scale,
+                                     scale_log2)
+
+    @cute.jit
+    def sub_tile_sequential(self, f: "DkvFrags", st, stage, hslot, t: Int32, wg: Int32, ctid: Int32,
+                            sdS: cute.Tensor, pipe_dq, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
+                            mma_dq: cute.TiledMma, scale: Float32, scale_log2: Float32):
+        """:meth:`sub_tile` one GEMM group at a time (dQ after dK, both drained)."""
+        self.sdp_softmax(f, st, stage, hslot, wg, mma_sdp, scale, scale_log2)
         # ---- dV += P^T dO (register A), issued before dS^T is staged for dQ
-        self.pp_turn(wg)
-        warpgroup.fence()
-        atom_kv = cute.make_mma_atom(mma_dkv.op)
-        atom_kv.set(warpgroup.Field.ACCUMULATE, True)
-        for kb in cutlass.range_constexpr(cute.size(f.tPa.shape[2])):
-            cute.gemm(atom_kv, f.acc_dV, f.tPa[None, None, kb], f.tVrdOt[None, None, kb, stage], f.acc_dV)
-        warpgroup.commit_group()
+        atom_kv = self.issue_dv(f, stage, wg, mma_dkv)
         if cutlass.const_expr(self.with_dq):
             # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both
             # warpgroups
@@ -753,6 +762,61 @@ class MobaBwdSm90(PingPong):
             warpgroup.commit_group()
             warpgroup.wait_group(0)
             self.stage_dq(st, pipe_dq, stage, t, f.dQ_mn, f.cQ_mn, ctid)
+
+    @cute.jit
+    def sdp_softmax(self, f: "DkvFrags", st, stage, hslot, wg: Int32, mma_sdp: cute.TiledMma, scale: Float32,
+                    scale_log2: Float32):
+        """S^T = K Q^T and dP^T = V dO^T, then P^T and dS^T in registers (fp32 and the input dtype)."""
+        dt = self.dtype
+        self.pp_turn(wg)
+        warpgroup.fence()
+        gemm_kblocks(mma_sdp, f.acc_S, f.tSrK, f.tSrQ, 0, stage)
+        gemm_kblocks(mma_sdp, f.acc_dP, f.tSrV, f.tSrdO, 0, stage)
+        warpgroup.commit_group()
+        self.pp_pass(wg)
+        warpgroup.wait_group(0)
+        self.probs_and_ds(st, stage, f.S_mn, f.dP_mn, f.cS_mn, scale, scale_log2, hslot=hslot)
+        f.rP.store(f.acc_S.load().to(dt))
+        f.rdS.store(f.acc_dP.load().to(dt))
+
+    @cute.jit
+    def issue_dv(self, f: "DkvFrags", stage, wg: Int32, mma_dkv: cute.TiledMma):
+        """dV += P^T dO (register A), one commit group; returns the accumulating atom (dK's too)."""
+        self.pp_turn(wg)
+        warpgroup.fence()
+        atom_kv = cute.make_mma_atom(mma_dkv.op)
+        atom_kv.set(warpgroup.Field.ACCUMULATE, True)
+        for kb in cutlass.range_constexpr(cute.size(f.tPa.shape[2])):
+            cute.gemm(atom_kv, f.acc_dV, f.tPa[None, None, kb], f.tVrdOt[None, None, kb, stage], f.acc_dV)
+        warpgroup.commit_group()
+        return atom_kv
+
+    @cute.jit
+    def sub_tile_overlapped(self, f: "DkvFrags", st, stage, hslot, t: Int32, wg: Int32, ctid: Int32,
+                            sdS: cute.Tensor, pipe_dq, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
+                            mma_dq: cute.TiledMma, scale: Float32, scale_log2: Float32):
+        """:meth:`sub_tile` in FA3/FA4's order (``overlap``; the same GEMMs and arithmetic, so the
+        same bits): dV, dQ and dK issued back to back, dQ staged while dK runs. (S^T and dP^T
+        stay one commit group: splitting it, to run P^T's exp2 under dP^T as FA4 does, spilled
+        4-8 bytes of the 232 registers at D = 128.)"""
+        self.sdp_softmax(f, st, stage, hslot, wg, mma_sdp, scale, scale_log2)
+        # ---- dV += P^T dO (register A) under the dS^T store
+        atom_kv = self.issue_dv(f, stage, wg, mma_dkv)
+        self.store_ds(sdS, acc_mn_view(f.rdS), f.cS_mn)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
+        # ---- dQ_p = dS K (this warpgroup's head-dim half), then dK += dS^T Q (register A)
+        warpgroup.fence()
+        gemm_kblocks(mma_dq, f.acc_dQ, f.tQrdS, f.tQrKt, None, 0)
+        warpgroup.commit_group()
+        warpgroup.wait_group(1)  # dV done (issued before the dS^T store): P^T's registers free for dK
+        warpgroup.fence()
+        for kb in cutlass.range_constexpr(cute.size(f.tdSa.shape[2])):
+            cute.gemm(atom_kv, f.acc_dK, f.tdSa[None, None, kb], f.tKrQt[None, None, kb, stage], f.acc_dK)
+        warpgroup.commit_group()
+        warpgroup.wait_group(1)  # dQ done, dK in flight
+        self.stage_dq(st, pipe_dq, stage, t, f.dQ_mn, f.cQ_mn, ctid)
+        warpgroup.wait_group(0)
 
     @cute.jit
     def row_meta(self, st, stage, n: Int32, inside, nkeys: Int32, qs: Int32, shift: Int32, kbeg: Int32, H: Int32,
