@@ -67,7 +67,9 @@ class Case:
     nan: bool = False  # NaN in one q row and one key
     bwd_chain: bool = False  # sm90 backward, chunks over 128 keys: the 5-GEMM dQ chain (MOBA_CUTE_BWD_DQ_CHAIN=1)
     chain_pipe: bool = False  # the chain's semaphores released one sub-tile later (MOBA_CUTE_BWD_CHAIN_PIPE=1)
-    bwd_overlap: bool = False  # sm90 one-pass backward in FA3/FA4's order (MOBA_CUTE_BWD_OVERLAP=1)
+    # the sm90 one-pass backward's sub-tiles in the sequential order (MOBA_CUTE_BWD_OVERLAP=0; else
+    # FA3/FA4's, the default where it fits the registers)
+    bwd_sequential: bool = False
     # wrong cu_seqlens values (non-strict): replace the offsets built from the lengths, which
     # still give the tensors' sizes
     cu_q: tuple = ()
@@ -197,10 +199,9 @@ CASES = [
          **B),
     Case("long-chunks-208-chain-pipe", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, bwd_chain=True,
          chain_pipe=True, **A),
-    # the one-pass backward in FA3/FA4's order (dQ staged while dK runs)
-    Case("bwd-overlap-odd", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=3, bwd_overlap=True, **A),
-    Case("bwd-overlap-nan-noncausal-fp16", (400, 130), (300, 200), 8, 2, C=128, K=2, nan=True, bwd_overlap=True,
-         **B),
+    # the one-pass backward's sequential order (dK, drain, dQ, drain, stage; the others run FA3/FA4's)
+    Case("bwd-sequential-odd", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=3, bwd_sequential=True, **A),
+    Case("bwd-sequential-nan", (400, 130), (300, 200), 8, 2, C=128, K=2, nan=True, bwd_sequential=True, **Cc),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with
@@ -313,8 +314,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
         t.add("chunk>128")
         if case.bwd_chain and case.grad:
             t.add("bwd-chain-pipe" if case.chain_pipe else "bwd-chain")
-    if case.bwd_overlap and case.grad:
-        t.add("bwd-overlap")
+    if case.grad and (case.C <= 128 or case.bwd_chain):  # (the one-pass kernel: either sub-tile order)
+        t.add("bwd-sequential" if case.bwd_sequential else "bwd-overlap")
     t.add("grad" if case.grad else "fwd-only")
     return t
 
@@ -371,7 +372,7 @@ def _env(case: Case):
            "MOBA_CUTE_FWD_STAGED": "1" if case.staged else "0",
            "MOBA_CUTE_BWD_DQ_CHAIN": "1" if case.bwd_chain else "0",
            "MOBA_CUTE_BWD_CHAIN_PIPE": "1" if case.chain_pipe else "0",
-           "MOBA_CUTE_BWD_OVERLAP": "1" if case.bwd_overlap else "0"}
+           "MOBA_CUTE_BWD_OVERLAP": "0" if case.bwd_sequential else "1"}
     if case.diag_sm90:  # (other cases: the chunk-size default; both merges have cases of their own)
         env["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
         env["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"

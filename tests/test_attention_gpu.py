@@ -175,15 +175,20 @@ def test_backward_long_chunks(case, D, dtype):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", [0, 1, 2, 5, 7])
 def test_backward_overlap(case, D, dtype, monkeypatch):
-    """The one-pass sm90 kernel's sub-tiles in FA3/FA4's order (MOBA_CUTE_BWD_OVERLAP=1: dV, dQ
-    and dK issued back to back, dQ staged while dK runs): bitwise the default order's gradients,
-    and within SPEC's bound of the reference."""
+    """The one-pass sm90 kernel's sub-tiles in FA3/FA4's order (the default where it fits the
+    registers; MOBA_CUTE_BWD_OVERLAP=0 turns it off: dV, dQ and dK issued back to back, dQ staged
+    while dK runs): bitwise the sequential order's gradients, and within SPEC's bound of the
+    reference."""
     from moba_cute.kernels import common
 
     m = _launch()
-    if not m.uses_sm90_bwd(str(dtype).split(".")[-1], D, common.arch_of(torch.device("cuda"))):
+    name = str(dtype).split(".")[-1]
+    if not m.uses_sm90_bwd(name, D, common.arch_of(torch.device("cuda"))):
         pytest.skip("the sm90 backward runs on Hopper")
     lq, lk, H, Hk, C, K, causal = BWD_CASES[case]
+    monkeypatch.setenv("MOBA_CUTE_BWD_OVERLAP", "1")
+    if not m.bwd_overlap(name, D, causal):
+        pytest.skip("this configuration keeps the sequential order (BWD_OVERLAP_SPILLS)")
     q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=dtype, device="cuda", seed=100 + case)
     r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
     out, lse = m.attention_cute(q, k, v, r, None, True)

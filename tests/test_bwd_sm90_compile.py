@@ -18,8 +18,8 @@ def _specs():
         for D in (64, 128):
             for causal in (True, False):
                 for topk in (3, 8):
-                    # (and the one-pass kernel's sub-tiles in FA3/FA4's order)
-                    for ovl in (False, True):
+                    # the one-pass kernel's sub-tiles in both orders (None: FA3/FA4's where it ships)
+                    for ovl in (False, None):
                         for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk,
                                                                            overlap=ovl).values():
                             seen.setdefault(key, (fac, fake))
@@ -34,9 +34,11 @@ def _specs():
                             seen.setdefault(key, (fac, fake))
                     # the 5-GEMM chain (one-pass kernel per key tile, fp32 partials by bulk copies and
                     # bulk reduce-adds in key-tile order, semaphores)
-                    for pipe in (False, True):
+                    # (in both sub-tile orders)
+                    for pipe, ovl in ((False, False), (False, None), (True, None)):
                         for key, fac, fake in launch.bwd_kernel_specs_sm90_chain(dtype, D, causal, topk,
-                                                                                 chain_pipe=pipe).values():
+                                                                                 chain_pipe=pipe,
+                                                                                 overlap=ovl).values():
                             seen.setdefault(key, (fac, fake))
     return sorted(seen.items(), key=lambda kv: str(kv[0]))
 

@@ -14,11 +14,11 @@ from moba_cute.kernels import common  # noqa: E402
 from moba_cute.kernels import route_launch as rl  # noqa: E402
 
 
-def _batch(lens, H=4, Hk=2, D=64, C=64, K=3, causal=True):
+def _batch(lens, H=4, Hk=2, D=64, C=64, K=3, causal=True, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(0)
     n = sum(lens)
-    q = torch.randn(n, H, D, generator=g, dtype=torch.bfloat16)
-    k = torch.randn(n, Hk, D, generator=g, dtype=torch.bfloat16)
+    q = torch.randn(n, H, D, generator=g).to(dtype)
+    k = torch.randn(n, Hk, D, generator=g).to(dtype)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     r = reference.route(q, k, cu, cu, max(lens), max(lens), C, K, causal)
     return q, k, r
@@ -352,23 +352,30 @@ def test_sm90_backward_chain_plan(monkeypatch):
 
 
 def test_sm90_backward_overlap_switch(monkeypatch):
-    """MOBA_CUTE_BWD_OVERLAP (configs' BWD_OVERLAP): the one-pass kernel of chunks of one key
-    tile in FA3/FA4's order; the chain's kernel keeps its own order."""
+    """MOBA_CUTE_BWD_OVERLAP (configs' BWD_OVERLAP): the one-pass kernel (chunks of one key tile,
+    and the chain's) in FA3/FA4's order, except where its registers spill (BWD_OVERLAP_SPILLS)
+    and with the chain's pipelined hand-over."""
     from moba_cute.configs import attention_sm90 as cfg90
 
+    def ovl(C, causal=True, dtype=torch.bfloat16):
+        q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=C, K=2, causal=causal, dtype=dtype)
+        return "ovl" in al.BwdPlan(al._plan_key(q, k, r), "sm_90a").ks.specs["bwd90"][0]
+
     monkeypatch.delenv("MOBA_CUTE_BWD_OVERLAP", raising=False)
-    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=128, K=2)
-    key = al._plan_key(q, k, r)
-    assert ("ovl" in al.BwdPlan(key, "sm_90a").ks.specs["bwd90"][0]) == cfg90.BWD_OVERLAP
+    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
+    assert ovl(128) == cfg90.BWD_OVERLAP and ovl(256) == cfg90.BWD_OVERLAP
     for value in ("0", "1"):
         monkeypatch.setenv("MOBA_CUTE_BWD_OVERLAP", value)
-        assert al.BwdPlan(key, "sm_90a").ks.specs["bwd90"][0][-1] == ("ovl" if value == "1" else True)
-    monkeypatch.setenv("MOBA_CUTE_BWD_DQ_CHAIN", "1")
-    q2, k2, r2 = _batch([600, 300], H=4, Hk=2, D=128, C=256, K=2)
-    assert "ovl" not in al.BwdPlan(al._plan_key(q2, k2, r2), "sm_90a").ks.specs["bwd90"][0]
+        assert ovl(128) == (value == "1") and ovl(256) == (value == "1")
+        assert ovl(128, causal=False) == (value == "1")
+        # the spilling configurations keep the sequential order
+        assert not ovl(128, causal=False, dtype=torch.float16) and not ovl(256, causal=False)
+    assert ("float16", 128, False, False) in cfg90.BWD_OVERLAP_SPILLS
+    monkeypatch.setenv("MOBA_CUTE_BWD_CHAIN_PIPE", "1")
+    assert not ovl(256)
     monkeypatch.setenv("MOBA_CUTE_BWD_OVERLAP", "yes")
     with pytest.raises(ValueError, match="MOBA_CUTE_BWD_OVERLAP"):
-        al.BwdPlan(key, "sm_90a")
+        ovl(128)
 
 
 def test_sm90_backward_chain_memory_rule(monkeypatch):

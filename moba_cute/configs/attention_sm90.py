@@ -121,11 +121,18 @@ BWD_DQ_CHAIN = True
 # (moba-large: 1.5, training peak 9.23 GB against FA4's 8.64); above, the pair dQ kernel's bf16
 # partials (half the bytes) keep a step that fitted before from running out of memory
 BWD_CHAIN_MAX_BOUNDS = 2
-# the one-pass kernel's sub-tile (chunks of at most 128 keys; not the chain) in FA3/FA4's order
-# (MobaBwdSm90(overlap=True)): dV, dQ and dK issued back to back and dQ staged while dK runs,
-# instead of dK, drain, dQ, drain, stage. MOBA_CUTE_BWD_OVERLAP. Written 2026-12-07 without device
-# time left: compiled without spills, not yet run on a GPU, off
-BWD_OVERLAP = False
+# the one-pass kernel's sub-tile (chunks of one key tile, and the chain's per-tile kernel) in
+# FA3/FA4's order (MobaBwdSm90(overlap=True)): dV, dQ and dK issued back to back and dQ staged
+# while dK runs, instead of dK, drain, dQ, drain, stage; the same bits. H100, whole backward, one
+# process, 3 interleaved rounds (sequential -> overlapped): moba-large 128K 521.4 -> 507.9 ms
+# (2.7%), moba-large 32K 57.0 -> 55.6, C=512 32K 5.82 -> 5.72, flashmoba 64K 10.64 -> 10.51,
+# 8K 1.320 -> 1.312. MOBA_CUTE_BWD_OVERLAP=0 keeps the sequential order everywhere
+BWD_OVERLAP = True
+#: (dtype, head_dim, causal, chain) whose overlapped kernel spills (ptxas, default or cu13 DSL
+#: libraries; dQ, dK and dV in flight together leave little of CONSUMER_REGS): the sequential
+#: order serves these (the chain's pipelined hand-over too)
+BWD_OVERLAP_SPILLS = frozenset({("float16", 128, False, False), ("bfloat16", 128, False, True),
+                                ("float16", 128, True, True), ("float16", 128, False, True)})
 # the chain's adding warps pass a sub-tile's semaphore on after issuing the next sub-tile's bulk
 # adds (its writes finish meanwhile) and return the staging buffer once read, not written.
 # Correct, not faster (H100: 521.4 / 59.7 / 5.90 ms on the shapes above): off

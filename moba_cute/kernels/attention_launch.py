@@ -501,7 +501,7 @@ def fwd_row_window(total_q, H, Hk, D, KP, inference=False):
 def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None):
     """Role -> (key, factory, fake args) of the sm90 backward's kernels: delta, the pair lists
     of every selected pair (own chunks included), the key-major kernel, the dQ reduction.
-    ``overlap``: the key-major kernel's sub-tiles in FA3/FA4's order (None: :func:`bwd_overlap`)."""
+    ``overlap``: the key-major kernel's sub-tiles in FA3/FA4's order (None: :func:`bwd_overlap`'s rule)."""
     from .bwd_rowwise import BwdPrepKernel, DqReduceKernel
     from .moba_bwd_sm90 import MobaBwdSm90
     from .slot_index import PairListKernel
@@ -510,7 +510,7 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None):
     F = _cdt_f32()
     I = _i32p(1)[0][0]
     vec = 4 if topk % 4 == 0 else 1
-    ovl = bwd_overlap() if overlap is None else bool(overlap)
+    ovl = bwd_overlap(dtype_name, head_dim, causal) if overlap is None else bool(overlap)
     specs = {
         "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, overlap=ovl),
                   lambda: MobaBwdSm90(dt, head_dim, causal, overlap=ovl),
@@ -570,13 +570,16 @@ def bwd_chain_pipe():
     return _env_flag("MOBA_CUTE_BWD_CHAIN_PIPE", cfg90.BWD_CHAIN_PIPE)
 
 
-def bwd_overlap():
-    """The one-pass backward kernel's sub-tiles in FA3/FA4's order (``MobaBwdSm90(overlap=True)``):
-    ``configs/attention_sm90.BWD_OVERLAP``, ``MOBA_CUTE_BWD_OVERLAP=0/1`` overrides it."""
-    return _env_flag("MOBA_CUTE_BWD_OVERLAP", cfg90.BWD_OVERLAP)
+def bwd_overlap(dtype_name, head_dim, causal, chain=False):
+    """Whether the one-pass backward kernel runs its sub-tiles in FA3/FA4's order
+    (``MobaBwdSm90(overlap=True)``): ``configs/attention_sm90.BWD_OVERLAP`` (``MOBA_CUTE_BWD_OVERLAP=0/1``
+    overrides it), except for the configurations in ``BWD_OVERLAP_SPILLS``."""
+    return (_env_flag("MOBA_CUTE_BWD_OVERLAP", cfg90.BWD_OVERLAP)
+            and (dtype_name, int(head_dim), bool(causal), bool(chain)) not in cfg90.BWD_OVERLAP_SPILLS)
 
 
-def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=None, chain_pipe=None):
+def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=None, chain_pipe=None,
+                                overlap=None):
     """The sm90 backward's kernels for chunks over 128 keys with the dQ chain: those of
     :func:`bwd_kernel_specs_sm90` with the one-pass kernel per 128-key tile adding fp32 dQ
     partials in key-tile order, the reduction of fp32 partials and the semaphores' reset."""
@@ -589,9 +592,12 @@ def bwd_kernel_specs_sm90_chain(dtype_name, head_dim, causal, topk, reach_skip=N
     I = _i32p(1)[0][0]
     rs = bwd_reach_skip() if reach_skip is None else bool(reach_skip)
     pipe = bwd_chain_pipe() if chain_pipe is None else bool(chain_pipe)
+    # (the pipelined hand-over keeps the sequential order)
+    ovl = (bwd_overlap(dtype_name, head_dim, causal, chain=True) and not pipe) if overlap is None else bool(overlap)
     specs["bwd90"] = (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, True, False, rs, chain=True,
-                                              chain_pipe=pipe),
-                      lambda: MobaBwdSm90(dt, head_dim, causal, True, False, rs, chain=True, chain_pipe=pipe),
+                                              chain_pipe=pipe, overlap=ovl),
+                      lambda: MobaBwdSm90(dt, head_dim, causal, True, False, rs, chain=True, chain_pipe=pipe,
+                                          overlap=ovl),
                       _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (F, 16), (I, 4)] + _i32p(5), 12, 2))
     specs["dq_reduce"] = (("dqreduce", dtype_name, head_dim, "f32"), lambda: DqReduceKernel(dt, head_dim),
                           _fake([(F, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7))

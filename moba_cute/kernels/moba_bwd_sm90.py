@@ -38,6 +38,11 @@ warpgroup gather, warps 2-3 add each staged sub-tile to the pair's fp32 accumula
 order (:meth:`MobaBwdSm90.chain_issue`: a semaphore per sub-tile, one bulk copy or bulk reduce-add
 per row), so no dQ kernel recomputes ``S`` and ``dP``; the sums stay bitwise deterministic.
 
+``overlap=True`` (the default where it fits the registers, ``configs/attention_sm90.BWD_OVERLAP``):
+a sub-tile in FA3/FA4's order, ``dV``, ``dQ_p`` and ``dK`` issued back to back and ``dQ_p`` staged
+while ``dK`` runs (``dQ_p``'s accumulator in ``S^T``'s registers), instead of ``dK``, drain,
+``dQ_p``, drain, stage; the same GEMMs on the same operands, so the same bits.
+
 The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
 (a linear grid of ``chunks * nkv`` CTAs, chunk-major; ``Hw = nkv * G`` query heads) and stores
 pair ``(row, h, slot)`` at ``((row * Hw + h - kv0 * G) * K + slot) * D``, so the launch plan bounds the buffer's size
@@ -47,7 +52,7 @@ dK and dV are written once, in the input dtype, when the CTA ends. A row-wise ke
 (:class:`~moba_cute.kernels.bwd_rowwise.DqReduceKernel`) sums a row's partials in slot order:
 no atomics, bitwise deterministic (a pair's arithmetic does not depend on its place in the
 sub-tile). Compile key: ``(dtype, head_dim, causal)``, plus ``"dkv"`` for ``with_dq=False`` or
-``"chain"`` for the chain (:meth:`MobaBwdSm90.compile_key`).
+``"chain"`` for the chain, and ``"ovl"`` for the overlapped order (:meth:`MobaBwdSm90.compile_key`).
 """
 
 from __future__ import annotations
@@ -151,9 +156,7 @@ class MobaBwdSm90(PingPong):
                  reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False, overlap: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
         assert not (pingpong and with_dq), "ping-pong: the dK/dV-only kernel"
-        # (with the chain, whose consumers also track each sub-tile's reach, the overlapped order
-        # spills 24-32 bytes at D = 128 within CONSUMER_REGS)
-        assert not (overlap and (chain or not with_dq)), "the overlapped sub-tile: the one-pass kernel, no chain"
+        assert not (overlap and not with_dq), "the overlapped sub-tile: the one-pass kernel"
         assert not (chain and not with_dq), "the dQ chain: the one-pass kernel"
         # chunks over one key tile, 5 GEMMs: each 128-key tile's CTA adds its dQ contribution to
         # the pair's fp32 accumulator in key-tile order (a semaphore per sub-tile; docs/design.md
