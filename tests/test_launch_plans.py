@@ -17,8 +17,8 @@ from moba_cute.kernels import route_launch as rl  # noqa: E402
 def _batch(lens, H=4, Hk=2, D=64, C=64, K=3, causal=True, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(0)
     n = sum(lens)
-    q = torch.randn(n, H, D, generator=g).to(dtype)
-    k = torch.randn(n, Hk, D, generator=g).to(dtype)
+    q = torch.randn(n, H, D, generator=g, dtype=dtype)
+    k = torch.randn(n, Hk, D, generator=g, dtype=dtype)
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
     r = reference.route(q, k, cu, cu, max(lens), max(lens), C, K, causal)
     return q, k, r
