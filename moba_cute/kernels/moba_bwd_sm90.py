@@ -745,24 +745,14 @@ class MobaBwdSm90(PingPong):
         # ---- dV += P^T dO (register A), issued before dS^T is staged for dQ
         atom_kv = self.issue_dv(f, stage, wg, mma_dkv)
         if cutlass.const_expr(self.with_dq):
-            # dS^T -> sdS (rows x keys) for dQ; visible to the async proxy, then to both
-            # warpgroups
-            self.store_ds(sdS, acc_mn_view(f.rdS), f.cS_mn)
-            cute.arch.fence_view_async_shared()
-            cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
-        # ---- dK += dS^T Q (register A); then dQ_p = dS K (this warpgroup's head-dim half)
-        # once P^T and dS^T are no longer needed (register pressure: dK, dV and dQ
-        # accumulators are live together)
-        warpgroup.fence()
-        for kb in cutlass.range_constexpr(cute.size(f.tdSa.shape[2])):
-            cute.gemm(atom_kv, f.acc_dK, f.tdSa[None, None, kb], f.tKrQt[None, None, kb, stage], f.acc_dK)
-        warpgroup.commit_group()
+            self.publish_ds(sdS, f)
+        # ---- dK += dS^T Q; then dQ_p = dS K once P^T and dS^T are no longer needed (register
+        # pressure: dK, dV and dQ accumulators are live together)
+        self.issue_dk(f, atom_kv, stage)
         self.pp_pass(wg)
         warpgroup.wait_group(0)
         if cutlass.const_expr(self.with_dq):
-            warpgroup.fence()
-            gemm_kblocks(mma_dq, f.acc_dQ, f.tQrdS, f.tQrKt, None, 0)
-            warpgroup.commit_group()
+            self.issue_dq(f, mma_dq)
             warpgroup.wait_group(0)
             self.stage_dq(st, pipe_dq, stage, t, f.dQ_mn, f.cQ_mn, ctid)
 
@@ -795,6 +785,29 @@ class MobaBwdSm90(PingPong):
         return atom_kv
 
     @cute.jit
+    def publish_ds(self, sdS: cute.Tensor, f: "DkvFrags"):
+        """dS^T -> sdS (rows x keys) for dQ; made visible to the async proxy, then to both
+        warpgroups (BAR_DS)."""
+        self.store_ds(sdS, acc_mn_view(f.rdS), f.cS_mn)
+        cute.arch.fence_view_async_shared()
+        cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
+
+    @cute.jit
+    def issue_dk(self, f: "DkvFrags", atom_kv, stage):
+        """dK += dS^T Q (register A, ``issue_dv``'s accumulating atom), one commit group."""
+        warpgroup.fence()
+        for kb in cutlass.range_constexpr(cute.size(f.tdSa.shape[2])):
+            cute.gemm(atom_kv, f.acc_dK, f.tdSa[None, None, kb], f.tKrQt[None, None, kb, stage], f.acc_dK)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def issue_dq(self, f: "DkvFrags", mma_dq: cute.TiledMma):
+        """dQ_p = dS K (A from sdS; this warpgroup's head-dim half), one commit group."""
+        warpgroup.fence()
+        gemm_kblocks(mma_dq, f.acc_dQ, f.tQrdS, f.tQrKt, None, 0)
+        warpgroup.commit_group()
+
+    @cute.jit
     def sub_tile_overlapped(self, f: "DkvFrags", st, stage, hslot, t: Int32, wg: Int32, ctid: Int32,
                             sdS: cute.Tensor, pipe_dq, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma,
                             mma_dq: cute.TiledMma, scale: Float32, scale_log2: Float32):
@@ -805,18 +818,11 @@ class MobaBwdSm90(PingPong):
         self.sdp_softmax(f, st, stage, hslot, wg, mma_sdp, scale, scale_log2)
         # ---- dV += P^T dO (register A) under the dS^T store
         atom_kv = self.issue_dv(f, stage, wg, mma_dkv)
-        self.store_ds(sdS, acc_mn_view(f.rdS), f.cS_mn)
-        cute.arch.fence_view_async_shared()
-        cute.arch.barrier(barrier_id=BAR_DS, number_of_threads=256)
-        # ---- dQ_p = dS K (this warpgroup's head-dim half), then dK += dS^T Q (register A)
-        warpgroup.fence()
-        gemm_kblocks(mma_dq, f.acc_dQ, f.tQrdS, f.tQrKt, None, 0)
-        warpgroup.commit_group()
+        self.publish_ds(sdS, f)
+        # ---- dQ_p, then dK
+        self.issue_dq(f, mma_dq)
         warpgroup.wait_group(1)  # dV done (issued before the dS^T store): P^T's registers free for dK
-        warpgroup.fence()
-        for kb in cutlass.range_constexpr(cute.size(f.tdSa.shape[2])):
-            cute.gemm(atom_kv, f.acc_dK, f.tdSa[None, None, kb], f.tKrQt[None, None, kb, stage], f.acc_dK)
-        warpgroup.commit_group()
+        self.issue_dk(f, atom_kv, stage)
         warpgroup.wait_group(1)  # dQ done, dK in flight
         self.stage_dq(st, pipe_dq, stage, t, f.dQ_mn, f.cQ_mn, ctid)
         warpgroup.wait_group(0)
