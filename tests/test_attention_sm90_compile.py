@@ -65,6 +65,12 @@ def _specs():
                         key, fac, fake = _seg(dtype, D, causal, tile, overlap=True, mcast=2)
                         assert key[-2:] == ("overlap", "mc2")
                         seen.setdefault(key, (fac, fake))
+                # the persistent walk of one-stage tiles (MOBA_CUTE_FWD_PERSISTENT=1)
+                for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
+                    if len(tile) == 3 and tile[2] == 1:
+                        key, fac, fake = _seg(dtype, D, causal, tile, persistent=True)
+                        assert key[-1] == "persist" and fac().persistent and fac().split_kv
+                        seen.setdefault(key, (fac, fake))
                 # the rescale skip (MOBA_CUTE_FWD_RESCALE_SKIP=1) in every streamed loop: each
                 # tile's, the overlap's and the clusters'
                 for tile in (cfg90.FWD_TILES[D],) + cfg90.ALT_TILES.get(D, ()):
@@ -188,6 +194,28 @@ def test_fwd_kv_multicast_env_and_key(monkeypatch):
     assert key[-2:] == ("overlap", "mc2") and fac().CL == 2 and fac().overlap
     _, fac, _ = _seg("bfloat16", 128, True, (128, 8, 2, 2), mcast=2)
     assert isinstance(fac(), MobaFwdSm90Pair) and fac().CL == 1
+
+
+def test_fwd_persistent_env_and_key(monkeypatch):
+    """``MOBA_CUTE_FWD_PERSISTENT`` (default ``configs/attention_sm90.FWD_PERSISTENT``) applies to
+    chunks of one n-block; the variant takes it only for one-stage one-consumer tiles with the
+    staged epilogue and no clusters, and then has its own compile key."""
+    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90Pair
+
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_PERSISTENT", lambda: launch.fwd_persistent(128, 128),
+                bool(cfg90.FWD_PERSISTENT))
+    monkeypatch.setenv("MOBA_CUTE_FWD_PERSISTENT", "1")
+    assert launch.fwd_persistent(128, 128) and launch.fwd_persistent(16, 128)
+    assert not launch.fwd_persistent(129, 128)  # a streamed chunk
+    monkeypatch.delenv("MOBA_CUTE_FWD_PERSISTENT")
+    on = _seg("bfloat16", 128, True, (128, 8, 1), persistent=True)
+    off = _seg("bfloat16", 128, True, (128, 8, 1))
+    assert on[0] == off[0] + ("persist",) and on[1]().persistent and not off[1]().persistent
+    for tile, kw in (((64, 8, 2), {}), ((128, 8, 1), {"staged": False}), ((128, 8, 1), {"mcast": 2}),
+                     ((128, 8, 2, 2), {})):
+        key, fac, _ = _seg("bfloat16", 128, True, tile, persistent=True, **kw)
+        assert "persist" not in key and not fac().persistent, (tile, kw)
+    assert not MobaFwdSm90Pair.takes(SegVariant(persistent=True)).persistent
 
 
 def test_fwd_overlap_env(monkeypatch):

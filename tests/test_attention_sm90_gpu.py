@@ -353,6 +353,64 @@ def test_sm90_forward_staged_epilogue(case, monkeypatch):
         m.FWD_PLANS.clear()
 
 
+PERSIST_CASES = [
+    # lens_q, lens_k, H, Hk, C, K, causal, D, dtype, forced grid (None: the plan's), windows
+    ([3000, 1, 700], [3000, 1, 700], 4, 2, 128, 8, True, 128, torch.bfloat16, None, None),
+    ([3000, 1, 700], [3000, 1, 700], 4, 2, 128, 8, True, 128, torch.bfloat16, 3, None),  # many units a CTA
+    ([1000, 517], [1000, 517], 8, 8, 64, 6, True, 128, torch.bfloat16, 5, "64"),  # windows of 64 rows
+    ([2500], [2500], 8, 4, 100, 4, True, 128, torch.float16, 7, "kv"),  # windows of KV heads, C = 100
+    ([513, 90], [400, 700], 4, 1, 32, 3, False, 64, torch.bfloat16, 2, None),  # non-causal, Sq != Sk, MQA
+    ([700, 1, 333], [700, 1, 333], 8, 2, 16, 9, True, 64, torch.float16, 4, None),  # topk > chunks
+]
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", range(len(PERSIST_CASES)))
+def test_sm90_forward_persistent(case, monkeypatch):
+    """The segment kernel's persistent walk (``MOBA_CUTE_FWD_PERSISTENT=1``: two CTAs per SM walk
+    the units, K/V and Q of the next unit loaded while this one ends) gives bitwise the
+    one-CTA-per-unit kernel's out and lse, also with a forced small grid (a CTA walks many units:
+    ring phases and unit slots reused) and with windows; within SPEC tolerance of the reference."""
+    from moba_cute.kernels import attention_launch as m
+    from moba_cute.kernels import common
+
+    lq, lk, H, Hk, C, K, causal, D, dtype, grid, windows = PERSIST_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=dtype, device="cuda", seed=450 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    arch = common.arch_of(q.device)
+    key = m._plan_key(q, k, r)
+    try:
+        if windows == "64":  # windows of 64 rows of one head (the smallest)
+            monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
+        elif windows == "kv":  # windows of one KV head
+            monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(q.shape[0] * (H // Hk) * (K - causal) * (2 * D + 4)))
+        monkeypatch.setenv("MOBA_CUTE_FWD_PERSISTENT", "0")
+        m.FWD_PLANS.clear()
+        one = m.attention_cute(q, k, v, r, None, True)
+        assert not m.FWD_PLANS.get(key + (False,), key, arch).variant.persistent
+        monkeypatch.setenv("MOBA_CUTE_FWD_PERSISTENT", "1")
+        m.FWD_PLANS.clear()
+        got = m.attention_cute(q, k, v, r, None, True)
+        plan = m.FWD_PLANS.get(key + (False,), key, arch)
+        assert plan.variant.persistent
+        if windows is not None:
+            assert len(plan.fwd_windows) > 1
+        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+        if grid is not None:
+            plan.seg_grid = grid
+            got = m.attention_cute(q, k, v, r, None, True)
+            assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"grid {grid}"
+            for _ in range(2):  # bit-identical on repeat
+                again = m.attention_cute(q, k, v, r, None, True)
+                assert torch.equal(again[0], got[0]) and torch.equal(again[1], got[1])
+        m.FWD_PLANS.clear()
+        _check(lq, lk, H, Hk, D, C, K, causal, dtype, seed=450 + case)
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_FWD_PERSISTENT", raising=False)
+        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
+        m.FWD_PLANS.clear()
+
+
 DIAG_CASES = [
     # lens_q, lens_k, H, Hk, C, K, forced partial bytes (windows) or None
     ([5000, 3000], [5000, 3000], 2, 1, 2048, 3, None),  # long chunks: 32 n-blocks, GQA 2:1

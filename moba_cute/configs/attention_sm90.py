@@ -70,6 +70,11 @@ FWD_Q_REGS = False
 # one-consumer tiles
 FWD_KV_MULTICAST_MIN_CHUNK = 2048
 
+# the segment kernel for chunks of one n-block (C <= bn) as a persistent walk over its units, two
+# CTAs per SM (SegVariant(persistent=True), MOBA_CUTE_FWD_PERSISTENT): the next unit's K/V and Q
+# rows load while this one finishes, instead of each CTA starting with its unit decode and loads
+FWD_PERSISTENT = False
+
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
 # (below: FWD_TILES). H100, whole forward (benchmarks.fwd_env_ab, one process), ms, previous
 # default -> (128, 8, 2, 2). D = 128: moba-large 128K (C = 4096, K = 12) 173.8 -> 152.7 (the then

@@ -245,6 +245,14 @@ def fwd_rescale_skip():
     return _env_flag("MOBA_CUTE_FWD_RESCALE_SKIP", bool(cfg90.FWD_RESCALE_SKIP))
 
 
+def fwd_persistent(chunk_size, bn):
+    """Whether the one-consumer sm90 segment kernel walks its units persistently
+    (``SegVariant(persistent=True)``: two CTAs per SM, the next unit's K/V and Q loaded while this
+    one finishes): for chunks of one n-block (``chunk_size <= bn``), by
+    ``configs/attention_sm90.FWD_PERSISTENT``, or ``MOBA_CUTE_FWD_PERSISTENT=1`` / ``0``."""
+    return int(chunk_size) <= int(bn) and _env_flag("MOBA_CUTE_FWD_PERSISTENT", bool(cfg90.FWD_PERSISTENT))
+
+
 def fwd_kv_multicast(chunk_size, overlap=False):
     """Whether the one-consumer sm90 segment kernel runs in clusters of two CTAs that share each
     K/V n-block by TMA multicast (``SegVariant(mcast=2)``): by default for chunks of
@@ -815,11 +823,17 @@ class FwdPlan(_PlanBase):
             bn, _, kst, nw = sm90_tile_fields(self.tile)
             # the switches this tile takes (the kernels' own rules); clusters only for one-consumer
             # tiles, and by default only without the overlap that takes effect
-            v = SegVariant(fwd_staged(), fwd_overlap(), fwd_q_regs(), 1, fwd_rescale_skip())
+            v = SegVariant(fwd_staged(), fwd_overlap(), fwd_q_regs(), 1, fwd_rescale_skip(),
+                           fwd_persistent(self.C, bn))
             v = MobaFwdSm90Pair.takes(v) if nw == 2 else v.for_tile(bn, kst)
             if nw == 1 and fwd_kv_multicast(self.C, v.overlap):
-                v = dataclasses.replace(v, mcast=2)
+                v = dataclasses.replace(v, mcast=2).for_tile(bn, kst)
             self.variant = v
+            # the segment kernel's grid: one CTA per unit, or two per SM walking the units
+            self.seg_grid = self.index.bound_pass
+            if v.persistent:
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                self.seg_grid = max(1, min(self.seg_grid, cfg90.CTAS_PER_SM * sms))
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.diag_overlap = self.diag_sm90 and fwd_diag_overlap()
@@ -1038,7 +1052,7 @@ def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offse
             ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
                       p["pass_tiles"] + 4 * sp, p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets,
                       wstart, B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound, pbase, ix.nrw,
-                      ix.bound_pass, scale_log2, stream)
+                      plan.seg_grid, scale_log2, stream)
         if plan.causal:
             unused = p["nused"]
             ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,

@@ -160,6 +160,26 @@ def ring_state(stages: int, i, producer: bool = False):
     return pipeline.PipelineState(stages, i, stage, phase ^ 1 if producer else phase)
 
 
+class UnitArgs(NamedTuple):
+    """The index arrays and sizes :func:`~moba_cute.kernels.segments.segment_unit` decodes a work
+    unit from (the persistent walk's producer decodes one unit after the other)."""
+    tiles: Any
+    tile_seg: Any
+    seg_off: Any
+    tile_off: Any
+    seg_start: Any
+    cu_k: Any
+    cu_chunks: Any
+    wstart: Any
+    B: Any
+    total_k: Any
+    H: Any
+    Hk: Any
+    chunk_size: Any
+    nbound: Any
+    nrw: Any
+
+
 @dataclass(frozen=True)
 class SplitKV:
     """K and V n-blocks in TMA rings of their own (``MobaFwdSm90.split_kv``; the same stage
@@ -321,23 +341,32 @@ class SegVariant:
     r, r + 2, ..., and each n-block is read from L2 once for both (every chunk streamed per step,
     also a chunk of one n-block), so a K/V byte that crosses the crossbar feeds 128 rows instead
     of 64; with or without the overlap. ``rescale_skip``: in the streamed loops a warp skips O's
-    rescale where every factor of its rows is exactly 1 (no row max moved; bitwise the same O)."""
+    rescale where every factor of its rows is exactly 1 (no row max moved; bitwise the same O).
+    ``persistent``: for chunks of one n-block (``C <= bn``, the launch plan's choice) a grid of
+    at most two CTAs per SM walks the units (CTA ``b``: units ``b, b + grid, ...``) with K and V
+    in one-stage rings of their own: the next unit's K loads once this unit's last ``QK^T`` is
+    done, its V once the last ``PV`` is, and its Q rows are gathered during this unit's last
+    sub-tiles, so no CTA start, unit decode or first K/V load lies on the consumer's path.
+    One-stage one-consumer tiles with the staged epilogue, no clusters."""
 
     staged: bool = True
     overlap: bool = False
     q_regs: bool = False
     mcast: int = 1
     rescale_skip: bool = False
+    persistent: bool = False
 
     def for_tile(self, bn: int, kv_stages: int) -> "SegVariant":
         overlap = bool(self.overlap) and kv_stages >= 2
-        return SegVariant(bool(self.staged), overlap, bool(self.q_regs) and not overlap and bn <= 64,
-                          2 if int(self.mcast) == 2 else 1, bool(self.rescale_skip))
+        mcast = 2 if int(self.mcast) == 2 else 1
+        persistent = bool(self.persistent) and bool(self.staged) and not overlap and mcast == 1 and kv_stages == 1
+        return SegVariant(bool(self.staged), overlap, bool(self.q_regs) and not overlap and bn <= 64 and not persistent,
+                          mcast, bool(self.rescale_skip), persistent)
 
     def key(self) -> tuple:
         """The compile-key suffix (of a variant :meth:`for_tile` has settled)."""
         return (("staged",) * self.staged + ("overlap",) * self.overlap + ("qregs",) * self.q_regs
-                + ("mc2",) * (self.mcast == 2) + ("rskip",) * self.rescale_skip)
+                + ("mc2",) * (self.mcast == 2) + ("rskip",) * self.rescale_skip + ("persist",) * self.persistent)
 
 
 class MobaFwdSm90(PingPong):
@@ -359,8 +388,8 @@ class MobaFwdSm90(PingPong):
         self.PRODUCER_REGS, self.CONSUMER_REGS = PRODUCER_REGS, CONSUMER_REGS
         self.Q_PRODUCERS = 128  # threads gathering Q rows
         v = self.variant = variant.for_tile(bn, kv_stages)
-        self.staged, self.overlap, self.q_regs, self.CL, self.rescale_skip = (
-            v.staged, v.overlap, v.q_regs, v.mcast, v.rescale_skip)
+        self.staged, self.overlap, self.q_regs, self.CL, self.rescale_skip, self.persistent = (
+            v.staged, v.overlap, v.q_regs, v.mcast, v.rescale_skip, v.persistent)
         self.pingpong = False  # (MobaFwdSm90Pair)
 
     @property
@@ -368,8 +397,9 @@ class MobaFwdSm90(PingPong):
         """K and V in TMA rings of their own (:class:`SplitKV`): with the overlap. Its loop holds
         block n - 1's V while block n's K is read, so the producer refills K as soon as ``QK^T``
         has read it, instead of after the previous block's ``PV`` (a joint K/V stage left every
-        block's load exposed)."""
-        return self.overlap
+        block's load exposed). Persistent: the next unit's K and V load as soon as this unit is
+        done with each."""
+        return self.overlap or self.persistent
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, bn: int, sub: int, kv_stages: int,
@@ -396,6 +426,8 @@ class MobaFwdSm90(PingPong):
             fields["mbar_v"] = MR[cutlass.Int64, 2 * self.KS]
         if self.staged:
             fields["sLoc"] = AL[MR[Int32, 2 * BM], 16]
+        if self.persistent:
+            fields["sUnit"] = AL[MR[Int32, 8], 16]  # two units' (first entry, rows, keys)
         fields.update(self._extra_smem())
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
@@ -514,24 +546,38 @@ class MobaFwdSm90(PingPong):
         sV = st.sV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
 
         UNIT = BM * self.SUB
-        unit = _flat(tiles)[0] + bid // self.CL  # (a cluster's CTAs share their unit)
-        r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k,
-                                                    cu_chunks, unit, Int32(UNIT), Int32(0), B,
-                                                    total_k, H, chunk_size, True, Hk, nbound, nrw, wstart)
-        nsub = (nrows + BM - 1) // BM
-        nblk = (kend - kbeg + self.BN - 1) // self.BN
-        pipeline.pipeline_init_wait(cluster_shape_mn=cluster)
-
-        if warp < 4:
-            cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
-            if nrows > 0:
-                self.producer(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
-                              nsub, nblk, h, H, Hk, total_q, ks + kbeg, KP, tid, warp)
+        if cutlass.const_expr(self.persistent):
+            pipeline.pipeline_init_wait(cluster_shape_mn=cluster)
+            ua = UnitArgs(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k, cu_chunks, wstart, B, total_k, H,
+                          Hk, chunk_size, nbound, nrw)
+            sunit = st.sUnit.get_tensor(cute.make_layout(8))
+            if warp < 4:
+                cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
+                self.producer_persistent(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, sunit, pipe_q,
+                                         pipe_kv, ua, total_q, KP, tid, warp)
+            else:
+                cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
+                self.consumer_persistent(part_o, part_lse, rows_list, tiles, sQ, sK, sV, sunit, pipe_q, pipe_kv,
+                                         tiled_mma_qk, tiled_mma_pv, pbase, scale_log2, tid - 128, st)
         else:
-            cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
-            if nrows > 0:
-                self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
-                              r0, nrows, nsub, nblk, kend - kbeg, pbase, scale_log2, tid - 128, st)
+            unit = _flat(tiles)[0] + bid // self.CL  # (a cluster's CTAs share their unit)
+            r0, nrows, h, ks, kbeg, kend = segment_unit(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k,
+                                                        cu_chunks, unit, Int32(UNIT), Int32(0), B,
+                                                        total_k, H, chunk_size, True, Hk, nbound, nrw, wstart)
+            nsub = (nrows + BM - 1) // BM
+            nblk = (kend - kbeg + self.BN - 1) // self.BN
+            pipeline.pipeline_init_wait(cluster_shape_mn=cluster)
+
+            if warp < 4:
+                cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
+                if nrows > 0:
+                    self.producer(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows,
+                                  nsub, nblk, h, H, Hk, total_q, ks + kbeg, KP, tid, warp)
+            else:
+                cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
+                if nrows > 0:
+                    self.consumer(part_o, part_lse, rows_list, sQ, sK, sV, pipe_q, pipe_kv, tiled_mma_qk, tiled_mma_pv,
+                                  r0, nrows, nsub, nblk, kend - kbeg, pbase, scale_log2, tid - 128, st)
 
     @cute.jit
     def producer(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -598,6 +644,45 @@ class MobaFwdSm90(PingPong):
                 pipe_kv.v.producer_tail(kv_state)
             else:
                 pipe_kv.producer_tail(kv_state)
+
+    @cute.jit
+    def producer_persistent(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom,
+                            atom_v: cute.CopyAtom, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
+                            sK: cute.Tensor, sV: cute.Tensor, sunit: cute.Tensor, pipe_q, pipe_kv, ua: "UnitArgs",
+                            total_q: Int32, KP: Int32, tid: Int32, warp: Int32):
+        """The persistent walk's producer (``SegVariant.persistent``): per unit of this CTA, warp 0
+        passes the unit's (first entry, rows, keys) to the consumer in ``sUnit`` (two slots, in
+        the unit's K barrier phase) and loads its K and V by TMA as their one-stage rings free up;
+        then the four warps gather its sub-tiles' rows into the Q ring, which runs on across
+        units."""
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        tq = _flat(ua.tiles)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        UNIT = BM * self.SUB
+        for u in cutlass.range(tq[0] + bid, tq[1], grid, unroll=1):
+            r0, nrows, h, ks, kbeg, kend = segment_unit(ua.tiles, ua.tile_seg, ua.seg_off, ua.tile_off,
+                                                        ua.seg_start, ua.cu_k, ua.cu_chunks, u, Int32(UNIT),
+                                                        Int32(0), ua.B, ua.total_k, ua.H, ua.chunk_size, True,
+                                                        ua.Hk, ua.nbound, ua.nrw, ua.wstart)
+            if warp == 0:
+                # the slot's last reader was the unit two back, whose K stage the consumer released
+                # before this warp acquired the previous unit's: free; the writes are ordered before
+                # the consumer's read by the K barrier's arrive below (release) and its wait (acquire)
+                slot = (kv_state.count % 2) * 4
+                sunit[slot] = r0
+                sunit[slot + 1] = nrows
+                sunit[slot + 2] = kend - kbeg
+                cute.arch.sync_warp()
+                kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (ua.H // ua.Hk),
+                                        ks + kbeg, self.BN, self.D)
+                self.load_kv_block(atom_k, atom_v, kv_views, pipe_kv, kv_state, Int32(0))
+                kv_state.advance()
+            for t in cutlass.range((nrows + BM - 1) // BM, unroll=1):
+                self.gather_rows(q, rows_list, sQ, pipe_q, q_state, r0, t * BM, nrows, warp * 16, Int32(16), h,
+                                 ua.H, total_q, KP, tid % 32, 16)
+                q_state.advance()
 
     @cute.jit
     def load_kv_block(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, kv_state, n: Int32):
@@ -752,7 +837,7 @@ class MobaFwdSm90(PingPong):
                     warpgroup.wait_group(0)
                 if cutlass.const_expr(self.staged):
                     # (staged: sub-tile t's Q stage holds its partials until they are out)
-                    self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, nrows,
+                    self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, t, nrows,
                                          pbase, scale_log2, ctid)
                     pipe_q.consumer_release(ring_state(self.QS, t))
                 else:
@@ -768,6 +853,70 @@ class MobaFwdSm90(PingPong):
         else:
             self.consumer_streamed(frags, part_o, tpl, trl, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys,
                                    pbase, scale_log2, ctid, wg)
+
+    @cute.jit
+    def consumer_persistent(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer,
+                            tiles: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+                            sunit: cute.Tensor, pipe_q, pipe_kv: SplitKV, tiled_mma_qk: cute.TiledMma,
+                            tiled_mma_pv: cute.TiledMma, pbase: Int32, scale_log2: Float32, ctid: Int32, st):
+        """The persistent walk's consumer: per unit, the one-n-block loop of :meth:`consumer` with
+        the Q ring index running on across units (``qi``), K released once the unit's last
+        ``QK^T`` is done and V once its last ``PV`` is."""
+        dt = self.dtype
+        f = self.consumer_frags(tiled_mma_qk, tiled_mma_pv, sQ, sK, sV, ctid)
+        acc_S, acc_O, rP, tOrP, tOrVt = f.acc_S, f.acc_O, f.rP, f.tOrP, f.tOrVt
+        tSrQ, tSrK, S_mn, cS_mn = f.tSrQ, f.tSrK, f.S_mn, f.cS_mn
+        O_mn, cO_mn, row_max, row_sum = f.O_mn, f.cO_mn, f.row_max, f.row_sum
+        trl = _flat(rows_list)
+        tpl = _flat(part_lse)
+        bid, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        tq = _flat(tiles)
+        qi = Int32(0)  # sub-tiles consumed: the Q ring's position
+        ui = Int32(0)  # units walked: the K and V rings' position
+        for _u in cutlass.range(tq[0] + bid, tq[1], grid, unroll=1):
+            kv = ring_state(1, ui)
+            pipe_kv.k.consumer_wait(kv)
+            slot = (ui % 2) * 4
+            r0 = sunit[slot]
+            nrows = sunit[slot + 1]
+            nkeys = sunit[slot + 2]
+            nsub = (nrows + BM - 1) // BM
+            pipe_kv.v.consumer_wait(kv)
+            if nsub > 0:
+                if nkeys < self.BN:
+                    # (as in consumer: keys past the chunk get probability 0, their V rows zero)
+                    self.zero_v_tail(sV, Int32(0), nkeys, ctid, Int32(0))
+                self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, qi)
+                warpgroup.wait_group(0)
+                if nsub == 1:
+                    pipe_kv.k.consumer_release(kv)
+                self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
+                rP.store(acc_S.load().to(dt))
+                for t in cutlass.range(nsub, unroll=1):
+                    warpgroup.fence()
+                    gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, 0)
+                    warpgroup.commit_group()
+                    if t + 1 < nsub:
+                        self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, qi + t + 1)
+                        warpgroup.wait_group(1)  # PV(t) done; QK^T(t + 1) may still run
+                    else:
+                        warpgroup.wait_group(0)
+                        pipe_kv.v.consumer_release(kv)
+                    self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, qi + t,
+                                         nrows, pbase, scale_log2, ctid)
+                    pipe_q.consumer_release(ring_state(self.QS, qi + t))
+                    if t + 1 < nsub:
+                        warpgroup.wait_group(0)
+                        if t + 2 == nsub:
+                            pipe_kv.k.consumer_release(kv)
+                        self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
+                        rP.store(acc_S.load().to(dt))
+                qi += nsub
+            else:
+                pipe_kv.k.consumer_release(kv)
+                pipe_kv.v.consumer_release(kv)
+            ui += 1
 
     @cute.jit
     def consumer_streamed(self, f: ConsumerFrags, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor,
@@ -1057,22 +1206,23 @@ class MobaFwdSm90(PingPong):
     @cute.jit
     def epilogue_staged(self, O_mn: cute.Tensor, cO_mn: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
                         part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor, sQ: cute.Tensor, st, r0: Int32,
-                        t: Int32, nrows: Int32, pbase: Int32, scale_log2: Float32, ctid: Int32):
+                        t: Int32, gi: Int32, nrows: Int32, pbase: Int32, scale_log2: Float32, ctid: Int32):
         """:meth:`epilogue` through shared memory: the normalized partials into sub-tile ``t``'s
         own Q ring stage (its QK^T has completed; the caller releases the stage afterwards), each
         row's place (-1: padding) into ``sLoc``, a barrier among the 128 consumer threads, then
         whole 16-byte pieces to the partial buffer (a warp stores 2 rows of 256 bytes at D = 128).
-        The LSEs are stored directly, one per row."""
+        The LSEs are stored directly, one per row. ``gi``: the sub-tile's place in the Q ring
+        (``t`` but in the persistent walk, whose ring runs on across units)."""
         D, dt = self.D, self.dtype
         CV = D // 8
         NR = cute.size(O_mn, mode=[0])
         NCO = cute.size(O_mn, mode=[1])
         lane = ctid % 32
-        stage = t % self.QS
+        stage = gi % self.QS
         sq_base = cute.recast_ptr(sQ.iterator, None, dt)
         q_outer = sQ.layout  # (the swizzle lives in the iterator: applied by hand, as the gather does)
         sloc = st.sLoc.get_tensor(cute.make_layout(2 * BM))
-        lb = (t % 2) * BM  # (two location buffers: sub-tile t + 2 writes after t + 1's barrier)
+        lb = (gi % 2) * BM  # (two location buffers: sub-tile gi + 2 writes after gi + 1's barrier)
         for r in cutlass.range_constexpr(NR):
             l = _quad_sum(row_sum[r])
             m = cO_mn[r, 0][0]
