@@ -648,13 +648,14 @@ class MobaFwdSm90(PingPong):
     @cute.jit
     def producer_persistent(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom,
                             atom_v: cute.CopyAtom, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
-                            sK: cute.Tensor, sV: cute.Tensor, sunit: cute.Tensor, pipe_q, pipe_kv, ua: "UnitArgs",
-                            total_q: Int32, KP: Int32, tid: Int32, warp: Int32):
+                            sK: cute.Tensor, sV: cute.Tensor, sunit: cute.Tensor, pipe_q, pipe_kv: SplitKV,
+                            ua: "UnitArgs", total_q: Int32, KP: Int32, tid: Int32, warp: Int32):
         """The persistent walk's producer (``SegVariant.persistent``): per unit of this CTA, warp 0
-        passes the unit's (first entry, rows, keys) to the consumer in ``sUnit`` (two slots, in
-        the unit's K barrier phase) and loads its K and V by TMA as their one-stage rings free up;
-        then the four warps gather its sub-tiles' rows into the Q ring, which runs on across
-        units."""
+        passes the unit's (first entry, rows, keys) to the consumer in ``sUnit`` (two slots, under
+        the unit's K barrier) and loads its K by TMA once the one-stage K ring frees up (the
+        previous unit's last ``QK^T`` done); the four warps gather the unit's sub-tiles' rows into
+        the Q ring, which runs on across units; warp 0 loads V after its rows of the first
+        sub-tile, since V frees up last (the previous unit's last ``PV``)."""
         bid, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
         tq = _flat(ua.tiles)
@@ -666,23 +667,38 @@ class MobaFwdSm90(PingPong):
                                                         ua.seg_start, ua.cu_k, ua.cu_chunks, u, Int32(UNIT),
                                                         Int32(0), ua.B, ua.total_k, ua.H, ua.chunk_size, True,
                                                         ua.Hk, ua.nbound, ua.nrw, ua.wstart)
+            nsub = (nrows + BM - 1) // BM
+            kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (ua.H // ua.Hk), ks + kbeg,
+                                    self.BN, self.D)
             if warp == 0:
                 # the slot's last reader was the unit two back, whose K stage the consumer released
-                # before this warp acquired the previous unit's: free; the writes are ordered before
-                # the consumer's read by the K barrier's arrive below (release) and its wait (acquire)
+                # before this warp acquired the previous unit's: free. The K barrier's arrive below
+                # (release) and the consumer's wait on it (acquire) order these writes before its read
                 slot = (kv_state.count % 2) * 4
                 sunit[slot] = r0
                 sunit[slot + 1] = nrows
                 sunit[slot + 2] = kend - kbeg
                 cute.arch.sync_warp()
-                kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (ua.H // ua.Hk),
-                                        ks + kbeg, self.BN, self.D)
-                self.load_kv_block(atom_k, atom_v, kv_views, pipe_kv, kv_state, Int32(0))
-                kv_state.advance()
-            for t in cutlass.range((nrows + BM - 1) // BM, unroll=1):
+                pipe_kv.k.producer_acquire(kv_state)
+                cute.copy(atom_k, kv_views[1][None, 0], kv_views[0][None, 0],
+                          tma_bar_ptr=pipe_kv.k.producer_get_barrier(kv_state))
+            for t in cutlass.range(nsub, unroll=1):
                 self.gather_rows(q, rows_list, sQ, pipe_q, q_state, r0, t * BM, nrows, warp * 16, Int32(16), h,
                                  ua.H, total_q, KP, tid % 32, 16)
                 q_state.advance()
+                if (warp == 0) & (t == 0):
+                    self.load_v_persistent(atom_v, kv_views, pipe_kv, kv_state)
+            if warp == 0:
+                if nsub == 0:
+                    self.load_v_persistent(atom_v, kv_views, pipe_kv, kv_state)
+                kv_state.advance()
+
+    @cute.jit
+    def load_v_persistent(self, atom_v: cute.CopyAtom, kv_views, pipe_kv: SplitKV, kv_state):
+        """The unit's V by TMA into the one-stage V ring (warp 0 of the persistent producer)."""
+        pipe_kv.v.producer_acquire(kv_state)
+        cute.copy(atom_v, kv_views[3][None, 0], kv_views[2][None, 0],
+                  tma_bar_ptr=pipe_kv.v.producer_get_barrier(kv_state))
 
     @cute.jit
     def load_kv_block(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, kv_state, n: Int32):
