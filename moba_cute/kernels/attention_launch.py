@@ -362,7 +362,7 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, varian
     seg = (kern.compile_key(dtype_name, head_dim, bn, sub, kst, variant),
            lambda: kern(dt, head_dim, bn, sub, kst, variant))
     specs = {
-        "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(9), 11, 1),),
+        "seg": seg + (_fake([(dt, 16)] * 4 + [(F, 4)] + _i32p(10), 11, 1),),
         "slot_prep": (("slotprep", bm, causal), lambda: SlotPrepKernel(bm, causal), _fake(_i32p(3), 4)),
         "slot_count": (("slotidx", False, causal, dtype_name, head_dim, "merged"),
                        lambda: SlotIndexKernel(False, causal, dt, head_dim, True), fake_args_index(dt)),
@@ -694,7 +694,7 @@ class _SlotIndexPlan:
         self.layout = layout = common.WorkspaceLayout()
         for name, n in (("nused", rows_tot), ("counts", self.n_counts), ("seg_off", self.n_counts + 1),
                         ("tile_off", self.n_counts + 1), ("tile_seg", self.tiles_bound),
-                        ("pass_tiles", self.npass + 1), ("cu_mt", B + 1)):
+                        ("pass_tiles", 2 * self.npass + 1), ("cu_mt", B + 1)):
             layout.add(name, 4 * n)
         if self.nrw:
             # the pair lists' per-segment counts, and each window's first entry in a segment
@@ -731,6 +731,10 @@ class _SlotIndexPlan:
                             self.npass, self.tiles_bound, stream)
             if not self.merged:
                 ks["slot_scatter"](*idx_args)
+
+    def work_counter(self, p, sp):
+        """Gather pass ``sp``'s unit counter (zeroed by the scan; :class:`SlotScanKernel`)."""
+        return p["pass_tiles"] + 4 * (self.npass + 1 + sp)
 
     def pass_args(self, p, sp):
         """The index pointers of gather pass ``sp`` (0-based among the gather passes)."""
@@ -1051,7 +1055,7 @@ def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offse
         if ix.gather:
             ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
                       p["pass_tiles"] + 4 * sp, p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets,
-                      wstart, B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound, pbase, ix.nrw,
+                      wstart, ix.work_counter(p, sp), B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound, pbase, ix.nrw,
                       plan.seg_grid, scale_log2, stream)
         if plan.causal:
             unused = p["nused"]

@@ -72,6 +72,7 @@ PRODUCER_REGS = 40
 CONSUMER_REGS = 216
 CTAS_PER_SM = 2
 PP_BARRIER = 3  # ping-pong: named barriers 3 and 4 (1: V tail zeroed, 2: staged epilogue)
+SCHED_BARRIER = 5  # the persistent walk's producer warpgroup: the next unit taken
 
 
 def acc_mn_view(t: cute.Tensor) -> cute.Tensor:
@@ -427,7 +428,7 @@ class MobaFwdSm90(PingPong):
         if self.staged:
             fields["sLoc"] = AL[MR[Int32, 2 * BM], 16]
         if self.persistent:
-            fields["sUnit"] = AL[MR[Int32, 8], 16]  # two units' (first entry, rows, keys)
+            fields["sUnit"] = AL[MR[Int32, 8], 16]  # two units' (first entry, rows, keys, unit number)
         fields.update(self._extra_smem())
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
 
@@ -472,6 +473,7 @@ class MobaFwdSm90(PingPong):
         tile_off: cute.Pointer,
         seg_start: cute.Pointer,
         wstart: cute.Pointer,
+        work: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -490,7 +492,7 @@ class MobaFwdSm90(PingPong):
          Storage) = self.host_setup(k, v, total_k, Hk)
         self.kernel(
             tma_k, tma_v, atom_k, atom_v, q, part_o, part_lse, cu_k, cu_chunks, tiles, rows_list, tile_seg,
-            seg_off, tile_off, seg_start, wstart, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, nrw,
+            seg_off, tile_off, seg_start, wstart, work, B, total_q, total_k, H, Hk, chunk_size, KP, nbound, pbase, nrw,
             scale_log2, sQ_layout, sKV_layout, tiled_mma_qk, tiled_mma_pv, Storage,
         ).launch(grid=(grid_x * self.CL, 1, 1), block=(self.THREADS, 1, 1), stream=stream,
                  cluster=(self.CL, 1, 1) if self.CL > 1 else None,
@@ -515,6 +517,7 @@ class MobaFwdSm90(PingPong):
         tile_off: cute.Pointer,
         seg_start: cute.Pointer,
         wstart: cute.Pointer,
+        work: cute.Pointer,
         B: Int32,
         total_q: Int32,
         total_k: Int32,
@@ -550,14 +553,14 @@ class MobaFwdSm90(PingPong):
             pipeline.pipeline_init_wait(cluster_shape_mn=cluster)
             ua = UnitArgs(tiles, tile_seg, seg_off, tile_off, seg_start, cu_k, cu_chunks, wstart, B, total_k, H,
                           Hk, chunk_size, nbound, nrw)
-            sunit = st.sUnit.get_tensor(cute.make_layout(8))
+            sunit = st.sUnit.get_tensor(cute.make_layout(8))  # two slots: (first entry, rows, keys, unit)
             if warp < 4:
                 cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
                 self.producer_persistent(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, sunit, pipe_q,
-                                         pipe_kv, ua, total_q, KP, tid, warp)
+                                         pipe_kv, ua, work, total_q, KP, tid, warp)
             else:
                 cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
-                self.consumer_persistent(part_o, part_lse, rows_list, tiles, sQ, sK, sV, sunit, pipe_q, pipe_kv,
+                self.consumer_persistent(part_o, part_lse, rows_list, sQ, sK, sV, sunit, pipe_q, pipe_kv,
                                          tiled_mma_qk, tiled_mma_pv, pbase, scale_log2, tid - 128, st)
         else:
             unit = _flat(tiles)[0] + bid // self.CL  # (a cluster's CTAs share their unit)
@@ -649,34 +652,46 @@ class MobaFwdSm90(PingPong):
     def producer_persistent(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom,
                             atom_v: cute.CopyAtom, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
                             sK: cute.Tensor, sV: cute.Tensor, sunit: cute.Tensor, pipe_q, pipe_kv: SplitKV,
-                            ua: "UnitArgs", total_q: Int32, KP: Int32, tid: Int32, warp: Int32):
-        """The persistent walk's producer (``SegVariant.persistent``): per unit of this CTA, warp 0
-        passes the unit's (first entry, rows, keys) to the consumer in ``sUnit`` (two slots, under
-        the unit's K barrier) and loads its K by TMA once the one-stage K ring frees up (the
-        previous unit's last ``QK^T`` done); the four warps gather the unit's sub-tiles' rows into
-        the Q ring, which runs on across units; warp 0 loads V after its rows of the first
-        sub-tile, since V frees up last (the previous unit's last ``PV``)."""
-        bid, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
+                            ua: "UnitArgs", work: cute.Pointer, total_q: Int32, KP: Int32, tid: Int32, warp: Int32):
+        """The persistent walk's producer (``SegVariant.persistent``). Thread 0 takes the next unit
+        from the pass's counter ``work`` (units in the order CTAs ask: no CTA waits behind a
+        longer share) and hands it to the warpgroup; warp 0 passes the unit's (first entry, rows,
+        keys) to the consumer in ``sUnit`` (two slots, under the unit's K barrier; rows -1: no
+        unit left) and loads its K by TMA once the one-stage K ring frees up (the previous unit's
+        last ``QK^T`` done); the four warps gather the unit's sub-tiles' rows into the Q ring,
+        which runs on across units; warp 0 loads V after its rows of the first sub-tile, since V
+        frees up last (the previous unit's last ``PV``)."""
         tq = _flat(ua.tiles)
+        end = tq[1]
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         UNIT = BM * self.SUB
-        for u in cutlass.range(tq[0] + bid, tq[1], grid, unroll=1):
+        going = Int32(1)
+        while going != 0:
+            # the slot's last readers were the unit two back's: its (first entry, rows, keys) the
+            # consumer's, whose K stage went back before this warp acquired the previous unit's;
+            # its unit number this warpgroup's, before the previous unit's barrier below
+            slot = (kv_state.count % 2) * 4
+            if tid == 0:
+                sunit[slot + 3] = tq[0] + cute.arch.atomic_add(work.llvm_ptr, Int32(1))
+            cute.arch.barrier(barrier_id=SCHED_BARRIER, number_of_threads=128)
+            u = sunit[slot + 3]
             r0, nrows, h, ks, kbeg, kend = segment_unit(ua.tiles, ua.tile_seg, ua.seg_off, ua.tile_off,
                                                         ua.seg_start, ua.cu_k, ua.cu_chunks, u, Int32(UNIT),
                                                         Int32(0), ua.B, ua.total_k, ua.H, ua.chunk_size, True,
                                                         ua.Hk, ua.nbound, ua.nrw, ua.wstart)
+            if u >= end:
+                going = Int32(0)
             nsub = (nrows + BM - 1) // BM
             kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (ua.H // ua.Hk), ks + kbeg,
                                     self.BN, self.D)
             if warp == 0:
-                # the slot's last reader was the unit two back, whose K stage the consumer released
-                # before this warp acquired the previous unit's: free. The K barrier's arrive below
-                # (release) and the consumer's wait on it (acquire) order these writes before its read
-                slot = (kv_state.count % 2) * 4
+                # (written before the K barrier's arrive below (release), read after the consumer's
+                # wait on it (acquire); no unit left: K is loaded all the same, to complete the phase)
                 sunit[slot] = r0
                 sunit[slot + 1] = nrows
+                if going == 0:
+                    sunit[slot + 1] = Int32(-1)
                 sunit[slot + 2] = kend - kbeg
                 cute.arch.sync_warp()
                 pipe_kv.k.producer_acquire(kv_state)
@@ -689,9 +704,9 @@ class MobaFwdSm90(PingPong):
                 if (warp == 0) & (t == 0):
                     self.load_v_persistent(atom_v, kv_views, pipe_kv, kv_state)
             if warp == 0:
-                if nsub == 0:
+                if (nsub == 0) & (going != 0):
                     self.load_v_persistent(atom_v, kv_views, pipe_kv, kv_state)
-                kv_state.advance()
+            kv_state.advance()
 
     @cute.jit
     def load_v_persistent(self, atom_v: cute.CopyAtom, kv_views, pipe_kv: SplitKV, kv_state):
@@ -872,12 +887,13 @@ class MobaFwdSm90(PingPong):
 
     @cute.jit
     def consumer_persistent(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer,
-                            tiles: cute.Pointer, sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
+                            sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
                             sunit: cute.Tensor, pipe_q, pipe_kv: SplitKV, tiled_mma_qk: cute.TiledMma,
                             tiled_mma_pv: cute.TiledMma, pbase: Int32, scale_log2: Float32, ctid: Int32, st):
-        """The persistent walk's consumer: per unit, the one-n-block loop of :meth:`consumer` with
-        the Q ring index running on across units (``qi``), K released once the unit's last
-        ``QK^T`` is done and V once its last ``PV`` is."""
+        """The persistent walk's consumer: per unit the producer hands over in ``sUnit`` (until
+        one of -1 rows), the one-n-block loop of :meth:`consumer`, the Q ring's index running on
+        across units (``qi``), K released once the unit's last ``QK^T`` is done and V once its
+        last ``PV`` is."""
         dt = self.dtype
         f = self.consumer_frags(tiled_mma_qk, tiled_mma_pv, sQ, sK, sV, ctid)
         acc_S, acc_O, rP, tOrP, tOrVt = f.acc_S, f.acc_O, f.rP, f.tOrP, f.tOrVt
@@ -885,12 +901,10 @@ class MobaFwdSm90(PingPong):
         O_mn, cO_mn, row_max, row_sum = f.O_mn, f.cO_mn, f.row_max, f.row_sum
         trl = _flat(rows_list)
         tpl = _flat(part_lse)
-        bid, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
-        tq = _flat(tiles)
         qi = Int32(0)  # sub-tiles consumed: the Q ring's position
         ui = Int32(0)  # units walked: the K and V rings' position
-        for _u in cutlass.range(tq[0] + bid, tq[1], grid, unroll=1):
+        going = Int32(1)
+        while going != 0:
             kv = ring_state(1, ui)
             pipe_kv.k.consumer_wait(kv)
             slot = (ui % 2) * 4
@@ -898,8 +912,10 @@ class MobaFwdSm90(PingPong):
             nrows = sunit[slot + 1]
             nkeys = sunit[slot + 2]
             nsub = (nrows + BM - 1) // BM
-            pipe_kv.v.consumer_wait(kv)
-            if nsub > 0:
+            if nrows < 0:
+                going = Int32(0)  # no unit left (its K stage is never reused: not released)
+            elif nsub > 0:
+                pipe_kv.v.consumer_wait(kv)
                 if nkeys < self.BN:
                     # (as in consumer: keys past the chunk get probability 0, their V rows zero)
                     self.zero_v_tail(sV, Int32(0), nkeys, ctid, Int32(0))
@@ -930,6 +946,7 @@ class MobaFwdSm90(PingPong):
                         rP.store(acc_S.load().to(dt))
                 qi += nsub
             else:
+                pipe_kv.v.consumer_wait(kv)
                 pipe_kv.k.consumer_release(kv)
                 pipe_kv.v.consumer_release(kv)
             ui += 1

@@ -386,7 +386,8 @@ class SlotScanKernel:
     * ``tile_seg[t] = i`` for every tile ``t`` of segment ``i`` (entries at or past
       ``tiles_bound``, the table's size, are dropped: only garbage cu_seqlens get there);
     * ``pass_tiles[p] = tile_off[p * nseg]``, ``pass_tiles[passes]`` = total: each gather
-      pass's tile range.
+      pass's tile range; ``pass_tiles[passes + 1 + p] = 0``: each pass's unit counter (the sm90
+      segment kernel's persistent walk takes its units from it).
 
     Both scans run over steps of ``SCAN_THREADS * SCAN_ITEMS`` counts with a running carry.
     A single CTA suffices: the work is ~20 bytes per segment and tile (64K flashmoba: 115K
@@ -455,3 +456,5 @@ class SlotScanKernel:
             tso[n] = carry_c
             tto[n] = carry_t
             tpt[passes] = carry_t
+        for p in cutlass.range(tid, passes, self.nthr):
+            tpt[passes + 1 + p] = 0
