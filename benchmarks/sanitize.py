@@ -60,6 +60,7 @@ class Case:
     overlap: bool = False  # sm90 forward: MOBA_CUTE_FWD_OVERLAP=1 (two-stage one-consumer tiles)
     q_regs: bool = False  # sm90 forward: MOBA_CUTE_FWD_QREGS=1 (Q in registers for streamed n-blocks)
     mcast: bool = False  # sm90 forward: MOBA_CUTE_FWD_MULTICAST=1 (clusters of two CTAs, K/V multicast)
+    persistent: bool = False  # sm90 forward: MOBA_CUTE_FWD_PERSISTENT=1 (the segment kernel's persistent walk)
     diag_sm90: bool = False  # sm90: the causal diagonal on wgmma at any chunk (MOBA_CUTE_FWD_DIAG_SM90=1)
     diag_staged: bool = False  # ... its merge staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED=1; else 0)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
@@ -151,6 +152,12 @@ CASES = [
     # the segment kernel's fragment stores (MOBA_CUTE_FWD_STAGED=0; the staged epilogue is the
     # default), with windows
     Case("fwd-unstaged-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, staged=False, **A),
+    # the segment kernel's persistent walk (chunks of one n-block): windows of query rows (many
+    # small units), non-causal Sq != Sk with an empty sequence, V tails (C = 100 at D = 128), NaN
+    Case("fwd-persistent-odd", ODD, ODD, 8, 4, C=64, K=4, windows=True, persistent=True, **A),
+    Case("fwd-persistent-noncausal-sq-ne-sk", (50, 0, 70), (90, 5, 40), 8, 2, C=32, K=3, persistent=True, **B),
+    Case("fwd-persistent-tail-nan", (700, 90, 333), (700, 90, 333), 8, 4, C=100, K=4, grad=False, nan=True,
+         persistent=True, **Cc),
     # two consumer warpgroups sharing each streamed n-block (MobaFwdSm90Pair): chunks of 2 n-blocks
     # with a V tail, odd sub-tile counts (one warpgroup idle in a unit's last step), short chunks
     # streamed per step, windows of query rows
@@ -304,6 +311,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
                                          ("fwd-mcast", case.mcast)) if on)
         else:
             t.add("fwd-staged" if case.staged else "fwd-unstaged")
+            if case.persistent and case.staged and case.C <= 128:
+                t.add("fwd-persistent")
         if case.diag_sm90 and case.causal:
             t.add("fwd-diag90")
             if case.diag_staged:
@@ -354,7 +363,7 @@ _ENV_NAMES = ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_FWD_PARTI
               "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
               "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_RESCALE_SKIP", "MOBA_CUTE_BWD_DQ_CHAIN",
               "MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP",
-              "MOBA_CUTE_BWD_CHAIN_PIPE", "MOBA_CUTE_BWD_OVERLAP")
+              "MOBA_CUTE_BWD_CHAIN_PIPE", "MOBA_CUTE_BWD_OVERLAP", "MOBA_CUTE_FWD_PERSISTENT")
 
 
 @contextlib.contextmanager
@@ -369,6 +378,7 @@ def _env(case: Case):
            "MOBA_CUTE_FWD_OVERLAP": "1" if case.overlap else "0",
            "MOBA_CUTE_FWD_QREGS": "1" if case.q_regs else "0",
            "MOBA_CUTE_FWD_MULTICAST": "1" if case.mcast else "0",
+           "MOBA_CUTE_FWD_PERSISTENT": "1" if case.persistent else "0",
            "MOBA_CUTE_FWD_STAGED": "1" if case.staged else "0",
            "MOBA_CUTE_BWD_DQ_CHAIN": "1" if case.bwd_chain else "0",
            "MOBA_CUTE_BWD_CHAIN_PIPE": "1" if case.chain_pipe else "0",

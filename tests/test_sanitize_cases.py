@@ -21,7 +21,7 @@ REQUIRED = {
     "float16", "bfloat16", "D64", "D128",
     "centroids-fused-prep", "centroids-separate-prep", "kmindex-vec16", "kmindex-scalar",
     "fwd-device", "fwd-sm80", "fwd-sm80-2stage", "fwd-windows-rows", "fwd-windows-kv", "fwd-staged", "fwd-unstaged",
-    "fwd-pair", "fwd-overlap", "fwd-qregs", "fwd-mcast", "fwd-diag90", "fwd-diag90-staged",
+    "fwd-pair", "fwd-overlap", "fwd-qregs", "fwd-mcast", "fwd-persistent", "fwd-diag90", "fwd-diag90-staged",
     "grad", "fwd-only", "route-only",
     "chunk>128", "bwd-chain", "bwd-chain-pipe", "bwd-overlap", "bwd-sequential",
 }
