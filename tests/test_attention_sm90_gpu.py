@@ -358,7 +358,7 @@ PERSIST_CASES = [
     ([3000, 1, 700], [3000, 1, 700], 4, 2, 128, 8, True, 128, torch.bfloat16, None, None),
     ([3000, 1, 700], [3000, 1, 700], 4, 2, 128, 8, True, 128, torch.bfloat16, 3, None),  # many units a CTA
     ([1000, 517], [1000, 517], 8, 8, 64, 6, True, 128, torch.bfloat16, 5, "64"),  # windows of 64 rows
-    ([2500], [2500], 8, 4, 100, 4, True, 128, torch.float16, 7, "kv"),  # windows of KV heads, C = 100
+    ([2500], [2500], 8, 4, 112, 4, True, 128, torch.float16, 7, "kv"),  # windows of KV heads, V tails (C = 112)
     ([513, 90], [400, 700], 4, 1, 32, 3, False, 64, torch.bfloat16, 2, None),  # non-causal, Sq != Sk, MQA
     ([700, 1, 333], [700, 1, 333], 8, 2, 16, 9, True, 64, torch.float16, 4, None),  # topk > chunks
 ]

@@ -428,6 +428,7 @@ class MobaFwdSm90(PingPong):
         if self.staged:
             fields["sLoc"] = AL[MR[Int32, 2 * BM], 16]
         if self.persistent:
+            fields["mbar_unit"] = MR[cutlass.Int64, 4]
             fields["sUnit"] = AL[MR[Int32, 8], 16]  # two units' (first entry, rows, keys, unit number)
         fields.update(self._extra_smem())
         return cute.struct(type("Storage", (), {"__annotations__": fields}))
@@ -540,6 +541,13 @@ class MobaFwdSm90(PingPong):
         warp, st = kernel_prologue(atom_k, atom_v, Storage)
         pipe_q, pipe_kv = gather_tma_pipelines(st, self.QS, 128, self.KS, 4 * self.NW, self.kv_bytes,
                                                self.Q_PRODUCERS, self.CL, self._v_barriers(st))
+        pipe_u = None
+        if cutlass.const_expr(self.persistent):
+            # the persistent walk's units, producer warp 0 -> the consumer warpgroup (two stages)
+            pipe_u = pipeline.PipelineAsync.create(
+                barrier_storage=st.mbar_unit.data_ptr(), num_stages=2,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 32),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 128), defer_sync=True)
         # barrier init visible to both warpgroups, and with a cluster to the peer CTA, which
         # multicasts into this CTA's stages and arrives on its barriers
         cluster = cute.make_layout((self.CL, 1))
@@ -556,11 +564,11 @@ class MobaFwdSm90(PingPong):
             sunit = st.sUnit.get_tensor(cute.make_layout(8))  # two slots: (first entry, rows, keys, unit)
             if warp < 4:
                 cute.arch.setmaxregister_decrease(self.PRODUCER_REGS)
-                self.producer_persistent(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, sunit, pipe_q,
-                                         pipe_kv, ua, work, total_q, KP, tid, warp)
+                self.producer_persistent(tma_k, tma_v, atom_k, atom_v, q, rows_list, sQ, sK, sV, sunit, pipe_u,
+                                         pipe_q, pipe_kv, ua, work, total_q, KP, tid, warp)
             else:
                 cute.arch.setmaxregister_increase(self.CONSUMER_REGS)
-                self.consumer_persistent(part_o, part_lse, rows_list, sQ, sK, sV, sunit, pipe_q, pipe_kv,
+                self.consumer_persistent(part_o, part_lse, rows_list, sQ, sK, sV, sunit, pipe_u, pipe_q, pipe_kv,
                                          tiled_mma_qk, tiled_mma_pv, pbase, scale_log2, tid - 128, st)
         else:
             unit = _flat(tiles)[0] + bid // self.CL  # (a cluster's CTAs share their unit)
@@ -651,27 +659,27 @@ class MobaFwdSm90(PingPong):
     @cute.jit
     def producer_persistent(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom,
                             atom_v: cute.CopyAtom, q: cute.Pointer, rows_list: cute.Pointer, sQ: cute.Tensor,
-                            sK: cute.Tensor, sV: cute.Tensor, sunit: cute.Tensor, pipe_q, pipe_kv: SplitKV,
+                            sK: cute.Tensor, sV: cute.Tensor, sunit: cute.Tensor, pipe_u, pipe_q, pipe_kv: SplitKV,
                             ua: "UnitArgs", work: cute.Pointer, total_q: Int32, KP: Int32, tid: Int32, warp: Int32):
         """The persistent walk's producer (``SegVariant.persistent``). Thread 0 takes the next unit
         from the pass's counter ``work`` (units in the order CTAs ask: no CTA waits behind a
-        longer share) and hands it to the warpgroup; warp 0 passes the unit's (first entry, rows,
-        keys) to the consumer in ``sUnit`` (two slots, under the unit's K barrier; rows -1: no
-        unit left) and loads its K by TMA once the one-stage K ring frees up (the previous unit's
-        last ``QK^T`` done); the four warps gather the unit's sub-tiles' rows into the Q ring,
-        which runs on across units; warp 0 loads V after its rows of the first sub-tile, since V
-        frees up last (the previous unit's last ``PV``)."""
+        longer share) and hands its number to the warpgroup (named barrier); warp 0 passes the
+        unit's (first entry, rows, keys) to the consumer through ``pipe_u`` (two ``sUnit`` slots;
+        rows -1: no unit left) and loads its K by TMA once the one-stage K ring frees up (the
+        previous unit's last ``QK^T`` done); the four warps gather the unit's sub-tiles' rows into
+        the Q ring, which runs on across units; warp 0 loads V after its rows of the first
+        sub-tile, since V frees up last (the previous unit's last ``PV``)."""
         tq = _flat(ua.tiles)
         end = tq[1]
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        u_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 2)
         UNIT = BM * self.SUB
         going = Int32(1)
         while going != 0:
-            # the slot's last readers were the unit two back's: its (first entry, rows, keys) the
-            # consumer's, whose K stage went back before this warp acquired the previous unit's;
-            # its unit number this warpgroup's, before the previous unit's barrier below
-            slot = (kv_state.count % 2) * 4
+            # (each warp read the slot's unit number two units back, before the previous unit's
+            # barrier: free)
+            slot = (u_state.count % 2) * 4
             if tid == 0:
                 sunit[slot + 3] = tq[0] + cute.arch.atomic_add(work.llvm_ptr, Int32(1))
             cute.arch.barrier(barrier_id=SCHED_BARRIER, number_of_threads=128)
@@ -686,17 +694,18 @@ class MobaFwdSm90(PingPong):
             kv_views = kv_tma_views(atom_k, tma_k, atom_v, tma_v, sK, sV, h // (ua.H // ua.Hk), ks + kbeg,
                                     self.BN, self.D)
             if warp == 0:
-                # (written before the K barrier's arrive below (release), read after the consumer's
-                # wait on it (acquire); no unit left: K is loaded all the same, to complete the phase)
+                pipe_u.producer_acquire(u_state)
                 sunit[slot] = r0
                 sunit[slot + 1] = nrows
                 if going == 0:
                     sunit[slot + 1] = Int32(-1)
                 sunit[slot + 2] = kend - kbeg
-                cute.arch.sync_warp()
-                pipe_kv.k.producer_acquire(kv_state)
-                cute.copy(atom_k, kv_views[1][None, 0], kv_views[0][None, 0],
-                          tma_bar_ptr=pipe_kv.k.producer_get_barrier(kv_state))
+                pipe_u.producer_commit(u_state)
+                if going != 0:
+                    pipe_kv.k.producer_acquire(kv_state)
+                    cute.copy(atom_k, kv_views[1][None, 0], kv_views[0][None, 0],
+                              tma_bar_ptr=pipe_kv.k.producer_get_barrier(kv_state))
+            u_state.advance()
             for t in cutlass.range(nsub, unroll=1):
                 self.gather_rows(q, rows_list, sQ, pipe_q, q_state, r0, t * BM, nrows, warp * 16, Int32(16), h,
                                  ua.H, total_q, KP, tid % 32, 16)
@@ -888,10 +897,10 @@ class MobaFwdSm90(PingPong):
     @cute.jit
     def consumer_persistent(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer,
                             sQ: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor,
-                            sunit: cute.Tensor, pipe_q, pipe_kv: SplitKV, tiled_mma_qk: cute.TiledMma,
+                            sunit: cute.Tensor, pipe_u, pipe_q, pipe_kv: SplitKV, tiled_mma_qk: cute.TiledMma,
                             tiled_mma_pv: cute.TiledMma, pbase: Int32, scale_log2: Float32, ctid: Int32, st):
-        """The persistent walk's consumer: per unit the producer hands over in ``sUnit`` (until
-        one of -1 rows), the one-n-block loop of :meth:`consumer`, the Q ring's index running on
+        """The persistent walk's consumer: per unit the producer hands over (``pipe_u``, until one
+        of -1 rows), the one-n-block loop of :meth:`consumer`, the Q ring's index running on
         across units (``qi``), K released once the unit's last ``QK^T`` is done and V once its
         last ``PV`` is."""
         dt = self.dtype
@@ -905,16 +914,19 @@ class MobaFwdSm90(PingPong):
         ui = Int32(0)  # units walked: the K and V rings' position
         going = Int32(1)
         while going != 0:
-            kv = ring_state(1, ui)
-            pipe_kv.k.consumer_wait(kv)
+            us = ring_state(2, ui)
+            pipe_u.consumer_wait(us)
             slot = (ui % 2) * 4
             r0 = sunit[slot]
             nrows = sunit[slot + 1]
             nkeys = sunit[slot + 2]
+            pipe_u.consumer_release(us)
             nsub = (nrows + BM - 1) // BM
+            kv = ring_state(1, ui)
             if nrows < 0:
-                going = Int32(0)  # no unit left (its K stage is never reused: not released)
+                going = Int32(0)  # no unit left
             elif nsub > 0:
+                pipe_kv.k.consumer_wait(kv)
                 pipe_kv.v.consumer_wait(kv)
                 if nkeys < self.BN:
                     # (as in consumer: keys past the chunk get probability 0, their V rows zero)
@@ -946,6 +958,7 @@ class MobaFwdSm90(PingPong):
                         rP.store(acc_S.load().to(dt))
                 qi += nsub
             else:
+                pipe_kv.k.consumer_wait(kv)
                 pipe_kv.v.consumer_wait(kv)
                 pipe_kv.k.consumer_release(kv)
                 pipe_kv.v.consumer_release(kv)
