@@ -71,8 +71,12 @@ FWD_Q_REGS = False
 FWD_KV_MULTICAST_MIN_CHUNK = 2048
 
 # the segment kernel for chunks of one n-block (C <= bn) as a persistent walk over its units, two
-# CTAs per SM (SegVariant(persistent=True), MOBA_CUTE_FWD_PERSISTENT): the next unit's K/V and Q
-# rows load while this one finishes, instead of each CTA starting with its unit decode and loads
+# CTAs per SM taking units from a counter (SegVariant(persistent=True), MOBA_CUTE_FWD_PERSISTENT):
+# the next unit's K/V and Q rows load while this one finishes, instead of each CTA starting with
+# its unit decode and loads. H100, flashmoba 64K, segment kernel 3.485 -> 3.095 ms; attention
+# given the routing x1.065 (8K) / x1.067 (64K); the same bits (docs/design.md, section 8). Off
+# until its unit hand-over (an mbarrier pipeline since racecheck flagged the first one, which
+# was measured) has run the GPU tests and the sanitizers
 FWD_PERSISTENT = False
 
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
