@@ -1055,8 +1055,8 @@ def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offse
         if ix.gather:
             ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
                       p["pass_tiles"] + 4 * sp, p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets,
-                      wstart, ix.work_counter(p, sp), B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound, pbase, ix.nrw,
-                      plan.seg_grid, scale_log2, stream)
+                      wstart, ix.work_counter(p, sp), B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound,
+                      pbase, ix.nrw, plan.seg_grid, scale_log2, stream)
         if plan.causal:
             unused = p["nused"]
             ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,

@@ -828,18 +828,13 @@ class MobaFwdSm90(PingPong):
                  sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, tiled_mma_qk: cute.TiledMma,
                  tiled_mma_pv: cute.TiledMma, r0: Int32, nrows: Int32, nsub: Int32, nblk: Int32, nkeys: Int32,
                  pbase: Int32, scale_log2: Float32, ctid: Int32, st):
-        BN, dt = self.BN, self.dtype
         wg = Int32(0)  # this thread's consumer warpgroup (two: MobaFwdSm90Pair)
         if cutlass.const_expr(self.NW > 1):
             wg = ctid // 128
             ctid = ctid % 128
         frags = self.consumer_frags(tiled_mma_qk, tiled_mma_pv, sQ, sK, sV, ctid)
-        acc_S, acc_O, rP, tOrP, tOrVt = frags.acc_S, frags.acc_O, frags.rP, frags.tOrP, frags.tOrVt
-        tSrQ, tSrK, S_mn, cS_mn = frags.tSrQ, frags.tSrK, frags.S_mn, frags.cS_mn
-        O_mn, cO_mn, row_max, row_sum = frags.O_mn, frags.cO_mn, frags.row_max, frags.row_sum
         trl = _flat(rows_list)
         tpl = _flat(part_lse)
-        lane = ctid % 32
 
         kv_first = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.KS)
         if cutlass.const_expr(self.NW > 1 or self.CL > 1):
@@ -852,47 +847,68 @@ class MobaFwdSm90(PingPong):
                 pipe_kv.v.consumer_wait(kv_first)
             else:
                 pipe_kv.consumer_wait(kv_first)
-            if nkeys < BN:
+            if nkeys < self.BN:
                 # keys past the chunk (the next chunk or sequence, or TMA's zero fill) get
                 # probability 0; zero their V rows so that a non-finite value there cannot
                 # reach O as 0 * inf
                 self.zero_v_tail(sV, Int32(0), nkeys, ctid, wg)
-            # one n-block per sub-tile: no running state, and the sub-tiles overlap. Sub-tile t's
-            # PV and sub-tile t + 1's QK^T are issued back to back; t's epilogue (global stores)
-            # runs while t + 1's QK^T is on the tensor cores.
-            self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, Int32(0))
-            warpgroup.wait_group(0)
-            if cutlass.const_expr(not self.staged):
-                pipe_q.consumer_release(ring_state(self.QS, 0))
-            self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
-            rP.store(acc_S.load().to(dt))
-            for t in cutlass.range(nsub, unroll=1):
-                warpgroup.fence()
-                gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, 0)
-                warpgroup.commit_group()
-                if t + 1 < nsub:
-                    self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, t + 1)
-                    warpgroup.wait_group(1)  # PV(t) done; QK^T(t + 1) may still run
-                else:
-                    warpgroup.wait_group(0)
-                if cutlass.const_expr(self.staged):
-                    # (staged: sub-tile t's Q stage holds its partials until they are out)
-                    self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, t, nrows,
-                                         pbase, scale_log2, ctid)
-                    pipe_q.consumer_release(ring_state(self.QS, t))
-                else:
-                    self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2,
-                                  lane)
-                if t + 1 < nsub:
-                    warpgroup.wait_group(0)
-                    t1 = t + 1
-                    if cutlass.const_expr(not self.staged):
-                        pipe_q.consumer_release(ring_state(self.QS, t1))
-                    self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
-                    rP.store(acc_S.load().to(dt))
+            self.one_block_subtiles(frags, part_o, tpl, trl, sQ, st, pipe_q, pipe_kv, kv_first, r0, nrows, nsub, nkeys,
+                                    0, pbase, scale_log2, ctid)
         else:
             self.consumer_streamed(frags, part_o, tpl, trl, sQ, sK, sV, pipe_q, pipe_kv, r0, nrows, nsub, nblk, nkeys,
                                    pbase, scale_log2, ctid, wg)
+
+    @cute.jit
+    def one_block_subtiles(self, f: ConsumerFrags, part_o: cute.Pointer, tpl: cute.Tensor, trl: cute.Tensor,
+                           sQ: cute.Tensor, st, pipe_q, pipe_kv, kv, r0: Int32, nrows: Int32, nsub: Int32,
+                           nkeys: Int32, qi, pbase: Int32, scale_log2: Float32, ctid: Int32):
+        """A unit's sub-tiles against its chunk of one n-block (K and V waited for): no running
+        state, and the sub-tiles overlap. Sub-tile t's PV and sub-tile t + 1's QK^T are issued
+        back to back; t's epilogue (global stores) runs while t + 1's QK^T is on the tensor
+        cores. ``qi``: the first sub-tile's place in the Q ring (0 for one CTA per unit). The
+        persistent walk gives K back (``kv``) once the last QK^T is done and V once the last PV
+        is."""
+        dt = self.dtype
+        acc_S, acc_O, rP, tOrP, tOrVt = f.acc_S, f.acc_O, f.rP, f.tOrP, f.tOrVt
+        tSrQ, tSrK, S_mn, cS_mn = f.tSrQ, f.tSrK, f.S_mn, f.cS_mn
+        O_mn, cO_mn, row_max, row_sum = f.O_mn, f.cO_mn, f.row_max, f.row_sum
+        self.qk(pipe_q, f.mma_qk, acc_S, tSrQ, tSrK, qi)
+        warpgroup.wait_group(0)
+        if cutlass.const_expr(not self.staged):
+            pipe_q.consumer_release(ring_state(self.QS, qi))
+        if cutlass.const_expr(self.persistent):
+            if nsub == 1:
+                pipe_kv.k.consumer_release(kv)
+        self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
+        rP.store(acc_S.load().to(dt))
+        for t in cutlass.range(nsub, unroll=1):
+            warpgroup.fence()
+            gemm_kblocks(f.mma_pv, acc_O, tOrP, tOrVt, None, 0)
+            warpgroup.commit_group()
+            if t + 1 < nsub:
+                self.qk(pipe_q, f.mma_qk, acc_S, tSrQ, tSrK, qi + t + 1)
+                warpgroup.wait_group(1)  # PV(t) done; QK^T(t + 1) may still run
+            else:
+                warpgroup.wait_group(0)
+                if cutlass.const_expr(self.persistent):
+                    pipe_kv.v.consumer_release(kv)
+            if cutlass.const_expr(self.staged):
+                # (staged: sub-tile t's Q stage holds its partials until they are out)
+                self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, qi + t, nrows,
+                                     pbase, scale_log2, ctid)
+                pipe_q.consumer_release(ring_state(self.QS, qi + t))
+            else:
+                self.epilogue(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, r0, t, nrows, pbase, scale_log2,
+                              ctid % 32)
+            if t + 1 < nsub:
+                warpgroup.wait_group(0)
+                if cutlass.const_expr(not self.staged):
+                    pipe_q.consumer_release(ring_state(self.QS, qi + t + 1))
+                if cutlass.const_expr(self.persistent):
+                    if t + 2 == nsub:
+                        pipe_kv.k.consumer_release(kv)
+                self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
+                rP.store(acc_S.load().to(dt))
 
     @cute.jit
     def consumer_persistent(self, part_o: cute.Pointer, part_lse: cute.Pointer, rows_list: cute.Pointer,
@@ -903,11 +919,7 @@ class MobaFwdSm90(PingPong):
         of -1 rows), the one-n-block loop of :meth:`consumer`, the Q ring's index running on
         across units (``qi``), K released once the unit's last ``QK^T`` is done and V once its
         last ``PV`` is."""
-        dt = self.dtype
         f = self.consumer_frags(tiled_mma_qk, tiled_mma_pv, sQ, sK, sV, ctid)
-        acc_S, acc_O, rP, tOrP, tOrVt = f.acc_S, f.acc_O, f.rP, f.tOrP, f.tOrVt
-        tSrQ, tSrK, S_mn, cS_mn = f.tSrQ, f.tSrK, f.S_mn, f.cS_mn
-        O_mn, cO_mn, row_max, row_sum = f.O_mn, f.cO_mn, f.row_max, f.row_sum
         trl = _flat(rows_list)
         tpl = _flat(part_lse)
         qi = Int32(0)  # sub-tiles consumed: the Q ring's position
@@ -931,31 +943,8 @@ class MobaFwdSm90(PingPong):
                 if nkeys < self.BN:
                     # (as in consumer: keys past the chunk get probability 0, their V rows zero)
                     self.zero_v_tail(sV, Int32(0), nkeys, ctid, Int32(0))
-                self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, qi)
-                warpgroup.wait_group(0)
-                if nsub == 1:
-                    pipe_kv.k.consumer_release(kv)
-                self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
-                rP.store(acc_S.load().to(dt))
-                for t in cutlass.range(nsub, unroll=1):
-                    warpgroup.fence()
-                    gemm_kblocks(tiled_mma_pv, acc_O, tOrP, tOrVt, None, 0)
-                    warpgroup.commit_group()
-                    if t + 1 < nsub:
-                        self.qk(pipe_q, tiled_mma_qk, acc_S, tSrQ, tSrK, qi + t + 1)
-                        warpgroup.wait_group(1)  # PV(t) done; QK^T(t + 1) may still run
-                    else:
-                        warpgroup.wait_group(0)
-                        pipe_kv.v.consumer_release(kv)
-                    self.epilogue_staged(O_mn, cO_mn, row_max, row_sum, part_o, tpl, trl, sQ, st, r0, t, qi + t,
-                                         nrows, pbase, scale_log2, ctid)
-                    pipe_q.consumer_release(ring_state(self.QS, qi + t))
-                    if t + 1 < nsub:
-                        warpgroup.wait_group(0)
-                        if t + 2 == nsub:
-                            pipe_kv.k.consumer_release(kv)
-                        self.softmax_one_block(S_mn, cS_mn, row_max, row_sum, nkeys, scale_log2)
-                        rP.store(acc_S.load().to(dt))
+                self.one_block_subtiles(f, part_o, tpl, trl, sQ, st, pipe_q, pipe_kv, kv, r0, nrows, nsub, nkeys, qi,
+                                        pbase, scale_log2, ctid)
                 qi += nsub
             else:
                 pipe_kv.k.consumer_wait(kv)
