@@ -344,8 +344,8 @@ class SegVariant:
     of 64; with or without the overlap. ``rescale_skip``: in the streamed loops a warp skips O's
     rescale where every factor of its rows is exactly 1 (no row max moved; bitwise the same O).
     ``persistent``: for chunks of one n-block (``C <= bn``, the launch plan's choice) a grid of
-    at most two CTAs per SM walks the units (CTA ``b``: units ``b, b + grid, ...``) with K and V
-    in one-stage rings of their own: the next unit's K loads once this unit's last ``QK^T`` is
+    at most two CTAs per SM walks the units (each CTA takes the next from the pass's counter),
+    with K and V in one-stage rings of their own: the next unit's K loads once this unit's last ``QK^T`` is
     done, its V once the last ``PV`` is, and its Q rows are gathered during this unit's last
     sub-tiles, so no CTA start, unit decode or first K/V load lies on the consumer's path.
     One-stage one-consumer tiles with the staged epilogue, no clusters."""
