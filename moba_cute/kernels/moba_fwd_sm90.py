@@ -702,27 +702,31 @@ class MobaFwdSm90(PingPong):
                 sunit[slot + 2] = kend - kbeg
                 pipe_u.producer_commit(u_state)
                 if going != 0:
-                    pipe_kv.k.producer_acquire(kv_state)
-                    cute.copy(atom_k, kv_views[1][None, 0], kv_views[0][None, 0],
-                              tma_bar_ptr=pipe_kv.k.producer_get_barrier(kv_state))
+                    self.load_ring_box(atom_k, pipe_kv.k, kv_views[0], kv_views[1], kv_state, Int32(0))
             u_state.advance()
             for t in cutlass.range(nsub, unroll=1):
                 self.gather_rows(q, rows_list, sQ, pipe_q, q_state, r0, t * BM, nrows, warp * 16, Int32(16), h,
                                  ua.H, total_q, KP, tid % 32, 16)
                 q_state.advance()
                 if (warp == 0) & (t == 0):
-                    self.load_v_persistent(atom_v, kv_views, pipe_kv, kv_state)
+                    self.load_ring_box(atom_v, pipe_kv.v, kv_views[2], kv_views[3], kv_state, Int32(0))
             if warp == 0:
                 if (nsub == 0) & (going != 0):
-                    self.load_v_persistent(atom_v, kv_views, pipe_kv, kv_state)
+                    self.load_ring_box(atom_v, pipe_kv.v, kv_views[2], kv_views[3], kv_state, Int32(0))
             kv_state.advance()
 
     @cute.jit
-    def load_v_persistent(self, atom_v: cute.CopyAtom, kv_views, pipe_kv: SplitKV, kv_state):
-        """The unit's V by TMA into the one-stage V ring (warp 0 of the persistent producer)."""
-        pipe_kv.v.producer_acquire(kv_state)
-        cute.copy(atom_v, kv_views[3][None, 0], kv_views[2][None, 0],
-                  tma_bar_ptr=pipe_kv.v.producer_get_barrier(kv_state))
+    def load_ring_box(self, atom: cute.CopyAtom, ring, s_part: cute.Tensor, g_part: cute.Tensor, state, n: Int32):
+        """Box ``n`` of a TMA partition (:func:`kv_tma_views`) into stage ``state`` of a K or V
+        ring of its own (:class:`SplitKV`), acquired here (one thread of warp 0; multicast with
+        ``CL = 2``: this CTA's half of the box, into both CTAs' stage)."""
+        ring.producer_acquire(state)
+        cute.copy(atom, g_part[None, n], s_part[None, state.index], tma_bar_ptr=ring.producer_get_barrier(state),
+                  **self.mcast_kw())
+
+    def mcast_kw(self) -> dict:
+        """``cute.copy``'s keyword for a TMA box multicast to the cluster's CTAs (none without)."""
+        return {"mcast_mask": cutlass.Int16((1 << self.CL) - 1)} if self.CL > 1 else {}
 
     @cute.jit
     def load_kv_block(self, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom, kv_views, pipe_kv, kv_state, n: Int32):
@@ -731,15 +735,11 @@ class MobaFwdSm90(PingPong):
         block, into both CTAs' stage; the stage's barrier expects the whole block's bytes. Split
         K/V: K into its ring, then V into its own."""
         tKsK, tKgK, tVsV, tVgV = kv_views
-        kw = {"mcast_mask": cutlass.Int16((1 << self.CL) - 1)} if self.CL > 1 else {}
         if cutlass.const_expr(self.split_kv):
-            pipe_kv.k.producer_acquire(kv_state)
-            cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index],
-                      tma_bar_ptr=pipe_kv.k.producer_get_barrier(kv_state), **kw)
-            pipe_kv.v.producer_acquire(kv_state)
-            cute.copy(atom_v, tVgV[None, n], tVsV[None, kv_state.index],
-                      tma_bar_ptr=pipe_kv.v.producer_get_barrier(kv_state), **kw)
+            self.load_ring_box(atom_k, pipe_kv.k, tKsK, tKgK, kv_state, n)
+            self.load_ring_box(atom_v, pipe_kv.v, tVsV, tVgV, kv_state, n)
         else:
+            kw = self.mcast_kw()
             pipe_kv.producer_acquire(kv_state)
             bar = pipe_kv.producer_get_barrier(kv_state)
             cute.copy(atom_k, tKgK[None, n], tKsK[None, kv_state.index], tma_bar_ptr=bar, **kw)
@@ -937,20 +937,19 @@ class MobaFwdSm90(PingPong):
             kv = ring_state(1, ui)
             if nrows < 0:
                 going = Int32(0)  # no unit left
-            elif nsub > 0:
-                pipe_kv.k.consumer_wait(kv)
-                pipe_kv.v.consumer_wait(kv)
-                if nkeys < self.BN:
-                    # (as in consumer: keys past the chunk get probability 0, their V rows zero)
-                    self.zero_v_tail(sV, Int32(0), nkeys, ctid, Int32(0))
-                self.one_block_subtiles(f, part_o, tpl, trl, sQ, st, pipe_q, pipe_kv, kv, r0, nrows, nsub, nkeys, qi,
-                                        pbase, scale_log2, ctid)
-                qi += nsub
             else:
                 pipe_kv.k.consumer_wait(kv)
                 pipe_kv.v.consumer_wait(kv)
-                pipe_kv.k.consumer_release(kv)
-                pipe_kv.v.consumer_release(kv)
+                if nsub > 0:
+                    if nkeys < self.BN:
+                        # (as in consumer: keys past the chunk get probability 0, their V rows zero)
+                        self.zero_v_tail(sV, Int32(0), nkeys, ctid, Int32(0))
+                    self.one_block_subtiles(f, part_o, tpl, trl, sQ, st, pipe_q, pipe_kv, kv, r0, nrows, nsub, nkeys,
+                                            qi, pbase, scale_log2, ctid)
+                    qi += nsub
+                else:
+                    pipe_kv.k.consumer_release(kv)
+                    pipe_kv.v.consumer_release(kv)
             ui += 1
 
     @cute.jit
