@@ -74,10 +74,10 @@ FWD_KV_MULTICAST_MIN_CHUNK = 2048
 # CTAs per SM taking units from a counter (SegVariant(persistent=True), MOBA_CUTE_FWD_PERSISTENT):
 # the next unit's K/V and Q rows load while this one finishes, instead of each CTA starting with
 # its unit decode and loads. H100, flashmoba 64K, segment kernel 3.485 -> 3.095 ms; attention
-# given the routing x1.065 (8K) / x1.067 (64K); the same bits (docs/design.md, section 8). Off
-# until its unit hand-over (an mbarrier pipeline since racecheck flagged the first one, which
-# was measured) has run the GPU tests and the sanitizers
-FWD_PERSISTENT = False
+# given the routing x1.065 (8K) / x1.067 (64K); the same bits (docs/design.md, section 8). On
+# since its mbarrier unit hand-over passed the GPU tests and racecheck / memcheck / synccheck
+# (H100, 2026-12-07)
+FWD_PERSISTENT = True
 
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
 # (below: FWD_TILES). H100, whole forward (benchmarks.fwd_env_ab, one process), ms, previous
