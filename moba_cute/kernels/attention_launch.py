@@ -836,8 +836,7 @@ class FwdPlan(_PlanBase):
             # the segment kernel's grid: one CTA per unit, or two per SM walking the units
             self.seg_grid = self.index.bound_pass
             if v.persistent:
-                sms = torch.cuda.get_device_properties(device).multi_processor_count
-                self.seg_grid = max(1, min(self.seg_grid, cfg90.CTAS_PER_SM * sms))
+                self.seg_grid = max(1, min(self.seg_grid, cfg90.CTAS_PER_SM * common.sm_count(device)))
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.diag_overlap = self.diag_sm90 and fwd_diag_overlap()

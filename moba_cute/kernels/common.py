@@ -105,6 +105,25 @@ def arch_of(dev) -> str:
     return a
 
 
+_SMS: dict = {}
+#: what a plan built where no GPU is visible (the CPU tests) assumes: an H100's or H200's
+SM_COUNT_WITHOUT_GPU = 132
+
+
+def sm_count(index=None) -> int:
+    """Multiprocessor count of CUDA device ``index`` (None: the current one), cached; where no
+    GPU is visible, :data:`SM_COUNT_WITHOUT_GPU`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return SM_COUNT_WITHOUT_GPU
+    idx = index if index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = int(torch.cuda.get_device_properties(idx).multi_processor_count)
+    return n
+
+
 def arch_family(arch: str) -> str:
     """``"sm90"`` for Hopper targets, ``"sm80"`` for everything from Ampere up to Ada."""
     m = re.match(r"sm_?(\d+)", arch)

@@ -202,7 +202,7 @@ def _device_info(dev):
         smem = getattr(prop, "shared_memory_per_block_optin", None)
         if not smem:
             smem = _SMEM_OPTIN.get((prop.major, prop.minor), 101376)  # (sm86/89/120: 99 KB)
-        info = _DEVICE[idx] = (prop.multi_processor_count, int(smem), idx)
+        info = _DEVICE[idx] = (common.sm_count(idx), int(smem), idx)
     return info
 
 
