@@ -522,3 +522,86 @@ def test_sm90_diag_overlap(case, D, monkeypatch):
             _check(lq, lk, H, Hk, D, C, K, True, dtype, seed=1000 + case)
     finally:
         m.FWD_PLANS.clear()
+
+
+PAIR_LIST_CASES = [
+    # lens_q (= lens_k), H, Hk, C, K, causal
+    ([3000, 1100], 4, 2, 16, 4, True),  # short segments, 16-byte slot reads (topk % 4 == 0)
+    ([8192], 2, 1, 1024, 3, True),  # long segments (up to ~8K rows): many steps of one CTA
+    ([5000, 1], 2, 2, 512, 5, False),  # non-causal, a 1-row sequence
+]
+
+
+def _expected_pair_lists(r, H, Hk, total_q, K, s0, head_major):
+    """The pair lists and per-segment counts PairListKernel should write, from the routing in
+    PyTorch (entries with a bad row, or whose row did not select the chunk, are dropped)."""
+    off, rows, sel, cuc = (t.cpu().long() for t in (r.offsets, r.query_rows, r.selection, r.cu_chunks))
+    nseg = off.numel() - 1
+    nbound, G, kp = nseg // H, H // Hk, K - s0
+    lists, counts = {}, torch.zeros(nseg, dtype=torch.long)
+    for seg in range(nseg):
+        g, h = divmod(seg, H)
+        b = int(torch.searchsorted(cuc, torch.tensor(g), right=True)) - 1
+        gl = g - int(cuc[min(max(b, 0), cuc.numel() - 1)])
+        e = rows[off[seg]:off[seg + 1]]
+        ok = (e >= 0) & (e < total_q)
+        e = e[ok]
+        hit = sel[e, h] == gl
+        has = hit.any(1)
+        slot = hit.float().argmax(1)
+        keep = has & (slot >= s0)
+        e, slot = e[keep], slot[keep]
+        pair = ((h * total_q + e) * kp if head_major else (e * H + h) * kp) + slot - s0
+        lists[seg] = pair
+        cseg = ((h // G) * nbound + g) * G + h % G if head_major else seg
+        counts[cseg] = pair.numel()
+    return lists, counts
+
+
+@needs_hopper
+@pytest.mark.parametrize("variant", ["forward", "backward"])
+@pytest.mark.parametrize("case", range(len(PAIR_LIST_CASES)))
+def test_pair_lists(case, variant):
+    """PairListKernel, the forward's (head-major, own chunks dropped when causal) and the
+    backward's (every slot, -1 past the pairs) lists: each segment's pairs in row order and its
+    count, against PyTorch, on short and long segments; entries corrupted in the routing (a row
+    out of range, a row that did not select the chunk) are dropped."""
+    from moba_cute.kernels import attention_launch as m
+    from moba_cute.kernels import common
+    from moba_cute.kernels.slot_index import PairListKernel
+
+    lq, H, Hk, C, K, causal = PAIR_LIST_CASES[case]
+    q, k, _, cq, ck = make_batch(lq, lq, H, Hk, 64, dtype=torch.bfloat16, device="cuda", seed=700 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lq), C, K, causal)
+    total_q = q.shape[0]
+    rows = r.query_rows.clone()
+    n = int(r.offsets[-1])
+    g = torch.Generator().manual_seed(case)
+    bad = torch.randint(0, n, (max(n // 50, 1),), generator=g).cuda()
+    rows[bad[0::3]] = -7
+    rows[bad[1::3]] = total_q + 5
+    rows[bad[2::3]] = (rows[bad[2::3]] + 1) % total_q  # likely a row that did not pick the chunk
+    r = type(r)(**{**r.__dict__, "query_rows": rows})
+    head_major = variant == "forward"
+    s0 = 1 if (causal and head_major) else 0
+    vec = 4 if K % 4 == 0 else 1
+    kern = PairListKernel(causal and head_major, vec, fill_tail=not head_major, head_major=head_major)
+    key = PairListKernel.compile_key(causal and head_major, vec, fill_tail=not head_major, head_major=head_major)
+    ks = common.KernelSet({"pl": (key, lambda: kern, m._fake([(m._i32p(1)[0][0], 16 if vec == 4 else 4)]
+                                                              + m._i32p(5), 7))}, common.arch_of(q.device))
+    nseg = r.offsets.numel() - 1
+    cap = rows.numel()
+    out = torch.full((cap,), -99, dtype=torch.int32, device="cuda")
+    counts = torch.full((nseg,), -99, dtype=torch.int32, device="cuda")
+    ks["pl"](r.selection.data_ptr(), r.cu_chunks.data_ptr(), r.offsets.data_ptr(), rows.data_ptr(), out.data_ptr(),
+             counts.data_ptr(), len(lq), total_q, H, Hk, K, nseg, cap, common.raw_stream(q.device))
+    torch.cuda.synchronize()
+    want, want_counts = _expected_pair_lists(r, H, Hk, total_q, K, s0, head_major)
+    assert torch.equal(counts.cpu().long(), want_counts)
+    got, off = out.cpu().long(), r.offsets.cpu().long()
+    assert max(int(off[s + 1] - off[s]) for s in range(nseg)) > (2048 if case == 1 else 0)
+    for seg in range(nseg):
+        o0, o1, w = int(off[seg]), int(off[seg + 1]), want[seg]
+        assert torch.equal(got[o0:o0 + w.numel()], w), seg
+        if not head_major:
+            assert (got[o0 + w.numel():o1] == -1).all(), seg
