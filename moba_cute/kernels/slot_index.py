@@ -177,9 +177,11 @@ class PairListKernel:
     to ``counts[(kvh * nbound + g) * G + h % G]`` (``G = H / Hk``, ``nbound = nseg / H``), so
     that a window of KV heads owns one contiguous range of pair indices and one of segments, and
     a KV head's query heads stay next to each other (they share its K/V chunk in L2). Compile
-    key: ("pairlist", causal, vec), plus "fill" with ``fill_tail``, "hmajor" with ``head_major``."""
+    key: ("pairlist", causal, vec, items), plus "fill" with ``fill_tail``, "hmajor" with
+    ``head_major``. ``items`` (default ``PAIR_ITEMS``): consecutive entries per thread and step."""
 
-    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False, head_major: bool = False):
+    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False, head_major: bool = False,
+                 items: int = None):
         assert vec in (1, 4)
         self.causal = bool(causal)
         self.vec = int(vec)
@@ -187,12 +189,12 @@ class PairListKernel:
         self.fill_tail = bool(fill_tail)
         self.head_major = bool(head_major)
         self.nthr = THREADS
-        self.items = PAIR_ITEMS
+        self.items = PAIR_ITEMS if items is None else int(items)
 
     @staticmethod
-    def compile_key(causal: bool, vec: int, fill_tail: bool = False, head_major: bool = False):
-        return ("pairlist", bool(causal), int(vec)) + (("fill",) if fill_tail else ()) + (
-            ("hmajor",) if head_major else ())
+    def compile_key(causal: bool, vec: int, fill_tail: bool = False, head_major: bool = False, items: int = None):
+        return ("pairlist", bool(causal), int(vec), PAIR_ITEMS if items is None else int(items)) + (
+            ("fill",) if fill_tail else ()) + (("hmajor",) if head_major else ())
 
     @cute.jit
     def __call__(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
