@@ -182,6 +182,9 @@ def _both_settings(case, D, seed, tile, name, check_plan, monkeypatch, windows=F
     res = {}
     monkeypatch.setenv("MOBA_CUTE_SM90_TILES", ",".join(map(str, tile)))
     monkeypatch.setenv("MOBA_CUTE_FWD_OVERLAP", "1" if overlap else "0")
+    # the persistent walk (the default for one-stage tiles of one n-block chunks) takes neither Q
+    # in registers nor clusters: held off so that the switch under test takes effect
+    monkeypatch.setenv("MOBA_CUTE_FWD_PERSISTENT", "0")
     if windows:
         monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", "1")
     for flag in ("0", "1"):

@@ -50,10 +50,6 @@ from .centroids import block_exclusive_scan, clamp_seq, find_segment
 THREADS = 256
 SCAN_THREADS = 512
 SCAN_ITEMS = 4  # consecutive counts per thread and step of the single-CTA scan
-# consecutive entries per thread and step of PairListKernel: a long segment (moba-large: ~90K
-# rows for an early chunk, one CTA) walks in steps of THREADS * PAIR_ITEMS entries, and a step's
-# row loads and slot lookups are in flight together
-PAIR_ITEMS = 4
 
 
 def _t(ptr):
@@ -177,11 +173,9 @@ class PairListKernel:
     to ``counts[(kvh * nbound + g) * G + h % G]`` (``G = H / Hk``, ``nbound = nseg / H``), so
     that a window of KV heads owns one contiguous range of pair indices and one of segments, and
     a KV head's query heads stay next to each other (they share its K/V chunk in L2). Compile
-    key: ("pairlist", causal, vec, items), plus "fill" with ``fill_tail``, "hmajor" with
-    ``head_major``. ``items`` (default ``PAIR_ITEMS``): consecutive entries per thread and step."""
+    key: ("pairlist", causal, vec), plus "fill" with ``fill_tail``, "hmajor" with ``head_major``."""
 
-    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False, head_major: bool = False,
-                 items: int = None):
+    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False, head_major: bool = False):
         assert vec in (1, 4)
         self.causal = bool(causal)
         self.vec = int(vec)
@@ -189,12 +183,11 @@ class PairListKernel:
         self.fill_tail = bool(fill_tail)
         self.head_major = bool(head_major)
         self.nthr = THREADS
-        self.items = PAIR_ITEMS if items is None else int(items)
 
     @staticmethod
-    def compile_key(causal: bool, vec: int, fill_tail: bool = False, head_major: bool = False, items: int = None):
-        return ("pairlist", bool(causal), int(vec), PAIR_ITEMS if items is None else int(items)) + (
-            ("fill",) if fill_tail else ()) + (("hmajor",) if head_major else ())
+    def compile_key(causal: bool, vec: int, fill_tail: bool = False, head_major: bool = False):
+        return ("pairlist", bool(causal), int(vec)) + (("fill",) if fill_tail else ()) + (
+            ("hmajor",) if head_major else ())
 
     @cute.jit
     def __call__(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
@@ -224,51 +217,38 @@ class PairListKernel:
         trl = _t(rows_list)
         kp = topk - s0
         n = Int32(0)
-        IT = self.items
-        for base in cutlass.range(o0, o1, self.nthr * IT, unroll=1):
-            # the thread's IT consecutive entries: their row loads, then their slot lookups,
-            # issued back to back (each lookup waits on its row: one latency per batch, not per entry)
-            e0 = base + tid * IT
-            rows = cute.make_rmem_tensor(cute.make_layout(IT), Int32)
-            slots = cute.make_rmem_tensor(cute.make_layout(IT), Int32)
-            for u in cutlass.range_constexpr(IT):
-                rows[u] = Int32(-1)
-                slots[u] = Int32(-1)
-                if e0 + u < o1:
-                    rows[u] = tqr[e0 + u]
-            for u in cutlass.range_constexpr(IT):
-                if (rows[u] < 0) | (rows[u] >= total_q):
-                    rows[u] = Int32(-1)
-            if cutlass.const_expr(self.vec == 4):
-                for s4 in cutlass.range(topk // 4, unroll=1):
-                    for u in cutlass.range_constexpr(IT):
-                        if rows[u] >= 0:
+        for base in cutlass.range(o0, o1, self.nthr, unroll=1):
+            e = base + tid
+            pair = Int32(-1)
+            if e < o1:
+                i = tqr[e]
+                if (i >= 0) & (i < total_q):
+                    ridx = i * H + h
+                    slot = Int32(-1)
+                    if cutlass.const_expr(self.vec == 4):
+                        for s4 in cutlass.range(topk // 4, unroll=2):
                             x = cute.make_rmem_tensor(cute.make_layout(4), Int32)
-                            src = sel + ((Int64(rows[u]) * Int64(H) + Int64(h)) * Int64(topk) + Int64(s4 * 4))
+                            src = sel + (Int64(ridx) * Int64(topk) + Int64(s4 * 4))
                             cute.autovec_copy(cute.make_tensor(src.align(16), cute.make_layout(4)), x)
-                            for w in cutlass.range_constexpr(4):
-                                if (slots[u] < 0) & (x[w] == gl):
-                                    slots[u] = s4 * 4 + w
-            else:
-                for s in cutlass.range(topk, unroll=1):
-                    for u in cutlass.range_constexpr(IT):
-                        if rows[u] >= 0:
-                            if (slots[u] < 0) & (_t(sel)[(Int64(rows[u]) * Int64(H) + Int64(h)) * Int64(topk) + Int64(s)] == gl):
-                                slots[u] = s
-            cnt = Int32(0)
-            for u in cutlass.range_constexpr(IT):
-                if (rows[u] >= 0) & (slots[u] >= s0):
-                    cnt = cnt + 1
-            pre, tot = block_exclusive_scan(cnt, s_w, tid, NW)
-            dst = o0 + n + pre
-            for u in cutlass.range_constexpr(IT):
-                if (rows[u] >= 0) & (slots[u] >= s0):
-                    i = rows[u]
-                    if cutlass.const_expr(self.head_major):
-                        trl[dst] = (h * total_q + i) * kp + slots[u] - s0
+                            for u in cutlass.range_constexpr(4):
+                                if (slot < 0) & (x[u] == gl):
+                                    slot = s4 * 4 + u
                     else:
-                        trl[dst] = (i * H + h) * kp + slots[u] - s0
-                    dst = dst + 1
+                        tsel = _t(sel + Int64(ridx) * Int64(topk))
+                        for s in cutlass.range(topk, unroll=4):
+                            if (slot < 0) & (tsel[s] == gl):
+                                slot = s
+                    if slot >= s0:
+                        if cutlass.const_expr(self.head_major):
+                            pair = (h * total_q + i) * kp + slot - s0
+                        else:
+                            pair = ridx * kp + slot - s0
+            flag = Int32(0)
+            if pair >= 0:
+                flag = Int32(1)
+            pre, tot = block_exclusive_scan(flag, s_w, tid, NW)
+            if pair >= 0:
+                trl[o0 + n + pre] = pair
             n = n + tot
         if cutlass.const_expr(self.fill_tail):
             for e in cutlass.range(o0 + n + tid, o1, self.nthr, unroll=1):
