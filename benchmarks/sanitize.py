@@ -71,6 +71,7 @@ class Case:
     # the sm90 one-pass backward's sub-tiles in the sequential order (MOBA_CUTE_BWD_OVERLAP=0; else
     # FA3/FA4's, the default where it fits the registers)
     bwd_sequential: bool = False
+    bwd_persistent: bool = False  # the one-pass backward's persistent walk (MOBA_CUTE_BWD_PERSISTENT=1)
     # wrong cu_seqlens values (non-strict): replace the offsets built from the lengths, which
     # still give the tensors' sizes
     cu_q: tuple = ()
@@ -209,6 +210,11 @@ CASES = [
     # the one-pass backward's sequential order (dK, drain, dQ, drain, stage; the others run FA3/FA4's)
     Case("bwd-sequential-odd", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=3, bwd_sequential=True, **A),
     Case("bwd-sequential-nan", (400, 130), (300, 200), 8, 2, C=128, K=2, nan=True, bwd_sequential=True, **Cc),
+    # ... as a persistent walk over its units (a counter per window of KV heads)
+    Case("bwd-persistent-odd", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=3, bwd_persistent=True, **A),
+    Case("bwd-persistent-nan", (400, 130), (300, 200), 8, 2, C=128, K=2, nan=True, bwd_persistent=True, **Cc),
+    Case("bwd-persistent-noncausal-gqa8", (100, 7, 64, 0), (30, 129, 64, 9), 16, 2, C=16, K=3,
+         bwd_persistent=True, **N),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with
@@ -325,6 +331,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
             t.add("bwd-chain-pipe" if case.chain_pipe else "bwd-chain")
     if case.grad and (case.C <= 128 or case.bwd_chain):  # (the one-pass kernel: either sub-tile order)
         t.add("bwd-sequential" if case.bwd_sequential else "bwd-overlap")
+        if case.bwd_persistent and case.C <= 128 and not case.bwd_sequential:
+            t.add("bwd-persistent")
     t.add("grad" if case.grad else "fwd-only")
     return t
 
@@ -363,7 +371,8 @@ _ENV_NAMES = ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_FWD_PARTI
               "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
               "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_RESCALE_SKIP", "MOBA_CUTE_BWD_DQ_CHAIN",
               "MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP",
-              "MOBA_CUTE_BWD_CHAIN_PIPE", "MOBA_CUTE_BWD_OVERLAP", "MOBA_CUTE_FWD_PERSISTENT")
+              "MOBA_CUTE_BWD_CHAIN_PIPE", "MOBA_CUTE_BWD_OVERLAP", "MOBA_CUTE_FWD_PERSISTENT",
+              "MOBA_CUTE_BWD_PERSISTENT")
 
 
 @contextlib.contextmanager
@@ -382,7 +391,8 @@ def _env(case: Case):
            "MOBA_CUTE_FWD_STAGED": "1" if case.staged else "0",
            "MOBA_CUTE_BWD_DQ_CHAIN": "1" if case.bwd_chain else "0",
            "MOBA_CUTE_BWD_CHAIN_PIPE": "1" if case.chain_pipe else "0",
-           "MOBA_CUTE_BWD_OVERLAP": "0" if case.bwd_sequential else "1"}
+           "MOBA_CUTE_BWD_OVERLAP": "0" if case.bwd_sequential else "1",
+           "MOBA_CUTE_BWD_PERSISTENT": "1" if case.bwd_persistent else "0"}
     if case.diag_sm90:  # (other cases: the chunk-size default; both merges have cases of their own)
         env["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
         env["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"

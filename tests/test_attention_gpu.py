@@ -205,6 +205,61 @@ def test_backward_overlap(case, D, dtype, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(grads["1"], grads["0"]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(BWD_CASES)))
+def test_backward_persistent(case, D, dtype, monkeypatch):
+    """The one-pass sm90 kernel's persistent walk (MOBA_CUTE_BWD_PERSISTENT=1: about one CTA per SM
+    takes (chunk, KV head) units from a counter, the rings and the dQ copy-out running on across
+    units): bitwise the one-CTA-per-unit gradients, also with the grid forced down to 1-3 CTAs per
+    window (each walks many units: K/V stage and unit slots reused) and with windows of one KV
+    head (a counter each); bit-identical on repeat; within SPEC's bound of the reference."""
+    from moba_cute.kernels import common
+
+    m = _launch()
+    name = str(dtype).split(".")[-1]
+    if not m.uses_sm90_bwd(name, D, common.arch_of(torch.device("cuda"))):
+        pytest.skip("the sm90 backward runs on Hopper")
+    lq, lk, H, Hk, C, K, causal = BWD_CASES[case]
+    if not m.bwd_overlap(name, D, causal):
+        pytest.skip("the persistent walk runs the overlapped order only")
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=dtype, device="cuda", seed=300 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    out, lse = m.attention_cute(q, k, v, r, None, True)
+    dout = torch.randn_like(q)
+    key = m._plan_key(q, k, r)
+    arch = common.arch_of(q.device)
+
+    def grads():
+        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        return m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, dq=bufs[0], dk=bufs[1],
+                                         dv=bufs[2])
+
+    try:
+        monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", "0")
+        m.BWD_PLANS.clear()
+        one = grads()
+        assert not m.BWD_PLANS.get(key, key, arch).persistent
+        monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", "1")
+        for windows in (False, True):
+            if windows:  # windows of one KV head (the smallest dQ partial buffer)
+                monkeypatch.setenv("MOBA_CUTE_DQ_PARTIAL_BYTES", "1")
+            m.BWD_PLANS.clear()
+            got = grads()
+            plan = m.BWD_PLANS.get(key, key, arch)
+            assert plan.persistent and (not windows or len(plan.dq_windows) == Hk)
+            assert all(torch.equal(a, b) for a, b in zip(got, one))
+            for sms in (1, 3):  # forced small grids: each CTA walks many units
+                plan.sms = sms
+                again = grads()
+                assert all(torch.equal(a, b) for a, b in zip(again, one)), f"grid of {sms} SMs"
+        _grad_errs(one, q, k, v, r, dout, None, None, dtype)
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_BWD_PERSISTENT", raising=False)
+        monkeypatch.delenv("MOBA_CUTE_DQ_PARTIAL_BYTES", raising=False)
+        m.BWD_PLANS.clear()
+
+
 def _long_chunk_forward(case, D, seed):
     """LONG_CHUNK_CASES[case] in bf16 on Hopper (skips elsewhere): the launch module, the inputs,
     their routing, the forward's out and LSE, and a random dout."""

@@ -19,10 +19,12 @@ def _specs():
             for causal in (True, False):
                 for topk in (3, 8):
                     # the one-pass kernel's sub-tiles in both orders (None: FA3/FA4's where it ships)
+                    # ... and as the persistent walk over its units (MOBA_CUTE_BWD_PERSISTENT=1)
                     for ovl in (False, None):
-                        for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk,
-                                                                           overlap=ovl).values():
-                            seen.setdefault(key, (fac, fake))
+                        for pers in (False, True):
+                            for key, fac, fake in launch.bwd_kernel_specs_sm90(dtype, D, causal, topk, overlap=ovl,
+                                                                               persistent=pers).values():
+                                seen.setdefault(key, (fac, fake))
                     # chunks over 128 keys: the dK/dV-only variant and both dQ kernels
                     # (the defaults, the pair dQ kernel with and without its reach skip, and the loops
                     # without ping-pong and skips)
@@ -57,6 +59,8 @@ def test_sm90_backward_compiles_without_spills(key, spec):
         for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg.inc", "setmaxnreg.dec",
                       "cp.async.mbarrier.arrive"):
             assert instr in rep.ptx, instr
+    if "persist" in key:  # the unit counter, the named barrier that hands a unit to the producer warps
+        assert "atom.global.add" in rep.ptx and "bar.sync" in rep.ptx
     if "chain" in key:  # (the hand-over: bulk store / bulk reduce-add from the fenced staging buffer)
         for instr in ("cp.async.bulk.global.shared::cta.bulk_group", "cp.reduce.async.bulk.global.shared::cta"
                       ".bulk_group.add.f32", "fence.proxy.async", "cp.async.bulk.wait_group"):

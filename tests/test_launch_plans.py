@@ -380,6 +380,38 @@ def test_sm90_backward_overlap_switch(monkeypatch):
         ovl(128)
 
 
+def test_sm90_backward_persistent_switch(monkeypatch):
+    """MOBA_CUTE_BWD_PERSISTENT (configs' BWD_PERSISTENT): the one-pass kernel for chunks of one key
+    tile walks its units (compile key "persist", the counter reset "zero32", one counter per dQ
+    window, a grid of at least one CTA per SM per window in chunks); not for longer chunks, nor
+    in the sequential order."""
+    from moba_cute.configs import attention_sm90 as cfg90
+
+    def plan(C, dtype=torch.bfloat16, causal=True):
+        q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=C, K=2, causal=causal, dtype=dtype)
+        return al.BwdPlan(al._plan_key(q, k, r), "sm_90a")
+
+    monkeypatch.delenv("MOBA_CUTE_BWD_PERSISTENT", raising=False)
+    monkeypatch.delenv("MOBA_CUTE_BWD_OVERLAP", raising=False)
+    assert plan(128).persistent == (cfg90.BWD_PERSISTENT and cfg90.BWD_OVERLAP)
+    monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", "1")
+    on = plan(64)
+    assert on.persistent and on.ks.specs["bwd90"][0][-1] == "persist" and "zero32" in on.ks.specs
+    assert on.layout.offsets["work"] >= 0 and len(on.dq_windows) >= 1
+    for kv0, nkv, _ in on.dq_windows:
+        chunks = on.bwd_chunks(nkv)
+        assert chunks == min(on.nbound, -(-common.sm_count() // nkv)) and chunks <= on.bwd_grid
+    assert not plan(256).persistent  # chunks of two key tiles
+    assert not plan(128, torch.float16, causal=False).persistent  # the sequential order there
+    monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", "0")
+    off = plan(64)
+    assert not off.persistent and "persist" not in off.ks.specs["bwd90"][0] and "zero32" not in off.ks.specs
+    assert off.bwd_chunks(2) == off.bwd_grid
+    monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="MOBA_CUTE_BWD_PERSISTENT"):
+        plan(64)
+
+
 def test_sm90_backward_chain_memory_rule(monkeypatch):
     """By default the chain serves chunks over 128 keys where its fp32 partials for one KV head
     stay within BWD_CHAIN_MAX_BOUNDS times the dQ partial bound (topk <= 2 x KV heads past the

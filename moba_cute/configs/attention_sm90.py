@@ -79,6 +79,12 @@ FWD_KV_MULTICAST_MIN_CHUNK = 2048
 # (H100, 2026-12-07)
 FWD_PERSISTENT = True
 
+# the one-pass backward kernel for chunks of one key tile (C <= 128) as a persistent walk over its
+# (chunk, KV head) units, about one CTA per SM taking units from a counter (MobaBwdSm90(persistent=
+# True), MOBA_CUTE_BWD_PERSISTENT): its one 384-thread CTA per SM otherwise starts each unit with
+# the K/V load and the first gathers exposed. Off until measured on a GPU
+BWD_PERSISTENT = False
+
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
 # (below: FWD_TILES). H100, whole forward (benchmarks.fwd_env_ab, one process), ms, previous
 # default -> (128, 8, 2, 2). D = 128: moba-large 128K (C = 4096, K = 12) 173.8 -> 152.7 (the then

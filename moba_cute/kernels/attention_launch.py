@@ -506,11 +506,13 @@ def fwd_row_window(total_q, H, Hk, D, KP, inference=False):
     return W
 
 
-def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None):
+def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None, persistent=False):
     """Role -> (key, factory, fake args) of the sm90 backward's kernels: delta, the pair lists
     of every selected pair (own chunks included), the key-major kernel, the dQ reduction.
-    ``overlap``: the key-major kernel's sub-tiles in FA3/FA4's order (None: :func:`bwd_overlap`'s rule)."""
-    from .bwd_rowwise import BwdPrepKernel, DqReduceKernel
+    ``overlap``: the key-major kernel's sub-tiles in FA3/FA4's order (None: :func:`bwd_overlap`'s rule).
+    ``persistent``: the key-major kernel's persistent walk (:func:`bwd_persistent`) and the reset
+    of its unit counters; with the overlapped order only."""
+    from .bwd_rowwise import BwdPrepKernel, DqReduceKernel, ZeroKernel
     from .moba_bwd_sm90 import MobaBwdSm90
     from .slot_index import PairListKernel
 
@@ -519,9 +521,10 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None):
     I = _i32p(1)[0][0]
     vec = 4 if topk % 4 == 0 else 1
     ovl = bwd_overlap(dtype_name, head_dim, causal) if overlap is None else bool(overlap)
+    pers = bool(persistent) and ovl
     specs = {
-        "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, overlap=ovl),
-                  lambda: MobaBwdSm90(dt, head_dim, causal, overlap=ovl),
+        "bwd90": (MobaBwdSm90.compile_key(dtype_name, head_dim, causal, overlap=ovl, persistent=pers),
+                  lambda: MobaBwdSm90(dt, head_dim, causal, overlap=ovl, persistent=pers),
                   _fake([(dt, 16)] * 4 + [(F, 4), (F, 4), (dt, 16), (dt, 16), (dt, 16), (I, 4)] + _i32p(5), 12, 2)),
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (PairListKernel.compile_key(False, vec, fill_tail=True),
@@ -530,6 +533,8 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None):
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
                       _fake([(dt, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7)),
     }
+    if pers:
+        specs["zero32"] = (("zero32",), ZeroKernel, _fake([(I, 4)], 2))
     for role, has_dlse in (("bwd_prep", False), ("bwd_prep_dlse", True)):
         specs[role] = (("bwdprep", dtype_name, head_dim, has_dlse, "nozero"),
                        (lambda h=has_dlse: BwdPrepKernel(dt, head_dim, h, zero_dq=False)),
@@ -576,6 +581,16 @@ def bwd_chain_pipe():
     (``MobaBwdSm90(chain_pipe=True)``): ``configs/attention_sm90.BWD_CHAIN_PIPE``,
     ``MOBA_CUTE_BWD_CHAIN_PIPE=0/1`` overrides it."""
     return _env_flag("MOBA_CUTE_BWD_CHAIN_PIPE", cfg90.BWD_CHAIN_PIPE)
+
+
+def bwd_persistent(chunk_size, dtype_name, head_dim, causal):
+    """Whether the one-pass sm90 backward kernel walks its (chunk, KV head) units persistently
+    (``MobaBwdSm90(persistent=True)``: about one CTA per SM taking units from a counter): for
+    chunks of one key tile (``chunk_size <= 128``) in the overlapped order (:func:`bwd_overlap`;
+    the sequential one spills 4 bytes with it at fp16, D = 128), by
+    ``configs/attention_sm90.BWD_PERSISTENT``, or ``MOBA_CUTE_BWD_PERSISTENT=1`` / ``0``."""
+    return (int(chunk_size) <= 128 and bwd_overlap(dtype_name, head_dim, causal)
+            and _env_flag("MOBA_CUTE_BWD_PERSISTENT", bool(cfg90.BWD_PERSISTENT)))
 
 
 def bwd_overlap(dtype_name, head_dim, causal, chain=False):
@@ -936,6 +951,13 @@ class BwdPlan(_PlanBase):
             # the key-major kernel's linear grid: chunks x key tiles x KV heads of a launch
             _i32(self.nbound * self.ktiles * self.Hk, "sm90 backward grid")
             self.bwd_grid = self.nbound  # chunks the grid covers (a bound on the chunk count)
+            # the persistent walk (chunks of one key tile): a grid of at least one CTA per SM per
+            # window (its "chunks" times nkv), units from a counter per window, zeroed per call
+            self.persistent = (self.ktiles == 1 and not self.chain
+                               and bwd_persistent(self.C, self.dtype_name, self.D, self.causal))
+            if self.persistent:
+                self.layout.add("work", 4 * len(self.dq_windows))
+                self.sms = common.sm_count(key[-1])
             self.index = None
             # chunks over 128 keys: dK/dV per 128-key tile, dQ by a kernel streaming the tiles, its
             # (chunk, KV head) pairs split over zsplit CTAs
@@ -946,7 +968,8 @@ class BwdPlan(_PlanBase):
                 _i32(self.nbound * self.zsplit, "sm90 dQ grid")
                 specs = bwd_kernel_specs_sm90_long(self.dtype_name, self.D, self.causal, self.K)
             else:
-                specs = bwd_kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.K)
+                specs = bwd_kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.K,
+                                              persistent=self.persistent)
             self.ks = common.KernelSet(specs, arch)
             return
         kbm, kbn, _ = cfg.BWD_DKV_TILES[self.D]
@@ -957,6 +980,11 @@ class BwdPlan(_PlanBase):
         self.layout.add("dq_acc", self.rows * self.D * 4)
         self.index = _SlotIndexPlan(self.B, self.total_q, self.H, self.K, self.nseg, self.causal, qbm)
         self.ks = common.KernelSet(bwd_kernel_specs(self.dtype_name, self.D, self.causal), arch)
+
+    def bwd_chunks(self, nkv):
+        """The one-pass kernel's grid for a window of ``nkv`` KV heads, in chunks (times ``nkv``
+        CTAs): one per chunk, or with the persistent walk enough for one CTA per SM."""
+        return max(1, min(self.nbound, -(-self.sms // nkv))) if self.persistent else self.bwd_grid
 
 
 FWD_PLANS = common.PlanCache(FwdPlan)
@@ -1154,22 +1182,25 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
     p_q, p_k, p_v, p_do = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr()
     if plan.chain:
         ks["zero32"](p["sems"], plan.nsem, min(264, -(-plan.nsem // 256)), stream)
+    elif plan.persistent:
+        ks["zero32"](p["work"], len(plan.dq_windows), 1, stream)
     if plan.ktiles > 1 and not plan.chain and plan.bwd_grid > 0:
         # dK/dV per 128-key tile, every KV head at once (no dQ partials: dk stands in for them)
         ks["bwd90_dkv"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), dk.data_ptr(),
                         dk.data_ptr(), cu_q, cu_k, cu_chunks, p_offsets, p["pairs"], plan.B, total_q, total_k, H,
                         plan.Hk, plan.C, K, 0,
                         H, plan.ktiles, plan.bwd_grid, plan.Hk, scale, scale_log2, stream)
-    for kv0, nkv, blocks in plan.dq_windows:
+    for w, (kv0, nkv, blocks) in enumerate(plan.dq_windows):
         if plan.ktiles > 1 and not plan.chain and plan.bwd_grid > 0:
             ks["dq90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets,
                        p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0, nkv * G, plan.zsplit,
                        plan.bwd_grid, nkv, scale, scale_log2, stream)
         elif plan.bwd_grid > 0:
-            # (one key tile per chunk, or the chain's ktiles; sems: a stand-in without the chain)
-            ks["bwd90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), p["part_dq"],
-                        p["sems"] if plan.chain else p["part_dq"], cu_q, cu_k, cu_chunks, p_offsets, p["pairs"],
-                        plan.B, total_q, total_k, H, plan.Hk, plan.C, K, kv0, nkv * G, plan.ktiles, plan.bwd_grid,
-                        nkv, scale, scale_log2, stream)
+            # (one key tile per chunk, or the chain's ktiles; sems: the chain's semaphores, the
+            # persistent walk's unit counter, else a stand-in)
+            sems = p["sems"] if plan.chain else (p["work"] + 4 * w if plan.persistent else p["part_dq"])
+            ks["bwd90"](p_q, p_k, p_v, p_do, p_lse, p["delta"], dk.data_ptr(), dv.data_ptr(), p["part_dq"], sems,
+                        cu_q, cu_k, cu_chunks, p_offsets, p["pairs"], plan.B, total_q, total_k, H, plan.Hk, plan.C, K,
+                        kv0, nkv * G, plan.ktiles, plan.bwd_chunks(nkv), nkv, scale, scale_log2, stream)
         ks["dq_reduce"](p["part_dq"], sel, cu_q, cu_chunks, dq.data_ptr(), plan.B, total_q, H, kv0 * G, nkv * G, K,
                         blocks, stream)

@@ -84,11 +84,16 @@ QS = 2  # Q / dO / row-data ring stages
 # producer: with 24, ptxas spills one of its gather offsets
 PRODUCER_REGS = 32
 CONSUMER_REGS = 232
+# the persistent walk's producer holds its unit and ring states across the gathers (spills 8
+# bytes with 32); the pool has 8 more: 40 * 128 + 232 * 256 = 168 * 384
+PRODUCER_REGS_PERSISTENT = 40
 BAR_META = 1  # named barriers among the 256 consumer threads
 BAR_DS = 2
 # (3, 4: the ping-pong's PP_BARRIER + 0 / 1) 5, 6: a warpgroup's own row data written (ping-pong)
 BAR_ROWS = 5
 BAR_CHAIN = 7  # the chain's adding warps: the dQ chain's semaphore taken / released
+BAR_SCHED = 8  # the persistent walk's producer warpgroup: the next unit taken
+UNIT_FIELDS = 16  # a unit hand-over slot (persistent walk): 10 fields used, padded
 CHAIN_THREADS = 64  # the chain: warps 0-1 of the producer warpgroup gather, warps 2-3 add
 
 
@@ -153,8 +158,14 @@ class MobaBwdSm90(PingPong):
     :class:`~moba_cute.kernels.moba_bwd_dq_sm90.MobaBwdDqSm90`)."""
 
     def __init__(self, dtype, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                 reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False, overlap: bool = False):
+                 reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False, overlap: bool = False,
+                 persistent: bool = False):
         assert head_dim in (64, 128), "128-byte swizzled rows"
+        assert not (persistent and (chain or not with_dq)), "the persistent walk: the one-pass kernel, no chain"
+        # a grid of about one CTA per SM walks the (chunk, KV head) units, taken from a counter
+        # (:meth:`producer_persistent`): a unit's K/V load and first gathers overlap the
+        # previous unit's last sub-tiles instead of starting a CTA (chunks of one key tile)
+        self.persistent = bool(persistent)
         assert not (pingpong and with_dq), "ping-pong: the dK/dV-only kernel"
         assert not (overlap and not with_dq), "the overlapped sub-tile: the one-pass kernel"
         assert not (chain and not with_dq), "the dQ chain: the one-pass kernel"
@@ -187,11 +198,12 @@ class MobaBwdSm90(PingPong):
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, causal: bool, with_dq: bool = True, pingpong: bool = False,
-                    reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False, overlap: bool = False):
+                    reach_skip: bool = True, chain: bool = False, chain_pipe: bool = False, overlap: bool = False,
+                    persistent: bool = False):
         key = ("moba_bwd_sm90", dtype_name, int(head_dim), bool(causal))
         if with_dq:
             return (key + (("chain",) + ("noskip",) * (not reach_skip) + ("pipe",) * bool(chain_pipe)) * bool(chain)
-                    + ("ovl",) * bool(overlap))
+                    + ("ovl",) * bool(overlap) + ("persist",) * bool(persistent))
         return key + ("dkv",) + ("pingpong",) * bool(pingpong) + ("noskip",) * (not reach_skip)
 
     def _layouts(self):
@@ -214,6 +226,9 @@ class MobaBwdSm90(PingPong):
         fields = {"mbar_q": MR[cutlass.Int64, 2 * self.QS], "mbar_kv": MR[cutlass.Int64, 2 * kv_stages]}
         if dq_staging:
             fields["mbar_dq"] = MR[cutlass.Int64, 4]  # dQ staging handoff, 2 buffers
+        if self.persistent:
+            fields["mbar_unit"] = MR[cutlass.Int64, 4]  # unit hand-over, 2 slots
+            fields["sUnit"] = AL[MR[Int32, 2 * UNIT_FIELDS], 16]
         for name in ("sPidx", "sLse", "sDel", "sHi", "sLoc"):  # row data of each ring stage
             n = BM * self.QS * (self.HI_COPIES if name == "sHi" else 1)
             fields[name] = AL[MR[Float32 if name in ("sLse", "sDel") else Int32, n], 16]
@@ -351,32 +366,53 @@ class MobaBwdSm90(PingPong):
             producer_group=group(pipeline.Agent.Thread, 256),
             consumer_group=group(pipeline.Agent.Thread, CHAIN_THREADS if self.chain else 128),
             defer_sync=True)
+        pipe_u = None
+        if cutlass.const_expr(self.persistent):
+            # the persistent walk's units: producer warp 0 -> the consumer warpgroups (two slots)
+            pipe_u = pipeline.PipelineAsync.create(
+                barrier_storage=st.mbar_unit.data_ptr(), num_stages=2, producer_group=group(pipeline.Agent.Thread, 32),
+                consumer_group=group(pipeline.Agent.Thread, 256), defer_sync=True)
         cute.arch.mbarrier_init_fence()
         sQ, sdO, sK, sV, sdS = self.smem_views(st, sQ_layout, sK_layout, sdS_layout)
-        qs, shift, ks, kbeg, nkeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
-                                                                   total_k, H, Hk, chunk_size, g, kvh, kt * BN, BN)
         G = H // Hk
-        cute.arch.sync_threads()  # barrier init visible to all warpgroups
-
-        if warp < 4:
-            cute.arch.setmaxregister_decrease(PRODUCER_REGS)
-            if nkeys > 0:
-                # the chain's semaphores: sub-tile t of (chunk g, KV head kvh) at e_lo // BM + g * Hk + kvh + t
-                # (a segment group adds at most one partial sub-tile to e_lo // BM)
-                if cutlass.const_expr(self.chain):
-                    self.producer_chain(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ,
-                                        sdO, sK, sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg,
-                                        total_q, H, topk, tid, warp, sems, e_lo // BM + g * Hk + kvh, kt)
-                else:
-                    self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO, sK,
-                                  sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk,
-                                  tid, warp)
+        if cutlass.const_expr(self.persistent):
+            cute.arch.sync_threads()  # barrier init visible to all warpgroups
+            sunit = st.sUnit.get_tensor(cute.make_layout(2 * UNIT_FIELDS))
+            if warp < 4:
+                cute.arch.setmaxregister_decrease(PRODUCER_REGS_PERSISTENT)
+                self.producer_persistent(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ,
+                                         sdO, sK, sV, pipe_q, pipe_kv, pipe_dq, pipe_u, sunit, sems, cu_q, cu_k,
+                                         cu_chunks, offsets, B, total_q, total_k, H, Hk, chunk_size, kv0, nkv, topk,
+                                         tid, warp)
+            else:
+                cute.arch.setmaxregister_increase(CONSUMER_REGS)
+                self.consumer_persistent(dk, dv, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, pipe_dq, pipe_u, sunit,
+                                         mma_sdp, mma_dkv, mma_dq, Hk, H, kv0 * G, Hw, topk, scale, scale_log2,
+                                         tid - 128)
         else:
-            cute.arch.setmaxregister_increase(CONSUMER_REGS)
-            if nkeys > 0:
-                self.consumer(dk, dv, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, pipe_dq, mma_sdp, mma_dkv, mma_dq,
-                              e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, kv0 * G, Hw, topk,
-                              scale, scale_log2, tid - 128)
+            qs, shift, ks, kbeg, nkeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
+                                                                       total_k, H, Hk, chunk_size, g, kvh, kt * BN, BN)
+            cute.arch.sync_threads()  # barrier init visible to all warpgroups
+
+            if warp < 4:
+                cute.arch.setmaxregister_decrease(PRODUCER_REGS)
+                if nkeys > 0:
+                    # the chain's semaphores: sub-tile t of (chunk g, KV head kvh) at e_lo // BM + g * Hk + kvh + t
+                    # (a segment group adds at most one partial sub-tile to e_lo // BM)
+                    if cutlass.const_expr(self.chain):
+                        self.producer_chain(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ,
+                                            sdO, sK, sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg,
+                                            total_q, H, topk, tid, warp, sems, e_lo // BM + g * Hk + kvh, kt)
+                    else:
+                        self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO, sK,
+                                      sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk,
+                                      tid, warp)
+            else:
+                cute.arch.setmaxregister_increase(CONSUMER_REGS)
+                if nkeys > 0:
+                    self.consumer(dk, dv, st, sQ, sdO, sK, sV, sdS, pipe_q, pipe_kv, pipe_dq, mma_sdp, mma_dkv, mma_dq,
+                                  e_lo, e_hi, nsub, nkeys, ks + kbeg, kvh, Hk, qs, shift, kbeg, H, kv0 * G, Hw, topk,
+                                  scale, scale_log2, tid - 128)
 
     def smem_views(self, st, sQ_layout, sK_layout, sdS_layout):
         """The shared-memory tensors (swizzled): Q and dO rings, K, V, dS."""
@@ -438,6 +474,124 @@ class MobaBwdSm90(PingPong):
         if cutlass.const_expr(self.with_dq):
             if nsub > 0:
                 self.store_dq_pieces(st, pipe_dq, part_dq, nsub - 1, tid)
+
+    @cute.jit
+    def producer_persistent(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom,
+                            atom_v: cute.CopyAtom, q: cute.Pointer, dout: cute.Pointer, lse: cute.Pointer,
+                            delta: cute.Pointer, pairs: cute.Pointer, part_dq: cute.Pointer, st, sQ: cute.Tensor,
+                            sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, pipe_q, pipe_kv, pipe_dq, pipe_u,
+                            sunit: cute.Tensor, work: cute.Pointer, cu_q: cute.Pointer, cu_k: cute.Pointer,
+                            cu_chunks: cute.Pointer, offsets: cute.Pointer, B: Int32, total_q: Int32, total_k: Int32,
+                            H: Int32, Hk: Int32, chunk_size: Int32, kv0: Int32, nkv: Int32, topk: Int32, tid: Int32,
+                            warp: Int32):
+        """The persistent walk's producer (``persistent``). Thread 0 takes the next unit (chunk
+        ``u // nkv``, KV head ``kv0 + u % nkv``) from the launch's counter ``work``, so CTAs finish
+        together, and hands it to the warpgroup (named barrier); all four warps locate it; warp 0
+        passes its fields to the consumers through ``pipe_u`` (two ``sUnit`` slots; keys -1: no
+        unit left) and loads its K and V once the one K/V stage is free (the previous unit's last
+        sub-tile done); the Q/dO ring and the dQ copy-out run on across units (``T``: sub-tiles
+        gathered so far, the copy-out one sub-tile behind as in :meth:`producer`)."""
+        units = _flat(cu_chunks)[B] * nkv  # (chunks past cu_chunks[B] are empty: locate gives no keys)
+        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+        u_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 2)
+        T = Int32(0)
+        going = Int32(1)
+        while going != 0:
+            # (the slot's unit number was read by every warp two units back, before the previous
+            # unit's barrier: free to write)
+            slot = (u_state.count % 2) * UNIT_FIELDS
+            if tid == 0:
+                sunit[slot + 9] = cute.arch.atomic_add(work.llvm_ptr, Int32(1))
+            cute.arch.barrier(barrier_id=BAR_SCHED, number_of_threads=128)
+            u = sunit[slot + 9]
+            if u >= units:
+                going = Int32(0)
+            g = u // nkv
+            kvh = kv0 + (u - g * nkv)
+            qs, shift, ks, kbeg, nkeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
+                                                                       total_k, H, Hk, chunk_size, g, kvh, Int32(0),
+                                                                       BN)
+            if (going == 0) | (nkeys <= 0):
+                nkeys = Int32(0)
+                nsub = Int32(0)
+            if warp == 0:
+                pipe_u.producer_acquire(u_state)
+                for i, x in enumerate((e_lo, e_hi, nkeys, ks + kbeg, kvh, qs, shift, kbeg)):
+                    sunit[slot + i] = x
+                if going == 0:
+                    sunit[slot + 2] = Int32(-1)
+                pipe_u.producer_commit(u_state)
+                if nkeys > 0:
+                    self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv, kv_state, kvh, ks + kbeg)
+                    kv_state.advance()
+            u_state.advance()
+            for t in cutlass.range(nsub, unroll=1):
+                self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q, q_state, e_lo, e_hi, t, total_q,
+                                    H, topk, tid, warp)
+                q_state.advance()
+                if T > 0:
+                    self.store_dq_pieces(st, pipe_dq, part_dq, T - 1, tid)
+                T += 1
+        if T > 0:
+            self.store_dq_pieces(st, pipe_dq, part_dq, T - 1, tid)
+
+    @cute.jit
+    def consumer_persistent(self, dk: cute.Pointer, dv: cute.Pointer, st, sQ: cute.Tensor, sdO: cute.Tensor,
+                            sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv, pipe_dq, pipe_u,
+                            sunit: cute.Tensor, mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma,
+                            Hk: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32, scale: Float32,
+                            scale_log2: Float32, ctid: Int32):
+        """The persistent walk's consumers: per unit the producer hands over (``pipe_u``, until
+        keys -1) the loop of :meth:`consumer`, with the ring positions counted across units
+        (``T``); K and V go back to the producer once the unit's last sub-tile is done, before
+        dK and dV are stored from registers, so the next unit's K/V load runs under the store."""
+        f = self.dkv_frags(sQ, sdO, sK, sV, sdS, mma_sdp, mma_dkv, mma_dq, ctid)
+        wg = ctid // 128
+        T = Int32(0)  # sub-tiles consumed: the Q ring's and the dQ staging's position
+        ui = Int32(0)  # units handed over
+        kn = Int32(0)  # units with keys: the K/V stage's position
+        going = Int32(1)
+        while going != 0:
+            # (the unit's fields are read from its slot where needed, not held in registers; the
+            # slot goes back at the unit's end)
+            us = ring_state(2, ui)
+            pipe_u.consumer_wait(us)
+            slot = (ui % 2) * UNIT_FIELDS
+            nkeys = sunit[slot + 2]
+            if nkeys < 0:
+                going = Int32(0)  # no unit left
+            if nkeys > 0:
+                nsub = (sunit[slot + 1] - sunit[slot] + BM - 1) // BM
+                kv = ring_state(1, kn)
+                f.acc_dK.fill(0.0)
+                f.acc_dV.fill(0.0)
+                pipe_kv.consumer_wait(kv)
+                if nkeys < BN:
+                    # (as in consumer: keys past the chunk zeroed for dQ = dS K)
+                    zero_rows_from(sK, 0, nkeys, ctid, 256, BN, self.D, self.dtype)
+                for t in cutlass.range(nsub, unroll=1):
+                    q_state = ring_state(self.QS, T + t)
+                    stage = (T + t) % self.QS
+                    pipe_q.consumer_wait(q_state)
+                    if ctid < BM:
+                        self.row_meta(st, stage, ctid, sunit[slot] + t * BM + ctid < sunit[slot + 1], nkeys,
+                                      sunit[slot + 5], sunit[slot + 6], sunit[slot + 7], H, h0, Hw, topk)
+                    cute.arch.fence_view_async_shared()
+                    cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
+                    self.sub_tile(f, st, stage, stage, T + t, wg, ctid, sdS, pipe_dq, mma_sdp, mma_dkv, mma_dq, scale,
+                                  scale_log2)
+                    pipe_q.consumer_release(q_state)
+                T += nsub
+                # every wgmma reading K and V is done (each sub-tile drains); the zeroed K rows
+                # (generic proxy) ordered before the next unit's TMA (async proxy) overwrites them
+                cute.arch.fence_view_async_shared()
+                cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
+                pipe_kv.consumer_release(kv)
+                kn += 1
+                self.store_dkv_frags(dk, dv, f, mma_dkv, ctid, nkeys, sunit[slot + 3], sunit[slot + 4], Hk)
+            pipe_u.consumer_release(us)
+            ui += 1
 
     @cute.jit
     def producer_chain(self, tma_k: cute.Tensor, tma_v: cute.Tensor, atom_k: cute.CopyAtom, atom_v: cute.CopyAtom,
@@ -632,13 +786,10 @@ class MobaBwdSm90(PingPong):
                 cute.make_tensor(dst.align(16), cute.make_layout(8)).store(v)
         pipe_dq.consumer_release(dq_state)
 
-    @cute.jit
-    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, st, sQ: cute.Tensor,
-                 sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv, pipe_dq,
-                 mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32,
-                 nsub: Int32, nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32,
-                 kbeg: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32, scale: Float32, scale_log2: Float32,
-                 ctid: Int32):
+    def dkv_frags(self, sQ: cute.Tensor, sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor,
+                  mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, ctid: Int32) -> "DkvFrags":
+        """A consumer thread's wgmma operands and accumulators (:class:`DkvFrags`); dK and dV not
+        zeroed."""
         D, dt = self.D, self.dtype
         thr_sdp = mma_sdp.get_slice(ctid)
         thr_dkv = mma_dkv.get_slice(ctid)
@@ -662,8 +813,6 @@ class MobaBwdSm90(PingPong):
             acc_dQ = cute.make_tensor(acc_S.iterator, cute.make_layout(thr_dq.partition_shape_C((BM, D))))
         else:
             acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, D)), Float32)
-        acc_dK.fill(0.0)
-        acc_dV.fill(0.0)
         rP = cute.make_rmem_tensor(acc_S.layout.shape, dt)
         rdS = cute.make_rmem_tensor(acc_S.layout.shape, dt)
         f = DkvFrags(tSrK, tSrV, tSrQ, tSrdO, thr_dkv.make_fragment_B(thr_dkv.partition_B(sdOt)),
@@ -672,6 +821,19 @@ class MobaBwdSm90(PingPong):
                      acc_as_a_operand(rP), acc_as_a_operand(rdS), acc_mn_view(acc_S), acc_mn_view(acc_dP),
                      acc_mn_view(thr_sdp.partition_C(cute.make_identity_tensor((BN, BM)))), acc_mn_view(acc_dQ),
                      acc_mn_view(thr_dq.partition_C(cute.make_identity_tensor((BM, D)))))
+        return f
+
+    @cute.jit
+    def consumer(self, dk: cute.Pointer, dv: cute.Pointer, st, sQ: cute.Tensor,
+                 sdO: cute.Tensor, sK: cute.Tensor, sV: cute.Tensor, sdS: cute.Tensor, pipe_q, pipe_kv, pipe_dq,
+                 mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma, e_lo: Int32, e_hi: Int32,
+                 nsub: Int32, nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32, qs: Int32, shift: Int32,
+                 kbeg: Int32, H: Int32, h0: Int32, Hw: Int32, topk: Int32, scale: Float32, scale_log2: Float32,
+                 ctid: Int32):
+        D, dt = self.D, self.dtype
+        f = self.dkv_frags(sQ, sdO, sK, sV, sdS, mma_sdp, mma_dkv, mma_dq, ctid)
+        f.acc_dK.fill(0.0)
+        f.acc_dV.fill(0.0)
         pipe_kv.consumer_wait(pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1))
         if cutlass.const_expr(self.with_dq) and nkeys < BN:
             # keys past the chunk meet dS = 0 in dQ = dS K: zero them so that a non-finite key
@@ -720,8 +882,14 @@ class MobaBwdSm90(PingPong):
                 cute.arch.barrier(barrier_id=PP_BARRIER, number_of_threads=256)
 
         # ---- dK, dV of the chunk's keys, input dtype
-        cK_mn = acc_mn_view(thr_dkv.partition_C(cute.make_identity_tensor((BN, D))))
-        self.store_dkv(dk, dv, acc_mn_view(acc_dK), acc_mn_view(acc_dV), cK_mn, nkeys, key0, kvh, Hk)
+        self.store_dkv_frags(dk, dv, f, mma_dkv, ctid, nkeys, key0, kvh, Hk)
+
+    @cute.jit
+    def store_dkv_frags(self, dk: cute.Pointer, dv: cute.Pointer, f: "DkvFrags", mma_dkv: cute.TiledMma, ctid: Int32,
+                        nkeys: Int32, key0: Int32, kvh: Int32, Hk: Int32):
+        """:meth:`store_dkv` of a consumer thread's dK and dV accumulators."""
+        cK_mn = acc_mn_view(mma_dkv.get_slice(ctid).partition_C(cute.make_identity_tensor((BN, self.D))))
+        self.store_dkv(dk, dv, acc_mn_view(f.acc_dK), acc_mn_view(f.acc_dV), cK_mn, nkeys, key0, kvh, Hk)
 
     @cute.jit
     def sub_tile(self, f: "DkvFrags", st, stage, hslot, t: Int32, wg: Int32, ctid: Int32, sdS: cute.Tensor,
