@@ -517,10 +517,12 @@ class MobaBwdSm90(PingPong):
                 nsub = Int32(0)
             if warp == 0:
                 pipe_u.producer_acquire(u_state)
-                for i, x in enumerate((e_lo, e_hi, nkeys, ks + kbeg, kvh, qs, shift, kbeg)):
-                    sunit[slot + i] = x
+                nk = nkeys
                 if going == 0:
-                    sunit[slot + 2] = Int32(-1)
+                    nk = Int32(-1)
+                if tid == 0:  # (one writer: the warp's arrives order its writes for the consumers)
+                    for i, x in enumerate((e_lo, e_hi, nk, ks + kbeg, kvh, qs, shift, kbeg)):
+                        sunit[slot + i] = x
                 pipe_u.producer_commit(u_state)
                 if nkeys > 0:
                     self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv, kv_state, kvh, ks + kbeg)
