@@ -145,7 +145,8 @@ def test_backward_reuses_the_forward_index_layout(monkeypatch):
     assert al.BwdPlan(key, "sm_80").index.same_as(al.FwdPlan(key, "sm_80").index)
     plan = al.BwdPlan(key, "sm_90a")
     assert plan.sm90 and plan.index is None
-    assert set(plan.layout.offsets) == {"delta", "part_dq", "pairs", "counts"}
+    # ("work": the persistent walk's unit counters, one per dQ window)
+    assert set(plan.layout.offsets) == {"delta", "part_dq", "pairs", "counts"} | ({"work"} if plan.persistent else set())
     assert plan.layout.nbytes >= q.shape[0] * 8 * 5 * 128 * 2  # a dQ partial per pair (input dtype)
     monkeypatch.setenv("MOBA_CUTE_BWD_SM80", "1")
     plan = al.BwdPlan(key, "sm_90a")
@@ -350,7 +351,9 @@ def test_sm90_backward_chain_plan(monkeypatch):
     assert plan.nsem >= plan.list_cap // 64 + plan.nbound * plan.Hk
     q2, k2, r2 = _batch([600, 300], H=4, Hk=2, D=128, C=128, K=2)
     short = al.BwdPlan(al._plan_key(q2, k2, r2), "sm_90a")
-    assert not short.chain and "chain" not in short.ks.specs["bwd90"][0] and "zero32" not in short.ks.specs
+    assert not short.chain and "chain" not in short.ks.specs["bwd90"][0]
+    # (the reset kernel serves the persistent walk's counters there, if it is on)
+    assert ("zero32" in short.ks.specs) == short.persistent
 
 
 def test_sm90_backward_overlap_switch(monkeypatch):

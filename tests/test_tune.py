@@ -336,7 +336,7 @@ def _plan_key(total_q=8192 * 2, H=16, D=128, C=128, K=8, causal=True, dtype=torc
 
 def test_tuned_tile_reaches_the_sm90_plan(isolated, on_device):
     pytest.importorskip("cutlass")
-    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90, SegVariant
+    from moba_cute.kernels.moba_fwd_sm90 import MobaFwdSm90
 
     key = _plan_key()
     assert al.FwdPlan(key, "sm_90a").tile == SM90_DEFAULT
@@ -344,13 +344,14 @@ def test_tuned_tile_reaches_the_sm90_plan(isolated, on_device):
     tuned.reset()
     plan = al.FWD_PLANS.get(key, key, "sm_90a")
     assert plan.sm90 and plan.shape_class == CLS and plan.tile == SM90_ALT
-    assert plan.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_ALT, SegVariant())
+    # (the plan's loop switches, e.g. the persistent walk, are its own: the tile is what the table sets)
+    assert plan.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_ALT, plan.variant)
     assert plan.ks.specs["slot_scan"][0] == ("slotscan", 64 * SM90_ALT[1])  # the index's unit: 64 * sub
     # the tuner's override re-plans: the cached plan is dropped on entry and on exit
     with al.tile_override("sm90_fwd", SM90_DEFAULT):
         p2 = al.FWD_PLANS.get(key, key, "sm_90a")
         assert p2 is not plan and p2.tile == SM90_DEFAULT
-        assert p2.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_DEFAULT, SegVariant())
+        assert p2.ks.specs["seg"][0] == MobaFwdSm90.compile_key("bfloat16", 128, *SM90_DEFAULT, p2.variant)
     assert al.FWD_PLANS.get(key, key, "sm_90a").tile == SM90_ALT
     # another device (or a plan for CPU tensors) does not read this device's entries
     assert al.FwdPlan(key[:-1] + (None,), "sm_90a").tile == SM90_DEFAULT

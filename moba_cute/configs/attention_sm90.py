@@ -82,8 +82,10 @@ FWD_PERSISTENT = True
 # the one-pass backward kernel for chunks of one key tile (C <= 128) as a persistent walk over its
 # (chunk, KV head) units, about one CTA per SM taking units from a counter (MobaBwdSm90(persistent=
 # True), MOBA_CUTE_BWD_PERSISTENT): its one 384-thread CTA per SM otherwise starts each unit with
-# the K/V load and the first gathers exposed. Off until measured on a GPU
-BWD_PERSISTENT = False
+# the K/V load and the first gathers exposed. H100, whole backward (benchmarks.fwd_env_ab
+# --backward, one process, 3 interleaved rounds): flashmoba 8K 1.306 -> 1.265 ms (x1.033), 64K
+# 10.44 -> 10.13 (x1.031); the same bits (docs/design.md, section 9)
+BWD_PERSISTENT = True
 
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
 # (below: FWD_TILES). H100, whole forward (benchmarks.fwd_env_ab, one process), ms, previous
