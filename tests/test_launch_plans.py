@@ -146,7 +146,8 @@ def test_backward_reuses_the_forward_index_layout(monkeypatch):
     plan = al.BwdPlan(key, "sm_90a")
     assert plan.sm90 and plan.index is None
     # ("work": the persistent walk's unit counters, one per dQ window)
-    assert set(plan.layout.offsets) == {"delta", "part_dq", "pairs", "counts"} | ({"work"} if plan.persistent else set())
+    work = {"work"} if plan.persistent else set()
+    assert set(plan.layout.offsets) == {"delta", "part_dq", "pairs", "counts"} | work
     assert plan.layout.nbytes >= q.shape[0] * 8 * 5 * 128 * 2  # a dQ partial per pair (input dtype)
     monkeypatch.setenv("MOBA_CUTE_BWD_SM80", "1")
     plan = al.BwdPlan(key, "sm_90a")

@@ -43,6 +43,12 @@ a sub-tile in FA3/FA4's order, ``dV``, ``dQ_p`` and ``dK`` issued back to back a
 while ``dK`` runs (``dQ_p``'s accumulator in ``S^T``'s registers), instead of ``dK``, drain,
 ``dQ_p``, drain, stage; the same GEMMs on the same operands, so the same bits.
 
+``persistent=True`` (the default for chunks of one key tile in the overlapped order,
+``configs/attention_sm90.BWD_PERSISTENT``; ``MOBA_CUTE_BWD_PERSISTENT``): a grid of about one CTA
+per SM walks the launch's (chunk, KV head) units, taken from a counter (:meth:`producer_persistent`,
+:meth:`consumer_persistent`): a unit's K/V load and first gathers overlap the previous unit's last
+sub-tiles and its dK/dV store; the same GEMMs per pair, so the same bits.
+
 The partial buffer holds one window of KV heads: a launch covers KV heads ``[kv0, kv0 + nkv)``
 (a linear grid of ``chunks * nkv`` CTAs, chunk-major; ``Hw = nkv * G`` query heads) and stores
 pair ``(row, h, slot)`` at ``((row * Hw + h - kv0 * G) * K + slot) * D``, so the launch plan bounds the buffer's size
@@ -404,9 +410,9 @@ class MobaBwdSm90(PingPong):
                                             sdO, sK, sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg,
                                             total_q, H, topk, tid, warp, sems, e_lo // BM + g * Hk + kvh, kt)
                     else:
-                        self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO, sK,
-                                      sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H, topk,
-                                      tid, warp)
+                        self.producer(tma_k, tma_v, atom_k, atom_v, q, dout, lse, delta, pairs, part_dq, st, sQ, sdO,
+                                      sK, sV, pipe_q, pipe_kv, pipe_dq, e_lo, e_hi, nsub, kvh, ks + kbeg, total_q, H,
+                                      topk, tid, warp)
             else:
                 cute.arch.setmaxregister_increase(CONSUMER_REGS)
                 if nkeys > 0:
@@ -491,7 +497,10 @@ class MobaBwdSm90(PingPong):
         unit left) and loads its K and V once the one K/V stage is free (the previous unit's last
         sub-tile done); the Q/dO ring and the dQ copy-out run on across units (``T``: sub-tiles
         gathered so far, the copy-out one sub-tile behind as in :meth:`producer`)."""
-        units = _flat(cu_chunks)[B] * nkv  # (chunks past cu_chunks[B] are empty: locate gives no keys)
+        # units: the chunks, within the routing's bound (num_chunks_bound: the index's size), x nkv
+        tcc = _flat(cu_chunks)
+        nb = Int32((Int64(total_k) + Int64(B) * Int64(chunk_size - 1)) // Int64(chunk_size))
+        units = cutlass.min(tcc[B], nb) * nkv
         q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
         u_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 2)
@@ -505,10 +514,11 @@ class MobaBwdSm90(PingPong):
                 sunit[slot + 9] = cute.arch.atomic_add(work.llvm_ptr, Int32(1))
             cute.arch.barrier(barrier_id=BAR_SCHED, number_of_threads=128)
             u = sunit[slot + 9]
-            if u >= units:
-                going = Int32(0)
             g = u // nkv
             kvh = kv0 + (u - g * nkv)
+            if u >= units:
+                going = Int32(0)
+                g = tcc[B]  # (past the chunks: locate reads no index entry and gives no keys)
             qs, shift, ks, kbeg, nkeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
                                                                        total_k, H, Hk, chunk_size, g, kvh, Int32(0),
                                                                        BN)
