@@ -43,8 +43,8 @@ a sub-tile in FA3/FA4's order, ``dV``, ``dQ_p`` and ``dK`` issued back to back a
 while ``dK`` runs (``dQ_p``'s accumulator in ``S^T``'s registers), instead of ``dK``, drain,
 ``dQ_p``, drain, stage; the same GEMMs on the same operands, so the same bits.
 
-``persistent=True`` (the default for chunks of one key tile in the overlapped order,
-``configs/attention_sm90.BWD_PERSISTENT``; ``MOBA_CUTE_BWD_PERSISTENT``): a grid of about one CTA
+``persistent=True`` (chunks of one key tile in the overlapped order, ``MOBA_CUTE_BWD_PERSISTENT``;
+``configs/attention_sm90.BWD_PERSISTENT``): a grid of about one CTA
 per SM walks the launch's (chunk, KV head) units, taken from a counter (:meth:`producer_persistent`,
 :meth:`consumer_persistent`): a unit's K/V load and first gathers overlap the previous unit's last
 sub-tiles and its dK/dV store; the same GEMMs per pair, so the same bits.
@@ -498,50 +498,49 @@ class MobaBwdSm90(PingPong):
         sub-tile done); the Q/dO ring and the dQ copy-out run on across units (``T``: sub-tiles
         gathered so far, the copy-out one sub-tile behind as in :meth:`producer`)."""
         # units: the chunks, within the routing's bound (num_chunks_bound: the index's size), x nkv
-        tcc = _flat(cu_chunks)
         nb = Int32((Int64(total_k) + Int64(B) * Int64(chunk_size - 1)) // Int64(chunk_size))
-        units = cutlass.min(tcc[B], nb) * nkv
-        q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, self.QS)
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-        u_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 2)
-        T = Int32(0)
+        units = cutlass.min(_flat(cu_chunks)[B], nb) * nkv
+        # (ring states from counters, not held: the producer has 40 registers)
+        T = Int32(0)  # sub-tiles gathered: the Q ring's and the dQ copy-out's position
+        ui = Int32(0)  # units taken: the hand-over slots' and (one K/V load each) the K/V stage's position
         going = Int32(1)
         while going != 0:
             # (the slot's unit number was read by every warp two units back, before the previous
             # unit's barrier: free to write)
-            slot = (u_state.count % 2) * UNIT_FIELDS
+            slot = (ui % 2) * UNIT_FIELDS
             if tid == 0:
                 sunit[slot + 9] = cute.arch.atomic_add(work.llvm_ptr, Int32(1))
             cute.arch.barrier(barrier_id=BAR_SCHED, number_of_threads=128)
             u = sunit[slot + 9]
-            g = u // nkv
-            kvh = kv0 + (u - g * nkv)
             if u >= units:
                 going = Int32(0)
-                g = tcc[B]  # (past the chunks: locate reads no index entry and gives no keys)
+                u = Int32(0)  # (a unit within the bound: locate reads index entries that exist)
+            g = u // nkv
+            kvh = kv0 + (u - g * nkv)
             qs, shift, ks, kbeg, nkeys, e_lo, e_hi, nsub = self.locate(cu_q, cu_k, cu_chunks, offsets, B, total_q,
                                                                        total_k, H, Hk, chunk_size, g, kvh, Int32(0),
                                                                        BN)
             if (going == 0) | (nkeys <= 0):
                 nkeys = Int32(0)
                 nsub = Int32(0)
+                e_hi = e_lo
             if warp == 0:
-                pipe_u.producer_acquire(u_state)
+                us = ring_state(2, ui, producer=True)
+                pipe_u.producer_acquire(us)
                 nk = nkeys
                 if going == 0:
                     nk = Int32(-1)
                 if tid == 0:  # (one writer: the warp's arrives order its writes for the consumers)
                     for i, x in enumerate((e_lo, e_hi, nk, ks + kbeg, kvh, qs, shift, kbeg)):
                         sunit[slot + i] = x
-                pipe_u.producer_commit(u_state)
-                if nkeys > 0:
-                    self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv, kv_state, kvh, ks + kbeg)
-                    kv_state.advance()
-            u_state.advance()
+                pipe_u.producer_commit(us)
+                if going != 0:  # (a unit without keys too: the consumers wait for each unit's K/V)
+                    self.load_kv_tile(tma_k, tma_v, atom_k, atom_v, sK, sV, pipe_kv, ring_state(1, ui, producer=True),
+                                      kvh, ks + kbeg)
+            ui += 1
             for t in cutlass.range(nsub, unroll=1):
-                self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q, q_state, e_lo, e_hi, t, total_q,
-                                    H, topk, tid, warp)
-                q_state.advance()
+                self.gather_subtile(q, dout, lse, delta, pairs, st, sQ, sdO, pipe_q,
+                                    ring_state(self.QS, T, producer=True), e_lo, e_hi, t, total_q, H, topk, tid, warp)
                 if T > 0:
                     self.store_dq_pieces(st, pipe_dq, part_dq, T - 1, tid)
                 T += 1
@@ -561,24 +560,19 @@ class MobaBwdSm90(PingPong):
         f = self.dkv_frags(sQ, sdO, sK, sV, sdS, mma_sdp, mma_dkv, mma_dq, ctid)
         wg = ctid // 128
         T = Int32(0)  # sub-tiles consumed: the Q ring's and the dQ staging's position
-        ui = Int32(0)  # units handed over
-        kn = Int32(0)  # units with keys: the K/V stage's position
-        going = Int32(1)
-        while going != 0:
-            # (the unit's fields are read from its slot where needed, not held in registers; the
-            # slot goes back at the unit's end)
-            us = ring_state(2, ui)
-            pipe_u.consumer_wait(us)
+        ui = Int32(0)  # units handed over: the slots' and the K/V stage's position
+        nkeys = Int32(0)
+        while nkeys >= 0:  # (keys -1: no unit left)
+            # (the unit's fields are read from its slot where needed, not held in registers, and
+            # ring states made from the counters where used; the slot goes back at the unit's end)
+            pipe_u.consumer_wait(ring_state(2, ui))
             slot = (ui % 2) * UNIT_FIELDS
             nkeys = sunit[slot + 2]
-            if nkeys < 0:
-                going = Int32(0)  # no unit left
-            if nkeys > 0:
+            if nkeys >= 0:
                 nsub = (sunit[slot + 1] - sunit[slot] + BM - 1) // BM
-                kv = ring_state(1, kn)
                 f.acc_dK.fill(0.0)
                 f.acc_dV.fill(0.0)
-                pipe_kv.consumer_wait(kv)
+                pipe_kv.consumer_wait(ring_state(1, ui))
                 if nkeys < BN:
                     # (as in consumer: keys past the chunk zeroed for dQ = dS K)
                     zero_rows_from(sK, 0, nkeys, ctid, 256, BN, self.D, self.dtype)
@@ -599,10 +593,9 @@ class MobaBwdSm90(PingPong):
                 # (generic proxy) ordered before the next unit's TMA (async proxy) overwrites them
                 cute.arch.fence_view_async_shared()
                 cute.arch.barrier(barrier_id=BAR_META, number_of_threads=256)
-                pipe_kv.consumer_release(kv)
-                kn += 1
-                self.store_dkv_frags(dk, dv, f, mma_dkv, ctid, nkeys, sunit[slot + 3], sunit[slot + 4], Hk)
-            pipe_u.consumer_release(us)
+                pipe_kv.consumer_release(ring_state(1, ui))
+                self.store_dkv_frags(dk, dv, f, mma_dkv, ctid, sunit[slot + 2], sunit[slot + 3], sunit[slot + 4], Hk)
+            pipe_u.consumer_release(ring_state(2, ui))
             ui += 1
 
     @cute.jit
