@@ -171,6 +171,29 @@ def test_backward_long_chunks(case, D, dtype):
     _check_bwd(lq, lk, H, Hk, D, C, K, causal, dtype, seed=40 + case)
 
 
+def _sm90_forward(cases, case, D, dtype, seed):
+    """``cases[case]`` (lens_q, lens_k, H, Hk, C, K, causal) with head dim D in ``dtype`` on Hopper
+    (skips elsewhere): the launch module, the inputs, their routing, the forward's out and LSE,
+    and a random dout."""
+    from moba_cute.kernels import common
+
+    m = _launch()
+    if not m.uses_sm90_bwd(str(dtype).split(".")[-1], D, common.arch_of(torch.device("cuda"))):
+        pytest.skip("the sm90 backward runs on Hopper")
+    lq, lk, H, Hk, C, K, causal = cases[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=dtype, device="cuda", seed=seed)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    out, lse = m.attention_cute(q, k, v, r, None, True)
+    return m, q, k, v, r, out, lse, torch.randn_like(q)
+
+
+def _backward_into_nan(m, q, k, v, out, lse, dout, r):
+    """``attention_backward_cute`` into NaN-filled dq, dk, dv (an unwritten element shows)."""
+    bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    return m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, dq=bufs[0], dk=bufs[1],
+                                     dv=bufs[2])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", [0, 1, 2, 5, 7])
@@ -179,27 +202,15 @@ def test_backward_overlap(case, D, dtype, monkeypatch):
     registers; MOBA_CUTE_BWD_OVERLAP=0 turns it off: dV, dQ and dK issued back to back, dQ staged
     while dK runs): bitwise the sequential order's gradients, and within SPEC's bound of the
     reference."""
-    from moba_cute.kernels import common
-
-    m = _launch()
-    name = str(dtype).split(".")[-1]
-    if not m.uses_sm90_bwd(name, D, common.arch_of(torch.device("cuda"))):
-        pytest.skip("the sm90 backward runs on Hopper")
-    lq, lk, H, Hk, C, K, causal = BWD_CASES[case]
     monkeypatch.setenv("MOBA_CUTE_BWD_OVERLAP", "1")
-    if not m.bwd_overlap(name, D, causal):
+    if not _launch().bwd_overlap(str(dtype).split(".")[-1], D, BWD_CASES[case][6]):
         pytest.skip("this configuration keeps the sequential order (BWD_OVERLAP_SPILLS)")
-    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=dtype, device="cuda", seed=100 + case)
-    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
-    out, lse = m.attention_cute(q, k, v, r, None, True)
-    dout = torch.randn_like(q)
+    m, q, k, v, r, out, lse, dout = _sm90_forward(BWD_CASES, case, D, dtype, seed=100 + case)
     grads = {}
     for ovl in ("0", "1"):
         monkeypatch.setenv("MOBA_CUTE_BWD_OVERLAP", ovl)
         m.BWD_PLANS.clear()  # (plans read the switches when they are built)
-        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-        grads[ovl] = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, dq=bufs[0], dk=bufs[1],
-                                               dv=bufs[2])
+        grads[ovl] = _backward_into_nan(m, q, k, v, out, lse, dout, r)
     m.BWD_PLANS.clear()
     _grad_errs(grads["1"], q, k, v, r, dout, None, None, dtype)
     assert all(torch.equal(a, b) for a, b in zip(grads["1"], grads["0"]))
@@ -216,24 +227,14 @@ def test_backward_persistent(case, D, dtype, monkeypatch):
     head (a counter each); bit-identical on repeat; within SPEC's bound of the reference."""
     from moba_cute.kernels import common
 
-    m = _launch()
-    name = str(dtype).split(".")[-1]
-    if not m.uses_sm90_bwd(name, D, common.arch_of(torch.device("cuda"))):
-        pytest.skip("the sm90 backward runs on Hopper")
-    lq, lk, H, Hk, C, K, causal = BWD_CASES[case]
-    if not m.bwd_overlap(name, D, causal):
+    if not _launch().bwd_overlap(str(dtype).split(".")[-1], D, BWD_CASES[case][6]):
         pytest.skip("the persistent walk runs the overlapped order only")
-    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=dtype, device="cuda", seed=300 + case)
-    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
-    out, lse = m.attention_cute(q, k, v, r, None, True)
-    dout = torch.randn_like(q)
+    m, q, k, v, r, out, lse, dout = _sm90_forward(BWD_CASES, case, D, dtype, seed=300 + case)
     key = m._plan_key(q, k, r)
     arch = common.arch_of(q.device)
 
     def grads():
-        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-        return m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, dq=bufs[0], dk=bufs[1],
-                                         dv=bufs[2])
+        return _backward_into_nan(m, q, k, v, out, lse, dout, r)
 
     try:
         monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", "0")
@@ -261,18 +262,8 @@ def test_backward_persistent(case, D, dtype, monkeypatch):
 
 
 def _long_chunk_forward(case, D, seed):
-    """LONG_CHUNK_CASES[case] in bf16 on Hopper (skips elsewhere): the launch module, the inputs,
-    their routing, the forward's out and LSE, and a random dout."""
-    from moba_cute.kernels import common
-
-    m = _launch()
-    if not m.uses_sm90_bwd("bfloat16", D, common.arch_of(torch.device("cuda"))):
-        pytest.skip("the sm90 backward runs on Hopper")
-    lq, lk, H, Hk, C, K, causal = LONG_CHUNK_CASES[case]
-    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, D, dtype=torch.bfloat16, device="cuda", seed=seed)
-    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
-    out, lse = m.attention_cute(q, k, v, r, None, True)
-    return m, q, k, v, r, out, lse, torch.randn_like(q)
+    """:func:`_sm90_forward` of LONG_CHUNK_CASES[case] in bf16."""
+    return _sm90_forward(LONG_CHUNK_CASES, case, D, torch.bfloat16, seed)
 
 
 @pytest.mark.parametrize("dq_pair,dkv_pingpong", [(True, True), (True, False), (False, True)],
@@ -290,9 +281,7 @@ def test_backward_long_chunk_variants(case, D, dq_pair, dkv_pingpong, monkeypatc
         monkeypatch.setenv("MOBA_CUTE_BWD_DQ_PAIR", str(int(variant[0])))
         monkeypatch.setenv("MOBA_CUTE_BWD_DKV_PINGPONG", str(int(variant[1])))
         m.BWD_PLANS.clear()  # (plans read the switches when they are built)
-        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-        grads[variant] = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True,
-                                                   dq=bufs[0], dk=bufs[1], dv=bufs[2])
+        grads[variant] = _backward_into_nan(m, q, k, v, out, lse, dout, r)
     m.BWD_PLANS.clear()
     got, plain = grads[(dq_pair, dkv_pingpong)], grads[(False, False)]
     _grad_errs(got, q, k, v, r, dout, None, None, torch.bfloat16)
@@ -317,9 +306,7 @@ def test_backward_long_chunk_chain(case, D, pipe, monkeypatch):
     monkeypatch.setenv("MOBA_CUTE_BWD_CHAIN_PIPE", str(int(pipe)))
     m.BWD_PLANS.clear()  # (plans read the switches when they are built)
     try:
-        bufs = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-        got = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, dq=bufs[0], dk=bufs[1],
-                                        dv=bufs[2])
+        got = _backward_into_nan(m, q, k, v, out, lse, dout, r)
         again = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
     finally:
         monkeypatch.delenv("MOBA_CUTE_BWD_DQ_CHAIN")
