@@ -72,6 +72,7 @@ class Case:
     # FA3/FA4's, the default where it fits the registers)
     bwd_sequential: bool = False
     bwd_persistent: bool = False  # the one-pass backward's persistent walk (MOBA_CUTE_BWD_PERSISTENT=1)
+    keep_pairs: bool = False  # sm90: the training forward writes the backward's pair lists (MOBA_CUTE_KEEP_BWD_PAIRS=1)
     # wrong cu_seqlens values (non-strict): replace the offsets built from the lengths, which
     # still give the tensors' sizes
     cu_q: tuple = ()
@@ -215,6 +216,9 @@ CASES = [
     Case("bwd-persistent-nan", (400, 130), (300, 200), 8, 2, C=128, K=2, nan=True, bwd_persistent=True, **Cc),
     Case("bwd-persistent-noncausal-gqa8", (100, 7, 64, 0), (30, 129, 64, 9), 16, 2, C=16, K=3,
          bwd_persistent=True, **N),
+    # the backward's pair lists written by the training forward's pair-list kernel
+    Case("bwd-kept-pairs-odd", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=3, keep_pairs=True, **A),
+    Case("bwd-kept-pairs-noncausal", (100, 7, 64, 0), (30, 129, 64, 9), 16, 2, C=16, K=3, keep_pairs=True, **N),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with
@@ -333,6 +337,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
         t.add("bwd-sequential" if case.bwd_sequential else "bwd-overlap")
         if case.bwd_persistent and case.C <= 128 and not case.bwd_sequential:
             t.add("bwd-persistent")
+    if case.grad and case.keep_pairs:
+        t.add("bwd-kept-pairs")
     t.add("grad" if case.grad else "fwd-only")
     return t
 
@@ -372,7 +378,7 @@ _ENV_NAMES = ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_FWD_PARTI
               "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_RESCALE_SKIP", "MOBA_CUTE_BWD_DQ_CHAIN",
               "MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP",
               "MOBA_CUTE_BWD_CHAIN_PIPE", "MOBA_CUTE_BWD_OVERLAP", "MOBA_CUTE_FWD_PERSISTENT",
-              "MOBA_CUTE_BWD_PERSISTENT")
+              "MOBA_CUTE_BWD_PERSISTENT", "MOBA_CUTE_KEEP_BWD_PAIRS")
 
 
 @contextlib.contextmanager
@@ -392,7 +398,8 @@ def _env(case: Case):
            "MOBA_CUTE_BWD_DQ_CHAIN": "1" if case.bwd_chain else "0",
            "MOBA_CUTE_BWD_CHAIN_PIPE": "1" if case.chain_pipe else "0",
            "MOBA_CUTE_BWD_OVERLAP": "0" if case.bwd_sequential else "1",
-           "MOBA_CUTE_BWD_PERSISTENT": "1" if case.bwd_persistent else "0"}
+           "MOBA_CUTE_BWD_PERSISTENT": "1" if case.bwd_persistent else "0",
+           "MOBA_CUTE_KEEP_BWD_PAIRS": "1" if case.keep_pairs else "0"}
     if case.diag_sm90:  # (other cases: the chunk-size default; both merges have cases of their own)
         env["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
         env["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"

@@ -341,6 +341,41 @@ def test_backward_reuses_the_forward_index(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got, plain))
 
 
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 7])
+def test_backward_kept_pairs(case, monkeypatch):
+    """The sm90 training forward keeps the sm90 backward's pair lists (MOBA_CUTE_KEEP_BWD_PAIRS=1:
+    its pair-list kernel writes them beside its own): the backward that takes them gives bitwise
+    the gradients of the one that builds its own; without a gather pass (topk 1, causal) nothing
+    is kept; a kept list of the wrong size is ignored."""
+    from moba_cute.kernels import common
+
+    m = _launch()
+    if not m.uses_sm90_bwd("bfloat16", 128, common.arch_of(torch.device("cuda"))):
+        pytest.skip("the sm90 backward runs on Hopper")
+    lq, lk, H, Hk, C, K, causal = BWD_CASES[case]
+    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, 128, dtype=torch.bfloat16, device="cuda", seed=500 + case)
+    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
+    dout = torch.randn_like(q)
+    monkeypatch.setenv("MOBA_CUTE_KEEP_BWD_PAIRS", "1")
+    try:
+        m.FWD_PLANS.clear()
+        m.BWD_PLANS.clear()
+        out, lse, kept = m.attention_cute(q, k, v, r, None, True, keep_index=True)
+        if K == 1 and causal:
+            assert kept is None  # (no gather pass: the forward runs no pair-list kernel)
+            return
+        assert kept is not None and kept.dtype == torch.int32 and kept.numel() == r.query_rows.numel()
+        own = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True)
+        got = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, index=kept)
+        assert all(torch.equal(a, b) for a, b in zip(got, own))
+        wrong = m.attention_backward_cute(q, k, v, out, lse, dout, None, r, None, True, index=kept[:-1])
+        assert all(torch.equal(a, b) for a, b in zip(wrong, own))
+        _grad_errs(got, q, k, v, r, dout, None, None, torch.bfloat16)
+    finally:
+        m.FWD_PLANS.clear()
+        m.BWD_PLANS.clear()
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_backward_lse_grad(causal):
     """The loss uses the LSE too: dS = P * (dP - rowsum(dO * O) + dlse)."""

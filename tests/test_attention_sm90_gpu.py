@@ -535,9 +535,10 @@ PAIR_LIST_CASES = [
 ]
 
 
-def _expected_pair_lists(r, H, Hk, total_q, K, s0, head_major):
+def _expected_pair_lists(r, H, Hk, total_q, K, s0, head_major, in_place=False):
     """The pair lists and per-segment counts PairListKernel should write, from the routing in
-    PyTorch (entries with a bad row, or whose row did not select the chunk, are dropped)."""
+    PyTorch (entries with a bad row, or whose row did not select the chunk, are dropped;
+    ``in_place``: the dual kernel's second list instead, one entry per routing entry, -1 there)."""
     off, rows, sel, cuc = (t.cpu().long() for t in (r.offsets, r.query_rows, r.selection, r.cu_chunks))
     nseg = off.numel() - 1
     nbound, G, kp = nseg // H, H // Hk, K - s0
@@ -548,6 +549,11 @@ def _expected_pair_lists(r, H, Hk, total_q, K, s0, head_major):
         gl = g - int(cuc[min(max(b, 0), cuc.numel() - 1)])
         e = rows[off[seg]:off[seg + 1]]
         ok = (e >= 0) & (e < total_q)
+        if in_place:
+            ec = e.clamp(0, total_q - 1)
+            hit = (sel[ec, h] == gl) & ok[:, None]
+            lists[seg] = torch.where(hit.any(1), (ec * H + h) * K + hit.float().argmax(1), -1)
+            continue
         e = e[ok]
         hit = sel[e, h] == gl
         has = hit.any(1)
@@ -562,13 +568,14 @@ def _expected_pair_lists(r, H, Hk, total_q, K, s0, head_major):
 
 
 @needs_hopper
-@pytest.mark.parametrize("variant", ["forward", "backward"])
+@pytest.mark.parametrize("variant", ["forward", "backward", "dual"])
 @pytest.mark.parametrize("case", range(len(PAIR_LIST_CASES)))
 def test_pair_lists(case, variant):
     """PairListKernel, the forward's (head-major, own chunks dropped when causal) and the
     backward's (every slot, -1 past the pairs) lists: each segment's pairs in row order and its
     count, against PyTorch, on short and long segments; entries corrupted in the routing (a row
-    out of range, a row that did not select the chunk) are dropped."""
+    out of range, a row that did not select the chunk) are dropped. ``dual``: the forward's
+    lists, and the backward's in place (one per entry, -1 where one does not check out)."""
     from moba_cute.kernels import attention_launch as m
     from moba_cute.kernels import common
     from moba_cute.kernels.slot_index import PairListKernel
@@ -585,19 +592,23 @@ def test_pair_lists(case, variant):
     rows[bad[1::3]] = total_q + 5
     rows[bad[2::3]] = (rows[bad[2::3]] + 1) % total_q  # likely a row that did not pick the chunk
     r = type(r)(**{**r.__dict__, "query_rows": rows})
-    head_major = variant == "forward"
+    head_major = variant != "backward"
+    dual = variant == "dual"
     s0 = 1 if (causal and head_major) else 0
     vec = 4 if K % 4 == 0 else 1
-    kern = PairListKernel(causal and head_major, vec, fill_tail=not head_major, head_major=head_major)
-    key = PairListKernel.compile_key(causal and head_major, vec, fill_tail=not head_major, head_major=head_major)
+    kw = dict(fill_tail=not head_major, head_major=head_major, dual=dual)
+    kern = PairListKernel(causal and head_major, vec, **kw)
+    key = PairListKernel.compile_key(causal and head_major, vec, **kw)
     ks = common.KernelSet({"pl": (key, lambda: kern, m._fake([(m._i32p(1)[0][0], 16 if vec == 4 else 4)]
-                                                              + m._i32p(5), 7))}, common.arch_of(q.device))
+                                                              + m._i32p(6), 7))}, common.arch_of(q.device))
     nseg = r.offsets.numel() - 1
     cap = rows.numel()
     out = torch.full((cap,), -99, dtype=torch.int32, device="cuda")
     counts = torch.full((nseg,), -99, dtype=torch.int32, device="cuda")
+    every = torch.full((cap,), -99, dtype=torch.int32, device="cuda")
     ks["pl"](r.selection.data_ptr(), r.cu_chunks.data_ptr(), r.offsets.data_ptr(), rows.data_ptr(), out.data_ptr(),
-             counts.data_ptr(), len(lq), total_q, H, Hk, K, nseg, cap, common.raw_stream(q.device))
+             counts.data_ptr(), every.data_ptr() if dual else out.data_ptr(), len(lq), total_q, H, Hk, K, nseg, cap,
+             common.raw_stream(q.device))
     torch.cuda.synchronize()
     want, want_counts = _expected_pair_lists(r, H, Hk, total_q, K, s0, head_major)
     assert torch.equal(counts.cpu().long(), want_counts)
@@ -608,3 +619,8 @@ def test_pair_lists(case, variant):
         assert torch.equal(got[o0:o0 + w.numel()], w), seg
         if not head_major:
             assert (got[o0 + w.numel():o1] == -1).all(), seg
+    if dual:
+        want_all, _ = _expected_pair_lists(r, H, Hk, total_q, K, 0, False, in_place=True)
+        got_all = every.cpu().long()
+        for seg in range(nseg):
+            assert torch.equal(got_all[int(off[seg]):int(off[seg + 1])], want_all[seg]), seg

@@ -82,7 +82,10 @@ def test_sm90_forward_plan_layout():
     assert plan.layout.offsets["part_lse"] >= rows * 4 * 128 * 2  # part_o first: (rows * KP, D) bf16
     assert plan.layout.nbytes >= rows * 4 * (128 * 2 + 4)
     assert ix.layout.nbytes >= 4 * (rows * 4 + ix.tiles_bound)
-    assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "pair_list"}
+    # (pair_list_dual: the training forward's, which also writes the backward's lists)
+    assert set(plan.ks.specs) == {"seg", "diag", "slot_prep", "slot_count", "slot_scan", "pair_list",
+                                  "pair_list_dual"}
+    assert plan.ks.specs["pair_list_dual"][0] == plan.ks.specs["pair_list"][0] + ("dual",)
 
 
 def test_sm90_plan_long_chunk_tile(monkeypatch):
@@ -414,6 +417,28 @@ def test_sm90_backward_persistent_switch(monkeypatch):
     monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", "yes")
     with pytest.raises(ValueError, match="MOBA_CUTE_BWD_PERSISTENT"):
         plan(64)
+
+
+def test_sm90_backward_takes_the_kept_pair_lists(monkeypatch):
+    """The sm90 backward's workspace leaves out its pair-list piece (the layout's last) when the
+    training forward kept the lists (``pairs``: their address); MOBA_CUTE_KEEP_BWD_PAIRS switches
+    the keeping (configs' KEEP_BWD_PAIRS)."""
+    from moba_cute.configs import attention_sm90 as cfg90
+
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=64, K=3)
+    plan = al.BwdPlan(al._plan_key(q, k, r), "sm_90a")
+    last = max(plan.layout.offsets, key=plan.layout.offsets.get)
+    assert last == "pairs" and plan.layout.nbytes - plan.layout.offsets["pairs"] >= plan.list_cap * 4
+    held, p = plan.workspace("cpu")
+    assert held[0].numel() == plan.layout.nbytes
+    held, p = plan.workspace("cpu", pairs=4096)
+    assert held[0].numel() == plan.layout.offsets["pairs"] and p["pairs"] == 4096
+    assert plan.list_cap == q.shape[0] * 4 * 3 == r.query_rows.numel()  # (the kept list's size)
+    monkeypatch.delenv("MOBA_CUTE_KEEP_BWD_PAIRS", raising=False)
+    assert al.kept_pairs_on() == cfg90.KEEP_BWD_PAIRS
+    for value in ("0", "1"):
+        monkeypatch.setenv("MOBA_CUTE_KEEP_BWD_PAIRS", value)
+        assert al.kept_pairs_on() == (value == "1")
 
 
 def test_sm90_backward_chain_memory_rule(monkeypatch):

@@ -89,6 +89,12 @@ FWD_PERSISTENT = True
 # load per unit) has not run on a GPU yet: off until it has
 BWD_PERSISTENT = False
 
+# the sm90 training forward's pair-list kernel also writes the sm90 backward's lists (one pair
+# index per routing entry, in place), which the backward takes instead of its own pair-list
+# launch (the slot look-ups, ~0.19 ms at flashmoba 64K on the H100); held from the forward to the
+# backward in place of the backward's buffer (total_q * H * topk * 4 bytes). Off until GPU-run
+KEEP_BWD_PAIRS = False
+
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
 # (below: FWD_TILES). H100, whole forward (benchmarks.fwd_env_ab, one process), ms, previous
 # default -> (128, 8, 2, 2). D = 128: moba-large 128K (C = 4096, K = 12) 173.8 -> 152.7 (the then

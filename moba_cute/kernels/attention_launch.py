@@ -370,11 +370,13 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, varian
     }
     for vec in (1, 4):
         if topk is None or vec == (4 if topk % 4 == 0 else 1):
-            # head-major pair indices, KV-head-major segments: windows of KV heads are contiguous
-            specs["pair_list" if topk is not None else f"pair_list_v{vec}"] = (
-                PairListKernel.compile_key(causal, vec, head_major=True),
-                lambda v=vec: PairListKernel(causal, v, head_major=True),
-                _fake([(_i32p(1)[0][0], 16 if vec == 4 else 4)] + _i32p(5), 7))
+            # head-major pair indices, KV-head-major segments: windows of KV heads are contiguous;
+            # "dual" (a training forward): also the backward's list, kept for it
+            for dual in (False, True):
+                role = "pair_list" + "_dual" * dual + ("" if topk is not None else f"_v{vec}")
+                specs[role] = (PairListKernel.compile_key(causal, vec, head_major=True, dual=dual),
+                               lambda v=vec, d=dual: PairListKernel(causal, v, head_major=True, dual=d),
+                               _fake([(_i32p(1)[0][0], 16 if vec == 4 else 4)] + _i32p(6), 7))
     if row_windows:
         specs["win_count"] = (WindowCountKernel.compile_key(), WindowCountKernel, _fake(_i32p(5), 8))
     if causal:
@@ -529,7 +531,7 @@ def bwd_kernel_specs_sm90(dtype_name, head_dim, causal, topk, overlap=None, pers
         # causal=False: keeps slot 0 (the own chunk), pair index (row * H + h) * topk + slot
         "pair_list": (PairListKernel.compile_key(False, vec, fill_tail=True),
                       lambda: PairListKernel(False, vec, fill_tail=True),
-                      _fake([(I, 16 if vec == 4 else 4)] + _i32p(5), 7)),
+                      _fake([(I, 16 if vec == 4 else 4)] + _i32p(6), 7)),
         "dq_reduce": (("dqreduce", dtype_name, head_dim), lambda: DqReduceKernel(dt, head_dim),
                       _fake([(dt, 16), (I, 4), (I, 4), (I, 4), (dt, 16)], 7)),
     }
@@ -581,6 +583,13 @@ def bwd_chain_pipe():
     (``MobaBwdSm90(chain_pipe=True)``): ``configs/attention_sm90.BWD_CHAIN_PIPE``,
     ``MOBA_CUTE_BWD_CHAIN_PIPE=0/1`` overrides it."""
     return _env_flag("MOBA_CUTE_BWD_CHAIN_PIPE", cfg90.BWD_CHAIN_PIPE)
+
+
+def kept_pairs_on():
+    """Whether the sm90 training forward writes the sm90 backward's pair lists beside its own (one
+    pair-list kernel for both; held from the forward to the backward in place of the backward's
+    own): ``configs/attention_sm90.KEEP_BWD_PAIRS``, ``MOBA_CUTE_KEEP_BWD_PAIRS=0/1`` overrides it."""
+    return _env_flag("MOBA_CUTE_KEEP_BWD_PAIRS", bool(cfg90.KEEP_BWD_PAIRS))
 
 
 def bwd_persistent(chunk_size, dtype_name, head_dim, causal):
@@ -724,24 +733,28 @@ class _SlotIndexPlan:
             other.bm, other.merged, other.npass, other.nseg, other.layout.offsets, other.layout.nbytes)
 
     def launch(self, ks, p, sel, cu_q, cu_chunks, out, lse, B, total_q, H, K, stream, offsets=None,
-               query_rows=None):
+               query_rows=None, bwd_pairs=None):
         """The index into workspace pieces ``p`` (name -> address). Non-causal rows with no usable
         slot and causal rows outside every sequence get ``out = 0, lse = -inf`` (the backward
         passes dq as ``out``: zero rows). The merged lists read the routing's key-major index
-        (``offsets``, ``query_rows``)."""
+        (``offsets``, ``query_rows``); ``bwd_pairs`` (an address; merged lists only, launched
+        when :attr:`gather`): the sm90 backward's pair list is written there too."""
         ks["slot_prep"](p["counts"], cu_q, p["cu_mt"], self.n_zero, B, total_q, self.prep_blocks, stream)
         idx_args = (sel, cu_q, cu_chunks, p["counts"], p["rows_list"], p["nused"], out, lse, B, total_q, H, K,
                     self.nseg, self.idx_blocks, stream)
         ks["slot_count"](*idx_args)
         if self.gather:
+            # (without a second list, its pointer is a stand-in)
+            pair_list = ks["pair_list_dual"] if bwd_pairs is not None else ks["pair_list"]
+            also = bwd_pairs if bwd_pairs is not None else p["rows_list"]
             if self.nrw:
-                ks["pair_list"](sel, cu_chunks, offsets, query_rows, p["rows_list"], p["seg_pairs"], B, total_q, H,
-                                self.Hk, K, self.nseg_all, self.list_cap, stream)
+                pair_list(sel, cu_chunks, offsets, query_rows, p["rows_list"], p["seg_pairs"], also, B, total_q, H,
+                          self.Hk, K, self.nseg_all, self.list_cap, stream)
                 ks["win_count"](offsets, p["seg_pairs"], p["rows_list"], p["counts"], p["wstart"], total_q, H,
                                 self.Hk, self.kp, self.nseg, self.nrw, self.row_window, self.list_cap, stream)
             elif self.merged:
-                ks["pair_list"](sel, cu_chunks, offsets, query_rows, p["rows_list"], p["counts"], B, total_q, H,
-                                self.Hk, K, self.npass * self.nseg, self.list_cap, stream)
+                pair_list(sel, cu_chunks, offsets, query_rows, p["rows_list"], p["counts"], also, B, total_q, H,
+                          self.Hk, K, self.npass * self.nseg, self.list_cap, stream)
             ks["slot_scan"](p["counts"], p["seg_off"], p["tile_off"], p["tile_seg"], p["pass_tiles"], self.nseg,
                             self.npass, self.tiles_bound, stream)
             if not self.merged:
@@ -777,17 +790,24 @@ class _PlanBase:
         _i32(total_k * Hk, "total_k*Hk")
         self.layout = common.WorkspaceLayout()  # the call's own scratch (the index has its own)
 
-    def workspace(self, device, kept=None, rows_list=None):
+    def workspace(self, device, kept=None, rows_list=None, pairs=None):
         """Scratch memory of one call: (tensors to hold while launching, name -> address). One
         allocation for the call's pieces and the per-slot index after them, unless ``kept`` is
         an index tensor built earlier (the forward's, reused by the backward) or the string
         "separate" (the index gets an allocation of its own, to be kept past the call).
         ``rows_list``: the address the index's lists go to instead of its own last piece (the
-        routing's ``query_rows``, which a forward that owns its routing may overwrite)."""
+        routing's ``query_rows``, which a forward that owns its routing may overwrite).
+        ``pairs`` (the sm90 backward): the address of the pair lists the training forward kept,
+        used instead of the layout's last piece, which is then not allocated."""
         n_own = self.layout.nbytes
         if self.index is None:  # the sm90 backward: no per-slot index
+            if pairs is not None:
+                n_own = self.layout.offsets["pairs"]
             ws = torch.empty(n_own, dtype=torch.uint8, device=device)
-            return [ws], {n: ws.data_ptr() + o for n, o in self.layout.offsets.items()}
+            p = {n: ws.data_ptr() + o for n, o in self.layout.offsets.items()}
+            if pairs is not None:
+                p["pairs"] = pairs
+            return [ws], p
         n_index = self.index.layout.offsets["rows_list"] if rows_list is not None else self.index.layout.nbytes
         ws = torch.empty(n_own + (n_index if kept is None else 0), dtype=torch.uint8, device=device)
         base = ws.data_ptr()
@@ -940,7 +960,6 @@ class BwdPlan(_PlanBase):
             self.layout.add("delta", self.rows * 4)
             # dQ partial of every pair of a window (input dtype)
             self.layout.add("part_dq", self.total_q * nkv * G * self.K * self.D * pbytes)
-            self.layout.add("pairs", npair * 4)
             self.layout.add("counts", (self.nseg + 1) * 4)
             self.list_cap = _i32(npair, "pair lists")
             if self.chain:
@@ -958,6 +977,8 @@ class BwdPlan(_PlanBase):
             if self.persistent:
                 self.layout.add("work", 4 * len(self.dq_windows))
                 self.sms = common.sm_count(key[-1])
+            # last: a backward given the training forward's list (kept_pairs) allocates without it
+            self.layout.add("pairs", npair * 4)
             self.index = None
             # chunks over 128 keys: dK/dV per 128-key tile, dQ by a kernel streaming the tiles, its
             # (chunk, KV head) pairs split over zsplit CTAs
@@ -1013,10 +1034,11 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     may be given (contiguous, right shape and dtype): tests pass NaN-filled buffers.
 
     ``keep_index=True`` returns ``(out, lse, index)`` instead: ``index`` is the per-slot index
-    the forward built (a uint8 tensor, or None; always None on the sm90 forward, whose all-slot
-    index the backward cannot use), which :func:`attention_backward_cute` takes to
+    the forward built (a uint8 tensor, or None), which :func:`attention_backward_cute` takes to
     skip rebuilding it (4 launches; memory: ``total_q * H * (topk + 1) * 4`` bytes and the
-    tile tables, held from the forward to the backward).
+    tile tables, held from the forward to the backward). The sm90 forward's all-slot index is
+    not the backward's: it keeps the sm90 backward's pair lists instead (an int32 tensor of
+    ``total_q * H * topk``, written by its own pair-list kernel; :func:`kept_pairs_on`), or None.
 
     ``inference=True`` (no backward will follow): the sm90 forward's partial buffer gets a
     tighter bound (:func:`fwd_partials_bound`), since the forward is then the call's peak.
@@ -1042,18 +1064,23 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
     _, scale_log2 = _scale_log2(softmax_scale, D)
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
-    # (the sm90 forward's all-slot index is not the backward's per-slot one: nothing to keep)
+    # (the sm90 forward's all-slot index is not the backward's per-slot one; it keeps the sm90
+    # backward's pair lists instead, written by its own pair-list kernel beside its lists)
     keep_index = keep_index and not plan.sm90
+    kept_pairs = None
+    if want_index and plan.sm90 and ix.gather and kept_pairs_on():
+        kept_pairs = torch.empty(ix.list_cap, dtype=torch.int32, device=dev)
     rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
     # (PairListKernel reads each entry before it writes over it: in place is safe)
     in_place = consume_routing and plan.sm90 and rts[5].numel() >= plan.index.list_cap
     held, p = plan.workspace(dev, kept="separate" if keep_index else None, rows_list=p_rows if in_place else None)
     p_out, p_lse = out.data_ptr(), lse.data_ptr()
     B = plan.B
-    ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream, p_offsets, p_rows)
+    ix.launch(ks, p, sel, cu_q, cu_chunks, p_out, p_lse, B, total_q, H, plan.K, stream, p_offsets, p_rows,
+              bwd_pairs=None if kept_pairs is None else kept_pairs.data_ptr())
     if plan.sm90:
         _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offsets, scale_log2, stream)
-        return (out, lse, None) if want_index else (out, lse)
+        return (out, lse, kept_pairs) if want_index else (out, lse)
     head = (q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["oacc"], p["mst"], p["lst"], p["nused"],
             cu_q, cu_k, cu_chunks)
     sizes = (B, total_q, plan.total_k, H, plan.Hk, plan.C, plan.nseg)
@@ -1102,9 +1129,10 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     ``dlse`` (H, total_q) or None: the gradient reaching the LSE output. Always bitwise
     deterministic (dK/dV key-major with register accumulation, dQ by slot passes without
     atomics), whatever ``deterministic`` says. ``dq``/``dk``/``dv`` may be given (contiguous,
-    right shape and dtype): tests pass NaN-filled buffers. ``index``: the forward's per-slot
-    index (``attention_cute(..., keep_index=True)``), reused when the dQ passes use the same
-    tile height; else it is rebuilt. Extra memory: docs/design.md."""
+    right shape and dtype): tests pass NaN-filled buffers. ``index``: what the forward kept
+    (``attention_cute(..., keep_index=True)``): the sm80 backward reuses the per-slot index when
+    its dQ passes use the same tile height, the sm90 backward the pair lists (for this routing);
+    else they are rebuilt. Extra memory: docs/design.md."""
     del deterministic
     q, k, v, out, dout, lse = (common.kernel_input(t) for t in (q, k, v, out, dout, lse))
     if dlse is not None:
@@ -1126,10 +1154,16 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
     ks, ix = plan.ks, plan.index
     stream = common.raw_stream(dev)
     # (the training forward's plan: the one whose index the forward kept)
-    if plan.sm90 or (index is not None
-                     and not ix.same_as(FWD_PLANS.get(key + (False,), key, common.arch_of(dev)).index)):
+    kept_pairs = None
+    if plan.sm90:
+        # the sm90 forward's keep: the backward's pair lists, built from this routing
+        if (index is not None and index.dtype == torch.int32 and index.numel() == plan.list_cap
+                and index.device == dev):
+            kept_pairs = index
         index = None
-    held, p = plan.workspace(dev, kept=index)
+    elif index is not None and not ix.same_as(FWD_PLANS.get(key + (False,), key, common.arch_of(dev)).index):
+        index = None
+    held, p = plan.workspace(dev, kept=index, pairs=None if kept_pairs is None else kept_pairs.data_ptr())
     rts, (cu_q, cu_k, cu_chunks, sel, p_offsets, p_rows) = _routing_ptrs(routing)
     p_q, p_k, p_v, p_do, p_lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr()
     B, Hk, C = plan.B, plan.Hk, plan.C
@@ -1137,7 +1171,7 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
 
     if plan.sm90:
         _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, cu_k, cu_chunks, sel, p_offsets,
-                       p_rows, scale, scale_log2, stream)
+                       p_rows, scale, scale_log2, stream, kept_pairs is not None)
         return dq, dk, dv
     # delta = rowsum(dO * O) - dlse, dQ_acc = 0
     role = "bwd_prep" if dlse is None else "bwd_prep_dlse"
@@ -1165,9 +1199,10 @@ def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scal
 
 
 def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, cu_k, cu_chunks, sel, p_offsets,
-                   p_rows, scale, scale_log2, stream):
-    """delta; the pair lists of every selected pair; per window of KV heads, the key-major
-    kernel (dK, dV, per-pair dQ partials) and the dQ reduction in slot order."""
+                   p_rows, scale, scale_log2, stream, pairs_given=False):
+    """delta; the pair lists of every selected pair (unless the training forward wrote them:
+    ``pairs_given``); per window of KV heads, the key-major kernel (dK, dV, per-pair dQ
+    partials) and the dQ reduction in slot order."""
     ks = plan.ks
     rows, H, K = plan.rows, plan.H, plan.K
     total_q, total_k = q.shape[0], k.shape[0]
@@ -1175,9 +1210,10 @@ def _backward_sm90(plan, p, q, k, v, out, dout, p_lse, dlse, dq, dk, dv, cu_q, c
     # (dq_acc is not zeroed: the pointer is unused)
     ks[role](out.data_ptr(), dout.data_ptr(), p_lse if dlse is None else dlse.data_ptr(), p["delta"], p["delta"],
              rows, total_q, H, plan.row_blocks, stream)
-    if plan.nseg > 0:
-        ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], plan.B, total_q, H, plan.Hk, K,
-                        plan.nseg, plan.list_cap, stream)
+    if plan.nseg > 0 and not pairs_given:
+        # (the second list's pointer: a stand-in)
+        ks["pair_list"](sel, cu_chunks, p_offsets, p_rows, p["pairs"], p["counts"], p["pairs"], plan.B, total_q, H,
+                        plan.Hk, K, plan.nseg, plan.list_cap, stream)
     G = H // plan.Hk
     p_q, p_k, p_v, p_do = q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr()
     if plan.chain:

@@ -175,8 +175,14 @@ class PairListKernel:
     a KV head's query heads stay next to each other (they share its K/V chunk in L2). Compile
     key: ("pairlist", causal, vec), plus "fill" with ``fill_tail``, "hmajor" with ``head_major``."""
 
-    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False, head_major: bool = False):
+    def __init__(self, causal: bool, vec: int = 1, fill_tail: bool = False, head_major: bool = False,
+                 dual: bool = False):
         assert vec in (1, 4)
+        assert not (dual and (fill_tail or not head_major)), "dual: the forward's lists and the backward's"
+        # dual (the training forward): also the backward's list, one pair index per entry in place
+        # (``(row * H + h) * topk + slot``, every slot; -1 for an entry that does not check out),
+        # which the backward then takes instead of building its own (:func:`attention_backward_cute`)
+        self.dual = bool(dual)
         self.causal = bool(causal)
         self.vec = int(vec)
         # fill_tail (the sm90 backward, which walks whole segments): entries past the pairs get -1
@@ -185,21 +191,21 @@ class PairListKernel:
         self.nthr = THREADS
 
     @staticmethod
-    def compile_key(causal: bool, vec: int, fill_tail: bool = False, head_major: bool = False):
+    def compile_key(causal: bool, vec: int, fill_tail: bool = False, head_major: bool = False, dual: bool = False):
         return ("pairlist", bool(causal), int(vec)) + (("fill",) if fill_tail else ()) + (
-            ("hmajor",) if head_major else ())
+            ("hmajor",) if head_major else ()) + (("dual",) if dual else ())
 
     @cute.jit
     def __call__(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
-                 rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, Hk: Int32,
-                 topk: Int32, nseg: Int32, cap: Int32, stream: cuda.CUstream):
-        self.kernel(sel, cu_chunks, offsets, query_rows, rows_list, counts, B, total_q, H, Hk, topk, nseg,
+                 rows_list: cute.Pointer, counts: cute.Pointer, rows_all: cute.Pointer, B: Int32, total_q: Int32,
+                 H: Int32, Hk: Int32, topk: Int32, nseg: Int32, cap: Int32, stream: cuda.CUstream):
+        self.kernel(sel, cu_chunks, offsets, query_rows, rows_list, counts, rows_all, B, total_q, H, Hk, topk, nseg,
                     cap).launch(grid=(nseg, 1, 1), block=(self.nthr, 1, 1), stream=stream)
 
     @cute.kernel
     def kernel(self, sel: cute.Pointer, cu_chunks: cute.Pointer, offsets: cute.Pointer, query_rows: cute.Pointer,
-               rows_list: cute.Pointer, counts: cute.Pointer, B: Int32, total_q: Int32, H: Int32, Hk: Int32,
-               topk: Int32, nseg: Int32, cap: Int32):
+               rows_list: cute.Pointer, counts: cute.Pointer, rows_all: cute.Pointer, B: Int32, total_q: Int32,
+               H: Int32, Hk: Int32, topk: Int32, nseg: Int32, cap: Int32):
         tid, _, _ = cute.arch.thread_idx()
         seg, _, _ = cute.arch.block_idx()
         NW = self.nthr // 32
@@ -220,6 +226,7 @@ class PairListKernel:
         for base in cutlass.range(o0, o1, self.nthr, unroll=1):
             e = base + tid
             pair = Int32(-1)
+            every = Int32(-1)  # (dual: the backward's entry)
             if e < o1:
                 i = tqr[e]
                 if (i >= 0) & (i < total_q):
@@ -243,6 +250,12 @@ class PairListKernel:
                             pair = (h * total_q + i) * kp + slot - s0
                         else:
                             pair = ridx * kp + slot - s0
+                    if cutlass.const_expr(self.dual):
+                        if slot >= 0:
+                            every = ridx * topk + slot
+            if cutlass.const_expr(self.dual):
+                if e < o1:
+                    _t(rows_all)[e] = every
             flag = Int32(0)
             if pair >= 0:
                 flag = Int32(1)
