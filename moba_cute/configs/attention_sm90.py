@@ -84,16 +84,17 @@ FWD_PERSISTENT = True
 # True), MOBA_CUTE_BWD_PERSISTENT): its one 384-thread CTA per SM otherwise starts each unit with
 # the K/V load and the first gathers exposed. H100, whole backward (benchmarks.fwd_env_ab
 # --backward, one process, 3 interleaved rounds): flashmoba 8K 1.306 -> 1.265 ms (x1.033), 64K
-# 10.44 -> 10.13 (x1.031); the same bits (docs/design.md, section 9). That version spilled 4 bytes
-# at fp16 D = 128 (the CI gate); the version without spills (ring states from counters, a K/V
-# load per unit) has not run on a GPU yet: off until it has
-BWD_PERSISTENT = False
+# 10.44 -> 10.13 (x1.031); the same bits (docs/design.md, section 9). On since its spill-free
+# version (ring states from counters, a K/V load per unit) passed test_backward_persistent and
+# racecheck / memcheck / synccheck (H100, 2026-12-07); flashmoba f+b 64K 15.95 ms (12.0x FA4)
+BWD_PERSISTENT = True
 
 # the sm90 training forward's pair-list kernel also writes the sm90 backward's lists (one pair
 # index per routing entry, in place), which the backward takes instead of its own pair-list
 # launch (the slot look-ups, ~0.19 ms at flashmoba 64K on the H100); held from the forward to the
-# backward in place of the backward's buffer (total_q * H * topk * 4 bytes). Off until GPU-run
-KEEP_BWD_PAIRS = False
+# backward in place of the backward's buffer (total_q * H * topk * 4 bytes). On since its tests
+# and sanitizer cases passed (H100, 2026-12-07); flashmoba f+b 64K 15.95 -> 15.84 ms, 8K 1.89 -> 1.86
+KEEP_BWD_PAIRS = True
 
 # head_dim -> (chunk size from which it is the built-in tile, tile): the pair tile for long chunks
 # (below: FWD_TILES). H100, whole forward (benchmarks.fwd_env_ab, one process), ms, previous
