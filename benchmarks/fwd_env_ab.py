@@ -6,7 +6,8 @@ the first variant's bit for bit (the overlap, multicast and the pair tile must; 
 the defaults; each is applied alone (the others' settings are undone) and its plans rebuilt.
 Ratios against the first variant are printed at the end. ``--backward`` times the CuTe backward
 instead (given the forward's output, computed once with the defaults) and compares dQ, dK and dV
-with the first variant's.
+with the first variant's; ``--training`` times forward + backward as a training step runs them
+(the forward keeps what the backward takes) and compares out, dQ, dK and dV.
 
     python -m benchmarks.fwd_env_ab --shapes moba-large-128K \\
         "MOBA_CUTE_SM90_TILES=64,8,2" "MOBA_CUTE_SM90_TILES=64,8,2;MOBA_CUTE_FWD_OVERLAP=1"
@@ -50,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--backward", action="store_true", help="time the backward (dq, dk, dv)")
+    ap.add_argument("--training", action="store_true",
+                    help="time forward + backward as a training step runs them (the forward keeps what the "
+                         "backward takes: switches such as MOBA_CUTE_KEEP_BWD_PAIRS act on both)")
     ap.add_argument("variants", nargs="+", help='e.g. "" "MOBA_CUTE_FWD_OVERLAP=1"')
     args = ap.parse_args(argv)
     variants = [(v, parse_variant(v)) for v in args.variants]
@@ -59,6 +63,8 @@ def main(argv=None):
             raise SystemExit(f"--shapes: unknown shape {name!r} (known: {', '.join(SHAPES)})")
     if args.rounds < 1 or args.reps < 1:
         raise SystemExit("--rounds and --reps must be >= 1")
+    if args.backward and args.training:
+        raise SystemExit("--backward and --training: pick one (--training times both directions)")
     names = sorted({n for _, env in variants for n in env})
 
     import torch
@@ -80,15 +86,25 @@ def main(argv=None):
             def call():
                 return torch.cat([g.flatten() for g in L.attention_backward_cute(q, k, v, o0, lse0, dout, None, r,
                                                                                  None, True)])
+        elif args.training:
+            dout = torch.randn_like(q)
+
+            def call():
+                o, lse, kept = L.attention_cute(q, k, v, r, None, True, keep_index=True)
+                grads = L.attention_backward_cute(q, k, v, o, lse, dout, None, r, None, True, index=kept)
+                return torch.cat([o.flatten()] + [g.flatten() for g in grads])
         else:
             def call():
                 return L.attention_cute(q, k, v, r, None, False)[0]
         cache = L.BWD_PLANS if args.backward else L.FWD_PLANS
+        direction = "backward" if args.backward else "training" if args.training else "forward"
         base = None
         for rnd in range(args.rounds):
             for text, env in variants:
                 with environment(env, names):
                     cache.clear()  # (plans read the switches when they are built)
+                    if args.training:
+                        L.BWD_PLANS.clear()
                     o = call()
                     if base is None:
                         base = o.clone()
@@ -96,7 +112,7 @@ def main(argv=None):
                     plan = next(iter(cache.plans.values()))
                 sv = getattr(plan, "variant", None)  # (sm90 forward plans)
                 rec = dict(shape=shape, D=args.D, variant=text, round=rnd, ms=round(t, 4),
-                           direction="backward" if args.backward else "forward",
+                           direction=direction,
                            tile=list(getattr(plan, "tile", ())), mcast=sv.mcast if sv else None,
                            overlap=sv.overlap if sv else None, same_bits_as_first=bool(torch.equal(o, base)),
                            max_diff_vs_first=float((o.float() - base.float()).abs().max()),
@@ -106,6 +122,7 @@ def main(argv=None):
                 ms.setdefault((shape, text), []).append(t)
         del q, k, v, cu, r, base
         cache.clear()
+        L.BWD_PLANS.clear()
         torch.cuda.empty_cache()
     for shape in shapes:
         first = statistics.median(ms[(shape, variants[0][0])])

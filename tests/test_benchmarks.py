@@ -609,7 +609,7 @@ def test_fwd_env_ab_variants_and_environment(monkeypatch):
     """benchmarks.fwd_env_ab: variants parse into MOBA_CUTE_* settings (tiles keep their commas),
     bad ones name the rule; each variant applies alone (benchmarks.common.environment) and the
     environment comes back; unknown
-    shapes and counts are refused before anything runs."""
+    shapes, counts and --backward with --training are refused before anything runs."""
     from benchmarks import fwd_env_ab as ab
 
     assert ab.parse_variant("") == {}
@@ -630,3 +630,5 @@ def test_fwd_env_ab_variants_and_environment(monkeypatch):
         ab.main(["--shapes", "nope", ""])
     with pytest.raises(SystemExit, match="--rounds"):
         ab.main(["--rounds", "0", ""])
+    with pytest.raises(SystemExit, match="pick one"):
+        ab.main(["--backward", "--training", ""])
