@@ -219,6 +219,9 @@ CASES = [
     # the backward's pair lists written by the training forward's pair-list kernel
     Case("bwd-kept-pairs-odd", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=3, keep_pairs=True, **A),
     Case("bwd-kept-pairs-noncausal", (100, 7, 64, 0), (30, 129, 64, 9), 16, 2, C=16, K=3, keep_pairs=True, **N),
+    # both defaults together: the persistent walk reading the kept lists
+    Case("bwd-persistent-kept-pairs", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=3, bwd_persistent=True,
+         keep_pairs=True, **A),
     # NaN in q and k
     Case("nan-inputs", (130, 70), (130, 70), 4, 2, C=16, K=4, nan=True, **A),
     # decode steps (<= 16 queries per sequence, no gradient: kernels/decode.py): selective with
