@@ -341,12 +341,14 @@ def test_backward_reuses_the_forward_index(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(got, plain))
 
 
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["one-cta", "walk"])
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 5, 7])
-def test_backward_kept_pairs(case, monkeypatch):
+def test_backward_kept_pairs(case, persistent, monkeypatch):
     """The sm90 training forward keeps the sm90 backward's pair lists (MOBA_CUTE_KEEP_BWD_PAIRS=1:
     its pair-list kernel writes them beside its own): the backward that takes them gives bitwise
-    the gradients of the one that builds its own; without a gather pass (topk 1, causal) nothing
-    is kept; a kept list of the wrong size is ignored."""
+    the gradients of the one that builds its own, with and without the persistent walk
+    (MOBA_CUTE_BWD_PERSISTENT); without a gather pass (topk 1, causal) nothing is kept; a kept
+    list of the wrong size is ignored."""
     from moba_cute.kernels import common
 
     m = _launch()
@@ -357,6 +359,7 @@ def test_backward_kept_pairs(case, monkeypatch):
     r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
     dout = torch.randn_like(q)
     monkeypatch.setenv("MOBA_CUTE_KEEP_BWD_PAIRS", "1")
+    monkeypatch.setenv("MOBA_CUTE_BWD_PERSISTENT", persistent)
     try:
         m.FWD_PLANS.clear()
         m.BWD_PLANS.clear()
