@@ -102,9 +102,8 @@ def main(argv=None):
         for rnd in range(args.rounds):
             for text, env in variants:
                 with environment(env, names):
-                    cache.clear()  # (plans read the switches when they are built)
-                    if args.training:
-                        L.BWD_PLANS.clear()
+                    for c in (L.FWD_PLANS, L.BWD_PLANS):
+                        c.clear()  # (plans read the switches when they are built)
                     o = call()
                     if base is None:
                         base = o.clone()
@@ -121,8 +120,8 @@ def main(argv=None):
                 out.append(rec)
                 ms.setdefault((shape, text), []).append(t)
         del q, k, v, cu, r, base
-        cache.clear()
-        L.BWD_PLANS.clear()
+        for c in (L.FWD_PLANS, L.BWD_PLANS):
+            c.clear()
         torch.cuda.empty_cache()
     for shape in shapes:
         first = statistics.median(ms[(shape, variants[0][0])])
