@@ -744,9 +744,11 @@ class _SlotIndexPlan:
                     self.nseg, self.idx_blocks, stream)
         ks["slot_count"](*idx_args)
         if self.gather:
-            # (without a second list, its pointer is a stand-in)
-            pair_list = ks["pair_list_dual"] if bwd_pairs is not None else ks["pair_list"]
-            also = bwd_pairs if bwd_pairs is not None else p["rows_list"]
+            if self.merged:
+                # (without a second list, its pointer is a stand-in; the per-slot lists of the
+                # sm80 passes have no pair-list kernel)
+                pair_list = ks["pair_list_dual"] if bwd_pairs is not None else ks["pair_list"]
+                also = bwd_pairs if bwd_pairs is not None else p["rows_list"]
             if self.nrw:
                 pair_list(sel, cu_chunks, offsets, query_rows, p["rows_list"], p["seg_pairs"], also, B, total_q, H,
                           self.Hk, K, self.nseg_all, self.list_cap, stream)
