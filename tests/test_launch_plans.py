@@ -387,6 +387,45 @@ def test_sm90_backward_overlap_switch(monkeypatch):
         ovl(128)
 
 
+class _Recorder:
+    """A kernel set that records the roles a launch sequence calls, and fails on a role its plan
+    has no kernel for (what a GPU run would raise as KeyError)."""
+
+    def __init__(self, specs):
+        self.specs = specs
+        self.calls = []
+
+    def __getitem__(self, role):
+        assert role in self.specs, f"the launch calls {role!r}, which its plan has no kernel for"
+        return lambda *args: self.calls.append(role)
+
+
+@pytest.mark.parametrize("arch,env", [
+    ("sm_80", {}),
+    ("sm_90a", {"MOBA_CUTE_FWD_SM80": "1"}),  # the sm80 forward forced on Hopper
+    ("sm_90a", {}),
+    ("sm_90a", {"MOBA_CUTE_FWD_PARTIAL_BYTES": "1"}),  # windows of rows
+], ids=["sm80", "sm80-on-hopper", "sm90", "sm90-row-windows"])
+def test_forward_index_launches_only_its_plans_kernels(arch, env, monkeypatch):
+    """The forward's index launch sequence (``_SlotIndexPlan.launch``) calls only kernels its
+    plan built, with and without the backward's kept pair list (sm90): a CPU check of the
+    sequence each forward family runs."""
+    import collections
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=64, K=3)
+    key = al._plan_key(q, k, r)
+    plan = al.FwdPlan(key, arch)
+    assert plan.sm90 == (arch == "sm_90a" and "MOBA_CUTE_FWD_SM80" not in env)
+    p = collections.defaultdict(int)
+    for kept in ((None, 0) if plan.sm90 else (None,)):
+        ks = _Recorder(plan.ks.specs)
+        plan.index.launch(ks, p, 0, 0, 0, 0, 0, plan.B, plan.total_q, plan.H, plan.K, None, 0, 0, bwd_pairs=kept)
+        want = ("pair_list_dual" if kept is not None else "pair_list") if plan.sm90 else "slot_scatter"
+        assert "slot_count" in ks.calls and want in ks.calls, ks.calls
+
+
 def test_sm90_backward_persistent_switch(monkeypatch):
     """MOBA_CUTE_BWD_PERSISTENT (configs' BWD_PERSISTENT): the one-pass kernel for chunks of one key
     tile walks its units (compile key "persist", the counter reset "zero32", one counter per dQ
