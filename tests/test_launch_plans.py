@@ -426,6 +426,49 @@ def test_forward_index_launches_only_its_plans_kernels(arch, env, monkeypatch):
         assert "slot_count" in ks.calls and want in ks.calls, ks.calls
 
 
+@pytest.mark.parametrize("C,env", [
+    (64, {"MOBA_CUTE_BWD_PERSISTENT": "1"}),
+    (64, {"MOBA_CUTE_BWD_PERSISTENT": "0", "MOBA_CUTE_DQ_PARTIAL_BYTES": "1"}),  # windows of one KV head
+    (256, {"MOBA_CUTE_BWD_DQ_CHAIN": "1"}),
+    (256, {"MOBA_CUTE_BWD_DQ_CHAIN": "0"}),
+], ids=["walk", "one-cta-windows", "long-chain", "long-dq-kernel"])
+def test_sm90_launch_sequences_call_only_their_plans_kernels(C, env, monkeypatch):
+    """The sm90 forward's and backward's launch sequences after the index (``_forward_sm90``,
+    ``_backward_sm90``, with and without the LSE's gradient and the kept pair lists) call only
+    kernels their plans built, every (KV-head) window its key-major kernel(s) and dQ reduction
+    (CPU, a recording kernel set: no kernel runs)."""
+    import collections
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    q, k, r = _batch([600, 300], H=4, Hk=2, D=128, C=C, K=3)
+    key = al._plan_key(q, k, r)
+    fwd = al.FwdPlan(key, "sm_90a")
+    fwd.ks = _Recorder(fwd.ks.specs)
+    p = collections.defaultdict(int)
+    al._forward_sm90(fwd, p, q, k, k, 0, 0, 0, 0, 0, 0, 1.0, None)
+    assert fwd.ks.calls.count("seg") == len(fwd.fwd_windows) and "diag" in fwd.ks.calls
+    bwd = al.BwdPlan(key, "sm_90a")
+    assert bwd.persistent == (env.get("MOBA_CUTE_BWD_PERSISTENT") == "1")
+    assert bwd.chain == (env.get("MOBA_CUTE_BWD_DQ_CHAIN") == "1")
+    nw = len(bwd.dq_windows)
+    assert nw == (2 if "MOBA_CUTE_DQ_PARTIAL_BYTES" in env else 1)
+    for dlse in (None, torch.zeros(4, q.shape[0])):
+        for pairs_given in (False, True):
+            bwd.ks = _Recorder(bwd.ks.specs)
+            al._backward_sm90(bwd, p, q, k, k, q, q, 0, dlse, q, k, k, 0, 0, 0, 0, 0, 0, 1.0, 1.0, None,
+                              pairs_given)
+            calls = bwd.ks.calls
+            assert calls[0] == ("bwd_prep" if dlse is None else "bwd_prep_dlse")
+            assert ("pair_list" in calls) != pairs_given
+            assert calls.count("dq_reduce") == nw
+            if bwd.ktiles > 1 and not bwd.chain:
+                assert calls.count("bwd90_dkv") == 1 and calls.count("dq90") == nw
+            else:
+                assert calls.count("bwd90") == nw
+            assert ("zero32" in calls) == (bwd.chain or bwd.persistent)
+
+
 def test_sm90_backward_persistent_switch(monkeypatch):
     """MOBA_CUTE_BWD_PERSISTENT (configs' BWD_PERSISTENT): the one-pass kernel for chunks of one key
     tile walks its units (compile key "persist", the counter reset "zero32", one counter per dQ
