@@ -312,62 +312,6 @@ def test_sm90_forward_windows(case, mode, monkeypatch):
     assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
 
 
-@needs_hopper
-@pytest.mark.parametrize("mode", ["kv", "rows300"])
-@pytest.mark.parametrize("case", range(len(WINDOW_CASES)))
-def test_sm90_forward_window_streams(case, mode, monkeypatch):
-    """The windows on two streams (``MOBA_CUTE_FWD_WINDOW_STREAMS=1``: each window's diagonal or
-    merge on a second stream beside the next window's segment kernel, two partial buffers taking
-    turns) give bitwise the one-stream schedule's out and lse, eagerly and replayed from a CUDA
-    graph captured on a stream of the caller's (inputs changed between capture and replay)."""
-    from moba_cute.kernels import attention_launch as m
-    from moba_cute.kernels import common
-
-    lq, lk, H, Hk, C, K, causal = WINDOW_CASES[case]
-    q, k, v, cq, ck = make_batch(lq, lk, H, Hk, 128, dtype=torch.bfloat16, device="cuda", seed=350 + case)
-    r = reference.route(q, k, cq, ck, max(lq), max(lk), C, K, causal)
-    arch = common.arch_of(q.device)
-    key = m._plan_key(q, k, r)
-    kp = K - (1 if causal else 0)
-    pair = 2 * 128 + 4
-    forced = {"kv": q.shape[0] * (H // Hk) * kp * pair, "rows300": 300 * kp * pair}[mode]
-    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(forced))
-    try:
-        monkeypatch.setenv("MOBA_CUTE_FWD_WINDOW_STREAMS", "0")
-        m.FWD_PLANS.clear()
-        one = m.attention_cute(q, k, v, r, None, True)
-        assert not m.FWD_PLANS.get(key + (False,), key, arch).two_streams
-        monkeypatch.setenv("MOBA_CUTE_FWD_WINDOW_STREAMS", "1")
-        m.FWD_PLANS.clear()
-        got = m.attention_cute(q, k, v, r, None, True)
-        plan = m.FWD_PLANS.get(key + (False,), key, arch)
-        assert plan.two_streams and len(plan.fwd_windows) >= 2
-        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
-        # captured: the side stream joins the capture and is joined back
-        qs, ks_, vs = q.clone(), k.clone(), v.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            m.attention_cute(qs, ks_, vs, r, None, True)  # (warm: plans, workspace sizes)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=s):
-                cap = m.attention_cute(qs, ks_, vs, r, None, True)
-        torch.cuda.current_stream().wait_stream(s)
-        qs.copy_(q * 0.5)
-        ks_.copy_(k)
-        vs.copy_(v)
-        g.replay()
-        torch.cuda.synchronize()
-        monkeypatch.setenv("MOBA_CUTE_FWD_WINDOW_STREAMS", "0")
-        m.FWD_PLANS.clear()
-        want = m.attention_cute((q * 0.5).contiguous(), k, v, r, None, True)
-        assert torch.equal(cap[0], want[0]) and torch.equal(cap[1], want[1])
-    finally:
-        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
-        monkeypatch.delenv("MOBA_CUTE_FWD_WINDOW_STREAMS", raising=False)
-        m.FWD_PLANS.clear()
-
-
 STAGED_CASES = [
     # lens_q, lens_k, H, Hk, C, K, causal, D
     ([700, 1, 333], [700, 1, 333], 8, 2, 64, 4, True, 128),  # segments of 1..several sub-tiles

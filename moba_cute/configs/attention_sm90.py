@@ -79,12 +79,6 @@ FWD_KV_MULTICAST_MIN_CHUNK = 2048
 # (H100, 2026-12-07)
 FWD_PERSISTENT = True
 
-# the forward's windows (more than one: long sequences, whose partials the buffer holds one window
-# at a time) with each window's diagonal (or merge) on a second stream beside the next window's
-# segment kernel, two partial buffers taking turns (MOBA_CUTE_FWD_WINDOW_STREAMS; the same bits):
-# the kernels fill each other's tails instead of each launch draining the GPU alone
-FWD_WINDOW_STREAMS = False
-
 # the one-pass backward kernel for chunks of one key tile (C <= 128) as a persistent walk over its
 # (chunk, KV head) units, about one CTA per SM taking units from a counter (MobaBwdSm90(persistent=
 # True), MOBA_CUTE_BWD_PERSISTENT): its one 384-thread CTA per SM otherwise starts each unit with

@@ -253,14 +253,6 @@ def fwd_persistent(chunk_size, bn):
     return int(chunk_size) <= int(bn) and _env_flag("MOBA_CUTE_FWD_PERSISTENT", bool(cfg90.FWD_PERSISTENT))
 
 
-def fwd_window_streams():
-    """Whether the sm90 forward's windows (when there are several) run each window's diagonal or
-    merge on a second stream beside the next window's segment kernel, with two partial buffers
-    taking turns (``configs/attention_sm90.FWD_WINDOW_STREAMS``, ``MOBA_CUTE_FWD_WINDOW_STREAMS=1``
-    / ``0``): one more buffer of memory, no launch draining the GPU alone at a window's end."""
-    return _env_flag("MOBA_CUTE_FWD_WINDOW_STREAMS", bool(cfg90.FWD_WINDOW_STREAMS))
-
-
 def fwd_kv_multicast(chunk_size, overlap=False):
     """Whether the one-consumer sm90 segment kernel runs in clusters of two CTAs that share each
     K/V n-block by TMA multicast (``SegVariant(mcast=2)``): by default for chunks of
@@ -867,11 +859,6 @@ class FwdPlan(_PlanBase):
             self.layout.add("part_o", npart * self.D * 2)
             self.layout.add("part_lse", npart * 4)
             self.fwd_windows = self._windows()
-            # several windows with gather pairs: optionally two streams, a second partial buffer
-            self.two_streams = self.index.gather and len(self.fwd_windows) > 1 and fwd_window_streams()
-            if self.two_streams:
-                self.layout.add("part_o2", npart * self.D * 2)
-                self.layout.add("part_lse2", npart * 4)
             from .moba_fwd_sm90 import MobaFwdSm90Pair, SegVariant
 
             bn, _, kst, nw = sm90_tile_fields(self.tile)
@@ -1115,82 +1102,26 @@ def attention_cute(q, k, v, routing, softmax_scale, deterministic, *, out=None, 
 def _forward_sm90(plan, p, q, k, v, p_out, p_lse, cu_q, cu_k, cu_chunks, p_offsets, scale_log2, stream):
     """The sm90 schedule after the index, per window (``plan.fwd_windows``): the segment kernel
     writes the window's gather pairs' partials; the diagonal kernel (causal) or the merge kernel
-    writes the window's out/lse. With ``plan.two_streams`` the diagonal / merge of window ``w``
-    runs on a second stream after window ``w``'s segment kernel, beside window ``w + 1``'s, and
-    windows take the two partial buffers in turn (window ``w + 2``'s segment kernel waits for
-    window ``w``'s merge); the caller's stream waits for the last merge."""
+    writes the window's out/lse."""
     ks, ix = plan.ks, plan.index
     B, total_q, H = plan.B, plan.total_q, plan.H
     nbound = plan.nbound
     wstart = p.get("wstart", p["seg_off"])  # (read only with windows of query rows)
-    ev = _WindowEvents(q.device) if plan.two_streams else None
-    merge_stream = stream
-    for i, (sp, h0, nh, r_lo, r_hi, pbase, t0, grid) in enumerate(plan.fwd_windows):
-        part_o, part_lse = p["part_o"], p["part_lse"]
-        if ev is not None:
-            if i % 2:
-                part_o, part_lse = p["part_o2"], p["part_lse2"]
-            ev.segment_may_start(i)
+    for sp, h0, nh, r_lo, r_hi, pbase, t0, grid in plan.fwd_windows:
         if ix.gather:
-            ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), part_o, part_lse, cu_k, cu_chunks,
+            ks["seg"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p["part_o"], p["part_lse"], cu_k, cu_chunks,
                       p["pass_tiles"] + 4 * sp, p["rows_list"], p["tile_seg"], p["seg_off"], p["tile_off"], p_offsets,
                       wstart, ix.work_counter(p, sp), B, total_q, plan.total_k, H, plan.Hk, plan.C, ix.kp, nbound,
                       pbase, ix.nrw, plan.seg_grid, scale_log2, stream)
-        if ev is not None:
-            merge_stream = ev.segment_done(i)
         if plan.causal:
             unused = p["nused"]
-            ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, part_o, part_lse, unused,
+            ks["diag"](q.data_ptr(), k.data_ptr(), v.data_ptr(), p_out, p_lse, p["part_o"], p["part_lse"], unused,
                        p["nused"], cu_q, cu_k, cu_chunks, p["cu_mt"], unused, unused, unused, unused, B, total_q,
                        plan.total_k, H, plan.Hk, plan.C, plan.nseg, 0, ix.kp, h0, nh, r_lo, r_hi, t0, grid,
-                       scale_log2, merge_stream)
+                       scale_log2, stream)
         elif ix.gather:
-            ks["merge"](part_o, part_lse, p["nused"], p_out, p_lse, nh * (r_hi - r_lo), total_q, H, ix.kp,
-                        h0, r_lo, grid, merge_stream)
-        if ev is not None:
-            ev.merge_done(i)
-    if ev is not None:
-        ev.join()
-
-
-class _WindowEvents:
-    """The two-stream window schedule's order (:func:`_forward_sm90`): the caller's stream runs
-    the segment kernels, a second stream of the device the diagonals / merges; events made per
-    call (the host may call from several threads). Under CUDA-graph capture the second stream
-    joins the capture through the first event it waits on and is joined back by :meth:`join`."""
-
-    _SIDE = {}
-
-    def __init__(self, device):
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        self.main = torch.cuda.current_stream(idx)
-        side = _WindowEvents._SIDE.get(idx)
-        if side is None:
-            side = _WindowEvents._SIDE[idx] = torch.cuda.Stream(idx)
-        self.side = side
-        self.seg = [torch.cuda.Event(), torch.cuda.Event()]
-        self.mrg = [torch.cuda.Event(), torch.cuda.Event()]
-        self.last = -1
-
-    def segment_may_start(self, i):
-        """Window ``i``'s segment kernel reuses window ``i - 2``'s buffer: after its merge."""
-        if i >= 2:
-            self.main.wait_event(self.mrg[i % 2])
-
-    def segment_done(self, i):
-        """The merge of window ``i`` waits for its segment kernel; returns the stream it runs on."""
-        self.seg[i % 2].record(self.main)
-        self.side.wait_event(self.seg[i % 2])
-        return self.side.cuda_stream
-
-    def merge_done(self, i):
-        self.mrg[i % 2].record(self.side)
-        self.last = i
-
-    def join(self):
-        """The caller's stream waits for the last merge (the side stream runs in order)."""
-        if self.last >= 0:
-            self.main.wait_event(self.mrg[self.last % 2])
+            ks["merge"](p["part_o"], p["part_lse"], p["nused"], p_out, p_lse, nh * (r_hi - r_lo), total_q, H, ix.kp,
+                        h0, r_lo, grid, stream)
 
 
 def attention_backward_cute(q, k, v, out, lse, dout, dlse, routing, softmax_scale, deterministic, *, dq=None,
