@@ -210,29 +210,6 @@ def test_sm90_forward_windows(monkeypatch):
     assert plan.windows == 4 and plan.row_window is None
 
 
-def test_sm90_forward_window_streams_plan(monkeypatch):
-    """``MOBA_CUTE_FWD_WINDOW_STREAMS=1``: with several windows the plan takes two streams and a
-    second partial buffer of the first's size; with one window (or the switch off) neither."""
-    q, k, r = _batch([1000, 17, 513], H=8, Hk=4, D=128, C=128, K=5)
-    key = al._plan_key(q, k, r)
-    per_kv = q.shape[0] * 2 * 4 * (2 * 128 + 4)
-    monkeypatch.setenv("MOBA_CUTE_FWD_WINDOW_STREAMS", "1")
-    one = al.FwdPlan(key, "sm_90a")
-    assert one.windows == 1 and not one.two_streams and "part_o2" not in one.layout.offsets
-    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES", str(per_kv))
-    two = al.FwdPlan(key, "sm_90a")
-    assert two.windows == 4 and two.two_streams
-    lay = two.layout.offsets
-    assert lay["part_lse"] - lay["part_o"] == lay["part_lse2"] - lay["part_o2"] >= per_kv * 256 // 260
-    monkeypatch.setenv("MOBA_CUTE_FWD_WINDOW_STREAMS", "0")
-    off = al.FwdPlan(key, "sm_90a")
-    assert off.windows == 4 and not off.two_streams and "part_o2" not in off.layout.offsets
-    assert off.layout.nbytes < two.layout.nbytes
-    monkeypatch.setenv("MOBA_CUTE_FWD_WINDOW_STREAMS", "yes")
-    with pytest.raises(ValueError, match="MOBA_CUTE_FWD_WINDOW_STREAMS"):
-        al.FwdPlan(key, "sm_90a")
-
-
 def test_sm90_forward_row_windows(monkeypatch):
     """When one KV head's partials exceed the bound, the windows are ranges of one query head's
     rows: as many rows as the bound holds (at least 64), every (head, row) once, in order; the
