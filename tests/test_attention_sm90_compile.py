@@ -44,6 +44,11 @@ def _specs():
                                                               diag_staged=True, diag_overlap=True)["diag"]
                     assert key[-2:] == ("staged", "overlap") and fac().split_kv
                     seen.setdefault(key, (fac, fake))
+                    # ... with its tiles interleaved (MOBA_CUTE_FWD_DIAG_INTERLEAVE=1)
+                    key, fac, fake = launch.kernel_specs_sm90(dtype, D, True, cfg90.FWD_TILES[D], diag_sm90=True,
+                                                              diag_staged=True, diag_interleave=True)["diag"]
+                    assert key[-2:] == ("staged", "ilv") and fac().interleave
+                    seen.setdefault(key, (fac, fake))
                 # the intra-warpgroup overlap (MOBA_CUTE_FWD_OVERLAP=1) of the two-stage tiles
                 for tile in cfg90.ALT_TILES.get(D, ()):
                     if len(tile) == 3 and tile[2] >= 2:
@@ -261,6 +266,10 @@ def test_fwd_diag_sm90_env(monkeypatch):
     _check_flag(monkeypatch, "MOBA_CUTE_FWD_DIAG_OVERLAP", launch.fwd_diag_overlap, bool(cfg90.DIAG_OVERLAP))
     ov = launch.kernel_specs_sm90("bfloat16", 128, True, diag_sm90=True, diag_staged=True, diag_overlap=True)["diag"]
     assert ov[0] == staged[0] + ("overlap",) and ov[1]().overlap and not ks.overlap
+    # the interleaved tile order: its default, the environment
+    _check_flag(monkeypatch, "MOBA_CUTE_FWD_DIAG_INTERLEAVE", launch.fwd_diag_interleave, bool(cfg90.DIAG_INTERLEAVE))
+    il = launch.kernel_specs_sm90("bfloat16", 128, True, diag_sm90=True, diag_staged=True, diag_interleave=True)["diag"]
+    assert il[0] == staged[0] + ("ilv",) and il[1]().interleave and not ks.interleave
 
 
 def test_sm90_tiles_env(monkeypatch):

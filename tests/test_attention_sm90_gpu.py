@@ -527,6 +527,35 @@ def test_sm90_diag_overlap(case, D, monkeypatch):
         m.FWD_PLANS.clear()
 
 
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(DIAG_CASES)))
+def test_sm90_diag_interleave(case, D, monkeypatch):
+    """The wgmma diagonal's tiles launched short and long in turn
+    (``MOBA_CUTE_FWD_DIAG_INTERLEAVE=1``): every tile still runs once (a permutation of the grid),
+    so bitwise the index order's out and lse, also with windows forced; within SPEC tolerance."""
+    from moba_cute.kernels import attention_launch as m
+
+    lq, lk, H, Hk, C, K, forced = DIAG_CASES[case]
+    monkeypatch.setenv("MOBA_CUTE_FWD_DIAG_SM90", "1")
+    try:
+        q, k, v, r, got = _diag_switch(m, monkeypatch, case, D, "MOBA_CUTE_FWD_DIAG_INTERLEAVE", "diag_interleave",
+                                       1100)
+        if forced is not None:
+            pair = 2 * D + 4
+            monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES",
+                               str(q.shape[0] * (H // Hk) * (K - 1) * pair if forced == "kv" else forced))
+            m.FWD_PLANS.clear()
+            win = m.attention_cute(q, k, v, r, None, True)
+            assert torch.equal(win[0], got["1"][0]) and torch.equal(win[1], got["1"][1])
+            monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+        m.FWD_PLANS.clear()
+        _check(lq, lk, H, Hk, D, C, K, True, torch.bfloat16, seed=1200 + case)
+    finally:
+        monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES", raising=False)
+        m.FWD_PLANS.clear()
+
+
 PAIR_LIST_CASES = [
     # lens_q (= lens_k), H, Hk, C, K, causal
     ([3000, 1100], 4, 2, 16, 4, True),  # short segments, 16-byte slot reads (topk % 4 == 0)

@@ -53,6 +53,13 @@ DIAG_STAGED_MERGE = True
 # 1.024 / 1.011, flashmoba 8K 1.025, 64K 1.000: within the runs' spread, off
 DIAG_OVERLAP = False
 
+# the wgmma diagonal's tiles of a chunk launched short and long in turn (0, P - 1, 1, P - 2, ...
+# of the chunk's P = C / 64 tiles; MobaDiagSm90(interleave=True), MOBA_CUTE_FWD_DIAG_INTERLEAVE;
+# the same bits): in index order the CTAs resident together are tiles of about the same length,
+# so the short tiles, bound by their merge's partial reads, run together and the long tiles,
+# bound by the tensor cores, run together; interleaved, each SM's two CTAs tend to be one of each
+DIAG_INTERLEAVE = False
+
 # the segment kernel's streamed loop with Q in registers (RS QK^T; SegVariant(q_regs=True),
 # MOBA_CUTE_FWD_QREGS). H100, segment kernel, SS -> RS: moba-large 128K 167.1 -> 163.9 ms, 32K
 # 15.8 -> 15.9, C = 512 K = 4 32K 2.19 -> 2.38: off

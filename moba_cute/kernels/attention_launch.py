@@ -280,6 +280,13 @@ def fwd_diag_staged():
     return _env_flag("MOBA_CUTE_FWD_DIAG_STAGED", bool(cfg90.DIAG_STAGED_MERGE))
 
 
+def fwd_diag_interleave():
+    """Whether the wgmma diagonal launches a chunk's tiles short and long in turn
+    (``MobaDiagSm90(interleave=...)``): ``configs/attention_sm90.DIAG_INTERLEAVE``, or
+    ``MOBA_CUTE_FWD_DIAG_INTERLEAVE=1`` / ``0``."""
+    return _env_flag("MOBA_CUTE_FWD_DIAG_INTERLEAVE", bool(cfg90.DIAG_INTERLEAVE))
+
+
 def fwd_diag_overlap():
     """Whether the wgmma diagonal runs its n-blocks with FlashAttention-3's intra-warpgroup
     overlap (n's ``QK^T`` and n - 1's ``PV`` back to back, K and V in rings of their own;
@@ -332,7 +339,7 @@ def tile_override(family, tile):
 
 
 def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, variant=None, row_windows=False,
-                      diag_sm90=False, diag_staged=False, diag_overlap=False):
+                      diag_sm90=False, diag_staged=False, diag_overlap=False, diag_interleave=False):
     """Role -> (key, factory, fake args) of every kernel a forward call on sm90 runs: the
     all-slot index, the segment kernel, and the merge (causal: in the diagonal kernel).
     ``topk``: the pair lists read selection rows in 16-byte vectors when it is a multiple of 4
@@ -343,7 +350,7 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, varian
     ``row_windows``: the index's per-window counts (:func:`fwd_row_window`). ``diag_sm90``: the
     causal diagonal on wgmma (:func:`fwd_diag_sm90`), ``diag_staged`` its merge through shared
     memory (:func:`fwd_diag_staged`), ``diag_overlap`` its overlapped n-block loop
-    (:func:`fwd_diag_overlap`)."""
+    (:func:`fwd_diag_overlap`), ``diag_interleave`` its tile order (:func:`fwd_diag_interleave`)."""
     from .merge import MergeKernel
     from .moba_fwd_diag_sm90 import MobaDiagSm90
     from .moba_fwd_sm80 import MobaFwdSm80
@@ -385,8 +392,10 @@ def kernel_specs_sm90(dtype_name, head_dim, causal, tile=None, topk=None, varian
         if diag_sm90:
             dbn90, dks90 = cfg90.DIAG_TILES[head_dim]
             assert bm == 64, "the diagonal's query tiles (cu_mt) are wgmma's 64 rows"
-            specs["diag"] = (MobaDiagSm90.compile_key(dtype_name, head_dim, dbn90, dks90, diag_staged, diag_overlap),
-                             lambda: MobaDiagSm90(dt, head_dim, dbn90, dks90, diag_staged, diag_overlap), fake)
+            specs["diag"] = (MobaDiagSm90.compile_key(dtype_name, head_dim, dbn90, dks90, diag_staged, diag_overlap,
+                                                      diag_interleave),
+                             lambda: MobaDiagSm90(dt, head_dim, dbn90, dks90, diag_staged, diag_overlap,
+                                                  diag_interleave), fake)
         else:
             specs["diag"] = (MobaFwdSm80.compile_key(dtype_name, head_dim, True, True, bm, dbn, nt, st, merge=True),
                              lambda: MobaFwdSm80(dt, head_dim, True, True, bm, dbn, nt, st, merge=True), fake)
@@ -877,9 +886,11 @@ class FwdPlan(_PlanBase):
             self.diag_sm90 = self.causal and fwd_diag_sm90(self.C)
             self.diag_staged = self.diag_sm90 and fwd_diag_staged()
             self.diag_overlap = self.diag_sm90 and fwd_diag_overlap()
+            self.diag_interleave = self.diag_sm90 and fwd_diag_interleave()
             specs = kernel_specs_sm90(self.dtype_name, self.D, self.causal, self.tile, self.K, v,
                                       row_windows=self.row_window is not None, diag_sm90=self.diag_sm90,
-                                      diag_staged=self.diag_staged, diag_overlap=self.diag_overlap)
+                                      diag_staged=self.diag_staged, diag_overlap=self.diag_overlap,
+                                      diag_interleave=self.diag_interleave)
             self.ks = common.KernelSet(specs, arch)
             return
         self.tile = tiles(self.D, self.shape_class, device)

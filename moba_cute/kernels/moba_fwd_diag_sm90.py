@@ -34,8 +34,12 @@ kernel's ``stream_overlapped`` (FlashAttention-3's intra-warpgroup overlap, K an
 their own), with this kernel's causal mask and prefetch as its ``mask_block`` / ``block_done``
 hooks; bitwise the sequential loop.
 
-Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``, plus ``"staged"`` and
-``"overlap"``.
+With ``interleave`` (off by default) a chunk's tiles are launched short and long in turn
+(:func:`interleaved_tile`): the short ones are bound by their merge, the long ones by the tensor
+cores, and in index order the CTAs resident together are of one kind.
+
+Static configuration (compile key): ``(dtype, head_dim, bn, kv_stages)``, plus ``"staged"``,
+``"overlap"`` and ``"ilv"``.
 """
 
 from __future__ import annotations
@@ -106,11 +110,29 @@ PREFETCH_BLOCKS = 6  # n-blocks before the epilogue at which a tile's partials a
 MERGE_BARRIER = 5  # named barrier of the consumer warpgroup's merge (1: V tail zeroed)
 
 
+@cute.jit
+def interleaved_tile(i: Int32, n: Int32, P: Int32):
+    """The tile the ``i``-th of a launch's ``n`` tiles runs: in each group of ``P`` (a chunk's
+    tiles when the sequence starts the chunk; the last group may be shorter) the order 0, P - 1,
+    1, P - 2, ..., so that the CTAs resident together mix short and long tiles (a bijection of
+    ``[0, n)``; ``P < 2``: the identity)."""
+    out = i
+    if P >= 2:
+        base = (i // P) * P
+        size = cutlass.min(P, n - base)
+        j = i - base
+        half = j // 2
+        out = base + half
+        if j % 2 == 1:
+            out = base + size - 1 - half
+    return out
+
+
 class MobaDiagSm90(MobaFwdSm90):
     """Causal diagonal + merge on wgmma. See the module docstring."""
 
     def __init__(self, dtype, head_dim: int, bn: int = 64, kv_stages: int = 2, staged_merge: bool = False,
-                 overlap: bool = False):
+                 overlap: bool = False, interleave: bool = False):
         # (its own merge epilogue; overlap: the segment kernel's stream_overlapped loop, K and V
         # in rings of their own)
         super().__init__(dtype, head_dim, bn, 1, kv_stages, SegVariant(staged=False, overlap=overlap))
@@ -118,14 +140,16 @@ class MobaDiagSm90(MobaFwdSm90):
         # the partials staged in shared memory (merge_staged), and the grid with the window's
         # heads fastest; else 4-byte loads from global memory and heads slowest
         self.staged_merge = bool(staged_merge)
+        # a chunk's tiles launched short and long in turn (interleaved_tile)
+        self.interleave = bool(interleave)
 
     @staticmethod
     def compile_key(dtype_name: str, head_dim: int, bn: int, kv_stages: int, staged_merge: bool = False,
-                    overlap: bool = False):
+                    overlap: bool = False, interleave: bool = False):
         key = ("moba_diag_sm90", dtype_name, int(head_dim), int(bn), int(kv_stages))
         # (the overlap as the segment kernel's rule takes it: two or more K/V stages)
         ov = SegVariant(staged=False, overlap=overlap).for_tile(bn, kv_stages).overlap
-        return key + ("staged",) * bool(staged_merge) + ("overlap",) * ov
+        return key + ("staged",) * bool(staged_merge) + ("overlap",) * ov + ("ilv",) * bool(interleave)
 
     def _extra_smem(self):
         # staged merge: the tile's rows' partial counts and first indices (for the copies), and
@@ -239,9 +263,14 @@ class MobaDiagSm90(MobaFwdSm90):
         # that a KV head's query heads also share it (heads slowest read K/V once per query head)
         h = h0 + by
         tile = bid
+        gx, _, _ = cute.arch.grid_dim()
+        ntiles = gx
         if cutlass.const_expr(self.staged_merge):
             h = h0 + bid % nh
             tile = bid // nh
+            ntiles = gx // nh
+        if cutlass.const_expr(self.interleave):
+            tile = interleaved_tile(tile, ntiles, chunk_size // BM)
         t = DiagTile(*diag_tile(cu_mt, cu_q, cu_k, B, total_q, total_k, chunk_size, tile + t0, BM))
         nblk = (t.kend - t.kbeg + self.BN - 1) // self.BN
         cute.arch.sync_threads()  # barrier init visible to both warpgroups
