@@ -63,6 +63,7 @@ class Case:
     persistent: bool = False  # sm90 forward: MOBA_CUTE_FWD_PERSISTENT=1 (the segment kernel's persistent walk)
     diag_sm90: bool = False  # sm90: the causal diagonal on wgmma at any chunk (MOBA_CUTE_FWD_DIAG_SM90=1)
     diag_staged: bool = False  # ... its merge staged in shared memory (MOBA_CUTE_FWD_DIAG_STAGED=1; else 0)
+    diag_interleave: bool = False  # ... its tiles short and long in turn (MOBA_CUTE_FWD_DIAG_INTERLEAVE=1; else 0)
     topk_tile: tuple = ()  # (bm, bn, stages, mma_n, ctas, wgmma): configs/routing.py override
     route_only: bool = False  # head dims the attention kernels do not serve
     nan: bool = False  # NaN in one q row and one key
@@ -196,6 +197,11 @@ CASES = [
          diag_staged=True, **A),
     Case("fwd-diag90s-long-chunks-windows", (450, 17, 300), (450, 17, 300), 4, 2, C=64, K=6, grad=False,
          windows=True, diag_sm90=True, diag_staged=True, **Cc),
+    # ... with the tiles of each chunk interleaved (groups of C / 64 tiles; the last group shorter)
+    Case("fwd-diag90-interleave-long-chunks-windows", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3,
+         grad=False, windows=True, diag_sm90=True, diag_staged=True, diag_interleave=True, **Cc),
+    Case("fwd-diag90-interleave-sq-ne-sk", (50, 0, 700), (90, 5, 640), 8, 1, C=256, K=4, grad=False,
+         diag_sm90=True, diag_staged=True, diag_interleave=True, **A),
     # chunks over 128 keys (on sm90: the dK/dV-only backward per 128-key tile and the dQ kernel
     # streaming a chunk's key tiles); the last tile of a chunk partly past the sequence
     Case("long-chunks-208", (450, 17, 300), (450, 17, 300), 4, 2, C=208, K=3, **A),
@@ -330,6 +336,8 @@ def covers(case: Case, fam: str = "sm90") -> set:
             t.add("fwd-diag90")
             if case.diag_staged:
                 t.add("fwd-diag90-staged")
+            if case.diag_interleave:
+                t.add("fwd-diag90-interleave")
     if case.K == 1:
         t.add("own-chunk-only")
     if case.C > 128:
@@ -378,6 +386,7 @@ def build(case: Case, device="cuda", seed=0):
 
 _ENV_NAMES = ("MOBA_CUTE_FWD_SM80", "MOBA_CUTE_FWD_STAGES", "MOBA_CUTE_FWD_PARTIAL_BYTES", "MOBA_CUTE_FWD_STAGED",
               "MOBA_CUTE_SM90_TILES", "MOBA_CUTE_FWD_OVERLAP", "MOBA_CUTE_FWD_DIAG_SM90", "MOBA_CUTE_FWD_DIAG_STAGED",
+              "MOBA_CUTE_FWD_DIAG_INTERLEAVE",
               "MOBA_CUTE_FWD_QREGS", "MOBA_CUTE_FWD_MULTICAST", "MOBA_CUTE_FWD_RESCALE_SKIP", "MOBA_CUTE_BWD_DQ_CHAIN",
               "MOBA_CUTE_BWD_DQ_PAIR", "MOBA_CUTE_BWD_DKV_PINGPONG", "MOBA_CUTE_BWD_REACH_SKIP",
               "MOBA_CUTE_BWD_CHAIN_PIPE", "MOBA_CUTE_BWD_OVERLAP", "MOBA_CUTE_FWD_PERSISTENT",
@@ -406,6 +415,7 @@ def _env(case: Case):
     if case.diag_sm90:  # (other cases: the chunk-size default; both merges have cases of their own)
         env["MOBA_CUTE_FWD_DIAG_SM90"] = "1"
         env["MOBA_CUTE_FWD_DIAG_STAGED"] = "1" if case.diag_staged else "0"
+        env["MOBA_CUTE_FWD_DIAG_INTERLEAVE"] = "1" if case.diag_interleave else "0"
     if case.sm90_tile:
         env["MOBA_CUTE_SM90_TILES"] = ",".join(map(str, case.sm90_tile))
     if case.windows:

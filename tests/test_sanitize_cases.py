@@ -22,6 +22,7 @@ REQUIRED = {
     "centroids-fused-prep", "centroids-separate-prep", "kmindex-vec16", "kmindex-scalar",
     "fwd-device", "fwd-sm80", "fwd-sm80-2stage", "fwd-windows-rows", "fwd-windows-kv", "fwd-staged", "fwd-unstaged",
     "fwd-pair", "fwd-overlap", "fwd-qregs", "fwd-mcast", "fwd-persistent", "fwd-diag90", "fwd-diag90-staged",
+    "fwd-diag90-interleave",
     "grad", "fwd-only", "route-only",
     "chunk>128", "bwd-chain", "bwd-chain-pipe", "bwd-overlap", "bwd-sequential", "bwd-persistent", "bwd-kept-pairs",
 }
