@@ -478,6 +478,19 @@ def _diag_switch(m, monkeypatch, case, D, env, attr, seed):
     return q, k, v, r, got
 
 
+def _diag_windows_bitwise(m, monkeypatch, q, k, v, r, forced, want):
+    """With windows forced (``forced``: "kv" for one KV head's partials, else the bound in bytes),
+    the forward gives bitwise ``want``."""
+    H, Hk, D, K = q.shape[1], k.shape[1], q.shape[2], r.selection.shape[-1]
+    pair = 2 * D + 4
+    monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES",
+                       str(q.shape[0] * (H // Hk) * (K - 1) * pair if forced == "kv" else forced))
+    m.FWD_PLANS.clear()
+    win = m.attention_cute(q, k, v, r, None, True)
+    assert torch.equal(win[0], want[0]) and torch.equal(win[1], want[1])
+    monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+
+
 @needs_hopper
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("case", range(len(DIAG_CASES)))
@@ -492,13 +505,7 @@ def test_sm90_diag_staged_merge(case, D, monkeypatch):
     try:
         q, k, v, r, got = _diag_switch(m, monkeypatch, case, D, "MOBA_CUTE_FWD_DIAG_STAGED", "diag_staged", 700)
         if forced is not None:
-            pair = 2 * D + 4
-            monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES",
-                               str(q.shape[0] * (H // Hk) * (K - 1) * pair if forced == "kv" else forced))
-            m.FWD_PLANS.clear()
-            win = m.attention_cute(q, k, v, r, None, True)
-            assert torch.equal(win[0], got["1"][0]) and torch.equal(win[1], got["1"][1])
-            monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+            _diag_windows_bitwise(m, monkeypatch, q, k, v, r, forced, got["1"])
         m.FWD_PLANS.clear()
         for dtype in (torch.bfloat16, torch.float16):
             _check(lq, lk, H, Hk, D, C, K, True, dtype, seed=800 + case)
@@ -542,13 +549,7 @@ def test_sm90_diag_interleave(case, D, monkeypatch):
         q, k, v, r, got = _diag_switch(m, monkeypatch, case, D, "MOBA_CUTE_FWD_DIAG_INTERLEAVE", "diag_interleave",
                                        1100)
         if forced is not None:
-            pair = 2 * D + 4
-            monkeypatch.setenv("MOBA_CUTE_FWD_PARTIAL_BYTES",
-                               str(q.shape[0] * (H // Hk) * (K - 1) * pair if forced == "kv" else forced))
-            m.FWD_PLANS.clear()
-            win = m.attention_cute(q, k, v, r, None, True)
-            assert torch.equal(win[0], got["1"][0]) and torch.equal(win[1], got["1"][1])
-            monkeypatch.delenv("MOBA_CUTE_FWD_PARTIAL_BYTES")
+            _diag_windows_bitwise(m, monkeypatch, q, k, v, r, forced, got["1"])
         m.FWD_PLANS.clear()
         _check(lq, lk, H, Hk, D, C, K, True, torch.bfloat16, seed=1200 + case)
     finally:
