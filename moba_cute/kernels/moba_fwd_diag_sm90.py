@@ -263,13 +263,12 @@ class MobaDiagSm90(MobaFwdSm90):
         # that a KV head's query heads also share it (heads slowest read K/V once per query head)
         h = h0 + by
         tile = bid
-        gx, _, _ = cute.arch.grid_dim()
-        ntiles = gx
         if cutlass.const_expr(self.staged_merge):
             h = h0 + bid % nh
             tile = bid // nh
-            ntiles = gx // nh
         if cutlass.const_expr(self.interleave):
+            gx, _, _ = cute.arch.grid_dim()
+            ntiles = gx // nh if cutlass.const_expr(self.staged_merge) else gx
             tile = interleaved_tile(tile, ntiles, chunk_size // BM)
         t = DiagTile(*diag_tile(cu_mt, cu_q, cu_k, B, total_q, total_k, chunk_size, tile + t0, BM))
         nblk = (t.kend - t.kbeg + self.BN - 1) // self.BN
